@@ -1,0 +1,241 @@
+"""The ``bnprobe`` command line: parse, call the library, print. No logic lives here.
+
+Known errors (:class:`bnprobe.errors.BnprobeError`) become one line on stderr,
+``bnprobe: error: ...``, and exit code 2; ``--debug`` or ``BNPROBE_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import BnprobeError
+
+app = typer.Typer(
+    name="bnprobe",
+    help="What does batch normalization do to your network? Train briefly, measure, report.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+_state = {"debug": os.environ.get("BNPROBE_DEBUG", "") not in ("", "0")}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered as an interrupt so runs flush and mark themselves ``interrupted``."""
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """One line and exit 2 for the user's mistakes; tracebacks only with --debug."""
+    try:
+        yield
+    except BnprobeError as e:
+        if _state["debug"]:
+            raise
+        typer.echo(f"bnprobe: error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also BNPROBE_DEBUG=1).")] = False) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+# ----------------------------------------------------------------------------- shared options
+
+ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config (default: the built-in quickstart).", show_default=False)]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="vgg | mlp | dln | torchvision:NAME | file.py:factory | pkg.mod:factory")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", "-d", help="synthetic:cifar10|mnist|linear, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE, h5:FILE")]
+BnOpt = Annotated[Optional[list[str]], typer.Option("--bn", help="keep | insert | strip | noisy; repeat for variants.")]
+BnTargetsOpt = Annotated[Optional[str], typer.Option("--bn-targets", help="auto | conv | linear | all")]
+KeepBiasOpt = Annotated[Optional[bool], typer.Option("--keep-bias/--drop-bias", help="Keep the bias of layers BN is inserted after.", show_default=False)]
+FoldOpt = Annotated[Optional[bool], typer.Option("--fold/--no-fold", help="With --bn strip: fold BN statistics into the feeding layer.", show_default=False)]
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    """CLI flags as dotted config keys; ``None`` means 'not given' and leaves the config alone."""
+    return {key.replace("__", "."): value for key, value in flags.items() if value is not None}
+
+
+def _bn_override(bn: list[str] | None) -> dict[str, Any]:
+    if not bn:
+        return {}
+    return {"bn": bn[0]} if len(bn) == 1 else {"variants.bn": bn}
+
+
+def _default_config() -> Path:
+    return Path(__file__).parent / "configs" / "quickstart.yaml"
+
+
+def _load(config: Path | None, overrides: dict[str, Any]) -> Any:
+    from .config import load_config
+
+    path = config if config is not None else _default_config()
+    cfg = load_config(path, overrides)
+    if overrides.get("bn") and "variants" not in overrides and cfg.variants.get("bn"):
+        from dataclasses import replace
+
+        cfg = replace(cfg, variants={k: v for k, v in cfg.variants.items() if k != "bn"})
+    return cfg
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description:<10}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} steps/s"), TimeElapsedColumn(),
+        console=err, transient=False,
+    )
+
+
+def _summary(results: list[Any], path: Path) -> None:
+    table = Table(title="bnprobe: run summary", title_justify="left")
+    for col, justify in (("variant", "left"), ("status", "left"), ("steps", "right"), ("loss*", "right"), ("acc*", "right"), ("time", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in results:
+        acc = "-" if r.final_accuracy != r.final_accuracy else f"{r.final_accuracy:.3f}"
+        status = r.status if r.diverged_step is None else f"{r.status} @ {r.diverged_step}"
+        table.add_row(r.name, status, str(r.steps), f"{r.final_loss:.4f}", acc, f"{r.seconds:.1f}s")
+    out.print(table)
+    out.print(f"[dim]* mean of the last 10 steps.[/dim] Wrote [bold]{path}[/bold]; see `bnprobe report {path}`.")
+
+
+@contextmanager
+def _interrupts(path_hint: str) -> Iterator[None]:
+    """SIGTERM becomes an interrupt; either ends the command with 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def on_term(_sig: int, _frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        typer.echo(f"bnprobe: interrupted; what was recorded is in {path_hint} (status: interrupted)", err=True)
+        raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train(cfg: Any, force: bool) -> None:
+    from .trainer import run_experiment
+
+    with _progress() as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_step(info: Any) -> None:
+            if info.variant not in tasks:
+                tasks[info.variant] = progress.add_task(info.variant, total=info.steps, loss=float("nan"), rate=0.0)
+            progress.update(tasks[info.variant], completed=info.step, loss=info.loss, rate=info.steps_per_second)
+
+        with _interrupts(str(cfg.output_path)):
+            _, results = run_experiment(cfg, force=force, progress=on_step)
+    _summary(results, cfg.output_path)
+    if any(r.status == "diverged" for r in results):
+        typer.echo("bnprobe: error: a variant diverged (non-finite loss); its records up to then are kept", err=True)
+        raise typer.Exit(3)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@app.command()
+def train(
+    config: ConfigArg = None,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    bn: BnOpt = None,
+    bn_targets: BnTargetsOpt = None,
+    keep_bias: KeepBiasOpt = None,
+    fold: FoldOpt = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="sgd | adam | adamw")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum.")] = None,
+    nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps per variant.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N]")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="HDF5 file to write ({name} is the config name).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Experiment name.")] = None,
+    layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Glob of layer names to probe; repeatable.")] = None,
+    kinds: Annotated[Optional[list[str]], typer.Option("--kind", help="conv | linear | norm | other; repeatable.")] = None,
+    record_every: Annotated[Optional[int], typer.Option(help="Record moments every N steps.")] = None,
+    per_channel: Annotated[Optional[bool], typer.Option("--per-channel/--no-per-channel", show_default=False)] = None,
+    histogram_bins: Annotated[Optional[int], typer.Option(help="Histogram bins (0: none).")] = None,
+    ics_every: Annotated[Optional[int], typer.Option(help="Measure gradient-shift ICS every N steps (0: off).")] = None,
+    landscape: Annotated[Optional[bool], typer.Option("--landscape/--no-landscape", show_default=False)] = None,
+    hessian: Annotated[Optional[bool], typer.Option("--hessian/--no-hessian", show_default=False)] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: at the end).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
+) -> None:
+    """Train briefly and record activation moments (and ICS/landscape when asked)."""
+    with user_errors():
+        overrides = _overrides(
+            model=model, data=data, bn_targets=bn_targets, keep_bias=keep_bias, fold=fold, optimizer=optimizer, lr=lr,
+            momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, steps=steps, batch_size=batch_size, seed=seed,
+            device=device, output=output, name=name, probes__layers=layers, probes__kinds=kinds,
+            probes__record_every=record_every, probes__per_channel=per_channel, probes__histogram_bins=histogram_bins,
+            probes__ics_every=ics_every, probes__landscape=landscape, probes__hessian=hessian, checkpoint_every=checkpoint_every,
+        ) | _bn_override(bn)
+        cfg = _load(config, overrides)
+        if print_config:
+            out.print(cfg.to_yaml(), end="", markup=False)
+            return
+        _train(cfg, force)
+
+
+@app.command("measure-ics")
+def measure_ics(target: Annotated[Optional[Path], typer.Argument(help="Config YAML or a finished run's .h5 file.")] = None) -> None:
+    """Santurkar et al.'s protocol: gradient-shift ICS and the loss landscape while training."""
+    _not_built("measure-ics")
+
+
+@app.command()
+def report(paths: Annotated[list[Path], typer.Argument(help="bnprobe .h5 files.")]) -> None:
+    """Rich tables of what runs recorded, variants side by side."""
+    _not_built("report")
+
+
+@app.command()
+def export(path: Annotated[Path, typer.Argument(help="bnprobe .h5 file.")]) -> None:
+    """Export records as a tidy long table (csv, json, npz, parquet)."""
+    _not_built("export")
+
+
+@app.command()
+def plot(paths: Annotated[list[Path], typer.Argument(help="bnprobe .h5 files.")]) -> None:
+    """Figures of moments, ICS, landscape or training curves."""
+    _not_built("plot")
+
+
+@app.command()
+def inspect(model: Annotated[str, typer.Argument(help="Model spec, e.g. vgg or torchvision:resnet18.")]) -> None:
+    """Show the BatchNorm surgery plan for a model without training."""
+    _not_built("inspect")
+
+
+def _not_built(command: str) -> None:
+    typer.echo(f"bnprobe: error: '{command}' is not built yet", err=True)
+    raise typer.Exit(2)
+
+
+def main() -> None:
+    app()

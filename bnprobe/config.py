@@ -1,0 +1,302 @@
+"""Experiment configuration: YAML (safe loader) into frozen, validated dataclasses.
+
+Precedence: defaults < config file < CLI flags. Unknown keys are errors that name the closest
+valid key. ``variants`` lists values of run options (``bn: [keep, insert]``, ``lr: [0.1, 0.01]``);
+their product expands into runs that share seed, data order and initial weights, in one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import itertools
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+class BnMode(str, enum.Enum):
+    KEEP = "keep"
+    INSERT = "insert"
+    STRIP = "strip"
+    NOISY = "noisy"
+
+
+class BnTargets(str, enum.Enum):
+    AUTO = "auto"
+    CONV = "conv"
+    LINEAR = "linear"
+    ALL = "all"
+
+
+class OptimizerName(str, enum.Enum):
+    SGD = "sgd"
+    ADAM = "adam"
+    ADAMW = "adamw"
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Noisy BN recipe (Santurkar et al. Sec. 2.1): per step and layer mu ~ U(mu_range),
+    sigma ~ U(sigma_range); per channel m ~ U(mu - mean_spread, mu + mean_spread), s ~ N(sigma, scale_std)."""
+
+    mu_range: tuple[float, float] = (-0.5, 0.5)
+    sigma_range: tuple[float, float] = (1.0, 1.25)
+    mean_spread: float = 0.1
+    scale_std: float = 0.1
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """What is measured and how often (DESIGN 1.3 to 1.5)."""
+
+    layers: tuple[str, ...] = ("*",)
+    kinds: tuple[str, ...] = ()
+    record_every: int = 10
+    per_channel: bool = False
+    histogram_bins: int = 0
+    histogram_range: tuple[float, float] = (-10.0, 10.0)
+    percentile_samples: int = 16384
+    ics_every: int = 0
+    landscape: bool = False
+    landscape_every: int = 0
+    etas: tuple[float, ...] = ()
+    hessian: bool = False
+    hessian_every: int = 0
+    hessian_tol: float = 1e-3
+    hessian_max_iter: int = 100
+
+
+@dataclass(frozen=True)
+class Config:
+    """One run's full configuration; a config with ``variants`` expands into several of these."""
+
+    name: str = "run"
+    model: str = "vgg"
+    model_options: Mapping[str, Any] = field(default_factory=dict)
+    data: str = "synthetic:cifar10"
+    data_options: Mapping[str, Any] = field(default_factory=dict)
+    bn: BnMode = BnMode.KEEP
+    bn_targets: BnTargets = BnTargets.AUTO
+    keep_bias: bool = False
+    fold: bool = False
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    optimizer: OptimizerName = OptimizerName.SGD
+    lr: float = 0.05
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    steps: int = 200
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    output: str = "runs/{name}.h5"
+    flush_every: int = 50
+    checkpoint_every: int = 0
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+    variants: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output.format(name=self.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (enums as strings, tuples as lists), as YAML would hold it."""
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+VARIANT_KEYS = ("bn", "lr", "optimizer", "momentum", "weight_decay", "batch_size", "bn_targets", "keep_bias", "nesterov", "model")
+_SECTIONS: dict[str, type] = {"probes": ProbeConfig, "noise": NoiseConfig}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(where: str, value: Any, hint: Any) -> Any:
+    """Check and convert one value to its field type; raise ConfigError naming ``where``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(where, value, args[0])
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(str(value).lower())
+        except ValueError:
+            choices = ", ".join(m.value for m in hint)
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}") from None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{where}[{i}]", v, args[0]) for i, v in enumerate(items))
+        if len(items) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{where}[{i}]", v, a) for i, (v, a) in enumerate(zip(items, args)))
+    if origin in (Mapping, dict) or hint is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys to values, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key {path!r}{_closest(str(key), names)}")
+        if key in _SECTIONS:
+            kwargs[key] = _build(_SECTIONS[key], value or {}, path)
+        elif key == "variants":
+            kwargs[key] = _variants(value or {})
+        else:
+            kwargs[key] = _coerce(path, value, hints[key])
+    return cls(**kwargs)
+
+
+def _variants(raw: Any) -> dict[str, tuple[Any, ...]]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"variants: expected a mapping like {{bn: [keep, insert]}}, got {raw!r}")
+    hints = typing.get_type_hints(Config)
+    out: dict[str, tuple[Any, ...]] = {}
+    for key, values in raw.items():
+        if key not in VARIANT_KEYS:
+            raise ConfigError(f"variants: cannot vary {key!r}{_closest(str(key), list(VARIANT_KEYS))}")
+        items = values if isinstance(values, (list, tuple)) else [values]
+        if not items:
+            raise ConfigError(f"variants.{key}: give at least one value")
+        out[key] = tuple(_coerce(f"variants.{key}", v, hints[key]) for v in items)
+    return out
+
+
+def _validate(cfg: Config) -> Config:
+    checks = [
+        (cfg.lr > 0, "lr must be positive"),
+        (cfg.steps > 0, "steps must be at least 1"),
+        (cfg.batch_size > 0, "batch_size must be at least 1"),
+        (cfg.momentum >= 0, "momentum must be >= 0"),
+        (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
+        (cfg.flush_every > 0, "flush_every must be at least 1"),
+        (cfg.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: at the end only)"),
+        (not cfg.nesterov or cfg.momentum > 0, "nesterov needs momentum > 0"),
+        (cfg.probes.record_every > 0, "probes.record_every must be at least 1"),
+        (cfg.probes.histogram_bins >= 0, "probes.histogram_bins must be >= 0"),
+        (cfg.probes.histogram_range[0] < cfg.probes.histogram_range[1], "probes.histogram_range must be (low, high) with low < high"),
+        (cfg.probes.percentile_samples > 0, "probes.percentile_samples must be at least 1"),
+        (cfg.probes.ics_every >= 0, "probes.ics_every must be >= 0 (0: off)"),
+        (all(e > 0 for e in cfg.probes.etas), "probes.etas must all be positive"),
+        (cfg.probes.hessian_tol > 0, "probes.hessian_tol must be positive"),
+        (cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), f"device must be auto, cpu, cuda[:N] or mps, not {cfg.device!r}"),
+        (bool(cfg.name) and "/" not in cfg.name, "name must be non-empty and hold no '/'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``raw['probes']['layers'] = value`` for ``dotted='probes.layers'`` (CLI overrides)."""
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML config with the safe loader; one-line errors for missing or invalid files."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"invalid YAML in {p}{where}: {problem}") from e
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of keys to values at the top level")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file, then ``overrides`` (dotted keys, the CLI's flags); validated."""
+    raw = read_yaml(path) if path is not None else {}
+    if path is not None and "name" not in raw:
+        raw["name"] = Path(path).stem
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(raw, key, value)
+    return _validate(_build(Config, raw, ""))
+
+
+def variant_name(choice: Mapping[str, Any]) -> str:
+    """``bn=insert, lr=0.1`` -> ``insert-lr0.1``: the bn value bare, other keys prefixed."""
+    parts = []
+    for key, value in choice.items():
+        text = _plain(value)
+        parts.append(str(text) if key == "bn" else f"{key}{text}")
+    return "-".join(parts) if parts else "default"
+
+
+def expand_variants(cfg: Config) -> list[tuple[str, Config]]:
+    """The runs a config stands for: the product of its ``variants`` lists, each with its name."""
+    if not cfg.variants:
+        return [(_plain(cfg.bn), cfg)]
+    keys = list(cfg.variants)
+    runs = []
+    for values in itertools.product(*(cfg.variants[k] for k in keys)):
+        choice = dict(zip(keys, values))
+        runs.append((variant_name(choice), _validate(dataclasses.replace(cfg, **choice, variants={}))))
+    return runs

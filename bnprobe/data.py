@@ -1,0 +1,219 @@
+"""Data sources: built-in synthetic sets (no download), torchvision sets and ImageFolder from local
+files, and arrays from .npz / .h5 files. Every source yields a :class:`DataBundle`.
+
+Specs: ``synthetic:cifar10``, ``synthetic:mnist``, ``synthetic:linear``, ``torchvision:CIFAR10:ROOT``
+(any torchvision classification set), ``imagefolder:DIR``, ``npz:FILE``, ``h5:FILE``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from .errors import DataError
+
+SYNTHETIC_SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28)}
+
+
+@dataclass
+class DataBundle:
+    """A training set plus what the model and loss need to know about it."""
+
+    train: Dataset
+    input_shape: tuple[int, ...]
+    num_outputs: int  # classes for classification, target dimension for regression
+    task: str  # "classification" or "regression"
+    spec: str
+
+    def __len__(self) -> int:
+        return len(self.train)  # type: ignore[arg-type]
+
+    def loss_fn(self) -> torch.nn.Module:
+        """Cross-entropy for classification, mean squared error for regression."""
+        return torch.nn.CrossEntropyLoss() if self.task == "classification" else torch.nn.MSELoss()
+
+    def example_batch(self, size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``size`` samples as a batch (for tracing and layer discovery)."""
+        xs, ys = zip(*(self.train[i] for i in range(min(size, len(self)))))
+        return torch.stack(list(xs)), torch.as_tensor(np.asarray([np.asarray(y) for y in ys]))
+
+
+def load_data(spec: str, seed: int = 0, **options: Any) -> DataBundle:
+    """Load the data set named by ``spec``; ``options`` are source-specific (e.g. ``n``, ``x_key``)."""
+    kind, _, rest = spec.partition(":")
+    loaders = {"synthetic": _synthetic, "torchvision": _torchvision, "imagefolder": _imagefolder, "npz": _arrays, "h5": _arrays}
+    if kind not in loaders or not rest:
+        close = difflib.get_close_matches(kind, list(loaders), n=1)
+        hint = f" (did you mean {close[0]}:...?)" if close and close[0] != kind else ""
+        raise DataError(f"unknown data spec {spec!r}{hint}; use synthetic:cifar10|mnist|linear, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE or h5:FILE")
+    return loaders[kind](kind, rest, seed, dict(options))
+
+
+def _reject_unknown(spec: str, options: dict[str, Any], valid: tuple[str, ...]) -> None:
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(valid) or 'none'}"
+            raise DataError(f"data {spec!r} has no option {key!r}{hint}")
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def _synthetic(kind: str, name: str, seed: int, options: dict[str, Any]) -> DataBundle:
+    spec = f"{kind}:{name}"
+    if name == "linear":
+        _reject_unknown(spec, options, ("n", "dim", "out_dim"))
+        return synthetic_linear(seed=seed, **options)
+    if name not in SYNTHETIC_SHAPES:
+        raise DataError(f"unknown synthetic set {name!r}; choose from {', '.join([*SYNTHETIC_SHAPES, 'linear'])}")
+    _reject_unknown(spec, options, ("n", "num_classes", "noise"))
+    return synthetic_images(name, seed=seed, **options)
+
+
+def synthetic_images(name: str, seed: int = 0, n: int = 4096, num_classes: int = 10, noise: float = 1.0) -> DataBundle:
+    """Images of a fixed shape: a smooth random prototype per class, randomly scaled, plus pixel noise.
+
+    Learnable but not trivial: the class signal is low-frequency and each sample rescales and
+    shifts it, so a CNN needs a few hundred steps to get well above chance.
+    """
+    if n < 2:
+        raise DataError(f"synthetic:{name} needs n >= 2, got {n}")
+    c, h, w = SYNTHETIC_SHAPES[name]
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(num_classes, c, 4, 4, generator=g)
+    prototypes = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    prototypes = prototypes / prototypes.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+    y = torch.randint(num_classes, (n,), generator=g)
+    scale = 0.3 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)
+    shift = 0.5 * torch.randn(n, c, 1, 1, generator=g)
+    x = scale * prototypes[y] + shift + noise * torch.randn(n, c, h, w, generator=g)
+    return DataBundle(TensorDataset(x, y), (c, h, w), num_classes, "classification", f"synthetic:{name}")
+
+
+def synthetic_linear(seed: int = 0, n: int = 1024, dim: int = 10, out_dim: int | None = None) -> DataBundle:
+    """x ~ N(0, I), y = A x with a fixed random A (the deep-linear-network task of Santurkar et al.)."""
+    out_dim = out_dim or dim
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(out_dim, dim, generator=g) / math.sqrt(dim)
+    x = torch.randn(n, dim, generator=g)
+    return DataBundle(TensorDataset(x, x @ a.T), (dim,), out_dim, "regression", "synthetic:linear")
+
+
+# ----------------------------------------------------------------------------- files on disk
+
+
+def _torchvision(kind: str, rest: str, seed: int, options: dict[str, Any]) -> DataBundle:
+    import torchvision
+    from torchvision import transforms
+
+    name, _, root = rest.partition(":")
+    spec = f"{kind}:{rest}"
+    _reject_unknown(spec, options, ("split",))
+    available = [n for n in dir(torchvision.datasets) if n[0].isupper()]
+    if name not in available:
+        close = difflib.get_close_matches(name, available, n=3)
+        raise DataError(f"unknown torchvision data set {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    if not root:
+        raise DataError(f"{spec}: give the local root, e.g. torchvision:{name}:data/ (nothing is downloaded)")
+    if not Path(root).is_dir():
+        raise DataError(f"data root {root} does not exist (bnprobe never downloads; put the files there first)")
+    cls = getattr(torchvision.datasets, name)
+    try:
+        train = options.get("split", "train") == "train"
+        try:
+            ds = cls(root, train=train, download=False, transform=transforms.ToTensor())
+        except TypeError:
+            ds = cls(root, split=options.get("split", "train"), download=False, transform=transforms.ToTensor())
+    except (RuntimeError, FileNotFoundError, OSError) as e:
+        raise DataError(f"{name} not found under {root}: {str(e).splitlines()[0]}") from e
+    return _classification_bundle(ds, spec)
+
+
+def _imagefolder(kind: str, root: str, seed: int, options: dict[str, Any]) -> DataBundle:
+    from torchvision import datasets, transforms
+
+    spec = f"{kind}:{root}"
+    _reject_unknown(spec, options, ("image_size",))
+    if not Path(root).is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    steps: list[Any] = []
+    if options.get("image_size"):
+        steps += [transforms.Resize(options["image_size"]), transforms.CenterCrop(options["image_size"])]
+    try:
+        ds = datasets.ImageFolder(root, transform=transforms.Compose([*steps, transforms.ToTensor()]))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"image folder {root}: {str(e).splitlines()[0]}") from e
+    return _classification_bundle(ds, spec)
+
+
+def _classification_bundle(ds: Any, spec: str) -> DataBundle:
+    if len(ds) == 0:
+        raise DataError(f"{spec} holds no samples")
+    x0, _ = ds[0]
+    num_classes = len(getattr(ds, "classes", [])) or int(max(int(ds[i][1]) for i in range(len(ds)))) + 1
+    return DataBundle(ds, tuple(x0.shape), num_classes, "classification", spec)
+
+
+def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBundle:
+    spec = f"{kind}:{path}"
+    _reject_unknown(spec, options, ("x_key", "y_key"))
+    x_key, y_key = options.get("x_key", "x"), options.get("y_key", "y")
+    if not Path(path).is_file():
+        raise DataError(f"data file {path} does not exist")
+    if kind == "npz":
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path} is not a readable .npz file: {e}") from e
+    else:
+        from .store import read_arrays
+
+        arrays = read_arrays(path)
+    missing = [k for k in (x_key, y_key) if k not in arrays]
+    if missing:
+        raise DataError(f"{path} has no array {missing[0]!r} (found: {', '.join(sorted(arrays)) or 'none'}); set data_options.x_key / y_key")
+    x = torch.as_tensor(np.asarray(arrays[x_key]), dtype=torch.float32)
+    y_np = np.asarray(arrays[y_key])
+    if len(x) != len(y_np):
+        raise DataError(f"{path}: {x_key!r} has {len(x)} samples but {y_key!r} has {len(y_np)}")
+    if y_np.ndim == 1 and np.issubdtype(y_np.dtype, np.integer):
+        y = torch.as_tensor(y_np, dtype=torch.long)
+        return DataBundle(TensorDataset(x, y), tuple(x.shape[1:]), int(y.max()) + 1, "classification", spec)
+    y = torch.as_tensor(y_np, dtype=torch.float32)
+    if y.ndim == 1:
+        y = y[:, None]
+    return DataBundle(TensorDataset(x, y), tuple(x.shape[1:]), int(y.shape[1]), "regression", spec)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def batches(bundle: DataBundle, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled batches, epoch after epoch; the order depends only on ``seed``.
+
+    Incomplete last batches are dropped (BN raises on a batch of one, and a short batch would
+    change the statistics the probes see).
+    """
+    if batch_size > len(bundle):
+        raise DataError(f"batch size {batch_size} is larger than the data set ({len(bundle)} samples)")
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(bundle.train, TensorDataset):
+        x, y = bundle.train.tensors
+        while True:
+            order = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x) - batch_size + 1, batch_size):
+                idx = order[i : i + batch_size]
+                yield x[idx], y[idx]
+    loader = DataLoader(bundle.train, batch_size=batch_size, shuffle=True, drop_last=True, generator=g)
+    while True:
+        yield from loader

@@ -1,0 +1,134 @@
+"""Which layers bnprobe probes, in the order the forward pass runs them (DESIGN 1.1).
+
+Registration order (``named_modules()``) is not execution order in real models, so the order
+comes from forward hooks on one real batch. A module called twice appears once, at its first call.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+KINDS = ("conv", "linear", "norm", "other")
+
+
+def layer_kind(module: nn.Module) -> str:
+    """Classify a module as conv, linear, norm or other (by type, subclasses included)."""
+    if isinstance(module, _CONV):
+        return "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, _NORM) or type(module).__name__ == "FrozenBatchNorm2d":
+        return "norm"
+    return "other"
+
+
+def has_own_parameters(module: nn.Module) -> bool:
+    """A probed layer holds parameters itself, not only through its children."""
+    return any(True for _ in module.parameters(recurse=False))
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One probed layer: its name in ``named_modules()``, kind, size, and place in the forward pass."""
+
+    name: str
+    kind: str
+    param_count: int
+    output_shape: tuple[int, ...]
+    order: int
+
+
+@contextmanager
+def eval_free_forward(model: nn.Module) -> Iterator[None]:
+    """Run a forward that changes nothing: no grad, RNG restored, BN running stats untouched.
+
+    BN stays in train mode (batch statistics, so a batch of one still fails loudly as in
+    training) but with ``track_running_stats`` off, so running statistics do not move.
+    """
+    saved = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        for m, _ in saved:
+            m.track_running_stats = False
+        with torch.random.fork_rng(), torch.no_grad():
+            yield
+    finally:
+        for m, flag in saved:
+            m.track_running_stats = flag
+
+
+def execution_order(model: nn.Module, example_input: Any, modules: Iterable[tuple[str, nn.Module]] | None = None) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """Names, modules and output shapes in the order of their first call on ``example_input``."""
+    candidates = list(modules if modules is not None else model.named_modules())
+    seen: dict[int, tuple[str, nn.Module, tuple[int, ...]]] = {}
+
+    def make_hook(name: str) -> Any:
+        def hook(module: nn.Module, _inp: Any, out: Any) -> None:
+            if id(module) not in seen:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+                seen[id(module)] = (name, module, shape)
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in candidates]
+    try:
+        with eval_free_forward(model):
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(seen.values())
+
+
+def select(names_kinds: Sequence[tuple[str, str]], patterns: Sequence[str] = ("*",), kinds: Sequence[str] | None = None) -> list[int]:
+    """Indices of the layers whose name matches any glob in ``patterns`` and whose kind is in ``kinds``."""
+    bad = [k for k in (kinds or ()) if k not in KINDS]
+    if bad:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown layer kind {bad[0]!r}; choose from {', '.join(KINDS)}")
+    return [
+        i
+        for i, (name, kind) in enumerate(names_kinds)
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns) and (not kinds or kind in kinds)
+    ]
+
+
+def probed_layers(
+    model: nn.Module,
+    example_input: Any,
+    patterns: Sequence[str] = ("*",),
+    kinds: Sequence[str] | None = None,
+) -> list[tuple[LayerInfo, nn.Module]]:
+    """The probed layers (modules with their own parameters), in forward-execution order.
+
+    Modules with parameters that never run in the forward pass are left out: they have no
+    activations and no gradient.
+    """
+    owners = [(n, m) for n, m in model.named_modules() if has_own_parameters(m)]
+    ordered = execution_order(model, example_input, owners)
+    keep = set(select([(n, layer_kind(m)) for n, m, _ in ordered], patterns, kinds))
+    result = []
+    for i, (name, module, shape) in enumerate(ordered):
+        if i in keep:
+            info = LayerInfo(
+                name=name,
+                kind=layer_kind(module),
+                param_count=sum(p.numel() for p in module.parameters(recurse=False)),
+                output_shape=shape,
+                order=len(result),
+            )
+            result.append((info, module))
+    if not result:
+        from .errors import ConfigError
+
+        raise ConfigError(f"no layer matches --layers {list(patterns)!r}" + (f" and kinds {list(kinds)!r}" if kinds else ""))
+    return result

@@ -1,0 +1,259 @@
+"""Model registry and loaders: built-in models, ``torchvision:NAME`` and user factories.
+
+Built-ins adapt to the data's input shape and number of outputs, so one name works on every
+data source. User models are ``path/to/file.py:factory`` or ``package.module:factory``; the file
+is executed only because the user named it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import importlib.util
+import inspect
+import math
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+ModelFactory = Callable[..., nn.Module]
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str | None = None) -> Callable[[ModelFactory], ModelFactory]:
+    """Register a built-in factory ``f(num_classes, input_shape, **options) -> nn.Module``."""
+
+    def wrap(fn: ModelFactory) -> ModelFactory:
+        key = (name or fn.__name__).lower()
+        if key in _REGISTRY:
+            raise ValueError(f"model {key!r} is already registered")
+        _REGISTRY[key] = fn
+        return fn
+
+    return wrap
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def list_models(include: str = "*", exclude: str | None = None, torchvision_models: bool = False) -> list[str]:
+    """Built-in model names (and ``torchvision:NAME`` ones when asked) matching the globs."""
+    names = list(_REGISTRY)
+    if torchvision_models:
+        import torchvision
+
+        names += [f"torchvision:{n}" for n in torchvision.models.list_models()]
+    picked = [n for n in names if fnmatch.fnmatch(n, include) and not (exclude and fnmatch.fnmatch(n, exclude))]
+    return sorted(picked, key=_natural_key)
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+
+def glorot_init(model: nn.Module) -> nn.Module:
+    """Glorot (Xavier) uniform weights and zero biases, as in Santurkar et al.'s VGG runs."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
+
+
+VGG11_LAYOUT: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class VGG(nn.Module):
+    """VGG-style CNN: ``features`` (conv/ReLU/max-pool), then a linear ``classifier``."""
+
+    def __init__(self, features: nn.Sequential, classifier: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+@register_model("vgg")
+def vgg(num_classes: int, input_shape: tuple[int, ...], width: float = 1.0) -> nn.Module:
+    """VGG-11 for small images: 8 conv layers (3x3, ReLU, max-pool), then one linear classifier.
+
+    ``width`` scales the channel counts (0.5 is the half-width VGG the benchmarks use). No BN:
+    ``--bn insert`` adds it where torchvision's ``vgg11_bn`` has it. Glorot init as in the paper.
+    """
+    channels, height, w = _image_shape(input_shape, "vgg")
+    layers: list[nn.Module] = []
+    for item in VGG11_LAYOUT:
+        if item == "M":
+            if min(height, w) >= 2:
+                layers.append(nn.MaxPool2d(2))
+                height, w = height // 2, w // 2
+        else:
+            out = max(1, int(int(item) * width))
+            layers += [nn.Conv2d(channels, out, 3, padding=1), nn.ReLU(inplace=True)]
+            channels = out
+    return glorot_init(VGG(nn.Sequential(*layers), nn.Linear(channels * height * w, num_classes)))
+
+
+@register_model("mlp")
+def mlp(num_classes: int, input_shape: tuple[int, ...], hidden: int = 100, depth: int = 3, activation: str = "sigmoid") -> nn.Module:
+    """Ioffe & Szegedy's MNIST net: ``depth`` hidden layers of ``hidden`` sigmoid units."""
+    acts: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+    if activation not in acts:
+        raise ModelError(f"mlp: unknown activation {activation!r}; choose from {', '.join(acts)}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), acts[activation]()]
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+@register_model("dln")
+def dln(num_classes: int, input_shape: tuple[int, ...], depth: int = 25, width: int = 10) -> nn.Module:
+    """Deep linear network (Santurkar et al.): ``depth`` bias-free linear layers, no non-linearity.
+
+    The first layer maps the input to ``width`` and the last maps ``width`` to ``num_classes``
+    (the regression target's dimension), so the product W_depth...W_1 is the learned matrix.
+    """
+    dims = [math.prod(input_shape)] + [width] * (depth - 1) + [num_classes]
+    return nn.Sequential(*[nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:])])
+
+
+def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ModelError(f"{model} needs image input (channels, height, width); the data has shape {tuple(input_shape)}")
+    c, h, w = input_shape
+    return c, h, w
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def build_model(spec: str, num_classes: int, input_shape: tuple[int, ...], **options: Any) -> nn.Module:
+    """Build a model from a spec: a built-in name, ``torchvision:NAME``, or ``file.py:factory`` / ``pkg.mod:factory``."""
+    input_shape = tuple(int(d) for d in input_shape)
+    if spec.startswith("torchvision:"):
+        model = _torchvision_model(spec.split(":", 1)[1], num_classes, input_shape, options)
+    elif ":" in spec:
+        model = _user_model(spec, num_classes, input_shape, options)
+    else:
+        key = spec.lower()
+        if key not in _REGISTRY:
+            raise ModelError(_unknown(spec, list(_REGISTRY)) + " (or use torchvision:NAME, file.py:factory, package.module:factory)")
+        factory = _REGISTRY[key]
+        _check_options(spec, factory, options)
+        model = factory(num_classes, input_shape, **options)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _unknown(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name.lower(), choices, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(sorted(choices, key=_natural_key)[:12])}"
+    return f"unknown model {name!r}{hint}"
+
+
+def _check_options(spec: str, factory: ModelFactory, options: dict[str, Any]) -> None:
+    params = inspect.signature(factory).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    for key in options:
+        if key not in params or key in ("num_classes", "input_shape"):
+            valid = [k for k in params if k not in ("num_classes", "input_shape")]
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(valid) or 'none'}"
+            raise ModelError(f"model {spec!r} has no option {key!r}{hint}")
+
+
+def _torchvision_model(name: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models()
+    if name.lower() not in available:
+        raise ModelError(_unknown(name, available).replace("unknown model", "unknown torchvision model"))
+    weights_file = options.pop("weights_file", None)
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes, **options}
+    if name.lower().startswith(("inception", "googlenet")):
+        kwargs.setdefault("aux_logits", False)
+        kwargs.setdefault("init_weights", True)
+    try:
+        model = torchvision.models.get_model(name.lower(), **kwargs)
+    except TypeError as e:
+        raise ModelError(f"torchvision:{name}: {e}") from e
+    if weights_file:
+        load_weights(model, weights_file)
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local state dict (never from a hub) with ``weights_only=True``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"weights file {p} does not exist")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad file, reported in one line
+        raise ModelError(f"cannot load weights from {p}: {str(e).splitlines()[0]}") from e
+
+
+def _user_model(spec: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any]) -> nn.Module:
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        module = _load_file(Path(target))
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ModelError(f"cannot import {target!r} for model {spec!r}: {e}") from e
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        close = difflib.get_close_matches(attr, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ModelError(f"{target} has no factory {attr!r}{hint}")
+    kwargs = dict(options)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if "num_classes" in params or takes_any:
+        kwargs.setdefault("num_classes", num_classes)
+    if "input_shape" in params or takes_any:
+        kwargs.setdefault("input_shape", input_shape)
+    try:
+        return factory(**kwargs)
+    except TypeError as e:
+        raise ModelError(f"{spec}: {e}") from e
+
+
+def _load_file(path: Path) -> Any:
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    name = f"bnprobe_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelError(f"cannot load {path} as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ModelError(f"syntax error in {e.filename}, line {e.lineno}: {e.msg}") from e
+    except Exception as e:  # noqa: BLE001 - the user's file failed to import; say where
+        raise ModelError(f"{path} failed to import: {type(e).__name__}: {e}") from e
+    return module

@@ -1,0 +1,220 @@
+"""``Recorder``: the probes as a context manager around any training loop (DESIGN 1.7).
+
+    with bnprobe.Recorder(model, "run.h5", layers="features.*", record_every=10) as rec:
+        for x, y in loader:
+            loss = step(x, y)
+            rec.step(loss=loss)
+
+Moments flow in through forward hooks while the model is in train mode; ``rec.step()`` closes the
+step. Layer order is the order of first calls in the first recorded forward pass (DESIGN 1.1).
+Device tensors are kept until a flush, so the probes never synchronise per layer per step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .layers import LayerInfo, has_own_parameters, layer_kind, select
+from .probes.moments import DEFAULT_SAMPLES, STATS, histogram, moment_stats
+from .store import RunWriter, Store
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+class Recorder:
+    """Attach moment probes to ``model`` and write one run's records to an HDF5 file.
+
+    ``output`` is a path (a new file with one run named ``run``) or a :class:`RunWriter` of an
+    open :class:`Store` (how the trainer puts several variants in one file). A module called
+    several times per forward is recorded at its first call of the step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        output: str | Path | RunWriter,
+        layers: str | Sequence[str] = "*",
+        kinds: Sequence[str] | None = None,
+        record_every: int = 10,
+        per_channel: bool = False,
+        histogram_bins: int = 0,
+        histogram_range: tuple[float, float] = (-10.0, 10.0),
+        percentile_samples: int = DEFAULT_SAMPLES,
+        seed: int = 0,
+        run: str = "run",
+        force: bool = False,
+        start_step: int = 0,
+        flush_every: int = 50,
+    ) -> None:
+        self.model = model
+        patterns = [layers] if isinstance(layers, str) else list(layers)
+        owners = [(n, m) for n, m in model.named_modules() if has_own_parameters(m)]
+        picked = select([(n, layer_kind(m)) for n, m in owners], patterns, kinds)
+        self._candidates = [owners[i] for i in picked]
+        if not self._candidates:
+            from .errors import ConfigError
+
+            raise ConfigError(f"no layer with parameters matches layers={patterns!r}" + (f", kinds={list(kinds)!r}" if kinds else ""))
+        self._owned_store: Store | None = None
+        if isinstance(output, RunWriter):
+            self.writer = output
+        else:
+            self._owned_store = Store.create(output, force=force)
+            self.writer = self._owned_store.run(run, {"model": type(model).__name__})
+        self.record_every = record_every
+        self.per_channel = per_channel
+        self.histogram_bins = histogram_bins
+        self.histogram_range = histogram_range
+        self.samples = percentile_samples
+        self.flush_every = flush_every
+        self.step_index = start_step
+        self._generator: torch.Generator | None = None
+        self._seed = seed
+        self._order: list[tuple[str, nn.Module]] = []  # forward-execution order, fixed after the first step
+        self._current: dict[str, torch.Tensor] = {}  # stats of this step, by layer name
+        self._current_channel: dict[str, torch.Tensor] = {}
+        self._current_hist: dict[str, torch.Tensor] = {}
+        self._pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]] = []
+        self._train_rows: list[tuple[int, Any, Any, Any, float]] = []
+        self._handles: list[Any] = []
+        self._paused = False
+        self._t0 = time.perf_counter()
+        self.layers: list[LayerInfo] = []
+
+    def generator_state(self) -> torch.Tensor | None:
+        """State of the percentile-subsample generator (checkpoints restore it for exact resumes)."""
+        return self._generator.get_state() if self._generator is not None else None
+
+    # -------------------------------------------------------------- hooks
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, _inp: Any, out: Any) -> None:
+            if self._paused or not module.training or name in self._current:
+                return
+            if not self._order_fixed:
+                self._seen_shapes.setdefault(name, tuple(out.shape) if isinstance(out, torch.Tensor) else ())
+            if self.step_index % self.record_every != 0:
+                if not self._order_fixed:
+                    self._current[name] = torch.empty(0)  # marks the first call for ordering
+                return
+            tensor = _first_tensor(out)
+            if tensor is None or not tensor.is_floating_point():
+                return
+            with torch.no_grad():
+                if self._generator is None or self._generator.device != tensor.device:
+                    self._generator = torch.Generator(device=tensor.device).manual_seed(self._seed)
+                self._current[name] = moment_stats(tensor, False, self.samples, self._generator)
+                if self.per_channel and tensor.dim() >= 2:
+                    self._current_channel[name] = moment_stats(tensor, True, self.samples, self._generator)
+                if self.histogram_bins:
+                    self._current_hist[name] = histogram(tensor, self.histogram_bins, *self.histogram_range)
+
+        return hook
+
+    def __enter__(self) -> Recorder:
+        self._order_fixed = False
+        self._seen_shapes: dict[str, tuple[int, ...]] = {}
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self._candidates]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Extra forward passes (ICS, landscape) inside this block are not recorded."""
+        was = self._paused
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = was
+
+    # -------------------------------------------------------------- steps
+
+    def _fix_order(self) -> None:
+        """The layers table, in the order of first calls in the first recorded forward pass."""
+        by_name = dict(self._candidates)
+        names = [n for n in self._current if n in by_name]
+        self._order = [(n, by_name[n]) for n in names]
+        self.layers = [
+            LayerInfo(n, layer_kind(m), sum(p.numel() for p in m.parameters(recurse=False)), self._seen_shapes.get(n, ()), i)
+            for i, (n, m) in enumerate(self._order)
+        ]
+        self.writer.set_layers(self.layers)
+        self._order_fixed = True
+
+    def step(self, loss: Any = None, accuracy: Any = None, lr: float | None = None) -> None:
+        """Close one training step: log its scalars and, on record steps, its layers' moments."""
+        if not self._order_fixed and self._current:
+            self._fix_order()
+        seconds = time.perf_counter() - self._t0
+        self._train_rows.append((self.step_index, _detach(loss), _detach(accuracy), lr, seconds))
+        if self._order_fixed and self.step_index % self.record_every == 0:
+            stats = [self._current.get(n) for n, _ in self._order]
+            if all(s is not None and s.numel() for s in stats):
+                table = torch.stack(stats, dim=1)  # type: ignore[arg-type]
+                channels = {n: self._current_channel[n] for n, _ in self._order if n in self._current_channel}
+                hist = torch.stack([self._current_hist[n] for n, _ in self._order]) if self.histogram_bins else None
+                self._pending.append((self.step_index, table, channels, hist))
+        self._current, self._current_channel, self._current_hist = {}, {}, {}
+        self.step_index += 1
+        if len(self._train_rows) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Move buffered statistics to the host (one transfer) and append them to the file."""
+        for step, loss, acc, lr, seconds in self._train_rows:
+            row = {"loss": _float(loss), "accuracy": _float(acc), "lr": np.nan if lr is None else lr, "seconds": seconds}
+            self.writer.append("train", step, row)
+        self._train_rows = []
+        if self._pending:
+            tables = torch.stack([t for _, t, _, _ in self._pending]).cpu().numpy()
+            for (step, _, per_layer, hist), table in zip(self._pending, tables):
+                values: dict[str, Any] = {stat: table[i] for i, stat in enumerate(STATS)}
+                if hist is not None:
+                    values["histogram"] = hist.cpu().numpy()
+                self.writer.append("moments", step, values)
+                for name, s in per_layer.items():
+                    arr = s.cpu().numpy()
+                    self.writer.append(f"moments/per_channel/{name}", step, {stat: arr[i] for i, stat in enumerate(STATS)})
+            self._pending = []
+            if self.histogram_bins:
+                self.writer.set_attrs(histogram_range=list(self.histogram_range), histogram_bins=self.histogram_bins)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Remove the hooks, flush, and close the file if this recorder opened it."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.flush()
+        if self._owned_store is not None:
+            if self.writer._group.attrs.get("status") == "running":
+                self.writer.set_status("finished", steps=self.step_index)
+            self._owned_store.close()
+            self._owned_store = None
+
+
+def _detach(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _float(value: Any) -> float:
+    if value is None:
+        return float("nan")
+    return float(value.item() if isinstance(value, torch.Tensor) else value)

@@ -1,0 +1,328 @@
+"""The HDF5 writer and reader: the only module that imports h5py (layout in DESIGN section 4).
+
+One file per experiment, one group per variant under ``/runs``. Records are buffered in memory
+and appended to resizable, chunked datasets on :meth:`RunWriter.flush`, followed by an HDF5
+flush, so a run killed at any point leaves a file that opens and holds everything up to the last
+flush, with the run's ``status`` attribute saying what happened.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import StoreError
+from .layers import LayerInfo
+
+FORMAT_VERSION = 1
+STATUSES = ("running", "finished", "diverged", "interrupted")
+_LAYER_DTYPE = np.dtype(
+    [("name", h5py.string_dtype()), ("kind", h5py.string_dtype()), ("param_count", "i8"), ("output_shape", h5py.string_dtype()), ("order", "i4")]
+)
+
+
+def _check_writable(path: Path, force: bool, create_parent: bool) -> None:
+    if create_parent and not path.parent.exists() and path.parent.parent.is_dir():
+        path.parent.mkdir()
+    if path.exists() and not force:
+        raise StoreError(f"{path} already exists; choose another --output or pass --force to replace it")
+    if path.exists() and path.is_dir():
+        raise StoreError(f"{path} is a directory, not an output file")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise StoreError(f"output directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise StoreError(f"output directory {parent} is not writable")
+
+
+class Store:
+    """An experiment file being written. Create with :meth:`create`, add runs with :meth:`run`.
+
+    With ``force`` an existing file is replaced only once the new one holds its first flush: the
+    new file is written under a temporary name and renamed over the old one then.
+    """
+
+    def __init__(self, h5: h5py.File, path: Path, pending_rename: Path | None) -> None:
+        self._h5 = h5
+        self.path = path
+        self._pending_rename = pending_rename
+        self.writers: dict[str, RunWriter] = {}
+
+    @classmethod
+    def create(cls, path: str | Path, config_yaml: str = "", force: bool = False, create_parent: bool = False) -> Store:
+        """Start a new experiment file; refuses to touch an existing one unless ``force``.
+
+        ``create_parent`` makes a missing parent directory (one level: the default ``runs/``).
+        """
+        path = Path(path)
+        _check_writable(path, force, create_parent)
+        target = path.with_name(f".{path.name}.partial") if path.exists() else path
+        try:
+            h5 = h5py.File(target, "w" if target != path else "x")
+        except (OSError, FileExistsError) as e:
+            raise StoreError(f"cannot create {path}: {e}") from e
+        h5.attrs.update(
+            {
+                "format_version": FORMAT_VERSION,
+                "bnprobe_version": __version__,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "torch_version": str(torch.__version__),
+                "config": config_yaml,
+            }
+        )
+        store = cls(h5, path, target if target != path else None)
+        store.flush()
+        return store
+
+    @classmethod
+    def append_to(cls, path: str | Path) -> Store:
+        """Open an existing bnprobe file to add runs or records (checked first)."""
+        path = Path(path)
+        read_file(path, load=False)
+        try:
+            return cls(h5py.File(path, "r+"), path, None)
+        except OSError as e:
+            raise StoreError(f"cannot open {path} for writing: {e}") from e
+
+    def run(self, name: str, attrs: Mapping[str, Any], flush_every: int = 50) -> RunWriter:
+        """The writer for run group ``/runs/<name>``, created with ``attrs`` and status ``running``."""
+        if "/" in name or not name:
+            raise StoreError(f"invalid run name {name!r}")
+        runs = self._h5.require_group("runs")
+        if name in runs:
+            group = runs[name]
+        else:
+            group = runs.create_group(name)
+            group.attrs.update({k: _attr(v) for k, v in attrs.items()})
+            group.attrs["status"] = "running"
+        writer = RunWriter(self, group, flush_every)
+        self.writers[name] = writer
+        return writer
+
+    def run_names(self) -> list[str]:
+        return list(self._h5.get("runs", {}))
+
+    def flush(self) -> None:
+        self._h5.flush()
+        if self._pending_rename is not None:
+            os.replace(self._pending_rename, self.path)
+            self._pending_rename = None
+
+    def close(self) -> None:
+        if not self._h5.id.valid:
+            return
+        for writer in self.writers.values():
+            writer.flush()
+        self.flush()
+        self._h5.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _attr(value: Any) -> Any:
+    """An HDF5-storable attribute value (None as "", str subclasses as str)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+        return [str(v) for v in value]
+    return value
+
+
+class RunWriter:
+    """Buffers one run's records and appends them to ``/runs/<name>/<section>/<dataset>``."""
+
+    def __init__(self, store: Store, group: h5py.Group, flush_every: int) -> None:
+        self._store = store
+        self._group = group
+        self._flush_every = max(1, flush_every)
+        self._pending: dict[str, list[np.ndarray]] = defaultdict(list)
+        self._records = 0
+
+    @property
+    def name(self) -> str:
+        return self._group.name.rsplit("/", 1)[-1]
+
+    def set_layers(self, layers: Sequence[LayerInfo]) -> None:
+        """Write the layers table (name, kind, param_count, output shape, order)."""
+        rows = np.array(
+            [(l.name, l.kind, l.param_count, "x".join(map(str, l.output_shape)), l.order) for l in layers], dtype=_LAYER_DTYPE
+        )
+        if "layers" in self._group:
+            del self._group["layers"]
+        self._group.create_dataset("layers", data=rows)
+
+    def set_attrs(self, **attrs: Any) -> None:
+        self._group.attrs.update({k: _attr(v) for k, v in attrs.items()})
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        """Set ``status`` (running|finished|diverged|interrupted), flush, and make it durable."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}")
+        self.flush()
+        self.set_attrs(status=status, **extra)
+        self._store.flush()
+
+    def write_constant(self, path: str, values: Any, **attrs: Any) -> None:
+        """A dataset written once (e.g. ``landscape/eta``), replaced if present."""
+        if path in self._group:
+            del self._group[path]
+        ds = self._group.create_dataset(path, data=np.asarray(values))
+        ds.attrs.update({k: _attr(v) for k, v in attrs.items()})
+
+    def append(self, section: str, step: int, values: Mapping[str, Any]) -> None:
+        """One record at ``step``: ``section/step`` gets the step, ``section/<key>`` each value (any shape)."""
+        self._pending[f"{section}/step"].append(np.asarray(step, dtype=np.int64))
+        for key, value in values.items():
+            self._pending[f"{section}/{key}"].append(np.asarray(value))
+        self._records += 1
+        if self._records >= self._flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append buffered records to their datasets and flush the file to disk."""
+        for path, rows in self._pending.items():
+            block = np.stack(rows)
+            if path not in self._group:
+                chunk_rows = max(1, min(1024, (1 << 16) // max(1, block[0].nbytes)))
+                self._group.create_dataset(
+                    path, data=block, maxshape=(None, *block.shape[1:]), chunks=(chunk_rows, *block.shape[1:])
+                )
+            else:
+                ds = self._group[path]
+                if ds.shape[1:] != block.shape[1:]:
+                    raise StoreError(f"{path}: record shape {block.shape[1:]} does not match {ds.shape[1:]}")
+                start = ds.shape[0]
+                ds.resize(start + len(block), axis=0)
+                ds[start:] = block
+        self._pending.clear()
+        self._records = 0
+        self._store.flush()
+
+    def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
+        """Store a ``torch.save`` blob (model, optimizer, RNG states) as ``checkpoint``."""
+        buffer = io.BytesIO()
+        torch.save(dict(state), buffer)
+        if "checkpoint" in self._group:
+            del self._group["checkpoint"]
+        ds = self._group.create_dataset("checkpoint", data=np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+        ds.attrs["step"] = step
+        self.flush()
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class RunData:
+    """Everything one run group holds: attributes, layers table and datasets by relative path."""
+
+    name: str
+    attrs: dict[str, Any]
+    layers: list[dict[str, Any]]
+    data: dict[str, np.ndarray] = field(default_factory=dict)
+    dataset_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [l["name"] for l in self.layers]
+
+    def has(self, section: str) -> bool:
+        return f"{section}/step" in self.data
+
+
+@dataclass
+class FileData:
+    path: Path
+    attrs: dict[str, Any]
+    runs: dict[str, RunData]
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "OS":
+        return [_decode(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_file(path: str | Path, load: bool = True) -> FileData:
+    """Read a bnprobe file (all runs, all datasets but checkpoints); one-line errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path} does not exist")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as e:
+        raise StoreError(f"{path} is not a readable HDF5 file (truncated or another format)") from e
+    with h5:
+        if "format_version" not in h5.attrs:
+            raise StoreError(f"{path} is an HDF5 file but not a bnprobe file (no format_version)")
+        attrs = {k: _decode(v) for k, v in h5.attrs.items()}
+        runs: dict[str, RunData] = {}
+        for name, group in h5.get("runs", {}).items():
+            layers = []
+            if "layers" in group:
+                for row in group["layers"][()]:
+                    layers.append({k: _decode(row[k]) for k in _LAYER_DTYPE.names})
+            run = RunData(name, {k: _decode(v) for k, v in group.attrs.items()}, layers)
+            if load:
+                _load_datasets(group, run)
+            runs[name] = run
+    return FileData(path, attrs, runs)
+
+
+def _load_datasets(group: h5py.Group, run: RunData) -> None:
+    def visit(rel: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and rel not in ("layers", "checkpoint"):
+            run.data[rel] = obj[()]
+            if obj.attrs:
+                run.dataset_attrs[rel] = {k: _decode(v) for k, v in obj.attrs.items()}
+
+    group.visititems(visit)
+
+
+def load_checkpoint(path: str | Path, run: str) -> tuple[dict[str, Any], int]:
+    """The checkpoint blob of ``run`` (``torch.load(weights_only=True)``) and its step."""
+    read_file(path, load=False)
+    with h5py.File(path, "r") as h5:
+        group = h5.get(f"runs/{run}")
+        if group is None:
+            raise StoreError(f"{path} has no run {run!r}")
+        if "checkpoint" not in group:
+            raise StoreError(f"run {run!r} in {path} has no checkpoint")
+        blob = group["checkpoint"][()].tobytes()
+        step = int(group["checkpoint"].attrs.get("step", 0))
+    try:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True), step
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is a corrupted checkpoint
+        raise StoreError(f"the checkpoint of run {run!r} in {path} is corrupted: {str(e).splitlines()[0]}") from e
+
+
+def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Top-level datasets of a plain HDF5 data file (for ``h5:FILE`` data)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            return {k: v[()] for k, v in h5.items() if isinstance(v, h5py.Dataset)}
+    except OSError as e:
+        from .errors import DataError
+
+        raise DataError(f"{path} is not a readable HDF5 file") from e

@@ -1,0 +1,236 @@
+"""The brief training loop: one config, its variants, one HDF5 file.
+
+Each variant is built from the same seed (so layers shared between variants start from identical
+weights), sees the same data order, and is recorded through :class:`bnprobe.Recorder`, the same
+API users call in their own loops. Measurements that need extra passes (ICS, landscape, Hessian)
+run at their schedule and leave no trace on the training trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import rng
+from .config import BnMode, Config, OptimizerName, expand_variants
+from .data import DataBundle, batches, load_data
+from .errors import ConfigError, ModelError
+from .layers import probed_layers
+from .models import build_model
+from .probes import scheduled_probes
+from .recorder import Recorder
+from .store import RunWriter, Store
+
+
+@dataclass
+class VariantResult:
+    """How one variant ended, for the closing summary."""
+
+    name: str
+    status: str
+    steps: int
+    final_loss: float
+    final_accuracy: float
+    seconds: float
+    diverged_step: int | None = None
+
+
+@dataclass
+class StepInfo:
+    """What the progress display gets after every step."""
+
+    variant: str
+    step: int
+    steps: int
+    loss: float
+    steps_per_second: float
+
+
+ProgressFn = Callable[[StepInfo], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; an unavailable device is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+def make_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
+    if cfg.optimizer is OptimizerName.SGD:
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    if cfg.optimizer is OptimizerName.ADAM:
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@contextmanager
+def _naming_failures(model: nn.Module) -> Iterator[None]:
+    """Turn a shape error in the first forward into a one-line error naming the failing layer."""
+    entered: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _i, n=n: entered.append(n)) for n, m in model.named_modules() if n]
+    try:
+        yield
+    except RuntimeError as e:
+        where = f" in layer {entered[-1]!r}" if entered else ""
+        raise ModelError(f"the model cannot run on this data{where}: {str(e).splitlines()[0]}") from e
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def prepare_model(cfg: Config, bundle: DataBundle, device: torch.device) -> tuple[nn.Module, Any]:
+    """Build the model from ``cfg.seed``, apply the BN mode, move it to ``device`` and check it runs."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, bundle.num_outputs, bundle.input_shape, **dict(cfg.model_options))
+    x, _ = bundle.example_batch(2)
+    with _naming_failures(model):
+        probed_layers(model, x)
+    plan = None
+    if cfg.bn is not BnMode.KEEP or cfg.fold:
+        from .surgery import apply_bn
+
+        model, plan = apply_bn(
+            model, cfg.bn.value, x, targets=cfg.bn_targets.value, keep_bias=cfg.keep_bias, fold=cfg.fold, noise=cfg.noise, seed=cfg.seed
+        )
+    return model.to(device), plan
+
+
+def _accuracy(output: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor | None:
+    if task != "classification":
+        return None
+    return (output.argmax(dim=1) == y).float().mean()
+
+
+def _plain_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    optimizer.zero_grad(set_to_none=True)
+    output = model(x)
+    loss = loss_fn(output, y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), output.detach()
+
+
+def train_variant(
+    cfg: Config,
+    name: str,
+    bundle: DataBundle,
+    writer: RunWriter,
+    progress: ProgressFn | None = None,
+    prepared: tuple[nn.Module, Any] | None = None,
+) -> VariantResult:
+    """Train one variant for ``cfg.steps`` steps, recording into ``writer``.
+
+    A non-finite loss ends the variant with status ``diverged``; Ctrl-C (KeyboardInterrupt)
+    flushes, checkpoints, marks the run ``interrupted`` and propagates.
+    """
+    device = resolve_device(cfg.device)
+    model, plan = prepared if prepared is not None else prepare_model(cfg, bundle, device)
+    model.train()
+    optimizer = make_optimizer(cfg, model.parameters())
+    loss_fn = bundle.loss_fn()
+    x0, _ = bundle.example_batch(2)
+    layer_infos = probed_layers(model, x0.to(device), cfg.probes.layers, cfg.probes.kinds or None)
+    writer.set_attrs(
+        bn=cfg.bn.value, model=cfg.model, data=bundle.spec, seed=cfg.seed, device=str(device), optimizer=cfg.optimizer.value,
+        lr=cfg.lr, batch_size=cfg.batch_size, planned_steps=cfg.steps, task=bundle.task,
+        surgery=plan.summary() if plan is not None else "none",
+    )
+    probes = scheduled_probes(cfg, [info.name for info, _ in layer_infos], writer)
+    data = batches(bundle, cfg.batch_size, cfg.seed)
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    accs: list[float] = []
+    status, diverged_step, step = "finished", None, 0
+    rec = Recorder(
+        model, writer, layers=cfg.probes.layers, kinds=cfg.probes.kinds or None, record_every=cfg.probes.record_every,
+        per_channel=cfg.probes.per_channel, histogram_bins=cfg.probes.histogram_bins,
+        histogram_range=cfg.probes.histogram_range, percentile_samples=cfg.probes.percentile_samples,
+        seed=cfg.seed, flush_every=cfg.flush_every,
+    )
+    try:
+        with rec:
+            for step in range(cfg.steps):
+                x, y = (t.to(device, non_blocking=True) for t in next(data))
+                with rec.paused():
+                    for probe in probes.before_step:
+                        if probe.due(step):
+                            probe.measure(step, model, loss_fn, x, y, optimizer)
+                if probes.step_probe is not None and probes.step_probe.due(step):
+                    loss, output = probes.step_probe.step(step, model, loss_fn, x, y, optimizer)
+                else:
+                    loss, output = _plain_step(model, loss_fn, optimizer, x, y)
+                acc = _accuracy(output, y, bundle.task)
+                rec.step(loss=loss, accuracy=acc, lr=optimizer.param_groups[0]["lr"])
+                loss_value = float(loss)
+                losses.append(loss_value)
+                accs.append(float(acc) if acc is not None else math.nan)
+                if not math.isfinite(loss_value):
+                    status, diverged_step = "diverged", step
+                    break
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                    rec.flush()
+                    writer.save_checkpoint(checkpoint_state(model, optimizer, step + 1, rec), step + 1)
+                if progress is not None:
+                    progress(StepInfo(name, step + 1, cfg.steps, loss_value, (step + 1) / (time.perf_counter() - t0)))
+    except KeyboardInterrupt:
+        _finish(writer, model, optimizer, rec, "interrupted", len(losses), t0, save=True)
+        raise
+    _finish(writer, model, optimizer, rec, status, len(losses), t0, save=status == "finished", diverged_step=diverged_step)
+    tail = slice(-10, None)
+    return VariantResult(
+        name, status, len(losses), float(np.mean(losses[tail])) if losses else math.nan,
+        float(np.mean(accs[tail])) if accs else math.nan, time.perf_counter() - t0, diverged_step,
+    )
+
+
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, next_step: int, rec: Recorder) -> dict[str, Any]:
+    """What resuming needs: weights, optimizer state, the next step and every random stream."""
+    streams = rng.capture(model)
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "next_step": next_step,
+        "rng_cpu": streams.cpu,
+        "rng_modules": streams.modules,
+        "rng_recorder": rec.generator_state(),
+    }
+
+
+def _finish(writer: RunWriter, model: nn.Module, optimizer: torch.optim.Optimizer, rec: Recorder, status: str, steps: int, t0: float, save: bool, diverged_step: int | None = None) -> None:
+    rec.flush()
+    if save:
+        writer.save_checkpoint(checkpoint_state(model, optimizer, steps, rec), steps)
+    extra = {"diverged_step": diverged_step} if diverged_step is not None else {}
+    writer.set_status(status, steps=steps, seconds=time.perf_counter() - t0, **extra)
+
+
+def run_experiment(cfg: Config, force: bool = False, progress: ProgressFn | None = None) -> tuple[Store, list[VariantResult]]:
+    """Train every variant of ``cfg`` into ``cfg.output_path``; returns the closed store and results."""
+    bundle = load_data(cfg.data, seed=cfg.seed, **dict(cfg.data_options))
+    runs = expand_variants(cfg)
+    for _, run_cfg in runs:
+        if run_cfg.batch_size > len(bundle):
+            raise ConfigError(f"batch_size {run_cfg.batch_size} is larger than the data set ({len(bundle)} samples)")
+    # Build every variant before the file exists: a bad model or surgery fails with nothing written.
+    prepared = [prepare_model(run_cfg, bundle, resolve_device(run_cfg.device)) for _, run_cfg in runs]
+    default_dir = Path(cfg.output).parent == Path("runs")
+    store = Store.create(cfg.output_path, cfg.to_yaml(), force=force, create_parent=default_dir)
+    results = []
+    with store:
+        for (name, run_cfg), model_plan in zip(runs, prepared):
+            writer = store.run(name, {"variant": name}, flush_every=cfg.flush_every)
+            results.append(train_variant(run_cfg, name, bundle, writer, progress, model_plan))
+    return store, results
