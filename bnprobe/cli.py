@@ -86,7 +86,13 @@ def _default_config() -> Path:
 def _load(config: Path | None, overrides: dict[str, Any]) -> Any:
     from .config import load_config
 
+    from .config import read_yaml
+
     path = config if config is not None else _default_config()
+    raw = read_yaml(path)
+    for key in ("model", "data"):  # options written for the config's model/data don't fit another one
+        if key in overrides and overrides[key] != raw.get(key) and f"{key}_options" not in overrides:
+            overrides[f"{key}_options"] = {}
     cfg = load_config(path, overrides)
     if overrides.get("bn") and "variants" not in overrides and cfg.variants.get("bn"):
         from dataclasses import replace
@@ -135,16 +141,21 @@ def _interrupts(path_hint: str) -> Iterator[None]:
 def _train(cfg: Any, force: bool) -> None:
     from .trainer import run_experiment
 
-    with _progress() as progress:
-        tasks: dict[str, Any] = {}
+    progress = _progress()
+    tasks: dict[str, Any] = {}
 
-        def on_step(info: Any) -> None:
-            if info.variant not in tasks:
-                tasks[info.variant] = progress.add_task(info.variant, total=info.steps, loss=float("nan"), rate=0.0)
-            progress.update(tasks[info.variant], completed=info.step, loss=info.loss, rate=info.steps_per_second)
+    def on_step(info: Any) -> None:
+        if not tasks:
+            progress.start()
+        if info.variant not in tasks:
+            tasks[info.variant] = progress.add_task(info.variant, total=info.steps, loss=float("nan"), rate=0.0)
+        progress.update(tasks[info.variant], completed=info.step, loss=info.loss, rate=info.steps_per_second)
 
+    try:
         with _interrupts(str(cfg.output_path)):
             _, results = run_experiment(cfg, force=force, progress=on_step)
+    finally:
+        progress.stop()
     _summary(results, cfg.output_path)
     if any(r.status == "diverged" for r in results):
         typer.echo("bnprobe: error: a variant diverged (non-finite loss); its records up to then are kept", err=True)

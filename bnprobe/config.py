@@ -130,7 +130,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# Names users carry over from other tools, so that the hint points at ours.
+_ALIASES = {"learning_rate": "lr", "epochs": "steps", "iterations": "steps", "batch": "batch_size", "wd": "weight_decay", "optim": "optimizer", "batchnorm": "bn", "norm": "bn"}
+
+
 def _closest(key: str, valid: list[str]) -> str:
+    alias = difflib.get_close_matches(key, list(_ALIASES), n=1, cutoff=0.8)
+    if alias and _ALIASES[alias[0]] in valid:
+        return f"; did you mean {_ALIASES[alias[0]]!r}?"
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
 

@@ -233,7 +233,7 @@ def _user_model(spec: str, num_classes: int, input_shape: tuple[int, ...], optio
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     if "num_classes" in params or takes_any:
         kwargs.setdefault("num_classes", num_classes)
-    if "input_shape" in params or takes_any:
+    if "input_shape" in params:  # not through **kwargs: torchvision-style builders would reject it
         kwargs.setdefault("input_shape", input_shape)
     try:
         return factory(**kwargs)

@@ -29,6 +29,11 @@ def _subsample(flat: torch.Tensor, samples: int, generator: torch.Generator | No
     return flat.index_select(-1, idx)
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products through BLAS: no temporary the size of the activation."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).reshape(-1)
+
+
 def moment_stats(
     x: torch.Tensor,
     per_channel: bool = False,
@@ -45,17 +50,23 @@ def moment_stats(
         flat = x.transpose(0, 1).reshape(x.shape[1], -1)
     else:
         flat = x.reshape(1, -1)
-    var, mean = torch.var_mean(flat, dim=1, correction=0)
+    n = flat.shape[1]
+    mean = flat.sum(dim=1) / n
     centred = flat - mean[:, None]
-    sq = centred * centred
-    m3 = (sq * centred).mean(dim=1)
-    m4 = (sq * sq).mean(dim=1)
+    sq = centred.square()
+    var = sq.sum(dim=1) / n
+    m3 = _rowdot(sq, centred) / n
+    m4 = _rowdot(sq, sq) / n
     safe_var = torch.where(var > 0, var, torch.ones_like(var))
     skew = torch.where(var > 0, m3 / safe_var.pow(1.5), torch.zeros_like(var))
     kurt = torch.where(var > 0, m4 / (safe_var * safe_var) - 3.0, torch.zeros_like(var))
-    lo, hi = torch.aminmax(flat, dim=1)
-    zeros = (flat == 0).sum(dim=1).to(flat.dtype) / flat.shape[1]
-    q = torch.tensor(QUANTILES, dtype=flat.dtype, device=flat.device)
+    if flat.shape[0] == 1:  # whole-tensor reductions are several times faster than dim=1 ones on CPU
+        lo, hi = (v.reshape(1) for v in torch.aminmax(flat))
+        zeros = torch.sum(flat == 0, dtype=torch.int32).reshape(1).to(flat.dtype) / n
+    else:
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+        zeros = torch.sum(flat == 0, dim=1, dtype=torch.int32).to(flat.dtype) / n
+    q = torch.tensor(QUANTILES, dtype=flat.dtype).to(flat.device, non_blocking=True)
     pct = torch.quantile(_subsample(flat, samples, generator), q, dim=1)
     out = torch.stack([mean, var, skew, kurt, lo, hi, zeros, pct[0], pct[1], pct[2]])
     return out if per_channel and x.dim() >= 2 else out[:, 0]

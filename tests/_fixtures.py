@@ -1,0 +1,127 @@
+"""Small bnprobe files written with the store's own writer, for the report/export/plot tests.
+
+``write_run_file`` lays out runs as the trainer does (DESIGN section 4) with random but
+deterministic numbers; tests then read the same file back with h5py and compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bnprobe.layers import LayerInfo
+from bnprobe.probes.moments import STATS
+from bnprobe.store import Store
+
+ALL_SECTIONS = ("train", "moments", "ics", "landscape", "hessian")
+ETAS = np.array([0.05, 0.1, 0.2, 0.4], dtype=np.float64)
+
+
+def layers_for(bn: str) -> list[LayerInfo]:
+    """An MLP: fc1..fc3 and an output layer; with BN a norm layer after each hidden one."""
+    names: list[tuple[str, str, int]] = []
+    for i in range(1, 4):
+        names.append((f"fc{i}", "linear", 16))
+        if bn in ("insert", "noisy"):
+            names.append((f"bn{i}", "norm", 16))
+    names.append(("out", "linear", 10))
+    return [LayerInfo(n, k, 17 * w, (8, w), i) for i, (n, k, w) in enumerate(names)]
+
+
+def write_run_file(
+    path: Path,
+    variants: Sequence[str] = ("keep", "insert", "noisy"),
+    sections: Sequence[str] = ALL_SECTIONS,
+    status: str | None = "finished",
+    steps: int = 40,
+    record_every: int = 5,
+    per_channel: bool = False,
+    histogram_bins: int = 0,
+    seed: int = 0,
+    regression: bool = False,
+) -> Path:
+    """A bnprobe file with one run per variant; ``status=None`` leaves ``running`` (a crashed run)."""
+    rng = np.random.default_rng(seed)
+    store = Store.create(path, "name: test\n")
+    for v_index, variant in enumerate(variants):
+        writer = store.run(variant, {"bn": variant, "model": "mlp", "data": "synthetic:mnist", "seed": seed, "device": "cpu"})
+        layers = layers_for(variant)
+        writer.set_layers(layers)
+        n_layers = len(layers)
+        drift = 0.0 if variant != "keep" else 0.05
+        if "landscape" in sections:
+            writer.write_constant("landscape/eta", ETAS)
+        if "ics" in sections:
+            ics_names = [l.name for l in layers if l.kind == "linear"]
+            writer.write_constant("ics/layer", np.array(ics_names, dtype=object))
+        for step in range(steps):
+            if "train" in sections:
+                writer.append(
+                    "train",
+                    step,
+                    {
+                        "loss": 2.3 * np.exp(-step / 20) + 0.1 * v_index + 0.01 * rng.random(),
+                        "accuracy": np.nan if regression else min(1.0, 0.1 + step / steps),
+                        "lr": 0.1,
+                        "seconds": 0.01 * (step + 1),
+                    },
+                )
+            if step % record_every:
+                continue
+            if "moments" in sections:
+                base = rng.normal(size=(len(STATS), n_layers)).astype(np.float32)
+                base[0] += drift * step  # mean drifts without BN
+                base[1] = np.abs(base[1]) + 0.5  # var > 0
+                base[7:10] = np.sort(base[7:10], axis=0)  # p15 <= p50 <= p85
+                values = {s: base[i] for i, s in enumerate(STATS)}
+                if histogram_bins:
+                    values["histogram"] = rng.integers(0, 50, size=(n_layers, histogram_bins)).astype(np.float32)
+                writer.append("moments", step, values)
+                if per_channel:
+                    for layer in layers[:2]:
+                        ch = rng.normal(size=(len(STATS), layer.output_shape[1])).astype(np.float32)
+                        writer.append(f"moments/per_channel/{layer.name}", step, {s: ch[i] for i, s in enumerate(STATS)})
+            if "ics" in sections:
+                k = len(ics_names)
+                writer.append(
+                    "ics",
+                    step,
+                    {
+                        "l2": rng.random(k).astype(np.float32) * (1 + v_index),
+                        "cosine": (1 - 0.3 * v_index * rng.random(k)).astype(np.float32),
+                        "grad_norm": rng.random(k).astype(np.float32) + 1,
+                        "grad_norm_shifted": rng.random(k).astype(np.float32) + 1,
+                        "rel_diff": rng.random(k).astype(np.float32),
+                    },
+                )
+            if "landscape" in sections:
+                loss = 2.0 * np.exp(-step / 30) + rng.random(len(ETAS)) * (0.5 if variant == "keep" else 0.1)
+                writer.append(
+                    "landscape",
+                    step,
+                    {
+                        "loss": loss,
+                        "grad_l2": rng.random(len(ETAS)) * (2 if variant == "keep" else 0.5),
+                        "beta_smoothness": rng.random() * 10,
+                        "loss_at_w": 2.0 * np.exp(-step / 30),
+                    },
+                )
+            if "hessian" in sections:
+                writer.append("hessian", step, {"top_eigenvalue": 50 * rng.random(), "iterations": int(rng.integers(3, 20)), "residual": 1e-4 * rng.random()})
+        if "hessian" in sections:
+            writer.flush()
+            writer._group["hessian/top_eigenvalue"].attrs.update({"bn_mode": "train", "samples": 128})  # noqa: SLF001
+        if histogram_bins:
+            writer.set_attrs(histogram_range=[-10.0, 10.0], histogram_bins=histogram_bins)
+        if status is not None:
+            writer.set_status(status, steps=steps, seconds=0.01 * steps, **({"diverged_step": steps - 1} if status == "diverged" else {}))
+    if status is None:
+        for writer in store.writers.values():
+            writer.flush()
+        store.flush()
+        store._h5.close()  # noqa: SLF001 - leave statuses at "running", as a killed process would
+    else:
+        store.close()
+    return path

@@ -1,0 +1,79 @@
+"""The CLI through typer's CliRunner: exit codes, one-line errors, real files."""
+
+from pathlib import Path
+
+import h5py
+import pytest
+from typer.testing import CliRunner
+
+from bnprobe.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("train", "measure-ics", "report", "export", "plot", "inspect"):
+        assert command in result.output
+
+
+def test_train_writes_the_file(in_tmp: Path, tiny_config: Path) -> None:
+    result = runner.invoke(app, ["train", str(tiny_config)])
+    assert result.exit_code == 0, result.output
+    assert "finished" in result.output and "runs/tiny.h5" in result.output
+    with h5py.File(in_tmp / "runs" / "tiny.h5") as f:
+        run = f["runs/keep"]
+        assert run.attrs["status"] == "finished"
+        assert list(run["train/step"][()]) == list(range(6))
+        assert run["moments/mean"].shape == (3, 9)  # steps 0, 2, 4; 8 convs + classifier
+
+
+def test_cli_flags_win_over_the_config(in_tmp: Path, tiny_config: Path) -> None:
+    result = runner.invoke(app, ["train", str(tiny_config), "--steps", "3", "--lr", "0.2", "--print-config"])
+    assert result.exit_code == 0
+    assert "steps: 3" in result.output and "lr: 0.2" in result.output
+    assert not (in_tmp / "runs").exists()
+
+
+def test_existing_output_is_refused(in_tmp: Path, tiny_config: Path) -> None:
+    (in_tmp / "out.h5").write_bytes(b"mine")
+    result = runner.invoke(app, ["train", str(tiny_config), "-o", "out.h5"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["bnprobe: error: out.h5 already exists; choose another --output or pass --force to replace it"]
+    assert (in_tmp / "out.h5").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "vgx"], "unknown model 'vgx'; did you mean vgg"),
+        (["--lr", "-1"], "lr must be positive"),
+        (["--batch-size", "1000"], "larger than the data set"),
+        (["--data", "torchvision:CIFAR10:/no/such"], "does not exist"),
+        (["--model", "mlp", "--data", "synthetic:linear"], None),
+        (["-o", "no/such/dir/x.h5"], "does not exist"),
+    ],
+)
+def test_user_errors_are_one_line(in_tmp: Path, tiny_config: Path, args: list[str], message: str | None) -> None:
+    result = runner.invoke(app, ["train", str(tiny_config), *args])
+    if message is None:  # a regression MLP runs fine
+        assert result.exit_code == 0, result.output
+        return
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnprobe: error: ") and message in lines[0]
+    assert not (in_tmp / "runs").exists() or not list((in_tmp / "runs").iterdir())
+
+
+def test_shape_mismatch_names_the_layer(in_tmp: Path, tmp_path: Path) -> None:
+    f = tmp_path / "m.py"
+    f.write_text("import torch.nn as nn\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(7, 2))\n")
+    result = runner.invoke(app, ["train", "--model", f"{f}:make", "--data", "synthetic:linear", "--steps", "2"])
+    assert result.exit_code == 2
+    assert "in layer '1'" in result.output and "10" in result.output
+
+
+def test_missing_config(in_tmp: Path) -> None:
+    result = runner.invoke(app, ["train", "nope.yaml"])
+    assert result.exit_code == 2 and "config file nope.yaml does not exist" in result.output

@@ -1,0 +1,63 @@
+"""Config loading: safe YAML, typed validation, closest-key errors, CLI precedence, variants."""
+
+from pathlib import Path
+
+import pytest
+
+from bnprobe.config import BnMode, expand_variants, load_config
+from bnprobe.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_file_and_override_precedence(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "lr: 0.3\nsteps: 7\nprobes: {record_every: 2}\n"), {"lr": 0.01, "probes.per_channel": True})
+    assert cfg.lr == 0.01 and cfg.steps == 7 and cfg.probes.record_every == 2 and cfg.probes.per_channel
+    assert cfg.name == "c"  # from the file name
+    assert cfg.output_path == Path("runs/c.h5")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lerning_rate: 0.1\n", "unknown key 'lerning_rate'; did you mean 'lr'"),
+        ("probes: {record_evry: 3}\n", "unknown key 'probes.record_evry'; did you mean 'record_every'"),
+        ("lr: -1\n", "lr must be positive"),
+        ("steps: 0\n", "steps must be at least 1"),
+        ("steps: ten\n", "steps: expected an integer"),
+        ("bn: sometimes\n", "bn: 'sometimes' is not one of keep, insert, strip, noisy"),
+        ("variants: {colour: [red]}\n", "cannot vary 'colour'"),
+        ("lr: [0.1\n", "invalid YAML"),
+        ("- a\n- b\n", "expected a mapping"),
+    ],
+)
+def test_errors_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(write(tmp_path, "name: !!python/object/apply:os.system ['echo hacked']\n"))
+
+
+def test_variants_expand_as_a_product(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "variants: {bn: [keep, insert], lr: [0.1, 0.01]}\n"))
+    runs = expand_variants(cfg)
+    assert [name for name, _ in runs] == ["keep-lr0.1", "keep-lr0.01", "insert-lr0.1", "insert-lr0.01"]
+    assert runs[2][1].bn is BnMode.INSERT and runs[2][1].lr == 0.1 and not runs[2][1].variants
+
+
+def test_round_trip_through_yaml(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "bn: noisy\nprobes: {layers: ['features.*']}\nvariants: {bn: [keep, noisy]}\n"))
+    again = load_config(write(tmp_path, cfg.to_yaml()))
+    assert again == cfg

@@ -1,0 +1,98 @@
+"""Data sources: deterministic synthetic sets, array files, clear errors, shared batch order."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bnprobe.data import batches, load_data
+from bnprobe.errors import DataError
+from bnprobe.store import Store
+
+
+def test_synthetic_is_deterministic_and_shaped() -> None:
+    a, b = load_data("synthetic:cifar10", seed=3, n=32), load_data("synthetic:cifar10", seed=3, n=32)
+    assert torch.equal(a.train.tensors[0], b.train.tensors[0]) and a.input_shape == (3, 32, 32) and a.num_outputs == 10
+    assert load_data("synthetic:mnist", n=8).input_shape == (1, 28, 28)
+    lin = load_data("synthetic:linear", n=16)
+    x, y = lin.train.tensors
+    assert lin.task == "regression" and y.shape == (16, 10)
+    a_hat = torch.linalg.lstsq(x, y).solution.T  # y = A x exactly
+    assert torch.allclose(x @ a_hat.T, y, atol=1e-4)
+
+
+def test_synthetic_images_are_learnable_by_a_linear_probe() -> None:
+    data = load_data("synthetic:cifar10", n=2048)
+    x, y = data.train.tensors
+    feats = torch.nn.functional.avg_pool2d(x, 8).flatten(1)  # coarse features carry the class signal
+    w = torch.linalg.lstsq(torch.cat([feats, torch.ones(len(x), 1)], 1), torch.nn.functional.one_hot(y, 10).float()).solution
+    acc = ((torch.cat([feats, torch.ones(len(x), 1)], 1) @ w).argmax(1) == y).float().mean()
+    assert acc > 0.3  # chance is 0.1
+
+
+def test_batch_order_depends_only_on_seed() -> None:
+    data = load_data("synthetic:cifar10", n=64)
+    first = [y for _, y in (next(it) for it in [batches(data, 16, seed=1)] * 5)]
+    again = [y for _, y in (next(it) for it in [batches(data, 16, seed=1)] * 5)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    with pytest.raises(DataError, match="larger than the data set"):
+        next(batches(data, 65, seed=1))
+
+
+def test_npz_and_h5_arrays(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).normal(size=(20, 5)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(20) % 3)
+    data = load_data(f"npz:{tmp_path / 'd.npz'}")
+    assert data.task == "classification" and data.num_outputs == 3 and data.input_shape == (5,)
+    np.savez(tmp_path / "r.npz", inputs=x, targets=x[:, :2])
+    data = load_data(f"npz:{tmp_path / 'r.npz'}", x_key="inputs", y_key="targets")
+    assert data.task == "regression" and data.num_outputs == 2
+    with pytest.raises(DataError, match=r"has no array 'x' \(found: inputs, targets\)"):
+        load_data(f"npz:{tmp_path / 'r.npz'}")
+    import h5py
+
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["x"], f["y"] = x, np.arange(20) % 4
+    assert load_data(f"h5:{tmp_path / 'd.h5'}").num_outputs == 4
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("synthetic:imagenet", "unknown synthetic set"),
+        ("torchvision:CIFAR10:/no/such/root", "does not exist"),
+        ("torchvision:CIFAR11:/tmp", "did you mean CIFAR10"),
+        ("imagefolder:/no/such/dir", "does not exist"),
+        ("npz:/no/such.npz", "does not exist"),
+        ("csv:file.csv", "unknown data spec"),
+    ],
+)
+def test_data_errors(spec: str, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        load_data(spec)
+
+
+def test_torchvision_root_without_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found under"):
+        load_data(f"torchvision:CIFAR10:{tmp_path}")
+
+
+def test_imagefolder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), i * 40, dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    data = load_data(f"imagefolder:{tmp_path}")
+    assert data.num_outputs == 2 and data.input_shape == (3, 8, 8)
+    x, y = next(batches(data, 4, seed=0))
+    assert x.shape == (4, 3, 8, 8)
+
+
+def test_h5_reader_is_the_store(tmp_path: Path) -> None:
+    # a bnprobe file has no top-level x: the error lists what is there
+    Store.create(tmp_path / "run.h5").close()
+    with pytest.raises(DataError, match="has no array 'x'"):
+        load_data(f"h5:{tmp_path / 'run.h5'}")

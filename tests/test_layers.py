@@ -1,0 +1,58 @@
+"""Probed layers come in forward-execution order, not registration order."""
+
+import pytest
+import torch
+from torch import nn
+
+from bnprobe.errors import ConfigError
+from bnprobe.layers import execution_order, probed_layers
+
+
+class Shuffled(nn.Module):
+    """``__init__`` order differs from ``forward`` order, and ``shared`` is called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+        self.shared = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.stem = nn.Linear(3, 4)
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.shared(x)
+        x = self.bn(x)
+        x = self.shared(torch.relu(x))
+        return self.head(x)
+
+
+def test_forward_order_and_shared_module_once() -> None:
+    model = Shuffled()
+    names = [info.name for info, _ in probed_layers(model, torch.randn(5, 3))]
+    assert names == ["stem", "shared", "bn", "head"]  # unused never runs: no activations, no gradient
+
+
+def test_kinds_and_globs_select() -> None:
+    model = Shuffled()
+    infos = [info for info, _ in probed_layers(model, torch.randn(5, 3), patterns=["s*"], kinds=["linear"])]
+    assert [i.name for i in infos] == ["stem", "shared"]
+    assert [i.order for i in infos] == [0, 1]
+    assert infos[0].output_shape == (5, 4) and infos[0].param_count == 16
+
+
+def test_discovery_leaves_no_trace() -> None:
+    model = Shuffled().train()
+    x = torch.randn(5, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    execution_order(model, x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_no_match_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="no layer matches"):
+        probed_layers(Shuffled(), torch.randn(5, 3), patterns=["nothing*"])
+    with pytest.raises(ConfigError, match="unknown layer kind"):
+        probed_layers(Shuffled(), torch.randn(5, 3), kinds=["convolution"])

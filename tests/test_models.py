@@ -1,0 +1,79 @@
+"""Model registry and loaders: built-ins adapt to the data, user factories, one-line errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bnprobe.errors import ModelError
+from bnprobe.models import build_model, list_models
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_builtins_adapt_to_input_and_classes(name: str) -> None:
+    shape = (10,) if name in ("dln",) else (3, 32, 32)
+    model = build_model(name, 7, shape)
+    assert model(torch.randn(2, *shape)).shape == (2, 7)
+
+
+def test_vgg_has_the_vgg11_layout() -> None:
+    model = build_model("vgg", 10, (3, 32, 32))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 128, 256, 256, 512, 512, 512, 512]
+    assert isinstance(model.classifier, nn.Linear) and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_dln_and_mlp_shapes() -> None:
+    dln = build_model("dln", 10, (10,))
+    assert len(dln) == 25 and all(l.bias is None and l.weight.shape in ((10, 10),) for l in dln)
+    mlp = build_model("mlp", 10, (1, 28, 28))
+    assert [m.out_features for m in mlp if isinstance(m, nn.Linear)] == [100, 100, 100, 10]
+    assert sum(isinstance(m, nn.Sigmoid) for m in mlp) == 3
+
+
+def test_torchvision_model_uses_num_classes() -> None:
+    model = build_model("torchvision:resnet18", 5, (3, 32, 32))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("vgx", "did you mean vgg"), ("torchvision:resnet1", "did you mean resnet18"), ("nope/missing.py:make", "does not exist")],
+)
+def test_unknown_models(spec: str, message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        build_model(spec, 10, (3, 32, 32))
+
+
+def test_unknown_option_names_the_closest() -> None:
+    with pytest.raises(ModelError, match="no option 'widht'; did you mean 'width'"):
+        build_model("vgg", 10, (3, 32, 32), widht=0.5)
+
+
+def test_user_model_file(tmp_path: Path) -> None:
+    f = tmp_path / "mine.py"
+    f.write_text(
+        "import torch.nn as nn\n"
+        "def make(num_classes, input_shape):\n    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], num_classes))\n"
+        "def plain():\n    return nn.Linear(4, 2)\n"
+        "def not_a_model():\n    return 42\n"
+    )
+    assert build_model(f"{f}:make", 3, (4,))(torch.randn(2, 4)).shape == (2, 3)
+    assert isinstance(build_model(f"{f}:plain", 3, (4,)), nn.Linear)
+    with pytest.raises(ModelError, match="not a torch.nn.Module"):
+        build_model(f"{f}:not_a_model", 3, (4,))
+    with pytest.raises(ModelError, match="has no factory 'mak'; did you mean 'make'"):
+        build_model(f"{f}:mak", 3, (4,))
+
+
+def test_user_model_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    f = tmp_path / "broken.py"
+    f.write_text("import torch\n\ndef make(:\n    pass\n")
+    with pytest.raises(ModelError, match=r"syntax error in .*broken.py, line 3"):
+        build_model(f"{f}:make", 3, (4,))
+
+
+def test_package_module_factory() -> None:
+    model = build_model("torchvision.models:resnet18", 4, (3, 32, 32))
+    assert model.fc.out_features == 4

@@ -1,0 +1,96 @@
+"""The Recorder API in a user's own loop writes what moment_stats computes, in forward order."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnprobe import Recorder
+from bnprobe.probes.moments import STATS, moment_stats
+from bnprobe.store import read_file
+
+
+class TwoCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(4, 2)
+        self.inner = nn.Linear(4, 4)
+        self.first = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inner(torch.relu(self.first(x)))
+        return self.out(self.inner(h))  # inner runs twice: its first call is recorded
+
+
+def test_user_loop_records_moments_in_forward_order(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TwoCalls()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = [torch.randn(8, 3) for _ in range(5)]
+    expected = {}
+    with Recorder(model, tmp_path / "r.h5", record_every=2, percentile_samples=10**6) as rec:
+        for step, x in enumerate(xs):
+            seen = {}
+            hooks = [m.register_forward_hook(lambda m, i, o, n=n: None if n in seen else seen.update({n: o.detach().clone()})) for n, m in model.named_children()]
+            loss = model(x).pow(2).mean()
+            for h in hooks:
+                h.remove()
+            expected[step] = seen
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    run = read_file(tmp_path / "r.h5").runs["run"]
+    assert run.layer_names == ["first", "inner", "out"]
+    assert list(run.data["moments/step"]) == [0, 2, 4]
+    assert run.attrs["status"] == "finished"
+    for r, step in enumerate([0, 2, 4]):
+        for j, name in enumerate(run.layer_names):
+            ref = moment_stats(expected[step][name], samples=10**6)
+            for i, stat in enumerate(STATS):
+                assert run.data[f"moments/{stat}"][r, j] == pytest.approx(ref[i].item(), rel=1e-5, abs=1e-6)
+    assert len(run.data["train/loss"]) == 5 and np.isnan(run.data["train/accuracy"]).all()
+
+
+def test_inplace_relu_after_layer_does_not_corrupt_stats(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(inplace=True), nn.Linear(16, 1))
+    x = torch.randn(32, 3)
+    with Recorder(model, tmp_path / "r.h5", record_every=1) as rec:
+        model(x)
+        rec.step()
+    pre = model[0](x)
+    run = read_file(tmp_path / "r.h5").runs["run"]
+    assert run.data["moments/min"][0, 0] == pytest.approx(pre.min().item(), rel=1e-6)  # negative: the pre-activation
+    assert run.data["moments/min"][0, 0] < 0
+
+
+def test_paused_and_eval_passes_are_not_recorded(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(3, 4))
+    with Recorder(model, tmp_path / "r.h5", record_every=1) as rec:
+        with rec.paused():
+            model(torch.full((2, 3), 100.0))
+        model.eval()
+        model(torch.full((2, 3), 100.0))
+        model.train()
+        x = torch.randn(4, 3)
+        model(x)
+        rec.step()
+    run = read_file(tmp_path / "r.h5").runs["run"]
+    assert run.data["moments/mean"][0, 0] == pytest.approx(model[0](x).mean().item(), rel=1e-5)
+
+
+def test_per_channel_and_histogram(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(1, 3, 3))
+    x = torch.randn(4, 1, 6, 6)
+    with Recorder(model, tmp_path / "r.h5", record_every=1, per_channel=True, histogram_bins=5, histogram_range=(-2.0, 2.0), percentile_samples=10**6) as rec:
+        model(x)
+        rec.step()
+    run = read_file(tmp_path / "r.h5").runs["run"]
+    out = model(x).detach()
+    got = run.data["moments/per_channel/0/var"][0]
+    np.testing.assert_allclose(got, out.transpose(0, 1).reshape(3, -1).var(dim=1, unbiased=False).numpy(), rtol=1e-5)
+    hist = run.data["moments/histogram"][0, 0]
+    ref, _ = np.histogram(np.clip(out.numpy(), -2, 2), bins=5, range=(-2, 2))
+    np.testing.assert_array_equal(hist, ref)

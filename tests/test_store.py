@@ -1,0 +1,93 @@
+"""HDF5 round trip, never overwriting, and clear errors for files that are not ours."""
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from bnprobe.errors import StoreError
+from bnprobe.layers import LayerInfo
+from bnprobe.store import Store, load_checkpoint, read_file
+
+LAYERS = [LayerInfo("a", "conv", 10, (2, 3), 0), LayerInfo("b.c", "linear", 4, (2,), 1)]
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "x.h5"
+    with Store.create(path, "lr: 0.1\n") as store:
+        w = store.run("keep", {"bn": "keep", "seed": 3}, flush_every=2)
+        w.set_layers(LAYERS)
+        for step in range(5):
+            w.append("moments", step, {"mean": np.array([step, -step], dtype=np.float32)})
+        w.write_constant("landscape/eta", [0.1, 0.2])
+        w.save_checkpoint({"w": torch.arange(3)}, step=5)
+        w.set_status("finished", steps=5)
+    data = read_file(path)
+    assert data.attrs["config"] == "lr: 0.1\n" and data.attrs["format_version"] == 1
+    run = data.runs["keep"]
+    assert run.attrs["status"] == "finished" and run.attrs["seed"] == 3 and run.layer_names == ["a", "b.c"]
+    assert run.layers[0]["output_shape"] == "2x3"
+    np.testing.assert_array_equal(run.data["moments/step"], np.arange(5))
+    np.testing.assert_array_equal(run.data["moments/mean"][:, 1], -np.arange(5))
+    with h5py.File(path) as f:  # resizable and chunked, as DESIGN 4 says
+        ds = f["runs/keep/moments/mean"]
+        assert ds.maxshape == (None, 2) and ds.chunks is not None
+    state, step = load_checkpoint(path, "keep")
+    assert step == 5 and state["w"].tolist() == [0, 1, 2]
+
+
+def test_flushed_records_survive_without_close(tmp_path: Path) -> None:
+    store = Store.create(tmp_path / "x.h5")
+    w = store.run("r", {}, flush_every=3)
+    for step in range(7):
+        w.append("train", step, {"loss": 1.0})
+    # not closed: records 0-5 were flushed, 6 is still buffered
+    assert list(read_file(tmp_path / "x.h5").runs["r"].data["train/step"]) == [0, 1, 2, 3, 4, 5]
+    assert read_file(tmp_path / "x.h5").runs["r"].attrs["status"] == "running"
+    store.close()
+
+
+def test_never_overwrites_without_force(tmp_path: Path) -> None:
+    path = tmp_path / "x.h5"
+    path.write_bytes(b"precious")
+    with pytest.raises(StoreError, match="already exists"):
+        Store.create(path)
+    assert path.read_bytes() == b"precious"
+
+
+def test_force_replaces_only_at_first_flush(tmp_path: Path) -> None:
+    path = tmp_path / "x.h5"
+    path.write_bytes(b"old")
+    store = Store.create.__func__(Store, path, force=True)  # type: ignore[attr-defined]
+    store.close()
+    assert read_file(path).attrs["format_version"] == 1
+    assert not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.parametrize("where", ["missing/dir/x.h5"])
+def test_missing_output_directory(tmp_path: Path, where: str) -> None:
+    with pytest.raises(StoreError, match="does not exist"):
+        Store.create(tmp_path / where)
+
+
+def test_not_a_bnprobe_file(tmp_path: Path) -> None:
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(StoreError, match="not a readable HDF5 file"):
+        read_file(tmp_path / "text.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = [1]
+    with pytest.raises(StoreError, match="not a bnprobe file"):
+        read_file(tmp_path / "other.h5")
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.h5"
+    with Store.create(path) as store:
+        w = store.run("r", {})
+        w.append("train", 0, {"loss": np.zeros(1000)})
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(StoreError):
+        read_file(path)
