@@ -129,6 +129,7 @@ def _interrupts(path_hint: str) -> Iterator[None]:
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, on_term)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     try:
         yield
     except KeyboardInterrupt as e:
@@ -136,11 +137,11 @@ def _interrupts(path_hint: str) -> Iterator[None]:
         raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
-def _train(cfg: Any, force: bool) -> None:
-    from .trainer import run_experiment
-
+def _with_progress(run: Any, path: Path) -> list[Any]:
+    """Call ``run(on_step)`` with a live progress bar per variant; interrupts end it cleanly."""
     progress = _progress()
     tasks: dict[str, Any] = {}
 
@@ -151,15 +152,36 @@ def _train(cfg: Any, force: bool) -> None:
             tasks[info.variant] = progress.add_task(info.variant, total=info.steps, loss=float("nan"), rate=0.0)
         progress.update(tasks[info.variant], completed=info.step, loss=info.loss, rate=info.steps_per_second)
 
-    try:
-        with _interrupts(str(cfg.output_path)):
-            _, results = run_experiment(cfg, force=force, progress=on_step)
-    finally:
-        progress.stop()
-    _summary(results, cfg.output_path)
+    with _interrupts(str(path)):
+        try:
+            results: list[Any] = run(on_step)
+        finally:
+            progress.stop()
+    return results
+
+
+def _finish(results: list[Any], path: Path) -> None:
+    _summary(results, path)
     if any(r.status == "diverged" for r in results):
         typer.echo("bnprobe: error: a variant diverged (non-finite loss); its records up to then are kept", err=True)
         raise typer.Exit(3)
+
+
+def _train(cfg: Any, force: bool) -> None:
+    from .trainer import run_experiment
+
+    results = _with_progress(lambda on_step: run_experiment(cfg, force=force, progress=on_step)[1], cfg.output_path)
+    _finish(results, cfg.output_path)
+
+
+def _resume(path: Path) -> None:
+    from .trainer import resume_experiment
+
+    results = _with_progress(lambda on_step: resume_experiment(path, progress=on_step), path)
+    if not results:
+        out.print(f"Nothing to resume: every variant in {path} has finished.")
+        return
+    _finish(results, path)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -194,17 +216,23 @@ def train(
     landscape: Annotated[Optional[bool], typer.Option("--landscape/--no-landscape", show_default=False)] = None,
     hessian: Annotated[Optional[bool], typer.Option("--hessian/--no-hessian", show_default=False)] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: at the end).")] = None,
+    flush_every: Annotated[Optional[int], typer.Option(help="Write buffered records to the file every N records.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run file from its checkpoints.")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
 ) -> None:
     """Train briefly and record activation moments (and ICS/landscape when asked)."""
     with user_errors():
+        if resume is not None:
+            _resume(resume)
+            return
         overrides = _overrides(
             model=model, data=data, bn_targets=bn_targets, keep_bias=keep_bias, fold=fold, optimizer=optimizer, lr=lr,
             momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, steps=steps, batch_size=batch_size, seed=seed,
             device=device, output=output, name=name, probes__layers=layers, probes__kinds=kinds,
             probes__record_every=record_every, probes__per_channel=per_channel, probes__histogram_bins=histogram_bins,
             probes__ics_every=ics_every, probes__landscape=landscape, probes__hessian=hessian, checkpoint_every=checkpoint_every,
+            flush_every=flush_every,
         ) | _bn_override(bn)
         cfg = _load(config, overrides)
         if print_config:
@@ -250,3 +278,7 @@ def _not_built(command: str) -> None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -288,6 +288,17 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     return _validate(_build(Config, raw, ""))
 
 
+def load_config_text(text: str, source: str) -> Config:
+    """A config stored as YAML text (the ``config`` attribute of a bnprobe file)."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"the config stored in {source} is not valid YAML") from e
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{source} holds no config to resume from")
+    return _validate(_build(Config, raw, ""))
+
+
 def variant_name(choice: Mapping[str, Any]) -> str:
     """``bn=insert, lr=0.1`` -> ``insert-lr0.1``: the bn value bare, other keys prefixed."""
     parts = []

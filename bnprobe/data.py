@@ -79,7 +79,7 @@ def _synthetic(kind: str, name: str, seed: int, options: dict[str, Any]) -> Data
     return synthetic_images(name, seed=seed, **options)
 
 
-def synthetic_images(name: str, seed: int = 0, n: int = 4096, num_classes: int = 10, noise: float = 1.0) -> DataBundle:
+def synthetic_images(name: str, seed: int = 0, n: int = 4096, num_classes: int = 10, noise: float = 3.0) -> DataBundle:
     """Images of a fixed shape: a smooth random prototype per class, randomly scaled, plus pixel noise.
 
     Learnable but not trivial: the class signal is low-frequency and each sample rescales and
@@ -198,9 +198,10 @@ def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBun
 # ----------------------------------------------------------------------------- batches
 
 
-def batches(bundle: DataBundle, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(bundle: DataBundle, batch_size: int, seed: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless shuffled batches, epoch after epoch; the order depends only on ``seed``.
 
+    ``start`` skips that many batches (a resumed run continues the same sequence).
     Incomplete last batches are dropped (BN raises on a batch of one, and a short batch would
     change the statistics the probes see).
     """
@@ -212,8 +213,15 @@ def batches(bundle: DataBundle, batch_size: int, seed: int) -> Iterator[tuple[to
         while True:
             order = torch.randperm(len(x), generator=g)
             for i in range(0, len(x) - batch_size + 1, batch_size):
+                if start > 0:
+                    start -= 1
+                    continue
                 idx = order[i : i + batch_size]
                 yield x[idx], y[idx]
     loader = DataLoader(bundle.train, batch_size=batch_size, shuffle=True, drop_last=True, generator=g)
     while True:
-        yield from loader
+        for batch in loader:
+            if start > 0:
+                start -= 1
+                continue
+            yield batch

@@ -59,6 +59,7 @@ class Recorder:
         force: bool = False,
         start_step: int = 0,
         flush_every: int = 50,
+        generator_state: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         patterns = [layers] if isinstance(layers, str) else list(layers)
@@ -83,6 +84,7 @@ class Recorder:
         self.flush_every = flush_every
         self.step_index = start_step
         self._generator: torch.Generator | None = None
+        self._generator_state = generator_state  # a resumed run continues the subsample stream
         self._seed = seed
         self._order: list[tuple[str, nn.Module]] = []  # forward-execution order, fixed after the first step
         self._current: dict[str, torch.Tensor] = {}  # stats of this step, by layer name
@@ -117,6 +119,8 @@ class Recorder:
             with torch.no_grad():
                 if self._generator is None or self._generator.device != tensor.device:
                     self._generator = torch.Generator(device=tensor.device).manual_seed(self._seed)
+                    if self._generator_state is not None:
+                        self._generator.set_state(self._generator_state)
                 self._current[name] = moment_stats(tensor, False, self.samples, self._generator)
                 if self.per_channel and tensor.dim() >= 2:
                     self._current_channel[name] = moment_stats(tensor, True, self.samples, self._generator)

@@ -113,6 +113,12 @@ class Store:
     def run_names(self) -> list[str]:
         return list(self._h5.get("runs", {}))
 
+    def checkpoint(self, run: str) -> tuple[dict[str, Any], int] | None:
+        """The checkpoint of ``run`` and its step, or None when it has none."""
+        if "checkpoint" not in self._h5.get(f"runs/{run}", {}):
+            return None
+        return _checkpoint(self._h5, self.path, run)
+
     def flush(self) -> None:
         self._h5.flush()
         if self._pending_rename is not None:
@@ -215,6 +221,20 @@ class RunWriter:
         self._records = 0
         self._store.flush()
 
+    def truncate(self, next_step: int) -> None:
+        """Drop records at steps >= ``next_step`` (those after the checkpoint a resume starts from)."""
+        self.flush()
+
+        def visit(_rel: str, obj: Any) -> None:
+            if isinstance(obj, h5py.Group) and isinstance(obj.get("step"), h5py.Dataset):
+                keep = int(np.searchsorted(obj["step"][()], next_step))
+                for ds in obj.values():
+                    if isinstance(ds, h5py.Dataset) and ds.maxshape and ds.maxshape[0] is None:
+                        ds.resize(min(keep, ds.shape[0]), axis=0)
+
+        self._group.visititems(visit)
+        self._store.flush()
+
     def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
         """Store a ``torch.save`` blob (model, optimizer, RNG states) as ``checkpoint``."""
         buffer = io.BytesIO()
@@ -270,7 +290,7 @@ def read_file(path: str | Path, load: bool = True) -> FileData:
     if not path.is_file():
         raise StoreError(f"{path} does not exist")
     try:
-        h5 = h5py.File(path, "r")
+        h5 = h5py.File(path, "r", locking=False)  # a run still writing holds the lock; reading is safe up to its last flush
     except OSError as e:
         raise StoreError(f"{path} is not a readable HDF5 file (truncated or another format)") from e
     with h5:
@@ -303,14 +323,18 @@ def _load_datasets(group: h5py.Group, run: RunData) -> None:
 def load_checkpoint(path: str | Path, run: str) -> tuple[dict[str, Any], int]:
     """The checkpoint blob of ``run`` (``torch.load(weights_only=True)``) and its step."""
     read_file(path, load=False)
-    with h5py.File(path, "r") as h5:
-        group = h5.get(f"runs/{run}")
-        if group is None:
-            raise StoreError(f"{path} has no run {run!r}")
-        if "checkpoint" not in group:
-            raise StoreError(f"run {run!r} in {path} has no checkpoint")
-        blob = group["checkpoint"][()].tobytes()
-        step = int(group["checkpoint"].attrs.get("step", 0))
+    with h5py.File(path, "r", locking=False) as h5:
+        return _checkpoint(h5, Path(path), run)
+
+
+def _checkpoint(h5: h5py.File, path: Path, run: str) -> tuple[dict[str, Any], int]:
+    group = h5.get(f"runs/{run}")
+    if group is None:
+        raise StoreError(f"{path} has no run {run!r}")
+    if "checkpoint" not in group:
+        raise StoreError(f"run {run!r} in {path} has no checkpoint")
+    blob = group["checkpoint"][()].tobytes()
+    step = int(group["checkpoint"].attrs.get("step", 0))
     try:
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True), step
     except Exception as e:  # noqa: BLE001 - any failure to unpickle is a corrupted checkpoint

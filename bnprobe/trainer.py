@@ -130,8 +130,13 @@ def train_variant(
     writer: RunWriter,
     progress: ProgressFn | None = None,
     prepared: tuple[nn.Module, Any] | None = None,
+    checkpoint: dict[str, Any] | None = None,
 ) -> VariantResult:
     """Train one variant for ``cfg.steps`` steps, recording into ``writer``.
+
+    With ``checkpoint`` (from :func:`checkpoint_state`) the run continues where it stopped: same
+    weights, optimizer state, random streams and data position, so the records equal those of an
+    uninterrupted run.
 
     A non-finite loss ends the variant with status ``diverged``; Ctrl-C (KeyboardInterrupt)
     flushes, checkpoints, marks the run ``interrupted`` and propagates.
@@ -149,20 +154,29 @@ def train_variant(
         surgery=plan.summary() if plan is not None else "none",
     )
     probes = scheduled_probes(cfg, [info.name for info, _ in layer_infos], writer)
-    data = batches(bundle, cfg.batch_size, cfg.seed)
+    start = 0
+    if checkpoint is not None:
+        start = int(checkpoint["next_step"])
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        rng.restore(model, rng.RngState(checkpoint["rng_cpu"], [], checkpoint["rng_modules"]))
+        writer.truncate(start)
+    data = batches(bundle, cfg.batch_size, cfg.seed, start=start)
     t0 = time.perf_counter()
     losses: list[float] = []
     accs: list[float] = []
-    status, diverged_step, step = "finished", None, 0
+    status, diverged_step = "finished", None
     rec = Recorder(
         model, writer, layers=cfg.probes.layers, kinds=cfg.probes.kinds or None, record_every=cfg.probes.record_every,
         per_channel=cfg.probes.per_channel, histogram_bins=cfg.probes.histogram_bins,
         histogram_range=cfg.probes.histogram_range, percentile_samples=cfg.probes.percentile_samples,
-        seed=cfg.seed, flush_every=cfg.flush_every,
+        seed=cfg.seed, flush_every=cfg.flush_every, start_step=start,
+        generator_state=checkpoint.get("rng_recorder") if checkpoint else None,
     )
+    writer.set_attrs(status="running")
     try:
         with rec:
-            for step in range(cfg.steps):
+            for step in range(start, cfg.steps):
                 x, y = (t.to(device, non_blocking=True) for t in next(data))
                 with rec.paused():
                     for probe in probes.before_step:
@@ -186,12 +200,12 @@ def train_variant(
                 if progress is not None:
                     progress(StepInfo(name, step + 1, cfg.steps, loss_value, (step + 1) / (time.perf_counter() - t0)))
     except KeyboardInterrupt:
-        _finish(writer, model, optimizer, rec, "interrupted", len(losses), t0, save=True)
+        _finish(writer, model, optimizer, rec, "interrupted", start + len(losses), t0, save=True)
         raise
-    _finish(writer, model, optimizer, rec, status, len(losses), t0, save=status == "finished", diverged_step=diverged_step)
+    _finish(writer, model, optimizer, rec, status, start + len(losses), t0, save=status == "finished", diverged_step=diverged_step)
     tail = slice(-10, None)
     return VariantResult(
-        name, status, len(losses), float(np.mean(losses[tail])) if losses else math.nan,
+        name, status, start + len(losses), float(np.mean(losses[tail])) if losses else math.nan,
         float(np.mean(accs[tail])) if accs else math.nan, time.perf_counter() - t0, diverged_step,
     )
 
@@ -234,3 +248,28 @@ def run_experiment(cfg: Config, force: bool = False, progress: ProgressFn | None
             writer = store.run(name, {"variant": name}, flush_every=cfg.flush_every)
             results.append(train_variant(run_cfg, name, bundle, writer, progress, model_plan))
     return store, results
+
+
+def resume_experiment(path: Path, progress: ProgressFn | None = None) -> list[VariantResult]:
+    """Continue the unfinished variants of ``path`` from their checkpoints (or from the start when
+    a run was killed before its first checkpoint), and run variants that never started."""
+    from .config import load_config_text
+    from .store import read_file
+
+    existing = read_file(path, load=False)
+    cfg = load_config_text(existing.attrs.get("config", ""), str(path))
+    bundle = load_data(cfg.data, seed=cfg.seed, **dict(cfg.data_options))
+    results = []
+    with Store.append_to(path) as store:
+        for name, run_cfg in expand_variants(cfg):
+            run = existing.runs.get(name)
+            if run is not None and run.attrs.get("status") in ("finished", "diverged"):
+                continue
+            saved = store.checkpoint(name) if run is not None else None
+            checkpoint = saved[0] if saved else None
+            writer = store.run(name, {"variant": name}, flush_every=cfg.flush_every)
+            if checkpoint is None:
+                writer.truncate(0)
+            prepared = prepare_model(run_cfg, bundle, resolve_device(run_cfg.device))
+            results.append(train_variant(run_cfg, name, bundle, writer, progress, prepared, checkpoint))
+    return results

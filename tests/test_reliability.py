@@ -1,0 +1,90 @@
+"""Interrupts, divergence, resume and crashes lose nothing and never leave an unreadable file."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bnprobe.cli import app
+from bnprobe.config import load_config
+from bnprobe.store import read_file
+from bnprobe.trainer import StepInfo, resume_experiment, run_experiment
+
+runner = CliRunner()
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_run(in_tmp: Path, tiny_config: Path) -> None:
+    cfg = load_config(tiny_config, {"steps": 9, "probes.record_every": 2, "checkpoint_every": 2, "output": "full.h5"})
+    run_experiment(cfg)
+
+    def stop_at_5(info: StepInfo) -> None:
+        if info.step == 5:
+            raise KeyboardInterrupt
+
+    cut = load_config(tiny_config, {"steps": 9, "probes.record_every": 2, "checkpoint_every": 2, "output": "cut.h5"})
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cut, progress=stop_at_5)
+    assert read_file("cut.h5").runs["keep"].attrs["status"] == "interrupted"
+    resume_experiment(Path("cut.h5"))
+    full, resumed = read_file("full.h5").runs["keep"], read_file("cut.h5").runs["keep"]
+    assert resumed.attrs["status"] == "finished" and resumed.attrs["steps"] == 9
+    for key in full.data:
+        if not key.endswith("seconds"):
+            np.testing.assert_array_equal(full.data[key], resumed.data[key], err_msg=key)
+
+
+def test_divergence_keeps_records_and_other_variants_run(in_tmp: Path, tiny_config: Path) -> None:
+    cfg = load_config(tiny_config, {"variants.lr": [1e6, 0.01], "steps": 8})
+    _, results = run_experiment(cfg)
+    by_name = {r.name: r for r in results}
+    assert by_name["lr1000000.0"].status == "diverged" and by_name["lr0.01"].status == "finished"
+    runs = read_file("runs/tiny.h5").runs
+    diverged = runs["lr1000000.0"]
+    assert diverged.attrs["status"] == "diverged" and diverged.attrs["diverged_step"] == diverged.data["train/step"][-1]
+    assert not np.isfinite(diverged.data["train/loss"][-1])
+    result = runner.invoke(app, ["train", str(tiny_config), "--steps", "4", "--lr", "1e6", "-o", "d.h5"])
+    assert result.exit_code == 3 and "diverged" in result.output
+
+
+def _spawn(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "bnprobe.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_records(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists():
+            try:
+                if len(read_file(path).runs["keep"].data.get("train/step", [])) >= 4:
+                    return
+            except Exception:  # noqa: BLE001 - the writer may be mid-flush
+                pass
+        if proc.poll() is not None:
+            raise AssertionError(proc.communicate())
+        time.sleep(0.2)
+    raise AssertionError("no records appeared")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
+def test_signals_leave_a_readable_file(tmp_path: Path, tiny_config: Path, sig: int, code: int) -> None:
+    args = ["train", str(tiny_config), "--steps", "100000", "--flush-every", "2", "-o", "run.h5"]
+    proc = _spawn(args, tmp_path)
+    _wait_for_records(tmp_path / "run.h5", proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    run = read_file(tmp_path / "run.h5").runs["keep"]
+    assert run.attrs["status"] == ("running" if sig == signal.SIGKILL else "interrupted")
+    assert len(run.data["train/step"]) >= 4
+    if sig != signal.SIGKILL:
+        assert "interrupted; what was recorded is in run.h5" in err
+    report = runner.invoke(app, ["report", str(tmp_path / "run.h5")])
+    assert "Traceback" not in report.output
