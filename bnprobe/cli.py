@@ -242,38 +242,123 @@ def train(
 
 
 @app.command("measure-ics")
-def measure_ics(target: Annotated[Optional[Path], typer.Argument(help="Config YAML or a finished run's .h5 file.")] = None) -> None:
-    """Santurkar et al.'s protocol: gradient-shift ICS and the loss landscape while training."""
-    _not_built("measure-ics")
+def measure_ics(
+    target: Annotated[Optional[Path], typer.Argument(help="Config YAML, or a finished run's .h5 to continue from its checkpoints.", show_default=False)] = None,
+    ics_every: Annotated[Optional[int], typer.Option(help="Measure every N steps (default: the config's, else 10).")] = None,
+    layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Glob of layer names to measure; repeatable.")] = None,
+    landscape: Annotated[Optional[bool], typer.Option("--landscape/--no-landscape", help="Also scan the loss landscape along the gradient.", show_default=False)] = None,
+    hessian: Annotated[Optional[bool], typer.Option("--hessian/--no-hessian", help="Also the top Hessian eigenvalue.", show_default=False)] = None,
+    bn: BnOpt = None,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps (from a run file: further steps).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N]")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="HDF5 file to write.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
+) -> None:
+    """Santurkar et al.'s protocol: gradient-shift ICS (and the loss landscape) while training."""
+    with user_errors():
+        overrides = _overrides(
+            model=model, data=data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device, output=output,
+            probes__ics_every=ics_every, probes__layers=layers, probes__landscape=landscape, probes__hessian=hessian,
+        ) | _bn_override(bn)
+        if target is not None and target.suffix in (".h5", ".hdf5"):
+            from .trainer import measure_from_run
+
+            out_path = Path(output) if output else target.with_name(f"{target.stem}-ics.h5")
+            results = _with_progress(lambda on_step: measure_from_run(target, overrides, out_path, force, on_step), out_path)
+            _finish(results, out_path)
+            return
+        cfg = _load(target, overrides)
+        if cfg.probes.ics_every == 0:
+            from dataclasses import replace
+
+            cfg = replace(cfg, probes=replace(cfg.probes, ics_every=10))
+        if print_config:
+            out.print(cfg.to_yaml(), end="", markup=False)
+            return
+        _train(cfg, force)
 
 
 @app.command()
-def report(paths: Annotated[list[Path], typer.Argument(help="bnprobe .h5 files.")]) -> None:
+def report(
+    paths: Annotated[list[Path], typer.Argument(help="bnprobe .h5 files.", show_default=False)],
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated globs of layer names.")] = None,
+    stat: Annotated[Optional[str], typer.Option("--stat", help="Statistic for the sparklines (default: mean).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="Comma-separated variant names or globs.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
     """Rich tables of what runs recorded, variants side by side."""
-    _not_built("report")
+    from .report import build_report, render_report
+
+    with user_errors():
+        content = build_report(paths, layers=layers, stat=stat, variant=variant)
+        if as_json:
+            typer.echo(json.dumps(content, indent=2))
+        else:
+            render_report(content, out)
 
 
 @app.command()
-def export(path: Annotated[Path, typer.Argument(help="bnprobe .h5 file.")]) -> None:
-    """Export records as a tidy long table (csv, json, npz, parquet)."""
-    _not_built("export")
+def export(
+    path: Annotated[Path, typer.Argument(help="bnprobe .h5 file.", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="csv | json | npz | parquet")] = "csv",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: next to the input).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="Comma-separated variant names or globs.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+) -> None:
+    """Export records as one tidy long table (variant, section, step, layer, quantity, channel, eta, value)."""
+    from .export import export as export_table
+
+    with user_errors():
+        written = export_table(path, fmt, output or path.with_suffix(f".{fmt}"), force=force, variant=variant)
+    err.print(f"Wrote {written}")
 
 
 @app.command()
-def plot(paths: Annotated[list[Path], typer.Argument(help="bnprobe .h5 files.")]) -> None:
-    """Figures of moments, ICS, landscape or training curves."""
-    _not_built("plot")
+def plot(
+    paths: Annotated[list[Path], typer.Argument(help="bnprobe .h5 files.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Figure file: .png, .svg or .pdf.")],
+    kind: Annotated[str, typer.Option("--kind", "-k", help="moments | ics | landscape | training")] = "moments",
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Layer name or glob (moments: one layer; ics: up to 6).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="Comma-separated variant names or globs.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+) -> None:
+    """Figures of the papers: percentiles over training, ICS per layer, landscape bands, training curves."""
+    from .plot import plot as draw
+
+    with user_errors():
+        written = draw(paths, output, kind=kind, layer=layer, force=force, variant=variant)
+    err.print(f"Wrote {written}")
 
 
 @app.command()
-def inspect(model: Annotated[str, typer.Argument(help="Model spec, e.g. vgg or torchvision:resnet18.")]) -> None:
-    """Show the BatchNorm surgery plan for a model without training."""
-    _not_built("inspect")
+def inspect(
+    model: Annotated[str, typer.Argument(help="Model spec, e.g. vgg or torchvision:resnet18.", show_default=False)],
+    bn: Annotated[str, typer.Option("--bn", help="keep | insert | strip | noisy")] = "insert",
+    data: DataOpt = None,
+    bn_targets: BnTargetsOpt = None,
+    keep_bias: KeepBiasOpt = None,
+    fold: FoldOpt = None,
+) -> None:
+    """Show the BatchNorm surgery plan for a model (what is inserted, removed, re-biased) without training."""
+    from .config import load_config
+    from .trainer import inspect_model
 
-
-def _not_built(command: str) -> None:
-    typer.echo(f"bnprobe: error: '{command}' is not built yet", err=True)
-    raise typer.Exit(2)
+    with user_errors():
+        cfg = load_config(None, _overrides(model=model, data=data, bn=bn, bn_targets=bn_targets, keep_bias=keep_bias, fold=fold))
+        plan = inspect_model(cfg)
+    table = Table(title=f"bnprobe inspect {model} --bn {bn}", title_justify="left")
+    for col in plan.columns:
+        table.add_column(col, overflow="fold")
+    for row in plan.rows():
+        table.add_row(*row)
+    out.print(table)
+    out.print(plan.summary())
 
 
 def main() -> None:

@@ -288,14 +288,16 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     return _validate(_build(Config, raw, ""))
 
 
-def load_config_text(text: str, source: str) -> Config:
-    """A config stored as YAML text (the ``config`` attribute of a bnprobe file)."""
+def load_config_text(text: str, source: str, overrides: Mapping[str, Any] | None = None) -> Config:
+    """A config stored as YAML text (the ``config`` attribute of a bnprobe file), then ``overrides``."""
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"the config stored in {source} is not valid YAML") from e
     if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"{source} holds no config to resume from")
+        raise ConfigError(f"{source} holds no config")
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
     return _validate(_build(Config, raw, ""))
 
 

@@ -81,9 +81,8 @@ class Store:
                 "config": config_yaml,
             }
         )
-        store = cls(h5, path, target if target != path else None)
-        store.flush()
-        return store
+        h5.flush()  # with force, the old file is replaced at the first run flush, not now
+        return cls(h5, path, target if target != path else None)
 
     @classmethod
     def append_to(cls, path: str | Path) -> Store:

@@ -8,6 +8,7 @@ run at their schedule and leave no trace on the training trajectory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -273,3 +274,50 @@ def resume_experiment(path: Path, progress: ProgressFn | None = None) -> list[Va
             prepared = prepare_model(run_cfg, bundle, resolve_device(run_cfg.device))
             results.append(train_variant(run_cfg, name, bundle, writer, progress, prepared, checkpoint))
     return results
+
+
+def measure_from_run(path: Path, overrides: dict[str, Any], output: Path, force: bool = False, progress: ProgressFn | None = None) -> list[VariantResult]:
+    """Continue each finished variant of ``path`` from its checkpoint for ``steps`` more steps
+    (default: as many as it ran) with ICS measured, into a new file; ``path`` is only read."""
+    from .config import load_config_text
+    from .store import load_checkpoint, read_file
+
+    existing = read_file(path, load=False)
+    extra = overrides.pop("steps", None)
+    overrides.setdefault("probes.ics_every", 10)
+    base = load_config_text(existing.attrs.get("config", ""), str(path), overrides)
+    bundle = load_data(base.data, seed=base.seed, **dict(base.data_options))
+    plans = []
+    for name, run_cfg in expand_variants(base):
+        if name not in existing.runs:
+            continue
+        checkpoint, start = load_checkpoint(path, name)
+        run_cfg = dataclasses.replace(run_cfg, steps=start + (extra or start))
+        plans.append((name, run_cfg, checkpoint, prepare_model(run_cfg, bundle, resolve_device(run_cfg.device))))
+    if not plans:
+        raise ConfigError(f"{path} has no run with a checkpoint to continue from")
+    results = []
+    with Store.create(output, base.to_yaml(), force=force) as store:
+        for name, run_cfg, checkpoint, prepared in plans:
+            writer = store.run(name, {"variant": name, "continued_from": str(path)}, flush_every=base.flush_every)
+            results.append(train_variant(run_cfg, name, bundle, writer, progress, prepared, checkpoint))
+    return results
+
+
+def inspect_model(cfg: Config) -> Any:
+    """The BN surgery plan for ``cfg``'s model on a small batch of its data, without training."""
+    from .surgery import apply_bn
+
+    data, options = cfg.data, dict(cfg.data_options)
+    if data == "synthetic:cifar10" and cfg.model == "dln":
+        data = "synthetic:linear"  # the deep linear network takes vectors
+    if data.startswith("synthetic:"):
+        options["n"] = 8
+    bundle = load_data(data, seed=cfg.seed, **options)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, bundle.num_outputs, bundle.input_shape, **dict(cfg.model_options))
+    x, _ = bundle.example_batch(2)
+    with _naming_failures(model):
+        probed_layers(model, x)
+    _, plan = apply_bn(model, cfg.bn.value, x, targets=cfg.bn_targets.value, keep_bias=cfg.keep_bias, fold=cfg.fold, noise=cfg.noise, seed=cfg.seed)
+    return plan
