@@ -34,8 +34,8 @@ import numpy as np
 
 from .errors import BnprobeError, ConfigError, StoreError
 from .probes.moments import STATS
-from .report import ICS_QUANTITIES, ics_layers, moment_layers, strings
-from .store import RunData, read_file
+from .report import ICS_QUANTITIES, ics_layers, load_columns, moment_layers
+from .store import RunData
 
 FORMATS = ("csv", "json", "npz", "parquet")
 COLUMNS = ("variant", "section", "step", "layer", "quantity", "channel", "eta", "bin", "value")
@@ -112,11 +112,12 @@ def _block(variant: str, section: str, quantity: str, steps: np.ndarray, values:
 
 
 def tidy_table(path: str | Path, variant: str | None = None) -> dict[str, np.ndarray]:
-    """The tidy table of a bnprobe file as columns (see the module docstring for missing values)."""
-    data = read_file(path)
-    runs = [r for name, r in data.runs.items() if variant is None or name == variant]
-    if variant is not None and not runs:
-        raise ConfigError(f"no variant {variant!r} in {path}; choose from {', '.join(data.runs) or '(none)'}")
+    """The tidy table of a bnprobe file as columns (see the module docstring for missing values).
+
+    ``variant``: comma-separated run names or globs (:class:`ConfigError` when none matches).
+    """
+    _, columns = load_columns([path], variant)
+    runs = [c.run for c in columns]
     blocks = [b for r in runs for b in _blocks(r)]
     if not blocks:
         return {
@@ -160,14 +161,14 @@ def _write_json(table: dict[str, np.ndarray], fh: Any) -> None:
 
 
 def _write_npz(table: dict[str, np.ndarray], fh: Any) -> None:
-    arrays = {c: (table[c].astype(str) if table[c].dtype == object else table[c]) for c in COLUMNS}
+    arrays: dict[str, Any] = {c: (table[c].astype(str) if table[c].dtype == object else table[c]) for c in COLUMNS}
     np.savez_compressed(fh, **arrays)
 
 
 def _write_parquet(table: dict[str, np.ndarray], out: Path) -> None:
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # type: ignore[import-untyped,unused-ignore]
+        import pyarrow.parquet as pq  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
         raise BnprobeError("parquet export needs pyarrow: pip install 'bnprobe[parquet]'") from None
     types = {"step": pa.int64(), "channel": pa.int64(), "bin": pa.int64(), "eta": pa.float64(), "value": pa.float64()}
@@ -187,7 +188,7 @@ def export(path: str | Path, fmt: str, out: str | Path, force: bool = False, var
 
     Refuses to replace an existing ``out`` unless ``force`` (:class:`StoreError`); the file is
     written under a temporary name and renamed, so a failed export leaves nothing half-written.
-    ``variant`` restricts the table to one run.
+    ``variant`` (comma-separated run names or globs) restricts the table to those runs.
     """
     fmt = str(fmt).lower().lstrip(".")
     if fmt not in FORMATS:
@@ -202,7 +203,7 @@ def export(path: str | Path, fmt: str, out: str | Path, force: bool = False, var
         raise StoreError(f"output directory {parent} does not exist; create it first")
     if fmt == "parquet":
         try:
-            import pyarrow  # noqa: F401
+            import pyarrow  # type: ignore[import-untyped,unused-ignore]  # noqa: F401
         except ImportError:
             raise BnprobeError("parquet export needs pyarrow: pip install 'bnprobe[parquet]'") from None
     table = tidy_table(path, variant)

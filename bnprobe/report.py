@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ ICS_QUANTITIES = ("l2", "cosine", "grad_norm", "grad_norm_shifted", "rel_diff")
 #: how to get each section's data, for hints and errors
 RECORD_HINTS = {
     "train": "run bnprobe train",
-    "moments": "run bnprobe train (moments are recorded every probes.record_every steps)",
+    "moments": "run bnprobe train; moments are recorded every probes.record_every steps",
     "ics": "run bnprobe measure-ics, or set probes.ics_every",
     "landscape": "run bnprobe measure-ics with probes.landscape: true",
     "hessian": "set probes.hessian: true",
@@ -142,6 +142,8 @@ def _nums(values: Any) -> list[float | int | None]:
 
 def _plain(value: Any) -> Any:
     """Attributes as JSON-ready values (numpy scalars and arrays included)."""
+    if value is None:
+        return None
     if isinstance(value, np.ndarray):
         return [_plain(v) for v in value.tolist()]
     if isinstance(value, (list, tuple)):
@@ -190,7 +192,7 @@ def _summary(run: RunData) -> dict[str, Any]:
         "seed": _plain(a.get("seed")),
         "device": _plain(a.get("device", "")),
         "status": _plain(a.get("status", "unknown")),
-        "steps": num(steps_attr) if steps_attr is not None else (num(last_step) + 1 if last_step is not None else None),
+        "steps": num(steps_attr) if steps_attr is not None else (int(last_step) + 1 if last_step is not None else None),
         "records": int(len(run.data.get("train/step", ()))),
         "last_step": num(last_step),
         "final_loss": num(_last(run, "train/loss")),
@@ -244,10 +246,11 @@ def _ics(run: RunData, patterns: Sequence[str]) -> dict[str, Any] | None:
     if len(steps) == 0:
         return None
     names = ics_layers(run)
+    kinds = layer_kinds(run)
     l2 = _nanreduce(np.median, run.data["ics/l2"], axis=0)
     cos = _nanreduce(np.median, run.data["ics/cosine"], axis=0) if "ics/cosine" in run.data else np.full(len(names), np.nan)
     layers = [
-        {"name": name, "median_l2": num(l2[j]), "median_cosine": num(cos[j])}
+        {"name": name, "kind": kinds.get(name, ""), "median_l2": num(l2[j]), "median_cosine": num(cos[j])}
         for j, name in enumerate(names)
         if _matches(name, patterns)
     ]
@@ -328,7 +331,7 @@ def build_report(
     files, columns = load_columns(paths, variant)
     patterns = split_patterns(layers)
     if patterns:
-        names = [n for c in columns for n in (*moment_layers(c.run), *(ics_layers(c.run) if c.run.has("ics") else []))]
+        names = _merge_order([*moment_layers(c.run), *(ics_layers(c.run) if c.run.has("ics") else [])] for c in columns)
         if not any(_matches(n, patterns) for n in names):
             raise ConfigError(f"--layers {layers!r} matches no layer; layers: {_choices(names)}")
     report: dict[str, Any] = {"stat": stat, "layers": layers, "variant": variant, "files": []}
@@ -350,6 +353,7 @@ def build_report(
                 "path": str(f.path),
                 "bnprobe_version": _plain(f.attrs.get("bnprobe_version")),
                 "created": _plain(f.attrs.get("created")),
+                "variants": list(f.runs),
                 "runs": runs,
             }
         )
@@ -391,6 +395,8 @@ def fmt(value: Any, digits: int = 3) -> str:
     """A compact number: ``—`` for missing, 3 significant digits, scientific when tiny or huge."""
     if value is None:
         return "—"
+    if isinstance(value, str):
+        return value
     if isinstance(value, list):
         return " ".join(fmt(v, digits) for v in value)
     if isinstance(value, int):
@@ -419,6 +425,31 @@ def _merge_order(lists: Iterable[Sequence[str]]) -> list[str]:
     return merged
 
 
+def align_layers(per_column: Sequence[Sequence[tuple[str, str]]]) -> list[dict[str, str]]:
+    """Row keys that match layers across variants: per column, ``{layer name: row name}``.
+
+    BN surgery may rename a layer (``features.0`` becomes ``features.0.conv`` next to a new
+    ``features.0.bn``); a layer whose name extends a layer of the same kind in another column,
+    absent from its own, is matched to that name. Everything else keeps its own name.
+    """
+    present = {(n, k) for layers in per_column for n, k in layers}
+    maps = []
+    for layers in per_column:
+        own = {n for n, _ in layers}
+        mapping: dict[str, str] = {}
+        for name, kind in layers:
+            row = name
+            parts = name.split(".")
+            for j in range(len(parts) - 1, 0, -1):
+                prefix = ".".join(parts[:j])
+                if prefix not in own and (prefix, kind) in present and prefix not in mapping.values():
+                    row = prefix
+                    break
+            mapping[name] = row
+        maps.append(mapping)
+    return maps
+
+
 def _groups(labels: Sequence[Any], width: int, first_col: int, min_col: int) -> list[list[Any]]:
     per = max(1, (width - first_col) // (min_col + 3))
     return [list(labels[i : i + per]) for i in range(0, len(labels), per)] or [[]]
@@ -440,37 +471,61 @@ def render_report(report: dict[str, Any], console: Any) -> None:
         line = Text(f["path"], style="bold")
         line.append(f"  bnprobe {f.get('bnprobe_version') or '?'}, {f.get('created') or ''}", style="dim")
         console.print(line, overflow="fold")
-        if not f["runs"]:
+        if not f["runs"] and f.get("variants"):
+            console.print(Text(f"  no run matches --variant {report['variant']}; runs: {', '.join(f['variants'])}", style="dim"), overflow="fold")
+        elif not f["runs"]:
             console.print(Text(f"  no runs recorded; {RECORD_HINTS['train']}", style="dim"), overflow="fold")
     if not cols:
         return
 
-    def table(title: str, first: str, first_width: int, labels: Sequence[str], caption: str | None = None) -> Table:
+    def table(title: str, first: str, first_width: int, labels: Sequence[str]) -> Table:
         t = Table(
             title=title,
             title_justify="left",
             title_style="bold",
-            caption=caption,
-            caption_justify="left",
-            caption_style="dim",
             box=box.SIMPLE_HEAD,
             pad_edge=False,
             expand=False,
             show_edge=False,
+            min_width=min(width, len(title)),
         )
         t.add_column(first, max_width=first_width, overflow="fold", style="bold")
         for label in labels:
             t.add_column(label, overflow="fold", no_wrap=False)
         return t
 
+    def note(text: str) -> None:
+        console.print(Text(text, style="dim"), overflow="fold")
+
     def hint(section: str, what: str) -> None:
-        console.print(Text(f"{what}: not recorded ({RECORD_HINTS[section]})", style="dim"), overflow="fold")
+        note(f"{what}: not recorded ({RECORD_HINTS[section]})")
 
     def missing() -> Text:
         return Text("—", style="dim")
 
+    def aligned(key: str, having: Sequence[tuple[str, Any]]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+        """Row names (in order) and, per column label, {row name: layer entry}."""
+        maps = align_layers([[(l["name"], l.get("kind", "")) for l in run[key]["layers"]] for _, run in having])
+        rows = _merge_order([m[l["name"]] for l in run[key]["layers"]] for m, (_, run) in zip(maps, having))
+        by_row = {label: {m[l["name"]]: l for l in run[key]["layers"]} for m, (label, run) in zip(maps, having)}
+        return rows, by_row
+
+    def renamed_note(by_row: dict[str, dict[str, Any]]) -> None:
+        renamed = [(label, row, l["name"]) for label, rows_of in by_row.items() for row, l in rows_of.items() if row != l["name"]]
+        if renamed:
+            labels = ", ".join(dict.fromkeys(label for label, _, _ in renamed))
+            _, row, name = renamed[0]
+            note(f"{labels}: layers renamed by BN surgery are shown in the row of their original name ({name} as {row})")
+
+    def lacking(key: str, what: str, having: Sequence[tuple[str, Any]]) -> None:
+        if having:
+            for label, run in cols:
+                if run[key] is None:
+                    note(f"{label}: no {what} recorded")
+
     # --- run summary -------------------------------------------------------------------
-    rows = [
+    Row = tuple[str, Callable[[dict[str, Any]], Any]]
+    rows: list[Row] = [
         ("model", lambda s: str(s["model"] or "—")),
         ("bn mode", lambda s: str(s["bn"] or "—")),
         ("data", lambda s: str(s["data"] or "—")),
@@ -489,9 +544,9 @@ def render_report(report: dict[str, Any], console: Any) -> None:
     for label, run in cols:
         status = run["summary"]["status"]
         if status == "running":
-            console.print(Text(f"{label}: status running: the run did not finish (or is still writing); showing records up to its last flush", style="dim"), overflow="fold")
+            note(f"{label}: status running: the run did not finish (or is still writing); showing records up to its last flush")
         elif status == "interrupted":
-            console.print(Text(f"{label}: interrupted; showing records up to the stop", style="dim"), overflow="fold")
+            note(f"{label}: interrupted; showing records up to the stop")
 
     # --- moments -----------------------------------------------------------------------
     stat = report["stat"]
@@ -499,19 +554,22 @@ def render_report(report: dict[str, Any], console: Any) -> None:
     if not with_moments:
         hint("moments", "Activation moments")
     else:
-        names = _merge_order([l["name"] for l in run["moments"]["layers"]] for _, run in with_moments)
-        by_layer = {label: {l["name"]: l for l in run["moments"]["layers"]} for label, run in with_moments}
-        kinds = {l["name"]: l["kind"] for _, run in with_moments for l in run["moments"]["layers"]}
-        name_w = min(16, max([5, *map(len, names), *map(len, kinds.values())]))
+        names, by_layer = aligned("moments", with_moments)
+        kind_sets: dict[str, set[str]] = {}
+        for rows_of in by_layer.values():
+            for row, l in rows_of.items():
+                kind_sets.setdefault(row, set()).add(l["kind"])
+        name_w = min(16, max([5, *map(len, names), *(len(k) for ks in kind_sets.values() for k in ks)]))
         first = with_moments[0][1]["moments"]
         for group in _groups(with_moments, width, name_w, 20):
             spark_w = max(8, min(24, (width - name_w) // len(group) - 3))
             caption = f"first → last record; sparkline: {stat} over steps {fmt(first['first_step'])}–{fmt(first['last_step'])}, one scale per row"
-            t = table("Activation moments", "layer", name_w, [label for label, _ in group], caption)
+            t = table("Activation moments", "layer", name_w, [label for label, _ in group])
             for name in names:
                 series = [by_layer[label][name]["series"] for label, _ in group if name in by_layer[label]]
                 finite = [v for s in series for v in s if v is not None]
                 lo, hi = (min(finite), max(finite)) if finite else (None, None)
+                kinds = {by_layer[label][name]["kind"] for label, _ in group if name in by_layer[label]}
                 cells: list[Any] = []
                 for label, _ in group:
                     layer = by_layer[label].get(name)
@@ -521,6 +579,7 @@ def render_report(report: dict[str, Any], console: Any) -> None:
                     a, b = layer["first"], layer["last"]
                     cells.append(
                         Text.assemble(
+                            (f"({layer['kind']})\n" if len(kinds) > 1 else "", "dim"),
                             ("mean ", "dim"), f"{fmt(a['mean'])}→{fmt(b['mean'])}\n",
                             ("std  ", "dim"), f"{fmt(a['std'])}→{fmt(b['std'])}\n",
                             ("p15/50/85\n", "dim"),
@@ -529,25 +588,24 @@ def render_report(report: dict[str, Any], console: Any) -> None:
                             (sparkline(layer["series"], spark_w, lo, hi), "cyan"),
                         )
                     )
-                kind = kinds.get(name, "")
+                kind = next(iter(kinds)) if len(kinds) == 1 else ""
                 t.add_row(Text.assemble(name, ("\n" + kind if kind else "", "dim")), *cells, end_section=True)
             console.print(t)
-    for label, run in cols:
-        if run["moments"] is None and with_moments:
-            console.print(Text(f"{label}: no moments recorded", style="dim"))
+            note(caption)
+        renamed_note(by_layer)
+    lacking("moments", "moments", with_moments)
 
     # --- ICS ---------------------------------------------------------------------------
     with_ics = [(label, run) for label, run in cols if run["ics"]]
     if not with_ics:
         hint("ics", "Gradient-shift ICS")
     else:
-        names = _merge_order([l["name"] for l in run["ics"]["layers"]] for _, run in with_ics)
+        names, by_layer = aligned("ics", with_ics)
         name_w = min(16, max([5, *map(len, names)]))
-        by_layer = {label: {l["name"]: l for l in run["ics"]["layers"]} for label, run in with_ics}
         for group in _groups(with_ics, width, name_w, 14):
             counts = sorted({run["ics"]["records"] for _, run in group})
             caption = f"median over {'/'.join(map(str, counts))} records of l2 = ‖G−G′‖₂ (0: no shift) and cos = cos(G, G′) (1: no shift)"
-            t = table("Gradient-shift ICS", "layer", name_w, [label for label, _ in group], caption)
+            t = table("Gradient-shift ICS", "layer", name_w, [label for label, _ in group])
             for name in names:
                 cells = []
                 for label, _ in group:
@@ -559,13 +617,16 @@ def render_report(report: dict[str, Any], console: Any) -> None:
                     )
                 t.add_row(name, *cells)
             console.print(t)
+            note(caption)
+        renamed_note(by_layer)
+    lacking("ics", "ICS", with_ics)
 
     # --- landscape ---------------------------------------------------------------------
     with_land = [(label, run) for label, run in cols if run["landscape"]]
     if not with_land:
         hint("landscape", "Loss landscape")
     else:
-        land_rows = [
+        land_rows: list[Row] = [
             ("records", lambda d: fmt(d["records"])),
             ("η range", lambda d: f"{fmt(d['eta_min'])}…{fmt(d['eta_max'])}"),
             ("loss min…max", lambda d: f"{fmt(d['loss_min'])}…{fmt(d['loss_max'])}"),
@@ -577,17 +638,19 @@ def render_report(report: dict[str, Any], console: Any) -> None:
         ]
         caption = "along −g: loss L(w−ηg) and ‖∇L(w)−∇L(w−ηg)‖₂ over all η and records; spread: median over records of max−min over η"
         for group in _groups(with_land, width, 18, 16):
-            t = table("Loss landscape", "", 18, [label for label, _ in group], caption)
+            t = table("Loss landscape", "", 18, [label for label, _ in group])
             for name, get in land_rows:
                 t.add_row(name, *(get(run["landscape"]) if run["landscape"] else missing() for _, run in group))
             console.print(t)
+            note(caption)
+    lacking("landscape", "landscape", with_land)
 
     # --- Hessian -----------------------------------------------------------------------
     with_hess = [(label, run) for label, run in cols if run["hessian"]]
     if not with_hess:
         hint("hessian", "Top Hessian eigenvalue")
     else:
-        hess_rows = [
+        hess_rows: list[Row] = [
             ("at step", lambda d: fmt(d["last_step"])),
             ("top eigenvalue", lambda d: fmt(d["top_eigenvalue"], 4)),
             ("iterations", lambda d: fmt(d["iterations"])),
@@ -600,3 +663,4 @@ def render_report(report: dict[str, Any], console: Any) -> None:
             for name, get in hess_rows:
                 t.add_row(name, *(get(run["hessian"]) if run["hessian"] else missing() for _, run in group))
             console.print(t)
+    lacking("hessian", "Hessian eigenvalue", with_hess)

@@ -69,7 +69,8 @@ class Store:
         _check_writable(path, force, create_parent)
         target = path.with_name(f".{path.name}.partial") if path.exists() else path
         try:
-            h5 = h5py.File(target, "w" if target != path else "x")
+            # locking=False: readers (report on a live run) must not need the writer's lock
+            h5 = h5py.File(target, "w" if target != path else "x", locking=False, track_order=True)
         except (OSError, FileExistsError) as e:
             raise StoreError(f"cannot create {path}: {e}") from e
         h5.attrs.update(
@@ -90,7 +91,7 @@ class Store:
         path = Path(path)
         read_file(path, load=False)
         try:
-            return cls(h5py.File(path, "r+"), path, None)
+            return cls(h5py.File(path, "r+", locking=False), path, None)
         except OSError as e:
             raise StoreError(f"cannot open {path} for writing: {e}") from e
 
@@ -98,11 +99,11 @@ class Store:
         """The writer for run group ``/runs/<name>``, created with ``attrs`` and status ``running``."""
         if "/" in name or not name:
             raise StoreError(f"invalid run name {name!r}")
-        runs = self._h5.require_group("runs")
+        runs = self._h5["runs"] if "runs" in self._h5 else self._h5.create_group("runs", track_order=True)
         if name in runs:
             group = runs[name]
         else:
-            group = runs.create_group(name)
+            group = runs.create_group(name, track_order=True)
             group.attrs.update({k: _attr(v) for k, v in attrs.items()})
             group.attrs["status"] = "running"
         writer = RunWriter(self, group, flush_every)
@@ -188,7 +189,10 @@ class RunWriter:
         """A dataset written once (e.g. ``landscape/eta``), replaced if present."""
         if path in self._group:
             del self._group[path]
-        ds = self._group.create_dataset(path, data=np.asarray(values))
+        data = np.asarray(values)
+        if data.dtype.kind == "U":
+            data = data.astype(h5py.string_dtype())
+        ds = self._group.create_dataset(path, data=data)
         ds.attrs.update({k: _attr(v) for k, v in attrs.items()})
 
     def append(self, section: str, step: int, values: Mapping[str, Any]) -> None:
@@ -233,6 +237,11 @@ class RunWriter:
 
         self._group.visititems(visit)
         self._store.flush()
+
+    def set_dataset_attrs(self, path: str, **attrs: Any) -> None:
+        """Attributes of a recorded dataset (e.g. the BN mode and sample size of ``hessian/top_eigenvalue``)."""
+        self.flush()
+        self._group[path].attrs.update({k: _attr(v) for k, v in attrs.items()})
 
     def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
         """Store a ``torch.save`` blob (model, optimizer, RNG states) as ``checkpoint``."""
@@ -343,7 +352,7 @@ def _checkpoint(h5: h5py.File, path: Path, run: str) -> tuple[dict[str, Any], in
 def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
     """Top-level datasets of a plain HDF5 data file (for ``h5:FILE`` data)."""
     try:
-        with h5py.File(path, "r") as h5:
+        with h5py.File(path, "r", locking=False) as h5:
             return {k: v[()] for k, v in h5.items() if isinstance(v, h5py.Dataset)}
     except OSError as e:
         from .errors import DataError

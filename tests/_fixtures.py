@@ -19,13 +19,17 @@ ALL_SECTIONS = ("train", "moments", "ics", "landscape", "hessian")
 ETAS = np.array([0.05, 0.1, 0.2, 0.4], dtype=np.float64)
 
 
-def layers_for(bn: str) -> list[LayerInfo]:
-    """An MLP: fc1..fc3 and an output layer; with BN a norm layer after each hidden one."""
+def layers_for(bn: str, surgery_names: bool = False) -> list[LayerInfo]:
+    """An MLP: fc1..fc3 and an output layer; with BN a norm layer after each hidden one.
+
+    ``surgery_names``: name them as BN surgery does when it wraps a layer (``fc1.linear``, ``fc1.bn``).
+    """
     names: list[tuple[str, str, int]] = []
     for i in range(1, 4):
-        names.append((f"fc{i}", "linear", 16))
-        if bn in ("insert", "noisy"):
-            names.append((f"bn{i}", "norm", 16))
+        with_bn = bn in ("insert", "noisy")
+        names.append((f"fc{i}.linear" if with_bn and surgery_names else f"fc{i}", "linear", 16))
+        if with_bn:
+            names.append((f"fc{i}.bn" if surgery_names else f"bn{i}", "norm", 16))
     names.append(("out", "linear", 10))
     return [LayerInfo(n, k, 17 * w, (8, w), i) for i, (n, k, w) in enumerate(names)]
 
@@ -41,13 +45,14 @@ def write_run_file(
     histogram_bins: int = 0,
     seed: int = 0,
     regression: bool = False,
+    surgery_names: bool = False,
 ) -> Path:
     """A bnprobe file with one run per variant; ``status=None`` leaves ``running`` (a crashed run)."""
     rng = np.random.default_rng(seed)
     store = Store.create(path, "name: test\n")
     for v_index, variant in enumerate(variants):
         writer = store.run(variant, {"bn": variant, "model": "mlp", "data": "synthetic:mnist", "seed": seed, "device": "cpu"})
-        layers = layers_for(variant)
+        layers = layers_for(variant, surgery_names)
         writer.set_layers(layers)
         n_layers = len(layers)
         drift = 0.0 if variant != "keep" else 0.05

@@ -44,7 +44,7 @@ class ICSProbe:
 
     def __post_init__(self) -> None:
         self.due = every(self.interval)
-        self.writer.write_constant("ics/layer", np.array(self.layers, dtype=object).astype("S"))
+        self.writer.write_constant("ics/layer", self.layers)
 
     def step(self, step: int, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
         from .ics import gradient_shift
@@ -99,7 +99,7 @@ class HessianProbe:
         r = top_hessian_eigenvalue(model, loss_fn, x, y, tol=self.tol, max_iter=self.max_iter, init=self._vector)
         self._vector = r.vector
         self.writer.append("hessian", step, {"top_eigenvalue": r.eigenvalue, "iterations": r.iterations, "residual": r.residual})
-        self.writer.set_attrs(hessian_bn_mode="train", hessian_samples=self.samples)
+        self.writer.set_dataset_attrs("hessian/top_eigenvalue", bn_mode="train", samples=self.samples)
 
 
 @dataclass

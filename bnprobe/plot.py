@@ -1,0 +1,309 @@
+"""``bnprobe plot``: the papers' figures from recorded runs, variants overlaid (matplotlib, Agg).
+
+Kinds:
+
+- ``moments``: the 15th, 50th and 85th percentiles of one layer's output over training steps
+  (Ioffe & Szegedy 2015, Fig. 1b,c). Default layer: per variant, the layer before the output
+  layer (the input of the last hidden non-linearity: the BN output when BN is there).
+- ``ics``: ||G - G'||_2 and cos(G, G') over steps for a few layers (Santurkar et al. 2018, Fig. 5
+  style): one row per layer, one column per metric. Default layers: the second, a middle and the
+  last one (the first layer has no preceding layers, so its shift is zero by definition).
+- ``landscape``: per variant the band between the min and max over step sizes eta of the loss
+  L(w - eta g) and of the gradient predictiveness ||grad L(w) - grad L(w - eta g)||_2, over
+  steps, and the effective beta-smoothness (Santurkar et al., Fig. 4 style).
+- ``training``: loss and accuracy over steps.
+
+The output format follows the file suffix (png, svg, pdf).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BnprobeError, ConfigError, StoreError
+from .report import RECORD_HINTS, Column, align_layers, ics_layers, layer_kinds, load_columns, moment_layers
+
+KINDS = ("moments", "ics", "landscape", "training")
+FORMATS = ("png", "svg", "pdf")
+_SECTION = {"moments": "moments", "ics": "ics", "landscape": "landscape", "training": "train"}
+_WHAT = {"moments": "moments", "ics": "ICS", "landscape": "landscape", "training": "training records"}
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise BnprobeError("plotting needs matplotlib: pip install 'bnprobe[plot]'") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _check_out(out: Path, force: bool) -> str:
+    fmt = out.suffix.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise ConfigError(f"cannot tell the image format from {out.name!r}; use a .png, .svg or .pdf file name")
+    if out.is_dir():
+        raise StoreError(f"{out} is a directory, not an output file")
+    if out.exists() and not force:
+        raise StoreError(f"{out} already exists; choose another --output or pass --force to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise StoreError(f"output directory {parent} does not exist; create it first")
+    return fmt
+
+
+def _with_section(columns: list[Column], kind: str, paths: Sequence[str | Path]) -> list[Column]:
+    section = _SECTION[kind]
+    have = [c for c in columns if c.run.has(section)]
+    if not have:
+        where = ", ".join(str(p) for p in paths)
+        raise BnprobeError(f"no {_WHAT[kind]} recorded in {where}; {RECORD_HINTS[section]}")
+    return have
+
+
+def _name(c: Column) -> str:
+    """A legend entry: the column label, with the status of a run that did not finish."""
+    status = str(c.run.attrs.get("status", ""))
+    return c.label if status in ("finished", "") else f"{c.label} ({status})"
+
+
+def _colors(n: int) -> list[Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _finite(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64)
+
+
+def _maybe_log(ax: Any, arrays: Sequence[np.ndarray]) -> None:
+    """Log scale when all values are positive and span more than two decades."""
+    vals = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays]) if arrays else np.zeros(0)
+    if vals.size and vals.min() > 0 and vals.max() / vals.min() > 100:
+        ax.set_yscale("log")
+
+
+# ----------------------------------------------------------------------------- kinds
+
+
+def _pick_moment_layer(c: Column, layer: str | None) -> str | None:
+    names = moment_layers(c.run)
+    if layer is None:
+        return names[-2] if len(names) >= 2 else (names[0] if names else None)
+    if layer in names:
+        return layer
+    return next((n for n in names if fnmatch.fnmatchcase(n, layer)), None)
+
+
+def _moments(plt: Any, columns: list[Column], layer: str | None) -> Any:
+    picks = [(c, _pick_moment_layer(c, layer)) for c in columns]
+    if layer is not None and not any(name for _, name in picks):
+        names = list(dict.fromkeys(n for c in columns for n in moment_layers(c.run)))
+        raise ConfigError(f"--layer {layer!r} matches no recorded layer; layers: {', '.join(names)}")
+    fig, ax = plt.subplots(figsize=(9, 5.4), constrained_layout=True)
+    for (c, name), color in zip(picks, _colors(len(picks))):
+        if name is None:
+            continue
+        j = moment_layers(c.run).index(name)
+        kind = layer_kinds(c.run).get(name, "")
+        d = c.run.data
+        steps = d["moments/step"]
+        n = min(len(steps), *(len(d[f"moments/{p}"]) for p in ("p15", "p50", "p85")))
+        p15, p50, p85 = (_finite(d[f"moments/{p}"][:n, j]) for p in ("p15", "p50", "p85"))
+        steps = steps[:n]
+        ax.fill_between(steps, p15, p85, color=color, alpha=0.15, linewidth=0)
+        ax.plot(steps, p50, color=color, linewidth=2, label=f"{_name(c)}, layer {name}" + (f" ({kind})" if kind else "") + ": 50th")
+        ax.plot(steps, p15, color=color, linewidth=1, linestyle="--", label=f"{_name(c)}: 15th and 85th")
+        ax.plot(steps, p85, color=color, linewidth=1, linestyle="--")
+    where = f"layer {layer}" if layer is not None else "the last hidden layer (the layer before the output layer)"
+    ax.set_title(f"Activation percentiles (15th, 50th, 85th) of {where}", fontsize="medium")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("activation value (layer output, before the non-linearity)", fontsize="small")
+    ax.grid(alpha=0.3)
+    drawn = sum(1 for _, name in picks if name is not None)
+    # below the axes, one column per variant (median above its 15th/85th entry): never over the data
+    fig.legend(loc="outside lower center", ncols=max(1, min(drawn, 3)), fontsize="small")
+    return fig
+
+
+def _ics_rows(columns: list[Column], layer: str | None) -> tuple[list[str], list[dict[str, str]]]:
+    """The row names to draw and, per column, ``{row name: ICS layer name}`` (see align_layers)."""
+    maps = align_layers([[(n, layer_kinds(c.run).get(n, "")) for n in ics_layers(c.run)] for c in columns])
+    per_run = [list(m.values()) for m in maps]
+    inverse = [{row: name for name, row in m.items()} for m in maps]
+    if layer is not None:
+        names = list(
+            dict.fromkeys(
+                row for m in maps for name, row in m.items() if fnmatch.fnmatchcase(row, layer) or fnmatch.fnmatchcase(name, layer)
+            )
+        )
+        if not names:
+            allnames = list(dict.fromkeys(n for names in per_run for n in names))
+            raise ConfigError(f"--layer {layer!r} matches no ICS layer; layers: {', '.join(allnames)}")
+        return names[:6], inverse
+    common = [n for n in per_run[0] if all(n in names for names in per_run)] or per_run[0]
+    if len(common) > 1:
+        common = common[1:]  # the first layer has no preceding layers: its G' is G by definition
+    if len(common) <= 3:
+        return common, inverse
+    return [common[i] for i in sorted({0, len(common) // 2, len(common) - 1})], inverse
+
+
+def _ics(plt: Any, columns: list[Column], layer: str | None) -> Any:
+    rows, inverse = _ics_rows(columns, layer)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.6 * len(rows) + 0.8), squeeze=False, sharex=True, constrained_layout=True)
+    colors = _colors(len(columns))
+    l2s: list[np.ndarray] = []
+    for r, name in enumerate(rows):
+        for c, color, rename in zip(columns, colors, inverse):
+            names = ics_layers(c.run)
+            if name not in rename:
+                continue
+            j = names.index(rename[name])
+            d = c.run.data
+            steps = d["ics/step"]
+            for col, (key, ls) in enumerate((("ics/l2", "-"), ("ics/cosine", "-"))):
+                if key not in d:
+                    continue
+                n = min(len(steps), len(d[key]))
+                y = _finite(d[key][:n, j])
+                axes[r][col].plot(steps[:n], y, color=color, linestyle=ls, marker="o", markersize=3, linewidth=1.5, label=_name(c))
+                if col == 0:
+                    l2s.append(y)
+        axes[r][0].set_ylabel(f"layer {name}\n‖G − G′‖₂")
+        axes[r][1].set_ylabel("cos(G, G′)")
+        axes[r][1].axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        for ax in axes[r]:
+            ax.grid(alpha=0.3)
+    for r in range(len(rows)):
+        _maybe_log(axes[r][0], l2s)  # one scale rule for the whole column
+    axes[0][0].set_title("ℓ2 difference of gradients (0: no shift)")
+    axes[0][1].set_title("cosine of gradients (1: no shift)")
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[0][1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(6, max(1, len(labels))), fontsize="small")
+    fig.suptitle("Gradient-shift ICS: G = ∇L before, G′ = ∇L after the preceding layers' update", fontsize="medium")
+    return fig
+
+
+def _landscape(plt: Any, columns: list[Column]) -> Any:
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4), constrained_layout=True)
+    eta_text = []
+    for c, color in zip(columns, _colors(len(columns))):
+        d = c.run.data
+        steps = d["landscape/step"]
+        for ax, key in zip(axes[:2], ("landscape/loss", "landscape/grad_l2")):
+            if key not in d:
+                continue
+            arr = _finite(d[key])
+            n = min(len(steps), len(arr))
+            arr = arr[:n]
+            lo = np.nanmin(np.where(np.isfinite(arr), arr, np.nan), axis=1) if arr.ndim == 2 else arr
+            hi = np.nanmax(np.where(np.isfinite(arr), arr, np.nan), axis=1) if arr.ndim == 2 else arr
+            ax.fill_between(steps[:n], lo, hi, color=color, alpha=0.35, linewidth=0, label=_name(c))
+            ax.plot(steps[:n], lo, color=color, linewidth=0.8)
+            ax.plot(steps[:n], hi, color=color, linewidth=0.8)
+        if "landscape/beta_smoothness" in d:
+            beta = _finite(d["landscape/beta_smoothness"])
+            n = min(len(steps), len(beta))
+            axes[2].plot(steps[:n], beta[:n], color=color, marker="o", markersize=3, linewidth=1.5, label=_name(c))
+        if "landscape/eta" in d and len(d["landscape/eta"]):
+            eta = d["landscape/eta"]
+            eta_text.append(f"{float(np.min(eta)):.3g}–{float(np.max(eta)):.3g}")
+    axes[0].set_title("Loss landscape: L(w − ηg) over η")
+    axes[0].set_ylabel("loss (range over η)")
+    axes[1].set_title("Gradient predictiveness over η")
+    axes[1].set_ylabel("‖∇L(w) − ∇L(w − ηg)‖₂ (range over η)")
+    axes[2].set_title("Effective β-smoothness")
+    axes[2].set_ylabel("max over η of ‖Δ∇L‖₂ / ‖ηg‖₂")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="best")
+    etas = ", ".join(dict.fromkeys(eta_text))
+    fig.suptitle("Loss landscape along the gradient" + (f" (step sizes η = {etas})" if etas else ""), fontsize="medium")
+    return fig
+
+
+def _training(plt: Any, columns: list[Column]) -> Any:
+    has_acc = any("train/accuracy" in c.run.data and np.isfinite(_finite(c.run.data["train/accuracy"])).any() for c in columns)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12 if has_acc else 7, 4.4), squeeze=False, constrained_layout=True)
+    axes = axes[0]
+    losses = []
+    for c, color in zip(columns, _colors(len(columns))):
+        d = c.run.data
+        steps = d["train/step"]
+        if "train/loss" in d:
+            loss = _finite(d["train/loss"])[: len(steps)]
+            losses.append(loss)
+            axes[0].plot(steps[: len(loss)], loss, color=color, linewidth=1.2, label=_name(c))
+        if has_acc and "train/accuracy" in d:
+            acc = _finite(d["train/accuracy"])[: len(steps)]
+            axes[1].plot(steps[: len(acc)], 100 * acc, color=color, linewidth=1.2, label=_name(c))
+    _maybe_log(axes[0], losses)
+    axes[0].set_title("Training loss")
+    axes[0].set_ylabel("loss (per batch)")
+    if has_acc:
+        axes[1].set_title("Training accuracy")
+        axes[1].set_ylabel("accuracy (%, per batch)")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="best")
+    return fig
+
+
+def plot(
+    paths: Sequence[str | Path],
+    out: str | Path,
+    kind: str = "moments",
+    layer: str | None = None,
+    force: bool = False,
+    variant: str | None = None,
+) -> Path:
+    """Draw ``kind`` (moments, ics, landscape, training) for the runs in ``paths`` into ``out``.
+
+    ``layer``: a layer name or glob (moments: the layer to show; ics: the layers, at most 6);
+    ``variant``: comma-separated run names or globs. Returns ``out``.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"unknown plot kind {kind!r}; choose from {', '.join(KINDS)}")
+    out = Path(out)
+    fmt = _check_out(out, force)
+    plt = _pyplot()
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    _, columns = load_columns(paths, variant)
+    columns = _with_section(columns, kind, paths)
+    if kind == "moments":
+        fig = _moments(plt, columns, layer)
+    elif kind == "ics":
+        fig = _ics(plt, columns, layer)
+    elif kind == "landscape":
+        fig = _landscape(plt, columns)
+    else:
+        fig = _training(plt, columns)
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        fig.savefig(tmp, format=fmt, dpi=120)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise StoreError(f"cannot write {out}: {e.strerror or e}") from e
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    return out

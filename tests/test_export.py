@@ -1,0 +1,221 @@
+"""export: every row equals the file's number (read with h5py), in each format; overwrite rules."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from _fixtures import write_run_file
+from bnprobe.errors import BnprobeError, ConfigError, StoreError
+from bnprobe.export import COLUMNS, export, tidy_table
+from bnprobe.probes.moments import STATS
+
+Key = tuple  # (variant, section, step, layer, quantity, channel, eta, bin); missing = None
+
+
+@pytest.fixture(scope="module")
+def full_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_run_file(tmp_path_factory.mktemp("export") / "full.h5", per_channel=True, histogram_bins=4)
+
+
+def _names(values: np.ndarray) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def expected_rows(path: Path) -> dict[Key, float]:
+    """Every number of the file, keyed like a tidy row, straight from h5py (the layout of DESIGN 4)."""
+    rows: dict[Key, float] = {}
+
+    def put(key: Key, value: float) -> None:
+        assert key not in rows, key
+        rows[key] = float(value)
+
+    with h5py.File(path, "r") as h5:
+        for variant, g in h5["runs"].items():
+            layers = _names(g["layers"]["name"]) if "layers" in g else []
+            if "train" in g:
+                for q in ("loss", "accuracy", "lr", "seconds"):
+                    if q in g["train"] and not np.isnan(g[f"train/{q}"][()]).all():
+                        for s, v in zip(g["train/step"][()], g[f"train/{q}"][()]):
+                            put((variant, "train", int(s), "", q, None, None, None), v)
+            if "moments" in g:
+                steps = g["moments/step"][()]
+                for stat in STATS:
+                    for r, s in enumerate(steps):
+                        for j, name in enumerate(layers):
+                            put((variant, "moments", int(s), name, stat, None, None, None), g[f"moments/{stat}"][r, j])
+                if "histogram" in g["moments"]:
+                    hist = g["moments/histogram"][()]
+                    for r, s in enumerate(steps):
+                        for j, name in enumerate(layers):
+                            for b in range(hist.shape[2]):
+                                put((variant, "moments", int(s), name, "histogram", None, None, b), hist[r, j, b])
+                for name, pc in g["moments"].get("per_channel", {}).items():
+                    for stat in STATS:
+                        for r, s in enumerate(pc["step"][()]):
+                            for c, v in enumerate(pc[stat][r]):
+                                put((variant, "moments", int(s), name, stat, c, None, None), v)
+            if "ics" in g:
+                names = _names(g["ics/layer"][()])
+                for q in ("l2", "cosine", "grad_norm", "grad_norm_shifted", "rel_diff"):
+                    for r, s in enumerate(g["ics/step"][()]):
+                        for j, name in enumerate(names):
+                            put((variant, "ics", int(s), name, q, None, None, None), g[f"ics/{q}"][r, j])
+            if "landscape" in g:
+                eta = g["landscape/eta"][()]
+                for r, s in enumerate(g["landscape/step"][()]):
+                    for q in ("loss", "grad_l2"):
+                        for k, e in enumerate(eta):
+                            put((variant, "landscape", int(s), "", q, None, float(e), None), g[f"landscape/{q}"][r, k])
+                    for q in ("beta_smoothness", "loss_at_w"):
+                        put((variant, "landscape", int(s), "", q, None, None, None), g[f"landscape/{q}"][r])
+            if "hessian" in g:
+                for q in ("top_eigenvalue", "iterations", "residual"):
+                    for s, v in zip(g["hessian/step"][()], g[f"hessian/{q}"][()]):
+                        put((variant, "hessian", int(s), "", q, None, None, None), v)
+    return rows
+
+
+def _same(a: float | None, b: float) -> bool:
+    return (a is None and math.isnan(b)) or (a is not None and (a == b or (math.isnan(a) and math.isnan(b))))
+
+
+def _check(rows: list[Key], values: list[float | None], path: Path) -> None:
+    expected = expected_rows(path)
+    got = dict(zip(rows, values))
+    assert len(got) == len(rows), "duplicate rows"
+    assert set(got) == set(expected)
+    bad = [k for k in expected if not _same(got[k], expected[k])]
+    assert not bad, bad[:5]
+
+
+def _opt_int(text: str) -> int | None:
+    return None if text == "" else int(text)
+
+
+def test_csv_equals_file(full_file: Path, tmp_path: Path) -> None:
+    out = export(full_file, "csv", tmp_path / "t.csv")
+    with open(out, newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames or ()) == COLUMNS
+        records = list(reader)
+    keys = [
+        (r["variant"], r["section"], int(r["step"]), r["layer"], r["quantity"], _opt_int(r["channel"]), None if r["eta"] == "" else float(r["eta"]), _opt_int(r["bin"]))
+        for r in records
+    ]
+    _check(keys, [float(r["value"]) for r in records], full_file)
+
+
+def test_json_equals_file(full_file: Path, tmp_path: Path) -> None:
+    out = export(full_file, "json", tmp_path / "t.json")
+    records = json.loads(out.read_text())
+    assert list(records[0]) == list(COLUMNS)
+    keys = [(r["variant"], r["section"], r["step"], r["layer"], r["quantity"], r["channel"], r["eta"], r["bin"]) for r in records]
+    _check(keys, [r["value"] for r in records], full_file)
+
+
+def test_npz_equals_file(full_file: Path, tmp_path: Path) -> None:
+    out = export(full_file, "npz", tmp_path / "t.npz")
+    assert out == tmp_path / "t.npz" and out.is_file()
+    with np.load(out) as z:  # no pickle needed
+        cols = {c: z[c] for c in COLUMNS}
+    assert cols["step"].dtype == np.int64 and cols["value"].dtype == np.float64
+    keys = [
+        (str(v), str(s), int(st), str(la), str(q), None if c < 0 else int(c), None if math.isnan(e) else float(e), None if b < 0 else int(b))
+        for v, s, st, la, q, c, e, b in zip(*(cols[c] for c in COLUMNS[:-1]))
+    ]
+    _check(keys, cols["value"].tolist(), full_file)
+
+
+def test_parquet_equals_file(full_file: Path, tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = export(full_file, "parquet", tmp_path / "t.parquet")
+    table = pq.read_table(out).to_pydict()
+    assert list(table) == list(COLUMNS)
+    keys = list(zip(*(table[c] for c in COLUMNS[:-1])))
+    _check(keys, table["value"], full_file)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
+def test_pandas_reads_it_in_one_call(full_file: Path, tmp_path: Path, fmt: str) -> None:
+    pd = pytest.importorskip("pandas")
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+    out = export(full_file, fmt, tmp_path / f"t.{fmt}")
+    frame = {"csv": pd.read_csv, "json": pd.read_json, "parquet": pd.read_parquet}[fmt](out)
+    assert list(frame.columns) == list(COLUMNS)
+    assert len(frame) == len(expected_rows(full_file))
+
+
+def test_regression_accuracy_is_left_out_and_missing_sections(tmp_path: Path) -> None:
+    path = write_run_file(tmp_path / "r.h5", variants=("keep",), sections=("train", "landscape"), regression=True)
+    table = tidy_table(path)
+    assert "accuracy" not in set(table["quantity"].tolist())
+    assert set(table["section"].tolist()) == {"train", "landscape"}
+    out = export(path, "csv", tmp_path / "r.csv")
+    with open(out, newline="") as fh:
+        records = list(csv.DictReader(fh))
+    keys = [(r["variant"], r["section"], int(r["step"]), r["layer"], r["quantity"], None, None if r["eta"] == "" else float(r["eta"]), None) for r in records]
+    _check(keys, [float(r["value"]) for r in records], path)
+
+
+def test_interrupted_file_exports(tmp_path: Path) -> None:
+    path = write_run_file(tmp_path / "crashed.h5", status=None, steps=17)
+    out = export(path, "json", tmp_path / "crashed.json")
+    records = json.loads(out.read_text())
+    keys = [(r["variant"], r["section"], r["step"], r["layer"], r["quantity"], r["channel"], r["eta"], r["bin"]) for r in records]
+    _check(keys, [r["value"] for r in records], path)
+
+
+def test_variant_filter(full_file: Path) -> None:
+    table = tidy_table(full_file, variant="noisy")
+    assert set(table["variant"].tolist()) == {"noisy"}
+    assert set(tidy_table(full_file, variant="keep,ins*")["variant"].tolist()) == {"keep", "insert"}
+    with pytest.raises(ConfigError, match="no variant 'strip' in .*; choose from keep, insert, noisy"):
+        tidy_table(full_file, variant="strip")
+
+
+def test_refuses_to_overwrite_unless_forced(full_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t.csv"
+    out.write_text("precious\n")
+    with pytest.raises(StoreError, match="already exists"):
+        export(full_file, "csv", out)
+    assert out.read_text() == "precious\n"
+    export(full_file, "csv", out, force=True)
+    assert out.read_text().startswith(",".join(COLUMNS))
+    assert not list(tmp_path.glob(".*partial"))
+    with pytest.raises(StoreError, match="does not exist"):
+        export(full_file, "csv", tmp_path / "nowhere" / "t.csv")
+    with pytest.raises(StoreError, match="directory"):
+        export(full_file, "csv", tmp_path)
+
+
+def test_bad_format_and_bad_files(full_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="choose from csv, json, npz, parquet"):
+        export(full_file, "xlsx", tmp_path / "t.xlsx")
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as h5:
+        h5["x"] = np.arange(3)
+    with pytest.raises(StoreError, match="not a bnprobe file"):
+        export(other, "csv", tmp_path / "o.csv")
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(full_file.read_bytes()[:5000])
+    with pytest.raises(StoreError, match="truncated"):
+        export(cut, "csv", tmp_path / "c.csv")
+    assert not (tmp_path / "o.csv").exists() and not (tmp_path / "c.csv").exists()
+
+
+def test_parquet_without_pyarrow_is_one_line(full_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(BnprobeError) as info:
+        export(full_file, "parquet", tmp_path / "t.parquet")
+    assert str(info.value) == "parquet export needs pyarrow: pip install 'bnprobe[parquet]'"
+    assert not (tmp_path / "t.parquet").exists()
