@@ -311,7 +311,7 @@ def export(
     variant: Annotated[Optional[str], typer.Option("--variant", help="Comma-separated variant names or globs.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
 ) -> None:
-    """Export records as one tidy long table (variant, section, step, layer, quantity, channel, eta, value)."""
+    """Export records as one tidy long table (variant, section, step, layer, quantity, channel, eta, bin, value)."""
     from .export import export as export_table
 
     with user_errors():

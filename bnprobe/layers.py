@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import rng
+
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 KINDS = ("conv", "linear", "norm", "other")
@@ -52,9 +54,11 @@ def eval_free_forward(model: nn.Module) -> Iterator[None]:
     """Run a forward that changes nothing: no grad, RNG restored, BN running stats untouched.
 
     BN stays in train mode (batch statistics, so a batch of one still fails loudly as in
-    training) but with ``track_running_stats`` off, so running statistics do not move.
+    training) but with ``track_running_stats`` off, so running statistics do not move. The
+    modules' own generators (noisy BN) are put back too, so the pass consumes no noise draw.
     """
     saved = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    streams = rng.capture(model)
     try:
         for m, _ in saved:
             m.track_running_stats = False
@@ -63,6 +67,7 @@ def eval_free_forward(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in saved:
             m.track_running_stats = flag
+        rng.restore(model, streams)
 
 
 def execution_order(model: nn.Module, example_input: Any, modules: Iterable[tuple[str, nn.Module]] | None = None) -> list[tuple[str, nn.Module, tuple[int, ...]]]:

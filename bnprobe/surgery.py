@@ -1,0 +1,685 @@
+"""BatchNorm surgery (DESIGN 1.2): insert, strip (or fold) and noisy BN on any model.
+
+``apply_bn(model, mode, example_input)`` works on a deep copy and returns it with a :class:`BnPlan`.
+
+Pairing (which layer feeds which BN, what a layer's output goes to) comes from the dataflow, never
+from names or registration order: the ``torch.fx`` graph where the model traces (BN and conv/linear
+kept as leaves), otherwise forward hooks that match each module's input tensor object to the module
+that returned it. One side-effect-free forward on ``example_input`` (running statistics and RNG
+untouched) always runs too: it gives the forward order, the output ranks and which modules run.
+
+Names. Every layer that exists before surgery keeps its name, so the rows of the keep, insert, strip
+and noisy variants of one experiment line up:
+
+- insert: the BN for target ``P.K`` is its sibling ``P.K_bn``, placed right after it in its parent
+  ``nn.Sequential`` (``features.0`` stays the conv, ``features.0_bn`` is new, ``features.1`` is still
+  the ReLU). Only a target whose parent is not a plain ``nn.Sequential`` (a module with its own
+  ``forward``, e.g. ``self.conv1``) is wrapped instead: ``N`` becomes ``Sequential(N.conv, N.bn)`` (or
+  ``N.linear``); that rename is said in the plan's detail.
+- noisy: the noise is part of the BN module, so the recorded BN output is the noisy one. Each BN
+  the forward runs becomes, at its own name and with its own tensors, the noisy subclass of its class
+  (``NoisyBatchNorm2d`` for ``BatchNorm2d``, ...); a model without BN gets insert with noisy BNs.
+- strip: BN ``B`` becomes ``nn.Identity`` (or ``Sequential(drop, act)`` for a BN that holds an
+  activation, as timm's ``BatchNormAct2d``), so ``B`` keeps existing and nothing else is renamed.
+
+The leaf modules in forward order are exactly those of the reference layout (torchvision ``vgg11`` +
+insert runs the same module types, in the same order, as ``vgg11_bn``).
+
+A target whose output already goes straight into a BN is left alone by insert ("kept"). DenseNet
+(BN before conv): insert adds a BN right after every conv whose output does not already feed a BN
+(each dense layer's second conv, before ``torch.cat``, and each transition conv, before pooling), on
+top of DenseNet's own pre-activation BNs. Strip removes every BN; one whose input is not the direct
+output of a conv/linear (DenseNet's ``norm1``, ``transition.norm``, ``norm5``, fed by ``torch.cat``)
+is removed without re-biasing anything and is reported as such. ``fold=True`` folds only BNs
+fed directly by a conv/linear that feeds nothing else; any other BN is an error (folding forward
+through the following conv is exact only without padding and never through a non-linearity, so it
+is not attempted). A fold is checked on ``example_input`` in eval mode before it is returned.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import math
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import fx, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from .config import BnMode, BnTargets, NoiseConfig
+from .errors import SurgeryError
+from .layers import eval_free_forward, layer_kind
+
+_BN = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
+_TARGETS = {"conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "linear": (nn.Linear,)}
+_FEEDERS = (nn.modules.conv._ConvNd, nn.Linear)
+_BN_FOR = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}
+_FOLD_RTOL = 1e-4
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """Any BatchNorm, subclasses and SyncBatchNorm/FrozenBatchNorm2d included (not Group/LayerNorm)."""
+    return isinstance(module, _BN)
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+def _noisy(x: torch.Tensor, generator: torch.Generator, config: NoiseConfig) -> torch.Tensor:
+    """``s * x + m`` along dim 1 with one fresh draw of the recipe (see :class:`NoisyNorm`)."""
+    c = config
+    lo_hi = torch.rand(2, generator=generator, dtype=torch.float64)
+    mu = c.mu_range[0] + (c.mu_range[1] - c.mu_range[0]) * lo_hi[0]
+    sigma = c.sigma_range[0] + (c.sigma_range[1] - c.sigma_range[0]) * lo_hi[1]
+    channels = x.shape[1]
+    shift = mu + c.mean_spread * (2 * torch.rand(channels, generator=generator, dtype=torch.float64) - 1)
+    scale = sigma + c.scale_std * torch.randn(channels, generator=generator, dtype=torch.float64)
+    draws = torch.stack((scale, shift)).to(x.dtype)
+    if x.device.type == "cuda":  # pinned memory: the copy does not wait for the device
+        draws = draws.pin_memory()
+    scale, shift = draws.to(x.device, non_blocking=True).view(2, 1, channels, *[1] * (x.dim() - 2))
+    return x * scale + shift
+
+
+def _set_noise(module: nn.Module, seed: int, config: NoiseConfig | None) -> None:
+    module.noise_seed = int(seed)
+    module.noise_config = config or NoiseConfig()
+    module.generator = torch.Generator().manual_seed(module.noise_seed)
+    module.after_noise = ()
+
+
+class NoisyNorm(nn.Module):
+    """Santurkar et al.'s noisy BN, as a mix-in before a BatchNorm class: ``NoisyBatchNorm2d(NoisyNorm, nn.BatchNorm2d)``.
+
+    In training, the BN's output gets a fresh random per-channel scale and shift at every forward:
+    mu ~ U(mu_range), sigma ~ U(sigma_range); per channel m ~ U(mu - mean_spread, mu + mean_spread),
+    s ~ N(sigma, scale_std); output ``s * bn(x) + m`` along dim 1. In eval mode it is the plain BN.
+    The noise is inside the module, so a forward hook on it sees the noisy output.
+
+    The draws come from ``self.generator`` (a CPU generator seeded with ``noise_seed``, found by
+    ``bnprobe.rng`` by this attribute name, so a measurement pass can replay a draw); the small noise
+    tensors are moved to the input's device. ``state_dict`` is the BN's plus ``_extra_state``, the
+    generator state, so a resumed checkpoint continues the stream. ``after_noise`` names children
+    run after the noise, in order: the activation (and dropout) of a BN that holds one, as timm's
+    ``BatchNormAct2d``.
+    """
+
+    noise_seed: int
+    noise_config: NoiseConfig
+    generator: torch.Generator
+    after_noise: tuple[str, ...]
+
+    def __init__(self, *args: Any, seed: int = 0, noise: NoiseConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _set_noise(self, seed, noise)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.training:
+            y = _noisy(y, self.generator, self.noise_config)
+        for name in self.after_noise:
+            y = self._modules[name](y)
+        return y
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+    def extra_repr(self) -> str:
+        config = "" if self.noise_config == NoiseConfig() else f", {self.noise_config}"
+        return f"{super().extra_repr()}, noise_seed={self.noise_seed}{config}"
+
+
+class NoisyBatchNorm1d(NoisyNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` with noise in training (:class:`NoisyNorm`)."""
+
+
+class NoisyBatchNorm2d(NoisyNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with noise in training (:class:`NoisyNorm`)."""
+
+
+class NoisyBatchNorm3d(NoisyNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` with noise in training (:class:`NoisyNorm`)."""
+
+
+class NoisySyncBatchNorm(NoisyNorm, nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` with noise in training (:class:`NoisyNorm`)."""
+
+
+class NoisyFrozenBatchNorm2d(NoisyNorm, FrozenBatchNorm2d):
+    """torchvision's ``FrozenBatchNorm2d`` with noise in training (:class:`NoisyNorm`)."""
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, noise_seed={self.noise_seed})"
+
+
+NOISY_BN: dict[type[nn.Module], type[NoisyNorm]] = {
+    nn.BatchNorm1d: NoisyBatchNorm1d,
+    nn.BatchNorm2d: NoisyBatchNorm2d,
+    nn.BatchNorm3d: NoisyBatchNorm3d,
+    nn.SyncBatchNorm: NoisySyncBatchNorm,
+    FrozenBatchNorm2d: NoisyFrozenBatchNorm2d,
+}
+_NOISY_MADE: dict[type[nn.Module], type[NoisyNorm]] = {}
+
+
+def noisy_class(cls: type[nn.Module]) -> type[NoisyNorm]:
+    """The noisy subclass of a BN class: one of ``NOISY_BN``, else one made (once) for ``cls``.
+
+    A made class keeps ``cls``'s own forward (noise after it); it is not importable by name, so save
+    such a model with ``state_dict()``, not by pickling the module.
+    """
+    if issubclass(cls, NoisyNorm):
+        return cls
+    if cls in NOISY_BN:
+        return NOISY_BN[cls]
+    if cls not in _NOISY_MADE:
+        doc = f"{cls.__name__} with noise in training (:class:`NoisyNorm`)."
+        _NOISY_MADE[cls] = type(f"Noisy{cls.__name__}", (NoisyNorm, cls), {"__module__": __name__, "__doc__": doc})
+    return _NOISY_MADE[cls]
+
+
+@dataclass
+class _Seeds:
+    """Noise seeds drawn from the run seed, one per noisy BN in creation (forward) order; no global RNG."""
+
+    seed: int
+    config: NoiseConfig
+
+    def __post_init__(self) -> None:
+        self._master = torch.Generator().manual_seed(self.seed)
+
+    def next(self) -> int:
+        return int(torch.randint(0, 2**31, (1,), generator=self._master))
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Change:
+    """One edit: ``action`` on ``module`` (its name after surgery), ``related`` the layer it sits after or is fed by."""
+
+    action: str  # inserted | removed | rebiased | folded | noise | kept
+    module: str
+    related: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class BnPlan:
+    """What ``apply_bn`` changed, in forward order; ``bnprobe inspect`` prints ``rows()`` as a table."""
+
+    mode: str
+    pairing: str
+    changes: tuple[Change, ...] = ()
+    params_before: int = 0
+    params_after: int = 0
+    columns: ClassVar[tuple[str, str, str, str]] = ("action", "module", "after / fed by", "detail")
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        return [(c.action, c.module, c.related, c.detail) for c in self.changes]
+
+    def summary(self) -> str:
+        counts = Counter(c.action for c in self.changes)
+        edits = ", ".join(f"{n} {a}" for a, n in counts.items()) or "no change"
+        return f"bn {self.mode}: {edits}; parameters {self.params_before:,} -> {self.params_after:,} (pairing: {self.pairing})"
+
+
+# ----------------------------------------------------------------------------- dataflow
+
+
+@dataclass
+class _Flow:
+    """The dataflow between modules, by module name (``"input"``, ``"output"`` and ``"op:NAME"`` for the rest)."""
+
+    pairing: str
+    index: dict[str, int]  # first-call order of the atomic modules (and of a BN's own children)
+    calls: Counter[str]
+    rank: dict[str, int]  # ndim of each atomic module's output
+    sources: dict[str, set[str]]  # what produced each module's (first) input
+    users: dict[str, set[str]]  # what each module's output goes to
+    outputs: set[str]  # modules whose output is a model output
+
+    def ordered(self, names: list[str]) -> list[str]:
+        """Called modules first, in forward order, then the others as given."""
+        return sorted(names, key=lambda n: self.index.get(n, math.inf))
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+def _atomic(model: nn.Module) -> tuple[dict[nn.Module, str], dict[nn.Module, str]]:
+    """Modules treated as units (leaves, and every BN whole), and the children inside BNs."""
+    atomic: dict[nn.Module, str] = {}
+    inside: dict[nn.Module, str] = {}
+    for name, m in model.named_modules():
+        if m in inside:
+            continue
+        if is_batchnorm(m):
+            inside.update({c: f"{name}.{n}" for n, c in m.named_modules() if c is not m})
+        if is_batchnorm(m) or not any(True for _ in m.children()):
+            atomic[m] = name
+    return atomic, inside
+
+
+class _Tracer(fx.Tracer):
+    """Keeps BNs (FrozenBatchNorm2d and subclasses included) and conv/linear subclasses as graph leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_batchnorm(m) or isinstance(m, _FEEDERS) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _node_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "placeholder":
+        return "input"
+    if node.op == "output":
+        return "output"
+    target = node.target
+    return "op:" + (target if isinstance(target, str) else getattr(target, "__name__", str(target)))
+
+
+def _fx_edges(model: nn.Module) -> tuple[dict[str, set[str]], dict[str, set[str]], set[str]]:
+    graph = _Tracer().trace(model)
+    sources: dict[str, set[str]] = defaultdict(set)
+    users: dict[str, set[str]] = defaultdict(set)
+    outputs: set[str] = set()
+    for node in graph.nodes:
+        name = _node_name(node)
+        for arg in node.all_input_nodes:
+            users[_node_name(arg)].add(name)
+        if node.op == "call_module":
+            first = node.args[0] if node.args else None
+            sources[name].add(_node_name(first) if isinstance(first, fx.Node) else "op:constant")
+        elif node.op == "output":
+            outputs |= {_node_name(a) for a in node.all_input_nodes}
+    return sources, users, outputs
+
+
+def _dataflow(model: nn.Module, example_input: Any) -> _Flow:
+    """One hooked, side-effect-free forward; edges from torch.fx where the model traces."""
+    atomic, inside = _atomic(model)
+    index: dict[str, int] = {}
+    calls: Counter[str] = Counter()
+    rank: dict[str, int] = {}
+    sources: dict[str, set[str]] = defaultdict(set)
+    users: dict[str, set[str]] = defaultdict(set)
+    producer = {id(t): "input" for t in _tensors(example_input)}
+    alive: list[torch.Tensor] = []  # keeps every tensor seen alive, so no id is reused during the pass
+
+    def hook(name: str, is_atomic: bool) -> Callable[[nn.Module, Any, Any], None]:
+        def record(_m: nn.Module, args: Any, out: Any) -> None:
+            index.setdefault(name, len(index))
+            if not is_atomic:
+                return
+            calls[name] += 1
+            first = next(_tensors(args), None)
+            source = producer.get(id(first), "op:?") if first is not None else "op:constant"
+            sources[name].add(source)
+            users[source].add(name)
+            outs = list(_tensors(out))
+            alive.extend(outs)
+            for t in outs:
+                producer[id(t)] = name
+            if outs:
+                rank.setdefault(name, outs[0].dim())
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n, True)) for m, n in atomic.items()]
+    handles += [m.register_forward_hook(hook(n, False)) for m, n in inside.items()]
+    try:
+        with eval_free_forward(model):
+            result = model(example_input)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's forward is reported in one line
+        raise SurgeryError(f"cannot plan BN surgery: {type(model).__name__} fails on the example input: {str(e).splitlines()[0]}") from e
+    finally:
+        for h in handles:
+            h.remove()
+    outputs = {producer.get(id(t), "op:?") for t in _tensors(result)}
+    for name in outputs:
+        users[name].add("output")
+    pairing = "forward hooks"
+    try:
+        sources, users, outputs = _fx_edges(model)
+        pairing = "torch.fx"
+    except Exception as e:  # noqa: BLE001 - any tracing failure means: use the hooks' edges
+        pairing = f"forward hooks (torch.fx: {type(e).__name__})"
+    return _Flow(pairing, index, calls, rank, sources, users, outputs)
+
+
+def _describe(source: str) -> str:
+    if source == "input":
+        return "the model input"
+    if source == "op:?":
+        return "an operation outside any module"
+    return source.removeprefix("op:")
+
+
+def _feeder(model: nn.Module, flow: _Flow, name: str, bn: nn.Module) -> tuple[str | None, str]:
+    """The conv/linear whose output is this BN's input, or None and why not."""
+    if name not in flow.index:
+        return None, "not called in the forward pass"
+    sources = flow.sources.get(name, set())
+    if len(sources) != 1:
+        return None, f"fed by several inputs ({', '.join(sorted(_describe(s) for s in sources))})"
+    (source,) = sources
+    layer = model.get_submodule(source) if not source.startswith("op:") and source != "input" else None
+    if not isinstance(layer, _FEEDERS):
+        return None, f"its input comes from {_describe(source)}, not a conv/linear"
+    channels = _channels(layer)
+    if flow.rank.get(source) != _channel_rank(layer):
+        return None, f"its input comes from {source}, whose rank-{flow.rank.get(source)} output has no channel dim 1"
+    if channels != _num_features(bn):
+        return None, f"its input comes from {source} with {channels} channels, but it normalises {_num_features(bn)}"
+    return source, ""
+
+
+# ----------------------------------------------------------------------------- module edits
+
+
+def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
+    """Put ``new`` wherever ``old`` is registered (every alias); returns the root, which may be ``new``."""
+    if root is old:
+        return new
+    slots = [(parent, key) for parent in root.modules() for key, child in parent._modules.items() if child is old]
+    for parent, key in slots:
+        setattr(parent, key, new)
+    return root
+
+
+def _norm_tail(bn: nn.Module, flow: _Flow, name: str) -> list[tuple[str, nn.Module]]:
+    """A BN subclass's own children (activation, dropout), in the order the forward called them."""
+    return sorted(bn.named_children(), key=lambda kv: flow.index.get(f"{name}.{kv[0]}", math.inf))
+
+
+def _join(parent: str, key: str) -> str:
+    return f"{parent}.{key}" if parent else key
+
+
+def _slots(model: nn.Module) -> dict[nn.Module, list[tuple[str, nn.Module, str]]]:
+    """Where each module is registered: ``(parent name, parent, key)``, every alias, in ``named_modules`` order."""
+    slots: dict[nn.Module, list[tuple[str, nn.Module, str]]] = defaultdict(list)
+    for parent_name, parent in model.named_modules():
+        for key, child in parent._modules.items():
+            if child is not None:
+                slots[child].append((parent_name, parent, key))
+    return slots
+
+
+def _runs_children_in_order(parent: nn.Module) -> bool:
+    """An ``nn.Sequential`` (subclasses too) whose forward is Sequential's: a child added between two runs there."""
+    return isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
+
+
+def _place_after(layer: nn.Module, bn: nn.Module, slots: list[tuple[str, nn.Module, str]]) -> tuple[str, str, str]:
+    """Run ``bn`` right after ``layer`` wherever it is registered; returns the BN's and layer's names, and a note.
+
+    In an ``nn.Sequential`` parent the BN becomes the sibling ``KEY_bn`` right after ``KEY`` (the parent
+    is edited in place: same object, class and other keys). Elsewhere ``layer`` is wrapped, at its slot,
+    in ``Sequential(conv|linear=layer, bn=bn)``. A layer registered twice shares its BN.
+    """
+    part = layer_kind(layer)
+    wrapper: nn.Module | None = None
+    names: list[tuple[str, str]] = []
+    wrapped_in: list[str] = []
+    for parent_name, parent, key in slots:
+        name = _join(parent_name, key)
+        if _runs_children_in_order(parent):
+            bn_key = f"{key}_bn"
+            n = 2
+            while bn_key in parent._modules:
+                bn_key, n = f"{key}_bn{n}", n + 1
+            items = list(parent._modules.items())
+            at = next(i for i, (k, _) in enumerate(items) if k == key)
+            items.insert(at + 1, (bn_key, bn))
+            parent._modules.clear()
+            parent._modules.update(items)
+            names.append((_join(parent_name, bn_key), name))
+        else:
+            if wrapper is None:
+                wrapper = nn.Sequential(OrderedDict([(part, layer), ("bn", bn)])).train(layer.training)
+            setattr(parent, key, wrapper)
+            names.append((f"{name}.bn", f"{name}.{part}"))
+            why = "has its own forward" if isinstance(parent, nn.Sequential) else "is not an nn.Sequential"
+            wrapped_in.append(f"{name} renamed {name}.{part} ({type(parent).__name__} {why})")
+    bn_name, layer_name = names[0]
+    return bn_name, layer_name, "; ".join(wrapped_in)
+
+
+def _make_noisy(bn: nn.Module, name: str, after: list[str], seed: int, config: NoiseConfig) -> None:
+    """Turn ``bn`` in place (same object, tensors, hooks and attributes) into its noisy subclass.
+
+    A BN subclass whose forward also runs children (``after``, e.g. dropout and activation) becomes
+    the noisy class of its plain BatchNorm base, running those children after the noise.
+    """
+    cls = type(bn)
+    if after and cls not in NOISY_BN:
+        base = next((c for c in cls.__mro__ if c in NOISY_BN), None)
+        if base is None:
+            raise SurgeryError(f"cannot add noise to {name}: {cls.__name__} runs children ({', '.join(after)}) and derives from no plain BatchNorm class")
+        cls = base
+    try:
+        bn.__class__ = noisy_class(cls)
+    except TypeError as e:
+        raise SurgeryError(f"cannot add noise to {name}: {type(bn).__name__} cannot be made noisy ({e})") from None
+    _set_noise(bn, seed, config)
+    bn.after_noise = tuple(after)
+
+
+def _fold(layer: nn.Module, bn: nn.Module, name: str) -> None:
+    """Fold an eval-mode BN (running stats, then affine) into the conv/linear that feeds it, exactly."""
+    if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+        raise SurgeryError(f"cannot fold {name}: it keeps no running statistics (track_running_stats=False)")
+    with torch.no_grad():
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
+        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
+        scale = gamma / torch.sqrt(var + bn.eps)
+        shift = beta - mean * scale
+        w = layer.weight
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd):  # weight: (in, out / groups, *kernel)
+            g = layer.groups
+            grouped = w.double().view(g, w.shape[0] // g, *w.shape[1:])
+            folded = grouped * scale.view(g, 1, -1, *[1] * (w.dim() - 2))
+        else:  # weight: (out, ...)
+            folded = w.double() * scale.view(-1, *[1] * (w.dim() - 1))
+        w.copy_(folded.view_as(w))
+        bias = layer.bias.double() * scale + shift if layer.bias is not None else shift
+        if layer.bias is None:
+            layer.bias = nn.Parameter(bias.to(w.dtype))
+        else:
+            layer.bias.copy_(bias)
+
+
+def _eval_output(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [t.double() for t in _tensors(model(example_input))]
+    finally:
+        model.train(training)
+
+
+def _num_features(bn: nn.Module) -> int:
+    """FrozenBatchNorm2d has no ``num_features``; its buffers tell."""
+    return int(bn.num_features) if hasattr(bn, "num_features") else bn.running_mean.numel()
+
+
+def _channels(layer: nn.Module) -> int:
+    return layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features
+
+
+def _channel_rank(layer: nn.Module) -> int:
+    """The output rank at which dim 1 is the channel dim: (N, C) for linear, (N, C, *spatial) for conv."""
+    return len(layer.kernel_size) + 2 if isinstance(layer, nn.modules.conv._ConvNd) else 2
+
+
+def _new_bn(layer: nn.Module, name: str, flow: _Flow, seeds: _Seeds | None) -> nn.Module:
+    bn_type = next(bn for kind, bn in _BN_FOR.items() if isinstance(layer, kind))
+    rank = flow.rank.get(name)
+    if rank != _channel_rank(layer):
+        raise SurgeryError(f"cannot insert {bn_type.__name__} after {name}: its output has rank {rank}, not {_channel_rank(layer)} with channels in dim 1")
+    options = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    if seeds is None:
+        return bn_type(_channels(layer), **options)
+    return NOISY_BN[bn_type](_channels(layer), seed=seeds.next(), noise=seeds.config, **options)
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+def _insert(model: nn.Module, flow: _Flow, targets: BnTargets, keep_bias: bool, seeds: _Seeds | None) -> list[Change]:
+    """A BN (noisy when ``seeds`` is given) right after each target layer, before whatever follows it (its non-linearity)."""
+    modules = dict(model.named_modules())
+    slots = _slots(model)
+    if targets is BnTargets.AUTO:
+        has_conv = any(isinstance(m, _TARGETS["conv"]) for m in modules.values())
+        types = _TARGETS["conv" if has_conv else "linear"]
+    else:
+        types = _TARGETS["conv"] + _TARGETS["linear"] if targets is BnTargets.ALL else _TARGETS[targets.value]
+    names = [n for n in flow.ordered(list(flow.index)) if isinstance(modules.get(n), types)]
+    changes = []
+    for name in names:
+        layer = modules[name]
+        if name in flow.outputs:
+            continue
+        followers = sorted(u for u in flow.users.get(name, ()) if u in modules and is_batchnorm(modules[u]))
+        if followers:
+            changes.append(Change("kept", followers[0], name, "already followed by a BatchNorm"))
+            continue
+        bn = _new_bn(layer, name, flow, seeds).train(layer.training)
+        detail = f"{type(bn).__name__}({bn.num_features})"
+        if seeds is not None:
+            detail += f", noise seed {bn.noise_seed}"
+        if not keep_bias and layer.bias is not None:
+            layer.bias = None
+            detail += f"; {name}'s bias removed"
+        bn_name, layer_name, renamed = _place_after(layer, bn, slots[layer])
+        changes.append(Change("inserted", bn_name, layer_name, f"{detail}; {renamed}" if renamed else detail))
+    return changes
+
+
+def _add_noise(model: nn.Module, flow: _Flow, seeds: _Seeds) -> list[Change]:
+    """Each BN the forward runs becomes its noisy subclass at its own name; a BN holding an activation gets the noise before it."""
+    bns = {n: m for n, m in model.named_modules() if is_batchnorm(m)}
+    changes = []
+    for name in flow.ordered([n for n in bns if n in flow.index]):
+        bn = bns[name]
+        feeder, _ = _feeder(model, flow, name, bn)
+        if isinstance(bn, NoisyNorm):
+            changes.append(Change("kept", name, feeder or "", f"already a {type(bn).__name__}"))
+            continue
+        after = [n for n, _ in _norm_tail(bn, flow, name) if f"{name}.{n}" in flow.index]
+        before = type(bn).__name__
+        seed = seeds.next()
+        _make_noisy(bn, name, after, seed, seeds.config)
+        where = f", before its {', '.join(after)}" if after else ""
+        changes.append(Change("noise", name, feeder or "", f"{before} -> {type(bn).__name__}, noise seed {seed}{where}"))
+    return changes
+
+
+def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: Any) -> tuple[nn.Module, list[Change]]:
+    """Every BN out; the layer that fed it gets a zero bias (strip) or the BN folded in (fold)."""
+    bns = {n: m for n, m in model.named_modules() if is_batchnorm(m)}
+    reference = _eval_output(model, example_input) if fold else []
+    changes = []
+    for name in flow.ordered(list(bns)):
+        bn = bns[name]
+        feeder, why = _feeder(model, flow, name, bn)
+        tail = _norm_tail(bn, flow, name)
+        replacement: nn.Module = nn.Sequential(OrderedDict(tail)) if tail else nn.Identity()
+        becomes = f" -> Sequential({', '.join(n for n, _ in tail)})" if tail else ""
+        if fold:
+            if feeder is None:
+                raise SurgeryError(f"cannot fold {name}: {why}; strip it without --fold")
+            others = flow.users.get(feeder, set()) - {name}
+            if others or flow.calls[feeder] != 1 or flow.calls[name] != 1:
+                raise SurgeryError(f"cannot fold {name} into {feeder}: {feeder}'s output is also used elsewhere ({', '.join(sorted(map(_describe, others))) or 'a second call'})")
+            _fold(model.get_submodule(feeder), bn, name)
+            changes.append(Change("folded", name, feeder, f"running statistics and affine folded into {feeder}{becomes}"))
+        elif feeder is None:
+            changes.append(Change("removed", name, "", f"{why}; nothing re-biased{becomes}"))
+        else:
+            changes.append(Change("removed", name, feeder, f"{type(bn).__name__}({_num_features(bn)}){becomes}"))
+            layer = model.get_submodule(feeder)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros(_channels(layer), device=layer.weight.device, dtype=layer.weight.dtype))
+                changes.append(Change("rebiased", feeder, name, f"zero-initialised bias ({_channels(layer)})"))
+        model = _replace(model, bn, replacement.train(bn.training))
+    if fold:
+        _check_fold(model, example_input, reference)
+    return model, changes
+
+
+def _check_fold(model: nn.Module, example_input: Any, reference: list[torch.Tensor]) -> None:
+    """Folding is exact in eval mode; a difference means a folded layer's output had another use hooks cannot see."""
+    folded = _eval_output(model, example_input)
+    worst = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(folded, reference))
+    if worst > _FOLD_RTOL:
+        raise SurgeryError(f"folding BN changed {type(model).__name__}'s eval output by {worst:.1e} (relative): a folded layer's output is used elsewhere; strip without --fold")
+
+
+def _as_enum(cls: type[E], value: Any, what: str) -> E:
+    try:
+        return cls(value.value if isinstance(value, enum.Enum) else str(value).lower())
+    except ValueError:
+        raise SurgeryError(f"unknown {what} {value!r}; choose from {', '.join(str(m.value) for m in cls)}") from None
+
+
+def _param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def apply_bn(
+    model: nn.Module,
+    mode: str | BnMode,
+    example_input: Any,
+    *,
+    targets: str | BnTargets = "auto",
+    keep_bias: bool = False,
+    fold: bool = False,
+    noise: NoiseConfig | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, BnPlan]:
+    """Apply a BN mode (keep | insert | strip | noisy) to a deep copy of ``model``; returns it and the plan.
+
+    ``example_input`` (a batch of at least two) is run once without side effects to find the
+    dataflow. ``fold`` applies to strip only, ``targets`` and ``keep_bias`` to insert (and to noisy
+    on a model without BN). Noise generators are seeded from ``seed``, one per noisy BN in forward
+    order. No global RNG is consumed, so identically seeded builds keep identical weights.
+    """
+    bn_mode = _as_enum(BnMode, mode, "BN mode")
+    bn_targets = _as_enum(BnTargets, targets, "BN targets")
+    model = copy.deepcopy(model)
+    before = _param_count(model)
+    if bn_mode is BnMode.KEEP:
+        return model, BnPlan(bn_mode.value, "none", (), before, before)
+    flow = _dataflow(model, example_input)
+    seeds = _Seeds(seed, noise or NoiseConfig()) if bn_mode is BnMode.NOISY else None
+    if bn_mode is BnMode.STRIP:
+        model, changes = _strip(model, flow, fold, example_input)
+    elif seeds is not None and any(is_batchnorm(m) for n, m in model.named_modules() if n in flow.index):
+        changes = _add_noise(model, flow, seeds)
+    else:
+        changes = _insert(model, flow, bn_targets, keep_bias, seeds)
+    return model, BnPlan(bn_mode.value, flow.pairing, tuple(changes), before, _param_count(model))
