@@ -126,9 +126,10 @@ def dln(num_classes: int, input_shape: tuple[int, ...], depth: int = 25, width: 
 
     The first layer maps the input to ``width`` and the last maps ``width`` to ``num_classes``
     (the regression target's dimension), so the product W_depth...W_1 is the learned matrix.
+    Glorot init: with PyTorch's default init the product of 25 layers is ~1e-6 and nothing trains.
     """
     dims = [math.prod(input_shape)] + [width] * (depth - 1) + [num_classes]
-    return nn.Sequential(*[nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:])])
+    return glorot_init(nn.Sequential(nn.Flatten(), *[nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:])]))
 
 
 def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, int]:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .layers import LayerInfo, has_own_parameters, layer_kind, select
+from .probes.ics import in_extra_pass
 from .probes.moments import DEFAULT_SAMPLES, STATS, histogram, moment_stats
 from .store import RunWriter, Store
 
@@ -105,7 +106,7 @@ class Recorder:
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, _inp: Any, out: Any) -> None:
-            if self._paused or not module.training or name in self._current:
+            if self._paused or in_extra_pass() or not module.training or name in self._current:
                 return
             if not self._order_fixed:
                 self._seen_shapes.setdefault(name, tuple(out.shape) if isinstance(out, torch.Tensor) else ())

@@ -9,6 +9,7 @@ Each probe declares its own schedule (``due(step)``) and writes its own section 
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,7 +50,8 @@ class ICSProbe:
     def step(self, step: int, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
         from .ics import gradient_shift
 
-        result = gradient_shift(model, loss_fn, x, y, optimizer, layers=self.layers, method=self.method)
+        exact = [glob.escape(n) for n in self.layers]  # names, not patterns: ModuleDict keys may hold [ ] * ?
+        result = gradient_shift(model, loss_fn, x, y, optimizer, layers=exact, method=self.method)
         values = [result[n] for n in self.layers]
         self.writer.append("ics", step, {key: np.array([getattr(v, key) for v in values]) for key in ("l2", "cosine", "grad_norm", "grad_norm_shifted", "rel_diff")})
         return result.loss.detach(), result.output.detach()

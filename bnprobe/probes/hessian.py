@@ -1,0 +1,237 @@
+"""Top Hessian eigenvalue by power iteration on Hessian-vector products (DESIGN 1.5, 1.8).
+
+PyHessian's method, with three differences:
+
+- **BN mode is explicit** (``bn_mode="train"`` by default: batch statistics, the function training
+  sees; PyHessian silently switches to eval mode). Running statistics never move (BN's
+  ``track_running_stats`` is off during the pass) and other modules keep their mode. With dropout in
+  train mode, the one forward fixes one mask (replayed from the current RNG state, which is put back).
+- **One forward, one first-order backward** (``create_graph=True``) per call; each iteration is one
+  double-backward through that retained graph. Per-layer blocks share the same first-order graph.
+- **Warm start and stated stopping rule**: ``init`` (the previous call's ``vector``) starts the
+  iteration near the answer; it stops when the Rayleigh quotient's relative change between two
+  iterations is below ``tol`` (or after ``max_iter`` Hessian-vector products).
+
+Power iteration converges to the eigenvalue of **largest magnitude**. Near a minimum that is the top
+(most positive) eigenvalue; when the most negative eigenvalue is larger in magnitude, that negative
+value is what is returned (the sign tells). ``residual`` = ||Hv - lambda v|| for the returned unit
+vector v measures how converged it is (0 for an exact eigenpair); the top eigenvalue varies a lot
+from batch to batch, so record ``samples`` with it. Nothing is changed: parameters, buffers,
+``.grad`` and RNG states are as before.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .. import rng
+from ..errors import ConfigError
+from ..layers import has_own_parameters, layer_kind, select
+from .ics import no_trace
+
+BN_MODES = ("train", "eval")
+
+
+class HessianResult(NamedTuple):
+    """The eigenvalue of largest magnitude, how it was found, and its unit eigenvector (flat)."""
+
+    eigenvalue: float
+    iterations: int  # Hessian-vector products used
+    residual: float  # ||H v - eigenvalue v||, v of unit norm
+    vector: torch.Tensor  # flat, unit norm, detached: pass as ``init`` next time
+    converged: bool = True
+    bn_mode: str = "train"
+    samples: int = 0
+
+
+@contextmanager
+def _bn_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    if mode not in BN_MODES:
+        raise ConfigError(f"unknown BN mode {mode!r} for the Hessian; choose from {', '.join(BN_MODES)}")
+    norms = [(m, m.training) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    try:
+        for m, _ in norms:
+            m.train(mode == "train")
+        yield
+    finally:
+        for m, was in norms:
+            m.train(was)
+
+
+def _select_params(model: nn.Module, params: Iterable[torch.Tensor | str] | None) -> list[tuple[str, torch.Tensor]]:
+    """Trainable parameters: all, given ones, or those whose name or owning module matches a glob."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        return named
+    wanted = list(params)
+    ids = {id(w) for w in wanted if isinstance(w, torch.Tensor)}
+    patterns = [w for w in wanted if isinstance(w, str)]
+    canonical = {id(p): n for n, p in named}
+    chosen = []
+    seen: set[int] = set()
+    for mod_name, m in model.named_modules():
+        for pn, p in m.named_parameters(recurse=False):
+            full = f"{mod_name}.{pn}" if mod_name else pn
+            if id(p) not in canonical or id(p) in seen:
+                continue
+            if id(p) in ids or any(fnmatch.fnmatchcase(full, q) or fnmatch.fnmatchcase(mod_name, q) for q in patterns):
+                seen.add(id(p))
+                chosen.append((canonical[id(p)], p))
+    if not chosen:
+        raise ConfigError("the Hessian block selects no trainable parameter")
+    return chosen
+
+
+def _samples(x: Any) -> int:
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
+
+
+def _first_order(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: Any, y: Any, ps: list[torch.Tensor],
+                 bn_mode: str, record: list[nn.Module] | None = None) -> list[torch.Tensor | None]:
+    """grad L wrt ``ps`` with its graph kept (for double backward); None where L does not depend on p."""
+    handles = []
+    if record is not None:
+        seen: set[int] = set()
+
+        def hook(m: nn.Module, _i: Any, _o: Any) -> None:
+            if id(m) not in seen:
+                seen.add(id(m))
+                record.append(m)
+
+        handles = [m.register_forward_hook(hook) for m in model.modules() if has_own_parameters(m)]
+    state = rng.capture(model)
+    try:
+        with no_trace(model), _bn_mode(model, bn_mode), rng.replaying(model, state):
+            loss = loss_fn(model(x), y)
+    finally:
+        for h in handles:
+            h.remove()
+    grads = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
+    return [g if g is not None and g.requires_grad else None for g in grads]
+
+
+def _power_iteration(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor], tol: float, max_iter: int,
+                     init: torch.Tensor | Sequence[torch.Tensor] | None, seed: int) -> tuple[float, int, float, torch.Tensor, bool]:
+    sizes = [p.numel() for p in ps]
+    n = sum(sizes)
+    ref = ps[0]
+    live = [k for k, g in enumerate(grads) if g is not None]
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        if not live:
+            return torch.zeros_like(v)
+        parts = v.split(sizes)
+        out = torch.autograd.grad([grads[k] for k in live], [ps[k] for k in live],
+                                  grad_outputs=[parts[k].view_as(ps[k]) for k in live], retain_graph=True, allow_unused=True)
+        full = [torch.zeros(s, dtype=ref.dtype, device=ref.device) for s in sizes]
+        for k, h in zip(live, out):
+            if h is not None:
+                full[k] = h.reshape(-1)
+        return torch.cat(full)
+
+    if init is None:
+        v = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=ref.dtype).to(ref.device)
+    else:
+        v = init.detach().reshape(-1) if isinstance(init, torch.Tensor) else torch.cat([t.detach().reshape(-1) for t in init])
+        if v.numel() != n:
+            raise ValueError(f"init has {v.numel()} entries, the parameters have {n}")
+        v = v.to(device=ref.device, dtype=ref.dtype)
+        if not torch.isfinite(v).all() or float(v.norm()) == 0:
+            v = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=ref.dtype).to(ref.device)
+    v = v / v.norm()
+    previous: float | None = None
+    eigenvalue, residual, converged = 0.0, math.nan, False
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        hv = hvp(v)
+        lam = torch.dot(v, hv)
+        res = torch.linalg.vector_norm(hv - lam * v)
+        eigenvalue, residual = float(lam), float(res)  # the stopping rule needs the value on the host
+        if not math.isfinite(eigenvalue):
+            break
+        if previous is not None and abs(eigenvalue - previous) <= tol * abs(previous):
+            converged = True
+            break
+        norm = torch.linalg.vector_norm(hv)
+        if float(norm) == 0.0:  # H v = 0: v is an eigenvector with eigenvalue 0
+            converged = True
+            break
+        previous = eigenvalue
+        v = hv / norm
+    return eigenvalue, iterations, residual, v.detach(), converged
+
+
+def top_hessian_eigenvalue(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: Any,
+    y: Any,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    init: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    params: Iterable[torch.Tensor | str] | None = None,
+    bn_mode: str = "train",
+    seed: int = 0,
+) -> HessianResult:
+    """The Hessian eigenvalue of largest magnitude on batch (x, y) by power iteration.
+
+    ``params`` restricts the Hessian to a block: parameters, or glob patterns matched against
+    parameter names and owning-module names (``"features.3"``, ``"layer1.*"``); default: every
+    trainable parameter. ``init``: a start vector (flat, or one tensor per parameter), e.g. the
+    previous result's ``vector``; otherwise a random one from ``seed`` (the global RNG is untouched).
+    """
+    if tol <= 0 or max_iter < 1:
+        raise ConfigError(f"power iteration needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
+    named = _select_params(model, params)
+    ps = [p for _, p in named]
+    grads = _first_order(model, loss_fn, x, y, ps, bn_mode)
+    lam, its, res, v, ok = _power_iteration(grads, ps, tol, max_iter, init, seed)
+    return HessianResult(lam, its, res, v, ok, bn_mode, _samples(x))
+
+
+def hessian_blocks(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: Any,
+    y: Any,
+    layers: Sequence[str] | str | None = None,
+    kinds: Sequence[str] | None = None,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    init: Mapping[str, torch.Tensor] | None = None,
+    bn_mode: str = "train",
+    seed: int = 0,
+) -> dict[str, HessianResult]:
+    """The top eigenvalue of each probed layer's diagonal Hessian block (its own parameters).
+
+    One forward and one first-order backward serve every block. Layers are in forward order;
+    ``layers`` / ``kinds`` select them as for ICS; ``init`` maps layer names to start vectors.
+    """
+    if tol <= 0 or max_iter < 1:
+        raise ConfigError(f"power iteration needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    index = {id(p): k for k, (_, p) in enumerate(named)}
+    ps = [p for _, p in named]
+    order: list[nn.Module] = []
+    grads = _first_order(model, loss_fn, x, y, ps, bn_mode, record=order)
+    names = {id(m): n for n, m in model.named_modules()}
+    blocks = [(names[id(m)], [index[id(p)] for p in m.parameters(recurse=False) if id(p) in index]) for m in order]
+    blocks = [(n, list(dict.fromkeys(ks))) for n, ks in blocks if ks]
+    patterns = ("*",) if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
+    kinds_of = {names[id(m)]: layer_kind(m) for m in order}
+    picked = select([(n, kinds_of[n]) for n, _ in blocks], patterns, kinds)
+    if not picked:
+        raise ConfigError(f"no layer matches --layers {list(patterns)!r}" + (f" and kinds {list(kinds)!r}" if kinds else ""))
+    out = {}
+    for j in picked:
+        name, ks = blocks[j]
+        lam, its, res, v, ok = _power_iteration([grads[k] for k in ks], [ps[k] for k in ks], tol, max_iter, (init or {}).get(name), seed)
+        out[name] = HessianResult(lam, its, res, v, ok, bn_mode, _samples(x))
+    return out

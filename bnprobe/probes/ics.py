@@ -1,0 +1,598 @@
+"""Gradient-shift internal covariate shift (DESIGN 1.4; Santurkar et al. 2018, Definition 2.1).
+
+At a measured step with batch (x, y), for each probed layer i with weights W_i (all of the layer's
+own trainable parameters, weight and bias, flattened and concatenated):
+
+- ``G_i``  = grad of L wrt W_i at (W_1^t, ..., W_k^t), taken from the real training backward;
+- ``G'_i`` = grad of L wrt W_i at (W_1^{t+1}, ..., W_{i-1}^{t+1}, W_i^t, ..., W_k^t), where
+  W^{t+1} is what the real ``optimizer.step()`` produced (momentum, weight decay, Adam... included).
+
+Layers are ordered as :func:`bnprobe.layers.probed_layers` orders them: by the end of their first
+call in the forward pass (for leaf modules, the usual case, that is simply the order they run in).
+"Before i" means earlier in that order. A module called twice is placed at its first call, and its
+weights are "updated" in both calls for every later layer. With tied parameters (one tensor held by
+two modules) a parameter counts as updated when its first holder is before i, except that layer i's
+own parameters are always at W^t (they are the variable being differentiated).
+
+:func:`gradient_shift` performs the one real training step, exactly as
+``optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()`` would, and measures
+``G'`` in extra passes that leave no trace: BatchNorm's ``track_running_stats`` is switched off
+during them (train mode then normalises with batch statistics and updates nothing), every random
+stream (global CPU/CUDA generators and module ``generator`` attributes, e.g. noisy BN) is replayed
+from its state before the real forward, so dropout masks and noise draws equal the real pass's, and
+put back afterwards. Other buffers a forward updates in place (spectral norm's vectors, InstanceNorm
+statistics) are likewise set to their pre-step values for each pass and restored after.
+Parameters, buffers, ``.grad``, optimizer state and RNG states end up bit-identical to a plain step.
+Only trainable parameters count as a layer's weights; a layer whose parameters are all frozen gets
+an all-NaN row (so results line up with ``probed_layers``), and a parameter no called module owns
+(read functionally by a parent) stays at W^t.
+
+Two methods compute ``G'``; they agree to float tolerance (the tests check it):
+
+``naive``
+    The reference: per layer, one extra forward and a full backward through a
+    ``torch.func.functional_call`` whose parameters mix W^{t+1} (before i) and W^t (from i on).
+
+``fast``
+    Three savings, no approximation:
+
+    1. the backward differentiates only wrt W_i (``torch.autograd.grad(inputs=W_i)``, every other
+       parameter is a constant), so it skips every other layer's weight gradient and everything
+       before layer i;
+    2. prefix sharing: one no-grad forward with the updated weights records the output of every
+       module call (a cheap clone, deduplicated); in the pass for layer i, a module call whose
+       result only depends on updated weights (no parameter of layer i or later has been touched by
+       the time it ends) returns its recorded output instead of running, so each pass costs only
+       the suffix from layer i on. This works on any ``nn.Module`` graph (branches, shortcuts,
+       shared modules, nested blocks), because it follows module calls, not a chain of layers.
+       Random draws made inside a skipped call are fast-forwarded, so later draws stay aligned;
+       a recorded output that a later in-place op mutates is dropped from the cache (recomputed);
+    3. the first layer in forward order has nothing before it, so ``G'_1 = G_1`` exactly.
+
+    Assumption (true for ordinary module code): a module's forward reads only the parameters of
+    itself and its submodules. When the replayed calls do not line up with the recorded ones
+    (data-dependent control flow), the rest of that pass simply runs uncached.
+
+Cosine and relative difference are NaN when a gradient is exactly zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .. import rng
+from ..errors import ConfigError
+from ..layers import has_own_parameters, layer_kind, select
+
+METHODS = ("fast", "naive")
+FIELDS = ("l2", "cosine", "grad_norm", "grad_norm_shifted", "rel_diff")
+
+
+class ICS(NamedTuple):
+    """Gradient shift of one layer: ||G - G'||_2, cos(G, G'), ||G||_2, ||G'||_2, ||G - G'|| / ||G||."""
+
+    l2: float
+    cosine: float
+    grad_norm: float
+    grad_norm_shifted: float
+    rel_diff: float
+
+
+class ICSResult(Mapping[str, ICS]):
+    """``{layer name: ICS}`` in forward-execution order, plus the real pass's ``loss`` and ``output``."""
+
+    def __init__(self, values: dict[str, ICS], loss: torch.Tensor, output: Any, method: str) -> None:
+        self._values = values
+        self.loss = loss
+        self.output = output
+        self.method = method
+
+    def __getitem__(self, name: str) -> ICS:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def column(self, field: str) -> list[float]:
+        """One field (``l2``, ``cosine``, ...) for every layer, in forward order."""
+        if field not in FIELDS:
+            raise KeyError(f"unknown ICS field {field!r}; choose from {', '.join(FIELDS)}")
+        return [getattr(v, field) for v in self._values.values()]
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{n}: cos={v.cosine:.4f} l2={v.l2:.3g}" for n, v in self._values.items())
+        return f"ICSResult(loss={float(self.loss):.4g}, {{{rows}}})"
+
+
+# ----------------------------------------------------------------------------- leaving no trace
+
+_EXTRA_PASS_DEPTH = [0]
+
+
+def in_extra_pass() -> bool:
+    """True while a measurement pass (ICS, landscape, Hessian) runs: hooks can skip those calls."""
+    return _EXTRA_PASS_DEPTH[0] > 0
+
+
+class BufferTape:
+    """The buffers outside BatchNorm, which a forward may read and update in place: InstanceNorm's
+    running statistics (updated regardless of ``track_running_stats``), spectral norm's power
+    iteration vectors, user EMA buffers. BN's own are left out: the switch keeps them still."""
+
+    def __init__(self, model: nn.Module) -> None:
+        seen: set[int] = set()
+        self.buffers: list[torch.Tensor] = []
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                continue
+            for b in m.buffers(recurse=False):
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    self.buffers.append(b)
+        self.entry: list[torch.Tensor] = []
+
+    def snap(self) -> list[torch.Tensor]:
+        return [b.clone() for b in self.buffers]
+
+    def set(self, values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for b, v in zip(self.buffers, values):
+                b.copy_(v)
+
+
+@contextmanager
+def no_trace(model: nn.Module) -> Iterator[BufferTape]:
+    """Extra passes that leave every buffer as it was.
+
+    ``track_running_stats`` is switched off on every normalisation module (train-mode BN then uses
+    batch statistics and updates nothing) and restored after. The other buffers are copied on entry
+    (``tape.entry``) and written back on exit; a caller that replays a pass sets them to the
+    state the real pass started from before each pass (``tape.set(...)``), as it replays the RNG.
+    RNG streams are the caller's business (:mod:`bnprobe.rng`).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    flags = [(m, m.track_running_stats) for m in norms]
+    tape = BufferTape(model)
+    tape.entry = tape.snap()
+    _EXTRA_PASS_DEPTH[0] += 1
+    try:
+        for m in norms:
+            m.track_running_stats = False
+        yield tape
+    finally:
+        _EXTRA_PASS_DEPTH[0] -= 1
+        for m, flag in flags:
+            m.track_running_stats = flag
+        tape.set(tape.entry)
+
+
+# ----------------------------------------------------------------------------- layers and parameters
+
+
+class _Layers:
+    """Every module with trainable own parameters, in the order of the end of its first call."""
+
+    def __init__(self, model: nn.Module, called: list[nn.Module]) -> None:
+        names = {id(m): n for n, m in model.named_modules()}
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        self.names = [names[id(m)] for m in called]
+        self.kinds = [layer_kind(m) for m in called]
+        # parameter (canonical name) -> layer index of its first holder in forward order
+        self.param_layer: dict[str, int] = {}
+        self.own: list[list[str]] = []
+        for i, m in enumerate(called):
+            own = [canonical[id(p)] for p in m.parameters(recurse=False) if p.requires_grad and id(p) in canonical]
+            own = list(dict.fromkeys(own))
+            self.own.append(own)
+            for n in own:
+                self.param_layer.setdefault(n, i)
+        # a module's "reach": the latest layer whose parameters it holds (tied weights)
+        holders: dict[str, list[int]] = {}
+        for i, own in enumerate(self.own):
+            for n in own:
+                holders.setdefault(n, []).append(i)
+        self.reach = {id(m): max([i] + [j for n in self.own[i] for j in holders[n]]) if self.own[i] else -1 for i, m in enumerate(called)}
+
+
+@contextmanager
+def _record_first_calls(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Modules with own parameters, in the order their first call ends (as layers.probed_layers)."""
+    order: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def hook(module: nn.Module, _inp: Any, _out: Any) -> None:
+        if id(module) not in seen:
+            seen.add(id(module))
+            order.append(module)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if has_own_parameters(m)]
+    try:
+        yield order
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _measured(layers: _Layers, patterns: Sequence[str] | str | None, kinds: Sequence[str] | None) -> list[int]:
+    candidates = list(range(len(layers.names)))
+    if patterns is None:
+        patterns = ("*",)
+    elif isinstance(patterns, str):
+        patterns = (patterns,)
+    picked = set(select([(layers.names[i], layers.kinds[i]) for i in candidates], list(patterns), kinds))
+    chosen = [candidates[j] for j in sorted(picked)]
+    if not chosen:
+        raise ConfigError(f"no layer matches --layers {list(patterns)!r}" + (f" and kinds {list(kinds)!r}" if kinds else ""))
+    return chosen
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
+
+
+def _shift_stats(g: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    """[l2, cosine, |G|, |G'|, rel_diff] as a float64 tensor (no host synchronisation)."""
+    g, gs = g.double(), gs.double()
+    n, ns = torch.linalg.vector_norm(g), torch.linalg.vector_norm(gs)
+    l2 = torch.linalg.vector_norm(g - gs)
+    nan = torch.full_like(n, float("nan"))
+    cos = torch.where((n > 0) & (ns > 0), torch.dot(g, gs) / (n * ns), nan)
+    rel = torch.where(n > 0, l2 / n, nan)
+    return torch.stack([l2, cos, n, ns, rel])
+
+
+# ----------------------------------------------------------------------------- public entry point
+
+
+def gradient_shift(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: Any,
+    y: Any,
+    optimizer: torch.optim.Optimizer,
+    layers: Sequence[str] | str | None = None,
+    method: str = "fast",
+    kinds: Sequence[str] | None = None,
+    before_step: Callable[[], Any] | None = None,
+) -> ICSResult:
+    """Do one real training step on (x, y) and measure the gradient shift of the probed layers.
+
+    ``layers``: glob patterns or module names (default: every probed layer); ``kinds`` narrows by
+    kind (``conv``, ``linear``, ``norm``, ``other``). Only the measured layers cost extra passes;
+    "before i" always counts every probed layer. ``before_step`` runs after ``G`` is taken and
+    before ``optimizer.step()`` (gradient clipping goes there: G is the gradient before clipping).
+    Returns ``{name: ICS}`` in forward order with ``.loss`` (detached) and ``.output`` (detached).
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown ICS method {method!r}; choose from {', '.join(METHODS)}")
+    state0 = rng.capture(model)
+    buffers0 = BufferTape(model).snap()
+
+    # ---- the real step, exactly as a plain one (plus a hook recording the forward order)
+    optimizer.zero_grad()
+    with _record_first_calls(model) as called:
+        output = model(x)
+    loss = loss_fn(output, y)
+    loss.backward()
+
+    plan = _Layers(model, called)
+    selected = _measured(plan, layers, kinds)
+    measured = [i for i in selected if plan.own[i]]  # frozen layers: NaN rows, no passes
+    params = dict(model.named_parameters())
+    g_real = {i: [_grad_or_zero(params[n]).clone() for n in plan.own[i]] for i in measured}
+    first = min(measured, default=len(plan.own))
+    needed = {n for i, own in enumerate(plan.own) if i >= first for n in own}
+    needed |= {n for n, p in params.items() if p.requires_grad and n not in plan.param_layer}  # no layer: W^t
+    old = {n: params[n].detach().clone() for n in needed}
+    if before_step is not None:
+        before_step()
+    optimizer.step()
+
+    # ---- the extra passes
+    new = {n: p.detach() for n, p in params.items()}
+    shifted: dict[int, list[torch.Tensor]] = {}
+    with no_trace(model) as tape:
+        def reset() -> None:  # every pass starts from the buffers the real pass started from
+            tape.set(buffers0)
+
+        if method == "naive" and measured:
+            shifted = _naive(model, loss_fn, x, y, plan, measured, old, new, state0, reset)
+        elif measured:
+            shifted = _fast(model, loss_fn, x, y, plan, measured, old, new, state0, reset, g_real)
+
+    rows = torch.stack([_shift_stats(_flat(g_real[i]), _flat(shifted[i])) for i in measured]).tolist() if measured else []
+    by_layer = dict(zip(measured, rows))
+    nan = [float("nan")] * len(FIELDS)
+    values = {plan.names[i]: ICS(*by_layer.get(i, nan)) for i in selected}
+    return ICSResult(values, loss.detach(), tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output), method)
+
+
+def _grad_or_zero(p: torch.Tensor) -> torch.Tensor:
+    return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+
+
+def _mixed(plan: _Layers, i: int, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """W^{t+1} for parameters of layers before i, W^t for the rest (never-called modules: W^t)."""
+    out = {}
+    for n, w in new.items():
+        j = plan.param_layer.get(n)
+        out[n] = w if j is not None and j < i else old.get(n, w)
+    return out
+
+
+# ----------------------------------------------------------------------------- naive reference
+
+
+def _naive(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: Any, y: Any, plan: _Layers, measured: list[int],
+           old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], state0: rng.RngState,
+           reset: Callable[[], None]) -> dict[int, list[torch.Tensor]]:
+    """One extra forward and full backward per layer, on the mixed parameters."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    shifted = {}
+    for i in measured:
+        mixed = _mixed(plan, i, old, new)
+        mixed.update((n, old[n]) for n in plan.own[i])
+        leaves = {n: (w.detach().requires_grad_(True) if n in trainable else w) for n, w in mixed.items()}
+        reset()
+        with rng.replaying(model, state0):
+            loss = loss_fn(torch.func.functional_call(model, leaves, (x,)), y)
+        names = [n for n in leaves if n in trainable]
+        grads = dict(zip(names, torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)))
+        shifted[i] = [grads[n] if grads[n] is not None else torch.zeros_like(leaves[n]) for n in plan.own[i]]
+    return shifted
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+class _RngTape:
+    """Cheap snapshots of every random stream a forward can draw from (see bnprobe.rng)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.gens = list(rng.module_generators(model).values())
+        self.cuda = torch.cuda.is_initialized()
+
+    def snap(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        cuda = torch.cuda.get_rng_state_all() if self.cuda else []
+        return torch.get_rng_state(), cuda, [g.get_state() for g in self.gens]
+
+    @staticmethod
+    def same(a: Any, b: Any) -> bool:
+        return all(torch.equal(s, t) for s, t in zip(tree_flatten(a)[0], tree_flatten(b)[0]))
+
+    def from_state(self, model: nn.Module, state: rng.RngState) -> Any:
+        by_name = rng.module_generators(model)
+        ids = {id(g): n for n, g in by_name.items()}
+        return state.cpu, state.cuda if self.cuda else [], [state.modules.get(ids[id(g)], g.get_state()) for g in self.gens]
+
+    def set(self, s: Any) -> None:
+        torch.set_rng_state(s[0])
+        if s[1]:
+            torch.cuda.set_rng_state_all(s[1])
+        for g, st in zip(self.gens, s[2]):
+            g.set_state(st)
+
+
+_OFF, _RECORD, _REPLAY = 0, 1, 2
+
+
+class _CallCache:
+    """Records every module call of a no-grad forward with updated weights and serves the calls
+    that only depend on updated weights back to later passes without running them.
+
+    Calls are numbered in the order they start; ``end[c]`` is one past the last call nested in c.
+    ``reach[c]`` is the latest layer whose parameters may have been read by the time call c ends
+    (the modules of every call started by then, its open ancestors and the root included). Call c
+    is served in the pass for layer i iff ``reach[c] < i``: everything it depends on then holds
+    W^{t+1}, exactly as in the recording pass. A model whose modules cannot be patched (scripted
+    modules) is run uncached.
+    """
+
+    def __init__(self, model: nn.Module, plan: _Layers, horizon: int) -> None:
+        self.model = model
+        self.plan = plan
+        self.horizon = horizon  # no measured layer beyond this: later calls are never served
+        self.tape = _RngTape(model)
+        self.mode = _OFF
+        self.seq: list[nn.Module] = []
+        self.end: list[int] = []
+        self.reach: list[int] = []
+        self.out: list[Any] = []
+        self.flat: list[list[torch.Tensor]] = []
+        self.rng_after: list[Any] = []
+        self.pos = 0
+        self.limit = -1
+        self.synced = True
+        self.served: list[int] = []
+        self.disabled = False
+        self._running = self._reach_of(model)
+        self._memo: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _reach_of(self, m: nn.Module) -> int:
+        if id(m) in self.plan.reach:
+            return self.plan.reach[id(m)]
+        # parameters outside every ordered layer: treat as "never before anything"
+        return 1 << 30 if any(p.requires_grad for p in m.parameters(recurse=False)) else -1
+
+    @contextmanager
+    def installed(self) -> Iterator[_CallCache]:
+        patched: list[tuple[nn.Module, bool, Any]] = []
+        try:
+            try:
+                for m in self.model.modules():
+                    if m is self.model:
+                        continue
+                    had = "forward" in m.__dict__
+                    wrapped = self._wrap(m, m.forward)
+                    patched.append((m, had, m.__dict__.get("forward")))
+                    object.__setattr__(m, "forward", wrapped)
+            except (AttributeError, TypeError, RuntimeError):
+                self.disabled = True
+            yield self
+        finally:
+            self.mode = _OFF
+            for m, had, fwd in patched:
+                if had:
+                    object.__setattr__(m, "forward", fwd)
+                else:
+                    object.__delattr__(m, "forward")
+
+    def _clone(self, out: Any) -> Any:
+        def one(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            key = (id(t), t._version)
+            hit = self._memo.get(key)
+            if hit is None:
+                hit = (t, t.detach().clone())
+                self._memo[key] = hit
+            return hit[1]
+
+        return tree_map(one, out)
+
+    def _wrap(self, m: nn.Module, fwd: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self.mode == _RECORD:
+                pos = len(self.seq)
+                self.seq.append(m)
+                self.end.append(-1)
+                self.reach.append(-1)
+                self.out.append(None)
+                self.flat.append([])
+                self.rng_after.append(None)
+                self._running = max(self._running, self._reach_of(m))
+                before = self.tape.snap()
+                result = fwd(*args, **kwargs)
+                self.end[pos] = len(self.seq)
+                self.reach[pos] = self._running
+                if self._running < self.horizon:
+                    self.out[pos] = self._clone(result)
+                    self.flat[pos] = [t for t in tree_flatten(self.out[pos])[0] if isinstance(t, torch.Tensor)]
+                    after = self.tape.snap()
+                    if not self.tape.same(before, after):
+                        self.rng_after[pos] = after
+                return result
+            if self.mode == _REPLAY and self.synced:
+                pos = self.pos
+                if pos >= len(self.seq) or self.seq[pos] is not m:
+                    self.synced = False  # the calls no longer line up: run the rest uncached
+                    return fwd(*args, **kwargs)
+                if self.reach[pos] < self.limit and self.out[pos] is not None:
+                    self.pos = self.end[pos]
+                    if self.rng_after[pos] is not None:
+                        self.tape.set(self.rng_after[pos])
+                    self.served.append(pos)
+                    return self.out[pos]
+                self.pos += 1
+            return fwd(*args, **kwargs)
+
+        return forward
+
+    def record(self, x: Any) -> None:
+        if self.disabled:
+            return
+        self.mode = _RECORD
+        try:
+            with torch.no_grad():
+                self.model(x)
+        finally:
+            self.mode = _OFF
+            self._memo.clear()
+
+    @contextmanager
+    def replay(self, layer: int) -> Iterator[None]:
+        self.mode, self.pos, self.limit, self.synced, self.served = _REPLAY, 0, layer, not self.disabled, []
+        try:
+            yield
+        finally:
+            self.mode = _OFF
+
+    def drop_mutated(self) -> None:
+        """A recorded output that an in-place op changed is no longer the recorded value: forget it.
+
+        Only served outputs can change, but one clone can back several calls: drop every call
+        whose output holds a changed tensor.
+        """
+        changed = {id(t) for pos in self.served for t in self.flat[pos] if t._version != 0}
+        if changed:
+            for pos, ts in enumerate(self.flat):
+                if self.out[pos] is not None and any(id(t) in changed for t in ts):
+                    self.out[pos] = None
+
+
+def _fast(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: Any, y: Any, plan: _Layers, measured: list[int],
+          old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], state0: rng.RngState,
+          reset: Callable[[], None], g_real: dict[int, list[torch.Tensor]]) -> dict[int, list[torch.Tensor]]:
+    shifted: dict[int, list[torch.Tensor]] = {}
+    todo = []
+    for i in measured:
+        if i == 0:
+            shifted[i] = g_real[i]  # nothing runs before the first layer: G' is G
+        else:
+            todo.append(i)
+    if not todo:
+        return shifted
+    cache = _CallCache(model, plan, horizon=max(todo))
+    tape = cache.tape
+    start, after = tape.from_state(model, state0), tape.snap()
+    slots = ParamSlots(model)
+    try:
+        with cache.installed():
+            tape.set(start)
+            reset()
+            with slots.swapped({n: w for n, w in old.items() if n not in plan.param_layer}):
+                cache.record(x)  # updated layers; parameters outside every layer stay at W^t
+            for i in todo:
+                params = _mixed(plan, i, old, new)
+                leaves = [old[n].detach().requires_grad_(True) for n in plan.own[i]]
+                params.update(zip(plan.own[i], leaves))
+                tape.set(start)
+                reset()
+                with cache.replay(i), slots.swapped(params):
+                    loss = loss_fn(model(x), y)
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                cache.drop_mutated()
+                shifted[i] = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, leaves)]
+    finally:
+        tape.set(after)
+    return shifted
+
+
+class ParamSlots:
+    """Every place a parameter is registered (module, attribute, canonical name), tied ones included.
+
+    ``swapped({canonical name: tensor})`` puts tensors in place of those parameters for the block.
+
+    Swapping tensors into these slots is what ``torch.func.functional_call`` does, minus its
+    per-call bookkeeping (which dominates on small models).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        self.slots = [
+            (m, attr, canonical[id(p)])
+            for m in model.modules()
+            for attr, p in m._parameters.items()
+            if p is not None and id(p) in canonical
+        ]
+
+    @contextmanager
+    def swapped(self, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        saved = [(m, attr, m._parameters[attr]) for m, attr, n in self.slots if n in values]
+        try:
+            for m, attr, n in self.slots:
+                if n in values:
+                    m._parameters[attr] = values[n]  # type: ignore[assignment]
+            yield
+        finally:
+            for m, attr, p in saved:
+                m._parameters[attr] = p

@@ -1,0 +1,131 @@
+"""Loss landscape along the gradient (DESIGN 1.5) against a naive deep-copy re-computation."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bnprobe.errors import ConfigError
+from bnprobe.models import dln
+from bnprobe.probes.landscape import ETA_RANGES, LandscapeResult, default_etas, landscape
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    """One intra-op thread: on a shared 2-core machine, 2-thread kernels (BatchNorm1d on small
+    inputs) stall for a scheduler tick whenever another process holds a core (40 ms instead of
+    30 us per call), which made these tests 30x slower under load. Results do not depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Noisy(nn.Module):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return x * (1 + 0.2 * torch.randn(x.shape[1], generator=self.generator)) + 0.3 * torch.rand(x.shape[1], generator=self.generator)
+
+
+def net() -> nn.Module:
+    """BN (train mode), dropout and a private noise generator: every way an eval could differ."""
+    sn = torch.nn.utils.parametrizations.spectral_norm  # a buffer updated in every forward
+    return nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), Noisy(1), nn.ReLU(), nn.Dropout(0.3), sn(nn.Linear(12, 12)), nn.Tanh(), nn.Linear(12, 3))
+
+
+def naive(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, etas: list[float], seed: int) -> LandscapeResult:
+    """A straight loop over parameter copies, one fresh deep copy and the same seed per evaluation."""
+
+    def loss_grad(shift: list[torch.Tensor] | None) -> tuple[float, list[torch.Tensor]]:
+        m = copy.deepcopy(model)
+        if shift is not None:
+            with torch.no_grad():
+                for p, s in zip(m.parameters(), shift):
+                    p.sub_(s)
+        torch.manual_seed(seed)
+        loss = loss_fn(m(x), y)
+        loss.backward()
+        return loss.item(), [p.grad.detach().double().clone() for p in m.parameters()]
+
+    l0, g = loss_grad(None)
+    gnorm = math.sqrt(sum(float((t**2).sum()) for t in g))
+    losses, diffs = [], []
+    for eta in etas:
+        le, ge = loss_grad([(eta * t).float() for t in g])
+        losses.append(le)
+        diffs.append(math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(g, ge))))
+    beta = max(d / (eta * gnorm) for d, eta in zip(diffs, etas))
+    return LandscapeResult(etas, losses, diffs, beta, l0, gnorm)
+
+
+def test_matches_naive_and_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = net()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=g), torch.randint(3, (16,), generator=g)
+    etas = default_etas(0.5)
+    ref = naive(model, nn.CrossEntropyLoss(), x, y, etas, seed=5)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)  # .grad must survive untouched
+    before = copy.deepcopy(model)
+    torch.manual_seed(5)
+    rng_before = torch.get_rng_state()
+    got = landscape(model, nn.CrossEntropyLoss(), x, y, etas)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert torch.equal(model[2].generator.get_state(), before[2].generator.get_state())
+    for (n, a), b in zip(model.state_dict().items(), before.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    assert got.etas == etas
+    assert got.loss_at_w == pytest.approx(ref.loss_at_w, rel=1e-5)
+    assert got.grad_norm == pytest.approx(ref.grad_norm, rel=1e-5)
+    assert got.loss == pytest.approx(ref.loss, rel=1e-5)
+    assert got.grad_l2 == pytest.approx(ref.grad_l2, rel=1e-4, abs=1e-6 * ref.grad_norm)
+    assert got.beta == pytest.approx(ref.beta, rel=1e-4)
+    assert got.beta == pytest.approx(max(got.smoothness))
+    assert got.loss_min == min(got.loss) and got.loss_max == max(got.loss)
+    assert got.loss[0] < got.loss_at_w  # a small step downhill lowers the loss
+
+
+def test_quadratic_exact() -> None:
+    """L(w) = 0.5 ||A w||^2 on a bias-free linear layer: grad = A^T A w; along -g the gradient
+    changes by eta A^T A g, so beta is the largest Rayleigh quotient of A^T A along g."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1, bias=False)
+    x = torch.randn(32, 4)
+    loss_fn = lambda out, y: 0.5 * (out**2).sum()  # noqa: E731
+    res = landscape(model, loss_fn, x, None, [0.01, 0.1])
+    h = x.T @ x
+    w = model.weight.detach().reshape(-1)
+    g = h @ w
+    assert res.grad_norm == pytest.approx(float(g.norm()), rel=1e-5)
+    expected = float((h @ g).norm() / g.norm())
+    assert res.beta == pytest.approx(expected, rel=1e-4)
+    assert res.grad_l2[1] == pytest.approx(0.1 * float((h @ g).norm()), rel=1e-4)
+
+
+def test_dln_grid_and_default_etas() -> None:
+    assert default_etas(0.1) == pytest.approx([0.1 * 0.5 * 8 ** (k / 7) for k in range(8)])
+    assert default_etas(0.1)[0] == pytest.approx(0.05) and default_etas(0.1)[-1] == pytest.approx(0.4)
+    d = default_etas(1e-6, "dln", n=5)
+    assert d[0] == pytest.approx(1e-8) and d[-1] == pytest.approx(3e-5) and len(d) == 5
+    assert default_etas(0.1, "torchvision:resnet18") == default_etas(0.1, "vgg")
+    assert ETA_RANGES == {"vgg": (0.5, 4.0), "dln": (0.01, 30.0)}
+    with pytest.raises(ConfigError):
+        default_etas(0.0)
+    torch.manual_seed(0)
+    model = dln(10, (10,), depth=6)
+    x = torch.randn(64, 10)
+    res = landscape(model, nn.MSELoss(), x, x, default_etas(0.05, "dln"))
+    assert len(res.loss) == 8 and all(math.isfinite(v) for v in res.loss + res.grad_l2)
+    with pytest.raises(ConfigError):
+        landscape(model, nn.MSELoss(), x, x, [])
