@@ -31,30 +31,12 @@ from torch import nn
 from bnprobe.data import synthetic_linear
 from bnprobe.models import dln, vgg
 from bnprobe.probes.ics import FIELDS, gradient_shift
+from bnprobe.surgery import apply_bn
 
 
 def insert_bn(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """``--bn insert`` on the built-in VGG / DLN: bnprobe.surgery when available, else by hand."""
-    try:
-        from bnprobe.surgery import apply_bn
-    except ImportError:
-        pass
-    else:
-        return apply_bn(model, "insert", example)[0]
-    if hasattr(model, "features"):  # vgg: BN2d after every conv, before its ReLU, conv bias removed
-        layers: list[nn.Module] = []
-        for m in model.features:
-            layers.append(m)
-            if isinstance(m, nn.Conv2d):
-                m.bias = None
-                layers.append(nn.BatchNorm2d(m.out_channels))
-        model.features = nn.Sequential(*layers)
-        return model
-    linears = list(model)  # dln: BN1d after every hidden linear layer
-    layers = []
-    for m in linears[:-1]:
-        layers += [m, nn.BatchNorm1d(m.out_features)]
-    return nn.Sequential(*layers, linears[-1])
+    """``--bn insert``: BN after every conv (VGG) or hidden linear layer (DLN)."""
+    return apply_bn(model, "insert", example)[0]
 
 
 def cases(names: list[str]) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor, nn.Module, float]]:
