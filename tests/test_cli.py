@@ -77,3 +77,49 @@ def test_shape_mismatch_names_the_layer(in_tmp: Path, tmp_path: Path) -> None:
 def test_missing_config(in_tmp: Path) -> None:
     result = runner.invoke(app, ["train", "nope.yaml"])
     assert result.exit_code == 2 and "config file nope.yaml does not exist" in result.output
+
+
+def test_measure_ics_from_config_writes_ics_and_landscape(in_tmp: Path, tiny_config: Path) -> None:
+    result = runner.invoke(app, ["measure-ics", str(tiny_config), "--ics-every", "3", "--landscape", "--bn", "keep", "--bn", "insert"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(in_tmp / "runs" / "tiny.h5") as f:
+        for variant in ("keep", "insert"):
+            run = f[f"runs/{variant}"]
+            assert list(run["ics/step"][()]) == [0, 3]
+            assert run["ics/cosine"].shape == (2, len(run["ics/layer"]))
+            assert run["landscape/loss"].shape == (2, len(run["landscape/eta"]))
+        names = [n.decode() for n in f["runs/insert/ics/layer"][()]]
+        assert "features.0" in names and "features.0_bn" in names  # surgery keeps the conv's name
+
+
+def test_measure_ics_continues_a_finished_run_into_a_new_file(in_tmp: Path, tiny_config: Path) -> None:
+    assert runner.invoke(app, ["train", str(tiny_config), "-o", "base.h5"]).exit_code == 0
+    before = (in_tmp / "base.h5").read_bytes()
+    result = runner.invoke(app, ["measure-ics", "base.h5", "--steps", "4", "--ics-every", "2"])
+    assert result.exit_code == 0, result.output
+    assert (in_tmp / "base.h5").read_bytes() == before  # only read
+    with h5py.File(in_tmp / "base-ics.h5") as f:
+        run = f["runs/keep"]
+        assert list(run["train/step"][()]) == [6, 7, 8, 9]  # continues after the 6 trained steps
+        assert list(run["ics/step"][()]) == [6, 8]
+        assert run.attrs["continued_from"] == "base.h5"
+    again = runner.invoke(app, ["measure-ics", "base.h5", "--steps", "4"])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_inspect_prints_the_plan(in_tmp: Path) -> None:
+    result = runner.invoke(app, ["inspect", "vgg", "--bn", "insert"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    assert "features.0_bn" in result.output and "8 inserted" in result.output
+    bad = runner.invoke(app, ["inspect", "vgx"])
+    assert bad.exit_code == 2 and "did you mean vgg" in bad.output
+
+
+def test_report_and_export_through_the_cli(in_tmp: Path, tiny_config: Path) -> None:
+    assert runner.invoke(app, ["train", str(tiny_config)]).exit_code == 0
+    report = runner.invoke(app, ["report", "runs/tiny.h5", "--json"])
+    assert report.exit_code == 0 and '"keep"' in report.output
+    exported = runner.invoke(app, ["export", "runs/tiny.h5", "--format", "csv", "-o", "t.csv"])
+    assert exported.exit_code == 0 and (in_tmp / "t.csv").read_text().startswith("variant,")
+    wrong = runner.invoke(app, ["report", str(tiny_config)])
+    assert wrong.exit_code == 2 and wrong.output.startswith("bnprobe: error:")
