@@ -57,7 +57,7 @@ def main() -> None:
                 with ExitStack() as stack:
                     rec = None
                     if every is not None:
-                        rec = stack.enter_context(Recorder(model, Path(tmp) / f"{r}-{every}.h5", record_every=every, flush_every=50))
+                        rec = stack.enter_context(Recorder(model, Path(tmp) / f"{r}-{every}.h5", record_every=every))
                     t0 = time.perf_counter()
                     for _ in range(args.steps):
                         loss = step()

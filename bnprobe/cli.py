@@ -216,7 +216,8 @@ def train(
     landscape: Annotated[Optional[bool], typer.Option("--landscape/--no-landscape", show_default=False)] = None,
     hessian: Annotated[Optional[bool], typer.Option("--hessian/--no-hessian", show_default=False)] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: at the end).")] = None,
-    flush_every: Annotated[Optional[int], typer.Option(help="Write buffered records to the file every N records.")] = None,
+    flush_every: Annotated[Optional[int], typer.Option(help="Write buffered records to the file every N steps...")] = None,
+    flush_seconds: Annotated[Optional[float], typer.Option(help="...or every S seconds, whichever comes first.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run file from its checkpoints.")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
@@ -232,7 +233,7 @@ def train(
             device=device, output=output, name=name, probes__layers=layers, probes__kinds=kinds,
             probes__record_every=record_every, probes__per_channel=per_channel, probes__histogram_bins=histogram_bins,
             probes__ics_every=ics_every, probes__landscape=landscape, probes__hessian=hessian, checkpoint_every=checkpoint_every,
-            flush_every=flush_every,
+            flush_every=flush_every, flush_seconds=flush_seconds,
         ) | _bn_override(bn)
         cfg = _load(config, overrides)
         if print_config:

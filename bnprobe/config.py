@@ -99,7 +99,8 @@ class Config:
     seed: int = 0
     device: str = "auto"
     output: str = "runs/{name}.h5"
-    flush_every: int = 50
+    flush_every: int = 500
+    flush_seconds: float = 5.0
     checkpoint_every: int = 0
     probes: ProbeConfig = field(default_factory=ProbeConfig)
     variants: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
@@ -227,6 +228,7 @@ def _validate(cfg: Config) -> Config:
         (cfg.momentum >= 0, "momentum must be >= 0"),
         (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
         (cfg.flush_every > 0, "flush_every must be at least 1"),
+        (cfg.flush_seconds > 0, "flush_seconds must be positive"),
         (cfg.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: at the end only)"),
         (not cfg.nesterov or cfg.momentum > 0, "nesterov needs momentum > 0"),
         (cfg.probes.record_every > 0, "probes.record_every must be at least 1"),

@@ -59,7 +59,8 @@ class Recorder:
         run: str = "run",
         force: bool = False,
         start_step: int = 0,
-        flush_every: int = 50,
+        flush_every: int = 500,
+        flush_seconds: float = 5.0,
         generator_state: torch.Tensor | None = None,
     ) -> None:
         self.model = model
@@ -83,6 +84,8 @@ class Recorder:
         self.histogram_range = histogram_range
         self.samples = percentile_samples
         self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self._last_flush = time.perf_counter()
         self.step_index = start_step
         self._generator: torch.Generator | None = None
         self._generator_state = generator_state  # a resumed run continues the subsample stream
@@ -178,7 +181,7 @@ class Recorder:
                 self._pending.append((self.step_index, table, channels, hist))
         self._current, self._current_channel, self._current_hist = {}, {}, {}
         self.step_index += 1
-        if len(self._train_rows) >= self.flush_every:
+        if len(self._train_rows) >= self.flush_every or time.perf_counter() - self._last_flush >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
@@ -201,6 +204,7 @@ class Recorder:
             if self.histogram_bins:
                 self.writer.set_attrs(histogram_range=list(self.histogram_range), histogram_bins=self.histogram_bins)
         self.writer.flush()
+        self._last_flush = time.perf_counter()
 
     def close(self) -> None:
         """Remove the hooks, flush, and close the file if this recorder opened it."""

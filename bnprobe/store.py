@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import os
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot open {path} for writing: {e}") from e
 
-    def run(self, name: str, attrs: Mapping[str, Any], flush_every: int = 50) -> RunWriter:
+    def run(self, name: str, attrs: Mapping[str, Any]) -> RunWriter:
         """The writer for run group ``/runs/<name>``, created with ``attrs`` and status ``running``."""
         if "/" in name or not name:
             raise StoreError(f"invalid run name {name!r}")
@@ -106,7 +107,7 @@ class Store:
             group = runs.create_group(name, track_order=True)
             group.attrs.update({k: _attr(v) for k, v in attrs.items()})
             group.attrs["status"] = "running"
-        writer = RunWriter(self, group, flush_every)
+        writer = RunWriter(self, group)
         self.writers[name] = writer
         return writer
 
@@ -152,14 +153,14 @@ def _attr(value: Any) -> Any:
 
 
 class RunWriter:
-    """Buffers one run's records and appends them to ``/runs/<name>/<section>/<dataset>``."""
+    """Buffers one run's records and appends them to ``/runs/<name>/<section>/<dataset>`` on
+    :meth:`flush` (its owner, the Recorder, decides when: every N records or S seconds)."""
 
-    def __init__(self, store: Store, group: h5py.Group, flush_every: int) -> None:
+    def __init__(self, store: Store, group: h5py.Group) -> None:
         self._store = store
         self._group = group
-        self._flush_every = max(1, flush_every)
         self._pending: dict[str, list[np.ndarray]] = defaultdict(list)
-        self._records = 0
+        self.write_seconds = 0.0  # time spent writing HDF5, so runs can report the store's overhead
 
     @property
     def name(self) -> str:
@@ -200,12 +201,10 @@ class RunWriter:
         self._pending[f"{section}/step"].append(np.asarray(step, dtype=np.int64))
         for key, value in values.items():
             self._pending[f"{section}/{key}"].append(np.asarray(value))
-        self._records += 1
-        if self._records >= self._flush_every:
-            self.flush()
 
     def flush(self) -> None:
         """Append buffered records to their datasets and flush the file to disk."""
+        t0 = time.perf_counter()
         for path, rows in self._pending.items():
             block = np.stack(rows)
             if path not in self._group:
@@ -221,8 +220,8 @@ class RunWriter:
                 ds.resize(start + len(block), axis=0)
                 ds[start:] = block
         self._pending.clear()
-        self._records = 0
         self._store.flush()
+        self.write_seconds += time.perf_counter() - t0
 
     def truncate(self, next_step: int) -> None:
         """Drop records at steps >= ``next_step`` (those after the checkpoint a resume starts from)."""

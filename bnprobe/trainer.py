@@ -171,7 +171,7 @@ def train_variant(
         model, writer, layers=cfg.probes.layers, kinds=cfg.probes.kinds or None, record_every=cfg.probes.record_every,
         per_channel=cfg.probes.per_channel, histogram_bins=cfg.probes.histogram_bins,
         histogram_range=cfg.probes.histogram_range, percentile_samples=cfg.probes.percentile_samples,
-        seed=cfg.seed, flush_every=cfg.flush_every, start_step=start,
+        seed=cfg.seed, flush_every=cfg.flush_every, flush_seconds=cfg.flush_seconds, start_step=start,
         generator_state=checkpoint.get("rng_recorder") if checkpoint else None,
     )
     writer.set_attrs(status="running")
@@ -229,7 +229,7 @@ def _finish(writer: RunWriter, model: nn.Module, optimizer: torch.optim.Optimize
     if save:
         writer.save_checkpoint(checkpoint_state(model, optimizer, steps, rec), steps)
     extra = {"diverged_step": diverged_step} if diverged_step is not None else {}
-    writer.set_status(status, steps=steps, seconds=time.perf_counter() - t0, **extra)
+    writer.set_status(status, steps=steps, seconds=time.perf_counter() - t0, write_seconds=writer.write_seconds, **extra)
 
 
 def run_experiment(cfg: Config, force: bool = False, progress: ProgressFn | None = None) -> tuple[Store, list[VariantResult]]:
@@ -246,7 +246,7 @@ def run_experiment(cfg: Config, force: bool = False, progress: ProgressFn | None
     results = []
     with store:
         for (name, run_cfg), model_plan in zip(runs, prepared):
-            writer = store.run(name, {"variant": name}, flush_every=cfg.flush_every)
+            writer = store.run(name, {"variant": name})
             results.append(train_variant(run_cfg, name, bundle, writer, progress, model_plan))
     return store, results
 
@@ -268,7 +268,7 @@ def resume_experiment(path: Path, progress: ProgressFn | None = None) -> list[Va
                 continue
             saved = store.checkpoint(name) if run is not None else None
             checkpoint = saved[0] if saved else None
-            writer = store.run(name, {"variant": name}, flush_every=cfg.flush_every)
+            writer = store.run(name, {"variant": name})
             if checkpoint is None:
                 writer.truncate(0)
             prepared = prepare_model(run_cfg, bundle, resolve_device(run_cfg.device))
@@ -299,7 +299,7 @@ def measure_from_run(path: Path, overrides: dict[str, Any], output: Path, force:
     results = []
     with Store.create(output, base.to_yaml(), force=force) as store:
         for name, run_cfg, checkpoint, prepared in plans:
-            writer = store.run(name, {"variant": name, "continued_from": str(path)}, flush_every=base.flush_every)
+            writer = store.run(name, {"variant": name, "continued_from": str(path)})
             results.append(train_variant(run_cfg, name, bundle, writer, progress, prepared, checkpoint))
     return results
 

@@ -17,7 +17,7 @@ LAYERS = [LayerInfo("a", "conv", 10, (2, 3), 0), LayerInfo("b.c", "linear", 4, (
 def test_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "x.h5"
     with Store.create(path, "lr: 0.1\n") as store:
-        w = store.run("keep", {"bn": "keep", "seed": 3}, flush_every=2)
+        w = store.run("keep", {"bn": "keep", "seed": 3})
         w.set_layers(LAYERS)
         for step in range(5):
             w.append("moments", step, {"mean": np.array([step, -step], dtype=np.float32)})
@@ -40,9 +40,11 @@ def test_round_trip(tmp_path: Path) -> None:
 
 def test_flushed_records_survive_without_close(tmp_path: Path) -> None:
     store = Store.create(tmp_path / "x.h5")
-    w = store.run("r", {}, flush_every=3)
+    w = store.run("r", {})
     for step in range(7):
         w.append("train", step, {"loss": 1.0})
+        if step == 5:
+            w.flush()
     # not closed: records 0-5 were flushed, 6 is still buffered
     assert list(read_file(tmp_path / "x.h5").runs["r"].data["train/step"]) == [0, 1, 2, 3, 4, 5]
     assert read_file(tmp_path / "x.h5").runs["r"].attrs["status"] == "running"
