@@ -156,7 +156,8 @@ def _with_progress(run: Any, path: Path) -> list[Any]:
         try:
             results: list[Any] = run(on_step)
         finally:
-            progress.stop()
+            if tasks:  # stopping a bar that never started would print a stray blank line
+                progress.stop()
     return results
 
 

@@ -200,9 +200,15 @@ def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
             kwargs[key] = _build(_SECTIONS[key], value or {}, path)
         elif key == "variants":
             kwargs[key] = _variants(value or {})
+        elif not where and key in VARIANT_KEYS and isinstance(value, list) and typing.get_origin(hints[key]) is not tuple:
+            raise ConfigError(f"{key}: one value here; to run several, list them under variants (variants: {{{key}: {_flow(value)}}})")
         else:
             kwargs[key] = _coerce(path, value, hints[key])
     return cls(**kwargs)
+
+
+def _flow(values: list[Any]) -> str:
+    return "[" + ", ".join(str(v) for v in values) + "]"
 
 
 def _variants(raw: Any) -> dict[str, tuple[Any, ...]]:
@@ -261,6 +267,8 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Parse a YAML config with the safe loader; one-line errors for missing or invalid files."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config {p} is a directory; give a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:

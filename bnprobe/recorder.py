@@ -62,6 +62,7 @@ class Recorder:
         flush_every: int = 500,
         flush_seconds: float = 5.0,
         generator_state: torch.Tensor | None = None,
+        start_seconds: float = 0.0,
     ) -> None:
         self.model = model
         patterns = [layers] if isinstance(layers, str) else list(layers)
@@ -98,8 +99,12 @@ class Recorder:
         self._train_rows: list[tuple[int, Any, Any, Any, float]] = []
         self._handles: list[Any] = []
         self._paused = False
-        self._t0 = time.perf_counter()
+        self._t0 = time.perf_counter() - start_seconds  # a resumed run's clock goes on from its checkpoint
         self.layers: list[LayerInfo] = []
+
+    def elapsed(self) -> float:
+        """Seconds of this run so far, including those before a resume."""
+        return time.perf_counter() - self._t0
 
     def generator_state(self) -> torch.Tensor | None:
         """State of the percentile-subsample generator (checkpoints restore it for exact resumes)."""
@@ -170,7 +175,7 @@ class Recorder:
         """Close one training step: log its scalars and, on record steps, its layers' moments."""
         if not self._order_fixed and self._current:
             self._fix_order()
-        seconds = time.perf_counter() - self._t0
+        seconds = self.elapsed()
         self._train_rows.append((self.step_index, _detach(loss), _detach(accuracy), lr, seconds))
         if self._order_fixed and self.step_index % self.record_every == 0:
             stats = [self._current.get(n) for n, _ in self._order]

@@ -27,7 +27,7 @@ from .data import DataBundle, batches, load_data
 from .errors import ConfigError, ModelError
 from .layers import probed_layers
 from .models import build_model
-from .probes import scheduled_probes
+from .probes import ScheduledProbes, scheduled_probes
 from .recorder import Recorder
 from .store import RunWriter, Store
 
@@ -161,6 +161,7 @@ def train_variant(
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         rng.restore(model, rng.RngState(checkpoint["rng_cpu"], [], checkpoint["rng_modules"]))
+        probes.load_state_dict(checkpoint.get("probes", {}))
         writer.truncate(start)
     data = batches(bundle, cfg.batch_size, cfg.seed, start=start)
     t0 = time.perf_counter()
@@ -173,6 +174,7 @@ def train_variant(
         histogram_range=cfg.probes.histogram_range, percentile_samples=cfg.probes.percentile_samples,
         seed=cfg.seed, flush_every=cfg.flush_every, flush_seconds=cfg.flush_seconds, start_step=start,
         generator_state=checkpoint.get("rng_recorder") if checkpoint else None,
+        start_seconds=float(checkpoint.get("seconds", 0.0)) if checkpoint else 0.0,
     )
     writer.set_attrs(status="running")
     try:
@@ -197,22 +199,22 @@ def train_variant(
                     break
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                     rec.flush()
-                    writer.save_checkpoint(checkpoint_state(model, optimizer, step + 1, rec), step + 1)
+                    writer.save_checkpoint(checkpoint_state(model, optimizer, step + 1, rec, probes), step + 1)
                 if progress is not None:
-                    progress(StepInfo(name, step + 1, cfg.steps, loss_value, (step + 1) / (time.perf_counter() - t0)))
+                    progress(StepInfo(name, step + 1, cfg.steps, loss_value, (step + 1 - start) / (time.perf_counter() - t0)))
     except KeyboardInterrupt:
-        _finish(writer, model, optimizer, rec, "interrupted", start + len(losses), t0, save=True)
+        _finish(writer, model, optimizer, rec, probes, "interrupted", start + len(losses), save=True)
         raise
-    _finish(writer, model, optimizer, rec, status, start + len(losses), t0, save=status == "finished", diverged_step=diverged_step)
+    _finish(writer, model, optimizer, rec, probes, status, start + len(losses), save=status == "finished", diverged_step=diverged_step)
     tail = slice(-10, None)
     return VariantResult(
         name, status, start + len(losses), float(np.mean(losses[tail])) if losses else math.nan,
-        float(np.mean(accs[tail])) if accs else math.nan, time.perf_counter() - t0, diverged_step,
+        float(np.mean(accs[tail])) if accs else math.nan, rec.elapsed(), diverged_step,
     )
 
 
-def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, next_step: int, rec: Recorder) -> dict[str, Any]:
-    """What resuming needs: weights, optimizer state, the next step and every random stream."""
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, next_step: int, rec: Recorder, probes: ScheduledProbes) -> dict[str, Any]:
+    """What resuming needs: weights, optimizer state, the next step, every random stream and probe state."""
     streams = rng.capture(model)
     return {
         "model": model.state_dict(),
@@ -221,15 +223,17 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, next_st
         "rng_cpu": streams.cpu,
         "rng_modules": streams.modules,
         "rng_recorder": rec.generator_state(),
+        "probes": probes.state_dict(),
+        "seconds": rec.elapsed(),
     }
 
 
-def _finish(writer: RunWriter, model: nn.Module, optimizer: torch.optim.Optimizer, rec: Recorder, status: str, steps: int, t0: float, save: bool, diverged_step: int | None = None) -> None:
+def _finish(writer: RunWriter, model: nn.Module, optimizer: torch.optim.Optimizer, rec: Recorder, probes: ScheduledProbes, status: str, steps: int, save: bool, diverged_step: int | None = None) -> None:
     rec.flush()
     if save:
-        writer.save_checkpoint(checkpoint_state(model, optimizer, steps, rec), steps)
+        writer.save_checkpoint(checkpoint_state(model, optimizer, steps, rec, probes), steps)
     extra = {"diverged_step": diverged_step} if diverged_step is not None else {}
-    writer.set_status(status, steps=steps, seconds=time.perf_counter() - t0, write_seconds=writer.write_seconds, **extra)
+    writer.set_status(status, steps=steps, seconds=rec.elapsed(), write_seconds=writer.write_seconds, **extra)
 
 
 def run_experiment(cfg: Config, force: bool = False, progress: ProgressFn | None = None) -> tuple[Store, list[VariantResult]]:

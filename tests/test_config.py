@@ -1,5 +1,6 @@
 """Config loading: safe YAML, typed validation, closest-key errors, CLI precedence, variants."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -31,18 +32,21 @@ def test_defaults_and_file_and_override_precedence(tmp_path: Path) -> None:
         ("steps: ten\n", "steps: expected an integer"),
         ("bn: sometimes\n", "bn: 'sometimes' is not one of keep, insert, strip, noisy"),
         ("variants: {colour: [red]}\n", "cannot vary 'colour'"),
+        ("bn: [keep, insert]\n", "list them under variants (variants: {bn: [keep, insert]})"),
         ("lr: [0.1\n", "invalid YAML"),
         ("- a\n- b\n", "expected a mapping"),
     ],
 )
 def test_errors_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(write(tmp_path, text))
 
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
 
 
 def test_yaml_is_loaded_safely(tmp_path: Path) -> None:

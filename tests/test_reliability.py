@@ -19,21 +19,29 @@ from bnprobe.trainer import StepInfo, resume_experiment, run_experiment
 runner = CliRunner()
 
 
-def test_interrupt_then_resume_equals_an_uninterrupted_run(in_tmp: Path, tiny_config: Path) -> None:
-    cfg = load_config(tiny_config, {"steps": 9, "probes.record_every": 2, "checkpoint_every": 2, "output": "full.h5"})
+# Every stateful thing a resume must carry over: noisy-BN draws, ICS steps, the Hessian warm start.
+_ALL_PROBES = {"bn": "noisy", "probes.ics_every": 3, "probes.landscape": True, "probes.hessian": True, "probes.hessian_max_iter": 4, "probes.hessian_tol": 1e-9}
+
+
+@pytest.mark.parametrize("extra", [{}, _ALL_PROBES], ids=["moments", "noisy-ics-landscape-hessian"])
+def test_interrupt_then_resume_equals_an_uninterrupted_run(in_tmp: Path, tiny_config: Path, extra: dict) -> None:
+    cfg = load_config(tiny_config, {"steps": 9, "probes.record_every": 2, "checkpoint_every": 2, "output": "full.h5", **extra})
     run_experiment(cfg)
 
     def stop_at_5(info: StepInfo) -> None:
         if info.step == 5:
             raise KeyboardInterrupt
 
-    cut = load_config(tiny_config, {"steps": 9, "probes.record_every": 2, "checkpoint_every": 2, "output": "cut.h5"})
+    cut = load_config(tiny_config, {"steps": 9, "probes.record_every": 2, "checkpoint_every": 2, "output": "cut.h5", **extra})
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cut, progress=stop_at_5)
-    assert read_file("cut.h5").runs["keep"].attrs["status"] == "interrupted"
+    variant = cfg.bn.value
+    assert read_file("cut.h5").runs[variant].attrs["status"] == "interrupted"
     resume_experiment(Path("cut.h5"))
-    full, resumed = read_file("full.h5").runs["keep"], read_file("cut.h5").runs["keep"]
+    full, resumed = read_file("full.h5").runs[variant], read_file("cut.h5").runs[variant]
     assert resumed.attrs["status"] == "finished" and resumed.attrs["steps"] == 9
+    assert set(full.data) == set(resumed.data)
+    assert np.all(np.diff(resumed.data["train/seconds"]) >= 0)  # the clock goes on from the checkpoint
     for key in full.data:
         if not key.endswith("seconds"):
             np.testing.assert_array_equal(full.data[key], resumed.data[key], err_msg=key)

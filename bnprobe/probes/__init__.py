@@ -109,6 +109,15 @@ class ScheduledProbes:
     before_step: list[BeforeStepProbe]
     step_probe: ICSProbe | None
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to measure exactly as an uninterrupted one: the Hessian warm start."""
+        return {p.name: p._vector for p in self.before_step if isinstance(p, HessianProbe) and p._vector is not None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for p in self.before_step:
+            if isinstance(p, HessianProbe) and p.name in state:
+                p._vector = state[p.name]
+
 
 def scheduled_probes(cfg: Any, layer_names: list[str], writer: RunWriter) -> ScheduledProbes:
     """The extra-pass probes a config asks for, bound to one run's writer."""
