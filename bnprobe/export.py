@@ -35,7 +35,7 @@ import numpy as np
 from .errors import BnprobeError, ConfigError, StoreError
 from .probes.moments import STATS
 from .report import ICS_QUANTITIES, ics_layers, load_columns, moment_layers
-from .store import RunData
+from .store import RunData, check_output_path
 
 FORMATS = ("csv", "json", "npz", "parquet")
 COLUMNS = ("variant", "section", "step", "layer", "quantity", "channel", "eta", "bin", "value")
@@ -194,13 +194,7 @@ def export(path: str | Path, fmt: str, out: str | Path, force: bool = False, var
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     out = Path(out)
-    if out.is_dir():
-        raise StoreError(f"{out} is a directory, not an output file")
-    if out.exists() and not force:
-        raise StoreError(f"{out} already exists; choose another --output or pass --force to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise StoreError(f"output directory {parent} does not exist; create it first")
+    check_output_path(out, force)
     if fmt == "parquet":
         try:
             import pyarrow  # type: ignore[import-untyped,unused-ignore]  # noqa: F401

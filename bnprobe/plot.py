@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import BnprobeError, ConfigError, StoreError
 from .report import RECORD_HINTS, Column, align_layers, ics_layers, layer_kinds, load_columns, moment_layers
+from .store import check_output_path
 
 KINDS = ("moments", "ics", "landscape", "training")
 FORMATS = ("png", "svg", "pdf")
@@ -50,13 +51,7 @@ def _check_out(out: Path, force: bool) -> str:
     fmt = out.suffix.lower().lstrip(".")
     if fmt not in FORMATS:
         raise ConfigError(f"cannot tell the image format from {out.name!r}; use a .png, .svg or .pdf file name")
-    if out.is_dir():
-        raise StoreError(f"{out} is a directory, not an output file")
-    if out.exists() and not force:
-        raise StoreError(f"{out} already exists; choose another --output or pass --force to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise StoreError(f"output directory {parent} does not exist; create it first")
+    check_output_path(out, force)
     return fmt
 
 

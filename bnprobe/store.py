@@ -33,13 +33,14 @@ _LAYER_DTYPE = np.dtype(
 )
 
 
-def _check_writable(path: Path, force: bool, create_parent: bool) -> None:
+def check_output_path(path: Path, force: bool = False, create_parent: bool = False) -> None:
+    """Refuse an output that would replace a user's file (without ``force``) or cannot be written."""
     if create_parent and not path.parent.exists() and path.parent.parent.is_dir():
         path.parent.mkdir()
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory, not an output file")
     if path.exists() and not force:
         raise StoreError(f"{path} already exists; choose another --output or pass --force to replace it")
-    if path.exists() and path.is_dir():
-        raise StoreError(f"{path} is a directory, not an output file")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise StoreError(f"output directory {parent} does not exist; create it first")
@@ -67,7 +68,7 @@ class Store:
         ``create_parent`` makes a missing parent directory (one level: the default ``runs/``).
         """
         path = Path(path)
-        _check_writable(path, force, create_parent)
+        check_output_path(path, force, create_parent)
         target = path.with_name(f".{path.name}.partial") if path.exists() else path
         try:
             # locking=False: readers (report on a live run) must not need the writer's lock

@@ -1,7 +1,8 @@
-"""Small bnprobe files written with the store's own writer, for the report/export/plot tests.
+"""Shared test material.
 
-``write_run_file`` lays out runs as the trainer does (DESIGN section 4) with random but
-deterministic numbers; tests then read the same file back with h5py and compare.
+``write_run_file`` lays out small bnprobe files as the trainer does (DESIGN section 4) with random
+but deterministic numbers, for the report/export/plot tests, which read them back with h5py and
+compare. ``Noisy`` is a module with its own random stream, for the probes' replay tests.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from bnprobe.layers import LayerInfo
 from bnprobe.probes.moments import STATS
@@ -130,3 +133,18 @@ def write_run_file(
     else:
         store.close()
     return path
+
+
+class Noisy(nn.Module):
+    """Noisy-BN-like: per-channel random scale and shift from its own generator, in train mode."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        s = 1 + 0.25 * torch.randn(x.shape[1], generator=self.generator)
+        m = 0.5 * torch.rand(x.shape[1], generator=self.generator)
+        return x * s + m

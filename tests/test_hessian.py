@@ -12,16 +12,6 @@ from bnprobe.errors import ConfigError
 from bnprobe.probes.hessian import hessian_blocks, top_hessian_eigenvalue
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: on a shared 2-core machine, 2-thread kernels (BatchNorm1d on small
-    inputs) stall for a scheduler tick whenever another process holds a core (40 ms instead of
-    30 us per call), which made these tests 30x slower under load. Results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(bn: bool = True) -> nn.Module:
     torch.manual_seed(0)

@@ -12,38 +12,14 @@ import pytest
 import torch
 from torch import nn
 
+from _fixtures import Noisy
 from bnprobe.errors import ConfigError
 from bnprobe.layers import probed_layers
 from bnprobe.models import dln, mlp, vgg
 from bnprobe.probes.ics import ICS, gradient_shift, in_extra_pass
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: on a shared 2-core machine, 2-thread kernels (BatchNorm1d on small
-    inputs) stall for a scheduler tick whenever another process holds a core (40 ms instead of
-    30 us per call), which made these tests 30x slower under load. Results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ----------------------------------------------------------------------------- models
-
-
-class Noisy(nn.Module):
-    """Noisy-BN-like: per-channel random scale and shift from its own generator, in train mode."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return x
-        s = 1 + 0.25 * torch.randn(x.shape[1], generator=self.generator)
-        m = 0.5 * torch.rand(x.shape[1], generator=self.generator)
-        return x * s + m
 
 
 class Scaled(nn.Module):

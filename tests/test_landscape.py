@@ -11,29 +11,9 @@ from torch import nn
 
 from bnprobe.errors import ConfigError
 from bnprobe.models import dln
+from _fixtures import Noisy
 from bnprobe.probes.landscape import ETA_RANGES, LandscapeResult, default_etas, landscape
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: on a shared 2-core machine, 2-thread kernels (BatchNorm1d on small
-    inputs) stall for a scheduler tick whenever another process holds a core (40 ms instead of
-    30 us per call), which made these tests 30x slower under load. Results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class Noisy(nn.Module):
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return x
-        return x * (1 + 0.2 * torch.randn(x.shape[1], generator=self.generator)) + 0.3 * torch.rand(x.shape[1], generator=self.generator)
 
 
 def net() -> nn.Module:
