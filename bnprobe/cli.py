@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .config import parse_assignments
 from .errors import BnprobeError
 
 app = typer.Typer(
@@ -66,6 +67,8 @@ BnOpt = Annotated[Optional[list[str]], typer.Option("--bn", help="keep | insert 
 BnTargetsOpt = Annotated[Optional[str], typer.Option("--bn-targets", help="auto | conv | linear | all")]
 KeepBiasOpt = Annotated[Optional[bool], typer.Option("--keep-bias/--drop-bias", help="Keep the bias of layers BN is inserted after.", show_default=False)]
 FoldOpt = Annotated[Optional[bool], typer.Option("--fold/--no-fold", help="With --bn strip: fold BN statistics into the feeding layer.", show_default=False)]
+HessianBlocksOpt = Annotated[Optional[bool], typer.Option("--hessian-blocks/--no-hessian-blocks", help="With --hessian: also each layer's own block.", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any config key as KEY=VALUE (YAML value), e.g. probes.hessian_tol=1e-4; repeatable.", show_default=False)]
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -84,9 +87,7 @@ def _default_config() -> Path:
 
 
 def _load(config: Path | None, overrides: dict[str, Any]) -> Any:
-    from .config import load_config
-
-    from .config import read_yaml
+    from .config import load_config, read_yaml
 
     path = config if config is not None else _default_config()
     raw = read_yaml(path)
@@ -216,11 +217,13 @@ def train(
     ics_every: Annotated[Optional[int], typer.Option(help="Measure gradient-shift ICS every N steps (0: off).")] = None,
     landscape: Annotated[Optional[bool], typer.Option("--landscape/--no-landscape", show_default=False)] = None,
     hessian: Annotated[Optional[bool], typer.Option("--hessian/--no-hessian", show_default=False)] = None,
+    hessian_blocks: HessianBlocksOpt = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: at the end).")] = None,
     flush_every: Annotated[Optional[int], typer.Option(help="Write buffered records to the file every N steps...")] = None,
     flush_seconds: Annotated[Optional[float], typer.Option(help="...or every S seconds, whichever comes first.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run file from its checkpoints.")] = None,
+    assignments: SetOpt = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
 ) -> None:
     """Train briefly and record activation moments (and ICS/landscape when asked)."""
@@ -233,9 +236,10 @@ def train(
             momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, steps=steps, batch_size=batch_size, seed=seed,
             device=device, output=output, name=name, probes__layers=layers, probes__kinds=kinds,
             probes__record_every=record_every, probes__per_channel=per_channel, probes__histogram_bins=histogram_bins,
-            probes__ics_every=ics_every, probes__landscape=landscape, probes__hessian=hessian, checkpoint_every=checkpoint_every,
+            probes__ics_every=ics_every, probes__landscape=landscape, probes__hessian=hessian,
+            probes__hessian_blocks=hessian_blocks, checkpoint_every=checkpoint_every,
             flush_every=flush_every, flush_seconds=flush_seconds,
-        ) | _bn_override(bn)
+        ) | _bn_override(bn) | parse_assignments(assignments or [])
         cfg = _load(config, overrides)
         if print_config:
             out.print(cfg.to_yaml(), end="", markup=False)
@@ -250,6 +254,7 @@ def measure_ics(
     layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Glob of layer names to measure; repeatable.")] = None,
     landscape: Annotated[Optional[bool], typer.Option("--landscape/--no-landscape", help="Also scan the loss landscape along the gradient.", show_default=False)] = None,
     hessian: Annotated[Optional[bool], typer.Option("--hessian/--no-hessian", help="Also the top Hessian eigenvalue.", show_default=False)] = None,
+    hessian_blocks: HessianBlocksOpt = None,
     bn: BnOpt = None,
     model: ModelOpt = None,
     data: DataOpt = None,
@@ -260,6 +265,7 @@ def measure_ics(
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N]")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="HDF5 file to write.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    assignments: SetOpt = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
 ) -> None:
     """Santurkar et al.'s protocol: gradient-shift ICS (and the loss landscape) while training."""
@@ -267,7 +273,8 @@ def measure_ics(
         overrides = _overrides(
             model=model, data=data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device, output=output,
             probes__ics_every=ics_every, probes__layers=layers, probes__landscape=landscape, probes__hessian=hessian,
-        ) | _bn_override(bn)
+            probes__hessian_blocks=hessian_blocks,
+        ) | _bn_override(bn) | parse_assignments(assignments or [])
         if target is not None and target.suffix in (".h5", ".hdf5"):
             from .trainer import measure_from_run
 

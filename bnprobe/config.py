@@ -13,7 +13,7 @@ import enum
 import itertools
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,7 @@ class ProbeConfig:
     hessian_every: int = 0
     hessian_tol: float = 1e-3
     hessian_max_iter: int = 100
+    hessian_blocks: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,11 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -285,6 +291,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping of keys to values at the top level")
     return raw
+
+
+def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
+    """``["probes.hessian_tol=1e-4", "variants.lr=[0.1, 0.01]"]`` -> dotted keys to YAML-parsed values:
+    the CLI's ``--set``, which reaches every config key, including those without a flag of their own."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or not text.strip():
+            raise ConfigError(f"--set needs KEY=VALUE (e.g. --set probes.hessian_tol=1e-4), got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key.strip()}: {text!r} is not a valid YAML value") from None
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:

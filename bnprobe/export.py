@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import BnprobeError, ConfigError, StoreError
 from .probes.moments import STATS
-from .report import ICS_QUANTITIES, ics_layers, load_columns, moment_layers
+from .report import ICS_QUANTITIES, hessian_blocks, ics_layers, load_columns, moment_layers
 from .store import RunData, check_output_path
 
 FORMATS = ("csv", "json", "npz", "parquet")
@@ -75,7 +75,7 @@ def _blocks(run: RunData) -> Iterator[dict[str, np.ndarray]]:
         elif top == "landscape" and values.ndim == 2 and "landscape/eta" in data:
             roles = [("eta", np.asarray(data["landscape/eta"], dtype=np.float64))]
         elif top == "hessian" and values.ndim == 2:
-            roles = [("layer", [f"block{k}" for k in range(values.shape[1])])]
+            roles = [("layer", hessian_blocks(run))]
         elif values.ndim == 2:
             roles = [("channel", None)]
         if values.ndim != 1 + len(roles):

@@ -117,6 +117,13 @@ def ics_layers(run: RunData) -> list[str]:
     return names if len(names) == width else [f"#{i}" for i in range(width)]
 
 
+def hessian_blocks(run: RunData) -> list[str]:
+    """Names of the columns of the ``hessian/block_*`` datasets (``hessian/block``)."""
+    width = run.data["hessian/block_top_eigenvalue"].shape[1] if "hessian/block_top_eigenvalue" in run.data else 0
+    names = strings(run.data["hessian/block"]) if "hessian/block" in run.data else []
+    return names if len(names) == width else [f"block{i}" for i in range(width)]
+
+
 def layer_kinds(run: RunData) -> dict[str, str]:
     return {l["name"]: str(l["kind"]) for l in run.layers}
 
@@ -310,6 +317,8 @@ def _hessian(run: RunData) -> dict[str, Any] | None:
         "residual": last("hessian/residual"),
         "bn_mode": _plain(attrs.get("bn_mode")),
         "samples": _plain(attrs.get("samples")),
+        "blocks": {name: num(v) for name, v in zip(hessian_blocks(run), d["hessian/block_top_eigenvalue"][-1])}
+        if "hessian/block_top_eigenvalue" in d and len(d["hessian/block_top_eigenvalue"]) else {},
     }
 
 
@@ -658,9 +667,13 @@ def render_report(report: dict[str, Any], console: Any) -> None:
             ("bn mode", lambda d: str(d["bn_mode"] or "—")),
             ("samples", lambda d: fmt(d["samples"])),
         ]
+        blocks = list(dict.fromkeys(b for _, run in with_hess for b in run["hessian"]["blocks"]))
+        hess_rows += [(f"λ {b}", lambda d, b=b: fmt(d["blocks"][b], 4) if b in d["blocks"] else missing()) for b in blocks]
         for group in _groups(with_hess, width, 14, 14):
             t = table("Top Hessian eigenvalue (last record)", "", 14, [label for label, _ in group])
             for name, get in hess_rows:
                 t.add_row(name, *(get(run["hessian"]) if run["hessian"] else missing() for _, run in group))
             console.print(t)
+            if blocks:
+                note("λ LAYER: top eigenvalue of that layer's own block of the Hessian")
     lacking("hessian", "Hessian eigenvalue", with_hess)

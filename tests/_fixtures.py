@@ -49,6 +49,7 @@ def write_run_file(
     seed: int = 0,
     regression: bool = False,
     surgery_names: bool = False,
+    hessian_blocks: bool = False,
 ) -> Path:
     """A bnprobe file with one run per variant; ``status=None`` leaves ``running`` (a crashed run)."""
     rng = np.random.default_rng(seed)
@@ -61,6 +62,10 @@ def write_run_file(
         drift = 0.0 if variant != "keep" else 0.05
         if "landscape" in sections:
             writer.write_constant("landscape/eta", ETAS)
+        block_rng = np.random.default_rng(seed + 99)  # its own stream: the other numbers stay as they were
+        block_names = [l.name for l in layers if l.kind == "linear"]
+        if "hessian" in sections and hessian_blocks:
+            writer.write_constant("hessian/block", np.array(block_names, dtype=object))
         if "ics" in sections:
             ics_names = [l.name for l in layers if l.kind == "linear"]
             writer.write_constant("ics/layer", np.array(ics_names, dtype=object))
@@ -117,7 +122,11 @@ def write_run_file(
                     },
                 )
             if "hessian" in sections:
-                writer.append("hessian", step, {"top_eigenvalue": 50 * rng.random(), "iterations": int(rng.integers(3, 20)), "residual": 1e-4 * rng.random()})
+                row = {"top_eigenvalue": 50 * rng.random(), "iterations": int(rng.integers(3, 20)), "residual": 1e-4 * rng.random()}
+                if hessian_blocks:
+                    k = len(block_names)
+                    row |= {"block_top_eigenvalue": 20 * block_rng.random(k), "block_iterations": block_rng.integers(3, 20, k).astype(np.float64), "block_residual": 1e-4 * block_rng.random(k)}
+                writer.append("hessian", step, row)
         if "hessian" in sections:
             writer.flush()
             writer._group["hessian/top_eigenvalue"].attrs.update({"bn_mode": "train", "samples": 128})  # noqa: SLF001

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bnprobe.config import BnMode, expand_variants, load_config
+from bnprobe.config import BnMode, expand_variants, load_config, parse_assignments
 from bnprobe.errors import ConfigError
 
 
@@ -20,6 +20,24 @@ def test_defaults_and_file_and_override_precedence(tmp_path: Path) -> None:
     assert cfg.lr == 0.01 and cfg.steps == 7 and cfg.probes.record_every == 2 and cfg.probes.per_channel
     assert cfg.name == "c"  # from the file name
     assert cfg.output_path == Path("runs/c.h5")
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``1e-4`` as a string; a float field takes it as the number it means."""
+    cfg = load_config(write(tmp_path, "lr: 1e-4\nprobes: {hessian_tol: 1E-6}\n"))
+    assert cfg.lr == 1e-4 and cfg.probes.hessian_tol == 1e-6
+    with pytest.raises(ConfigError, match="lr: expected a number"):
+        load_config(write(tmp_path, "lr: fast\n"))
+
+
+def test_set_assignments_reach_every_key(tmp_path: Path) -> None:
+    sets = parse_assignments(["probes.hessian_tol=1e-5", "variants.lr=[0.1, 0.01]", "model_options={width: 0.5}", "name = x"])
+    assert sets == {"probes.hessian_tol": "1e-5", "variants.lr": [0.1, 0.01], "model_options": {"width": 0.5}, "name": "x"}
+    cfg = load_config(write(tmp_path, "lr: 0.3\n"), sets)
+    assert cfg.probes.hessian_tol == 1e-5 and cfg.variants["lr"] == (0.1, 0.01) and dict(cfg.model_options) == {"width": 0.5}
+    for bad in ("lr", "=3", "lr=", "lr=[1"):
+        with pytest.raises(ConfigError, match="--set"):
+            parse_assignments([bad])
 
 
 @pytest.mark.parametrize(

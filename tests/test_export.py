@@ -22,7 +22,7 @@ Key = tuple  # (variant, section, step, layer, quantity, channel, eta, bin); mis
 
 @pytest.fixture(scope="module")
 def full_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_run_file(tmp_path_factory.mktemp("export") / "full.h5", per_channel=True, histogram_bins=4)
+    return write_run_file(tmp_path_factory.mktemp("export") / "full.h5", per_channel=True, histogram_bins=4, hessian_blocks=True)
 
 
 def _names(values: np.ndarray) -> list[str]:
@@ -80,6 +80,12 @@ def expected_rows(path: Path) -> dict[Key, float]:
                 for q in ("top_eigenvalue", "iterations", "residual"):
                     for s, v in zip(g["hessian/step"][()], g[f"hessian/{q}"][()]):
                         put((variant, "hessian", int(s), "", q, None, None, None), v)
+                if "hessian/block" in g:
+                    blocks = _names(g["hessian/block"][()])
+                    for q in ("block_top_eigenvalue", "block_iterations", "block_residual"):
+                        for r, s in enumerate(g["hessian/step"][()]):
+                            for j, name in enumerate(blocks):
+                                put((variant, "hessian", int(s), name, q, None, None, None), g[f"hessian/{q}"][r, j])
     return rows
 
 

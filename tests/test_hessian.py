@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,10 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def full_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str] | None = None) -> torch.Tensor:
+    return full_hessian_of(model, x, y, nn.CrossEntropyLoss(), names)
+
+
+def full_hessian_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, names: list[str] | None = None) -> torch.Tensor:
     """The exact Hessian wrt the named parameters (all by default), on a throw-away copy."""
     m = copy.deepcopy(model)
     params = dict(m.named_parameters())
@@ -40,7 +45,7 @@ def full_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list
         for n, s in zip(names, shapes):
             d[n] = flat[k : k + s.numel()].view(s)
             k += s.numel()
-        return nn.functional.cross_entropy(torch.func.functional_call(m, d, (x,)), y)
+        return loss_fn(torch.func.functional_call(m, d, (x,)), y)
 
     return torch.autograd.functional.hessian(f, flat0)
 
@@ -60,6 +65,23 @@ def test_matches_eigvalsh(bn: bool) -> None:
     assert res.eigenvalue == pytest.approx(expected, rel=1e-6)
     assert res.residual < 1e-3 * abs(res.eigenvalue)
     assert res.vector.norm().item() == pytest.approx(1.0)
+
+
+def test_eval_mode_instance_norm_keeps_its_running_statistics() -> None:
+    """With ``bn_mode="eval"`` a norm layer normalises with its running statistics in the Hessian
+    passes, as in the model's own eval-mode forward (InstanceNorm would otherwise use per-sample ones)."""
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm1d(3, affine=True, track_running_stats=True)
+    norm.running_mean.copy_(torch.tensor([0.5, -0.3, 0.2]))
+    norm.running_var.copy_(torch.tensor([2.0, 0.5, 1.5]))
+    model = nn.Sequential(nn.Conv1d(1, 3, 2), norm, nn.Tanh(), nn.Flatten(), nn.Linear(9, 3)).double()
+    norm.eval()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(10, 1, 4, generator=g, dtype=torch.float64), torch.randint(3, (10,), generator=g)
+    expected = largest_magnitude(full_hessian(model, x, y))
+    res = top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x, y, tol=1e-10, max_iter=2000, bn_mode="eval")
+    assert res.eigenvalue == pytest.approx(expected, rel=1e-6)
+    assert torch.equal(norm.running_mean, torch.tensor([0.5, -0.3, 0.2]))
 
 
 def test_warm_start_and_tolerance() -> None:
@@ -123,3 +145,39 @@ def test_bn_mode_and_no_trace() -> None:
     assert plain.training
     with pytest.raises(ConfigError):
         top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x, y, bn_mode="frozen")
+
+
+def test_trainer_records_model_and_block_eigenvalues(in_tmp: Path) -> None:
+    """``probes.hessian_blocks``: ``hessian/block_*`` rows, one column per probed layer, equal to
+    eigvalsh of that layer's block of the full Hessian at the weights the step started from."""
+    from bnprobe.config import load_config
+    from bnprobe.data import batches, load_data
+    from bnprobe.report import strings
+    from bnprobe.store import read_file
+    from bnprobe.trainer import prepare_model, run_experiment
+
+    overrides = {
+        "model": "dln", "model_options": {"depth": 3, "width": 4}, "data": "synthetic:linear", "data_options": {"n": 64, "dim": 4},
+        "steps": 2, "batch_size": 16, "lr": 0.05, "output": "h.h5", "probes.record_every": 1, "probes.hessian": True,
+        "probes.hessian_every": 1, "probes.hessian_blocks": True, "probes.hessian_tol": 1e-9, "probes.hessian_max_iter": 5000,
+    }
+    cfg = load_config(None, overrides)
+    run_experiment(cfg)
+    run = read_file("h.h5").runs["keep"]
+    names = strings(run.data["hessian/block"])
+    assert run.data["hessian/block_top_eigenvalue"].shape == (2, len(names))
+
+    bundle = load_data(cfg.data, seed=cfg.seed, **dict(cfg.data_options))
+    model, _ = prepare_model(cfg, bundle, torch.device("cpu"))
+    x, y = next(batches(bundle, cfg.batch_size, cfg.seed))
+    model = model.double()
+    x, y = x.double(), y.double()
+
+    def top(names_: list[str] | None) -> float:
+        h = full_hessian_of(model, x, y, nn.MSELoss(), names_)
+        return largest_magnitude(h)
+
+    assert run.data["hessian/top_eigenvalue"][0] == pytest.approx(top(None), rel=1e-4)
+    for k, layer in enumerate(names):
+        params = [n for n, _ in dict(model.named_modules())[layer].named_parameters(prefix=layer)]
+        assert run.data["hessian/block_top_eigenvalue"][0, k] == pytest.approx(top(params), rel=1e-4), layer

@@ -100,6 +100,31 @@ class Tied(nn.Module):
         return self.dec(torch.tanh(self.mid(torch.tanh(self.enc(x)))))
 
 
+class Attention(nn.Module):
+    """Self-attention: MultiheadAttention reads its out_proj's weights without calling out_proj."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(6, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.stem(x))
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head((a + h).mean(dim=1))
+
+
+def eval_instance_norm() -> nn.Module:
+    """An InstanceNorm held in eval mode (running statistics) inside a training model."""
+    norm = nn.InstanceNorm1d(4, affine=True, track_running_stats=True)
+    norm.running_mean.copy_(torch.tensor([0.5, -0.3, 0.2, 1.0]))
+    norm.running_var.copy_(torch.tensor([2.0, 0.5, 1.5, 3.0]))
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), norm, nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+    norm.eval()
+    return model
+
+
 def mlp_bn(inputs: int = 12, classes: int = 4, hidden: int = 10) -> nn.Module:
     """The built-in mlp with BatchNorm1d inserted after every hidden linear layer, by hand."""
     base = mlp(classes, (inputs,), hidden=hidden, depth=3)
@@ -143,34 +168,60 @@ def batch(shape: tuple[int, ...], n: int, classes: int | None, seed: int = 0) ->
 # ----------------------------------------------------------------------------- a literal reference
 
 
-def literal_reference(model: nn.Module, loss_fn: Any, x: Any, y: Any, make_opt: Callable[[nn.Module], torch.optim.Optimizer], seed: int) -> dict[str, ICS]:
+def warmed_up(model: nn.Module, loss_fn: Any, make_opt: Callable[[nn.Module], torch.optim.Optimizer], steps: int, x: Any, y: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A copy of ``model`` and its optimizer after ``steps`` training steps (momentum, Adam moments)."""
+    m = copy.deepcopy(model)
+    opt = make_opt(m)
+    for k in range(steps):
+        torch.manual_seed(100 + k)
+        opt.zero_grad()
+        loss_fn(m(x), y).backward()
+        opt.step()
+    return m, opt
+
+
+def literal_reference(model: nn.Module, loss_fn: Any, x: Any, y: Any, make_opt: Callable[[nn.Module], torch.optim.Optimizer], seed: int, warmup: int = 0) -> dict[str, ICS]:
     """Definition 2.1 with deep copies: step a copy, then per layer a copy at W^t whose earlier
-    layers get the stepped copy's weights, one forward/backward from the same RNG seed."""
+    layers get the stepped copy's weights, one forward/backward from the same RNG seed.
+
+    A layer's weights: the parameters of the probed module and of its submodules that no nearer
+    probed module holds (parameters of modules that never run belong to the caller that reads them).
+    ``warmup`` steps (on a shifted batch) first, so that the optimizer has state."""
     order = [info.name for info, _ in probed_layers(copy.deepcopy(model), x)]
+    model, opt0 = warmed_up(model, loss_fn, make_opt, warmup, x.flip(0), y.flip(0))
     before = copy.deepcopy(model)
-    stepped = copy.deepcopy(model)
-    opt = make_opt(stepped)
+    stepped, opt = copy.deepcopy((model, opt0))
+
+    def owner(pname: str) -> str | None:
+        path = pname.split(".")[:-1]
+        while path and ".".join(path) not in order:
+            path.pop()
+        name = ".".join(path)
+        return name if name in order else None
+
+    weights = {name: [pn for pn, _ in model.named_parameters() if owner(pn) == name] for name in order}
     torch.manual_seed(seed)
     opt.zero_grad()
     loss_fn(stepped(x), y).backward()
-    mods = dict(stepped.named_modules())
+    stepped_params = dict(stepped.named_parameters())
 
-    def own_grad(m: nn.Module) -> torch.Tensor:
-        return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in m.parameters(recurse=False)]).double()
+    def own_grad(params: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        ps = [params[pn] for pn in weights[name]]
+        return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in ps]).double()
 
-    g = {n: own_grad(mods[n]) for n in order}
+    g = {n: own_grad(stepped_params, n) for n in order}
     opt.step()
     out = {}
     for k, name in enumerate(order):
         m = copy.deepcopy(before)
-        here = dict(m.named_modules())
+        here = dict(m.named_parameters())
         with torch.no_grad():
             for prev in order[:k]:
-                for pname, p in here[prev].named_parameters(recurse=False):
-                    p.copy_(getattr(mods[prev], pname))
+                for pname in weights[prev]:
+                    here[pname].copy_(stepped_params[pname])
         torch.manual_seed(seed)
         loss_fn(m(x), y).backward()
-        a, b = g[name], own_grad(here[name])
+        a, b = g[name], own_grad(here, name)
         na, nb = a.norm().item(), b.norm().item()
         l2 = (a - b).norm().item()
         out[name] = ICS(l2, (a @ b).item() / (na * nb), na, nb, l2 / na)
@@ -188,9 +239,8 @@ def assert_same_ics(a: Any, b: Any, rtol: float = 1e-4) -> None:
         assert abs(u.cosine - v.cosine) <= 10 * rtol, (name, u, v)
 
 
-def measure(model: nn.Module, loss_fn: Any, x: Any, y: Any, method: str, make_opt: Callable[[nn.Module], torch.optim.Optimizer] = sgd, seed: int = 7, **kw: Any) -> Any:
-    m = copy.deepcopy(model)
-    opt = make_opt(m)
+def measure(model: nn.Module, loss_fn: Any, x: Any, y: Any, method: str, make_opt: Callable[[nn.Module], torch.optim.Optimizer] = sgd, seed: int = 7, warmup: int = 0, **kw: Any) -> Any:
+    m, opt = warmed_up(model, loss_fn, make_opt, warmup, x.flip(0), y.flip(0))
     torch.manual_seed(seed)
     return gradient_shift(m, loss_fn, x, y, opt, method=method, **kw)
 
@@ -199,10 +249,12 @@ def measure(model: nn.Module, loss_fn: Any, x: Any, y: Any, method: str, make_op
 
 
 @pytest.mark.parametrize("method", ["fast", "naive"])
-@pytest.mark.parametrize("case", ["mlp_bn", "branchy", "noisy", "dropout", "spectral", "functional"])
+@pytest.mark.parametrize("case", ["mlp_bn", "branchy", "noisy", "dropout", "spectral", "functional", "attention", "eval_instance_norm"])
 def test_matches_literal_definition(case: str, method: str) -> None:
     torch.manual_seed(0)
     model, shape, classes = {
+        "attention": (Attention(), (4, 6), 3),
+        "eval_instance_norm": (eval_instance_norm(), (2, 6), 3),
         "functional": (FunctionalUse(), (6,), 3),
         "spectral": (spectral_mlp(), (6,), 3),
         "mlp_bn": (mlp_bn(), (12,), 4),
@@ -218,9 +270,36 @@ def test_matches_literal_definition(case: str, method: str) -> None:
     assert max(v.l2 for v in got.values()) > 1e-4 * max(v.grad_norm for v in got.values())
 
 
+@pytest.mark.parametrize("method", ["fast", "naive"])
+@pytest.mark.parametrize("opt_name", ["sgd", "adam", "adamw"])
+def test_matches_literal_definition_with_optimizer_state(opt_name: str, method: str) -> None:
+    """After warm-up steps the update is not a plain -lr*g (momentum buffers, Adam moments): G'
+    must see the weights the real ``optimizer.step()`` produced."""
+    torch.manual_seed(0)
+    model, (x, y) = Branchy(), batch((6,), 16, 3)
+    ref = literal_reference(model, CE, x, y, OPTIMIZERS[opt_name], seed=7, warmup=2)
+    got = measure(model, CE, x, y, method, make_opt=OPTIMIZERS[opt_name], warmup=2)
+    assert_same_ics(ref, got)
+    # and it differs from what a fresh optimizer's step would give
+    fresh = measure(model, CE, x, y, method, make_opt=lambda m: torch.optim.SGD(m.parameters(), lr=1e-2), warmup=2)
+    assert any(abs(got[n].l2 - fresh[n].l2) > 1e-3 * got[n].grad_norm for n in got)
+
+
+def test_attention_out_proj_belongs_to_its_caller() -> None:
+    """nn.MultiheadAttention never calls out_proj: its weights are part of the attention layer."""
+    torch.manual_seed(0)
+    model, (x, y) = Attention(), batch((4, 6), 8, 3)
+    got = measure(model, CE, x, y, "fast")
+    assert list(got) == ["stem", "attn", "head"]
+    m, opt = warmed_up(model, CE, sgd, 0, x, y)
+    CE(m(x), y).backward()
+    attn_grad = torch.cat([p.grad.reshape(-1) for p in m.attn.parameters()])  # in_proj and out_proj
+    assert got["attn"].grad_norm == pytest.approx(float(attn_grad.norm()), rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "case",
-    ["vgg", "vgg_bn", "dln", "mlp_bn", "branchy", "root_param", "tied"],
+    ["vgg", "vgg_bn", "dln", "mlp_bn", "branchy", "root_param", "tied", "attention"],
 )
 def test_fast_equals_naive(case: str) -> None:
     torch.manual_seed(0)
@@ -241,6 +320,8 @@ def test_fast_equals_naive(case: str) -> None:
         model, (x, y), loss_fn = mlp_bn(), batch((12,), 8, 4), CE
     elif case == "branchy":
         model, (x, y), loss_fn = Branchy(), batch((6,), 8, 3), CE
+    elif case == "attention":
+        model, (x, y), loss_fn = Attention(), batch((4, 6), 8, 3), CE
     elif case == "root_param":
         model, (x, y), loss_fn = RootParam(), batch((4,), 8, 2), CE
     else:

@@ -24,7 +24,7 @@ GOLDEN = Path(__file__).parent / "golden" / "report_80.txt"
 
 @pytest.fixture(scope="module")
 def full_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_run_file(tmp_path_factory.mktemp("report") / "full.h5")
+    return write_run_file(tmp_path_factory.mktemp("report") / "full.h5", hessian_blocks=True)
 
 
 def _f(value: object) -> float | None:
@@ -98,6 +98,8 @@ def test_every_number_equals_the_file(full_file: Path) -> None:
             assert h["last_step"] == int(g["hessian/step"][-1])
             assert h["bn_mode"] == g["hessian/top_eigenvalue"].attrs["bn_mode"]
             assert h["samples"] == int(g["hessian/top_eigenvalue"].attrs["samples"])
+            blocks = [b.decode() for b in g["hessian/block"][()]]
+            assert h["blocks"] == dict(zip(blocks, g["hessian/block_top_eigenvalue"][-1].tolist())) and len(blocks) == 4
 
 
 @pytest.mark.parametrize("stat", ["p85", "std", "zero_fraction"])

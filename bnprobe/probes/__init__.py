@@ -82,25 +82,38 @@ class LandscapeProbe:
 
 @dataclass
 class HessianProbe:
-    """Top Hessian eigenvalue by power iteration, warm-started from the previous eigenvector."""
+    """Top Hessian eigenvalue by power iteration, warm-started from the previous eigenvector; with
+    ``blocks``, also that of each probed layer's own diagonal block (DESIGN 1.5, 4)."""
 
     writer: RunWriter
     interval: int
     tol: float
     max_iter: int
     samples: int
+    blocks: list[str] | None = None
     name: str = "hessian"
     _vector: Any = field(default=None, repr=False)
+    _block_vectors: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.due = every(self.interval)
 
     def measure(self, step: int, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        from .hessian import top_hessian_eigenvalue
+        from .hessian import hessian_blocks, top_hessian_eigenvalue
 
         r = top_hessian_eigenvalue(model, loss_fn, x, y, tol=self.tol, max_iter=self.max_iter, init=self._vector)
         self._vector = r.vector
-        self.writer.append("hessian", step, {"top_eigenvalue": r.eigenvalue, "iterations": r.iterations, "residual": r.residual})
+        row: dict[str, Any] = {"top_eigenvalue": r.eigenvalue, "iterations": r.iterations, "residual": r.residual}
+        if self.blocks:
+            exact = [glob.escape(n) for n in self.blocks]
+            per = hessian_blocks(model, loss_fn, x, y, layers=exact, tol=self.tol, max_iter=self.max_iter, init=self._block_vectors)
+            self._block_vectors = {n: b.vector for n, b in per.items()}
+            nan = float("nan")  # a block with no trainable parameter
+            row.update({
+                f"block_{key}": np.array([getattr(per[n], field) if n in per else nan for n in self.blocks], dtype=np.float64)
+                for key, field in (("top_eigenvalue", "eigenvalue"), ("iterations", "iterations"), ("residual", "residual"))
+            })
+        self.writer.append("hessian", step, row)
         self.writer.set_dataset_attrs("hessian/top_eigenvalue", bn_mode="train", samples=self.samples)
 
 
@@ -110,13 +123,17 @@ class ScheduledProbes:
     step_probe: ICSProbe | None
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to measure exactly as an uninterrupted one: the Hessian warm start."""
-        return {p.name: p._vector for p in self.before_step if isinstance(p, HessianProbe) and p._vector is not None}
+        """What a resumed run needs to measure exactly as an uninterrupted one: the Hessian warm starts."""
+        return {
+            p.name: {"vector": p._vector, "blocks": p._block_vectors}
+            for p in self.before_step if isinstance(p, HessianProbe) and p._vector is not None
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for p in self.before_step:
             if isinstance(p, HessianProbe) and p.name in state:
-                p._vector = state[p.name]
+                p._vector = state[p.name]["vector"]
+                p._block_vectors = dict(state[p.name]["blocks"])
 
 
 def scheduled_probes(cfg: Any, layer_names: list[str], writer: RunWriter) -> ScheduledProbes:
@@ -129,6 +146,9 @@ def scheduled_probes(cfg: Any, layer_names: list[str], writer: RunWriter) -> Sch
         etas = p.etas and tuple(e * cfg.lr for e in p.etas) or tuple(default_etas(cfg.lr, cfg.model))
         before.append(LandscapeProbe(writer, etas, p.landscape_every or p.ics_every or p.record_every))
     if p.hessian:
-        before.append(HessianProbe(writer, p.hessian_every or p.ics_every or p.record_every, p.hessian_tol, p.hessian_max_iter, cfg.batch_size))
+        blocks = list(layer_names) if p.hessian_blocks else None
+        if blocks:
+            writer.write_constant("hessian/block", blocks)
+        before.append(HessianProbe(writer, p.hessian_every or p.ics_every or p.record_every, p.hessian_tol, p.hessian_max_iter, cfg.batch_size, blocks))
     ics = ICSProbe(writer, layer_names, p.ics_every) if p.ics_every > 0 else None
     return ScheduledProbes(before, ics)

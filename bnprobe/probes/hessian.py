@@ -108,7 +108,7 @@ def _first_order(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], 
         handles = [m.register_forward_hook(hook) for m in model.modules() if has_own_parameters(m)]
     state = rng.capture(model)
     try:
-        with no_trace(model), _bn_mode(model, bn_mode), rng.replaying(model, state):
+        with _bn_mode(model, bn_mode), no_trace(model), rng.replaying(model, state):  # no_trace sees the final modes
             loss = loss_fn(model(x), y)
     finally:
         for h in handles:

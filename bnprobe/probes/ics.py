@@ -24,8 +24,10 @@ put back afterwards. Other buffers a forward updates in place (spectral norm's v
 statistics) are likewise set to their pre-step values for each pass and restored after.
 Parameters, buffers, ``.grad``, optimizer state and RNG states end up bit-identical to a plain step.
 Only trainable parameters count as a layer's weights; a layer whose parameters are all frozen gets
-an all-NaN row (so results line up with ``probed_layers``), and a parameter no called module owns
-(read functionally by a parent) stays at W^t.
+an all-NaN row (so results line up with ``probed_layers``). A parameter whose module never runs but
+is read by an ancestor (``nn.MultiheadAttention`` reads ``out_proj.weight`` directly) counts among
+the weights of its nearest called ancestor that holds parameters; one with no such ancestor (read
+functionally by a parameter-free parent) stays at W^t.
 
 Two methods compute ``G'``; they agree to float tolerance (the tests check it):
 
@@ -153,13 +155,14 @@ class BufferTape:
 def no_trace(model: nn.Module) -> Iterator[BufferTape]:
     """Extra passes that leave every buffer as it was.
 
-    ``track_running_stats`` is switched off on every normalisation module (train-mode BN then uses
-    batch statistics and updates nothing) and restored after. The other buffers are copied on entry
+    ``track_running_stats`` is switched off on every train-mode normalisation module (BN then uses
+    batch statistics and updates nothing; eval-mode ones update nothing anyway) and restored after. The other buffers are copied on entry
     (``tape.entry``) and written back on exit; a caller that replays a pass sets them to the
     state the real pass started from before each pass (``tape.set(...)``), as it replays the RNG.
     RNG streams are the caller's business (:mod:`bnprobe.rng`).
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    # Only train-mode ones: an eval-mode InstanceNorm would switch to per-sample statistics.
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training]
     flags = [(m, m.track_running_stats) for m in norms]
     tape = BufferTape(model)
     tape.entry = tape.snap()
@@ -195,6 +198,20 @@ class _Layers:
             self.own.append(own)
             for n in own:
                 self.param_layer.setdefault(n, i)
+        # A parameter whose module never runs is read by an ancestor (MultiheadAttention reads
+        # out_proj.weight itself): it belongs to the nearest called ancestor's layer.
+        index = {name: i for i, name in enumerate(self.names)}
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        for pname in trainable:
+            if pname in self.param_layer:
+                continue
+            path = pname.split(".")[:-1]
+            while path and ".".join(path) not in index:
+                path.pop()
+            owner = index.get(".".join(path)) if path else index.get("")
+            if owner is not None:
+                self.own[owner].append(pname)
+                self.param_layer[pname] = owner
         # a module's "reach": the latest layer whose parameters it holds (tied weights)
         holders: dict[str, list[int]] = {}
         for i, own in enumerate(self.own):
