@@ -10,7 +10,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -123,8 +123,9 @@ def _summary(results: list[Any], path: Path) -> None:
 
 
 @contextmanager
-def _interrupts(path_hint: str) -> Iterator[None]:
-    """SIGTERM becomes an interrupt; either ends the command with 130 (SIGINT) or 143 (SIGTERM)."""
+def _interrupts(path_hint: str, started: Callable[[], bool]) -> Iterator[None]:
+    """SIGTERM becomes an interrupt; either ends the command with 130 (SIGINT) or 143 (SIGTERM).
+    ``started()`` tells whether a step was recorded (before that, no file is left behind)."""
 
     def on_term(_sig: int, _frame: Any) -> None:
         raise Terminated()
@@ -134,7 +135,10 @@ def _interrupts(path_hint: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt as e:
-        typer.echo(f"bnprobe: interrupted; what was recorded is in {path_hint} (status: interrupted)", err=True)
+        if started():
+            typer.echo(f"bnprobe: interrupted; what was recorded is in {path_hint} (status: interrupted)", err=True)
+        else:
+            typer.echo("bnprobe: interrupted before the first step; nothing was written", err=True)
         raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -153,7 +157,7 @@ def _with_progress(run: Any, path: Path) -> list[Any]:
             tasks[info.variant] = progress.add_task(info.variant, total=info.steps, loss=float("nan"), rate=0.0)
         progress.update(tasks[info.variant], completed=info.step, loss=info.loss, rate=info.steps_per_second)
 
-    with _interrupts(str(path)):
+    with _interrupts(str(path), started=lambda: bool(tasks)):
         try:
             results: list[Any] = run(on_step)
         finally:

@@ -112,11 +112,12 @@ def probed_layers(
     example_input: Any,
     patterns: Sequence[str] = ("*",),
     kinds: Sequence[str] | None = None,
+    require: bool = True,
 ) -> list[tuple[LayerInfo, nn.Module]]:
     """The probed layers (modules with their own parameters), in forward-execution order.
 
     Modules with parameters that never run in the forward pass are left out: they have no
-    activations and no gradient.
+    activations and no gradient. No match is an error unless ``require`` is false.
     """
     owners = [(n, m) for n, m in model.named_modules() if has_own_parameters(m)]
     ordered = execution_order(model, example_input, owners)
@@ -132,7 +133,7 @@ def probed_layers(
                 order=len(result),
             )
             result.append((info, module))
-    if not result:
+    if not result and require:
         from .errors import ConfigError
 
         raise ConfigError(f"no layer matches --layers {list(patterns)!r}" + (f" and kinds {list(kinds)!r}" if kinds else ""))

@@ -63,13 +63,14 @@ class Recorder:
         flush_seconds: float = 5.0,
         generator_state: torch.Tensor | None = None,
         start_seconds: float = 0.0,
+        require_match: bool = True,
     ) -> None:
         self.model = model
         patterns = [layers] if isinstance(layers, str) else list(layers)
         owners = [(n, m) for n, m in model.named_modules() if has_own_parameters(m)]
         picked = select([(n, layer_kind(m)) for n, m in owners], patterns, kinds)
         self._candidates = [owners[i] for i in picked]
-        if not self._candidates:
+        if not self._candidates and require_match:
             from .errors import ConfigError
 
             raise ConfigError(f"no layer with parameters matches layers={patterns!r}" + (f", kinds={list(kinds)!r}" if kinds else ""))
@@ -144,8 +145,8 @@ class Recorder:
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self._candidates]
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.close("finished" if exc_type is None else "interrupted")  # an exception stopped the user's loop early
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -211,15 +212,16 @@ class Recorder:
         self.writer.flush()
         self._last_flush = time.perf_counter()
 
-    def close(self) -> None:
-        """Remove the hooks, flush, and close the file if this recorder opened it."""
+    def close(self, status: str = "finished") -> None:
+        """Remove the hooks, flush, and close the file if this recorder opened it (marking the run
+        ``status`` unless its owner already set one)."""
         for h in self._handles:
             h.remove()
         self._handles = []
         self.flush()
         if self._owned_store is not None:
             if self.writer._group.attrs.get("status") == "running":
-                self.writer.set_status("finished", steps=self.step_index)
+                self.writer.set_status(status, steps=self.step_index)
             self._owned_store.close()
             self._owned_store = None
 

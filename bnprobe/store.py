@@ -55,10 +55,11 @@ class Store:
     new file is written under a temporary name and renamed over the old one then.
     """
 
-    def __init__(self, h5: h5py.File, path: Path, pending_rename: Path | None) -> None:
+    def __init__(self, h5: h5py.File, path: Path, pending_rename: Path | None, created: bool = False) -> None:
         self._h5 = h5
         self.path = path
         self._pending_rename = pending_rename
+        self._created = created  # a file this store made (not one it appends to): it may discard it
         self.writers: dict[str, RunWriter] = {}
 
     @classmethod
@@ -84,8 +85,8 @@ class Store:
                 "config": config_yaml,
             }
         )
-        h5.flush()  # with force, the old file is replaced at the first run flush, not now
-        return cls(h5, path, target if target != path else None)
+        h5.flush()  # with force, the old file is replaced at the first flush holding records, not now
+        return cls(h5, path, target if target != path else None, created=True)
 
     @classmethod
     def append_to(cls, path: str | Path) -> Store:
@@ -121,8 +122,19 @@ class Store:
             return None
         return _checkpoint(self._h5, self.path, run)
 
+    def has_records(self) -> bool:
+        """Whether any run has logged a training step (flushed or still buffered)."""
+        if any(w.has_pending_steps() for w in self.writers.values()):
+            return True
+        runs = self._h5.get("runs")
+        return runs is not None and any("train/step" in g and g["train/step"].shape[0] > 0 for g in runs.values())
+
     def flush(self) -> None:
         self._h5.flush()
+        if self._pending_rename is not None and self.has_records():
+            self._commit()
+
+    def _commit(self) -> None:
         if self._pending_rename is not None:
             os.replace(self._pending_rename, self.path)
             self._pending_rename = None
@@ -132,14 +144,28 @@ class Store:
             return
         for writer in self.writers.values():
             writer.flush()
-        self.flush()
+        self._h5.flush()
+        self._commit()
         self._h5.close()
+
+    def discard(self) -> None:
+        """Close and delete the file this store created (an existing file it would replace stays)."""
+        if self._h5.id.valid:
+            self._h5.close()
+        if self._created:
+            (self._pending_rename or self.path).unlink(missing_ok=True)
+            self._pending_rename = None
 
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        # A run that fails before its first step (a user error found late, Ctrl-C at start-up)
+        # leaves no file behind, and with --force the user's old file untouched.
+        if exc_type is not None and self._created and not self.has_records():
+            self.discard()
+        else:
+            self.close()
 
 
 def _attr(value: Any) -> Any:
@@ -202,6 +228,9 @@ class RunWriter:
         self._pending[f"{section}/step"].append(np.asarray(step, dtype=np.int64))
         for key, value in values.items():
             self._pending[f"{section}/{key}"].append(np.asarray(value))
+
+    def has_pending_steps(self) -> bool:
+        return bool(self._pending.get("train/step"))
 
     def flush(self) -> None:
         """Append buffered records to their datasets and flush the file to disk."""

@@ -148,7 +148,9 @@ def train_variant(
     optimizer = make_optimizer(cfg, model.parameters())
     loss_fn = bundle.loss_fn()
     x0, _ = bundle.example_batch(2)
-    layer_infos = probed_layers(model, x0.to(device), cfg.probes.layers, cfg.probes.kinds or None)
+    # A variant where nothing matches (``--layers '*_bn'`` on ``keep``) records no moments or ICS;
+    # run_experiment has checked that some variant matches.
+    layer_infos = probed_layers(model, x0.to(device), cfg.probes.layers, cfg.probes.kinds or None, require=False)
     writer.set_attrs(
         bn=cfg.bn.value, model=cfg.model, data=bundle.spec, seed=cfg.seed, device=str(device), optimizer=cfg.optimizer.value,
         lr=cfg.lr, batch_size=cfg.batch_size, planned_steps=cfg.steps, task=bundle.task,
@@ -172,7 +174,7 @@ def train_variant(
         model, writer, layers=cfg.probes.layers, kinds=cfg.probes.kinds or None, record_every=cfg.probes.record_every,
         per_channel=cfg.probes.per_channel, histogram_bins=cfg.probes.histogram_bins,
         histogram_range=cfg.probes.histogram_range, percentile_samples=cfg.probes.percentile_samples,
-        seed=cfg.seed, flush_every=cfg.flush_every, flush_seconds=cfg.flush_seconds, start_step=start,
+        seed=cfg.seed, flush_every=cfg.flush_every, flush_seconds=cfg.flush_seconds, start_step=start, require_match=False,
         generator_state=checkpoint.get("rng_recorder") if checkpoint else None,
         start_seconds=float(checkpoint.get("seconds", 0.0)) if checkpoint else 0.0,
     )
@@ -236,6 +238,16 @@ def _finish(writer: RunWriter, model: nn.Module, optimizer: torch.optim.Optimize
     writer.set_status(status, steps=steps, seconds=rec.elapsed(), write_seconds=writer.write_seconds, **extra)
 
 
+def check_layer_selection(cfg: Config, bundle: DataBundle, models: list[nn.Module]) -> None:
+    """``probes.layers`` / ``kinds`` must match a layer in at least one variant (each may differ:
+    ``*_bn`` matches only where BN was inserted)."""
+    x, _ = bundle.example_batch(2)
+    patterns, kinds = cfg.probes.layers, cfg.probes.kinds or None
+    if not any(probed_layers(m, x.to(next(m.parameters(), x).device), patterns, kinds, require=False) for m in models):
+        variants = "the variant" if len(models) == 1 else f"any of the {len(models)} variants"
+        raise ConfigError(f"no layer matches --layers {list(patterns)!r}" + (f" and kinds {list(kinds)!r}" if kinds else "") + f" in {variants}; see `bnprobe inspect`")
+
+
 def run_experiment(cfg: Config, force: bool = False, progress: ProgressFn | None = None) -> tuple[Store, list[VariantResult]]:
     """Train every variant of ``cfg`` into ``cfg.output_path``; returns the closed store and results."""
     bundle = load_data(cfg.data, seed=cfg.seed, **dict(cfg.data_options))
@@ -245,6 +257,7 @@ def run_experiment(cfg: Config, force: bool = False, progress: ProgressFn | None
             raise ConfigError(f"batch_size {run_cfg.batch_size} is larger than the data set ({len(bundle)} samples)")
     # Build every variant before the file exists: a bad model or surgery fails with nothing written.
     prepared = [prepare_model(run_cfg, bundle, resolve_device(run_cfg.device)) for _, run_cfg in runs]
+    check_layer_selection(cfg, bundle, [model for model, _ in prepared])
     default_dir = Path(cfg.output).parent == Path("runs")
     store = Store.create(cfg.output_path, cfg.to_yaml(), force=force, create_parent=default_dir)
     results = []
@@ -300,6 +313,7 @@ def measure_from_run(path: Path, overrides: dict[str, Any], output: Path, force:
         plans.append((name, run_cfg, checkpoint, prepare_model(run_cfg, bundle, resolve_device(run_cfg.device))))
     if not plans:
         raise ConfigError(f"{path} has no run with a checkpoint to continue from")
+    check_layer_selection(base, bundle, [prepared[0] for *_, prepared in plans])
     results = []
     with Store.create(output, base.to_yaml(), force=force) as store:
         for name, run_cfg, checkpoint, prepared in plans:

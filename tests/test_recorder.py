@@ -94,3 +94,13 @@ def test_per_channel_and_histogram(tmp_path: Path) -> None:
     hist = run.data["moments/histogram"][0, 0]
     ref, _ = np.histogram(np.clip(out.numpy(), -2, 2), bins=5, range=(-2, 2))
     np.testing.assert_array_equal(hist, ref)
+
+
+def test_an_exception_in_the_users_loop_marks_the_run_interrupted(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(RuntimeError), Recorder(model, tmp_path / "r.h5", record_every=1) as rec:
+        model(torch.randn(4, 3))
+        rec.step(loss=1.0)
+        raise RuntimeError("the user's loop failed")
+    run = read_file(tmp_path / "r.h5").runs["run"]
+    assert run.attrs["status"] == "interrupted" and run.data["train/loss"].tolist() == [1.0]

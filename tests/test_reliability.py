@@ -96,3 +96,39 @@ def test_signals_leave_a_readable_file(tmp_path: Path, tiny_config: Path, sig: i
         assert "interrupted; what was recorded is in run.h5" in err
     report = runner.invoke(app, ["report", str(tmp_path / "run.h5")])
     assert "Traceback" not in report.output
+
+
+def test_late_user_error_writes_nothing_and_force_keeps_the_old_file(in_tmp: Path, tiny_config: Path) -> None:
+    """A mistake found after the models are built (a layer glob that matches nothing) leaves no
+    file behind; with --force the user's existing file stays byte for byte."""
+    result = runner.invoke(app, ["train", str(tiny_config), "--layers", "nothing*", "-o", "new.h5"])
+    assert result.exit_code == 2 and "no layer matches" in result.output
+    assert not Path("new.h5").exists()
+    Path("old.h5").write_bytes(b"precious results")
+    result = runner.invoke(app, ["train", str(tiny_config), "--layers", "nothing*", "-o", "old.h5", "--force"])
+    assert result.exit_code == 2
+    assert Path("old.h5").read_bytes() == b"precious results" and not list(Path().glob(".*partial"))
+
+
+def test_interrupt_before_the_first_step_keeps_the_old_file(in_tmp: Path, tiny_config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bnprobe.trainer
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bnprobe.trainer, "_plain_step", stop)
+    Path("old.h5").write_bytes(b"precious results")
+    result = runner.invoke(app, ["train", str(tiny_config), "-o", "old.h5", "--force"])
+    assert result.exit_code == 130 and "before the first step" in result.output
+    assert Path("old.h5").read_bytes() == b"precious results" and not list(Path().glob(".*partial"))
+
+
+def test_a_layer_glob_may_match_in_some_variants_only(in_tmp: Path, tiny_config: Path) -> None:
+    """``--layers '*_bn'`` probes only the inserted BN layers: the keep variant records no moments."""
+    result = runner.invoke(app, ["train", str(tiny_config), "--bn", "keep", "--bn", "insert", "--layers", "*_bn", "--ics-every", "2", "-o", "r.h5"])
+    assert result.exit_code == 0, result.output
+    runs = read_file("r.h5").runs
+    assert "moments/mean" not in runs["keep"].data and "ics/l2" not in runs["keep"].data
+    assert len(runs["keep"].data["train/loss"]) == 6
+    names = [l["name"] for l in runs["insert"].layers]
+    assert names and all(n.endswith("_bn") for n in names) and runs["insert"].data["ics/l2"].shape[1] == len(names)

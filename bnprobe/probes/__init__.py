@@ -146,9 +146,9 @@ def scheduled_probes(cfg: Any, layer_names: list[str], writer: RunWriter) -> Sch
         etas = p.etas and tuple(e * cfg.lr for e in p.etas) or tuple(default_etas(cfg.lr, cfg.model))
         before.append(LandscapeProbe(writer, etas, p.landscape_every or p.ics_every or p.record_every))
     if p.hessian:
-        blocks = list(layer_names) if p.hessian_blocks else None
+        blocks = list(layer_names) if p.hessian_blocks and layer_names else None
         if blocks:
             writer.write_constant("hessian/block", blocks)
         before.append(HessianProbe(writer, p.hessian_every or p.ics_every or p.record_every, p.hessian_tol, p.hessian_max_iter, cfg.batch_size, blocks))
-    ics = ICSProbe(writer, layer_names, p.ics_every) if p.ics_every > 0 else None
+    ics = ICSProbe(writer, layer_names, p.ics_every) if p.ics_every > 0 and layer_names else None
     return ScheduledProbes(before, ics)
