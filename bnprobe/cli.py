@@ -60,7 +60,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (
 
 # ----------------------------------------------------------------------------- shared options
 
-ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config (default: the built-in quickstart).", show_default=False)]
+ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config (default: the built-in quickstart).", show_default=False, metavar="CONFIG")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="vgg | mlp | dln | torchvision:NAME | file.py:factory | pkg.mod:factory")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", "-d", help="synthetic:cifar10|mnist|linear, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE, h5:FILE")]
 BnOpt = Annotated[Optional[list[str]], typer.Option("--bn", help="keep | insert | strip | noisy; repeat for variants.")]
@@ -232,9 +232,6 @@ def train(
 ) -> None:
     """Train briefly and record activation moments (and ICS/landscape when asked)."""
     with user_errors():
-        if resume is not None:
-            _resume(resume)
-            return
         overrides = _overrides(
             model=model, data=data, bn_targets=bn_targets, keep_bias=keep_bias, fold=fold, optimizer=optimizer, lr=lr,
             momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, steps=steps, batch_size=batch_size, seed=seed,
@@ -244,6 +241,11 @@ def train(
             probes__hessian_blocks=hessian_blocks, checkpoint_every=checkpoint_every,
             flush_every=flush_every, flush_seconds=flush_seconds,
         ) | _bn_override(bn) | parse_assignments(assignments or [])
+        if resume is not None:
+            if overrides or config is not None or force or print_config:
+                raise BnprobeError(f"--resume continues {resume} with the config stored in it; drop the other options and arguments")
+            _resume(resume)
+            return
         cfg = _load(config, overrides)
         if print_config:
             out.print(cfg.to_yaml(), end="", markup=False)
@@ -253,7 +255,7 @@ def train(
 
 @app.command("measure-ics")
 def measure_ics(
-    target: Annotated[Optional[Path], typer.Argument(help="Config YAML, or a finished run's .h5 to continue from its checkpoints.", show_default=False)] = None,
+    target: Annotated[Optional[Path], typer.Argument(help="Config YAML, or a finished run's .h5 to continue from its checkpoints.", show_default=False, metavar="CONFIG|RUN.h5")] = None,
     ics_every: Annotated[Optional[int], typer.Option(help="Measure every N steps (default: the config's, else 10).")] = None,
     layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Glob of layer names to measure; repeatable.")] = None,
     landscape: Annotated[Optional[bool], typer.Option("--landscape/--no-landscape", help="Also scan the loss landscape along the gradient.", show_default=False)] = None,
@@ -282,6 +284,11 @@ def measure_ics(
         if target is not None and target.suffix in (".h5", ".hdf5"):
             from .trainer import measure_from_run
 
+            fixed = [flag for flag, value in (("--model", model), ("--data", data), ("--bn", bn)) if value]
+            fixed += [f"--set {key}" for key in parse_assignments(assignments or []) if key.split(".")[0] in ("model", "model_options", "data", "data_options", "bn", "variants", "seed")]
+            if fixed:
+                raise BnprobeError(f"{' and '.join(dict.fromkeys(fixed))} cannot change when continuing {target}: its weights fit its own model and data (give a config instead)")
+
             out_path = Path(output) if output else target.with_name(f"{target.stem}-ics.h5")
             results = _with_progress(lambda on_step: measure_from_run(target, overrides, out_path, force, on_step), out_path)
             _finish(results, out_path)
@@ -299,7 +306,7 @@ def measure_ics(
 
 @app.command()
 def report(
-    paths: Annotated[list[Path], typer.Argument(help="bnprobe .h5 files.", show_default=False)],
+    paths: Annotated[list[Path], typer.Argument(help="bnprobe .h5 files.", show_default=False, metavar="RUN.h5")],
     layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated globs of layer names.")] = None,
     stat: Annotated[Optional[str], typer.Option("--stat", help="Statistic for the sparklines (default: mean).")] = None,
     variant: Annotated[Optional[str], typer.Option("--variant", help="Comma-separated variant names or globs.")] = None,
@@ -318,7 +325,7 @@ def report(
 
 @app.command()
 def export(
-    path: Annotated[Path, typer.Argument(help="bnprobe .h5 file.", show_default=False)],
+    path: Annotated[Path, typer.Argument(help="bnprobe .h5 file.", show_default=False, metavar="RUN.h5")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="csv | json | npz | parquet")] = "csv",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: next to the input).")] = None,
     variant: Annotated[Optional[str], typer.Option("--variant", help="Comma-separated variant names or globs.")] = None,
@@ -334,7 +341,7 @@ def export(
 
 @app.command()
 def plot(
-    paths: Annotated[list[Path], typer.Argument(help="bnprobe .h5 files.", show_default=False)],
+    paths: Annotated[list[Path], typer.Argument(help="bnprobe .h5 files.", show_default=False, metavar="RUN.h5")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Figure file: .png, .svg or .pdf.")],
     kind: Annotated[str, typer.Option("--kind", "-k", help="moments | ics | landscape | training")] = "moments",
     layer: Annotated[Optional[str], typer.Option("--layer", help="Layer name or glob (moments: one layer; ics: up to 6).")] = None,
@@ -351,7 +358,7 @@ def plot(
 
 @app.command()
 def inspect(
-    model: Annotated[str, typer.Argument(help="Model spec, e.g. vgg or torchvision:resnet18.", show_default=False)],
+    model: Annotated[str, typer.Argument(help="Model spec, e.g. vgg or torchvision:resnet18.", show_default=False, metavar="MODEL")],
     bn: Annotated[str, typer.Option("--bn", help="keep | insert | strip | noisy")] = "insert",
     data: DataOpt = None,
     bn_targets: BnTargetsOpt = None,
@@ -375,7 +382,25 @@ def inspect(
 
 
 def main() -> None:
-    app()
+    """The console script: click's usage errors (bad flag, bad value, unknown command) become one
+    line on stderr like every other user error, instead of a usage box."""
+    try:
+        result = app(standalone_mode=False)
+    except Exception as e:  # click's exceptions, from whichever click typer uses (it vendors one)
+        kind = type(e).__name__
+        if kind == "Abort":
+            typer.echo("bnprobe: aborted", err=True)
+            sys.exit(1)
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise
+        ctx = getattr(e, "ctx", None)
+        if kind == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            sys.exit(0)
+        where = ctx.command_path if ctx is not None else "bnprobe"
+        typer.echo(f"bnprobe: error: {e.format_message()} (see `{where} --help`)", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

@@ -301,6 +301,8 @@ def measure_from_run(path: Path, overrides: dict[str, Any], output: Path, force:
 
     existing = read_file(path, load=False)
     extra = overrides.pop("steps", None)
+    if extra is not None and extra < 1:
+        raise ConfigError("steps must be at least 1 (the number of further steps)")
     overrides.setdefault("probes.ics_every", 10)
     base = load_config_text(existing.attrs.get("config", ""), str(path), overrides)
     bundle = load_data(base.data, seed=base.seed, **dict(base.data_options))

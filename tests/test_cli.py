@@ -1,5 +1,6 @@
 """The CLI through typer's CliRunner: exit codes, one-line errors, real files."""
 
+import sys
 from pathlib import Path
 
 import h5py
@@ -105,6 +106,17 @@ def test_measure_ics_continues_a_finished_run_into_a_new_file(in_tmp: Path, tiny
         assert run.attrs["continued_from"] == "base.h5"
     again = runner.invoke(app, ["measure-ics", "base.h5", "--steps", "4"])
     assert again.exit_code == 2 and "already exists" in again.output
+    for flags, message in (
+        (["--model", "mlp"], "--model cannot change when continuing"),
+        (["--bn", "strip", "--set", "seed=3"], "--bn and --set seed cannot change"),
+        (["--steps", "0"], "steps must be at least 1"),
+    ):
+        bad = runner.invoke(app, ["measure-ics", "base.h5", *flags, "-o", "other.h5"])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    assert not (in_tmp / "other.h5").exists()
+    resumed = runner.invoke(app, ["train", "--resume", "base.h5", "--lr", "5"])
+    assert resumed.exit_code == 2 and "drop the other options" in resumed.output
+    assert (in_tmp / "base.h5").read_bytes() == before
 
 
 def test_inspect_prints_the_plan(in_tmp: Path) -> None:
@@ -123,3 +135,23 @@ def test_report_and_export_through_the_cli(in_tmp: Path, tiny_config: Path) -> N
     assert exported.exit_code == 0 and (in_tmp / "t.csv").read_text().startswith("variant,")
     wrong = runner.invoke(app, ["report", str(tiny_config)])
     assert wrong.exit_code == 2 and wrong.output.startswith("bnprobe: error:")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--steps", "abc"], "Invalid value for '--steps'"),
+        (["trian"], "No such command 'trian'"),
+        (["train", "--bogus"], "No such option: --bogus"),
+        (["report"], "Missing argument 'RUN.h5'"),
+    ],
+)
+def test_usage_errors_are_one_line(argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from bnprobe.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["bnprobe", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("bnprobe: error: ") and message in err
