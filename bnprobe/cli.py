@@ -93,7 +93,7 @@ def _load(config: Path | None, overrides: dict[str, Any]) -> Any:
     raw = read_yaml(path)
     for key in ("model", "data"):  # options written for the config's model/data don't fit another one
         if key in overrides and overrides[key] != raw.get(key) and f"{key}_options" not in overrides:
-            overrides[f"{key}_options"] = {}
+            overrides = {f"{key}_options": {}} | overrides  # first: --set model_options.X=... still applies
     cfg = load_config(path, overrides)
     if overrides.get("bn") and "variants" not in overrides and cfg.variants.get("bn"):
         from dataclasses import replace

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import enum
 import itertools
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -232,6 +233,14 @@ def _variants(raw: Any) -> dict[str, tuple[Any, ...]]:
     return out
 
 
+def _placeholders_ok(template: str) -> bool:
+    try:
+        template.format(name="x")
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
+
+
 def _validate(cfg: Config) -> Config:
     checks = [
         (cfg.lr > 0, "lr must be positive"),
@@ -252,6 +261,8 @@ def _validate(cfg: Config) -> Config:
         (cfg.probes.hessian_tol > 0, "probes.hessian_tol must be positive"),
         (cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), f"device must be auto, cpu, cuda[:N] or mps, not {cfg.device!r}"),
         (bool(cfg.name) and "/" not in cfg.name, "name must be non-empty and hold no '/'"),
+        (math.isfinite(cfg.lr), "lr must be a finite number"),
+        (_placeholders_ok(cfg.output), f"output {cfg.output!r}: the only placeholder is {{name}}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -277,10 +288,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config {p} is a directory; give a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
+    if p.suffix in (".h5", ".hdf5"):
+        raise ConfigError(f"{p} is a run file, not a config; to continue it: bnprobe train --resume {p}")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read config {p}: {e.strerror}") from e
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {p} is not a UTF-8 text file; give a YAML config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

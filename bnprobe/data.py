@@ -182,11 +182,18 @@ def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBun
     missing = [k for k in (x_key, y_key) if k not in arrays]
     if missing:
         raise DataError(f"{path} has no array {missing[0]!r} (found: {', '.join(sorted(arrays)) or 'none'}); set data_options.x_key / y_key")
-    x = torch.as_tensor(np.asarray(arrays[x_key]), dtype=torch.float32)
-    y_np = np.asarray(arrays[y_key])
+    x_np, y_np = np.asarray(arrays[x_key]), np.asarray(arrays[y_key])
+    for key, arr in ((x_key, x_np), (y_key, y_np)):
+        if arr.dtype.kind not in "biuf" or arr.ndim == 0:
+            raise DataError(f"{path}: array {key!r} holds {arr.dtype} {'scalars' if arr.ndim else 'a scalar'}, not numbers per sample")
+    if len(x_np) == 0:
+        raise DataError(f"{path}: array {x_key!r} holds no samples")
+    x = torch.as_tensor(x_np, dtype=torch.float32)
     if len(x) != len(y_np):
         raise DataError(f"{path}: {x_key!r} has {len(x)} samples but {y_key!r} has {len(y_np)}")
     if y_np.ndim == 1 and np.issubdtype(y_np.dtype, np.integer):
+        if y_np.min() < 0:
+            raise DataError(f"{path}: class labels in {y_key!r} must be 0, 1, 2, ...; found {int(y_np.min())}")
         y = torch.as_tensor(y_np, dtype=torch.long)
         return DataBundle(TensorDataset(x, y), tuple(x.shape[1:]), int(y.max()) + 1, "classification", spec)
     y = torch.as_tensor(y_np, dtype=torch.float32)

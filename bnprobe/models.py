@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelError
+from .errors import BnprobeError, ModelError
 
 ModelFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelFactory] = {}
@@ -143,7 +143,21 @@ def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, in
 
 
 def build_model(spec: str, num_classes: int, input_shape: tuple[int, ...], **options: Any) -> nn.Module:
-    """Build a model from a spec: a built-in name, ``torchvision:NAME``, or ``file.py:factory`` / ``pkg.mod:factory``."""
+    """Build a model from a spec: a built-in name, ``torchvision:NAME``, or ``file.py:factory`` / ``pkg.mod:factory``.
+
+    A factory that raises (bad options, a bug in a user's file) is a one-line :class:`ModelError`
+    naming the spec; ``--debug`` shows the traceback.
+    """
+    try:
+        return _build(spec, num_classes, input_shape, options)
+    except BnprobeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the factory raised, said in one line
+        first = (str(e).splitlines() or [""])[0]
+        raise ModelError(f"building model {spec!r} failed: {type(e).__name__}: {first} (--debug shows where)") from e
+
+
+def _build(spec: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any]) -> nn.Module:
     input_shape = tuple(int(d) for d in input_shape)
     if spec.startswith("torchvision:"):
         model = _torchvision_model(spec.split(":", 1)[1], num_classes, input_shape, options)

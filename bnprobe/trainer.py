@@ -24,7 +24,7 @@ from torch import nn
 from . import rng
 from .config import BnMode, Config, OptimizerName, expand_variants
 from .data import DataBundle, batches, load_data
-from .errors import ConfigError, ModelError
+from .errors import BnprobeError, ConfigError, ModelError
 from .layers import probed_layers
 from .models import build_model
 from .probes import ScheduledProbes, scheduled_probes
@@ -66,6 +66,10 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu or auto")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:  # mps without Metal, cuda:7 on a one-GPU machine...
+        raise ConfigError(f"device {name!r} is not available here; use --device cpu or auto") from e
     return device
 
 
@@ -84,9 +88,12 @@ def _naming_failures(model: nn.Module) -> Iterator[None]:
     handles = [m.register_forward_pre_hook(lambda _m, _i, n=n: entered.append(n)) for n, m in model.named_modules() if n]
     try:
         yield
-    except RuntimeError as e:
+    except BnprobeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - shape errors come as RuntimeError, AssertionError, ValueError...
         where = f" in layer {entered[-1]!r}" if entered else ""
-        raise ModelError(f"the model cannot run on this data{where}: {str(e).splitlines()[0]}") from e
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"the model cannot run on this data{where}: {first}") from e
     finally:
         for h in handles:
             h.remove()

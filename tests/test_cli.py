@@ -4,7 +4,9 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from bnprobe.cli import app
@@ -54,9 +56,30 @@ def test_existing_output_is_refused(in_tmp: Path, tiny_config: Path) -> None:
         (["--data", "torchvision:CIFAR10:/no/such"], "does not exist"),
         (["--model", "mlp", "--data", "synthetic:linear"], None),
         (["-o", "no/such/dir/x.h5"], "does not exist"),
+        (["-o", "{nam}.h5"], "the only placeholder is {name}"),
+        (["--lr", "inf"], "lr must be a finite number"),
+        (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "not available here"),
+        (["--model", "mlp", "--set", "model_options.hidden=-5"], "building model 'mlp' failed: RuntimeError"),
+        (["--model", "{files}/m.py:boom"], "building model '{files}/m.py:boom' failed: RuntimeError: boom"),
+        (["--model", "{files}/m.py:picky"], "the model cannot run on this data in layer 'picky': want 28x28"),
+        (["--model", "mlp", "--data", "npz:{files}/words.npz", "-b", "4"], "array 'y' holds <U1 scalars"),
+        (["--model", "mlp", "--data", "npz:{files}/negative.npz", "-b", "4"], "class labels in 'y' must be 0, 1, 2, ...; found -1"),
     ],
 )
 def test_user_errors_are_one_line(in_tmp: Path, tiny_config: Path, args: list[str], message: str | None) -> None:
+    files = in_tmp / "files"
+    files.mkdir()
+    (files / "m.py").write_text(
+        "from collections import OrderedDict\n"
+        "import torch.nn as nn\n"
+        "def boom(num_classes):\n    raise RuntimeError('boom')\n"
+        "class Picky(nn.Module):\n    def forward(self, x):\n        assert x.shape[-1] == 28, 'want 28x28'\n        return x\n"
+        "def picky():\n    return nn.Sequential(OrderedDict(flat=nn.Flatten(), lin=nn.Linear(3072, 32), picky=Picky()))\n"
+    )
+    np.savez(files / "words.npz", x=np.zeros((8, 3)), y=np.array(["a"] * 8))
+    np.savez(files / "negative.npz", x=np.zeros((8, 3)), y=-np.ones(8, dtype=np.int64))
+    args = [a.replace("{files}", str(files)) for a in args]
+    message = message and message.replace("{files}", str(files))
     result = runner.invoke(app, ["train", str(tiny_config), *args])
     if message is None:  # a regression MLP runs fine
         assert result.exit_code == 0, result.output
@@ -78,6 +101,12 @@ def test_shape_mismatch_names_the_layer(in_tmp: Path, tmp_path: Path) -> None:
 def test_missing_config(in_tmp: Path) -> None:
     result = runner.invoke(app, ["train", "nope.yaml"])
     assert result.exit_code == 2 and "config file nope.yaml does not exist" in result.output
+    (in_tmp / "run.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    result = runner.invoke(app, ["train", "run.h5"])
+    assert result.exit_code == 2 and "run file, not a config; to continue it: bnprobe train --resume run.h5" in result.output
+    (in_tmp / "c.yaml").write_bytes(b"lr: \xff\xfe")
+    result = runner.invoke(app, ["train", "c.yaml"])
+    assert result.exit_code == 2 and "not a UTF-8 text file" in result.output
 
 
 def test_measure_ics_from_config_writes_ics_and_landscape(in_tmp: Path, tiny_config: Path) -> None:
