@@ -119,7 +119,9 @@ def _summary(results: list[Any], path: Path) -> None:
         status = r.status if r.diverged_step is None else f"{r.status} @ {r.diverged_step}"
         table.add_row(r.name, status, str(r.steps), f"{r.final_loss:.4f}", acc, f"{r.seconds:.1f}s")
     out.print(table)
-    out.print(f"[dim]* mean of the last 10 steps.[/dim] Wrote [bold]{path}[/bold]; see `bnprobe report {path}`.")
+    counts = sorted({r.averaged_steps for r in results})
+    steps = "/".join(map(str, counts)) + (" step" if counts == [1] else " steps")
+    out.print(f"[dim]* mean of the last {steps}.[/dim] Wrote [bold]{path}[/bold]; see `bnprobe report {path}`.")
 
 
 @contextmanager

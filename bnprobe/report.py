@@ -70,7 +70,8 @@ def _choices(values: Iterable[str], limit: int = 12) -> str:
 def load_columns(paths: Sequence[str | Path], variant: str | None = None) -> tuple[list[FileData], list[Column]]:
     """Read ``paths`` and pick the runs ``variant`` names (comma-separated names or globs).
 
-    Columns are labelled by variant, prefixed with the file's stem when several files are read.
+    Columns are labelled by variant, prefixed with the file's stem (or more of its path, where
+    stems repeat) when several files are read.
     Raises :class:`ConfigError` when ``variant`` matches no run in any file.
     """
     files = [read_file(p) for p in paths]
@@ -80,14 +81,25 @@ def load_columns(paths: Sequence[str | Path], variant: str | None = None) -> tup
         unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in all_names)]
         if unknown:
             raise ConfigError(f"no variant {unknown[0]!r} in {_file_list(files)}; choose from {_choices(all_names)}")
-    several = len(files) > 1
+    prefixes = _file_labels([f.path for f in files])
     columns = [
-        Column(f"{f.path.stem}:{name}" if several else name, f.path, run)
-        for f in files
+        Column(f"{prefix}:{name}" if len(files) > 1 else name, f.path, run)
+        for f, prefix in zip(files, prefixes)
         for name, run in f.runs.items()
         if _matches(name, patterns)
     ]
     return files, columns
+
+
+def _file_labels(paths: Sequence[Path]) -> list[str]:
+    """Each file's stem; where stems repeat (``a/run.h5``, ``b/run.h5``), as many parent folders
+    as it takes to tell them apart, and a position number when even the full paths agree."""
+    parts = [p.resolve().with_suffix("").parts for p in paths]
+    for depth in range(1, max(len(q) for q in parts) + 1):
+        labels = ["/".join(q[-depth:]) for q in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{label}#{i + 1}" for i, label in enumerate(p.stem for p in paths)]
 
 
 def _file_list(files: Sequence[FileData]) -> str:
@@ -315,6 +327,7 @@ def _hessian(run: RunData) -> dict[str, Any] | None:
         "top_eigenvalue": last("hessian/top_eigenvalue"),
         "iterations": last("hessian/iterations"),
         "residual": last("hessian/residual"),
+        "converged": bool(d["hessian/converged"][-1]) if "hessian/converged" in d and len(d["hessian/converged"]) else None,
         "bn_mode": _plain(attrs.get("bn_mode")),
         "samples": _plain(attrs.get("samples")),
         "blocks": {name: num(v) for name, v in zip(hessian_blocks(run), d["hessian/block_top_eigenvalue"][-1])}
@@ -664,6 +677,7 @@ def render_report(report: dict[str, Any], console: Any) -> None:
             ("top eigenvalue", lambda d: fmt(d["top_eigenvalue"], 4)),
             ("iterations", lambda d: fmt(d["iterations"])),
             ("residual", lambda d: fmt(d["residual"])),
+            ("converged", lambda d: {True: "yes", False: "NO", None: "—"}[d["converged"]]),
             ("bn mode", lambda d: str(d["bn_mode"] or "—")),
             ("samples", lambda d: fmt(d["samples"])),
         ]
@@ -674,6 +688,9 @@ def render_report(report: dict[str, Any], console: Any) -> None:
             for name, get in hess_rows:
                 t.add_row(name, *(get(run["hessian"]) if run["hessian"] else missing() for _, run in group))
             console.print(t)
+            note("largest in magnitude (it can be negative); residual ‖Hv−λv‖₂ of the unit vector v found")
             if blocks:
                 note("λ LAYER: top eigenvalue of that layer's own block of the Hessian")
+        if any(run["hessian"]["converged"] is False for _, run in with_hess):
+            note("not converged: raise probes.hessian_max_iter or loosen probes.hessian_tol (--set probes.hessian_max_iter=300)")
     lacking("hessian", "Hessian eigenvalue", with_hess)

@@ -324,6 +324,8 @@ def _decode(value: Any) -> Any:
 def read_file(path: str | Path, load: bool = True) -> FileData:
     """Read a bnprobe file (all runs, all datasets but checkpoints); one-line errors for bad files."""
     path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory; give a bnprobe .h5 file")
     if not path.is_file():
         raise StoreError(f"{path} does not exist")
     try:

@@ -43,6 +43,7 @@ class VariantResult:
     final_accuracy: float
     seconds: float
     diverged_step: int | None = None
+    averaged_steps: int = 10  # how many last steps final_loss and final_accuracy average
 
 
 @dataclass
@@ -218,7 +219,7 @@ def train_variant(
     tail = slice(-10, None)
     return VariantResult(
         name, status, start + len(losses), float(np.mean(losses[tail])) if losses else math.nan,
-        float(np.mean(accs[tail])) if accs else math.nan, rec.elapsed(), diverged_step,
+        float(np.mean(accs[tail])) if accs else math.nan, rec.elapsed(), diverged_step, len(losses[tail]),
     )
 
 

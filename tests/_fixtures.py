@@ -123,6 +123,7 @@ def write_run_file(
                 )
             if "hessian" in sections:
                 row = {"top_eigenvalue": 50 * rng.random(), "iterations": int(rng.integers(3, 20)), "residual": 1e-4 * rng.random()}
+                row["converged"] = row["iterations"] < 19  # as if max_iter were 19
                 if hessian_blocks:
                     k = len(block_names)
                     row |= {"block_top_eigenvalue": 20 * block_rng.random(k), "block_iterations": block_rng.integers(3, 20, k).astype(np.float64), "block_residual": 1e-4 * block_rng.random(k)}

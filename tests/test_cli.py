@@ -25,6 +25,7 @@ def test_train_writes_the_file(in_tmp: Path, tiny_config: Path) -> None:
     result = runner.invoke(app, ["train", str(tiny_config)])
     assert result.exit_code == 0, result.output
     assert "finished" in result.output and "runs/tiny.h5" in result.output
+    assert "mean of the last 6 steps" in result.output
     with h5py.File(in_tmp / "runs" / "tiny.h5") as f:
         run = f["runs/keep"]
         assert run.attrs["status"] == "finished"

@@ -77,7 +77,7 @@ def expected_rows(path: Path) -> dict[Key, float]:
                     for q in ("beta_smoothness", "loss_at_w"):
                         put((variant, "landscape", int(s), "", q, None, None, None), g[f"landscape/{q}"][r])
             if "hessian" in g:
-                for q in ("top_eigenvalue", "iterations", "residual"):
+                for q in ("top_eigenvalue", "iterations", "residual", "converged"):
                     for s, v in zip(g["hessian/step"][()], g[f"hessian/{q}"][()]):
                         put((variant, "hessian", int(s), "", q, None, None, None), v)
                 if "hessian/block" in g:

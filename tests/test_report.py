@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from rich.console import Console
 from _fixtures import write_run_file
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
 from bnprobe.probes.moments import STATS
-from bnprobe.report import SPARK_BLOCKS, STAT_CHOICES, align_layers, build_report, fmt, render_report, sparkline
+from bnprobe.report import SPARK_BLOCKS, STAT_CHOICES, align_layers, build_report, fmt, load_columns, render_report, sparkline
 from bnprobe.store import Store
 
 GOLDEN = Path(__file__).parent / "golden" / "report_80.txt"
@@ -95,6 +96,7 @@ def test_every_number_equals_the_file(full_file: Path) -> None:
             assert h["top_eigenvalue"] == float(g["hessian/top_eigenvalue"][-1])
             assert h["iterations"] == int(g["hessian/iterations"][-1])
             assert h["residual"] == float(g["hessian/residual"][-1])
+            assert h["converged"] is bool(g["hessian/converged"][-1])
             assert h["last_step"] == int(g["hessian/step"][-1])
             assert h["bn_mode"] == g["hessian/top_eigenvalue"].attrs["bn_mode"]
             assert h["samples"] == int(g["hessian/top_eigenvalue"].attrs["samples"])
@@ -323,3 +325,26 @@ def test_sparkline_and_fmt() -> None:
 
 def test_stats_names_cover_the_file_layout() -> None:
     assert set(STATS) <= set(STAT_CHOICES)
+
+
+def test_an_unconverged_hessian_is_flagged(tmp_path: Path) -> None:
+    path = write_run_file(tmp_path / "h.h5", variants=("keep",), sections=("train", "hessian"))
+    assert "not converged" not in _text(build_report([path]))
+    with h5py.File(path, "r+") as f:
+        f["runs/keep/hessian/converged"][-1] = False
+    text = _text(build_report([path]))
+    assert re.search(r"converged +NO", text) and "not converged: raise probes.hessian_max_iter" in text
+
+
+def test_files_with_the_same_name_get_distinct_labels(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one = write_run_file(tmp_path / "a" / "run.h5", variants=("keep",), sections=("train",))
+    two = write_run_file(tmp_path / "b" / "run.h5", variants=("keep",), sections=("train",), seed=1)
+    other = write_run_file(tmp_path / "other.h5", variants=("keep",), sections=("train",))
+    _, columns = load_columns([one, two])
+    assert [c.label for c in columns] == ["a/run:keep", "b/run:keep"]
+    _, columns = load_columns([one, other])
+    assert [c.label for c in columns] == ["run:keep", "other:keep"]
+    _, columns = load_columns([one, one])
+    assert [c.label for c in columns] == ["run#1:keep", "run#2:keep"]

@@ -82,6 +82,8 @@ def test_not_a_bnprobe_file(tmp_path: Path) -> None:
         f["x"] = [1]
     with pytest.raises(StoreError, match="not a bnprobe file"):
         read_file(tmp_path / "other.h5")
+    with pytest.raises(StoreError, match="is a directory"):
+        read_file(tmp_path)
 
 
 def test_truncated_file(tmp_path: Path) -> None:

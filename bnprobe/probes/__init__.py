@@ -103,7 +103,7 @@ class HessianProbe:
 
         r = top_hessian_eigenvalue(model, loss_fn, x, y, tol=self.tol, max_iter=self.max_iter, init=self._vector)
         self._vector = r.vector
-        row: dict[str, Any] = {"top_eigenvalue": r.eigenvalue, "iterations": r.iterations, "residual": r.residual}
+        row: dict[str, Any] = {"top_eigenvalue": r.eigenvalue, "iterations": r.iterations, "residual": r.residual, "converged": r.converged}
         if self.blocks:
             exact = [glob.escape(n) for n in self.blocks]
             per = hessian_blocks(model, loss_fn, x, y, layers=exact, tol=self.tol, max_iter=self.max_iter, init=self._block_vectors)
