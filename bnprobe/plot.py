@@ -120,7 +120,11 @@ def _moments(plt: Any, columns: list[Column], layer: str | None) -> Any:
         ax.plot(steps, p50, color=color, linewidth=2, label=f"{_name(c)}, layer {name}" + (f" ({kind})" if kind else "") + ": 50th")
         ax.plot(steps, p15, color=color, linewidth=1, linestyle="--", label=f"{_name(c)}: 15th and 85th")
         ax.plot(steps, p85, color=color, linewidth=1, linestyle="--")
-    where = f"layer {layer}" if layer is not None else "the last hidden layer (the layer before the output layer)"
+    drawn_names = list(dict.fromkeys(name for _, name in picks if name is not None))
+    if layer is None:
+        where = "the last hidden layer (the layer before the output layer)"
+    else:  # a glob picks each variant's first match: name what was drawn
+        where = f"layer {', '.join(drawn_names)}"
     ax.set_title(f"Activation percentiles (15th, 50th, 85th) of {where}", fontsize="medium")
     ax.set_xlabel("training step")
     ax.set_ylabel("activation value (layer output, before the non-linearity)", fontsize="small")

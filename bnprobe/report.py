@@ -406,7 +406,7 @@ def sparkline(values: Sequence[float | None], width: int, lo: float | None = Non
     for v in arr:
         if not np.isfinite(v):
             out.append(" ")
-        elif hi <= lo:
+        elif hi - lo <= 1e-3 * max(abs(lo), abs(hi)):  # flat to 0.1%: 8 levels would only magnify noise
             out.append(SPARK_BLOCKS[top // 2])
         else:
             out.append(SPARK_BLOCKS[int(round((min(max(v, lo), hi) - lo) / (hi - lo) * top))])

@@ -119,6 +119,8 @@ def test_measure_ics_from_config_writes_ics_and_landscape(in_tmp: Path, tiny_con
             assert list(run["ics/step"][()]) == [0, 3]
             assert run["ics/cosine"].shape == (2, len(run["ics/layer"]))
             assert run["landscape/loss"].shape == (2, len(run["landscape/eta"]))
+            loss = run["landscape/loss"][()]
+            assert list(run["landscape/loss_min"][()]) == list(loss.min(1)) and list(run["landscape/loss_max"][()]) == list(loss.max(1))
         names = [n.decode() for n in f["runs/insert/ics/layer"][()]]
         assert "features.0" in names and "features.0_bn" in names  # surgery keeps the conv's name
 

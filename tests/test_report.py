@@ -320,6 +320,8 @@ def test_sparkline_and_fmt() -> None:
     assert [SPARK_BLOCKS.index(c) for c in ramp] == sorted(SPARK_BLOCKS.index(c) for c in ramp)
     assert sparkline([0.5], 4, lo=0.0, hi=1.0) in ("▄", "▅")
     assert sparkline([], 5) == ""
+    assert sparkline([0.03000, 0.03001], 2) == "▄▄"  # equal to 0.1%: flat, not a full swing
+    assert sparkline([0.030, 0.031], 2) == "▁█"
     assert fmt(None) == "—" and fmt(3) == "3" and fmt(0.123456) == "0.123" and fmt(1.5e-7) == "1.50e-07"
 
 

@@ -76,7 +76,8 @@ class LandscapeProbe:
         r = landscape(model, loss_fn, x, y, list(self.etas))
         self.writer.append(
             "landscape", step,
-            {"loss": np.asarray(r.loss), "grad_l2": np.asarray(r.grad_l2), "beta_smoothness": r.beta, "loss_at_w": r.loss_at_w},
+            {"loss": np.asarray(r.loss), "grad_l2": np.asarray(r.grad_l2), "beta_smoothness": r.beta, "loss_at_w": r.loss_at_w,
+             "loss_min": r.loss_min, "loss_max": r.loss_max},
         )
 
 
