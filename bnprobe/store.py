@@ -110,6 +110,7 @@ class Store:
             group.attrs.update({k: _attr(v) for k, v in attrs.items()})
             group.attrs["status"] = "running"
         writer = RunWriter(self, group)
+        writer.write_seconds = float(group.attrs.get("write_seconds", 0.0))  # a resumed run goes on counting
         self.writers[name] = writer
         return writer
 

@@ -37,11 +37,13 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(in_tmp: Path, tiny_co
         run_experiment(cut, progress=stop_at_5)
     variant = cfg.bn.value
     assert read_file("cut.h5").runs[variant].attrs["status"] == "interrupted"
+    cut_write_seconds = read_file("cut.h5").runs[variant].attrs["write_seconds"]
     resume_experiment(Path("cut.h5"))
     full, resumed = read_file("full.h5").runs[variant], read_file("cut.h5").runs[variant]
     assert resumed.attrs["status"] == "finished" and resumed.attrs["steps"] == 9
     assert set(full.data) == set(resumed.data)
     assert np.all(np.diff(resumed.data["train/seconds"]) >= 0)  # the clock goes on from the checkpoint
+    assert resumed.attrs["write_seconds"] >= cut_write_seconds
     for key in full.data:
         if not key.endswith("seconds"):
             np.testing.assert_array_equal(full.data[key], resumed.data[key], err_msg=key)
