@@ -278,16 +278,17 @@ def measure_ics(
 ) -> None:
     """Santurkar et al.'s protocol: gradient-shift ICS (and the loss landscape) while training."""
     with user_errors():
+        sets = parse_assignments(assignments or [])
         overrides = _overrides(
             model=model, data=data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device, output=output,
             probes__ics_every=ics_every, probes__layers=layers, probes__landscape=landscape, probes__hessian=hessian,
             probes__hessian_blocks=hessian_blocks,
-        ) | _bn_override(bn) | parse_assignments(assignments or [])
+        ) | _bn_override(bn) | sets
         if target is not None and target.suffix in (".h5", ".hdf5"):
             from .trainer import measure_from_run
 
             fixed = [flag for flag, value in (("--model", model), ("--data", data), ("--bn", bn)) if value]
-            fixed += [f"--set {key}" for key in parse_assignments(assignments or []) if key.split(".")[0] in ("model", "model_options", "data", "data_options", "bn", "variants", "seed")]
+            fixed += [f"--set {key}" for key in sets if key.split(".")[0] in ("model", "model_options", "data", "data_options", "bn", "variants", "seed")]
             if fixed:
                 raise BnprobeError(f"{' and '.join(dict.fromkeys(fixed))} cannot change when continuing {target}: its weights fit its own model and data (give a config instead)")
 

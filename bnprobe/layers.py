@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import rng
+from .errors import ConfigError
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -97,8 +98,6 @@ def select(names_kinds: Sequence[tuple[str, str]], patterns: Sequence[str] = ("*
     """Indices of the layers whose name matches any glob in ``patterns`` and whose kind is in ``kinds``."""
     bad = [k for k in (kinds or ()) if k not in KINDS]
     if bad:
-        from .errors import ConfigError
-
         raise ConfigError(f"unknown layer kind {bad[0]!r}; choose from {', '.join(KINDS)}")
     return [
         i
@@ -134,7 +133,10 @@ def probed_layers(
             )
             result.append((info, module))
     if not result and require:
-        from .errors import ConfigError
-
-        raise ConfigError(f"no layer matches --layers {list(patterns)!r}" + (f" and kinds {list(kinds)!r}" if kinds else ""))
+        raise no_layer_matches(patterns, kinds)
     return result
+
+
+def no_layer_matches(patterns: Sequence[str], kinds: Sequence[str] | None, where: str = "") -> ConfigError:
+    """The error for a layer selection that picks nothing, worded alike wherever layers are picked."""
+    return ConfigError(f"no layer matches --layers {list(patterns)!r}" + (f" and kinds {list(kinds)!r}" if kinds else "") + where)

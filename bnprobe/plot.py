@@ -228,13 +228,18 @@ def _landscape(plt: Any, columns: list[Column]) -> Any:
     axes[1].set_ylabel("‖∇L(w) − ∇L(w − ηg)‖₂ (range over η)")
     axes[2].set_title("Effective β-smoothness")
     axes[2].set_ylabel("max over η of ‖Δ∇L‖₂ / ‖ηg‖₂")
+    _over_steps(axes)
+    etas = ", ".join(dict.fromkeys(eta_text))
+    fig.suptitle("Loss landscape along the gradient" + (f" (step sizes η = {etas})" if etas else ""), fontsize="medium")
+    return fig
+
+
+def _over_steps(axes: Any) -> None:
+    """The shared finish of panels drawn over training steps: x label, grid, a legend each."""
     for ax in axes:
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="best")
-    etas = ", ".join(dict.fromkeys(eta_text))
-    fig.suptitle("Loss landscape along the gradient" + (f" (step sizes η = {etas})" if etas else ""), fontsize="medium")
-    return fig
 
 
 def _training(plt: Any, columns: list[Column]) -> Any:
@@ -258,10 +263,7 @@ def _training(plt: Any, columns: list[Column]) -> Any:
     if has_acc:
         axes[1].set_title("Training accuracy")
         axes[1].set_ylabel("accuracy (%, per batch)")
-    for ax in axes:
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", loc="best")
+    _over_steps(axes)
     return fig
 
 

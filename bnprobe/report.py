@@ -545,8 +545,20 @@ def render_report(report: dict[str, Any], console: Any) -> None:
                 if run[key] is None:
                     note(f"{label}: no {what} recorded")
 
-    # --- run summary -------------------------------------------------------------------
     Row = tuple[str, Callable[[dict[str, Any]], Any]]
+
+    def row_tables(section: str, title: str, having: Sequence[tuple[str, Any]], rows: Sequence[Row],
+                   widths: tuple[int, int], captions: Sequence[str] = ()) -> None:
+        """One row per quantity, one column per run (groups of columns as the width allows)."""
+        for group in _groups(having, width, *widths):
+            t = table(title, "", widths[0], [label for label, _ in group])
+            for name, get in rows:
+                t.add_row(name, *(get(run[section]) for _, run in group))
+            console.print(t)
+            for caption in captions:
+                note(caption)
+
+    # --- run summary -------------------------------------------------------------------
     rows: list[Row] = [
         ("model", lambda s: str(s["model"] or "—")),
         ("bn mode", lambda s: str(s["bn"] or "—")),
@@ -558,11 +570,7 @@ def render_report(report: dict[str, Any], console: Any) -> None:
         ("time", lambda s: "—" if s["seconds"] is None else f"{s['seconds']:.1f} s"),
         ("seed, device", lambda s: f"{fmt(s['seed'])}, {s['device'] or '—'}"),
     ]
-    for group in _groups(cols, width, 14, 14):
-        t = table("Runs", "", 14, [label for label, _ in group])
-        for name, get in rows:
-            t.add_row(name, *(get(run["summary"]) for _, run in group))
-        console.print(t)
+    row_tables("summary", "Runs", cols, rows, (14, 14))
     for label, run in cols:
         status = run["summary"]["status"]
         if status == "running":
@@ -659,12 +667,7 @@ def render_report(report: dict[str, Any], console: Any) -> None:
             ("β max", lambda d: fmt(d["beta_max"])),
         ]
         caption = "along −g: loss L(w−ηg) and ‖∇L(w)−∇L(w−ηg)‖₂ over all η and records; spread: median over records of max−min over η"
-        for group in _groups(with_land, width, 18, 16):
-            t = table("Loss landscape", "", 18, [label for label, _ in group])
-            for name, get in land_rows:
-                t.add_row(name, *(get(run["landscape"]) if run["landscape"] else missing() for _, run in group))
-            console.print(t)
-            note(caption)
+        row_tables("landscape", "Loss landscape", with_land, land_rows, (18, 16), [caption])
     lacking("landscape", "landscape", with_land)
 
     # --- Hessian -----------------------------------------------------------------------
@@ -683,14 +686,10 @@ def render_report(report: dict[str, Any], console: Any) -> None:
         ]
         blocks = list(dict.fromkeys(b for _, run in with_hess for b in run["hessian"]["blocks"]))
         hess_rows += [(f"λ {b}", lambda d, b=b: fmt(d["blocks"][b], 4) if b in d["blocks"] else missing()) for b in blocks]
-        for group in _groups(with_hess, width, 14, 14):
-            t = table("Top Hessian eigenvalue (last record)", "", 14, [label for label, _ in group])
-            for name, get in hess_rows:
-                t.add_row(name, *(get(run["hessian"]) if run["hessian"] else missing() for _, run in group))
-            console.print(t)
-            note("largest in magnitude (it can be negative); residual ‖Hv−λv‖₂ of the unit vector v found")
-            if blocks:
-                note("λ LAYER: top eigenvalue of that layer's own block of the Hessian")
+        captions = ["largest in magnitude (it can be negative); residual ‖Hv−λv‖₂ of the unit vector v found"]
+        if blocks:
+            captions.append("λ LAYER: top eigenvalue of that layer's own block of the Hessian")
+        row_tables("hessian", "Top Hessian eigenvalue (last record)", with_hess, hess_rows, (14, 14), captions)
         if any(run["hessian"]["converged"] is False for _, run in with_hess):
             note("not converged: raise probes.hessian_max_iter or loosen probes.hessian_tol (--set probes.hessian_max_iter=300)")
     lacking("hessian", "Hessian eigenvalue", with_hess)

@@ -25,7 +25,7 @@ from . import rng
 from .config import BnMode, Config, OptimizerName, expand_variants
 from .data import DataBundle, batches, load_data
 from .errors import BnprobeError, ConfigError, ModelError
-from .layers import probed_layers
+from .layers import no_layer_matches, probed_layers
 from .models import build_model
 from .probes import ScheduledProbes, scheduled_probes
 from .recorder import Recorder
@@ -253,7 +253,7 @@ def check_layer_selection(cfg: Config, bundle: DataBundle, models: list[nn.Modul
     patterns, kinds = cfg.probes.layers, cfg.probes.kinds or None
     if not any(probed_layers(m, x.to(next(m.parameters(), x).device), patterns, kinds, require=False) for m in models):
         variants = "the variant" if len(models) == 1 else f"any of the {len(models)} variants"
-        raise ConfigError(f"no layer matches --layers {list(patterns)!r}" + (f" and kinds {list(kinds)!r}" if kinds else "") + f" in {variants}; see `bnprobe inspect`")
+        raise no_layer_matches(patterns, kinds, f" in {variants}; see `bnprobe inspect`")
 
 
 def run_experiment(cfg: Config, force: bool = False, progress: ProgressFn | None = None) -> tuple[Store, list[VariantResult]]:

@@ -33,8 +33,8 @@ from torch import nn
 
 from .. import rng
 from ..errors import ConfigError
-from ..layers import has_own_parameters, layer_kind, select
-from .ics import no_trace
+from ..layers import layer_kind, no_layer_matches, select
+from .ics import no_trace, record_first_calls
 
 BN_MODES = ("train", "eval")
 
@@ -94,27 +94,15 @@ def _samples(x: Any) -> int:
 
 
 def _first_order(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: Any, y: Any, ps: list[torch.Tensor],
-                 bn_mode: str, record: list[nn.Module] | None = None) -> list[torch.Tensor | None]:
-    """grad L wrt ``ps`` with its graph kept (for double backward); None where L does not depend on p."""
-    handles = []
-    if record is not None:
-        seen: set[int] = set()
-
-        def hook(m: nn.Module, _i: Any, _o: Any) -> None:
-            if id(m) not in seen:
-                seen.add(id(m))
-                record.append(m)
-
-        handles = [m.register_forward_hook(hook) for m in model.modules() if has_own_parameters(m)]
+                 bn_mode: str) -> tuple[list[torch.Tensor | None], list[nn.Module]]:
+    """grad L wrt ``ps`` with its graph kept (for double backward; None where L does not depend on
+    p), and the modules with own parameters in the order their first call ended."""
     state = rng.capture(model)
-    try:
+    with record_first_calls(model) as order:
         with _bn_mode(model, bn_mode), no_trace(model), rng.replaying(model, state):  # no_trace sees the final modes
             loss = loss_fn(model(x), y)
-    finally:
-        for h in handles:
-            h.remove()
     grads = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
-    return [g if g is not None and g.requires_grad else None for g in grads]
+    return [g if g is not None and g.requires_grad else None for g in grads], order
 
 
 def _power_iteration(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor], tol: float, max_iter: int,
@@ -191,7 +179,7 @@ def top_hessian_eigenvalue(
         raise ConfigError(f"power iteration needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
     named = _select_params(model, params)
     ps = [p for _, p in named]
-    grads = _first_order(model, loss_fn, x, y, ps, bn_mode)
+    grads, _ = _first_order(model, loss_fn, x, y, ps, bn_mode)
     lam, its, res, v, ok = _power_iteration(grads, ps, tol, max_iter, init, seed)
     return HessianResult(lam, its, res, v, ok, bn_mode, _samples(x))
 
@@ -219,8 +207,7 @@ def hessian_blocks(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     index = {id(p): k for k, (_, p) in enumerate(named)}
     ps = [p for _, p in named]
-    order: list[nn.Module] = []
-    grads = _first_order(model, loss_fn, x, y, ps, bn_mode, record=order)
+    grads, order = _first_order(model, loss_fn, x, y, ps, bn_mode)
     names = {id(m): n for n, m in model.named_modules()}
     blocks = [(names[id(m)], [index[id(p)] for p in m.parameters(recurse=False) if id(p) in index]) for m in order]
     blocks = [(n, list(dict.fromkeys(ks))) for n, ks in blocks if ks]
@@ -228,7 +215,7 @@ def hessian_blocks(
     kinds_of = {names[id(m)]: layer_kind(m) for m in order}
     picked = select([(n, kinds_of[n]) for n, _ in blocks], patterns, kinds)
     if not picked:
-        raise ConfigError(f"no layer matches --layers {list(patterns)!r}" + (f" and kinds {list(kinds)!r}" if kinds else ""))
+        raise no_layer_matches(patterns, kinds)
     out = {}
     for j in picked:
         name, ks = blocks[j]

@@ -70,7 +70,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .. import rng
 from ..errors import ConfigError
-from ..layers import has_own_parameters, layer_kind, select
+from ..layers import has_own_parameters, layer_kind, no_layer_matches, select
 
 METHODS = ("fast", "naive")
 FIELDS = ("l2", "cosine", "grad_norm", "grad_norm_shifted", "rel_diff")
@@ -221,7 +221,7 @@ class _Layers:
 
 
 @contextmanager
-def _record_first_calls(model: nn.Module) -> Iterator[list[nn.Module]]:
+def record_first_calls(model: nn.Module) -> Iterator[list[nn.Module]]:
     """Modules with own parameters, in the order their first call ends (as layers.probed_layers)."""
     order: list[nn.Module] = []
     seen: set[int] = set()
@@ -248,7 +248,7 @@ def _measured(layers: _Layers, patterns: Sequence[str] | str | None, kinds: Sequ
     picked = set(select([(layers.names[i], layers.kinds[i]) for i in candidates], list(patterns), kinds))
     chosen = [candidates[j] for j in sorted(picked)]
     if not chosen:
-        raise ConfigError(f"no layer matches --layers {list(patterns)!r}" + (f" and kinds {list(kinds)!r}" if kinds else ""))
+        raise no_layer_matches(patterns, kinds)
     return chosen
 
 
@@ -296,7 +296,7 @@ def gradient_shift(
 
     # ---- the real step, exactly as a plain one (plus a hook recording the forward order)
     optimizer.zero_grad()
-    with _record_first_calls(model) as called:
+    with record_first_calls(model) as called:
         output = model(x)
     loss = loss_fn(output, y)
     loss.backward()
