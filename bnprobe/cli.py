@@ -124,16 +124,40 @@ def _summary(results: list[Any], path: Path) -> None:
     out.print(f"[dim]* mean of the last {steps}.[/dim] Wrote [bold]{path}[/bold]; see `bnprobe report {path}`.")
 
 
+class _StopRequests:
+    """SIGINT/SIGTERM while steps run stop the run at the next step boundary, where nothing is
+    half-written. An interrupt raised at an arbitrary bytecode can land in a weakref callback or a
+    ``__del__``, where Python prints "Exception ignored" and goes on, so the run would never stop.
+    Before the first step, or on a second signal, the interrupt is raised at once."""
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.stepping = False
+
+    def on_signal(self, sig: int, _frame: Any) -> None:
+        again = self.pending is not None
+        self.pending = sig
+        if again or not self.stepping:
+            raise self._exception(sig)
+
+    def check(self) -> None:
+        """Raise the pending interrupt, if any; called once a step is recorded."""
+        self.stepping = True
+        if self.pending is not None:
+            raise self._exception(self.pending)
+
+    @staticmethod
+    def _exception(sig: int) -> KeyboardInterrupt:
+        return Terminated() if sig == signal.SIGTERM else KeyboardInterrupt()
+
+
 @contextmanager
-def _interrupts(path_hint: str, started: Callable[[], bool]) -> Iterator[None]:
-    """SIGTERM becomes an interrupt; either ends the command with 130 (SIGINT) or 143 (SIGTERM).
-    ``started()`` tells whether a step was recorded (before that, no file is left behind)."""
-
-    def on_term(_sig: int, _frame: Any) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+def _interrupts(path_hint: str, started: Callable[[], bool], stops: _StopRequests) -> Iterator[None]:
+    """SIGINT and SIGTERM end the command with 130 / 143 after the current step (see
+    :class:`_StopRequests`); ``started()`` tells whether a step was recorded (before that, no file
+    is left behind)."""
+    previous = signal.signal(signal.SIGTERM, stops.on_signal)
+    previous_int = signal.signal(signal.SIGINT, stops.on_signal)  # even when started with SIGINT ignored
     try:
         yield
     except KeyboardInterrupt as e:
@@ -151,6 +175,7 @@ def _with_progress(run: Any, path: Path) -> list[Any]:
     """Call ``run(on_step)`` with a live progress bar per variant; interrupts end it cleanly."""
     progress = _progress()
     tasks: dict[str, Any] = {}
+    stops = _StopRequests()
 
     def on_step(info: Any) -> None:
         if not tasks:
@@ -158,8 +183,9 @@ def _with_progress(run: Any, path: Path) -> list[Any]:
         if info.variant not in tasks:
             tasks[info.variant] = progress.add_task(info.variant, total=info.steps, loss=float("nan"), rate=0.0)
         progress.update(tasks[info.variant], completed=info.step, loss=info.loss, rate=info.steps_per_second)
+        stops.check()
 
-    with _interrupts(str(path), started=lambda: bool(tasks)):
+    with _interrupts(str(path), lambda: bool(tasks), stops):
         try:
             results: list[Any] = run(on_step)
         finally:

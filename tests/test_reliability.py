@@ -125,6 +125,48 @@ def test_interrupt_before_the_first_step_keeps_the_old_file(in_tmp: Path, tiny_c
     assert Path("old.h5").read_bytes() == b"precious results" and not list(Path().glob(".*partial"))
 
 
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_inside_a_weakref_callback_still_stops_the_run(in_tmp: Path, tiny_config: Path, monkeypatch: pytest.MonkeyPatch, sig: int, code: int) -> None:
+    """Python swallows an exception raised in a weakref callback ("Exception ignored in ..."): a
+    signal delivered there must still stop the run, after the step it arrived in, with that step kept."""
+    import weakref
+
+    import bnprobe.trainer
+
+    plain_step = bnprobe.trainer._plain_step
+    calls = []
+
+    def step_with_signal(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:
+            holder = type("Holder", (), {})()
+            ref = weakref.ref(holder, lambda _: os.kill(os.getpid(), sig))  # noqa: F841 - keeps the callback alive
+            del holder
+        return plain_step(*args)
+
+    monkeypatch.setattr(bnprobe.trainer, "_plain_step", step_with_signal)
+    result = runner.invoke(app, ["train", str(tiny_config), "--steps", "50", "-o", "r.h5"])
+    assert result.exit_code == code, result.output
+    assert "interrupted; what was recorded is in r.h5" in result.output
+    run = read_file(Path("r.h5")).runs["keep"]
+    assert run.attrs["status"] == "interrupted" and run.attrs["steps"] == 3
+    assert list(run.data["train/step"]) == [0, 1, 2]
+
+
+def test_a_signal_waits_for_the_step_but_a_second_one_stops_at_once() -> None:
+    from bnprobe.cli import Terminated, _StopRequests
+
+    with pytest.raises(KeyboardInterrupt):  # before the first step nothing is half-written
+        _StopRequests().on_signal(signal.SIGINT, None)
+    stops = _StopRequests()
+    stops.check()
+    stops.on_signal(signal.SIGTERM, None)  # during steps: remembered, raised at the boundary
+    with pytest.raises(Terminated):
+        stops.check()
+    with pytest.raises(KeyboardInterrupt):
+        stops.on_signal(signal.SIGINT, None)
+
+
 def test_a_layer_glob_may_match_in_some_variants_only(in_tmp: Path, tiny_config: Path) -> None:
     """``--layers '*_bn'`` probes only the inserted BN layers: the keep variant records no moments."""
     result = runner.invoke(app, ["train", str(tiny_config), "--bn", "keep", "--bn", "insert", "--layers", "*_bn", "--ics-every", "2", "-o", "r.h5"])
