@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from bnprobe.data import batches, load_data
+from torch.utils.data import Dataset, TensorDataset
+
+from bnprobe.data import DataBundle, batches, load_data
 from bnprobe.errors import DataError
 from bnprobe.store import Store
 
@@ -38,6 +40,52 @@ def test_batch_order_depends_only_on_seed() -> None:
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     with pytest.raises(DataError, match="larger than the data set"):
         next(batches(data, 65, seed=1))
+
+
+def _indexed(n: int) -> TensorDataset:
+    """Samples that say which they are: x[i] = i."""
+    return TensorDataset(torch.arange(n, dtype=torch.float32)[:, None], torch.arange(n))
+
+
+class _Plain(Dataset):
+    """Not a TensorDataset: batches() goes through a DataLoader."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.tensor([float(i)]), i
+
+
+@pytest.mark.parametrize("source", ["tensors", "dataset"])
+def test_batch_order_follows_the_seed(source: str) -> None:
+    """Each seed its own order, the same for that seed whatever the global RNG did before; every
+    epoch is a permutation (the incomplete last batch dropped); ``start`` skips batches."""
+    n, bs = 40, 8  # 5 full batches per epoch
+    ds = _indexed(n) if source == "tensors" else _Plain(n)
+    bundle = DataBundle(ds, (1,), n, "classification", "test")
+
+    def take(seed: int, k: int, start: int = 0) -> list[list[int]]:
+        it = batches(bundle, bs, seed=seed, start=start)
+        return [next(it)[1].tolist() for _ in range(k)]
+
+    torch.manual_seed(123)
+    first = take(1, 10)
+    torch.manual_seed(456)
+    assert take(1, 10) == first  # the global RNG plays no part
+    assert take(2, 10) != first and take(0, 10) != first  # the seed does
+    assert take(2, 5) != take(3, 5)
+    for epoch in (first[:5], first[5:]):
+        assert sorted(i for b in epoch for i in b) == list(range(n))
+    assert first[:5] != first[5:]  # a fresh shuffle each epoch
+    assert take(1, 4, start=6) == first[6:10]  # a resumed run continues the sequence
+    uneven = DataBundle(_indexed(43) if source == "tensors" else _Plain(43), (1,), 43, "classification", "test")
+    it = batches(uneven, bs, seed=1)
+    epoch = [next(it)[1].tolist() for _ in range(5)]
+    assert all(len(b) == bs for b in epoch) and len({i for b in epoch for i in b}) == 40  # 3 dropped, none repeated
 
 
 def test_npz_and_h5_arrays(tmp_path: Path) -> None:
