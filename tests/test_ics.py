@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -237,6 +239,7 @@ def assert_same_ics(a: Any, b: Any, rtol: float = 1e-4) -> None:
         assert math.isclose(u.grad_norm_shifted, v.grad_norm_shifted, rel_tol=rtol), (name, u, v)
         assert abs(u.l2 - v.l2) <= rtol * scale, (name, u, v)
         assert abs(u.cosine - v.cosine) <= 10 * rtol, (name, u, v)
+        assert abs(u.rel_diff - v.rel_diff) <= rtol * max(1.0, u.rel_diff), (name, u, v)
 
 
 def measure(model: nn.Module, loss_fn: Any, x: Any, y: Any, method: str, make_opt: Callable[[nn.Module], torch.optim.Optimizer] = sgd, seed: int = 7, warmup: int = 0, **kw: Any) -> Any:
@@ -246,6 +249,47 @@ def measure(model: nn.Module, loss_fn: Any, x: Any, y: Any, method: str, make_op
 
 
 # ----------------------------------------------------------------------------- the definition
+
+
+@pytest.mark.parametrize("method", ["fast", "naive"])
+def test_every_field_by_hand(method: str) -> None:
+    """Definition 2.1 written out for a 3-layer tanh network in float64, with SGD's update
+    W - lr (G + wd W) done by hand: each of the five fields against its formula."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+    lr, wd = 0.7, 0.1
+    w = [p.detach().clone() for p in model.parameters()]  # W0, b0, W1, b1, W2, b2
+
+    def loss_at(ps: list[torch.Tensor]) -> torch.Tensor:
+        h = torch.tanh(x @ ps[0].T + ps[1])
+        h = torch.tanh(h @ ps[2].T + ps[3])
+        return ((h @ ps[4].T + ps[5] - y) ** 2).mean()
+
+    leaves = [t.clone().requires_grad_(True) for t in w]
+    grads = torch.autograd.grad(loss_at(leaves), leaves)
+    stepped = [t - lr * (gr + wd * t) for t, gr in zip(w, grads)]
+    expected = {}
+    for k, name in enumerate(["0", "2", "4"]):
+        mixed = [t.clone().requires_grad_(True) for t in stepped[: 2 * k] + w[2 * k :]]  # earlier layers updated
+        shifted = torch.autograd.grad(loss_at(mixed), mixed[2 * k : 2 * k + 2])
+        a = torch.cat([t.reshape(-1) for t in grads[2 * k : 2 * k + 2]])
+        b = torch.cat([t.reshape(-1) for t in shifted])
+        l2 = float((a - b).norm())
+        expected[name] = (l2, float(a @ b / (a.norm() * b.norm())), float(a.norm()), float(b.norm()), l2 / float(a.norm()))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
+    got = gradient_shift(model, MSE, x, y, opt, method=method)
+    assert list(got) == ["0", "2", "4"]
+    for name, fields in expected.items():
+        assert tuple(got[name]) == pytest.approx(fields, rel=1e-9, abs=1e-12), name
+        assert got[name].rel_diff == pytest.approx(got[name].l2 / got[name].grad_norm, rel=1e-12)  # relative to |G|, not |G'|
+    assert expected["0"][0] == 0.0  # nothing runs before the first layer
+    for name in ("2", "4"):  # the check tells |G| from |G'| and sees a real shift
+        l2, _, n, ns, _ = expected[name]
+        assert abs(n - ns) > 0.05 * n and l2 > 0.05 * n, (name, expected[name])
+    for p, t in zip(model.parameters(), stepped):  # and the real step is SGD's
+        assert torch.allclose(p.detach(), t, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("method", ["fast", "naive"])
@@ -551,3 +595,30 @@ def test_frozen_layers_get_nan_rows() -> None:
     assert_same_ics(naive, fast)
     only_frozen = measure(model, CE, x, y, "fast", layers=["2"])
     assert list(only_frozen) == ["2"] and math.isnan(only_frozen["2"].l2)
+
+
+def test_probe_writes_each_field_to_its_dataset(tmp_path: Path) -> None:
+    """What the trainer's ICS probe stores under ics/<field> is that field of gradient_shift's
+    result on the same model and batch (no field swapped, none dropped), layers in ics/layer order."""
+    from bnprobe.probes import ICSProbe
+    from bnprobe.store import Store, read_file
+
+    torch.manual_seed(0)
+    model = mlp_bn(6, 3)
+    x, y = batch((6,), 8, 3)
+    reference = copy.deepcopy(model)
+    expected = gradient_shift(reference, CE, x, y, sgd(reference))
+    store = Store.create(tmp_path / "ics.h5")
+    writer = store.run("keep", {"bn": "keep"})
+    names = list(expected)
+    layers = names[1:][::-1] + names[:1]  # any order: the probe keeps the one it is given
+    probe = ICSProbe(writer, layers, interval=1)
+    loss, _ = probe.step(0, model, CE, x, y, sgd(model))
+    store.close()
+    assert float(loss) == pytest.approx(float(expected.loss), rel=1e-6)
+    data = read_file(tmp_path / "ics.h5").runs["keep"].data
+    assert [n.decode() if isinstance(n, bytes) else str(n) for n in data["ics/layer"]] == layers
+    assert data["ics/step"].tolist() == [0]
+    for field in ICS._fields:
+        np.testing.assert_allclose(data[f"ics/{field}"][0], [getattr(expected[n], field) for n in layers], rtol=1e-6, err_msg=field)
+    assert len({float(v) for f in ("l2", "grad_norm", "grad_norm_shifted", "rel_diff") for v in data[f"ics/{f}"][0, :-1]}) > 6  # the fields differ
