@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 from _fixtures import write_run_file
@@ -12,6 +14,7 @@ from bnprobe.errors import BnprobeError, ConfigError, StoreError
 from bnprobe.plot import KINDS, plot
 
 pytest.importorskip("matplotlib")
+from matplotlib.colors import to_rgba  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -95,3 +98,132 @@ def test_without_matplotlib_is_one_line(full_file: Path, tmp_path: Path, monkeyp
     with pytest.raises(BnprobeError) as info:
         plot([full_file], tmp_path / "x.png")
     assert str(info.value) == "plotting needs matplotlib: pip install 'bnprobe[plot]'"
+
+
+# ----------------------------------------------------------------------------- what is drawn
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The figures ``plot`` saves (the file is still written)."""
+    from matplotlib.figure import Figure
+
+    figures: list = []
+    save = Figure.savefig
+
+    def keep(self: Figure, *args: object, **kwargs: object) -> object:
+        figures.append(self)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+def _stored(path: Path) -> dict[str, dict[str, np.ndarray | list[str]]]:
+    """Per variant, every dataset of the run (float64) and its layer names, straight from h5py."""
+    out: dict[str, dict] = {}
+    with h5py.File(path, "r") as h5:
+        for variant, g in h5["runs"].items():
+            d: dict = {}
+            g.visititems(lambda k, v: d.__setitem__(k, np.asarray(v[()], dtype=np.float64)) if isinstance(v, h5py.Dataset) and v.dtype.kind in "biuf" else None)
+            order = np.argsort(g["layers"]["order"])
+            d["layer_names"] = [g["layers"]["name"][i].decode() for i in order]
+            d["ics_names"] = [n.decode() for n in g["ics/layer"][()]] if "ics/layer" in g else []
+            out[variant] = d
+    return out
+
+
+def _same_xy(line: object, x: np.ndarray, y: np.ndarray) -> bool:
+    lx, ly = np.asarray(line.get_xdata(), dtype=np.float64), np.asarray(line.get_ydata(), dtype=np.float64)  # type: ignore[attr-defined]
+    return lx.shape == x.shape and ly.shape == y.shape and np.array_equal(lx, x) and np.allclose(ly, y, rtol=1e-12, atol=0, equal_nan=True)
+
+
+def _by_color(ax: object) -> dict[tuple, list]:
+    groups: dict[tuple, list] = {}
+    for line in ax.get_lines():  # type: ignore[attr-defined]
+        groups.setdefault(tuple(np.round(to_rgba(line.get_color())[:3], 6)), []).append(line)
+    return groups
+
+
+def _labelled(ax: object, label: str) -> list:
+    return [line for line in ax.get_lines() if line.get_label() == label]  # type: ignore[attr-defined]
+
+
+def test_moments_draws_the_three_percentiles_of_the_file(full_file: Path, tmp_path: Path, drawn: list) -> None:
+    plot([full_file], tmp_path / "m.png", kind="moments")
+    (fig,) = drawn
+    (ax,) = fig.axes
+    stored = _stored(full_file)
+    groups = _by_color(ax)
+    assert len(groups) == len(stored) == 3
+    for variant, d in stored.items():
+        name = d["layer_names"][-2]  # default: the layer before the output layer
+        j = d["layer_names"].index(name)
+        steps = d["moments/step"]
+        p15, p50, p85 = (d[f"moments/{p}"][:, j] for p in ("p15", "p50", "p85"))
+        assert not np.array_equal(p15, p50) and not np.array_equal(p50, p85)
+        (median,) = [line for line in ax.get_lines() if line.get_label().startswith(f"{variant}, layer {name} ")]
+        assert _same_xy(median, steps, p50)
+        group = groups[tuple(np.round(to_rgba(median.get_color())[:3], 6))]
+        assert len(group) == 3
+        rest = [line for line in group if line is not median]
+        # the other two: one is p15, the other p85
+        assert sorted(_same_xy(l, steps, p15) for l in rest) == [False, True]
+        assert sorted(_same_xy(l, steps, p85) for l in rest) == [False, True]
+        # the shaded band spans p15..p85
+        (band,) = [c for c in ax.collections if np.allclose(c.get_facecolor()[0][:3], to_rgba(median.get_color())[:3])]
+        vertices = {tuple(v) for v in band.get_paths()[0].vertices.tolist()}
+        assert {(float(s), float(v)) for s, v in zip(steps, p15)} <= vertices
+        assert {(float(s), float(v)) for s, v in zip(steps, p85)} <= vertices
+
+
+def test_ics_draws_l2_and_cosine_of_the_file(full_file: Path, tmp_path: Path, drawn: list) -> None:
+    plot([full_file], tmp_path / "i.png", kind="ics")
+    (fig,) = drawn
+    axes = np.array(fig.axes).reshape(-1, 2)
+    stored = _stored(full_file)
+    rows = [ax.get_ylabel().splitlines()[0].removeprefix("layer ") for ax in axes[:, 0]]
+    assert rows == ["fc2", "fc3", "out"]  # the first layer has no shift by definition
+    for r, name in enumerate(rows):
+        for variant, d in stored.items():
+            j = d["ics_names"].index(name)
+            (l2,) = _labelled(axes[r][0], variant)
+            (cos,) = _labelled(axes[r][1], variant)
+            assert _same_xy(l2, d["ics/step"], d["ics/l2"][:, j]), (name, variant)
+            assert _same_xy(cos, d["ics/step"], d["ics/cosine"][:, j]), (name, variant)
+    assert not np.array_equal(stored["keep"]["ics/l2"][:, 1], stored["keep"]["ics/cosine"][:, 1])
+
+
+def test_landscape_draws_the_range_over_eta_and_beta(full_file: Path, tmp_path: Path, drawn: list) -> None:
+    plot([full_file], tmp_path / "l.png", kind="landscape")
+    (fig,) = drawn
+    loss_ax, grad_ax, beta_ax = fig.axes
+    for variant, d in _stored(full_file).items():
+        steps = d["landscape/step"]
+        (beta,) = _labelled(beta_ax, variant)
+        assert _same_xy(beta, steps, d["landscape/beta_smoothness"])
+        color = tuple(np.round(to_rgba(beta.get_color())[:3], 6))
+        for ax, key in ((loss_ax, "landscape/loss"), (grad_ax, "landscape/grad_l2")):
+            lo, hi = d[key].min(axis=1), d[key].max(axis=1)
+            assert not np.array_equal(lo, hi)
+            lines = _by_color(ax)[color]
+            assert len(lines) == 2 and any(_same_xy(l, steps, lo) for l in lines) and any(_same_xy(l, steps, hi) for l in lines), (variant, key)
+
+
+def test_training_draws_loss_and_accuracy_of_the_file(full_file: Path, tmp_path: Path, drawn: list) -> None:
+    plot([full_file], tmp_path / "t.png", kind="training")
+    (fig,) = drawn
+    loss_ax, acc_ax = fig.axes
+    for variant, d in _stored(full_file).items():
+        (loss,) = _labelled(loss_ax, variant)
+        (acc,) = _labelled(acc_ax, variant)
+        assert _same_xy(loss, d["train/step"], d["train/loss"])
+        assert _same_xy(acc, d["train/step"], 100 * d["train/accuracy"])
+
+
+def test_a_chosen_layer_is_the_one_drawn(full_file: Path, tmp_path: Path, drawn: list) -> None:
+    plot([full_file], tmp_path / "m.png", kind="moments", layer="fc2")
+    d = _stored(full_file)["insert"]
+    j = d["layer_names"].index("fc2")
+    (median,) = [line for line in drawn[0].axes[0].get_lines() if line.get_label().startswith("insert, layer fc2 ")]
+    assert _same_xy(median, d["moments/step"], d["moments/p50"][:, j])
