@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from bnprobe.errors import ConfigError
-from bnprobe.layers import execution_order, probed_layers
+from bnprobe.layers import eval_free_forward, execution_order, probed_layers
 
 
 class Shuffled(nn.Module):
@@ -56,3 +56,48 @@ def test_no_match_is_a_config_error() -> None:
         probed_layers(Shuffled(), torch.randn(5, 3), patterns=["nothing*"])
     with pytest.raises(ConfigError, match="unknown layer kind"):
         probed_layers(Shuffled(), torch.randn(5, 3), kinds=["convolution"])
+
+
+class _RandomNet(nn.Module):
+    """Dropout (global RNG), a private generator (noisy-BN-like) and BatchNorm, in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.5)
+        self.generator = torch.Generator().manual_seed(5)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.relu(self.bn(self.fc(x))))
+        return self.out(h + torch.rand(h.shape, generator=self.generator))
+
+
+def test_discovery_with_dropout_leaves_rng_and_bn_statistics_alone() -> None:
+    """Layer discovery runs one real forward: no random draw (global or a module's own generator)
+    and no BatchNorm statistic (running mean/var, num_batches_tracked) may show it happened."""
+    torch.manual_seed(0)
+    model = _RandomNet().train()
+    x = torch.randn(6, 3)
+    bn = {k: v.clone() for k, v in model.bn.state_dict().items()}
+
+    def unchanged() -> None:
+        assert torch.equal(torch.get_rng_state(), rng), "the global RNG moved"
+        assert torch.equal(model.generator.get_state(), gen), "the module's generator moved"
+        for k, v in model.bn.state_dict().items():
+            assert torch.equal(v, bn[k]), k
+        assert model.training and model.bn.training and model.bn.track_running_stats
+
+    rng, gen = torch.get_rng_state(), model.generator.get_state()
+    for discover in (lambda: probed_layers(model, x), lambda: execution_order(model, x)):
+        names = discover()
+        assert names
+        unchanged()
+    with eval_free_forward(model):
+        model(x)
+    unchanged()
+    # the same forward outside discovery does draw and does update BN: the checks above can fail
+    model(x)
+    assert not torch.equal(torch.get_rng_state(), rng) and not torch.equal(model.generator.get_state(), gen)
+    assert int(model.bn.num_batches_tracked) == 1 and not torch.equal(model.bn.running_mean, bn["running_mean"])
