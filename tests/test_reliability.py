@@ -1,5 +1,6 @@
 """Interrupts, divergence, resume and crashes lose nothing and never leave an unreadable file."""
 
+import json
 import os
 import signal
 import subprocess
@@ -30,10 +31,10 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(in_tmp: Path, tiny_co
 
     def stop_at_5(info: StepInfo) -> None:
         if info.step == 5:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("stopped by the test at step 5")
 
     cut = load_config(tiny_config, {"steps": 9, "probes.record_every": 2, "checkpoint_every": 2, "output": "cut.h5", **extra})
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="stopped by the test at step 5"):
         run_experiment(cut, progress=stop_at_5)
     variant = cfg.bn.value
     assert read_file("cut.h5").runs[variant].attrs["status"] == "interrupted"
@@ -92,12 +93,26 @@ def test_signals_leave_a_readable_file(tmp_path: Path, tiny_config: Path, sig: i
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     run = read_file(tmp_path / "run.h5").runs["keep"]
-    assert run.attrs["status"] == ("running" if sig == signal.SIGKILL else "interrupted")
-    assert len(run.data["train/step"]) >= 4
+    status = "running" if sig == signal.SIGKILL else "interrupted"
+    assert run.attrs["status"] == status
+    steps = run.data["train/step"]
+    assert len(steps) >= 4 and steps.tolist() == list(range(len(steps)))  # every step up to the stop, in order
+    assert np.isfinite(run.data["train/loss"]).all() and len(run.data["train/loss"]) == len(steps)
+    assert run.data["moments/step"].tolist() == list(range(0, len(steps), 2))  # record_every 2: none lost
+    assert all(np.isfinite(run.data[f"moments/{s}"]).all() for s in ("mean", "var", "p50"))
     if sig != signal.SIGKILL:
         assert "interrupted; what was recorded is in run.h5" in err
+        assert "Traceback" not in err
+        assert run.attrs["steps"] == len(steps)  # stopped at a step boundary, that step kept
+    # the report reads it: exit 0, the status said, and the numbers are the file's
     report = runner.invoke(app, ["report", str(tmp_path / "run.h5")])
-    assert "Traceback" not in report.output
+    assert report.exit_code == 0 and report.exception is None, report.output
+    assert ("status running: the run did not finish" if status == "running" else "keep: interrupted; showing records up to the stop") in report.output
+    content = runner.invoke(app, ["report", "--json", str(tmp_path / "run.h5")])
+    assert content.exit_code == 0, content.output
+    summary = json.loads(content.output)["files"][0]["runs"]["keep"]["summary"]
+    assert summary["status"] == status and summary["records"] == len(steps) and summary["last_step"] == steps[-1]
+    assert summary["final_loss"] == float(run.data["train/loss"][-1])
 
 
 def test_late_user_error_writes_nothing_and_force_keeps_the_old_file(in_tmp: Path, tiny_config: Path) -> None:
@@ -156,15 +171,18 @@ def test_a_signal_inside_a_weakref_callback_still_stops_the_run(in_tmp: Path, ti
 def test_a_signal_waits_for_the_step_but_a_second_one_stops_at_once() -> None:
     from bnprobe.cli import Terminated, _StopRequests
 
-    with pytest.raises(KeyboardInterrupt):  # before the first step nothing is half-written
+    # the interrupts carry no message (match "^$"); the type tells SIGINT from SIGTERM (a subclass)
+    with pytest.raises(KeyboardInterrupt, match="^$") as first:  # before the first step nothing is half-written
         _StopRequests().on_signal(signal.SIGINT, None)
+    assert first.type is KeyboardInterrupt
     stops = _StopRequests()
     stops.check()
     stops.on_signal(signal.SIGTERM, None)  # during steps: remembered, raised at the boundary
-    with pytest.raises(Terminated):
+    with pytest.raises(Terminated, match="^$"):
         stops.check()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="^$") as second:
         stops.on_signal(signal.SIGINT, None)
+    assert second.type is KeyboardInterrupt
 
 
 def test_a_layer_glob_may_match_in_some_variants_only(in_tmp: Path, tiny_config: Path) -> None:
