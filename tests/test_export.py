@@ -237,7 +237,7 @@ def test_bad_format_and_bad_files(full_file: Path, tmp_path: Path) -> None:
 def test_parquet_without_pyarrow_is_one_line(full_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(BnprobeError) as info:
+    with pytest.raises(BnprobeError, match="parquet export needs pyarrow") as info:
         export(full_file, "parquet", tmp_path / "t.parquet")
     assert str(info.value) == "parquet export needs pyarrow: pip install 'bnprobe[parquet]'"
     assert not (tmp_path / "t.parquet").exists()

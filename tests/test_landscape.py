@@ -100,12 +100,12 @@ def test_dln_grid_and_default_etas() -> None:
     assert d[0] == pytest.approx(1e-8) and d[-1] == pytest.approx(3e-5) and len(d) == 5
     assert default_etas(0.1, "torchvision:resnet18") == default_etas(0.1, "vgg")
     assert ETA_RANGES == {"vgg": (0.5, 4.0), "dln": (0.01, 30.0)}
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="need a positive learning rate, got 0.0"):
         default_etas(0.0)
     torch.manual_seed(0)
     model = dln(10, (10,), depth=6)
     x = torch.randn(64, 10)
     res = landscape(model, nn.MSELoss(), x, x, default_etas(0.05, "dln"))
     assert len(res.loss) == 8 and all(math.isfinite(v) for v in res.loss + res.grad_l2)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="needs a non-empty list of finite step sizes"):
         landscape(model, nn.MSELoss(), x, x, [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def test_interrupted_and_regression_runs(tmp_path: Path) -> None:
 )
 def test_missing_section_is_one_line(tmp_path: Path, kind: str, message: str) -> None:
     path = write_run_file(tmp_path / "train_only.h5", variants=("keep",), sections=("train",))
-    with pytest.raises(BnprobeError) as info:
+    with pytest.raises(BnprobeError, match="^" + re.escape(message.format(path=path))) as info:
         plot([path], tmp_path / "x.png", kind=kind)
     assert str(info.value).startswith(message.format(path=path))
     assert "\n" not in str(info.value)
@@ -95,7 +96,7 @@ def test_bad_options(full_file: Path, tmp_path: Path) -> None:
 
 def test_without_matplotlib_is_one_line(full_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(BnprobeError) as info:
+    with pytest.raises(BnprobeError, match="plotting needs matplotlib") as info:
         plot([full_file], tmp_path / "x.png")
     assert str(info.value) == "plotting needs matplotlib: pip install 'bnprobe[plot]'"
 

@@ -134,7 +134,7 @@ def test_layers_glob_and_variant_filter(full_file: Path) -> None:
     ],
 )
 def test_unknown_choices_are_one_line_config_errors(full_file: Path, kwargs: dict, expected: str) -> None:
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ConfigError, match=re.escape(expected)) as info:
         build_report([full_file], **kwargs)
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
@@ -238,7 +238,7 @@ def test_truncated_file(full_file: Path, tmp_path: Path) -> None:
     for fraction in (0.1, 0.6, 0.97):
         cut = tmp_path / f"cut{fraction}.h5"
         cut.write_bytes(data[: int(len(data) * fraction)])
-        with pytest.raises(StoreError) as info:
+        with pytest.raises(StoreError, match=r"is not a readable HDF5 file \(truncated") as info:
             build_report([cut])
         assert "\n" not in str(info.value)
         assert isinstance(info.value, BnprobeError)
