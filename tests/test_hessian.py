@@ -114,7 +114,7 @@ def test_blocks_and_subsets() -> None:
     last = largest_magnitude(full_hessian(model, x, y, ["3.weight", "3.bias"]))
     assert blocks["3"].eigenvalue == pytest.approx(last, rel=1e-6)
     assert list(hessian_blocks(model, nn.CrossEntropyLoss(), x, y, kinds=["norm"])) == ["1"]
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="selects no trainable parameter"):
         top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x, y, params=["nothing"])
 
 
@@ -143,7 +143,7 @@ def test_bn_mode_and_no_trace() -> None:
     got = top_hessian_eigenvalue(plain, nn.CrossEntropyLoss(), x, y, tol=1e-10, max_iter=3000, bn_mode="eval")
     assert got.eigenvalue == pytest.approx(expected, rel=1e-6)
     assert plain.training
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="unknown BN mode 'frozen' for the Hessian; choose from"):
         top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x, y, bn_mode="frozen")
 
 

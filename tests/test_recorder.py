@@ -98,7 +98,7 @@ def test_per_channel_and_histogram(tmp_path: Path) -> None:
 
 def test_an_exception_in_the_users_loop_marks_the_run_interrupted(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(3, 2))
-    with pytest.raises(RuntimeError), Recorder(model, tmp_path / "r.h5", record_every=1) as rec:
+    with pytest.raises(RuntimeError, match="the user's loop failed"), Recorder(model, tmp_path / "r.h5", record_every=1) as rec:
         model(torch.randn(4, 3))
         rec.step(loss=1.0)
         raise RuntimeError("the user's loop failed")
