@@ -30,10 +30,12 @@ A target whose output already goes straight into a BN is left alone by insert ("
 (each dense layer's second conv, before ``torch.cat``, and each transition conv, before pooling), on
 top of DenseNet's own pre-activation BNs. Strip removes every BN; one whose input is not the direct
 output of a conv/linear (DenseNet's ``norm1``, ``transition.norm``, ``norm5``, fed by ``torch.cat``)
-is removed without re-biasing anything and is reported as such. ``fold=True`` folds only BNs
-fed directly by a conv/linear that feeds nothing else; any other BN is an error (folding forward
-through the following conv is exact only without padding and never through a non-linearity, so it
-is not attempted). A fold is checked on ``example_input`` in eval mode before it is returned.
+is removed without re-biasing anything and is reported as such. ``fold=True`` folds each BN that
+can be folded exactly: fed directly by a conv/linear that runs once, feeds nothing else, shares no
+parameter, and whose output scales with its weight (not timm's weight-standardising ``StdConv2d``).
+Any other BN is stripped as without ``fold`` and its plan row says why it was not folded (folding
+forward through the following conv is exact only without padding and never through a
+non-linearity, so it is not attempted). Folds are checked on ``example_input`` in eval mode.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 from torchvision.ops import FrozenBatchNorm2d
 
 from .config import BnMode, BnTargets, NoiseConfig
@@ -59,6 +63,7 @@ _TARGETS = {"conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "linear": (nn.Linear,)}
 _FEEDERS = (nn.modules.conv._ConvNd, nn.Linear)
 _BN_FOR = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}
 _FOLD_RTOL = 1e-4
+_FOLD_RTOL_F64 = 1e-8
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -245,6 +250,7 @@ class _Flow:
     index: dict[str, int]  # first-call order of the atomic modules (and of a BN's own children)
     calls: Counter[str]
     rank: dict[str, int]  # ndim of each atomic module's output
+    in_shape: dict[str, tuple[int, ...]]  # shape of each atomic module's first input, at its first call
     sources: dict[str, set[str]]  # what produced each module's (first) input
     users: dict[str, set[str]]  # what each module's output goes to
     outputs: set[str]  # modules whose output is a model output
@@ -297,6 +303,13 @@ def _node_name(node: fx.Node) -> str:
     return "op:" + (target if isinstance(target, str) else getattr(target, "__name__", str(target)))
 
 
+def _reads_shape_only(node: fx.Node) -> bool:
+    """``x.shape``, ``x.size()``, ``x.dim()``: a use of a tensor that does not depend on its values."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("ndim",), ("dtype",), ("device",))
+
+
 def _fx_edges(model: nn.Module) -> tuple[dict[str, set[str]], dict[str, set[str]], set[str]]:
     graph = _Tracer().trace(model)
     sources: dict[str, set[str]] = defaultdict(set)
@@ -304,6 +317,8 @@ def _fx_edges(model: nn.Module) -> tuple[dict[str, set[str]], dict[str, set[str]
     outputs: set[str] = set()
     for node in graph.nodes:
         name = _node_name(node)
+        if _reads_shape_only(node):
+            continue
         for arg in node.all_input_nodes:
             users[_node_name(arg)].add(name)
         if node.op == "call_module":
@@ -314,25 +329,61 @@ def _fx_edges(model: nn.Module) -> tuple[dict[str, set[str]], dict[str, set[str]
     return sources, users, outputs
 
 
+
+
+class _OpTape(TorchFunctionMode):
+    """Records the torch operations run outside the atomic modules as dataflow nodes ``op:NAME``.
+
+    Hooks alone see module-to-module edges only: a conv output also added to a residual, or
+    changed in place (``relu_``) before its BN, would look like it fed the BN alone.
+    """
+
+    def __init__(self, producer: dict[int, str], users: dict[str, set[str]], alive: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.producer, self.users, self.alive = producer, users, alive
+        self.depth = 0  # > 0 inside an atomic module, whose own ops are the module's
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = "op:" + getattr(func, "__name__", str(func))
+        outs = list(_tensors(args[:1] if name == "op:__setitem__" else out))  # setitem writes into its first argument
+        if self.depth == 0 and outs:  # an op that returns no tensor (x.shape, x.size()) reads no values
+            for t in _tensors((args, kwargs)):
+                if id(t) in self.producer:
+                    self.users[self.producer[id(t)]].add(name)
+            for t in outs:
+                self.producer[id(t)] = name
+            self.alive.extend(outs)
+        return out
+
+
 def _dataflow(model: nn.Module, example_input: Any) -> _Flow:
     """One hooked, side-effect-free forward; edges from torch.fx where the model traces."""
     atomic, inside = _atomic(model)
     index: dict[str, int] = {}
     calls: Counter[str] = Counter()
     rank: dict[str, int] = {}
+    in_shape: dict[str, tuple[int, ...]] = {}
     sources: dict[str, set[str]] = defaultdict(set)
     users: dict[str, set[str]] = defaultdict(set)
     producer = {id(t): "input" for t in _tensors(example_input)}
     alive: list[torch.Tensor] = []  # keeps every tensor seen alive, so no id is reused during the pass
+    tape = _OpTape(producer, users, alive)
+
+    def enter(_m: nn.Module, _args: Any) -> None:
+        tape.depth += 1
 
     def hook(name: str, is_atomic: bool) -> Callable[[nn.Module, Any, Any], None]:
         def record(_m: nn.Module, args: Any, out: Any) -> None:
             index.setdefault(name, len(index))
             if not is_atomic:
                 return
+            tape.depth -= 1
             calls[name] += 1
             first = next(_tensors(args), None)
             source = producer.get(id(first), "op:?") if first is not None else "op:constant"
+            if first is not None:
+                in_shape.setdefault(name, tuple(first.shape))
             sources[name].add(source)
             users[source].add(name)
             outs = list(_tensors(out))
@@ -344,10 +395,11 @@ def _dataflow(model: nn.Module, example_input: Any) -> _Flow:
 
         return record
 
-    handles = [m.register_forward_hook(hook(n, True)) for m, n in atomic.items()]
+    handles = [m.register_forward_pre_hook(enter) for m in atomic]
+    handles += [m.register_forward_hook(hook(n, True)) for m, n in atomic.items()]
     handles += [m.register_forward_hook(hook(n, False)) for m, n in inside.items()]
     try:
-        with eval_free_forward(model):
+        with eval_free_forward(model), tape:
             result = model(example_input)
     except Exception as e:  # noqa: BLE001 - any failure of the user's forward is reported in one line
         raise SurgeryError(f"cannot plan BN surgery: {type(model).__name__} fails on the example input: {str(e).splitlines()[0]}") from e
@@ -363,7 +415,7 @@ def _dataflow(model: nn.Module, example_input: Any) -> _Flow:
         pairing = "torch.fx"
     except Exception as e:  # noqa: BLE001 - any tracing failure means: use the hooks' edges
         pairing = f"forward hooks (torch.fx: {type(e).__name__})"
-    return _Flow(pairing, index, calls, rank, sources, users, outputs)
+    return _Flow(pairing, index, calls, rank, in_shape, sources, users, outputs)
 
 
 def _describe(source: str) -> str:
@@ -485,16 +537,18 @@ def _make_noisy(bn: nn.Module, name: str, after: list[str], seed: int, config: N
     bn.after_noise = tuple(after)
 
 
-def _fold(layer: nn.Module, bn: nn.Module, name: str) -> None:
-    """Fold an eval-mode BN (running stats, then affine) into the conv/linear that feeds it, exactly."""
-    if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
-        raise SurgeryError(f"cannot fold {name}: it keeps no running statistics (track_running_stats=False)")
+def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BN as ``scale * x + shift`` per channel, in float64."""
+    mean, var = bn.running_mean.double(), bn.running_var.double()
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return scale, beta - mean * scale
+
+
+def _scale_into(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Make ``layer`` compute ``scale * layer(x) + shift`` per output channel (float64 arithmetic, then its dtype)."""
     with torch.no_grad():
-        mean, var = bn.running_mean.double(), bn.running_var.double()
-        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
-        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
-        scale = gamma / torch.sqrt(var + bn.eps)
-        shift = beta - mean * scale
         w = layer.weight
         if isinstance(layer, nn.modules.conv._ConvTransposeNd):  # weight: (in, out / groups, *kernel)
             g = layer.groups
@@ -508,6 +562,52 @@ def _fold(layer: nn.Module, bn: nn.Module, name: str) -> None:
             layer.bias = nn.Parameter(bias.to(w.dtype))
         else:
             layer.bias.copy_(bias)
+
+
+_STOCK_FORWARDS = frozenset(cls.forward for cls in (*_TARGETS["conv"], nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear))
+
+
+def _scales_with_its_weight(layer: nn.Module, shape: tuple[int, ...] | None) -> bool:
+    """Whether scaling ``layer``'s weight per output channel scales its output: true for torch's own
+    conv/linear forward; a subclass with its own (timm's weight-standardising ``StdConv2d`` undoes
+    any scale) is tried on a float64 copy with a random input of the shape it was called with."""
+    if type(layer).forward in _STOCK_FORWARDS:
+        return True
+    if shape is None:
+        return False
+    g = torch.Generator().manual_seed(0)
+    probe = copy.deepcopy(layer).double()
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(layer.weight.device)
+    channels = _channels(layer)
+    scale = (0.5 + torch.rand(channels, generator=g, dtype=torch.float64)).to(x.device)
+    shift = torch.randn(channels, generator=g, dtype=torch.float64).to(x.device)
+    with torch.no_grad():
+        expected = probe(x)
+        expected = expected * scale.view(-1, *[1] * (expected.dim() - 2)) + shift.view(-1, *[1] * (expected.dim() - 2))
+        _scale_into(probe, scale, shift)
+        return torch.allclose(probe(x), expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+
+
+def _fold_blocker(model: nn.Module, flow: _Flow, name: str, bn: nn.Module, feeder: str | None, why: str) -> str:
+    """Why folding ``name`` into ``feeder`` would not give the same eval-mode function ("" if it would)."""
+    if feeder is None:
+        return why
+    if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+        return "it keeps no running statistics (track_running_stats=False), so eval mode normalises by the batch"
+    others = flow.users.get(feeder, set()) - {name}
+    if others:
+        return f"{feeder}'s output is also used by {', '.join(sorted(map(_describe, others)))}"
+    if flow.calls[feeder] != 1 or flow.calls[name] != 1:
+        twice = feeder if flow.calls[feeder] != 1 else name
+        return f"{twice} runs {flow.calls[twice]} times per forward"
+    layer = model.get_submodule(feeder)
+    own = {id(p) for p in layer.parameters(recurse=False)}
+    sharer = next((n for n, m in model.named_modules() if m is not layer and any(id(p) in own for p in m.parameters(recurse=False))), None)
+    if sharer is not None:
+        return f"{feeder}'s parameters are shared with {sharer}"
+    if not _scales_with_its_weight(layer, flow.in_shape.get(feeder)):
+        return f"{feeder} ({type(layer).__name__}) does not scale its output with its weight"
+    return ""
 
 
 def _eval_output(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
@@ -599,44 +699,74 @@ def _add_noise(model: nn.Module, flow: _Flow, seeds: _Seeds) -> list[Change]:
 
 
 def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: Any) -> tuple[nn.Module, list[Change]]:
-    """Every BN out; the layer that fed it gets a zero bias (strip) or the BN folded in (fold)."""
+    """Every BN out; the layer that fed it gets a zero bias (strip) or the BN folded in (fold).
+
+    With ``fold``, a BN that cannot be folded exactly (:func:`_fold_blocker`) is stripped as without
+    it, and its row says why. The folds are then checked on ``example_input`` in eval mode against
+    the model with only those BNs stripped: a difference means a use of a folded layer's output
+    that the dataflow did not see (e.g. a data-dependent branch), and is an error.
+    """
     bns = {n: m for n, m in model.named_modules() if is_batchnorm(m)}
-    reference = _eval_output(model, example_input) if fold else []
     changes = []
+    folds: list[tuple[str, nn.Module, str, str, nn.Module]] = []
     for name in flow.ordered(list(bns)):
         bn = bns[name]
         feeder, why = _feeder(model, flow, name, bn)
         tail = _norm_tail(bn, flow, name)
         replacement: nn.Module = nn.Sequential(OrderedDict(tail)) if tail else nn.Identity()
         becomes = f" -> Sequential({', '.join(n for n, _ in tail)})" if tail else ""
-        if fold:
-            if feeder is None:
-                raise SurgeryError(f"cannot fold {name}: {why}; strip it without --fold")
-            others = flow.users.get(feeder, set()) - {name}
-            if others or flow.calls[feeder] != 1 or flow.calls[name] != 1:
-                raise SurgeryError(f"cannot fold {name} into {feeder}: {feeder}'s output is also used elsewhere ({', '.join(sorted(map(_describe, others))) or 'a second call'})")
-            _fold(model.get_submodule(feeder), bn, name)
-            changes.append(Change("folded", name, feeder, f"running statistics and affine folded into {feeder}{becomes}"))
-        elif feeder is None:
-            changes.append(Change("removed", name, "", f"{why}; nothing re-biased{becomes}"))
+        blocker = _fold_blocker(model, flow, name, bn, feeder, why) if fold else ""
+        if fold and not blocker:
+            assert feeder is not None
+            folds.append((name, bn, feeder, becomes, replacement))
+            continue
+        not_folded = f"not folded: {blocker}; " if fold else ""
+        if feeder is None:
+            changes.append(Change("removed", name, "", f"{not_folded or why + '; '}nothing re-biased{becomes}"))
         else:
-            changes.append(Change("removed", name, feeder, f"{type(bn).__name__}({_num_features(bn)}){becomes}"))
+            changes.append(Change("removed", name, feeder, f"{not_folded}{type(bn).__name__}({_num_features(bn)}){becomes}"))
             layer = model.get_submodule(feeder)
             if layer.bias is None:
                 layer.bias = nn.Parameter(torch.zeros(_channels(layer), device=layer.weight.device, dtype=layer.weight.dtype))
                 changes.append(Change("rebiased", feeder, name, f"zero-initialised bias ({_channels(layer)})"))
         model = _replace(model, bn, replacement.train(bn.training))
-    if fold:
-        _check_fold(model, example_input, reference)
+    if folds:
+        _check_folds(model, [(name, feeder, replacement) for name, _, feeder, _, replacement in folds], example_input)
+        for name, bn, feeder, becomes, replacement in folds:
+            _scale_into(model.get_submodule(feeder), *_bn_affine(bn))
+            model = _replace(model, bn, replacement.train(bn.training))
+            changes.append(Change("folded", name, feeder, f"running statistics and affine folded into {feeder}{becomes}"))
+        changes.sort(key=lambda c: flow.index.get(c.module if c.action != "rebiased" else c.related, math.inf))
     return model, changes
 
 
-def _check_fold(model: nn.Module, example_input: Any, reference: list[torch.Tensor]) -> None:
-    """Folding is exact in eval mode; a difference means a folded layer's output had another use hooks cannot see."""
-    folded = _eval_output(model, example_input)
-    worst = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(folded, reference))
-    if worst > _FOLD_RTOL:
-        raise SurgeryError(f"folding BN changed {type(model).__name__}'s eval output by {worst:.1e} (relative): a folded layer's output is used elsewhere; strip without --fold")
+def _as_double(obj: Any) -> Any:
+    return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, obj)
+
+
+def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], example_input: Any) -> None:
+    """The safety net behind :func:`_fold_blocker`: the folds, done on a float64 copy, must leave its
+    eval output on ``example_input`` unchanged; a difference is a use of a folded layer's output the
+    dataflow pass did not see (a data-dependent branch). float64, because an untrained deep model
+    amplifies float32 rounding of the folded weights (6e-8) beyond any useful tolerance (EfficientNetV2
+    with random statistics: 3e-3); a model that does not run in float64 is checked in its own dtype."""
+    x, rtol = _as_double(example_input), _FOLD_RTOL_F64
+    try:
+        twin = copy.deepcopy(model).double()
+        reference = _eval_output(twin, x)
+    except Exception:  # noqa: BLE001 - a forward that cannot run in float64: check in the model's dtype
+        x, rtol = example_input, _FOLD_RTOL
+        twin = copy.deepcopy(model)
+        reference = _eval_output(twin, x)
+    for name, feeder, replacement in folds:
+        bn = twin.get_submodule(name)
+        _scale_into(twin.get_submodule(feeder), *_bn_affine(bn))
+        tail = nn.Sequential(OrderedDict((k, bn._modules[k]) for k in replacement._modules)) if len(replacement._modules) else nn.Identity()
+        twin = _replace(twin, bn, tail)
+    folded = _eval_output(twin, x)
+    worst = max(((a - b).norm() / b.norm().clamp_min(1e-300)).item() for a, b in zip(folded, reference))
+    if worst > rtol:
+        raise SurgeryError(f"folding BN changed {type(model).__name__}'s eval output by {worst:.1e} (relative): a folded layer's output is used in a way the dataflow pass did not see; strip without --fold")
 
 
 def _as_enum(cls: type[E], value: Any, what: str) -> E:

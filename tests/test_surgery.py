@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -38,7 +39,7 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if is_batchnorm(m):
+            if is_batchnorm(m) and m.running_mean is not None:
                 n = m.running_mean.numel()
                 m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
@@ -351,17 +352,169 @@ def test_fold_handles_every_bn_flavour_and_grouped_transposed_convs() -> None:
         assert relative_error(model.eval()(x), base.eval()(x)) < 1e-5
 
 
-def test_fold_refuses_a_bn_without_a_feeding_conv() -> None:
-    with pytest.raises(SurgeryError, match=r"cannot fold features\.denseblock1\.denselayer1\.norm1: its input comes from cat"):
-        apply_bn(small_densenet(), "strip", IMAGES, fold=True)
+def test_fold_strips_a_bn_without_a_feeding_conv_says_why_and_folds_the_rest_exactly() -> None:
+    torch.manual_seed(0)
+    base = small_densenet()
+    randomise_bn(base)
+    model, plan = apply_bn(base, "strip", IMAGES, fold=True)
+    assert norms(model) == []
+    unfolded = {c.module: c.detail for c in plan.changes if c.action == "removed"}
+    folded = {c.module for c in plan.changes if c.action == "folded"}
+    assert unfolded["features.denseblock1.denselayer1.norm1"].startswith("not folded: its input comes from cat, not a conv/linear")
+    assert folded and folded | set(unfolded) == set(norms(base))
+    expected = small_densenet()  # the same function with only the unfolded BNs taken out
+    expected.load_state_dict(base.state_dict())
+    for name in unfolded:
+        parent, _, key = name.rpartition(".")
+        setattr(expected.get_submodule(parent), key, nn.Identity())
+    other = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model.eval()(other), expected.eval()(other)) < 1e-5
 
 
 @pytest.mark.parametrize("traceable", [True, False])
-def test_fold_refuses_a_conv_whose_output_is_also_used_elsewhere(traceable: bool) -> None:
+def test_fold_strips_a_bn_whose_conv_output_is_also_used_elsewhere_and_says_why(traceable: bool) -> None:
     base = SharedOutput(traceable)
     randomise_bn(base)
-    with pytest.raises(SurgeryError, match="also used elsewhere" if traceable else "used elsewhere; strip without --fold"):
+    model, plan = apply_bn(base, "strip", IMAGES, fold=True)
+    assert plan.rows()[0][:3] == ("removed", "bn", "conv")
+    assert plan.rows()[0][3].startswith("not folded: conv's output is also used by add")  # (and by sum, untraced)
+    assert torch.equal(model.conv.weight, base.conv.weight)
+
+
+class InPlaceBetween(nn.Module):
+    """An in-place op between the conv and its BN: hooks alone see the conv's tensor reach the BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if bool(h.sum() > -1e9):  # data-dependent: torch.fx cannot trace it
+            torch.relu_(h)
+        return self.bn(h)
+
+
+def test_fold_sees_operations_outside_modules_when_fx_cannot_trace() -> None:
+    base = InPlaceBetween()
+    randomise_bn(base)
+    model, plan = apply_bn(base, "strip", IMAGES, fold=True)
+    assert plan.pairing.startswith("forward hooks")
+    assert plan.rows()[0][:3] == ("removed", "bn", "")
+    assert plan.rows()[0][3].startswith("not folded: its input comes from relu_, not a conv/linear")
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight-standardised conv, as timm's: its forward normalises each output channel's weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+class Twice(nn.Module):
+    """``shared`` runs twice, into two BNs; ``tied`` shares its weight with ``tied_too``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.std = StdConv2d(3, 4, 3, bias=False)
+        self.bn_std = nn.BatchNorm2d(4)
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.tied, self.tied_too = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+        self.tied_too.weight = self.tied.weight
+        self.bn_tied = nn.BatchNorm2d(4)
+        self.plain = nn.Conv2d(4, 4, 1)
+        self.bn_plain = nn.BatchNorm2d(4, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn_std(self.std(x))
+        h = self.bn_a(self.shared(h)) + self.bn_b(self.shared(h))
+        h = self.bn_tied(self.tied(h)) + self.tied_too(h)
+        return self.bn_plain(self.plain(h))
+
+
+def test_fold_leaves_out_every_bn_whose_fold_would_change_the_function() -> None:
+    base = Twice()
+    randomise_bn(base)
+    model, plan = apply_bn(base, "strip", IMAGES, fold=True)
+    why = {c.module: c.detail.split("; ")[0] for c in plan.changes if c.action == "removed"}
+    assert why == {
+        "bn_std": "not folded: std (StdConv2d) does not scale its output with its weight",
+        "bn_a": "not folded: shared's output is also used by bn_b",
+        "bn_b": "not folded: shared's output is also used by bn_a",
+        "bn_tied": "not folded: tied's parameters are shared with tied_too",
+        "bn_plain": "not folded: it keeps no running statistics (track_running_stats=False), so eval mode normalises by the batch",
+    }
+    assert norms(model) == []
+
+
+def ill_conditioned_mlp(depth: int = 24, width: int = 32) -> nn.Module:
+    """Linear-BN-tanh blocks with weight gain 4 (the chaotic regime): float32 rounding of any weight
+    (6e-8) moves the output by ~1e-3, so a float32 comparison cannot tell an exact fold from a wrong one."""
+    g = torch.Generator().manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        linear = nn.Linear(width, width, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(width, width, generator=g) * 4 / width**0.5)
+        layers += [linear, nn.BatchNorm1d(width), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(width, 3))
+    randomise_bn(model)
+    return model
+
+
+def test_fold_safety_net_works_in_float64_so_float32_rounding_does_not_refuse_an_exact_fold() -> None:
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    base = ill_conditioned_mlp()
+    model, plan = apply_bn(base, "strip", x, fold=True)
+    assert [c.action for c in plan.changes] == ["folded"] * 24
+    twin = copy.deepcopy(base).double()  # the fold itself is exact: folding the float64 model changes nothing
+    folded, _ = apply_bn(twin, "strip", x.double(), fold=True)
+    with torch.no_grad():
+        assert relative_error(folded.eval()(x.double()), twin.eval()(x.double())) < 1e-9
+
+
+class KeepsACopy(nn.Conv2d):
+    """A conv that keeps a copy of its output, made inside its own forward, where no dataflow pass looks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        self.copy = y.clone()
+        return y
+
+
+class UsesTheCopy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = KeepsACopy(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + self.conv.copy
+
+
+def test_fold_safety_net_refuses_a_use_the_dataflow_cannot_see() -> None:
+    base = UsesTheCopy()
+    randomise_bn(base)
+    with pytest.raises(SurgeryError, match=r"folding BN changed UsesTheCopy's eval output by .* the dataflow pass did not see"):
         apply_bn(base, "strip", IMAGES, fold=True)
+
+
+def test_fold_into_a_conv_subclass_with_its_own_forward_that_still_scales() -> None:
+    class PaddedConv(nn.Conv2d):  # as timm's Conv2dSame: pads its input, then convolves
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+    base = nn.Sequential(PaddedConv(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+    randomise_bn(base)
+    model, plan = apply_bn(base, "strip", IMAGES, fold=True)
+    assert [c.action for c in plan.changes] == ["folded"]
+    with torch.no_grad():
+        assert relative_error(model.eval()(IMAGES), base.eval()(IMAGES)) < 1e-6
 
 
 # ----------------------------------------------------------------------------- noisy
