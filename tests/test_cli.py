@@ -182,7 +182,7 @@ def test_usage_errors_are_one_line(argv: list[str], message: str, monkeypatch: p
     from bnprobe.cli import main
 
     monkeypatch.setattr(sys, "argv", ["bnprobe", *argv])
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit, match="^2$") as exit_info:  # str(SystemExit(2)) is its code
         main()
     err = capsys.readouterr().err
     assert exit_info.value.code == 2

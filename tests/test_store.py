@@ -93,17 +93,17 @@ def test_truncated_file(tmp_path: Path) -> None:
         w.append("train", 0, {"loss": np.zeros(1000)})
     blob = path.read_bytes()
     path.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match=r"is not a readable HDF5 file \(truncated"):
         read_file(path)
 
 
 def test_an_error_before_any_record_leaves_no_file(tmp_path: Path) -> None:
     path = tmp_path / "x.h5"
-    with pytest.raises(ValueError), Store.create(path) as store:
+    with pytest.raises(ValueError, match="a user error found late"), Store.create(path) as store:
         store.run("r", {}).set_attrs(model="m")
         raise ValueError("a user error found late")
     assert not path.exists()
-    with pytest.raises(ValueError), Store.create(path) as store:  # once a step is logged, the file stays
+    with pytest.raises(ValueError, match="a crash mid-run"), Store.create(path) as store:  # once a step is logged, the file stays
         w = store.run("r", {})
         w.append("train", 0, {"loss": 1.0})
         raise ValueError("a crash mid-run")
