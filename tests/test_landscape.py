@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,28 @@ def test_dln_grid_and_default_etas() -> None:
     assert len(res.loss) == 8 and all(math.isfinite(v) for v in res.loss + res.grad_l2)
     with pytest.raises(ConfigError, match="needs a non-empty list of finite step sizes"):
         landscape(model, nn.MSELoss(), x, x, [])
+
+
+def test_probe_writes_each_value_to_its_dataset(tmp_path: Path) -> None:
+    """The trainer's landscape probe stores landscape()'s numbers, each under its own name."""
+    from bnprobe.probes import LandscapeProbe
+    from bnprobe.store import Store, read_file
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=g), torch.randint(3, (16,), generator=g)
+    etas = default_etas(0.5, n=5)
+    expected = landscape(copy.deepcopy(model), nn.CrossEntropyLoss(), x, y, etas)
+    store = Store.create(tmp_path / "l.h5")
+    writer = store.run("keep", {"bn": "keep"})
+    probe = LandscapeProbe(writer, tuple(etas), interval=1)
+    probe.measure(0, model, nn.CrossEntropyLoss(), x, y, torch.optim.SGD(model.parameters(), lr=0.5))
+    store.close()
+    d = read_file(tmp_path / "l.h5").runs["keep"].data
+    assert d["landscape/step"].tolist() == [0] and d["landscape/eta"].tolist() == pytest.approx(etas, rel=1e-12)
+    assert d["landscape/loss"][0].tolist() == pytest.approx(expected.loss, rel=1e-6)
+    assert d["landscape/grad_l2"][0].tolist() == pytest.approx(expected.grad_l2, rel=1e-5)
+    for key, value in (("beta_smoothness", expected.beta), ("loss_at_w", expected.loss_at_w), ("loss_min", min(expected.loss)), ("loss_max", max(expected.loss))):
+        assert float(d[f"landscape/{key}"][0]) == pytest.approx(value, rel=1e-5), key
+    assert len({round(v, 6) for v in (expected.beta, expected.loss_at_w, min(expected.loss), max(expected.loss))}) == 4  # all told apart
