@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from bnprobe.errors import ConfigError
+from bnprobe.errors import ConfigError, ModelError
 from bnprobe.probes.hessian import hessian_blocks, top_hessian_eigenvalue
 
 
@@ -181,3 +182,93 @@ def test_trainer_records_model_and_block_eigenvalues(in_tmp: Path) -> None:
     for k, layer in enumerate(names):
         params = [n for n, _ in dict(model.named_modules())[layer].named_parameters(prefix=layer)]
         assert run.data["hessian/block_top_eigenvalue"][0, k] == pytest.approx(top(params), rel=1e-4), layer
+
+
+# ----------------------------------------------------------------------------- ops without double backward
+
+
+class Gate(nn.Module):
+    """A squeeze-excite-like gate: ``gate(x)`` is ``hardsigmoid`` (torch has no double backward for
+    it) or the same function written as ``relu6(x + 3) / 6``."""
+
+    def __init__(self, gate: Any) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h * self.gate(h))
+
+
+def test_hardsigmoid_gets_a_hessian_equal_to_its_twice_differentiable_formula() -> None:
+    x, y = data()
+    model = Gate(nn.Hardsigmoid()).double()
+    formula = Gate(lambda h: nn.functional.relu6(h + 3) / 6).double()
+    expected = largest_magnitude(full_hessian(formula, x, y))
+    result = top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x, y, tol=1e-10, max_iter=500)
+    assert result.eigenvalue == pytest.approx(expected, rel=1e-6)
+
+
+class Attention(nn.Module):
+    """One attention head through ``F.scaled_dot_product_attention`` (timm's ViTs), or written out."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fused = fused
+        self.qkv, self.head = nn.Linear(4, 12), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x.view(2, 5, 4)).unsqueeze(1).chunk(3, dim=-1)
+        if self.fused:
+            a = nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            a = torch.softmax(q @ k.transpose(-2, -1) / 2, dim=-1) @ v
+        return self.head(a.reshape(10, 4))
+
+
+def test_scaled_dot_product_attention_gets_a_hessian_equal_to_the_written_out_attention() -> None:
+    x, y = torch.randn(10, 4, generator=torch.Generator().manual_seed(3)), torch.arange(10) % 3
+    expected = largest_magnitude(full_hessian(Attention(fused=False), x, y))
+    result = top_hessian_eigenvalue(Attention(fused=True), nn.CrossEntropyLoss(), x, y, tol=1e-8, max_iter=500)
+    assert result.eigenvalue == pytest.approx(expected, rel=1e-4)
+
+
+class BiasTable(nn.Module):
+    """LeViT's attention biases: a parameter table read through an index buffer (saved by autograd)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+        self.table = nn.Parameter(torch.randn(4))
+        self.register_buffer("index", torch.tensor([[0, 3, 1], [2, 2, 0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.table[self.index].prod(0)
+
+
+def test_an_index_buffer_survives_the_pass_for_the_double_backward() -> None:
+    x, y = data()
+    model = BiasTable().double()
+    expected = largest_magnitude(full_hessian(model, x, y))
+    result = top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x, y, tol=1e-10, max_iter=500)
+    assert result.eigenvalue == pytest.approx(expected, rel=1e-6)
+
+
+class RawHardsigmoid(nn.Module):
+    """Calls the kernel without the functional wrapper: an op PyTorch cannot differentiate twice."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._C._nn.hardsigmoid(x)
+
+
+def test_a_model_that_is_not_twice_differentiable_is_refused_naming_the_module() -> None:
+    x, y = data()
+    model = nn.Sequential(nn.Linear(4, 6), RawHardsigmoid(), nn.Linear(6, 3)).double()
+    with pytest.raises(ModelError, match=r"^no Hessian for this model: 1 \(RawHardsigmoid\) runs hardsigmoid, which PyTorch cannot differentiate twice$"):
+        top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x, y, max_iter=3)
+    with pytest.raises(ModelError, match=r"1 \(RawHardsigmoid\) runs hardsigmoid"):
+        hessian_blocks(model, nn.CrossEntropyLoss(), x, y, max_iter=3)

@@ -24,15 +24,19 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from .. import rng
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..layers import layer_kind, no_layer_matches, select
 from .ics import no_trace, record_first_calls
 
@@ -93,16 +97,81 @@ def _samples(x: Any) -> int:
     return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
 
 
+class _TwiceDifferentiable(TorchFunctionMode):
+    """Runs the ops whose torch kernels have no double backward as equal formulas that have one.
+
+    ``hardsigmoid`` (MobileNetV3, GhostNet, LCNet squeeze-excite) becomes ``relu6(x + 3) / 6``;
+    ``scaled_dot_product_attention`` (every timm ViT) runs on the math backend, not the fused CPU
+    kernels. Same values, same first derivatives; only the Hessian pass uses it.
+    """
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.hardsigmoid:
+            x = args[0]
+            out = F.relu6(x + 3) / 6
+            return x.copy_(out) if kwargs.get("inplace", args[1] if len(args) > 1 else False) else out
+        if func is F.scaled_dot_product_attention:
+            with sdpa_kernel([SDPBackend.MATH]):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
 def _first_order(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: Any, y: Any, ps: list[torch.Tensor],
                  bn_mode: str) -> tuple[list[torch.Tensor | None], list[nn.Module]]:
     """grad L wrt ``ps`` with its graph kept (for double backward; None where L does not depend on
     p), and the modules with own parameters in the order their first call ended."""
     state = rng.capture(model)
     with record_first_calls(model) as order:
-        with _bn_mode(model, bn_mode), no_trace(model), rng.replaying(model, state):  # no_trace sees the final modes
+        with _bn_mode(model, bn_mode), no_trace(model), rng.replaying(model, state), _TwiceDifferentiable():  # no_trace sees the final modes
             loss = loss_fn(model(x), y)
     grads = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
     return [g if g is not None and g.requires_grad else None for g in grads], order
+
+
+_NO_DOUBLE_BACKWARD = re.compile(r"derivative for (?:aten::)?(\w+?)(?:_backward)? is not implemented")
+
+
+def _not_twice_differentiable(model: nn.Module, x: Any, error: RuntimeError) -> ModelError | None:
+    """A one-line error naming the first module whose forward runs the op that has no double
+    backward (found by running the forward again and watching which module calls what), or None
+    when ``error`` is about something else."""
+    match = _NO_DOUBLE_BACKWARD.search(str(error))
+    if match is None:
+        return None
+    op = match.group(1)
+    stack: list[str] = []
+    found: list[str] = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            name = getattr(func, "__name__", "").strip("_")
+            if not found and stack and name and (name in op or op in name):
+                found.append(stack[-1])
+            return func(*args, **(kwargs or {}))
+
+    names = {m: f"{n} ({type(m).__name__})" if n else type(m).__name__ for n, m in model.named_modules()}
+    handles = [m.register_forward_pre_hook(lambda m, _a: stack.append(names[m])) for m in names]
+    handles += [m.register_forward_hook(lambda m, _a, _o: stack.pop() and None) for m in names]  # a hook's return replaces the output
+    try:
+        with no_trace(model), rng.replaying(model, rng.capture(model)), torch.no_grad(), Watch():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    where = found[0] if found else type(model).__name__
+    return ModelError(f"no Hessian for this model: {where} runs {op}, which PyTorch cannot differentiate twice")
+
+
+@contextmanager
+def _refusing_what_has_no_double_backward(model: nn.Module, x: Any) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as e:
+        refusal = _not_twice_differentiable(model, x, e)
+        if refusal is None:
+            raise
+        raise refusal from e
 
 
 def _power_iteration(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor], tol: float, max_iter: int,
@@ -180,7 +249,8 @@ def top_hessian_eigenvalue(
     named = _select_params(model, params)
     ps = [p for _, p in named]
     grads, _ = _first_order(model, loss_fn, x, y, ps, bn_mode)
-    lam, its, res, v, ok = _power_iteration(grads, ps, tol, max_iter, init, seed)
+    with _refusing_what_has_no_double_backward(model, x):
+        lam, its, res, v, ok = _power_iteration(grads, ps, tol, max_iter, init, seed)
     return HessianResult(lam, its, res, v, ok, bn_mode, _samples(x))
 
 
@@ -219,6 +289,7 @@ def hessian_blocks(
     out = {}
     for j in picked:
         name, ks = blocks[j]
-        lam, its, res, v, ok = _power_iteration([grads[k] for k in ks], [ps[k] for k in ks], tol, max_iter, (init or {}).get(name), seed)
+        with _refusing_what_has_no_double_backward(model, x):
+            lam, its, res, v, ok = _power_iteration([grads[k] for k in ks], [ps[k] for k in ks], tol, max_iter, (init or {}).get(name), seed)
         out[name] = HessianResult(lam, its, res, v, ok, bn_mode, _samples(x))
     return out

@@ -146,9 +146,17 @@ class BufferTape:
         return [b.clone() for b in self.buffers]
 
     def set(self, values: list[torch.Tensor]) -> None:
+        """Write back only the buffers that differ (one host sync for all): a copy bumps a buffer's
+        version, and an index buffer saved by autograd (LeViT's attention-bias indices) would then
+        break a later backward through the pass's graph (the Hessian's double backward)."""
+        if not self.buffers:
+            return
         with torch.no_grad():
-            for b, v in zip(self.buffers, values):
-                b.copy_(v)
+            device = self.buffers[0].device
+            differs = torch.stack([(b != v).any().to(device) for b, v in zip(self.buffers, values)]).tolist()
+            for b, v, changed in zip(self.buffers, values, differs):
+                if changed:
+                    b.copy_(v)
 
 
 @contextmanager
