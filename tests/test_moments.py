@@ -72,3 +72,20 @@ def test_histogram_counts_match_numpy() -> None:
     got = histogram(x, bins=8, low=-4.0, high=4.0)
     ref, _ = np.histogram(np.clip(x.numpy(), -4, 4), bins=8, range=(-4, 4))
     np.testing.assert_array_equal(got.numpy(), ref)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_signed_values_with_exact_zeros(per_channel: bool) -> None:
+    """Negative values are not zeros: zero_fraction counts exact zeros only (mixed signs, not a ReLU output)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(10, 3, 7, generator=g)
+    x[torch.rand(x.shape, generator=g) < 0.2] = 0.0
+    x[0, 1] = -0.0  # negative zero is a zero too
+    got = moment_stats(x, per_channel=per_channel, samples=10**6)
+    chunks = [x[:, c].numpy() for c in range(3)] if per_channel else [x.numpy()]
+    for c, chunk in enumerate(chunks):
+        ref = numpy_stats(chunk)
+        assert 0.1 < ref["zero_fraction"] < 0.5 and chunk.min() < 0
+        for i, name in enumerate(STATS):
+            value = got[i, c] if per_channel else got[i]
+            assert value.item() == pytest.approx(ref[name], rel=1e-4, abs=1e-5), (name, c)
