@@ -14,7 +14,7 @@ and noisy variants of one experiment line up:
 - insert: the BN for target ``P.K`` is its sibling ``P.K_bn``, placed right after it in its parent
   ``nn.Sequential`` (``features.0`` stays the conv, ``features.0_bn`` is new, ``features.1`` is still
   the ReLU). Only a target whose parent is not a plain ``nn.Sequential`` (a module with its own
-  ``forward``, e.g. ``self.conv1``) is wrapped instead: ``N`` becomes ``Sequential(N.conv, N.bn)`` (or
+  ``forward``, e.g. ``self.conv1``) is wrapped instead: ``N`` becomes ``WithBatchNorm(N.conv, N.bn)`` (or
   ``N.linear``); that rename is said in the plan's detail.
 - noisy: the noise is part of the BN module, so the recorded BN output is the noisy one. Each BN
   the forward runs becomes, at its own name and with its own tensors, the noisy subclass of its class
@@ -254,6 +254,7 @@ class _Flow:
     sources: dict[str, set[str]]  # what produced each module's (first) input
     users: dict[str, set[str]]  # what each module's output goes to
     outputs: set[str]  # modules whose output is a model output
+    mutated: set[str]  # modules whose output is changed in place afterwards (an in-place ReLU after a BN)
 
     def ordered(self, names: list[str]) -> list[str]:
         """Called modules first, in forward order, then the others as given."""
@@ -341,6 +342,7 @@ class _OpTape(TorchFunctionMode):
     def __init__(self, producer: dict[int, str], users: dict[str, set[str]], alive: list[torch.Tensor]) -> None:
         super().__init__()
         self.producer, self.users, self.alive = producer, users, alive
+        self.mutated: set[str] = set()  # modules/ops whose output something changed in place later
         self.depth = 0  # > 0 inside an atomic module, whose own ops are the module's
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -348,9 +350,10 @@ class _OpTape(TorchFunctionMode):
         name = "op:" + getattr(func, "__name__", str(func))
         outs = list(_tensors(args[:1] if name == "op:__setitem__" else out))  # setitem writes into its first argument
         if self.depth == 0 and outs:  # an op that returns no tensor (x.shape, x.size()) reads no values
-            for t in _tensors((args, kwargs)):
-                if id(t) in self.producer:
-                    self.users[self.producer[id(t)]].add(name)
+            inputs = {id(t) for t in _tensors((args, kwargs))}
+            for i in inputs & self.producer.keys():
+                self.users[self.producer[i]].add(name)
+            self.mutated |= {self.producer[id(t)] for t in outs if id(t) in inputs and id(t) in self.producer}
             for t in outs:
                 self.producer[id(t)] = name
             self.alive.extend(outs)
@@ -388,6 +391,8 @@ def _dataflow(model: nn.Module, example_input: Any) -> _Flow:
             users[source].add(name)
             outs = list(_tensors(out))
             alive.extend(outs)
+            if first is not None and any(t is first for t in outs):  # an in-place module (ReLU(inplace=True))
+                tape.mutated.add(source)
             for t in outs:
                 producer[id(t)] = name
             if outs:
@@ -415,7 +420,7 @@ def _dataflow(model: nn.Module, example_input: Any) -> _Flow:
         pairing = "torch.fx"
     except Exception as e:  # noqa: BLE001 - any tracing failure means: use the hooks' edges
         pairing = f"forward hooks (torch.fx: {type(e).__name__})"
-    return _Flow(pairing, index, calls, rank, in_shape, sources, users, outputs)
+    return _Flow(pairing, index, calls, rank, in_shape, sources, users, outputs, tape.mutated)
 
 
 def _describe(source: str) -> str:
@@ -482,12 +487,25 @@ def _runs_children_in_order(parent: nn.Module) -> bool:
     return isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
 
 
+class WithBatchNorm(nn.Sequential):
+    """``Sequential(conv|linear, bn)`` put where the layer was. Code that reads the layer's attributes
+    through its old name (timm's ``self.token_projection.weight.dtype``) still finds them."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or not self.__dict__.get("_modules"):
+                raise
+            return getattr(next(iter(self._modules.values())), name)
+
+
 def _place_after(layer: nn.Module, bn: nn.Module, slots: list[tuple[str, nn.Module, str]]) -> tuple[str, str, str]:
     """Run ``bn`` right after ``layer`` wherever it is registered; returns the BN's and layer's names, and a note.
 
     In an ``nn.Sequential`` parent the BN becomes the sibling ``KEY_bn`` right after ``KEY`` (the parent
     is edited in place: same object, class and other keys). Elsewhere ``layer`` is wrapped, at its slot,
-    in ``Sequential(conv|linear=layer, bn=bn)``. A layer registered twice shares its BN.
+    in ``WithBatchNorm(conv|linear=layer, bn=bn)``. A layer registered twice shares its BN.
     """
     part = layer_kind(layer)
     wrapper: nn.Module | None = None
@@ -508,7 +526,7 @@ def _place_after(layer: nn.Module, bn: nn.Module, slots: list[tuple[str, nn.Modu
             names.append((_join(parent_name, bn_key), name))
         else:
             if wrapper is None:
-                wrapper = nn.Sequential(OrderedDict([(part, layer), ("bn", bn)])).train(layer.training)
+                wrapper = WithBatchNorm(OrderedDict([(part, layer), ("bn", bn)])).train(layer.training)
             setattr(parent, key, wrapper)
             names.append((f"{name}.bn", f"{name}.{part}"))
             why = "has its own forward" if isinstance(parent, nn.Sequential) else "is not an nn.Sequential"
@@ -698,6 +716,36 @@ def _add_noise(model: nn.Module, flow: _Flow, seeds: _Seeds) -> list[Change]:
     return changes
 
 
+class FreshCopy(nn.Module):
+    """Stands in for a stripped BN whose output is changed in place later (an in-place ReLU). The BN
+    returned a new tensor, so that op never touched the BN's input, which may be a tensor autograd
+    keeps (a tanh or ReLU output) or one used elsewhere; the copy keeps it that way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+def _stand_in(flow: _Flow, name: str, bn: nn.Module, feeder: str | None) -> tuple[nn.Module, str]:
+    """What replaces a stripped BN, and the plan's " -> ..." note: nothing (``nn.Identity``), or the
+    children its forward ran (activation, dropout), which keep their names.
+
+    Unless the BN's input is a conv/linear output read by nothing else (those keep no output for
+    backward), nothing may change that input in place: an in-place activation among the children
+    runs out of place, and a BN whose output is changed in place later becomes a :class:`FreshCopy`.
+    """
+    tail = _norm_tail(bn, flow, name)
+    private = feeder is not None and not flow.users.get(feeder, set()) - {name}
+    if not private:
+        for _, child in tail:
+            if getattr(child, "inplace", False):
+                child.inplace = False
+    copy = not private and name in flow.mutated and all(isinstance(child, nn.Identity) for _, child in tail)
+    if not tail:
+        return (FreshCopy(), " -> FreshCopy") if copy else (nn.Identity(), "")
+    children = [("copy", FreshCopy())] * copy + tail
+    return nn.Sequential(OrderedDict(children)), f" -> Sequential({', '.join(n for n, _ in children)})"
+
+
 def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: Any) -> tuple[nn.Module, list[Change]]:
     """Every BN out; the layer that fed it gets a zero bias (strip) or the BN folded in (fold).
 
@@ -712,9 +760,7 @@ def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: Any) -> tup
     for name in flow.ordered(list(bns)):
         bn = bns[name]
         feeder, why = _feeder(model, flow, name, bn)
-        tail = _norm_tail(bn, flow, name)
-        replacement: nn.Module = nn.Sequential(OrderedDict(tail)) if tail else nn.Identity()
-        becomes = f" -> Sequential({', '.join(n for n, _ in tail)})" if tail else ""
+        replacement, becomes = _stand_in(flow, name, bn, feeder)
         blocker = _fold_blocker(model, flow, name, bn, feeder, why) if fold else ""
         if fold and not blocker:
             assert feeder is not None

@@ -16,7 +16,7 @@ from bnprobe.config import BnMode, BnTargets, NoiseConfig
 from bnprobe.errors import SurgeryError
 from bnprobe.layers import probed_layers
 from bnprobe.models import build_model
-from bnprobe.surgery import BnPlan, NoisyBatchNorm1d, NoisyBatchNorm2d, NoisyFrozenBatchNorm2d, NoisyNorm, apply_bn, is_batchnorm
+from bnprobe.surgery import BnPlan, FreshCopy, NoisyBatchNorm1d, NoisyBatchNorm2d, NoisyFrozenBatchNorm2d, NoisyNorm, apply_bn, is_batchnorm
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -239,6 +239,29 @@ def test_insert_wraps_only_a_layer_outside_a_sequential_says_so_and_shares_the_b
     assert leaf_types(model, IMAGES) == [nn.Conv2d, nn.BatchNorm2d] + [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] + [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] * 2 + [nn.Linear]
 
 
+class ReadsItsLayer(nn.Module):
+    """Reads its conv's weight through the conv's name, as timm's PositionalEncodingFourier does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x.to(self.proj.weight.dtype)) * self.proj.out_channels
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["insert", "noisy"])
+def test_a_wrapped_layer_still_answers_for_its_attributes(mode: str) -> None:
+    model, _ = apply_bn(ReadsItsLayer(), mode, IMAGES)
+    assert list(model.proj._modules) == ["conv", "bn"] and model.proj.weight is model.proj.conv.weight
+    assert model.proj.out_channels == 4
+    one_sgd_step(model, IMAGES)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        model.proj.nothing  # noqa: B018
+
+
 @pytest.mark.parametrize(("name", "input_shape", "activation"), [("mlp", (1, 8, 8), nn.Sigmoid), ("dln", (10,), None)])
 def test_insert_on_linear_models_puts_bn_before_each_nonlinearity_never_after_the_output(name: str, input_shape: tuple[int, ...], activation: type | None) -> None:
     model, _ = apply_bn(build_model(name, 10, input_shape), "insert", torch.randn(4, *input_shape))
@@ -310,6 +333,42 @@ def test_strip_keeps_the_activation_of_a_bn_that_holds_one_in_forward_order() ->
     assert {c.module for c in plan.changes if c.action == "rebiased"} == {"conv3", "conv", "up", "conv_act", "fc"}
     assert "-> Sequential(drop, act)" in next(c.detail for c in plan.changes if c.module == "bnact")
     assert "from conv1" not in str(plan.rows()) and model.conv1.bias is not None  # already had one
+
+
+class InPlaceAfterBn(nn.Module):
+    """BN on a tanh output that is also used around it, then an in-place ReLU (held by the BN or not)."""
+
+    def __init__(self, held: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.held = held
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 5, 1)
+        self.bn = BatchNormAct2d(4) if held else nn.BatchNorm2d(4)
+        self.act = nn.ReLU(inplace=True)
+        if held:
+            self.bn.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv1(x))
+        y = self.bn(h) if self.held else self.act(self.bn(h))
+        return (self.conv2(y) + h.sum(1, keepdim=True)).mean((2, 3))
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_strip_never_lets_an_in_place_activation_change_the_bn_input(held: bool) -> None:
+    base = InPlaceAfterBn(held)
+    model, plan = apply_bn(base, "strip", IMAGES)
+    with torch.no_grad():
+        h = torch.tanh(base.conv1(IMAGES))
+        expected = (base.conv2(torch.relu(h)) + h.sum(1, keepdim=True)).mean((2, 3))
+        assert torch.allclose(model(IMAGES), expected)
+    one_sgd_step(model, IMAGES)  # autograd kept tanh's output: changed in place, backward would fail
+    assert plan.rows()[0][3].endswith("-> Sequential(drop, act)" if held else "-> FreshCopy")
+
+
+def test_strip_adds_no_copy_where_the_bn_input_is_a_private_conv_output() -> None:
+    model, plan = apply_bn(torchvision.models.resnet18(num_classes=10), "strip", IMAGES)
+    assert not any(isinstance(m, FreshCopy) for m in model.modules()) and "FreshCopy" not in str(plan.rows())
 
 
 @pytest.mark.parametrize("traceable", [True, False])
