@@ -1,5 +1,7 @@
 """Every moment against an independent numpy reference on small tensors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -89,3 +91,53 @@ def test_signed_values_with_exact_zeros(per_channel: bool) -> None:
         for i, name in enumerate(STATS):
             value = got[i, c] if per_channel else got[i]
             assert value.item() == pytest.approx(ref[name], rel=1e-4, abs=1e-5), (name, c)
+
+
+def test_training_records_the_steps_it_took(in_tmp: Path) -> None:
+    """bnprobe train's numbers against the same training written out by hand: per step the batch
+    loss, accuracy and lr, and every record_every steps the moments of each layer's output."""
+    from torch import nn
+
+    from bnprobe.config import load_config
+    from bnprobe.data import batches, load_data
+    from bnprobe.models import build_model
+    from bnprobe.store import read_file
+    from bnprobe.trainer import run_experiment
+
+    overrides = {"model": "mlp", "data": "synthetic:mnist", "data_options": {"n": 64}, "steps": 5, "batch_size": 16,
+                 "lr": 0.1, "momentum": 0.9, "probes.record_every": 2, "output": "r.h5"}
+    cfg = load_config(None, overrides)
+    run_experiment(cfg)
+    run = read_file("r.h5").runs["keep"]
+
+    bundle = load_data("synthetic:mnist", seed=cfg.seed, n=64)
+    torch.manual_seed(cfg.seed)
+    model = build_model("mlp", bundle.num_outputs, bundle.input_shape)
+    modules = dict(model.named_modules())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    outputs: dict[str, torch.Tensor] = {}
+    for name in run.layer_names:
+        modules[name].register_forward_hook(lambda m, i, o, name=name: None if name in outputs else outputs.update({name: o.detach().clone()}))
+    losses, accs, moments = [], [], []
+    for step, (x, y) in zip(range(5), batches(bundle, 16, seed=cfg.seed)):
+        outputs.clear()
+        out = model(x)
+        loss = nn.functional.cross_entropy(out, y)
+        losses.append(loss.item())
+        accs.append((out.argmax(dim=1) == y).float().mean().item())
+        if step % 2 == 0:
+            moments.append(torch.stack([moment_stats(outputs[n]) for n in run.layer_names], dim=1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert run.layer_names == ["1", "3", "5", "7"]  # the four Linear layers, in forward order
+    assert run.data["train/step"].tolist() == [0, 1, 2, 3, 4]
+    assert run.data["train/loss"].tolist() == pytest.approx(losses, rel=1e-6)
+    assert run.data["train/accuracy"].tolist() == pytest.approx(accs, abs=1e-7)
+    assert run.data["train/lr"].tolist() == [0.1] * 5
+    assert len(set(losses)) == 5 and len(set(accs)) > 1  # the loop trains: every number differs
+    assert run.data["moments/step"].tolist() == [0, 2, 4]
+    for i, stat in enumerate(STATS):  # 16 x 100 elements: below the percentile subsample, so exact
+        got = np.asarray(run.data[f"moments/{stat}"], dtype=np.float64)
+        want = torch.stack([m[i] for m in moments]).double().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=stat)
