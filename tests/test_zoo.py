@@ -1,0 +1,44 @@
+"""Every torchvision classification model and a fixed timm sample through every bnprobe check (issue 11).
+
+Opt-in, it takes long: ``pytest -m zoo`` (add ``-k resnet`` to narrow). The default run collects one
+skipped placeholder. The checks are those of ``benchmarks/model_zoo.py`` (its docstring lists them);
+a check may refuse with a one-line bnprobe error (a model that genuinely cannot do it), never fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_spec = importlib.util.spec_from_file_location("model_zoo", Path(__file__).parents[1] / "benchmarks" / "model_zoo.py")
+assert _spec is not None and _spec.loader is not None
+zoo = importlib.util.module_from_spec(_spec)
+sys.modules["model_zoo"] = zoo
+_spec.loader.exec_module(zoo)
+
+
+def _zoo_selected(config: pytest.Config) -> bool:
+    expression = str(config.getoption("markexpr") or "")
+    return "zoo" in expression and "not zoo" not in expression
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrise over the zoo only when ``-m zoo`` asks for it: collecting it costs nothing otherwise."""
+    if "case" in metafunc.fixturenames:
+        cases = zoo.cases() if _zoo_selected(metafunc.config) else []
+        metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+@pytest.mark.zoo
+def test_model(case: zoo.Case) -> None:
+    torch.set_num_threads(1)
+    row = zoo.check_model(case)
+    failed = {check: str(cell) for check, cell in row.items() if cell.status == "FAIL"}
+    assert not failed, failed
+    assert set(row) == set(zoo.CHECKS)
+    for check, cell in row.items():
+        assert cell.status == "ok" or "\n" not in cell.note, f"{check}: a refusal is one line"
