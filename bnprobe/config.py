@@ -12,6 +12,8 @@ import difflib
 import enum
 import itertools
 import math
+import re
+import string
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -21,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 
 class BnMode(str, enum.Enum):
@@ -133,6 +135,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_INT64 = 2**63  # integers are stored as HDF5 int64 attributes; seeds go to torch.manual_seed
+MAX_HISTOGRAM_BINS = 10_000  # records x layers x bins floats are buffered until a flush
+_DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:\d+)?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 # Names users carry over from other tools, so that the hint points at ours.
 _ALIASES = {"learning_rate": "lr", "epochs": "steps", "iterations": "steps", "batch": "batch_size", "wd": "weight_decay", "optim": "optimizer", "batchnorm": "bn", "norm": "bn"}
 
@@ -156,14 +163,16 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
             return hint(str(value).lower())
         except ValueError:
             choices = ", ".join(m.value for m in hint)
-            raise ConfigError(f"{where}: {value!r} is not one of {choices}") from None
+            raise ConfigError(f"{where}: {shown(value)} is not one of {choices}") from None
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {shown(value)}")
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {shown(value)}")
+        if not -_INT64 <= value < _INT64:
+            raise ConfigError(f"{where}: {shown(value)} is out of range (at most {_INT64 - 1})")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
@@ -172,11 +181,14 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{where}: expected a number, got {shown(value)}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value}")
+        return value
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {shown(value)}")
         return str(value)
     if origin is tuple:
         args = typing.get_args(hint)
@@ -184,25 +196,28 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(f"{where}[{i}]", v, args[0]) for i, v in enumerate(items))
         if len(items) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where}: expected {len(args)} values, got {shown(value)}")
         return tuple(_coerce(f"{where}[{i}]", v, a) for i, (v, a) in enumerate(zip(items, args)))
     if origin in (Mapping, dict) or hint is Mapping:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {shown(value)}")
+        bad = next((k for k in value if not isinstance(k, str)), None)
+        if bad is not None:  # they become keyword arguments of a model factory or data loader
+            raise ConfigError(f"{where}: option names must be strings, got {shown(bad)}")
         return dict(value)
     return value
 
 
 def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected a mapping of keys to values, got {raw!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys to values, got {shown(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ConfigError(f"unknown key {path!r}{_closest(str(key), names)}")
+            raise ConfigError(f"unknown key {shown(path)}{_closest(str(key)[:100], names)}")
         if key in _SECTIONS:
             kwargs[key] = _build(_SECTIONS[key], value or {}, path)
         elif key == "variants":
@@ -215,30 +230,35 @@ def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
 
 
 def _flow(values: list[Any]) -> str:
-    return "[" + ", ".join(str(v) for v in values) + "]"
+    return "[" + ", ".join(str(v) if len(shown(v)) < 40 else "..." for v in values[:6]) + (", ...]" if len(values) > 6 else "]")
 
 
 def _variants(raw: Any) -> dict[str, tuple[Any, ...]]:
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"variants: expected a mapping like {{bn: [keep, insert]}}, got {raw!r}")
+        raise ConfigError(f"variants: expected a mapping like {{bn: [keep, insert]}}, got {shown(raw)}")
     hints = typing.get_type_hints(Config)
     out: dict[str, tuple[Any, ...]] = {}
     for key, values in raw.items():
         if key not in VARIANT_KEYS:
-            raise ConfigError(f"variants: cannot vary {key!r}{_closest(str(key), list(VARIANT_KEYS))}")
+            raise ConfigError(f"variants: cannot vary {shown(key)}{_closest(str(key)[:100], list(VARIANT_KEYS))}")
         items = values if isinstance(values, (list, tuple)) else [values]
         if not items:
             raise ConfigError(f"variants.{key}: give at least one value")
         out[key] = tuple(_coerce(f"variants.{key}", v, hints[key]) for v in items)
+        twice = next((v for i, v in enumerate(out[key]) if v in out[key][:i]), None)
+        if twice is not None:  # two runs of one name would share one group in the file
+            raise ConfigError(f"variants.{key} lists {_plain(twice)} twice")
     return out
 
 
 def _placeholders_ok(template: str) -> bool:
+    """Only a bare ``{name}``: ``{name.attr}``, ``{name[0]}`` or a format spec (``{name:>999999999}``)
+    would make a file name out of whatever Python evaluates."""
     try:
-        template.format(name="x")
-    except (KeyError, IndexError, ValueError):
+        parts = list(string.Formatter().parse(template))
+    except ValueError:
         return False
-    return True
+    return all(f is None or (f == "name" and not spec and conv is None) for _, f, spec, conv in parts)
 
 
 def _validate(cfg: Config) -> Config:
@@ -259,10 +279,15 @@ def _validate(cfg: Config) -> Config:
         (cfg.probes.ics_every >= 0, "probes.ics_every must be >= 0 (0: off)"),
         (all(e > 0 for e in cfg.probes.etas), "probes.etas must all be positive"),
         (cfg.probes.hessian_tol > 0, "probes.hessian_tol must be positive"),
-        (cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), f"device must be auto, cpu, cuda[:N] or mps, not {cfg.device!r}"),
-        (bool(cfg.name) and "/" not in cfg.name, "name must be non-empty and hold no '/'"),
-        (math.isfinite(cfg.lr), "lr must be a finite number"),
-        (_placeholders_ok(cfg.output), f"output {cfg.output!r}: the only placeholder is {{name}}"),
+        (cfg.probes.hessian_max_iter > 0, "probes.hessian_max_iter must be at least 1"),
+        (cfg.probes.hessian_every >= 0, "probes.hessian_every must be >= 0 (0: with ics_every, else record_every)"),
+        (cfg.probes.landscape_every >= 0, "probes.landscape_every must be >= 0 (0: with ics_every, else record_every)"),
+        (cfg.probes.histogram_bins <= MAX_HISTOGRAM_BINS, f"probes.histogram_bins must be at most {MAX_HISTOGRAM_BINS}"),
+        (0 <= cfg.seed < _INT64, f"seed must be between 0 and {_INT64 - 1}"),
+        (_DEVICE.fullmatch(cfg.device) is not None, f"device must be auto, cpu, cuda[:N] or mps, not {shown(cfg.device)}"),
+        (bool(cfg.name) and "/" not in cfg.name and not _CONTROL.search(cfg.name), "name must be non-empty and hold no '/' or control characters"),
+        (not _CONTROL.search(cfg.output), "output must hold no control characters"),
+        (_placeholders_ok(cfg.output), f"output {shown(cfg.output)}: the only placeholder is {{name}}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -281,6 +306,27 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """The safe loader without aliases: nine nested lists of nine aliases each ("billion laughs")
+    are a few lines of YAML that expand to 9**9 values, and configs have no need for them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported in bnprobe configs; write the value out", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text to Python values with :class:`_Loader`; every failure is a :class:`yaml.YAMLError`
+    (nesting too deep for the recursive parser, an integer too long to convert, included)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+    except ValueError as e:  # int() of a number with thousands of digits
+        raise yaml.YAMLError(str(e).split(";")[0][:120]) from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Parse a YAML config with the safe loader; one-line errors for missing or invalid files."""
     p = Path(path)
@@ -291,7 +337,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if p.suffix in (".h5", ".hdf5"):
         raise ConfigError(f"{p} is a run file, not a config; to continue it: bnprobe train --resume {p}")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = parse_yaml(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read config {p}: {e.strerror}") from e
     except UnicodeDecodeError:
@@ -315,11 +361,12 @@ def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip() or not text.strip():
-            raise ConfigError(f"--set needs KEY=VALUE (e.g. --set probes.hessian_tol=1e-4), got {item!r}")
+            raise ConfigError(f"--set needs KEY=VALUE (e.g. --set probes.hessian_tol=1e-4), got {shown(item)}")
         try:
-            out[key.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key.strip()}: {text!r} is not a valid YAML value") from None
+            out[key.strip()] = parse_yaml(text)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"--set {key.strip()[:60]}: {shown(text)} is not a valid YAML value ({problem})") from None
     return out
 
 
@@ -337,7 +384,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
 def load_config_text(text: str, source: str, overrides: Mapping[str, Any] | None = None) -> Config:
     """A config stored as YAML text (the ``config`` attribute of a bnprobe file), then ``overrides``."""
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = parse_yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"the config stored in {source} is not valid YAML") from e
     if not isinstance(raw, dict) or not raw:

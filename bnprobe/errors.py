@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import reprlib
+
 
 class BnprobeError(Exception):
     """A problem the user can fix (bad config, unknown model, wrong file); never a bug."""
@@ -25,3 +27,24 @@ class StoreError(BnprobeError):
 
 class SurgeryError(BnprobeError):
     """BatchNorm surgery cannot be planned on this model."""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A ``repr`` of ``value`` cut to about ``limit`` characters, in bounded time, so that a message
+    stays one readable line whatever the user passed (a huge string, a deeply nested list)."""
+    brief = reprlib.Repr()
+    brief.maxstring = brief.maxother = brief.maxlong = limit
+    brief.maxlevel, brief.maxlist, brief.maxtuple, brief.maxdict = 2, 4, 4, 4
+    try:
+        text = brief.repr(value)
+    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
+        text = f"<a {type(value).__name__} too long to show>"
+    return clip(text, limit)
+
+
+def clip(text: str, limit: int = 120) -> str:
+    """``text`` cut to ``limit`` characters, keeping both ends (a long path keeps its file name)."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 3) // 2
+    return text[:half] + "..." + text[len(text) - half:]
