@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .errors import DataError
+from .errors import DataError, shown
 
 SYNTHETIC_SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28)}
+MAX_SYNTHETIC_VALUES = 2**28  # numbers a built-in set may hold: 1 GiB of float32
 
 
 @dataclass
@@ -53,16 +54,37 @@ def load_data(spec: str, seed: int = 0, **options: Any) -> DataBundle:
     if kind not in loaders or not rest:
         close = difflib.get_close_matches(kind, list(loaders), n=1)
         hint = f" (did you mean {close[0]}:...?)" if close and close[0] != kind else ""
-        raise DataError(f"unknown data spec {spec!r}{hint}; use synthetic:cifar10|mnist|linear, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE or h5:FILE")
+        raise DataError(f"unknown data spec {shown(spec)}{hint}; use synthetic:cifar10|mnist|linear, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE or h5:FILE")
     return loaders[kind](kind, rest, seed, dict(options))
 
 
 def _reject_unknown(spec: str, options: dict[str, Any], valid: tuple[str, ...]) -> None:
     for key in options:
+        if not isinstance(key, str):
+            raise DataError(f"data {shown(spec)}: option names must be strings, got {shown(key)}")
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(valid) or 'none'}"
-            raise DataError(f"data {spec!r} has no option {key!r}{hint}")
+            raise DataError(f"data {shown(spec)} has no option {shown(key)}{hint}")
+
+
+def _number(spec: str, options: dict[str, Any], key: str, low: int, high: int, integer: bool = True) -> None:
+    """Check ``options[key]`` (when given) is a number in [low, high]: checked here, before any
+    tensor is made, so ``n: -5`` or ``n: 1e12`` is a one-line error rather than a crash or an
+    attempt to allocate terabytes."""
+    if key not in options:
+        return
+    value = options[key]
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        raise DataError(f"data {shown(spec)}: {key} must be {what} from {low} to {high}, got {shown(value)}")
+
+
+def _text(spec: str, options: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        if key in options and not isinstance(options[key], str):
+            raise DataError(f"data {shown(spec)}: {key} must be a string, got {shown(options[key])}")
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -72,10 +94,19 @@ def _synthetic(kind: str, name: str, seed: int, options: dict[str, Any]) -> Data
     spec = f"{kind}:{name}"
     if name == "linear":
         _reject_unknown(spec, options, ("n", "dim", "out_dim"))
+        if options.get("out_dim", 0) is None:
+            del options["out_dim"]  # None is the default: as many outputs as inputs
+        for key in ("dim", "out_dim"):
+            _number(spec, options, key, 1, 2**16)
+        dims = options.get("dim", 10) + (options.get("out_dim") or options.get("dim", 10))
+        _number(spec, options, "n", 2, MAX_SYNTHETIC_VALUES // dims)
         return synthetic_linear(seed=seed, **options)
     if name not in SYNTHETIC_SHAPES:
-        raise DataError(f"unknown synthetic set {name!r}; choose from {', '.join([*SYNTHETIC_SHAPES, 'linear'])}")
+        raise DataError(f"unknown synthetic set {shown(name)}; choose from {', '.join([*SYNTHETIC_SHAPES, 'linear'])}")
     _reject_unknown(spec, options, ("n", "num_classes", "noise"))
+    _number(spec, options, "n", 2, MAX_SYNTHETIC_VALUES // math.prod(SYNTHETIC_SHAPES[name]))
+    _number(spec, options, "num_classes", 1, 10_000)
+    _number(spec, options, "noise", 0, 10**6, integer=False)
     return synthetic_images(name, seed=seed, **options)
 
 
@@ -85,8 +116,6 @@ def synthetic_images(name: str, seed: int = 0, n: int = 4096, num_classes: int =
     Learnable but not trivial: the class signal is low-frequency and each sample rescales and
     shifts it, so a CNN needs a few hundred steps to get well above chance.
     """
-    if n < 2:
-        raise DataError(f"synthetic:{name} needs n >= 2, got {n}")
     c, h, w = SYNTHETIC_SHAPES[name]
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randn(num_classes, c, 4, 4, generator=g)
@@ -118,10 +147,11 @@ def _torchvision(kind: str, rest: str, seed: int, options: dict[str, Any]) -> Da
     name, _, root = rest.partition(":")
     spec = f"{kind}:{rest}"
     _reject_unknown(spec, options, ("split",))
+    _text(spec, options, "split")
     available = [n for n in dir(torchvision.datasets) if n[0].isupper()]
     if name not in available:
         close = difflib.get_close_matches(name, available, n=3)
-        raise DataError(f"unknown torchvision data set {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        raise DataError(f"unknown torchvision data set {shown(name)}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     if not root:
         raise DataError(f"{spec}: give the local root, e.g. torchvision:{name}:data/ (nothing is downloaded)")
     if not Path(root).is_dir():
@@ -133,8 +163,11 @@ def _torchvision(kind: str, rest: str, seed: int, options: dict[str, Any]) -> Da
             ds = cls(root, train=train, download=False, transform=transforms.ToTensor())
         except TypeError:
             ds = cls(root, split=options.get("split", "train"), download=False, transform=transforms.ToTensor())
-    except (RuntimeError, FileNotFoundError, OSError) as e:
-        raise DataError(f"{name} not found under {root}: {str(e).splitlines()[0]}") from e
+    except TypeError as e:  # FakeData, ImageFolder, VisionDataset...: not a set stored under a root
+        hint = f"; for a folder of images use imagefolder:{root}" if "Folder" in name else ""
+        raise DataError(f"torchvision:{name} is not a classification set bnprobe can load from a root ({_first_line(e)}){hint}") from e
+    except (RuntimeError, OSError, ValueError) as e:
+        raise DataError(f"{name} not found under {root}: {_first_line(e)}") from e
     return _classification_bundle(ds, spec)
 
 
@@ -143,6 +176,10 @@ def _imagefolder(kind: str, root: str, seed: int, options: dict[str, Any]) -> Da
 
     spec = f"{kind}:{root}"
     _reject_unknown(spec, options, ("image_size",))
+    size = options.get("image_size")
+    sizes = size if isinstance(size, list) and len(size) == 2 else [size]
+    if size is not None and not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in sizes):
+        raise DataError(f"data {shown(spec)}: image_size must be an integer from 1 to 4096 or [height, width], got {shown(size)}")
     if not Path(root).is_dir():
         raise DataError(f"image folder {root} does not exist")
     steps: list[Any] = []
@@ -151,14 +188,23 @@ def _imagefolder(kind: str, root: str, seed: int, options: dict[str, Any]) -> Da
     try:
         ds = datasets.ImageFolder(root, transform=transforms.Compose([*steps, transforms.ToTensor()]))
     except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"image folder {root}: {str(e).splitlines()[0]}") from e
+        raise DataError(f"image folder {root}: {_first_line(e)}") from e
     return _classification_bundle(ds, spec)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 def _classification_bundle(ds: Any, spec: str) -> DataBundle:
     if len(ds) == 0:
         raise DataError(f"{spec} holds no samples")
-    x0, _ = ds[0]
+    try:
+        x0, _ = ds[0]
+    except (OSError, ValueError, TypeError) as e:  # an unreadable image, a sample that is no (x, y) pair
+        raise DataError(f"{spec}: cannot read its first sample: {_first_line(e)}") from e
+    if not isinstance(x0, torch.Tensor):
+        raise DataError(f"{spec}: samples are {type(x0).__name__}, not tensors")
     num_classes = len(getattr(ds, "classes", [])) or int(max(int(ds[i][1]) for i in range(len(ds)))) + 1
     return DataBundle(ds, tuple(x0.shape), num_classes, "classification", spec)
 
@@ -166,15 +212,19 @@ def _classification_bundle(ds: Any, spec: str) -> DataBundle:
 def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBundle:
     spec = f"{kind}:{path}"
     _reject_unknown(spec, options, ("x_key", "y_key"))
+    _text(spec, options, "x_key", "y_key")
     x_key, y_key = options.get("x_key", "x"), options.get("y_key", "y")
     if not Path(path).is_file():
         raise DataError(f"data file {path} does not exist")
     if kind == "npz":
         try:
-            with np.load(path, allow_pickle=False) as f:
+            loaded = np.load(path, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise DataError(f"{path} is a single .npy array, not an .npz archive; save x and y with np.savez")
+            with loaded as f:
                 arrays = {k: f[k] for k in f.files}
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path} is not a readable .npz file: {e}") from e
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"{path} is not a readable .npz file: {_first_line(e)}") from e
     else:
         from .store import read_arrays
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BnprobeError, ModelError
+from .errors import BnprobeError, ModelError, shown
 
 ModelFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelFactory] = {}
@@ -91,6 +91,8 @@ def vgg(num_classes: int, input_shape: tuple[int, ...], width: float = 1.0) -> n
     ``width`` scales the channel counts (0.5 is the half-width VGG the benchmarks use). No BN:
     ``--bn insert`` adds it where torchvision's ``vgg11_bn`` has it. Glorot init as in the paper.
     """
+    if not width > 0:
+        raise ModelError(f"vgg: width must be positive, got {shown(width)}")
     channels, height, w = _image_shape(input_shape, "vgg")
     layers: list[nn.Module] = []
     for item in VGG11_LAYOUT:
@@ -111,6 +113,8 @@ def mlp(num_classes: int, input_shape: tuple[int, ...], hidden: int = 100, depth
     acts: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
     if activation not in acts:
         raise ModelError(f"mlp: unknown activation {activation!r}; choose from {', '.join(acts)}")
+    _at_least("mlp", 1, hidden=hidden)
+    _at_least("mlp", 0, depth=depth)
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for _ in range(depth):
@@ -128,8 +132,17 @@ def dln(num_classes: int, input_shape: tuple[int, ...], depth: int = 25, width: 
     (the regression target's dimension), so the product W_depth...W_1 is the learned matrix.
     Glorot init: with PyTorch's default init the product of 25 layers is ~1e-6 and nothing trains.
     """
+    _at_least("dln", 1, depth=depth, width=width)
     dims = [math.prod(input_shape)] + [width] * (depth - 1) + [num_classes]
     return glorot_init(nn.Sequential(nn.Flatten(), *[nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:])]))
+
+
+def _at_least(model: str, minimum: int, **sizes: Any) -> None:
+    """Layer counts and widths below ``minimum`` (``depth: -3``, ``hidden: 0``) would build layers
+    without units, or none at all, that fail somewhere in training instead of here."""
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ModelError(f"{model}: {key} must be an integer >= {minimum}, got {shown(value)}")
 
 
 def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, int]:
