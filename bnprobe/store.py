@@ -23,29 +23,44 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import StoreError
+from .errors import StoreError, clip
 from .layers import LayerInfo
 
 FORMAT_VERSION = 1
-STATUSES = ("running", "finished", "diverged", "interrupted")
+STATUSES = ("running", "finished", "diverged", "interrupted", "failed")
+SECTIONS = ("train", "moments", "ics", "landscape", "hessian")
+_TEXT_DATASETS = ("ics/layer", "hessian/block")  # the only datasets in a section holding strings
 _LAYER_DTYPE = np.dtype(
     [("name", h5py.string_dtype()), ("kind", h5py.string_dtype()), ("param_count", "i8"), ("output_shape", h5py.string_dtype()), ("order", "i4")]
 )
 
 
 def check_output_path(path: Path, force: bool = False, create_parent: bool = False) -> None:
-    """Refuse an output that would replace a user's file (without ``force``) or cannot be written."""
-    if create_parent and not path.parent.exists() and path.parent.parent.is_dir():
-        path.parent.mkdir()
-    if path.is_dir():
-        raise StoreError(f"{path} is a directory, not an output file")
-    if path.exists() and not force:
-        raise StoreError(f"{path} already exists; choose another --output or pass --force to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise StoreError(f"output directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise StoreError(f"output directory {parent} is not writable")
+    """Refuse an output that would replace a user's file (without ``force``) or cannot be written
+    (a name too long for the file system, a NUL byte in it)."""
+    where = clip(str(path))
+    made_parent = False
+    try:
+        if create_parent and not path.parent.exists() and path.parent.parent.is_dir():
+            path.parent.mkdir()
+            made_parent = True
+        if path.is_dir():
+            raise StoreError(f"{where} is a directory, not an output file")
+        if path.exists() and not force:
+            raise StoreError(f"{where} already exists; choose another --output or pass --force to replace it")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise StoreError(f"output directory {clip(str(parent))} does not exist; create it first")
+        if not os.access(parent, os.W_OK):
+            raise StoreError(f"output directory {clip(str(parent))} is not writable")
+        # The temporary '.NAME.partial' is the longest name written: one too long fails here, before any writing.
+        os.stat(parent / f".{path.name}.partial", follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        if made_parent:
+            path.parent.rmdir()
+        raise StoreError(f"cannot write {where}: {getattr(e, 'strerror', None) or e}") from None
 
 
 class Store:
@@ -334,20 +349,71 @@ def read_file(path: str | Path, load: bool = True) -> FileData:
     except OSError as e:
         raise StoreError(f"{path} is not a readable HDF5 file (truncated or another format)") from e
     with h5:
-        if "format_version" not in h5.attrs:
-            raise StoreError(f"{path} is an HDF5 file but not a bnprobe file (no format_version)")
-        attrs = {k: _decode(v) for k, v in h5.attrs.items()}
-        runs: dict[str, RunData] = {}
-        for name, group in h5.get("runs", {}).items():
-            layers = []
-            if "layers" in group:
-                for row in group["layers"][()]:
-                    layers.append({k: _decode(row[k]) for k in _LAYER_DTYPE.names})
-            run = RunData(name, {k: _decode(v) for k, v in group.attrs.items()}, layers)
-            if load:
-                _load_datasets(group, run)
-            runs[name] = run
+        try:
+            if "format_version" not in h5.attrs:
+                raise StoreError(f"{path} is an HDF5 file but not a bnprobe file (no format_version)")
+            _check_layout(h5, path)
+            attrs = {k: _decode(v) for k, v in h5.attrs.items()}
+            runs: dict[str, RunData] = {}
+            for name, group in h5.get("runs", {}).items():
+                layers = []
+                if "layers" in group:
+                    for row in group["layers"][()]:
+                        layers.append({k: _decode(row[k]) for k in _LAYER_DTYPE.names})
+                run = RunData(name, {k: _decode(v) for k, v in group.attrs.items()}, layers)
+                if load:
+                    _load_datasets(group, run)
+                runs[name] = run
+        except (KeyError, OSError, RuntimeError, ValueError, TypeError, UnicodeDecodeError) as e:
+            # what h5py raises on a damaged file: bad checksums, unreadable objects, garbled types
+            detail = str(e.args[0]) if e.args else type(e).__name__  # KeyError's str() adds quotes
+            raise StoreError(f"{path} is damaged and cannot be read: {detail.splitlines()[0][:160]}") from e
     return FileData(path, attrs, runs)
+
+
+def _check_layout(h5: h5py.File, path: Path) -> None:
+    """The layout of DESIGN section 4, checked before anything is read: ``/runs`` and each run are
+    groups, ``layers`` a table, a section (``train``, ``moments``, ...) a group whose records are
+    numbers indexed by a 1-D integer ``step``. Readers rely on it; a file that breaks it is a
+    one-line error rather than a crash somewhere in a report or plot."""
+    runs = h5.get("runs")
+    if runs is None:
+        return
+    _expect(path, runs, h5py.Group)
+    for run in runs.values():
+        _expect(path, run, h5py.Group)
+        layers = run.get("layers")
+        if layers is not None:
+            _expect(path, layers, h5py.Dataset)
+            if layers.ndim != 1 or not set(_LAYER_DTYPE.names) <= set(layers.dtype.names or ()):
+                raise StoreError(f"{path}: {layers.name} is not a layers table ({', '.join(_LAYER_DTYPE.names)}); {_NOT_OURS}")
+        if "checkpoint" in run:
+            _expect(path, run["checkpoint"], h5py.Dataset)
+        for section in SECTIONS:
+            if section in run:
+                _expect(path, run[section], h5py.Group)
+                _check_records(path, section, run[section])
+                run[section].visititems(lambda rel, obj, s=section: _check_records(path, f"{s}/{rel}", obj))
+
+
+_NOT_OURS = "the file is damaged or was not written by bnprobe"
+
+
+def _expect(path: Path, obj: Any, kind: type) -> None:
+    if not isinstance(obj, kind):
+        found, wanted = ("a group", "a dataset") if isinstance(obj, h5py.Group) else ("a dataset", "a group")
+        raise StoreError(f"{path}: {obj.name} is {found}, not {wanted}; {_NOT_OURS}")
+
+
+def _check_records(path: Path, rel: str, obj: Any) -> None:
+    """A group's ``step`` is a 1-D integer dataset; every other dataset holds numbers per record
+    (strings only in ``_TEXT_DATASETS``)."""
+    if isinstance(obj, h5py.Group):
+        step = obj.get("step")
+        if step is not None and not (isinstance(step, h5py.Dataset) and step.ndim == 1 and step.dtype.kind in "iu"):
+            raise StoreError(f"{path}: {obj.name}/step is not a 1-D integer dataset; {_NOT_OURS}")
+    elif rel not in _TEXT_DATASETS and (obj.dtype.kind not in "biuf" or obj.ndim == 0):
+        raise StoreError(f"{path}: {obj.name} holds {obj.dtype} {'scalar' if obj.ndim == 0 else 'values'}, not numbers per record; {_NOT_OURS}")
 
 
 def _load_datasets(group: h5py.Group, run: RunData) -> None:
@@ -373,9 +439,9 @@ def _checkpoint(h5: h5py.File, path: Path, run: str) -> tuple[dict[str, Any], in
         raise StoreError(f"{path} has no run {run!r}")
     if "checkpoint" not in group:
         raise StoreError(f"run {run!r} in {path} has no checkpoint")
-    blob = group["checkpoint"][()].tobytes()
-    step = int(group["checkpoint"].attrs.get("step", 0))
     try:
+        blob = group["checkpoint"][()].tobytes()
+        step = int(group["checkpoint"].attrs.get("step", 0))
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True), step
     except Exception as e:  # noqa: BLE001 - any failure to unpickle is a corrupted checkpoint
         raise StoreError(f"the checkpoint of run {run!r} in {path} is corrupted: {str(e).splitlines()[0]}") from e
