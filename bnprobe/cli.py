@@ -48,7 +48,8 @@ def user_errors() -> Iterator[None]:
     except BnprobeError as e:
         if _state["debug"]:
             raise
-        typer.echo(f"bnprobe: error: {e}", err=True)
+        message = " ".join(str(e).split())  # one line, whatever a library put in the message
+        typer.echo(f"bnprobe: error: {message if len(message) <= 1000 else message[:997] + '...'}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -116,7 +117,7 @@ def _summary(results: list[Any], path: Path) -> None:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in results:
         acc = "-" if r.final_accuracy != r.final_accuracy else f"{r.final_accuracy:.3f}"
-        status = r.status if r.diverged_step is None else f"{r.status} @ {r.diverged_step}"
+        status = f"{r.status} @ {r.diverged_step}" if r.diverged_step is not None else f"{r.status} @ {r.steps}" if r.status == "failed" else r.status
         table.add_row(r.name, status, str(r.steps), f"{r.final_loss:.4f}", acc, f"{r.seconds:.1f}s")
     out.print(table)
     counts = sorted({r.averaged_steps for r in results})
@@ -196,6 +197,13 @@ def _with_progress(run: Any, path: Path) -> list[Any]:
 
 def _finish(results: list[Any], path: Path) -> None:
     _summary(results, path)
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        if _state["debug"]:
+            typer.echo(failed[0].error_traceback, err=True, nl=False)
+        more = f" ({len(failed) - 1} more failed; see `bnprobe report {path}`)" if len(failed) > 1 else ""
+        typer.echo(f"bnprobe: error: variant {failed[0].name} failed: {failed[0].error}; its records up to then are kept{more}", err=True)
+        raise typer.Exit(2)
     if any(r.status == "diverged" for r in results):
         typer.echo("bnprobe: error: a variant diverged (non-finite loss); its records up to then are kept", err=True)
         raise typer.Exit(3)

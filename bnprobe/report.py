@@ -218,6 +218,7 @@ def _summary(run: RunData) -> dict[str, Any]:
         "final_accuracy": num(_last(run, "train/accuracy")),
         "seconds": num(seconds),
         "diverged_step": num(a.get("diverged_step")),
+        "error": _plain(a.get("error")),  # why a failed run stopped
     }
 
 
@@ -577,6 +578,8 @@ def render_report(report: dict[str, Any], console: Any) -> None:
             note(f"{label}: status running: the run did not finish (or is still writing); showing records up to its last flush")
         elif status == "interrupted":
             note(f"{label}: interrupted; showing records up to the stop")
+        elif status == "failed":
+            note(f"{label}: failed: {run['summary']['error'] or 'no reason recorded'}; showing records up to then")
 
     # --- moments -----------------------------------------------------------------------
     stat = report["stat"]

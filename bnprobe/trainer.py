@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import traceback
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,6 +45,8 @@ class VariantResult:
     seconds: float
     diverged_step: int | None = None
     averaged_steps: int = 10  # how many last steps final_loss and final_accuracy average
+    error: str | None = None  # why a ``failed`` run stopped, in one line
+    error_traceback: str = ""  # for --debug
 
 
 @dataclass
@@ -148,7 +151,10 @@ def train_variant(
     uninterrupted run.
 
     A non-finite loss ends the variant with status ``diverged``; Ctrl-C (KeyboardInterrupt)
-    flushes, checkpoints, marks the run ``interrupted`` and propagates.
+    flushes, checkpoints, marks the run ``interrupted`` and propagates. An exception from the
+    model mid-run (or a MemoryError) ends it with status ``failed``, its records up to the last
+    completed step kept and the error in ``VariantResult.error``; any other exception marks the
+    run ``failed`` and propagates (a bug of bnprobe's, shown with its traceback).
     """
     device = resolve_device(cfg.device)
     model, plan = prepared if prepared is not None else prepare_model(cfg, bundle, device)
@@ -177,7 +183,7 @@ def train_variant(
     t0 = time.perf_counter()
     losses: list[float] = []
     accs: list[float] = []
-    status, diverged_step = "finished", None
+    status, diverged_step, error, error_traceback = "finished", None, None, ""
     rec = Recorder(
         model, writer, layers=cfg.probes.layers, kinds=cfg.probes.kinds or None, record_every=cfg.probes.record_every,
         per_channel=cfg.probes.per_channel, histogram_bins=cfg.probes.histogram_bins,
@@ -215,12 +221,42 @@ def train_variant(
     except KeyboardInterrupt:
         _finish(writer, model, optimizer, rec, probes, "interrupted", start + len(losses), save=True)
         raise
+    except Exception as e:  # noqa: BLE001 - the run fails either way; the model's errors do not stop the others
+        step = start + len(losses)
+        error = _model_failure(model, e, step)
+        _finish(writer, model, optimizer, rec, probes, "failed", step, save=False, failed_step=step, error=error or _first_line(e))
+        if error is None:
+            raise
+        status, error_traceback = "failed", "".join(traceback.format_exception(e))
     _finish(writer, model, optimizer, rec, probes, status, start + len(losses), save=status == "finished", diverged_step=diverged_step)
     tail = slice(-10, None)
     return VariantResult(
         name, status, start + len(losses), float(np.mean(losses[tail])) if losses else math.nan,
-        float(np.mean(accs[tail])) if accs else math.nan, rec.elapsed(), diverged_step, len(losses[tail]),
+        float(np.mean(accs[tail])) if accs else math.nan, rec.elapsed(), diverged_step, len(losses[tail]), error, error_traceback,
     )
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: " + (str(e).splitlines() or [""])[0][:200]
+
+
+def _model_failure(model: nn.Module, e: Exception, step: int) -> str | None:
+    """One line for an exception the model raised at ``step``, naming the innermost of its modules
+    in whose code it was raised; None when it did not come from the model (nor from lack of memory)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found: tuple[str, nn.Module] | None = None
+    tb = e.__traceback__
+    while tb is not None:  # outermost frame first, so the last module found is the innermost
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            found = (names[id(owner)], owner)
+        tb = tb.tb_next
+    if found is None and not isinstance(e, MemoryError):
+        return None
+    where = ""
+    if found is not None:
+        where = f" in module {found[0]!r} ({type(found[1]).__name__})" if found[0] else f" in the model's own code ({type(found[1]).__name__})"
+    return f"the model raised at step {step}{where}: {_first_line(e)}"
 
 
 def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, next_step: int, rec: Recorder, probes: ScheduledProbes) -> dict[str, Any]:
@@ -238,11 +274,13 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, next_st
     }
 
 
-def _finish(writer: RunWriter, model: nn.Module, optimizer: torch.optim.Optimizer, rec: Recorder, probes: ScheduledProbes, status: str, steps: int, save: bool, diverged_step: int | None = None) -> None:
+def _finish(writer: RunWriter, model: nn.Module, optimizer: torch.optim.Optimizer, rec: Recorder, probes: ScheduledProbes, status: str, steps: int, save: bool, **extra: Any) -> None:
+    """Flush, checkpoint when ``save``, and set the run's status with ``extra`` attributes
+    (``diverged_step``; ``failed_step`` and ``error``); None values are left out."""
     rec.flush()
     if save:
         writer.save_checkpoint(checkpoint_state(model, optimizer, steps, rec, probes), steps)
-    extra = {"diverged_step": diverged_step} if diverged_step is not None else {}
+    extra = {k: v for k, v in extra.items() if v is not None}
     writer.set_status(status, steps=steps, seconds=rec.elapsed(), write_seconds=writer.write_seconds, **extra)
 
 
