@@ -1,0 +1,307 @@
+"""Hostile inputs (issue 11): each is one line on stderr (``bnprobe: error: ...``), exit code 2,
+no traceback, and nothing written (no new file, every existing file byte-equal).
+
+Each case is a set of files to lay out in an empty directory plus a command line. Most go through
+typer's CliRunner; a few run ``python -m bnprobe.cli`` in a subprocess, where an escaping exception
+would print a real traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bnprobe.cli import app
+
+from _fixtures import write_run_file
+
+runner = CliRunner()
+
+TINY = (
+    "name: tiny\nmodel: vgg\nmodel_options: {width: 0.125}\ndata: synthetic:cifar10\ndata_options: {n: 64}\n"
+    "steps: 4\nbatch_size: 16\nlr: 0.05\nprobes: {record_every: 2}\n"
+)
+
+
+def config(extra: str) -> dict[str, str]:
+    """The tiny config with ``extra`` lines appended (a repeated key replaces the earlier one)."""
+    return {"c.yaml": TINY + extra + "\n"}
+
+
+def bomb() -> str:
+    """'Billion laughs': nine levels of nine aliases, 9**9 strings once expanded."""
+    levels = ["&a0 [x, x, x, x, x, x, x, x, x]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return f"[{', '.join(levels)}]"
+
+
+def run_file(path: Path) -> None:
+    write_run_file(path, variants=("keep",), steps=6, record_every=2)
+
+
+def broken(edit: Callable[[h5py.File], None]) -> Callable[[Path], None]:
+    """A valid run file, then ``edit`` applied to it with h5py."""
+
+    def make(path: Path) -> None:
+        run_file(path)
+        with h5py.File(path, "r+") as f:
+            edit(f)
+
+    return make
+
+
+def _replace(f: h5py.File, name: str, data: object = np.arange(3)) -> None:
+    del f[name]
+    f.create_dataset(name, data=data)
+
+
+def truncated(path: Path) -> None:
+    run_file(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def flipped(offset: int) -> Callable[[Path], None]:
+    def make(path: Path) -> None:
+        run_file(path)
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    return make
+
+
+def npy_as_npz(path: Path) -> None:
+    np.save(path.with_suffix(".npy"), np.zeros((8, 3)))
+    path.with_suffix(".npy").rename(path)
+
+
+def arrays(path: Path) -> None:
+    np.savez(path, x=np.zeros((8, 3), dtype=np.float32), y=np.arange(8) % 2)
+
+
+def image_folder(path: Path) -> None:
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (path / cls).mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(path / cls / "0.png")
+
+
+Setup = str | bytes | Callable[[Path], None]
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]
+    files: dict[str, Setup] = field(default_factory=dict)
+
+
+GOOD = {"run.h5": run_file}
+CASES = [
+    # --- YAML itself
+    Case("alias-bomb-steps", ["train", "c.yaml"], config(f"steps: {bomb()}")),
+    Case("alias-bomb-name", ["train", "c.yaml"], config(f"name: {bomb()}")),
+    Case("alias-bomb-set", ["train", "c.yaml", "--set", f"probes.layers={bomb()}"], config("")),
+    Case("alias-small", ["train", "c.yaml"], config("a: &x 3\nsteps: *x")),
+    Case("deep-nesting", ["train", "c.yaml"], config("steps: " + "[" * 5000 + "]" * 5000)),
+    Case("yaml-list", ["train", "c.yaml"], {"c.yaml": "- a\n- b\n"}),
+    Case("yaml-binary", ["train", "c.yaml"], {"c.yaml": bytes(range(256))}),
+    Case("yaml-nul", ["train", "c.yaml"], {"c.yaml": "name: a\x00b\n"}),
+    Case("yaml-unhashable-key", ["train", "c.yaml"], config("probes: {[1]: 2}")),
+    Case("huge-string-value", ["train", "c.yaml"], config("steps: " + "9" * 5000 + "x")),
+    Case("int-too-long-to-parse", ["train", "c.yaml"], config("steps: " + "9" * 5000)),
+    Case("bad-timestamp", ["train", "c.yaml"], config("name: 2020-13-45")),
+    # --- types and ranges
+    Case("seed-huge", ["train", "c.yaml"], config("seed: 99999999999999999999999")),
+    Case("seed-2**64", ["train", "c.yaml"], config(f"seed: {2**64}")),
+    Case("seed-negative", ["train", "c.yaml"], config("seed: -1")),
+    Case("seed-string", ["train", "c.yaml"], config("seed: abc")),
+    Case("steps-inf", ["train", "c.yaml"], config("steps: .inf")),
+    Case("steps-huge", ["train", "c.yaml"], config(f"steps: {10**30}")),
+    Case("flush-every-huge", ["train", "c.yaml"], config(f"flush_every: {2**70}")),
+    Case("lr-nan", ["train", "c.yaml"], config("lr: .nan")),
+    Case("momentum-inf", ["train", "c.yaml"], config("momentum: .inf")),
+    Case("batch-size-1e9", ["train", "c.yaml"], config("batch_size: 1e9")),
+    Case("batch-size-huge", ["train", "c.yaml"], config(f"batch_size: {2**40}")),
+    Case("etas-negative", ["train", "c.yaml"], config("probes: {etas: [-1]}")),
+    Case("record-every-0", ["train", "c.yaml"], config("probes: {record_every: 0}")),
+    Case("histogram-bins-huge", ["train", "c.yaml"], config("probes: {histogram_bins: 1000000000}")),
+    Case("histogram-range-inf", ["train", "c.yaml"], config("probes: {histogram_bins: 4, histogram_range: [0, .inf]}")),
+    Case("percentile-samples-negative", ["train", "c.yaml"], config("probes: {percentile_samples: -1}")),
+    Case("hessian-max-iter-0", ["train", "c.yaml"], config("probes: {hessian: true, hessian_max_iter: 0}")),
+    Case("hessian-every-negative", ["train", "c.yaml"], config("probes: {hessian: true, hessian_every: -1}")),
+    Case("landscape-every-negative", ["train", "c.yaml"], config("probes: {landscape: true, landscape_every: -2}")),
+    Case("unknown-kind", ["train", "c.yaml"], config("probes: {kinds: [bogus]}")),
+    Case("noise-loud", ["train", "c.yaml"], config("bn: noisy\nnoise: loud")),
+    Case("noise-range-string", ["train", "c.yaml"], config("bn: noisy\nnoise: {mu_range: [a, b]}")),
+    Case("variants-duplicate", ["train", "c.yaml"], config("variants: {lr: [0.1, 0.1]}")),
+    Case("name-nul", ["train", "c.yaml"], config('name: "a\\0b"')),
+    Case("name-too-long", ["train", "c.yaml"], config("name: " + "n" * 300)),
+    Case("output-nul", ["train", "c.yaml"], config('output: "x\\0.h5"')),
+    Case("output-attribute", ["train", "c.yaml"], config('output: "runs/{name.__class__}.h5"')),
+    Case("output-index", ["train", "c.yaml"], config('output: "runs/{name[0]}.h5"')),
+    Case("output-format-spec", ["train", "c.yaml"], config('output: "runs/{name:>999999999999}.h5"')),
+    Case("device-cuda-x", ["train", "c.yaml"], config("device: cuda:x")),
+    Case("device-cuda-negative", ["train", "c.yaml"], config("device: cuda:-1")),
+    Case("device-cpu-abc", ["train", "c.yaml"], config("device: cpu:abc")),
+    Case("device-flag", ["train", "c.yaml", "--device", "cuda:"], config("")),
+    # --- data options
+    Case("n-huge", ["train", "c.yaml"], config("data_options: {n: 1000000000000}")),
+    Case("n-string", ["train", "c.yaml"], config("data_options: {n: many}")),
+    Case("n-negative", ["train", "c.yaml"], config("data_options: {n: -5}")),
+    Case("linear-n-negative", ["train", "c.yaml"], config("model: dln\ndata: synthetic:linear\ndata_options: {n: -5}")),
+    Case("linear-dim-0", ["train", "c.yaml"], config("model: dln\ndata: synthetic:linear\ndata_options: {dim: 0}")),
+    Case("num-classes-0", ["train", "c.yaml"], config("data_options: {n: 64, num_classes: 0}")),
+    Case("data-noise-loud", ["train", "c.yaml"], config("data_options: {n: 64, noise: loud}")),
+    Case("set-options-list", ["train", "c.yaml", "--set", "data_options=[1,2]"], config("")),
+    Case("set-options-list-key", ["train", "c.yaml", "--set", "data_options={[1]: 2}"], config("")),
+    Case("set-options-int-key", ["train", "c.yaml", "--set", "data_options={1: 2}"], config("")),
+    Case("set-model-options-int-key", ["train", "c.yaml", "--set", "model_options={1: 2}"], config("")),
+    Case("torchvision-fakedata", ["train", "c.yaml"], {**config("data: torchvision:FakeData:d\ndata_options: {}"), "d/.keep": ""}),
+    Case("torchvision-imagefolder", ["train", "c.yaml"], {**config("data: torchvision:ImageFolder:imgs\ndata_options: {}"), "imgs": image_folder}),
+    Case("npy-named-npz", ["train", "c.yaml"], {**config("data: npz:a.npz\ndata_options: {}"), "a.npz": npy_as_npz}),
+    Case("x-key-list", ["train", "c.yaml"], {**config("data: npz:a.npz\ndata_options: {x_key: [x]}"), "a.npz": arrays}),
+    Case("image-size-string", ["train", "c.yaml"], {**config("data: imagefolder:imgs\ndata_options: {image_size: big}"), "imgs": image_folder}),
+    # --- model options
+    Case("vgg-width-negative", ["train", "c.yaml"], config("model_options: {width: -1}")),
+    Case("dln-depth-negative", ["train", "c.yaml"], config("model: dln\ndata: synthetic:linear\ndata_options: {}\nmodel_options: {depth: -3}")),
+    Case("mlp-hidden-0", ["train", "c.yaml"], config("model: mlp\ndata: synthetic:mnist\nmodel_options: {hidden: 0}")),
+    Case("mlp-depth-negative", ["train", "c.yaml"], config("model: mlp\ndata: synthetic:mnist\nmodel_options: {depth: -1}")),
+    # --- resume / measure-ics on wrong files
+    Case("resume-text", ["train", "--resume", "x.h5"], {"x.h5": "not hdf5"}),
+    Case("resume-zero-bytes", ["train", "--resume", "x.h5"], {"x.h5": b""}),
+    Case("resume-runs-dataset", ["train", "--resume", "run.h5"], {"run.h5": broken(lambda f: _replace(f, "runs"))}),
+    Case("measure-ics-run-dataset", ["measure-ics", "run.h5", "-o", "out.h5"], {"run.h5": broken(lambda f: _replace(f, "runs/keep"))}),
+    # --- export with a bad output
+    Case("export-name-too-long", ["export", "run.h5", "-o", "e" * 300 + ".csv"], GOOD),
+    Case("export-output-dir", ["export", "run.h5", "-o", "d"], {**GOOD, "d/.keep": ""}),
+    Case("plot-bad-suffix", ["plot", "run.h5", "-o", "fig.jpg2"], GOOD),
+]
+
+BAD_FILES: dict[str, Setup] = {
+    "zero-bytes": b"",
+    "text": "hello",
+    "truncated": truncated,
+    "flipped-200": flipped(200),
+    "runs-dataset": broken(lambda f: _replace(f, "runs")),
+    "run-dataset": broken(lambda f: _replace(f, "runs/keep")),
+    "section-dataset": broken(lambda f: _replace(f, "runs/keep/moments")),
+    "train-dataset": broken(lambda f: _replace(f, "runs/keep/train")),
+    "step-2d": broken(lambda f: _replace(f, "runs/keep/train/step", np.zeros((2, 2)))),
+    "layers-plain": broken(lambda f: _replace(f, "runs/keep/layers")),
+    "layers-group": broken(lambda f: (f.__delitem__("runs/keep/layers"), f.create_group("runs/keep/layers"))),
+    "strings-as-values": broken(lambda f: _replace(f, "runs/keep/train/loss", np.array([b"a"] * 6))),
+}
+for kind, setup in BAD_FILES.items():
+    CASES += [
+        Case(f"report-{kind}", ["report", "bad.h5"], {"bad.h5": setup}),
+        Case(f"export-{kind}", ["export", "bad.h5", "-o", "out.csv"], {"bad.h5": setup}),
+        Case(f"plot-{kind}", ["plot", "bad.h5", "-o", "fig.png", "--kind", "training"], {"bad.h5": setup}),
+    ]
+CASES += [Case(f"{cmd}-directory", [cmd, "d", *extra], {"d/.keep": ""}) for cmd, extra in (("report", []), ("export", ["-o", "o.csv"]), ("plot", ["-o", "f.png"]))]
+
+
+def lay_out(root: Path, files: dict[str, Setup]) -> None:
+    for name, setup in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(setup, bytes):
+            path.write_bytes(setup)
+        elif isinstance(setup, str):
+            path.write_text(setup)
+        else:
+            setup(path)
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for directories); bytecode caches aside."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*")) if "__pycache__" not in p.parts}
+
+
+def assert_one_line_error(code: int | None, stdout: str, stderr: str) -> None:
+    assert "Traceback" not in stdout + stderr, stdout + stderr
+    assert code == 2, stdout + stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnprobe: error: ") and len(lines[0]) > len("bnprobe: error: "), stderr
+    assert len(lines[0]) < 600, "the message embeds a huge value"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_input_is_one_line_and_writes_nothing(case: Case, in_tmp: Path) -> None:
+    lay_out(in_tmp, case.files)
+    before = snapshot(in_tmp)
+    result = runner.invoke(app, case.argv)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        pytest.fail(f"escaped: {type(result.exception).__name__}: {str(result.exception)[:300]}")
+    assert_one_line_error(result.exit_code, result.stdout, result.stderr)
+    assert snapshot(in_tmp) == before
+
+
+SUBPROCESS = {c.id: c for c in CASES if c.id in ("alias-bomb-steps", "n-huge", "device-cuda-x", "torchvision-fakedata", "report-runs-dataset")}
+SUBPROCESS["non-utf8-path"] = Case("non-utf8-path", ["train", os.fsdecode(b"\xff\xfe.yaml")], {})
+SUBPROCESS["seed-flag-huge"] = Case("seed-flag-huge", ["train", "c.yaml", "--seed", str(2**64)], config(""))
+
+
+@pytest.mark.parametrize("case", SUBPROCESS.values(), ids=list(SUBPROCESS))
+def test_hostile_input_in_a_real_process(case: Case, in_tmp: Path) -> None:
+    lay_out(in_tmp, case.files)
+    before = snapshot(in_tmp)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "BNPROBE_DEBUG": "0"}
+    argv = [os.fsencode(a) for a in case.argv]
+    proc = subprocess.run([sys.executable, "-m", "bnprobe.cli", *argv], cwd=in_tmp, env=env, capture_output=True, text=True, errors="replace", timeout=120)
+    assert_one_line_error(proc.returncode, proc.stdout, proc.stderr)
+    assert snapshot(in_tmp) == before
+
+
+FRAGILE = """
+from pathlib import Path
+from torch import nn
+class Fragile(nn.Module):
+    def __init__(self, fail):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.fail = fail
+        self.calls = 0
+    def forward(self, x):
+        self.calls += 1
+        if self.fail and self.calls > 5:  # 3 calls before training (checks), then steps 0 and 1
+            raise {exc}("boom")
+        return self.lin(x)
+def make(num_classes):
+    first = not Path("built").exists()  # only the first variant's model fails (the file is loaded anew per model)
+    Path("built").touch()
+    return nn.Sequential(nn.Flatten(), Fragile(fail=first), nn.Linear(4, num_classes))
+"""
+
+
+@pytest.mark.parametrize("exc", ["RuntimeError", "MemoryError"])
+def test_a_model_failing_mid_run_fails_its_variant_only(exc: str, in_tmp: Path) -> None:
+    (in_tmp / "fragile.py").write_text(FRAGILE.replace("{exc}", exc))
+    (in_tmp / "c.yaml").write_text(
+        "name: f\nmodel: fragile.py:make\ndata: synthetic:linear\ndata_options: {n: 64, dim: 4}\n"
+        "steps: 5\nbatch_size: 16\nprobes: {record_every: 1}\nvariants: {lr: [0.1, 0.05]}\n"
+    )
+    result = runner.invoke(app, ["train", "c.yaml"])
+    assert "Traceback" not in result.output and result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("bnprobe: error:")]
+    assert errors == [f"bnprobe: error: variant lr0.1 failed: the model raised at step 2 in module '1' (Fragile): {exc}: boom; its records up to then are kept"]
+    assert result.stderr.splitlines()[-1] == errors[0]
+    assert "failed @ 2" in result.stdout
+    with h5py.File(in_tmp / "runs" / "f.h5") as f:
+        failed, other = f["runs/lr0.1"], f["runs/lr0.05"]
+        assert (failed.attrs["status"], failed.attrs["failed_step"], failed.attrs["steps"]) == ("failed", 2, 2)
+        assert "in module '1'" in failed.attrs["error"]
+        assert list(failed["train/step"][()]) == [0, 1] and list(failed["moments/step"][()]) == [0, 1]
+        assert other.attrs["status"] == "finished" and list(other["train/step"][()]) == list(range(5))
+    report = runner.invoke(app, ["report", "runs/f.h5"])
+    assert report.exit_code == 0 and "lr0.1: failed: the model raised at step 2" in " ".join(report.stdout.split())
