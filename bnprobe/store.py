@@ -30,14 +30,16 @@ FORMAT_VERSION = 1
 STATUSES = ("running", "finished", "diverged", "interrupted", "failed")
 SECTIONS = ("train", "moments", "ics", "landscape", "hessian")
 _TEXT_DATASETS = ("ics/layer", "hessian/block")  # the only datasets in a section holding strings
+_TABLES = ("moments/", "ics/", "hessian/block_")  # records of these are [records, layers, ...]
 _LAYER_DTYPE = np.dtype(
     [("name", h5py.string_dtype()), ("kind", h5py.string_dtype()), ("param_count", "i8"), ("output_shape", h5py.string_dtype()), ("order", "i4")]
 )
 
 
-def check_output_path(path: Path, force: bool = False, create_parent: bool = False) -> None:
+def check_output_path(path: Path, force: bool = False, create_parent: bool = False) -> bool:
     """Refuse an output that would replace a user's file (without ``force``) or cannot be written
-    (a name too long for the file system, a NUL byte in it)."""
+    (a name too long for the file system, a NUL byte in it). Returns whether it made the parent
+    directory (``create_parent``), which whoever discards the output then removes too."""
     where = clip(str(path))
     made_parent = False
     try:
@@ -61,6 +63,7 @@ def check_output_path(path: Path, force: bool = False, create_parent: bool = Fal
         if made_parent:
             path.parent.rmdir()
         raise StoreError(f"cannot write {where}: {getattr(e, 'strerror', None) or e}") from None
+    return made_parent
 
 
 class Store:
@@ -70,11 +73,12 @@ class Store:
     new file is written under a temporary name and renamed over the old one then.
     """
 
-    def __init__(self, h5: h5py.File, path: Path, pending_rename: Path | None, created: bool = False) -> None:
+    def __init__(self, h5: h5py.File, path: Path, pending_rename: Path | None, created: bool = False, made_parent: bool = False) -> None:
         self._h5 = h5
         self.path = path
         self._pending_rename = pending_rename
         self._created = created  # a file this store made (not one it appends to): it may discard it
+        self._made_parent = made_parent  # ... and the directory it made for it
         self.writers: dict[str, RunWriter] = {}
 
     @classmethod
@@ -84,12 +88,14 @@ class Store:
         ``create_parent`` makes a missing parent directory (one level: the default ``runs/``).
         """
         path = Path(path)
-        check_output_path(path, force, create_parent)
+        made_parent = check_output_path(path, force, create_parent)
         target = path.with_name(f".{path.name}.partial") if path.exists() else path
         try:
             # locking=False: readers (report on a live run) must not need the writer's lock
             h5 = h5py.File(target, "w" if target != path else "x", locking=False, track_order=True)
         except (OSError, FileExistsError) as e:
+            if made_parent:
+                path.parent.rmdir()
             raise StoreError(f"cannot create {path}: {e}") from e
         h5.attrs.update(
             {
@@ -101,7 +107,7 @@ class Store:
             }
         )
         h5.flush()  # with force, the old file is replaced at the first flush holding records, not now
-        return cls(h5, path, target if target != path else None, created=True)
+        return cls(h5, path, target if target != path else None, created=True, made_parent=made_parent)
 
     @classmethod
     def append_to(cls, path: str | Path) -> Store:
@@ -171,6 +177,8 @@ class Store:
         if self._created:
             (self._pending_rename or self.path).unlink(missing_ok=True)
             self._pending_rename = None
+        if self._made_parent and not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()
 
     def __enter__(self) -> Store:
         return self
@@ -328,8 +336,12 @@ class FileData:
 
 
 def _decode(value: Any) -> Any:
+    """Attribute and table values as plain Python; text that is not valid UTF-8 gets U+FFFD
+    (h5py hands undecodable bytes over as lone surrogates, which no console can print)."""
     if isinstance(value, bytes):
-        return value.decode()
+        return value.decode(errors="replace")
+    if isinstance(value, str):
+        return value.encode(errors="surrogatepass").decode(errors="replace")
     if isinstance(value, np.ndarray) and value.dtype.kind in "OS":
         return [_decode(v) for v in value.tolist()]
     if isinstance(value, np.generic):
@@ -407,13 +419,15 @@ def _expect(path: Path, obj: Any, kind: type) -> None:
 
 def _check_records(path: Path, rel: str, obj: Any) -> None:
     """A group's ``step`` is a 1-D integer dataset; every other dataset holds numbers per record
-    (strings only in ``_TEXT_DATASETS``)."""
+    (strings only in ``_TEXT_DATASETS``), per layer in ``_TABLES``."""
     if isinstance(obj, h5py.Group):
         step = obj.get("step")
         if step is not None and not (isinstance(step, h5py.Dataset) and step.ndim == 1 and step.dtype.kind in "iu"):
             raise StoreError(f"{path}: {obj.name}/step is not a 1-D integer dataset; {_NOT_OURS}")
     elif rel not in _TEXT_DATASETS and (obj.dtype.kind not in "biuf" or obj.ndim == 0):
         raise StoreError(f"{path}: {obj.name} holds {obj.dtype} {'scalar' if obj.ndim == 0 else 'values'}, not numbers per record; {_NOT_OURS}")
+    elif rel.startswith(_TABLES) and rel not in _TEXT_DATASETS and not rel.endswith("/step") and obj.ndim < 2:
+        raise StoreError(f"{path}: {obj.name} is {obj.ndim}-D, not [records, layers]; {_NOT_OURS}")
 
 
 def _load_datasets(group: h5py.Group, run: RunData) -> None:

@@ -310,8 +310,16 @@ def run_experiment(cfg: Config, force: bool = False, progress: ProgressFn | None
     with store:
         for (name, run_cfg), model_plan in zip(runs, prepared):
             writer = store.run(name, {"variant": name})
-            results.append(train_variant(run_cfg, name, bundle, writer, progress, model_plan))
+            results.append(_unless_first(train_variant(run_cfg, name, bundle, writer, progress, model_plan), store))
     return store, results
+
+
+def _unless_first(result: VariantResult, store: Store) -> VariantResult:
+    """``result``, unless it failed before the new file holds any record: then the failure is an
+    error like one found while building the model, and the file is discarded (nothing written)."""
+    if result.status == "failed" and not store.has_records():
+        raise ModelError(f"variant {result.name}: {result.error}")
+    return result
 
 
 def resume_experiment(path: Path, progress: ProgressFn | None = None) -> list[VariantResult]:
@@ -366,7 +374,7 @@ def measure_from_run(path: Path, overrides: dict[str, Any], output: Path, force:
     with Store.create(output, base.to_yaml(), force=force) as store:
         for name, run_cfg, checkpoint, prepared in plans:
             writer = store.run(name, {"variant": name, "continued_from": str(path)})
-            results.append(train_variant(run_cfg, name, bundle, writer, progress, prepared, checkpoint))
+            results.append(_unless_first(train_variant(run_cfg, name, bundle, writer, progress, prepared, checkpoint), store))
     return results
 
 
