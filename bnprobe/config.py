@@ -136,6 +136,7 @@ def _plain(value: Any) -> Any:
 
 
 _INT64 = 2**63  # integers are stored as HDF5 int64 attributes; seeds go to torch.manual_seed
+MAX_VARIANTS = 100  # runs in one experiment: each one's model is built up front
 MAX_HISTOGRAM_BINS = 10_000  # records x layers x bins floats are buffered until a flush
 _DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:\d+)?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -245,6 +246,8 @@ def _variants(raw: Any) -> dict[str, tuple[Any, ...]]:
         if not items:
             raise ConfigError(f"variants.{key}: give at least one value")
         out[key] = tuple(_coerce(f"variants.{key}", v, hints[key]) for v in items)
+        if math.prod(len(v) for v in out.values()) > MAX_VARIANTS:
+            raise ConfigError(f"variants: more than {MAX_VARIANTS} runs (every variant's model is built before the first step); split the experiment")
         twice = next((v for i, v in enumerate(out[key]) if v in out[key][:i]), None)
         if twice is not None:  # two runs of one name would share one group in the file
             raise ConfigError(f"variants.{key} lists {_plain(twice)} twice")
@@ -383,6 +386,8 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
 
 def load_config_text(text: str, source: str, overrides: Mapping[str, Any] | None = None) -> Config:
     """A config stored as YAML text (the ``config`` attribute of a bnprobe file), then ``overrides``."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{source} holds no config")
     try:
         raw = parse_yaml(text) or {}
     except yaml.YAMLError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,7 +224,7 @@ def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBun
                 raise DataError(f"{path} is a single .npy array, not an .npz archive; save x and y with np.savez")
             with loaded as f:
                 arrays = {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise DataError(f"{path} is not a readable .npz file: {_first_line(e)}") from e
     else:
         from .store import read_arrays

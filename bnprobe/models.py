@@ -191,7 +191,7 @@ def _build(spec: str, num_classes: int, input_shape: tuple[int, ...], options: d
 def _unknown(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name.lower(), choices, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(sorted(choices, key=_natural_key)[:12])}"
-    return f"unknown model {name!r}{hint}"
+    return f"unknown model {shown(name)}{hint}"
 
 
 def _check_options(spec: str, factory: ModelFactory, options: dict[str, Any]) -> None:
