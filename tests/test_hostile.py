@@ -63,6 +63,12 @@ def _replace(f: h5py.File, name: str, data: object = np.arange(3)) -> None:
     f.create_dataset(name, data=data)
 
 
+def _h5_arrays(path: Path, **arrays: np.ndarray) -> None:
+    with h5py.File(path, "w") as f:
+        for key, value in arrays.items():
+            f[key] = value
+
+
 def truncated(path: Path) -> None:
     run_file(path)
     data = path.read_bytes()
@@ -176,7 +182,54 @@ CASES = [
     Case("vgg-width-negative", ["train", "c.yaml"], config("model_options: {width: -1}")),
     Case("dln-depth-negative", ["train", "c.yaml"], config("model: dln\ndata: synthetic:linear\ndata_options: {}\nmodel_options: {depth: -3}")),
     Case("mlp-hidden-0", ["train", "c.yaml"], config("model: mlp\ndata: synthetic:mnist\nmodel_options: {hidden: 0}")),
+    Case("bn-batch-of-one", ["train", "c.yaml"], config("model: mlp\nmodel_options: {}\ndata: synthetic:mnist\nbn: insert\nbatch_size: 1")),
     Case("mlp-depth-negative", ["train", "c.yaml"], config("model: mlp\ndata: synthetic:mnist\nmodel_options: {depth: -1}")),
+    # --- model specs
+    Case("model-empty", ["train", "c.yaml"], config('model: ""')),
+    Case("model-colon", ["train", "c.yaml"], config('model: ":"')),
+    Case("model-file-no-factory", ["train", "c.yaml"], {**config('model: "m.py:"'), "m.py": "x = 1\n"}),
+    Case("model-not-a-module", ["train", "c.yaml"], {**config("model: m.py:make\nmodel_options: {}"), "m.py": "def make():\n    return 3\n"}),
+    Case("model-huge-name", ["train", "c.yaml"], config("model: " + "v" * 5000)),
+    Case("model-weights-not-torch", ["train", "c.yaml"], {**config("model: torchvision:resnet18\nmodel_options: {weights_file: w.pt}"), "w.pt": "junk"}),
+    Case("inspect-huge-name", ["inspect", "x" * 5000], {}),
+    # --- data files
+    Case("npz-empty", ["train", "c.yaml"], {**config("data: npz:a.npz\ndata_options: {}"), "a.npz": lambda p: np.savez(p, x=np.zeros((0, 3)), y=np.zeros(0, dtype=int))}),
+    Case("npz-x-1d", ["train", "c.yaml"], {**config("model: mlp\nmodel_options: {}\ndata: npz:a.npz\ndata_options: {}\nbatch_size: 4"), "a.npz": lambda p: np.savez(p, x=np.zeros(8), y=np.arange(8) % 2)}),
+    Case("npz-object", ["train", "c.yaml"], {**config("data: npz:a.npz\ndata_options: {}"), "a.npz": lambda p: np.savez(p, x=np.array([None] * 8), y=np.arange(8))}),
+    Case("npz-truncated", ["train", "c.yaml"], {**config("data: npz:a.npz\ndata_options: {}"), "a.npz": lambda p: (arrays(p), p.write_bytes(p.read_bytes()[:100]))}),
+    Case("h5-data-groups-only", ["train", "c.yaml"], {**config("data: h5:a.h5\ndata_options: {}"), "a.h5": lambda p: h5py.File(p, "w").create_group("x").file.close()}),
+    Case("h5-data-text", ["train", "c.yaml"], {**config("data: h5:a.h5\ndata_options: {}"), "a.h5": "text"}),
+    Case("h5-data-compound", ["train", "c.yaml"], {**config("data: h5:a.h5\ndata_options: {}"), "a.h5": lambda p: _h5_arrays(p, x=np.zeros(8, dtype=[("a", "f4")]), y=np.arange(8))}),
+    Case("imagefolder-empty", ["train", "c.yaml"], {**config("data: imagefolder:imgs\ndata_options: {}"), "imgs/a/.keep": ""}),
+    Case("imagefolder-broken-image", ["train", "c.yaml"], {**config("data: imagefolder:imgs\ndata_options: {}"), "imgs/a/0.png": "not a png", "imgs/b/0.png": "not a png"}),
+    Case("imagefolder-size-list3", ["train", "c.yaml"], {**config("data: imagefolder:imgs\ndata_options: {image_size: [1, 2, 3]}"), "imgs": image_folder}),
+    # --- more config
+    Case("probes-layers-int", ["train", "c.yaml"], config("probes: {layers: [[1]]}")),
+    Case("set-empty-key", ["train", "c.yaml", "--set", "=3"], config("")),
+    Case("set-under-scalar", ["train", "c.yaml", "--set", "name.x=1"], config("")),
+    Case("set-deep-unknown", ["train", "c.yaml", "--set", "a.b.c=1"], config("")),
+    Case("variants-huge-product", ["train", "c.yaml"], config("variants: {lr: [" + ", ".join(str(0.01 * (i + 1)) for i in range(200)) + "], momentum: [" + ", ".join(str(0.001 * i) for i in range(200)) + "]}")),
+    Case("variants-list", ["train", "c.yaml"], config("variants: [1, 2]")),
+    Case("variants-model-bad", ["train", "c.yaml"], config("variants: {model: [vgg, nope]}")),
+    Case("output-empty", ["train", "c.yaml"], config('output: ""')),
+    Case("output-dev-full", ["train", "c.yaml"], config("output: /proc/self/x.h5")),
+    Case("config-h5", ["train", "x.h5"], {"x.h5": "x"}),
+    Case("config-missing", ["train", "nope.yaml"], {}),
+    Case("config-dir", ["train", "d"], {"d/.keep": ""}),
+    # --- measure-ics / resume on files that are bnprobe files
+    Case("measure-ics-steps-0", ["measure-ics", "run.h5", "--steps", "0", "-o", "o.h5"], GOOD),
+    Case("measure-ics-no-checkpoint", ["measure-ics", "run.h5", "-o", "o.h5"], GOOD),
+    Case("measure-ics-bad-checkpoint", ["measure-ics", "run.h5", "-o", "o.h5"], {"run.h5": broken(lambda f: f["runs/keep"].create_dataset("checkpoint", data=np.arange(10, dtype=np.uint8)))}),
+    Case("resume-bomb-config", ["train", "--resume", "run.h5"], {"run.h5": broken(lambda f: f.attrs.__setitem__("config", f"name: {bomb()}"))}),
+    Case("resume-config-list", ["train", "--resume", "run.h5"], {"run.h5": broken(lambda f: f.attrs.__setitem__("config", "[1, 2]"))}),
+    Case("resume-config-int", ["train", "--resume", "run.h5"], {"run.h5": broken(lambda f: f.attrs.__setitem__("config", 3))}),
+    # --- report/export/plot options
+    Case("report-bad-stat", ["report", "run.h5", "--stat", "bogus"], GOOD),
+    Case("report-bad-variant", ["report", "run.h5", "--variant", "nope"], GOOD),
+    Case("export-bad-format", ["export", "run.h5", "-f", "xls", "-o", "o.xls"], GOOD),
+    Case("plot-bad-kind", ["plot", "run.h5", "-o", "f.png", "--kind", "nope"], GOOD),
+    Case("plot-bad-layer", ["plot", "run.h5", "-o", "f.png", "--layer", "nope*"], GOOD),
+    Case("plot-ics-missing", ["plot", "run.h5", "-o", "f.png", "--kind", "ics"], {"run.h5": lambda p: write_run_file(p, variants=("keep",), sections=("train",), steps=4)}),
     # --- resume / measure-ics on wrong files
     Case("resume-text", ["train", "--resume", "x.h5"], {"x.h5": "not hdf5"}),
     Case("resume-zero-bytes", ["train", "--resume", "x.h5"], {"x.h5": b""}),
@@ -201,6 +254,8 @@ BAD_FILES: dict[str, Setup] = {
     "layers-plain": broken(lambda f: _replace(f, "runs/keep/layers")),
     "layers-group": broken(lambda f: (f.__delitem__("runs/keep/layers"), f.create_group("runs/keep/layers"))),
     "strings-as-values": broken(lambda f: _replace(f, "runs/keep/train/loss", np.array([b"a"] * 6))),
+    "moments-1d": broken(lambda f: _replace(f, "runs/keep/moments/mean", np.zeros(3, dtype=np.float32))),
+    "ics-1d": broken(lambda f: _replace(f, "runs/keep/ics/l2", np.zeros(3, dtype=np.float32))),
 }
 for kind, setup in BAD_FILES.items():
     CASES += [
@@ -305,3 +360,11 @@ def test_a_model_failing_mid_run_fails_its_variant_only(exc: str, in_tmp: Path) 
         assert other.attrs["status"] == "finished" and list(other["train/step"][()]) == list(range(5))
     report = runner.invoke(app, ["report", "runs/f.h5"])
     assert report.exit_code == 0 and "lr0.1: failed: the model raised at step 2" in " ".join(report.stdout.split())
+
+
+def test_attributes_that_are_not_utf8_are_shown_replaced(tmp_path: Path) -> None:
+    """h5py hands undecodable attribute bytes over as lone surrogates, which no console prints."""
+    broken(lambda f: f["runs/keep"].attrs.update({"device": b"cp\xff", "model": np.bytes_(b"ml\xffp")}))(tmp_path / "run.h5")
+    result = runner.invoke(app, ["report", str(tmp_path / "run.h5")])
+    assert result.exit_code == 0, result.output
+    assert "cp\ufffd" in result.stdout and "ml\ufffdp" in result.stdout
