@@ -44,8 +44,11 @@ class DataBundle:
 
     def example_batch(self, size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``size`` samples as a batch (for tracing and layer discovery)."""
-        xs, ys = zip(*(self.train[i] for i in range(min(size, len(self)))))
-        return torch.stack(list(xs)), torch.as_tensor(np.asarray([np.asarray(y) for y in ys]))
+        try:
+            xs, ys = zip(*(self.train[i] for i in range(min(size, len(self)))))
+            return torch.stack(list(xs)), torch.as_tensor(np.asarray([np.asarray(y) for y in ys]))
+        except (OSError, ValueError, TypeError, RuntimeError) as e:  # an unreadable image, samples of different sizes
+            raise DataError(f"{self.spec}: cannot read its first {size} samples: {_first_line(e)}") from e
 
 
 def load_data(spec: str, seed: int = 0, **options: Any) -> DataBundle:

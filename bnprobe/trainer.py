@@ -26,7 +26,7 @@ from . import rng
 from .config import BnMode, Config, OptimizerName, expand_variants
 from .data import DataBundle, batches, load_data
 from .errors import BnprobeError, ConfigError, ModelError
-from .layers import no_layer_matches, probed_layers
+from .layers import eval_free_forward, no_layer_matches, probed_layers
 from .models import build_model
 from .probes import ScheduledProbes, scheduled_probes
 from .recorder import Recorder
@@ -107,9 +107,10 @@ def prepare_model(cfg: Config, bundle: DataBundle, device: torch.device) -> tupl
     """Build the model from ``cfg.seed``, apply the BN mode, move it to ``device`` and check it runs."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, bundle.num_outputs, bundle.input_shape, **dict(cfg.model_options))
-    x, _ = bundle.example_batch(2)
+    x, y = bundle.example_batch(2)
     with _naming_failures(model):
         probed_layers(model, x)
+        _check_output(model, bundle, x, y)
     plan = None
     if cfg.bn is not BnMode.KEEP or cfg.fold:
         from .surgery import apply_bn
@@ -118,6 +119,22 @@ def prepare_model(cfg: Config, bundle: DataBundle, device: torch.device) -> tupl
             model, cfg.bn.value, x, targets=cfg.bn_targets.value, keep_bias=cfg.keep_bias, fold=cfg.fold, noise=cfg.noise, seed=cfg.seed
         )
     return model.to(device), plan
+
+
+def _check_output(model: nn.Module, bundle: DataBundle, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The loss must fit the model's output to the data's targets: a tuple, or 3 logits for 10
+    classes, would otherwise fail in the first training step (or, for labels the example batch
+    lacks, much later). Checked by a forward that changes nothing."""
+    with eval_free_forward(model):
+        out = model(x)
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"the model returns a {type(out).__name__}, not a tensor (bnprobe trains on one output)")
+    if bundle.task == "classification":
+        fits, wanted = out.ndim == 2 and out.shape[1] >= bundle.num_outputs, f"(batch, {bundle.num_outputs}) logits"
+    else:
+        fits, wanted = out.shape == y.shape, f"{tuple(y.shape)} like the targets"
+    if not fits:
+        raise ModelError(f"the model's output has shape {tuple(out.shape)} on a batch of {len(x)}; {bundle.spec} needs {wanted}")
 
 
 def _accuracy(output: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor | None:
@@ -152,9 +169,9 @@ def train_variant(
 
     A non-finite loss ends the variant with status ``diverged``; Ctrl-C (KeyboardInterrupt)
     flushes, checkpoints, marks the run ``interrupted`` and propagates. An exception from the
-    model mid-run (or a MemoryError) ends it with status ``failed``, its records up to the last
-    completed step kept and the error in ``VariantResult.error``; any other exception marks the
-    run ``failed`` and propagates (a bug of bnprobe's, shown with its traceback).
+    model or the data mid-run (or a MemoryError) ends it with status ``failed``, its records up to
+    the last completed step kept and the error in ``VariantResult.error``; any other exception
+    marks the run ``failed`` and propagates (a bug of bnprobe's, shown with its traceback).
     """
     device = resolve_device(cfg.device)
     model, plan = prepared if prepared is not None else prepare_model(cfg, bundle, device)
@@ -223,7 +240,7 @@ def train_variant(
         raise
     except Exception as e:  # noqa: BLE001 - the run fails either way; the model's errors do not stop the others
         step = start + len(losses)
-        error = _model_failure(model, e, step)
+        error = _failure(model, e, step)
         _finish(writer, model, optimizer, rec, probes, "failed", step, save=False, failed_step=step, error=error or _first_line(e))
         if error is None:
             raise
@@ -240,13 +257,16 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: " + (str(e).splitlines() or [""])[0][:200]
 
 
-def _model_failure(model: nn.Module, e: Exception, step: int) -> str | None:
-    """One line for an exception the model raised at ``step``, naming the innermost of its modules
-    in whose code it was raised; None when it did not come from the model (nor from lack of memory)."""
+def _failure(model: nn.Module, e: Exception, step: int) -> str | None:
+    """One line for an exception raised at ``step`` by the model (naming the innermost of its
+    modules in whose code it was raised) or while reading the data (an unreadable image); None
+    when it came from neither, nor from lack of memory."""
     names = {id(m): n for n, m in model.named_modules()}
     found: tuple[str, nn.Module] | None = None
     tb = e.__traceback__
     while tb is not None:  # outermost frame first, so the last module found is the innermost
+        if tb.tb_frame.f_code is batches.__code__:
+            return f"reading the data for step {step} failed: {_first_line(e)}"
         owner = tb.tb_frame.f_locals.get("self")
         if isinstance(owner, nn.Module) and id(owner) in names:
             found = (names[id(owner)], owner)
