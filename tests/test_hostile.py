@@ -94,12 +94,16 @@ def arrays(path: Path) -> None:
     np.savez(path, x=np.zeros((8, 3), dtype=np.float32), y=np.arange(8) % 2)
 
 
-def image_folder(path: Path) -> None:
+def image_folder(path: Path, sizes: tuple[int, ...] = (4, 4)) -> None:
+    """Classes a, b, ...: one image each, of the given sizes (0: a file that is no image)."""
     from PIL import Image
 
-    for cls in ("a", "b"):
+    for cls, size in zip("abcdefgh", sizes):
         (path / cls).mkdir(parents=True)
-        Image.new("RGB", (4, 4)).save(path / cls / "0.png")
+        if size:
+            Image.new("RGB", (size, size)).save(path / cls / "0.png")
+        else:
+            (path / cls / "0.png").write_text("not an image")
 
 
 Setup = str | bytes | Callable[[Path], None]
@@ -189,6 +193,9 @@ CASES = [
     Case("model-colon", ["train", "c.yaml"], config('model: ":"')),
     Case("model-file-no-factory", ["train", "c.yaml"], {**config('model: "m.py:"'), "m.py": "x = 1\n"}),
     Case("model-not-a-module", ["train", "c.yaml"], {**config("model: m.py:make\nmodel_options: {}"), "m.py": "def make():\n    return 3\n"}),
+    Case("model-wrong-outputs", ["train", "c.yaml"], {**config("model: m.py:make\nmodel_options: {}"), "m.py": "from torch import nn\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3072, 3))\n"}),
+    Case("model-returns-tuple", ["train", "c.yaml"], {**config("model: m.py:Two\nmodel_options: {}"), "m.py": "from torch import nn\nclass Two(nn.Module):\n    def __init__(self, num_classes):\n        super().__init__()\n        self.lin = nn.Linear(3072, num_classes)\n    def forward(self, x):\n        y = self.lin(x.flatten(1))\n        return y, y\n"}),
+    Case("model-regression-shape", ["train", "c.yaml"], {**config("model: m.py:make\nmodel_options: {}\ndata: synthetic:linear\ndata_options: {}"), "m.py": "from torch import nn\ndef make():\n    return nn.Linear(10, 3)\n"}),
     Case("model-huge-name", ["train", "c.yaml"], config("model: " + "v" * 5000)),
     Case("model-weights-not-torch", ["train", "c.yaml"], {**config("model: torchvision:resnet18\nmodel_options: {weights_file: w.pt}"), "w.pt": "junk"}),
     Case("inspect-huge-name", ["inspect", "x" * 5000], {}),
@@ -202,6 +209,7 @@ CASES = [
     Case("h5-data-compound", ["train", "c.yaml"], {**config("data: h5:a.h5\ndata_options: {}"), "a.h5": lambda p: _h5_arrays(p, x=np.zeros(8, dtype=[("a", "f4")]), y=np.arange(8))}),
     Case("imagefolder-empty", ["train", "c.yaml"], {**config("data: imagefolder:imgs\ndata_options: {}"), "imgs/a/.keep": ""}),
     Case("imagefolder-broken-image", ["train", "c.yaml"], {**config("data: imagefolder:imgs\ndata_options: {}"), "imgs/a/0.png": "not a png", "imgs/b/0.png": "not a png"}),
+    Case("imagefolder-sizes-differ", ["train", "c.yaml"], {**config("data: imagefolder:imgs\ndata_options: {}\nbatch_size: 2"), "imgs": lambda p: image_folder(p, (4, 5))}),
     Case("imagefolder-size-list3", ["train", "c.yaml"], {**config("data: imagefolder:imgs\ndata_options: {image_size: [1, 2, 3]}"), "imgs": image_folder}),
     # --- more config
     Case("probes-layers-int", ["train", "c.yaml"], config("probes: {layers: [[1]]}")),
@@ -320,6 +328,7 @@ def test_hostile_input_in_a_real_process(case: Case, in_tmp: Path) -> None:
 
 FRAGILE = """
 from pathlib import Path
+import torch
 from torch import nn
 class Fragile(nn.Module):
     def __init__(self, fail):
@@ -328,8 +337,8 @@ class Fragile(nn.Module):
         self.fail = fail
         self.calls = 0
     def forward(self, x):
-        self.calls += 1
-        if self.fail and self.calls > 5:  # 3 calls before training (checks), then steps 0 and 1
+        self.calls += torch.is_grad_enabled()  # training steps; bnprobe's checks run without gradients
+        if self.fail and self.calls > 2:
             raise {exc}("boom")
         return self.lin(x)
 def make(num_classes):
@@ -360,6 +369,16 @@ def test_a_model_failing_mid_run_fails_its_variant_only(exc: str, in_tmp: Path) 
         assert other.attrs["status"] == "finished" and list(other["train/step"][()]) == list(range(5))
     report = runner.invoke(app, ["report", "runs/f.h5"])
     assert report.exit_code == 0 and "lr0.1: failed: the model raised at step 2" in " ".join(report.stdout.split())
+
+
+def test_unreadable_data_mid_run_fails_the_variant(in_tmp: Path) -> None:
+    image_folder(in_tmp / "imgs", (4, 4, 4, 0))  # the fourth image is no image: read at step 1
+    (in_tmp / "c.yaml").write_text(TINY + "data: imagefolder:imgs\ndata_options: {}\nbatch_size: 2\n")
+    result = runner.invoke(app, ["train", "c.yaml"])
+    assert "Traceback" not in result.output and result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1].startswith("bnprobe: error: variant keep failed: reading the data for step 1 failed: UnidentifiedImageError")
+    with h5py.File(in_tmp / "runs" / "tiny.h5") as f:
+        assert (f["runs/keep"].attrs["status"], list(f["runs/keep/train/step"][()])) == ("failed", [0])
 
 
 def test_attributes_that_are_not_utf8_are_shown_replaced(tmp_path: Path) -> None:
