@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .config import parse_assignments
-from .errors import BnprobeError
+from .errors import BnprobeError, clip
 
 app = typer.Typer(
     name="bnprobe",
@@ -49,7 +49,7 @@ def user_errors() -> Iterator[None]:
         if _state["debug"]:
             raise
         message = " ".join(str(e).split())  # one line, whatever a library put in the message
-        typer.echo(f"bnprobe: error: {message if len(message) <= 1000 else message[:997] + '...'}", err=True)
+        typer.echo(f"bnprobe: error: {clip(message, 500)}", err=True)
         raise typer.Exit(2) from None
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, shown
+from .errors import ConfigError, shown, usable_path
 
 
 class BnMode(str, enum.Enum):
@@ -332,7 +332,7 @@ def parse_yaml(text: str) -> Any:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Parse a YAML config with the safe loader; one-line errors for missing or invalid files."""
-    p = Path(path)
+    p = usable_path(path, ConfigError)
     if p.is_dir():
         raise ConfigError(f"config {p} is a directory; give a YAML file")
     if not p.is_file():

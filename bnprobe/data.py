@@ -12,14 +12,13 @@ import math
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .errors import DataError, shown
+from .errors import DataError, shown, usable_path
 
 SYNTHETIC_SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28)}
 MAX_SYNTHETIC_VALUES = 2**28  # numbers a built-in set may hold: 1 GiB of float32
@@ -158,7 +157,7 @@ def _torchvision(kind: str, rest: str, seed: int, options: dict[str, Any]) -> Da
         raise DataError(f"unknown torchvision data set {shown(name)}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     if not root:
         raise DataError(f"{spec}: give the local root, e.g. torchvision:{name}:data/ (nothing is downloaded)")
-    if not Path(root).is_dir():
+    if not usable_path(root, DataError).is_dir():
         raise DataError(f"data root {root} does not exist (bnprobe never downloads; put the files there first)")
     cls = getattr(torchvision.datasets, name)
     try:
@@ -184,7 +183,7 @@ def _imagefolder(kind: str, root: str, seed: int, options: dict[str, Any]) -> Da
     sizes = size if isinstance(size, list) and len(size) == 2 else [size]
     if size is not None and not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in sizes):
         raise DataError(f"data {shown(spec)}: image_size must be an integer from 1 to 4096 or [height, width], got {shown(size)}")
-    if not Path(root).is_dir():
+    if not usable_path(root, DataError).is_dir():
         raise DataError(f"image folder {root} does not exist")
     steps: list[Any] = []
     if options.get("image_size"):
@@ -218,7 +217,7 @@ def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBun
     _reject_unknown(spec, options, ("x_key", "y_key"))
     _text(spec, options, "x_key", "y_key")
     x_key, y_key = options.get("x_key", "x"), options.get("y_key", "y")
-    if not Path(path).is_file():
+    if not usable_path(path, DataError).is_file():
         raise DataError(f"data file {path} does not exist")
     if kind == "npz":
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import reprlib
+from pathlib import Path
 
 
 class BnprobeError(Exception):
@@ -40,6 +41,19 @@ def shown(value: object, limit: int = 60) -> str:
     except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
         text = f"<a {type(value).__name__} too long to show>"
     return clip(text, limit)
+
+
+def usable_path(path: str | Path, error: type[BnprobeError]) -> Path:
+    """``path`` as a :class:`Path` the OS can at least look up: a name too long for the file system,
+    a NUL byte or a directory without permission is ``error`` (``Path.is_file`` raises on those)."""
+    p = Path(path)
+    try:
+        p.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except (OSError, ValueError) as e:
+        raise error(f"cannot use {clip(str(p))}: {getattr(e, 'strerror', None) or e}") from None
+    return p
 
 
 def clip(text: str, limit: int = 120) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import StoreError, clip
+from .errors import StoreError, clip, usable_path
 from .layers import LayerInfo
 
 FORMAT_VERSION = 1
@@ -351,7 +351,7 @@ def _decode(value: Any) -> Any:
 
 def read_file(path: str | Path, load: bool = True) -> FileData:
     """Read a bnprobe file (all runs, all datasets but checkpoints); one-line errors for bad files."""
-    path = Path(path)
+    path = usable_path(path, StoreError)
     if path.is_dir():
         raise StoreError(f"{path} is a directory; give a bnprobe .h5 file")
     if not path.is_file():

@@ -25,7 +25,7 @@ from torch import nn
 from . import rng
 from .config import BnMode, Config, OptimizerName, expand_variants
 from .data import DataBundle, batches, load_data
-from .errors import BnprobeError, ConfigError, ModelError
+from .errors import BnprobeError, ConfigError, ModelError, StoreError
 from .layers import eval_free_forward, no_layer_matches, probed_layers
 from .models import build_model
 from .probes import ScheduledProbes, scheduled_probes
@@ -190,11 +190,14 @@ def train_variant(
     probes = scheduled_probes(cfg, [info.name for info, _ in layer_infos], writer)
     start = 0
     if checkpoint is not None:
-        start = int(checkpoint["next_step"])
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        rng.restore(model, rng.RngState(checkpoint["rng_cpu"], [], checkpoint["rng_modules"]))
-        probes.load_state_dict(checkpoint.get("probes", {}))
+        try:
+            start = int(checkpoint["next_step"])
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            rng.restore(model, rng.RngState(checkpoint["rng_cpu"], [], checkpoint["rng_modules"]))
+            probes.load_state_dict(checkpoint.get("probes", {}))
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:  # a file edited or damaged
+            raise StoreError(f"the checkpoint of run {name!r} does not fit its model and config: {_first_line(e)}") from e
         writer.truncate(start)
     data = batches(bundle, cfg.batch_size, cfg.seed, start=start)
     t0 = time.perf_counter()
