@@ -264,6 +264,10 @@ def _placeholders_ok(template: str) -> bool:
     return all(f is None or (f == "name" and not spec and conv is None) for _, f, spec, conv in parts)
 
 
+def _ordered(pair: tuple[float, float]) -> bool:
+    return pair[0] <= pair[1]
+
+
 def _validate(cfg: Config) -> Config:
     checks = [
         (cfg.lr > 0, "lr must be positive"),
@@ -290,6 +294,10 @@ def _validate(cfg: Config) -> Config:
         (_DEVICE.fullmatch(cfg.device) is not None, f"device must be auto, cpu, cuda[:N] or mps, not {shown(cfg.device)}"),
         (bool(cfg.name) and "/" not in cfg.name and not _CONTROL.search(cfg.name), "name must be non-empty and hold no '/' or control characters"),
         (not _CONTROL.search(cfg.output), "output must hold no control characters"),
+        (not set(cfg.model_options) & {"spec", "num_classes", "input_shape"}, "model_options cannot set spec, num_classes or input_shape (the model is `model`; the data sets the others)"),
+        (not set(cfg.data_options) & {"spec", "seed"}, "data_options cannot set spec or seed (they are `data` and `seed`)"),
+        (_ordered(cfg.noise.mu_range) and _ordered(cfg.noise.sigma_range), "noise.mu_range and noise.sigma_range must be [low, high] with low <= high"),
+        (cfg.noise.mean_spread >= 0 and cfg.noise.scale_std >= 0, "noise.mean_spread and noise.scale_std must be >= 0"),
         (_placeholders_ok(cfg.output), f"output {shown(cfg.output)}: the only placeholder is {{name}}"),
     ]
     for ok, message in checks:

@@ -194,7 +194,7 @@ def export(path: str | Path, fmt: str, out: str | Path, force: bool = False, var
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     out = Path(out)
-    check_output_path(out, force)
+    check_output_path(out, force, inputs=[path])
     if fmt == "parquet":
         try:
             import pyarrow  # type: ignore[import-untyped,unused-ignore]  # noqa: F401

@@ -36,13 +36,16 @@ _LAYER_DTYPE = np.dtype(
 )
 
 
-def check_output_path(path: Path, force: bool = False, create_parent: bool = False) -> bool:
-    """Refuse an output that would replace a user's file (without ``force``) or cannot be written
-    (a name too long for the file system, a NUL byte in it). Returns whether it made the parent
-    directory (``create_parent``), which whoever discards the output then removes too."""
+def check_output_path(path: Path, force: bool = False, create_parent: bool = False, inputs: Sequence[str | Path] = ()) -> bool:
+    """Refuse an output that would replace a user's file (without ``force``), one of the ``inputs``
+    it is made from (even with ``force``), or cannot be written (a name too long for the file
+    system, a NUL byte in it). Returns whether it made the parent directory (``create_parent``),
+    which whoever discards the output then removes too."""
     where = clip(str(path))
     made_parent = False
     try:
+        if path.exists() and any(path.samefile(p) for p in inputs if Path(p).exists()):
+            raise StoreError(f"{where} is the file being read; choose another --output")
         if create_parent and not path.parent.exists() and path.parent.parent.is_dir():
             path.parent.mkdir()
             made_parent = True
@@ -82,13 +85,14 @@ class Store:
         self.writers: dict[str, RunWriter] = {}
 
     @classmethod
-    def create(cls, path: str | Path, config_yaml: str = "", force: bool = False, create_parent: bool = False) -> Store:
-        """Start a new experiment file; refuses to touch an existing one unless ``force``.
+    def create(cls, path: str | Path, config_yaml: str = "", force: bool = False, create_parent: bool = False, inputs: Sequence[str | Path] = ()) -> Store:
+        """Start a new experiment file; refuses to touch an existing one unless ``force``, and
+        ``inputs`` (files it is made from) even then.
 
         ``create_parent`` makes a missing parent directory (one level: the default ``runs/``).
         """
         path = Path(path)
-        made_parent = check_output_path(path, force, create_parent)
+        made_parent = check_output_path(path, force, create_parent, inputs)
         target = path.with_name(f".{path.name}.partial") if path.exists() else path
         try:
             # locking=False: readers (report on a live run) must not need the writer's lock

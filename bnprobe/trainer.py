@@ -394,7 +394,7 @@ def measure_from_run(path: Path, overrides: dict[str, Any], output: Path, force:
         raise ConfigError(f"{path} has no run with a checkpoint to continue from")
     check_layer_selection(base, bundle, [prepared[0] for *_, prepared in plans])
     results = []
-    with Store.create(output, base.to_yaml(), force=force) as store:
+    with Store.create(output, base.to_yaml(), force=force, inputs=[path]) as store:
         for name, run_cfg, checkpoint, prepared in plans:
             writer = store.run(name, {"variant": name, "continued_from": str(path)})
             results.append(_unless_first(train_variant(run_cfg, name, bundle, writer, progress, prepared, checkpoint), store))
