@@ -79,6 +79,14 @@ def _checkpoint(f: h5py.File, state: dict) -> None:
     f.attrs["config"] = TINY
 
 
+def run_with_checkpoint(path: Path) -> None:
+    """A finished run of the tiny config, with its checkpoint."""
+    from bnprobe.config import load_config_text
+    from bnprobe.trainer import run_experiment
+
+    run_experiment(load_config_text(TINY, "TINY", {"output": str(path), "steps": 2}))
+
+
 def truncated(path: Path) -> None:
     run_file(path)
     data = path.read_bytes()
@@ -241,6 +249,12 @@ CASES = [
     Case("resume-bomb-config", ["train", "--resume", "run.h5"], {"run.h5": broken(lambda f: f.attrs.__setitem__("config", f"name: {bomb()}"))}),
     Case("resume-config-list", ["train", "--resume", "run.h5"], {"run.h5": broken(lambda f: f.attrs.__setitem__("config", "[1, 2]"))}),
     Case("resume-config-int", ["train", "--resume", "run.h5"], {"run.h5": broken(lambda f: f.attrs.__setitem__("config", 3))}),
+    Case("noise-range-reversed", ["train", "c.yaml"], config("bn: noisy\nnoise: {sigma_range: [2, 1]}")),
+    Case("noise-spread-negative", ["train", "c.yaml"], config("bn: noisy\nnoise: {mean_spread: -1, scale_std: -1}")),
+    Case("torchvision-num-classes", ["train", "c.yaml"], config("model: torchvision:resnet18\nmodel_options: {num_classes: 5}")),
+    Case("export-onto-input", ["export", "run.h5", "-o", "run.h5", "--force"], GOOD),
+    Case("measure-ics-onto-input", ["measure-ics", "run.h5", "-o", "./run.h5", "--force"], {"run.h5": run_with_checkpoint}),
+    Case("data-options-seed", ["train", "c.yaml"], config("data_options: {seed: 3}")),
     # --- names too long for the file system
     Case("long-config-path", ["train", "c" * 300 + ".yaml"], {}),
     Case("long-data-path", ["train", "c.yaml"], config("data: npz:" + "d" * 300 + ".npz\ndata_options: {}")),
