@@ -203,7 +203,7 @@ def train_variant(
     t0 = time.perf_counter()
     losses: list[float] = []
     accs: list[float] = []
-    status, diverged_step, error, error_traceback = "finished", None, None, ""
+    status, diverged_step, failed_step, error, error_traceback = "finished", None, None, None, ""
     rec = Recorder(
         model, writer, layers=cfg.probes.layers, kinds=cfg.probes.kinds or None, record_every=cfg.probes.record_every,
         per_channel=cfg.probes.per_channel, histogram_bins=cfg.probes.histogram_bins,
@@ -242,13 +242,16 @@ def train_variant(
         _finish(writer, model, optimizer, rec, probes, "interrupted", start + len(losses), save=True)
         raise
     except Exception as e:  # noqa: BLE001 - the run fails either way; the model's errors do not stop the others
-        step = start + len(losses)
-        error = _failure(model, e, step)
-        _finish(writer, model, optimizer, rec, probes, "failed", step, save=False, failed_step=step, error=error or _first_line(e))
+        status, failed_step = "failed", start + len(losses)
+        error = _failure(model, e, failed_step)
         if error is None:
+            _finish(writer, model, optimizer, rec, probes, status, failed_step, save=False, failed_step=failed_step, error=_first_line(e))
             raise
-        status, error_traceback = "failed", "".join(traceback.format_exception(e))
-    _finish(writer, model, optimizer, rec, probes, status, start + len(losses), save=status == "finished", diverged_step=diverged_step)
+        error_traceback = "".join(traceback.format_exception(e))
+    _finish(
+        writer, model, optimizer, rec, probes, status, start + len(losses), save=status == "finished",
+        diverged_step=diverged_step, failed_step=failed_step, error=error,
+    )
     tail = slice(-10, None)
     return VariantResult(
         name, status, start + len(losses), float(np.mean(losses[tail])) if losses else math.nan,

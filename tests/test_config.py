@@ -83,3 +83,36 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, "bn: noisy\nprobes: {layers: ['features.*']}\nvariants: {bn: [keep, noisy]}\n"))
     again = load_config(write(tmp_path, cfg.to_yaml()))
     assert again == cfg
+
+
+def test_yaml_aliases_are_refused_at_their_line(tmp_path: Path) -> None:
+    """A 'billion laughs' config is a few lines that expand to 9**9 values; configs need no aliases."""
+    with pytest.raises(ConfigError, match=r"line 2, column 8\): aliases \(\*name\) are not supported"):
+        load_config(write(tmp_path, "x: &a [1, 2]\nsteps: *a\n"))
+    with pytest.raises(ConfigError, match=r"--set probes.layers: .*\(aliases"):
+        parse_assignments(["probes.layers=[&a [x], *a]"])
+
+
+def test_messages_show_values_cut_short(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "name: [" + ", ".join(["abcdefghij"] * 10000) + "]\n"))
+    assert str(info.value).startswith("name: expected a string, got ['abcdefghij'") and len(str(info.value)) < 100
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("seed: 9223372036854775808\n", "seed: 9223372036854775808 is out of range"),
+        ("seed: -1\n", "seed must be between 0 and 9223372036854775807"),
+        ("momentum: .inf\n", "momentum: expected a finite number, got inf"),
+        ("output: 'runs/{name[0]}.h5'\n", r"the only placeholder is \{name\}"),
+        ("device: 'cuda:x'\n", "device must be auto, cpu, cuda"),
+        ("model_options: {num_classes: 3}\n", "model_options cannot set spec, num_classes or input_shape"),
+        ("data_options: {1: 2}\n", "data_options: option names must be strings, got 1"),
+        ("variants: {lr: [0.1, 0.1]}\n", "variants.lr lists 0.1 twice"),
+        ("variants: {lr: [" + ", ".join(str(i + 1) for i in range(11)) + "], momentum: [" + ", ".join(str(i) for i in range(10)) + "]}\n", "more than 100 runs"),
+    ],
+)
+def test_values_out_of_range_are_config_errors(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
