@@ -258,6 +258,29 @@ def test_an_index_buffer_survives_the_pass_for_the_double_backward() -> None:
     assert result.eigenvalue == pytest.approx(expected, rel=1e-6)
 
 
+class CosineAttention(nn.Module):
+    """Swin V2's cosine similarity of normalised rows, on an input with a zero (padding) row."""
+
+    def __init__(self, normalize: Any) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.head = nn.Linear(4, 6, bias=False), nn.Linear(4, 3)
+        self.normalize = normalize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.normalize(self.fc(x).view(-1, 2, 3))
+        return self.head((q @ q.transpose(1, 2)).flatten(1))
+
+
+def test_normalize_of_a_zero_row_gives_a_finite_hessian() -> None:
+    x, y = data()
+    x[3] = 0
+    safe = CosineAttention(lambda v: v / v.square().sum(-1, keepdim=True).clamp_min(1e-300).sqrt().clamp_min(1e-12)).double()
+    expected = largest_magnitude(full_hessian(safe, x, y))
+    result = top_hessian_eigenvalue(CosineAttention(lambda v: nn.functional.normalize(v, dim=-1)).double(), nn.CrossEntropyLoss(), x, y, tol=1e-10, max_iter=500)
+    assert result.eigenvalue == pytest.approx(expected, rel=1e-6)
+
+
 class RawHardsigmoid(nn.Module):
     """Calls the kernel without the functional wrapper: an op PyTorch cannot differentiate twice."""
 

@@ -102,11 +102,15 @@ class _TwiceDifferentiable(TorchFunctionMode):
 
     ``hardsigmoid`` (MobileNetV3, GhostNet, LCNet squeeze-excite) becomes ``relu6(x + 3) / 6``;
     ``scaled_dot_product_attention`` (every timm ViT) runs on the math backend, not the fused CPU
-    kernels. Same values, same first derivatives; only the Hessian pass uses it.
+    kernels; ``normalize`` (Swin V2's cosine attention, on zero-padded windows) takes the norm of a
+    zero vector without the NaN that the norm's double backward gives there. Same values, same
+    first derivatives; only the Hessian pass uses it.
     """
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func is F.normalize:
+            return _normalize(*args, **kwargs)
         if func is F.hardsigmoid:
             x = args[0]
             out = F.relu6(x + 3) / 6
@@ -115,6 +119,16 @@ class _TwiceDifferentiable(TorchFunctionMode):
             with sdpa_kernel([SDPBackend.MATH]):
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _normalize(x: torch.Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.normalize`` whose second derivative is finite at zero vectors (p=2; others as torch's)."""
+    if p != 2 or out is not None:
+        return F.normalize(x, p, dim, eps, out)
+    squares = x.square().sum(dim, keepdim=True)
+    nonzero = squares > 0
+    norm = torch.where(nonzero, torch.where(nonzero, squares, 1).sqrt(), 0)  # sqrt never sees 0
+    return x / norm.clamp_min(eps)
 
 
 def _first_order(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: Any, y: Any, ps: list[torch.Tensor],
