@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .errors import DataError, shown, usable_path
+from .errors import DataError, first_line, shown, usable_path
 
 SYNTHETIC_SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28)}
 MAX_SYNTHETIC_VALUES = 2**28  # numbers a built-in set may hold: 1 GiB of float32
@@ -47,7 +47,7 @@ class DataBundle:
             xs, ys = zip(*(self.train[i] for i in range(min(size, len(self)))))
             return torch.stack(list(xs)), torch.as_tensor(np.asarray([np.asarray(y) for y in ys]))
         except (OSError, ValueError, TypeError, RuntimeError) as e:  # an unreadable image, samples of different sizes
-            raise DataError(f"{self.spec}: cannot read its first {size} samples: {_first_line(e)}") from e
+            raise DataError(f"{self.spec}: cannot read its first {size} samples: {first_line(e)}") from e
 
 
 def load_data(spec: str, seed: int = 0, **options: Any) -> DataBundle:
@@ -168,9 +168,9 @@ def _torchvision(kind: str, rest: str, seed: int, options: dict[str, Any]) -> Da
             ds = cls(root, split=options.get("split", "train"), download=False, transform=transforms.ToTensor())
     except TypeError as e:  # FakeData, ImageFolder, VisionDataset...: not a set stored under a root
         hint = f"; for a folder of images use imagefolder:{root}" if "Folder" in name else ""
-        raise DataError(f"torchvision:{name} is not a classification set bnprobe can load from a root ({_first_line(e)}){hint}") from e
+        raise DataError(f"torchvision:{name} is not a classification set bnprobe can load from a root ({first_line(e)}){hint}") from e
     except (RuntimeError, OSError, ValueError) as e:
-        raise DataError(f"{name} not found under {root}: {_first_line(e)}") from e
+        raise DataError(f"{name} not found under {root}: {first_line(e)}") from e
     return _classification_bundle(ds, spec)
 
 
@@ -191,12 +191,8 @@ def _imagefolder(kind: str, root: str, seed: int, options: dict[str, Any]) -> Da
     try:
         ds = datasets.ImageFolder(root, transform=transforms.Compose([*steps, transforms.ToTensor()]))
     except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"image folder {root}: {_first_line(e)}") from e
+        raise DataError(f"image folder {root}: {first_line(e)}") from e
     return _classification_bundle(ds, spec)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 def _classification_bundle(ds: Any, spec: str) -> DataBundle:
@@ -205,7 +201,7 @@ def _classification_bundle(ds: Any, spec: str) -> DataBundle:
     try:
         x0, _ = ds[0]
     except (OSError, ValueError, TypeError) as e:  # an unreadable image, a sample that is no (x, y) pair
-        raise DataError(f"{spec}: cannot read its first sample: {_first_line(e)}") from e
+        raise DataError(f"{spec}: cannot read its first sample: {first_line(e)}") from e
     if not isinstance(x0, torch.Tensor):
         raise DataError(f"{spec}: samples are {type(x0).__name__}, not tensors")
     num_classes = len(getattr(ds, "classes", [])) or int(max(int(ds[i][1]) for i in range(len(ds)))) + 1
@@ -227,7 +223,7 @@ def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBun
             with loaded as f:
                 arrays = {k: f[k] for k in f.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise DataError(f"{path} is not a readable .npz file: {_first_line(e)}") from e
+            raise DataError(f"{path} is not a readable .npz file: {first_line(e)}") from e
     else:
         from .store import read_arrays
 

@@ -56,6 +56,11 @@ def usable_path(path: str | Path, error: type[BnprobeError]) -> Path:
     return p
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when empty), for one-line errors."""
+    return clip((str(e).splitlines() or [type(e).__name__])[0], limit)
+
+
 def clip(text: str, limit: int = 120) -> str:
     """``text`` cut to ``limit`` characters, keeping both ends (a long path keeps its file name)."""
     if len(text) <= limit:

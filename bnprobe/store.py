@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import StoreError, clip, usable_path
+from .errors import StoreError, clip, first_line, usable_path
 from .layers import LayerInfo
 
 FORMAT_VERSION = 1
@@ -462,7 +462,7 @@ def _checkpoint(h5: h5py.File, path: Path, run: str) -> tuple[dict[str, Any], in
         step = int(group["checkpoint"].attrs.get("step", 0))
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True), step
     except Exception as e:  # noqa: BLE001 - any failure to unpickle is a corrupted checkpoint
-        raise StoreError(f"the checkpoint of run {run!r} in {path} is corrupted: {str(e).splitlines()[0]}") from e
+        raise StoreError(f"the checkpoint of run {run!r} in {path} is corrupted: {first_line(e)}") from e
 
 
 def read_arrays(path: str | Path) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ from torch import nn
 from . import rng
 from .config import BnMode, Config, OptimizerName, expand_variants
 from .data import DataBundle, batches, load_data
-from .errors import BnprobeError, ConfigError, ModelError, StoreError
+from .errors import BnprobeError, ConfigError, ModelError, StoreError, first_line
 from .layers import eval_free_forward, no_layer_matches, probed_layers
 from .models import build_model
 from .probes import ScheduledProbes, scheduled_probes
@@ -96,7 +96,7 @@ def _naming_failures(model: nn.Module) -> Iterator[None]:
         raise
     except Exception as e:  # noqa: BLE001 - shape errors come as RuntimeError, AssertionError, ValueError...
         where = f" in layer {entered[-1]!r}" if entered else ""
-        first = (str(e).splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise ModelError(f"the model cannot run on this data{where}: {first}") from e
     finally:
         for h in handles:
@@ -260,7 +260,7 @@ def train_variant(
 
 
 def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: " + (str(e).splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def _failure(model: nn.Module, e: Exception, step: int) -> str | None:
