@@ -49,7 +49,7 @@ CHECKS = ("build", "keep", "insert", "strip", "fold", "noisy", "recorder", "hess
 FOLD_RTOL = 1e-4
 BATCH = 2
 NUM_CLASSES = 10
-SIZES = (32, 64, 96, 128, 160, 192, 224, 256, 299)
+SIZES = (28, 32, 64, 96, 128, 160, 192, 224, 256, 299)
 
 # A fixed timm sample across families (with and without BN, BN-act layers, BN before conv, attention).
 TIMM_MODELS = (
@@ -104,8 +104,8 @@ def timm_available() -> bool:
 def _torchvision_builder(name: str) -> Callable[[int], nn.Module]:
     def build(size: int) -> nn.Module:
         options: dict[str, Any] = {}
-        if name.startswith("vit_"):  # the patch grid is fixed at construction: a 2x2 grid is the smallest
-            options["image_size"] = 2 * int(name.split("_")[-1])
+        if name.startswith("vit_"):  # the patch grid is fixed at construction (size: a multiple of the patch)
+            options["image_size"] = size
         elif name.startswith("maxvit"):
             options["input_size"] = (size, size)
         return bnprobe.build_model(f"torchvision:{name}", NUM_CLASSES, (3, size, size), **options)
@@ -240,7 +240,7 @@ def check_fold(model: nn.Module, size: int) -> str:
     if not bns:
         return "no BN"
     if unfolded:
-        return f"{len(unfolded)} of {len(bns)} not folded: {unfolded[0].detail.split(';')[0]}"
+        return f"{len(unfolded)} of {len(bns)} {unfolded[0].detail.split(';')[0]}"
     with torch.no_grad():
         diff = _relative(folded.eval()(other), model(other))
     if diff > FOLD_RTOL:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bnprobe.errors import ConfigError, ModelError
 from bnprobe.probes.hessian import hessian_blocks, top_hessian_eigenvalue
@@ -233,6 +234,28 @@ def test_scaled_dot_product_attention_gets_a_hessian_equal_to_the_written_out_at
     x, y = torch.randn(10, 4, generator=torch.Generator().manual_seed(3)), torch.arange(10) % 3
     expected = largest_magnitude(full_hessian(Attention(fused=False), x, y))
     result = top_hessian_eigenvalue(Attention(fused=True), nn.CrossEntropyLoss(), x, y, tol=1e-8, max_iter=500)
+    assert result.eigenvalue == pytest.approx(expected, rel=1e-4)
+
+
+class Transformer(nn.Module):
+    """torchvision's ViT encoder block attends through nn.MultiheadAttention, which calls attention
+    from inside ``multi_head_attention_forward``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attention, self.head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.view(2, 5, 4)
+        return self.head(self.attention(h, h, h, need_weights=False)[0].reshape(10, 4))
+
+
+def test_attention_inside_multihead_attention_gets_a_hessian() -> None:
+    x, y = torch.randn(10, 4, generator=torch.Generator().manual_seed(3)), torch.arange(10) % 3
+    with sdpa_kernel([SDPBackend.MATH]):  # the reference needs a twice-differentiable kernel too
+        expected = largest_magnitude(full_hessian(Transformer(), x, y))
+    result = top_hessian_eigenvalue(Transformer(), nn.CrossEntropyLoss(), x, y, tol=1e-8, max_iter=500)
     assert result.eigenvalue == pytest.approx(expected, rel=1e-4)
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import rng
 from ..errors import ConfigError, ModelError
@@ -101,10 +102,11 @@ class _TwiceDifferentiable(TorchFunctionMode):
     """Runs the ops whose torch kernels have no double backward as equal formulas that have one.
 
     ``hardsigmoid`` (MobileNetV3, GhostNet, LCNet squeeze-excite) becomes ``relu6(x + 3) / 6``;
-    ``scaled_dot_product_attention`` (every timm ViT) runs on the math backend, not the fused CPU
-    kernels; ``normalize`` (Swin V2's cosine attention, on zero-padded windows) takes the norm of a
-    zero vector without the NaN that the norm's double backward gives there. Same values, same
-    first derivatives; only the Hessian pass uses it.
+    ``normalize`` (Swin V2's cosine attention, on zero-padded windows) takes the norm of a zero
+    vector without the NaN that the norm's double backward gives there. Same values, same first
+    derivatives. (A mode sees the calls the model makes, not those inside another torch function;
+    attention, called from inside ``multi_head_attention_forward``, is handled by the pass's
+    ``sdpa_kernel`` instead.)
     """
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -115,9 +117,6 @@ class _TwiceDifferentiable(TorchFunctionMode):
             x = args[0]
             out = F.relu6(x + 3) / 6
             return x.copy_(out) if kwargs.get("inplace", args[1] if len(args) > 1 else False) else out
-        if func is F.scaled_dot_product_attention:
-            with sdpa_kernel([SDPBackend.MATH]):
-                return func(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -137,7 +136,8 @@ def _first_order(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], 
     p), and the modules with own parameters in the order their first call ended."""
     state = rng.capture(model)
     with record_first_calls(model) as order:
-        with _bn_mode(model, bn_mode), no_trace(model), rng.replaying(model, state), _TwiceDifferentiable():  # no_trace sees the final modes
+        # no_trace sees the final modes; attention on the math backend: the fused CPU kernels have no double backward
+        with _bn_mode(model, bn_mode), no_trace(model), rng.replaying(model, state), _TwiceDifferentiable(), sdpa_kernel([SDPBackend.MATH]):
             loss = loss_fn(model(x), y)
     grads = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
     return [g if g is not None and g.requires_grad else None for g in grads], order
@@ -157,10 +157,9 @@ def _not_twice_differentiable(model: nn.Module, x: Any, error: RuntimeError) -> 
     stack: list[str] = []
     found: list[str] = []
 
-    class Watch(TorchFunctionMode):
-        def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            name = getattr(func, "__name__", "").strip("_")
-            if not found and stack and name and (name in op or op in name):
+    class Watch(TorchDispatchMode):  # sees every aten op, also those inside other torch functions
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if not found and stack and func._schema.name.split("::")[-1] == op:
                 found.append(stack[-1])
             return func(*args, **(kwargs or {}))
 
@@ -168,8 +167,8 @@ def _not_twice_differentiable(model: nn.Module, x: Any, error: RuntimeError) -> 
     handles = [m.register_forward_pre_hook(lambda m, _a: stack.append(names[m])) for m in names]
     handles += [m.register_forward_hook(lambda m, _a, _o: stack.pop() and None) for m in names]  # a hook's return replaces the output
     try:
-        with no_trace(model), rng.replaying(model, rng.capture(model)), torch.no_grad(), Watch():
-            model(x)
+        with no_trace(model), rng.replaying(model, rng.capture(model)), _TwiceDifferentiable(), sdpa_kernel([SDPBackend.MATH]), Watch():
+            model(x)  # as the failed pass ran it
     finally:
         for h in handles:
             h.remove()
