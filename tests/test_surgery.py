@@ -441,6 +441,28 @@ def test_fold_strips_a_bn_whose_conv_output_is_also_used_elsewhere_and_says_why(
     assert torch.equal(model.conv.weight, base.conv.weight)
 
 
+class ReadsTheShape(nn.Module):
+    """Reads the conv output's shape besides feeding it to the BN: a use that reads no values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y).reshape(y.shape[0], -1)[:, : y.size(1)]
+
+
+def test_fold_ignores_uses_that_read_only_the_shape() -> None:
+    base = ReadsTheShape()
+    randomise_bn(base)
+    model, plan = apply_bn(base, "strip", IMAGES, fold=True)
+    assert plan.pairing == "torch.fx" and [c.action for c in plan.changes] == ["folded"]
+    with torch.no_grad():
+        assert relative_error(model.eval()(IMAGES), base.eval()(IMAGES)) < 1e-6
+
+
 class InPlaceBetween(nn.Module):
     """An in-place op between the conv and its BN: hooks alone see the conv's tensor reach the BN."""
 
