@@ -330,8 +330,6 @@ def _fx_edges(model: nn.Module) -> tuple[dict[str, set[str]], dict[str, set[str]
     return sources, users, outputs
 
 
-
-
 class _OpTape(TorchFunctionMode):
     """Records the torch operations run outside the atomic modules as dataflow nodes ``op:NAME``.
 
@@ -796,19 +794,19 @@ def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], exam
     dataflow pass did not see (a data-dependent branch). float64, because an untrained deep model
     amplifies float32 rounding of the folded weights (6e-8) beyond any useful tolerance (EfficientNetV2
     with random statistics: 3e-3); a model that does not run in float64 is checked in its own dtype."""
-    x, rtol = _as_double(example_input), _FOLD_RTOL_F64
+    x, rtol, dtype = _as_double(example_input), _FOLD_RTOL_F64, torch.float64
     try:
         twin = copy.deepcopy(model).double()
         reference = _eval_output(twin, x)
     except Exception:  # noqa: BLE001 - a forward that cannot run in float64: check in the model's dtype
-        x, rtol = example_input, _FOLD_RTOL
+        x, rtol, dtype = example_input, _FOLD_RTOL, None
         twin = copy.deepcopy(model)
         reference = _eval_output(twin, x)
     for name, feeder, replacement in folds:
         bn = twin.get_submodule(name)
         _scale_into(twin.get_submodule(feeder), *_bn_affine(bn))
-        tail = nn.Sequential(OrderedDict((k, bn._modules[k]) for k in replacement._modules)) if len(replacement._modules) else nn.Identity()
-        twin = _replace(twin, bn, tail)
+        stand_in = copy.deepcopy(replacement)
+        twin = _replace(twin, bn, stand_in.to(dtype) if dtype is not None else stand_in)
     folded = _eval_output(twin, x)
     worst = max(((a - b).norm() / b.norm().clamp_min(1e-300)).item() for a, b in zip(folded, reference))
     if worst > rtol:
