@@ -8,7 +8,9 @@ For each model, at the smallest input it accepts (batch 2, 10 classes, random in
     strip     apply_bn strip, then a training forward/backward; no BatchNorm left running
     fold      apply_bn strip --fold on a model whose BNs look trained (running statistics of its own
               activations, random affine): eval outputs on a *different* batch equal the original's
-              to 1e-4 (relative), or the plan says, per BN, why it was stripped without folding
+              to 1e-4 (relative), or the plan says, per BN, why it was stripped without folding.
+              A model that amplifies float32 rounding beyond 1e-4 passes when its float64 fold is
+              exact to 1e-4 and the float32 difference is within 10x what rounding alone does
     noisy     apply_bn noisy, then a training forward/backward
     recorder  bnprobe.Recorder around two SGD steps
     hessian   top_hessian_eigenvalue (2 power iterations), finite
@@ -25,6 +27,7 @@ Each cell is ``ok``, ``refused`` (a one-line bnprobe error: the model genuinely 
 from __future__ import annotations
 
 import argparse
+import copy
 import fnmatch
 import importlib.util
 import sys
@@ -189,8 +192,8 @@ def trained_looking_bn(model: nn.Module, size: int, seed: int = 1) -> None:
                 m.reset_running_stats()
                 m.momentum = None  # cumulative average over the calibration batches
         model.train()
-        for k in range(2):
-            model(batch(size, n=4, seed=100 + k)[0])
+        for k in range(4):
+            model(batch(size, n=8, seed=100 + k)[0])
         for m in bns:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = momenta[m]
@@ -243,9 +246,22 @@ def check_fold(model: nn.Module, size: int) -> str:
         return f"{len(unfolded)} of {len(bns)} {unfolded[0].detail.split(';')[0]}"
     with torch.no_grad():
         diff = _relative(folded.eval()(other), model(other))
-    if diff > FOLD_RTOL:
-        raise AssertionError(f"folded eval output differs by {diff:.1e} (relative)")
-    return f"{len(bns)} folded, {diff:.0e}"
+    if diff <= FOLD_RTOL:
+        return f"{len(bns)} folded, {diff:.0e}"
+    # Beyond 1e-4 in float32: the fold must be exact in float64, and the float32 difference no more
+    # than the model's own amplification of float32 rounding (every weight moved by 2^-24).
+    twin = copy.deepcopy(model).double()
+    folded64, _ = bnprobe.apply_bn(twin, "strip", example.double(), fold=True)
+    g = torch.Generator().manual_seed(3)
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        diff64 = _relative(folded64.eval()(other.double()), twin(other.double()))
+        for p in rounded.parameters():
+            p.mul_(1 + 2**-24 * torch.randn(p.shape, generator=g))
+        noise = _relative(rounded(other), model(other))
+    if diff64 > FOLD_RTOL or diff > 10 * noise:
+        raise AssertionError(f"folded eval output differs by {diff:.1e} (relative; float64 {diff64:.0e}, float32 rounding alone {noise:.0e})")
+    return f"{len(bns)} folded, {diff:.0e} = float32 rounding (alone {noise:.0e}; float64 {diff64:.0e})"
 
 
 def check_recorder(model: nn.Module, size: int) -> str:
@@ -278,8 +294,6 @@ def check_ics(model: nn.Module, size: int) -> str:
 
 def run_check(check: str, model: nn.Module, size: int) -> Cell:
     """One check on a fresh copy of the model (checks that train change it)."""
-    import copy
-
     fresh = copy.deepcopy(model)
     try:
         if check in ("keep", "insert", "strip", "noisy"):
