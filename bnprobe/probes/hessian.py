@@ -178,6 +178,7 @@ def _not_twice_differentiable(model: nn.Module, x: Any, error: RuntimeError) -> 
 
 @contextmanager
 def _refusing_what_has_no_double_backward(model: nn.Module, x: Any) -> Iterator[None]:
+    """Turns autograd's "derivative for X is not implemented" in the block into a ModelError that names the module."""
     try:
         yield
     except RuntimeError as e:
