@@ -40,6 +40,9 @@ class BnTargets(str, enum.Enum):
     ALL = "all"
 
 
+LAYER_KINDS = ("conv", "linear", "norm", "other")  # what ``probes.kinds`` may name (bnprobe.layers.layer_kind)
+
+
 class OptimizerName(str, enum.Enum):
     SGD = "sgd"
     ADAM = "adam"
@@ -269,6 +272,7 @@ def _ordered(pair: tuple[float, float]) -> bool:
 
 
 def _validate(cfg: Config) -> Config:
+    unknown_kinds = [k for k in cfg.probes.kinds if k not in LAYER_KINDS]
     checks = [
         (cfg.lr > 0, "lr must be positive"),
         (cfg.steps > 0, "steps must be at least 1"),
@@ -282,6 +286,7 @@ def _validate(cfg: Config) -> Config:
         (cfg.probes.record_every > 0, "probes.record_every must be at least 1"),
         (cfg.probes.histogram_bins >= 0, "probes.histogram_bins must be >= 0"),
         (cfg.probes.histogram_range[0] < cfg.probes.histogram_range[1], "probes.histogram_range must be (low, high) with low < high"),
+        (not unknown_kinds, f"probes.kinds: unknown layer kind {shown(unknown_kinds[0]) if unknown_kinds else ''}; choose from {', '.join(LAYER_KINDS)}"),
         (cfg.probes.percentile_samples > 0, "probes.percentile_samples must be at least 1"),
         (cfg.probes.ics_every >= 0, "probes.ics_every must be >= 0 (0: off)"),
         (all(e > 0 for e in cfg.probes.etas), "probes.etas must all be positive"),

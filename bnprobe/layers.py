@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from . import rng
+from .config import LAYER_KINDS as KINDS
 from .errors import ConfigError
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-KINDS = ("conv", "linear", "norm", "other")
 
 
 def layer_kind(module: nn.Module) -> str:
