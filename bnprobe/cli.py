@@ -409,7 +409,7 @@ def inspect(
     with user_errors():
         cfg = load_config(None, _overrides(model=model, data=data, bn=bn, bn_targets=bn_targets, keep_bias=keep_bias, fold=fold))
         plan = inspect_model(cfg)
-    table = Table(title=f"bnprobe inspect {model} --bn {bn}", title_justify="left")
+    table = Table(title=f"bnprobe inspect {model} --bn {bn}{' --fold' if fold else ''}", title_justify="left")
     for col in plan.columns:
         table.add_column(col, overflow="fold")
     for row in plan.rows():

@@ -157,6 +157,8 @@ def test_inspect_prints_the_plan(in_tmp: Path) -> None:
     assert "features.0_bn" in result.output and "8 inserted" in result.output
     bad = runner.invoke(app, ["inspect", "vgx"])
     assert bad.exit_code == 2 and "did you mean vgg" in bad.output
+    folded = runner.invoke(app, ["inspect", "vgg", "--bn", "strip", "--fold"], env={"COLUMNS": "100"})
+    assert folded.exit_code == 0 and "bnprobe inspect vgg --bn strip --fold" in folded.output
 
 
 def test_report_and_export_through_the_cli(in_tmp: Path, tiny_config: Path) -> None:
