@@ -178,13 +178,19 @@ class Recorder:
             self._fix_order()
         seconds = self.elapsed()
         self._train_rows.append((self.step_index, _detach(loss), _detach(accuracy), lr, seconds))
-        if self._order_fixed and self.step_index % self.record_every == 0:
-            stats = [self._current.get(n) for n, _ in self._order]
-            if all(s is not None and s.numel() for s in stats):
-                table = torch.stack(stats, dim=1)  # type: ignore[arg-type]
-                channels = {n: self._current_channel[n] for n, _ in self._order if n in self._current_channel}
-                hist = torch.stack([self._current_hist[n] for n, _ in self._order]) if self.histogram_bins else None
-                self._pending.append((self.step_index, table, channels, hist))
+        recorded = {n: s for n, s in self._current.items() if s.numel()}
+        if self._order_fixed and self.step_index % self.record_every == 0 and recorded:
+            # A layer that did not run this step (a skipped branch) gets NaN statistics and an empty
+            # histogram, so the other layers' records of the step are kept.
+            like = next(iter(recorded.values()))
+            missing = torch.full_like(like, float("nan"))
+            table = torch.stack([recorded.get(n, missing) for n, _ in self._order], dim=1)
+            channels = {n: self._current_channel[n] for n, _ in self._order if n in self._current_channel}
+            hist = None
+            if self.histogram_bins:
+                no_counts = torch.zeros(self.histogram_bins, device=like.device)
+                hist = torch.stack([self._current_hist.get(n, no_counts) for n, _ in self._order])
+            self._pending.append((self.step_index, table, channels, hist))
         self._current, self._current_channel, self._current_hist = {}, {}, {}
         self.step_index += 1
         if len(self._train_rows) >= self.flush_every or time.perf_counter() - self._last_flush >= self.flush_seconds:

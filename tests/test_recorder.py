@@ -104,3 +104,42 @@ def test_an_exception_in_the_users_loop_marks_the_run_interrupted(tmp_path: Path
         raise RuntimeError("the user's loop failed")
     run = read_file(tmp_path / "r.h5").runs["run"]
     assert run.attrs["status"] == "interrupted" and run.data["train/loss"].tolist() == [1.0]
+
+
+class SometimesBranch(nn.Module):
+    """``branch`` runs on even calls only (a skipped block, as stochastic depth or a conditional does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(3, 4)
+        self.branch = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h = self.stem(x)
+        return self.branch(h) if self.calls % 2 == 1 else h
+
+
+def test_a_layer_skipped_on_a_step_gets_nan_and_the_others_keep_their_records(tmp_path: Path) -> None:
+    model = SometimesBranch()
+    xs = [torch.randn(8, 3) for _ in range(4)]
+    with Recorder(model, tmp_path / "r.h5", record_every=1, histogram_bins=4, percentile_samples=10**6) as rec:
+        for x in xs:
+            model(x)
+            rec.step()
+    run = read_file(tmp_path / "r.h5").runs["run"]
+    assert run.layer_names == ["stem", "branch"]
+    assert list(run.data["moments/step"]) == [0, 1, 2, 3]
+    means = run.data["moments/mean"]
+    for step, x in enumerate(xs):
+        assert means[step, 0] == pytest.approx(model.stem(x).mean().item(), rel=1e-5, abs=1e-6)
+    assert np.isfinite(means[[0, 2], 1]).all() and np.isnan(means[[1, 3], 1]).all()
+    assert (run.data["moments/histogram"][[1, 3], 1] == 0).all() and run.data["moments/histogram"][0, 1].sum() == 8 * 4
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_an_empty_activation_has_nan_statistics(per_channel: bool) -> None:
+    stats = moment_stats(torch.empty(0, 3, 2), per_channel=per_channel)
+    assert stats.shape == ((len(STATS), 3) if per_channel else (len(STATS),))
+    assert torch.isnan(stats).all()

@@ -51,6 +51,9 @@ def moment_stats(
     else:
         flat = x.reshape(1, -1)
     n = flat.shape[1]
+    if n == 0:  # an empty activation (a zero-size feature map) has no statistics: NaN, not a crash
+        empty = torch.full((len(STATS), flat.shape[0]), float("nan"), dtype=flat.dtype, device=flat.device)
+        return empty if per_channel and x.dim() >= 2 else empty[:, 0]
     mean = flat.sum(dim=1) / n
     centred = flat - mean[:, None]
     sq = centred.square()
