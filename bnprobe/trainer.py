@@ -105,8 +105,7 @@ def _naming_failures(model: nn.Module) -> Iterator[None]:
 
 def prepare_model(cfg: Config, bundle: DataBundle, device: torch.device) -> tuple[nn.Module, Any]:
     """Build the model from ``cfg.seed``, apply the BN mode, move it to ``device`` and check it runs."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, bundle.num_outputs, bundle.input_shape, **dict(cfg.model_options))
+    model = _build_seeded(cfg, bundle)
     x, y = bundle.example_batch(2)
     with _naming_failures(model):
         probed_layers(model, x)
@@ -119,6 +118,14 @@ def prepare_model(cfg: Config, bundle: DataBundle, device: torch.device) -> tupl
             model, cfg.bn.value, x, targets=cfg.bn_targets.value, keep_bias=cfg.keep_bias, fold=cfg.fold, noise=cfg.noise, seed=cfg.seed
         )
     return model.to(device), plan
+
+
+def _build_seeded(cfg: Config, bundle: DataBundle) -> nn.Module:
+    """``cfg.model`` with weights drawn from ``cfg.seed`` alone (so variants share their initial
+    weights), leaving the caller's global random stream where it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return build_model(cfg.model, bundle.num_outputs, bundle.input_shape, **dict(cfg.model_options))
 
 
 def _check_output(model: nn.Module, bundle: DataBundle, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -199,6 +206,8 @@ def train_variant(
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:  # a file edited or damaged
             raise StoreError(f"the checkpoint of run {name!r} does not fit its model and config: {_first_line(e)}") from e
         writer.truncate(start)
+    else:  # dropout and other global draws start from the seed: a variant trains alike alone or after others
+        torch.manual_seed(cfg.seed)
     data = batches(bundle, cfg.batch_size, cfg.seed, start=start)
     t0 = time.perf_counter()
     losses: list[float] = []
@@ -414,8 +423,7 @@ def inspect_model(cfg: Config) -> Any:
     if data.startswith("synthetic:"):
         options["n"] = 8
     bundle = load_data(data, seed=cfg.seed, **options)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, bundle.num_outputs, bundle.input_shape, **dict(cfg.model_options))
+    model = _build_seeded(cfg, bundle)
     x, _ = bundle.example_batch(2)
     with _naming_failures(model):
         probed_layers(model, x)

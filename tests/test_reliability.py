@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from bnprobe.cli import app
@@ -194,3 +195,33 @@ def test_a_layer_glob_may_match_in_some_variants_only(in_tmp: Path, tiny_config:
     assert len(runs["keep"].data["train/loss"]) == 6
     names = [l["name"] for l in runs["insert"].layers]
     assert names and all(n.endswith("_bn") for n in names) and runs["insert"].data["ics/l2"].shape[1] == len(names)
+
+
+DROPOUT_MODEL = """
+import torch
+from torch import nn
+
+
+def make(num_classes=10):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, num_classes))
+"""
+
+
+def test_a_variant_trains_alike_alone_or_after_others_and_building_leaves_the_global_rng(in_tmp: Path) -> None:
+    """Dropout draws from the global stream: each variant starts it from the seed, whatever ran
+    before it, and building a model does not move the caller's stream."""
+    (in_tmp / "drop.py").write_text(DROPOUT_MODEL)
+    base = {"model": "drop.py:make", "data_options": {"n": 64}, "steps": 4, "batch_size": 16}
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    _, alone = run_experiment(load_config(None, {**base, "lr": 0.05, "output": "alone.h5"}))
+    run_experiment(load_config(None, {**base, "variants.lr": [0.1, 0.05], "output": "both.h5"}))
+    assert alone[0].status == "finished"
+    second = read_file("both.h5").runs["lr0.05"].data["train/loss"]
+    np.testing.assert_array_equal(read_file("alone.h5").runs["keep"].data["train/loss"], second)
+    from bnprobe.data import load_data
+    from bnprobe.trainer import prepare_model
+
+    torch.set_rng_state(before)
+    prepare_model(load_config(None, base), load_data("synthetic:cifar10", n=8), torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)
