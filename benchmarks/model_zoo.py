@@ -9,8 +9,9 @@ For each model, at the smallest input it accepts (batch 2, 10 classes, random in
     fold      apply_bn strip --fold on a model whose BNs look trained (running statistics of its own
               activations, random affine): eval outputs on a *different* batch equal the original's
               to 1e-4 (relative), or the plan says, per BN, why it was stripped without folding.
-              A model that amplifies float32 rounding beyond 1e-4 passes when its float64 fold is
-              exact to 1e-4 and the float32 difference is within 10x what rounding alone does
+              A model that amplifies rounding beyond 1e-4 passes when its float64 fold is exact to
+              1e-4 (or within 10x what float64 rounding alone does: an untrained EfficientNetV2-L at
+              28 px is chaotic) and the float32 difference is within 10x what rounding alone does
     noisy     apply_bn noisy, then a training forward/backward
     recorder  bnprobe.Recorder around two SGD steps
     hessian   top_hessian_eigenvalue (2 power iterations), finite
@@ -252,16 +253,21 @@ def check_fold(model: nn.Module, size: int) -> str:
     # than the model's own amplification of float32 rounding (every weight moved by 2^-24).
     twin = copy.deepcopy(model).double()
     folded64, _ = bnprobe.apply_bn(twin, "strip", example.double(), fold=True)
-    g = torch.Generator().manual_seed(3)
-    rounded = copy.deepcopy(model)
     with torch.no_grad():
         diff64 = _relative(folded64.eval()(other.double()), twin(other.double()))
-        for p in rounded.parameters():
-            p.mul_(1 + 2**-24 * torch.randn(p.shape, generator=g))
-        noise = _relative(rounded(other), model(other))
-    if diff64 > FOLD_RTOL or diff > 10 * noise:
-        raise AssertionError(f"folded eval output differs by {diff:.1e} (relative; float64 {diff64:.0e}, float32 rounding alone {noise:.0e})")
-    return f"{len(bns)} folded, {diff:.0e} = float32 rounding (alone {noise:.0e}; float64 {diff64:.0e})"
+        noise, noise64 = _rounding_noise(model, other), _rounding_noise(twin, other.double())
+    if diff64 > max(FOLD_RTOL, 10 * noise64) or diff > 10 * noise:
+        raise AssertionError(f"folded eval output differs by {diff:.1e} (relative; float64 {diff64:.0e}, rounding alone {noise:.0e} / float64 {noise64:.0e})")
+    return f"{len(bns)} folded, {diff:.0e} = rounding (alone {noise:.0e}; float64 {diff64:.0e}, alone {noise64:.0e})"
+
+
+def _rounding_noise(model: nn.Module, x: torch.Tensor) -> float:
+    """How far the eval output moves when every weight moves by one rounding step of its dtype."""
+    rounded = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    for p in rounded.parameters():
+        p.mul_(1 + torch.finfo(p.dtype).eps / 2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return _relative(rounded(x), model(x))
 
 
 def check_recorder(model: nn.Module, size: int) -> str:
