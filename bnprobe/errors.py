@@ -61,6 +61,12 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     return clip((str(e).splitlines() or [type(e).__name__])[0], limit)
 
 
+def described(e: BaseException, limit: int = 200) -> str:
+    """``TypeName: first line of the message`` (the name alone when the message is empty)."""
+    message = (str(e).splitlines() or [""])[0]
+    return f"{type(e).__name__}: {clip(message, limit)}" if message else type(e).__name__
+
+
 def clip(text: str, limit: int = 120) -> str:
     """``text`` cut to ``limit`` characters, keeping both ends (a long path keeps its file name)."""
     if len(text) <= limit:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BnprobeError, ModelError, shown
+from .errors import BnprobeError, ModelError, described, shown
 
 ModelFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelFactory] = {}
@@ -166,8 +166,7 @@ def build_model(spec: str, num_classes: int, input_shape: tuple[int, ...], **opt
     except BnprobeError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever the factory raised, said in one line
-        first = (str(e).splitlines() or [""])[0]
-        raise ModelError(f"building model {spec!r} failed: {type(e).__name__}: {first} (--debug shows where)") from e
+        raise ModelError(f"building model {spec!r} failed: {described(e)} (--debug shows where)") from e
 
 
 def _build(spec: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any]) -> nn.Module:

@@ -25,7 +25,7 @@ from torch import nn
 from . import rng
 from .config import BnMode, Config, OptimizerName, expand_variants
 from .data import DataBundle, batches, load_data
-from .errors import BnprobeError, ConfigError, ModelError, StoreError, first_line
+from .errors import BnprobeError, ConfigError, ModelError, StoreError, described, first_line
 from .layers import eval_free_forward, no_layer_matches, probed_layers
 from .models import build_model
 from .probes import ScheduledProbes, scheduled_probes
@@ -204,7 +204,7 @@ def train_variant(
             rng.restore(model, rng.RngState(checkpoint["rng_cpu"], [], checkpoint["rng_modules"]))
             probes.load_state_dict(checkpoint.get("probes", {}))
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:  # a file edited or damaged
-            raise StoreError(f"the checkpoint of run {name!r} does not fit its model and config: {_first_line(e)}") from e
+            raise StoreError(f"the checkpoint of run {name!r} does not fit its model and config: {described(e)}") from e
         writer.truncate(start)
     else:  # dropout and other global draws start from the seed: a variant trains alike alone or after others
         torch.manual_seed(cfg.seed)
@@ -254,7 +254,7 @@ def train_variant(
         status, failed_step = "failed", start + len(losses)
         error = _failure(model, e, failed_step)
         if error is None:
-            _finish(writer, model, optimizer, rec, probes, status, failed_step, save=False, failed_step=failed_step, error=_first_line(e))
+            _finish(writer, model, optimizer, rec, probes, status, failed_step, save=False, failed_step=failed_step, error=described(e))
             raise
         error_traceback = "".join(traceback.format_exception(e))
     _finish(
@@ -268,10 +268,6 @@ def train_variant(
     )
 
 
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {first_line(e)}"
-
-
 def _failure(model: nn.Module, e: Exception, step: int) -> str | None:
     """One line for an exception raised at ``step`` by the model (naming the innermost of its
     modules in whose code it was raised) or while reading the data (an unreadable image); None
@@ -281,7 +277,7 @@ def _failure(model: nn.Module, e: Exception, step: int) -> str | None:
     tb = e.__traceback__
     while tb is not None:  # outermost frame first, so the last module found is the innermost
         if tb.tb_frame.f_code is batches.__code__:
-            return f"reading the data for step {step} failed: {_first_line(e)}"
+            return f"reading the data for step {step} failed: {described(e)}"
         owner = tb.tb_frame.f_locals.get("self")
         if isinstance(owner, nn.Module) and id(owner) in names:
             found = (names[id(owner)], owner)
@@ -291,7 +287,7 @@ def _failure(model: nn.Module, e: Exception, step: int) -> str | None:
     where = ""
     if found is not None:
         where = f" in module {found[0]!r} ({type(found[1]).__name__})" if found[0] else f" in the model's own code ({type(found[1]).__name__})"
-    return f"the model raised at step {step}{where}: {_first_line(e)}"
+    return f"the model raised at step {step}{where}: {described(e)}"
 
 
 def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, next_step: int, rec: Recorder, probes: ScheduledProbes) -> dict[str, Any]:
