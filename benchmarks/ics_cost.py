@@ -125,7 +125,9 @@ def bench(name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=["vgg", "vgg_bn", "dln", "dln_bn", "resnet18"], choices=["vgg", "vgg_bn", "dln", "dln_bn", "resnet18"])
+    ap.add_argument(
+        "--cases", nargs="+", default=["vgg", "vgg_bn", "dln", "dln_bn", "resnet18"], choices=["vgg", "vgg_bn", "dln", "dln_bn", "resnet18"]
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -140,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ICS cost per measured step, ratio to a plain SGD step (CPU, {meta['threads']} threads, best of {args.repeats})")
         print(f"{'model':<22}{'layers':>7}{'plain ms':>10}{'naive':>8}{'fast':>8}{'fast/naive':>12}{'max rel diff':>14}")
         for r in rows:
-            print(f"{r['model']:<22}{r['layers']:>7}{r['plain_ms']:>10.1f}{r['naive_x']:>7.1f}x{r['fast_x']:>7.1f}x{r['fast_over_naive']:>12.2f}{r['max_rel_diff']:>14.1e}")
+            print(
+                f"{r['model']:<22}{r['layers']:>7}{r['plain_ms']:>10.1f}{r['naive_x']:>7.1f}x{r['fast_x']:>7.1f}x{r['fast_over_naive']:>12.2f}{r['max_rel_diff']:>14.1e}"
+            )
     ok = all(r["fast_over_naive"] <= 0.5 and r["max_rel_diff"] < 1e-4 for r in rows)
     return 0 if ok else 1
 

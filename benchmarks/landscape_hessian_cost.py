@@ -66,7 +66,9 @@ def naive_landscape(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: to
     return out
 
 
-def vmap_landscape(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, etas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def vmap_landscape(
+    model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, etas: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All step sizes in one batched call: loss and ||g - grad L(w - eta g)|| for every eta."""
     params = {k: v.detach() for k, v in model.named_parameters()}
 
@@ -103,7 +105,7 @@ def bench_landscape(m: int, repeats: int) -> dict[str, Any]:
             "naive_passes": best_of(lambda model=model: naive_landscape(model, loss_fn, x, y, etas), repeats) / one,
         }
         if model is plain_model:
-            entry["vmap_passes"] = best_of(lambda: vmap_landscape(model, loss_fn, x, y, etas), repeats) / one
+            entry["vmap_passes"] = best_of(lambda model=model: vmap_landscape(model, loss_fn, x, y, etas), repeats) / one
             ours = landscape(model, loss_fn, x, y, etas)
             losses, grad_l2 = vmap_landscape(model, loss_fn, x, y, etas)
             pairs = [*zip(ours.loss, losses.tolist()), *zip(ours.grad_l2, grad_l2.tolist())]
@@ -143,8 +145,10 @@ def bench_hessian(steps: int) -> dict[str, Any]:
         opt.step()
     return {
         "steps": steps,
-        "pyhessian_hvps": totals["cold"][0], "pyhessian_s": totals["cold"][1],
-        "bnprobe_hvps": totals["warm"][0], "bnprobe_s": totals["warm"][1],
+        "pyhessian_hvps": totals["cold"][0],
+        "pyhessian_s": totals["cold"][1],
+        "bnprobe_hvps": totals["warm"][0],
+        "bnprobe_s": totals["warm"][1],
         "time_ratio": totals["warm"][1] / totals["cold"][1],
         "max_rel_diff": worst,
     }

@@ -66,14 +66,18 @@ def main() -> None:
                     times[name].append((time.perf_counter() - t0) / args.steps)
     base = statistics.median(times["plain"])
     result = {
-        "model": f"vgg width {args.width}", "batch": args.batch, "threads": torch.get_num_threads(),
+        "model": f"vgg width {args.width}",
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
         "seconds_per_step": {k: statistics.median(v) for k, v in times.items()},
         "ratio": {k: statistics.median(v) / base for k, v in times.items()},
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"vgg (width {args.width}), batch {args.batch}, {torch.get_num_threads()} threads, median of {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"vgg (width {args.width}), batch {args.batch}, {torch.get_num_threads()} threads, median of {args.rounds} rounds x {args.steps} steps"
+    )
     for k in settings:
         print(f"  {k:<16} {result['seconds_per_step'][k] * 1000:8.1f} ms/step   {result['ratio'][k]:.3f}x")
 

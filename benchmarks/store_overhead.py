@@ -28,20 +28,38 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "store.h5"
-        cfg = load_config(None, {
-            "model": "dln", "model_options": {"depth": args.depth, "width": 10}, "data": "synthetic:linear",
-            "data_options": {"n": 256}, "batch_size": 64, "lr": 1e-3, "steps": args.steps, "output": str(path),
-            "probes.record_every": args.record_every,
-        })
+        cfg = load_config(
+            None,
+            {
+                "model": "dln",
+                "model_options": {"depth": args.depth, "width": 10},
+                "data": "synthetic:linear",
+                "data_options": {"n": 256},
+                "batch_size": 64,
+                "lr": 1e-3,
+                "steps": args.steps,
+                "output": str(path),
+                "probes.record_every": args.record_every,
+            },
+        )
         run_experiment(cfg)
         run = read_file(path).runs["keep"]
         layers = len(run.layers)
     seconds, write = float(run.attrs["seconds"]), float(run.attrs["write_seconds"])
-    result = {"steps": args.steps, "layers": layers, "record_every": args.record_every, "run_seconds": seconds, "write_seconds": write, "share": write / seconds}
+    result = {
+        "steps": args.steps,
+        "layers": layers,
+        "record_every": args.record_every,
+        "run_seconds": seconds,
+        "write_seconds": write,
+        "share": write / seconds,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{args.steps} steps, {layers} layers, record_every {args.record_every}: HDF5 writes {write:.3f} s of {seconds:.2f} s = {100 * write / seconds:.2f}%")
+        print(
+            f"{args.steps} steps, {layers} layers, record_every {args.record_every}: HDF5 writes {write:.3f} s of {seconds:.2f} s = {100 * write / seconds:.2f}%"
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -61,15 +61,32 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (
 
 # ----------------------------------------------------------------------------- shared options
 
-ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config (default: the built-in quickstart).", show_default=False, metavar="CONFIG")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="vgg | mlp | dln | torchvision:NAME | file.py:factory | pkg.mod:factory")]
-DataOpt = Annotated[Optional[str], typer.Option("--data", "-d", help="synthetic:cifar10|mnist|linear, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE, h5:FILE")]
-BnOpt = Annotated[Optional[list[str]], typer.Option("--bn", help="keep | insert | strip | noisy; repeat for variants.")]
-BnTargetsOpt = Annotated[Optional[str], typer.Option("--bn-targets", help="auto | conv | linear | all")]
-KeepBiasOpt = Annotated[Optional[bool], typer.Option("--keep-bias/--drop-bias", help="Keep the bias of layers BN is inserted after.", show_default=False)]
-FoldOpt = Annotated[Optional[bool], typer.Option("--fold/--no-fold", help="With --bn strip: fold BN statistics into the feeding layer.", show_default=False)]
-HessianBlocksOpt = Annotated[Optional[bool], typer.Option("--hessian-blocks/--no-hessian-blocks", help="With --hessian: also each layer's own block.", show_default=False)]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any config key as KEY=VALUE (YAML value), e.g. probes.hessian_tol=1e-4; repeatable.", show_default=False)]
+ConfigArg = Annotated[
+    Path | None, typer.Argument(help="YAML config (default: the built-in quickstart).", show_default=False, metavar="CONFIG")
+]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="vgg | mlp | dln | torchvision:NAME | file.py:factory | pkg.mod:factory")
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option("--data", "-d", help="synthetic:cifar10|mnist|linear, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE, h5:FILE"),
+]
+BnOpt = Annotated[list[str] | None, typer.Option("--bn", help="keep | insert | strip | noisy; repeat for variants.")]
+BnTargetsOpt = Annotated[str | None, typer.Option("--bn-targets", help="auto | conv | linear | all")]
+KeepBiasOpt = Annotated[
+    bool | None, typer.Option("--keep-bias/--drop-bias", help="Keep the bias of layers BN is inserted after.", show_default=False)
+]
+FoldOpt = Annotated[
+    bool | None, typer.Option("--fold/--no-fold", help="With --bn strip: fold BN statistics into the feeding layer.", show_default=False)
+]
+HessianBlocksOpt = Annotated[
+    bool | None,
+    typer.Option("--hessian-blocks/--no-hessian-blocks", help="With --hessian: also each layer's own block.", show_default=False),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Any config key as KEY=VALUE (YAML value), e.g. probes.hessian_tol=1e-4; repeatable.", show_default=False),
+]
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -105,19 +122,37 @@ def _load(config: Path | None, overrides: dict[str, Any]) -> Any:
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description:<10}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} steps/s"), TimeElapsedColumn(),
-        console=err, transient=False,
+        TextColumn("[bold]{task.description:<10}"),
+        BarColumn(bar_width=20),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]:.1f} steps/s"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
     )
 
 
 def _summary(results: list[Any], path: Path) -> None:
     table = Table(title="bnprobe: run summary", title_justify="left")
-    for col, justify in (("variant", "left"), ("status", "left"), ("steps", "right"), ("loss*", "right"), ("acc*", "right"), ("time", "right")):
+    for col, justify in (
+        ("variant", "left"),
+        ("status", "left"),
+        ("steps", "right"),
+        ("loss*", "right"),
+        ("acc*", "right"),
+        ("time", "right"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in results:
         acc = "-" if r.final_accuracy != r.final_accuracy else f"{r.final_accuracy:.3f}"
-        status = f"{r.status} @ {r.diverged_step}" if r.diverged_step is not None else f"{r.status} @ {r.steps}" if r.status == "failed" else r.status
+        status = (
+            f"{r.status} @ {r.diverged_step}"
+            if r.diverged_step is not None
+            else f"{r.status} @ {r.steps}"
+            if r.status == "failed"
+            else r.status
+        )
         table.add_row(r.name, status, str(r.steps), f"{r.final_loss:.4f}", acc, f"{r.seconds:.1f}s")
     out.print(table)
     counts = sorted({r.averaged_steps for r in results})
@@ -238,45 +273,70 @@ def train(
     bn_targets: BnTargetsOpt = None,
     keep_bias: KeepBiasOpt = None,
     fold: FoldOpt = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="sgd | adam | adamw")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
-    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum.")] = None,
-    nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov", show_default=False)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Training steps per variant.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N]")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="HDF5 file to write ({name} is the config name).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Experiment name.")] = None,
-    layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Glob of layer names to probe; repeatable.")] = None,
-    kinds: Annotated[Optional[list[str]], typer.Option("--kind", help="conv | linear | norm | other; repeatable.")] = None,
-    record_every: Annotated[Optional[int], typer.Option(help="Record moments every N steps.")] = None,
-    per_channel: Annotated[Optional[bool], typer.Option("--per-channel/--no-per-channel", show_default=False)] = None,
-    histogram_bins: Annotated[Optional[int], typer.Option(help="Histogram bins (0: none).")] = None,
-    ics_every: Annotated[Optional[int], typer.Option(help="Measure gradient-shift ICS every N steps (0: off).")] = None,
-    landscape: Annotated[Optional[bool], typer.Option("--landscape/--no-landscape", show_default=False)] = None,
-    hessian: Annotated[Optional[bool], typer.Option("--hessian/--no-hessian", show_default=False)] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd | adam | adamw")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD momentum.")] = None,
+    nesterov: Annotated[bool | None, typer.Option("--nesterov/--no-nesterov", show_default=False)] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps per variant.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N]")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="HDF5 file to write ({name} is the config name).")] = None,
+    name: Annotated[str | None, typer.Option(help="Experiment name.")] = None,
+    layers: Annotated[list[str] | None, typer.Option("--layers", help="Glob of layer names to probe; repeatable.")] = None,
+    kinds: Annotated[list[str] | None, typer.Option("--kind", help="conv | linear | norm | other; repeatable.")] = None,
+    record_every: Annotated[int | None, typer.Option(help="Record moments every N steps.")] = None,
+    per_channel: Annotated[bool | None, typer.Option("--per-channel/--no-per-channel", show_default=False)] = None,
+    histogram_bins: Annotated[int | None, typer.Option(help="Histogram bins (0: none).")] = None,
+    ics_every: Annotated[int | None, typer.Option(help="Measure gradient-shift ICS every N steps (0: off).")] = None,
+    landscape: Annotated[bool | None, typer.Option("--landscape/--no-landscape", show_default=False)] = None,
+    hessian: Annotated[bool | None, typer.Option("--hessian/--no-hessian", show_default=False)] = None,
     hessian_blocks: HessianBlocksOpt = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: at the end).")] = None,
-    flush_every: Annotated[Optional[int], typer.Option(help="Write buffered records to the file every N steps...")] = None,
-    flush_seconds: Annotated[Optional[float], typer.Option(help="...or every S seconds, whichever comes first.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: at the end).")] = None,
+    flush_every: Annotated[int | None, typer.Option(help="Write buffered records to the file every N steps...")] = None,
+    flush_seconds: Annotated[float | None, typer.Option(help="...or every S seconds, whichever comes first.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run file from its checkpoints.")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run file from its checkpoints.")] = None,
     assignments: SetOpt = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
 ) -> None:
     """Train briefly and record activation moments (and ICS/landscape when asked)."""
     with user_errors():
-        overrides = _overrides(
-            model=model, data=data, bn_targets=bn_targets, keep_bias=keep_bias, fold=fold, optimizer=optimizer, lr=lr,
-            momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, steps=steps, batch_size=batch_size, seed=seed,
-            device=device, output=output, name=name, probes__layers=layers, probes__kinds=kinds,
-            probes__record_every=record_every, probes__per_channel=per_channel, probes__histogram_bins=histogram_bins,
-            probes__ics_every=ics_every, probes__landscape=landscape, probes__hessian=hessian,
-            probes__hessian_blocks=hessian_blocks, checkpoint_every=checkpoint_every,
-            flush_every=flush_every, flush_seconds=flush_seconds,
-        ) | _bn_override(bn) | parse_assignments(assignments or [])
+        overrides = (
+            _overrides(
+                model=model,
+                data=data,
+                bn_targets=bn_targets,
+                keep_bias=keep_bias,
+                fold=fold,
+                optimizer=optimizer,
+                lr=lr,
+                momentum=momentum,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+                steps=steps,
+                batch_size=batch_size,
+                seed=seed,
+                device=device,
+                output=output,
+                name=name,
+                probes__layers=layers,
+                probes__kinds=kinds,
+                probes__record_every=record_every,
+                probes__per_channel=per_channel,
+                probes__histogram_bins=histogram_bins,
+                probes__ics_every=ics_every,
+                probes__landscape=landscape,
+                probes__hessian=hessian,
+                probes__hessian_blocks=hessian_blocks,
+                checkpoint_every=checkpoint_every,
+                flush_every=flush_every,
+                flush_seconds=flush_seconds,
+            )
+            | _bn_override(bn)
+            | parse_assignments(assignments or [])
+        )
         if resume is not None:
             if overrides or config is not None or force or print_config:
                 raise BnprobeError(f"--resume continues {resume} with the config stored in it; drop the other options and arguments")
@@ -291,21 +351,31 @@ def train(
 
 @app.command("measure-ics")
 def measure_ics(
-    target: Annotated[Optional[Path], typer.Argument(help="Config YAML, or a finished run's .h5 to continue from its checkpoints.", show_default=False, metavar="CONFIG|RUN.h5")] = None,
-    ics_every: Annotated[Optional[int], typer.Option(help="Measure every N steps (default: the config's, else 10).")] = None,
-    layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Glob of layer names to measure; repeatable.")] = None,
-    landscape: Annotated[Optional[bool], typer.Option("--landscape/--no-landscape", help="Also scan the loss landscape along the gradient.", show_default=False)] = None,
-    hessian: Annotated[Optional[bool], typer.Option("--hessian/--no-hessian", help="Also the top Hessian eigenvalue.", show_default=False)] = None,
+    target: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Config YAML, or a finished run's .h5 to continue from its checkpoints.", show_default=False, metavar="CONFIG|RUN.h5"
+        ),
+    ] = None,
+    ics_every: Annotated[int | None, typer.Option(help="Measure every N steps (default: the config's, else 10).")] = None,
+    layers: Annotated[list[str] | None, typer.Option("--layers", help="Glob of layer names to measure; repeatable.")] = None,
+    landscape: Annotated[
+        bool | None,
+        typer.Option("--landscape/--no-landscape", help="Also scan the loss landscape along the gradient.", show_default=False),
+    ] = None,
+    hessian: Annotated[
+        bool | None, typer.Option("--hessian/--no-hessian", help="Also the top Hessian eigenvalue.", show_default=False)
+    ] = None,
     hessian_blocks: HessianBlocksOpt = None,
     bn: BnOpt = None,
     model: ModelOpt = None,
     data: DataOpt = None,
-    steps: Annotated[Optional[int], typer.Option(help="Training steps (from a run file: further steps).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N]")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="HDF5 file to write.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps (from a run file: further steps).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N]")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="HDF5 file to write.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     assignments: SetOpt = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
@@ -313,18 +383,38 @@ def measure_ics(
     """Santurkar et al.'s protocol: gradient-shift ICS (and the loss landscape) while training."""
     with user_errors():
         sets = parse_assignments(assignments or [])
-        overrides = _overrides(
-            model=model, data=data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device, output=output,
-            probes__ics_every=ics_every, probes__layers=layers, probes__landscape=landscape, probes__hessian=hessian,
-            probes__hessian_blocks=hessian_blocks,
-        ) | _bn_override(bn) | sets
+        overrides = (
+            _overrides(
+                model=model,
+                data=data,
+                steps=steps,
+                lr=lr,
+                batch_size=batch_size,
+                seed=seed,
+                device=device,
+                output=output,
+                probes__ics_every=ics_every,
+                probes__layers=layers,
+                probes__landscape=landscape,
+                probes__hessian=hessian,
+                probes__hessian_blocks=hessian_blocks,
+            )
+            | _bn_override(bn)
+            | sets
+        )
         if target is not None and target.suffix in (".h5", ".hdf5"):
             from .trainer import measure_from_run
 
             fixed = [flag for flag, value in (("--model", model), ("--data", data), ("--bn", bn)) if value]
-            fixed += [f"--set {key}" for key in sets if key.split(".")[0] in ("model", "model_options", "data", "data_options", "bn", "variants", "seed")]
+            fixed += [
+                f"--set {key}"
+                for key in sets
+                if key.split(".")[0] in ("model", "model_options", "data", "data_options", "bn", "variants", "seed")
+            ]
             if fixed:
-                raise BnprobeError(f"{' and '.join(dict.fromkeys(fixed))} cannot change when continuing {target}: its weights fit its own model and data (give a config instead)")
+                raise BnprobeError(
+                    f"{' and '.join(dict.fromkeys(fixed))} cannot change when continuing {target}: its weights fit its own model and data (give a config instead)"
+                )
 
             out_path = Path(output) if output else target.with_name(f"{target.stem}-ics.h5")
             results = _with_progress(lambda on_step: measure_from_run(target, overrides, out_path, force, on_step), out_path)
@@ -344,9 +434,9 @@ def measure_ics(
 @app.command()
 def report(
     paths: Annotated[list[Path], typer.Argument(help="bnprobe .h5 files.", show_default=False, metavar="RUN.h5")],
-    layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated globs of layer names.")] = None,
-    stat: Annotated[Optional[str], typer.Option("--stat", help="Statistic for the sparklines (default: mean).")] = None,
-    variant: Annotated[Optional[str], typer.Option("--variant", help="Comma-separated variant names or globs.")] = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="Comma-separated globs of layer names.")] = None,
+    stat: Annotated[str | None, typer.Option("--stat", help="Statistic for the sparklines (default: mean).")] = None,
+    variant: Annotated[str | None, typer.Option("--variant", help="Comma-separated variant names or globs.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Rich tables of what runs recorded, variants side by side."""
@@ -364,8 +454,8 @@ def report(
 def export(
     path: Annotated[Path, typer.Argument(help="bnprobe .h5 file.", show_default=False, metavar="RUN.h5")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="csv | json | npz | parquet")] = "csv",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: next to the input).")] = None,
-    variant: Annotated[Optional[str], typer.Option("--variant", help="Comma-separated variant names or globs.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file (default: next to the input).")] = None,
+    variant: Annotated[str | None, typer.Option("--variant", help="Comma-separated variant names or globs.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
 ) -> None:
     """Export records as one tidy long table (variant, section, step, layer, quantity, channel, eta, bin, value)."""
@@ -381,8 +471,8 @@ def plot(
     paths: Annotated[list[Path], typer.Argument(help="bnprobe .h5 files.", show_default=False, metavar="RUN.h5")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Figure file: .png, .svg or .pdf.")],
     kind: Annotated[str, typer.Option("--kind", "-k", help="moments | ics | landscape | training")] = "moments",
-    layer: Annotated[Optional[str], typer.Option("--layer", help="Layer name or glob (moments: one layer; ics: up to 6).")] = None,
-    variant: Annotated[Optional[str], typer.Option("--variant", help="Comma-separated variant names or globs.")] = None,
+    layer: Annotated[str | None, typer.Option("--layer", help="Layer name or glob (moments: one layer; ics: up to 6).")] = None,
+    variant: Annotated[str | None, typer.Option("--variant", help="Comma-separated variant names or globs.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
 ) -> None:
     """Figures of the papers: percentiles over training, ICS per layer, landscape bands, training curves."""

@@ -7,6 +7,7 @@ their product expands into runs that share seed, data order and initial weights,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import enum
@@ -145,7 +146,16 @@ _DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:\d+)?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # Names users carry over from other tools, so that the hint points at ours.
-_ALIASES = {"learning_rate": "lr", "epochs": "steps", "iterations": "steps", "batch": "batch_size", "wd": "weight_decay", "optim": "optimizer", "batchnorm": "bn", "norm": "bn"}
+_ALIASES = {
+    "learning_rate": "lr",
+    "epochs": "steps",
+    "iterations": "steps",
+    "batch": "batch_size",
+    "wd": "weight_decay",
+    "optim": "optimizer",
+    "batchnorm": "bn",
+    "norm": "bn",
+}
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -180,10 +190,8 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {shown(value)}")
         value = float(value)
@@ -250,7 +258,9 @@ def _variants(raw: Any) -> dict[str, tuple[Any, ...]]:
             raise ConfigError(f"variants.{key}: give at least one value")
         out[key] = tuple(_coerce(f"variants.{key}", v, hints[key]) for v in items)
         if math.prod(len(v) for v in out.values()) > MAX_VARIANTS:
-            raise ConfigError(f"variants: more than {MAX_VARIANTS} runs (every variant's model is built before the first step); split the experiment")
+            raise ConfigError(
+                f"variants: more than {MAX_VARIANTS} runs (every variant's model is built before the first step); split the experiment"
+            )
         twice = next((v for i, v in enumerate(out[key]) if v in out[key][:i]), None)
         if twice is not None:  # two runs of one name would share one group in the file
             raise ConfigError(f"variants.{key} lists {_plain(twice)} twice")
@@ -286,7 +296,10 @@ def _validate(cfg: Config) -> Config:
         (cfg.probes.record_every > 0, "probes.record_every must be at least 1"),
         (cfg.probes.histogram_bins >= 0, "probes.histogram_bins must be >= 0"),
         (cfg.probes.histogram_range[0] < cfg.probes.histogram_range[1], "probes.histogram_range must be (low, high) with low < high"),
-        (not unknown_kinds, f"probes.kinds: unknown layer kind {shown(unknown_kinds[0]) if unknown_kinds else ''}; choose from {', '.join(LAYER_KINDS)}"),
+        (
+            not unknown_kinds,
+            f"probes.kinds: unknown layer kind {shown(unknown_kinds[0]) if unknown_kinds else ''}; choose from {', '.join(LAYER_KINDS)}",
+        ),
         (cfg.probes.percentile_samples > 0, "probes.percentile_samples must be at least 1"),
         (cfg.probes.ics_every >= 0, "probes.ics_every must be >= 0 (0: off)"),
         (all(e > 0 for e in cfg.probes.etas), "probes.etas must all be positive"),
@@ -297,11 +310,20 @@ def _validate(cfg: Config) -> Config:
         (cfg.probes.histogram_bins <= MAX_HISTOGRAM_BINS, f"probes.histogram_bins must be at most {MAX_HISTOGRAM_BINS}"),
         (0 <= cfg.seed < _INT64, f"seed must be between 0 and {_INT64 - 1}"),
         (_DEVICE.fullmatch(cfg.device) is not None, f"device must be auto, cpu, cuda[:N] or mps, not {shown(cfg.device)}"),
-        (bool(cfg.name) and "/" not in cfg.name and not _CONTROL.search(cfg.name), "name must be non-empty and hold no '/' or control characters"),
+        (
+            bool(cfg.name) and "/" not in cfg.name and not _CONTROL.search(cfg.name),
+            "name must be non-empty and hold no '/' or control characters",
+        ),
         (not _CONTROL.search(cfg.output), "output must hold no control characters"),
-        (not set(cfg.model_options) & {"spec", "num_classes", "input_shape"}, "model_options cannot set spec, num_classes or input_shape (the model is `model`; the data sets the others)"),
+        (
+            not set(cfg.model_options) & {"spec", "num_classes", "input_shape"},
+            "model_options cannot set spec, num_classes or input_shape (the model is `model`; the data sets the others)",
+        ),
         (not set(cfg.data_options) & {"spec", "seed"}, "data_options cannot set spec or seed (they are `data` and `seed`)"),
-        (_ordered(cfg.noise.mu_range) and _ordered(cfg.noise.sigma_range), "noise.mu_range and noise.sigma_range must be [low, high] with low <= high"),
+        (
+            _ordered(cfg.noise.mu_range) and _ordered(cfg.noise.sigma_range),
+            "noise.mu_range and noise.sigma_range must be [low, high] with low <= high",
+        ),
         (cfg.noise.mean_spread >= 0 and cfg.noise.scale_std >= 0, "noise.mean_spread and noise.scale_std must be >= 0"),
         (_placeholders_ok(cfg.output), f"output {shown(cfg.output)}: the only placeholder is {{name}}"),
     ]
@@ -328,7 +350,9 @@ class _Loader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported in bnprobe configs; write the value out", self.peek_event().start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not supported in bnprobe configs; write the value out", self.peek_event().start_mark
+            )
         return super().compose_node(parent, index)
 
 
@@ -336,7 +360,7 @@ def parse_yaml(text: str) -> Any:
     """YAML text to Python values with :class:`_Loader`; every failure is a :class:`yaml.YAMLError`
     (nesting too deep for the recursive parser, an integer too long to convert, included)."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_Loader)
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
     except ValueError as e:  # int() of a number with thousands of digits

@@ -57,7 +57,9 @@ def load_data(spec: str, seed: int = 0, **options: Any) -> DataBundle:
     if kind not in loaders or not rest:
         close = difflib.get_close_matches(kind, list(loaders), n=1)
         hint = f" (did you mean {close[0]}:...?)" if close and close[0] != kind else ""
-        raise DataError(f"unknown data spec {shown(spec)}{hint}; use synthetic:cifar10|mnist|linear, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE or h5:FILE")
+        raise DataError(
+            f"unknown data spec {shown(spec)}{hint}; use synthetic:cifar10|mnist|linear, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE or h5:FILE"
+        )
     return loaders[kind](kind, rest, seed, dict(options))
 
 
@@ -230,7 +232,9 @@ def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBun
         arrays = read_arrays(path)
     missing = [k for k in (x_key, y_key) if k not in arrays]
     if missing:
-        raise DataError(f"{path} has no array {missing[0]!r} (found: {', '.join(sorted(arrays)) or 'none'}); set data_options.x_key / y_key")
+        raise DataError(
+            f"{path} has no array {missing[0]!r} (found: {', '.join(sorted(arrays)) or 'none'}); set data_options.x_key / y_key"
+        )
     x_np, y_np = np.asarray(arrays[x_key]), np.asarray(arrays[y_key])
     for key, arr in ((x_key, x_np), (y_key, y_np)):
         if arr.dtype.kind not in "biuf" or arr.ndim == 0:

@@ -72,4 +72,4 @@ def clip(text: str, limit: int = 120) -> str:
     if len(text) <= limit:
         return text
     half = (limit - 3) // 2
-    return text[:half] + "..." + text[len(text) - half:]
+    return text[:half] + "..." + text[len(text) - half :]

@@ -40,7 +40,21 @@ from .store import RunData, check_output_path
 FORMATS = ("csv", "json", "npz", "parquet")
 COLUMNS = ("variant", "section", "step", "layer", "quantity", "channel", "eta", "bin", "value")
 _SECTION_ORDER = ("train", "moments", "ics", "landscape", "hessian")
-_QUANTITY_ORDER = ("loss", "accuracy", "lr", "seconds", *STATS, "histogram", *ICS_QUANTITIES, "grad_l2", "beta_smoothness", "loss_at_w", "top_eigenvalue", "iterations", "residual")
+_QUANTITY_ORDER = (
+    "loss",
+    "accuracy",
+    "lr",
+    "seconds",
+    *STATS,
+    "histogram",
+    *ICS_QUANTITIES,
+    "grad_l2",
+    "beta_smoothness",
+    "loss_at_w",
+    "top_eigenvalue",
+    "iterations",
+    "residual",
+)
 _CONSTANTS = {"ics/layer", "landscape/eta"}
 
 
@@ -83,7 +97,9 @@ def _blocks(run: RunData) -> Iterator[dict[str, np.ndarray]]:
         yield _block(run.name, top, quantity, steps, values, roles, layer)
 
 
-def _block(variant: str, section: str, quantity: str, steps: np.ndarray, values: np.ndarray, roles: list[tuple[str, Any]], layer: str) -> dict[str, np.ndarray]:
+def _block(
+    variant: str, section: str, quantity: str, steps: np.ndarray, values: np.ndarray, roles: list[tuple[str, Any]], layer: str
+) -> dict[str, np.ndarray]:
     n = min(len(steps), len(values))
     values = values[:n]
     idx = np.indices(values.shape).reshape(values.ndim, -1)
@@ -121,7 +137,9 @@ def tidy_table(path: str | Path, variant: str | None = None) -> dict[str, np.nda
     blocks = [b for r in runs for b in _blocks(r)]
     if not blocks:
         return {
-            c: np.zeros(0, dtype=object if c in ("variant", "section", "layer", "quantity") else np.float64 if c in ("eta", "value") else np.int64)
+            c: np.zeros(
+                0, dtype=object if c in ("variant", "section", "layer", "quantity") else np.float64 if c in ("eta", "value") else np.int64
+            )
             for c in COLUMNS
         }
     return {c: np.concatenate([b[c] for b in blocks]) for c in COLUMNS}

@@ -71,7 +71,9 @@ def eval_free_forward(model: nn.Module) -> Iterator[None]:
         rng.restore(model, streams)
 
 
-def execution_order(model: nn.Module, example_input: Any, modules: Iterable[tuple[str, nn.Module]] | None = None) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+def execution_order(
+    model: nn.Module, example_input: Any, modules: Iterable[tuple[str, nn.Module]] | None = None
+) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     """Names, modules and output shapes in the order of their first call on ``example_input``."""
     candidates = list(modules if modules is not None else model.named_modules())
     seen: dict[int, tuple[str, nn.Module, tuple[int, ...]]] = {}

@@ -12,6 +12,7 @@ import fnmatch
 import importlib
 import importlib.util
 import inspect
+import itertools
 import math
 import re
 import sys
@@ -134,7 +135,7 @@ def dln(num_classes: int, input_shape: tuple[int, ...], depth: int = 25, width: 
     """
     _at_least("dln", 1, depth=depth, width=width)
     dims = [math.prod(input_shape)] + [width] * (depth - 1) + [num_classes]
-    return glorot_init(nn.Sequential(nn.Flatten(), *[nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:])]))
+    return glorot_init(nn.Sequential(nn.Flatten(), *[nn.Linear(a, b, bias=False) for a, b in itertools.pairwise(dims)]))
 
 
 def _at_least(model: str, minimum: int, **sizes: Any) -> None:
@@ -165,7 +166,7 @@ def build_model(spec: str, num_classes: int, input_shape: tuple[int, ...], **opt
         return _build(spec, num_classes, input_shape, options)
     except BnprobeError:
         raise
-    except Exception as e:  # noqa: BLE001 - whatever the factory raised, said in one line
+    except Exception as e:
         raise ModelError(f"building model {spec!r} failed: {described(e)} (--debug shows where)") from e
 
 
@@ -233,7 +234,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except Exception as e:  # noqa: BLE001 - any failure here is a bad file, reported in one line
+    except Exception as e:
         raise ModelError(f"cannot load weights from {p}: {str(e).splitlines()[0]}") from e
 
 
@@ -281,6 +282,6 @@ def _load_file(path: Path) -> Any:
         spec.loader.exec_module(module)
     except SyntaxError as e:
         raise ModelError(f"syntax error in {e.filename}, line {e.lineno}: {e.msg}") from e
-    except Exception as e:  # noqa: BLE001 - the user's file failed to import; say where
+    except Exception as e:
         raise ModelError(f"{path} failed to import: {type(e).__name__}: {e}") from e
     return module

@@ -114,7 +114,7 @@ def strings(values: Any) -> list[str]:
 def moment_layers(run: RunData) -> list[str]:
     """Names of the columns of ``moments/<stat>``: the layers table, in order."""
     width = run.data["moments/mean"].shape[1] if "moments/mean" in run.data else len(run.layers)
-    names = [l["name"] for l in sorted(run.layers, key=lambda l: l["order"])]
+    names = [lay["name"] for lay in sorted(run.layers, key=lambda lay: lay["order"])]
     return names if len(names) == width else [f"#{i}" for i in range(width)]
 
 
@@ -137,7 +137,7 @@ def hessian_blocks(run: RunData) -> list[str]:
 
 
 def layer_kinds(run: RunData) -> dict[str, str]:
-    return {l["name"]: str(l["kind"]) for l in run.layers}
+    return {lay["name"]: str(lay["kind"]) for lay in run.layers}
 
 
 def num(value: Any) -> float | int | None:
@@ -212,7 +212,7 @@ def _summary(run: RunData) -> dict[str, Any]:
         "device": _plain(a.get("device", "")),
         "status": _plain(a.get("status", "unknown")),
         "steps": num(steps_attr) if steps_attr is not None else (int(last_step) + 1 if last_step is not None else None),
-        "records": int(len(run.data.get("train/step", ()))),
+        "records": len(run.data.get("train/step", ())),
         "last_step": num(last_step),
         "final_loss": num(_last(run, "train/loss")),
         "final_accuracy": num(_last(run, "train/accuracy")),
@@ -274,7 +274,7 @@ def _ics(run: RunData, patterns: Sequence[str]) -> dict[str, Any] | None:
         for j, name in enumerate(names)
         if _matches(name, patterns)
     ]
-    return {"records": int(len(steps)), "first_step": num(steps[0]), "last_step": num(steps[-1]), "layers": layers}
+    return {"records": len(steps), "first_step": num(steps[0]), "last_step": num(steps[-1]), "layers": layers}
 
 
 def _landscape(run: RunData) -> dict[str, Any] | None:
@@ -293,10 +293,10 @@ def _landscape(run: RunData) -> dict[str, Any] | None:
         return num(_nanreduce(np.median, _nanreduce(np.max, arr, axis=1) - _nanreduce(np.min, arr, axis=1)))
 
     return {
-        "records": int(len(steps)),
+        "records": len(steps),
         "first_step": num(steps[0]),
         "last_step": num(steps[-1]),
-        "etas": int(len(eta)) if eta is not None else None,
+        "etas": len(eta) if eta is not None else None,
         "eta_min": num(np.min(eta)) if eta is not None and len(eta) else None,
         "eta_max": num(np.max(eta)) if eta is not None and len(eta) else None,
         "loss_min": num(_nanreduce(np.min, loss)) if loss is not None else None,
@@ -323,7 +323,7 @@ def _hessian(run: RunData) -> dict[str, Any] | None:
         return num(arr[-1]) if np.ndim(arr[-1]) == 0 else _nums(arr[-1])
 
     return {
-        "records": int(len(d["hessian/step"])),
+        "records": len(d["hessian/step"]),
         "last_step": num(d["hessian/step"][-1]),
         "top_eigenvalue": last("hessian/top_eigenvalue"),
         "iterations": last("hessian/iterations"),
@@ -332,7 +332,8 @@ def _hessian(run: RunData) -> dict[str, Any] | None:
         "bn_mode": _plain(attrs.get("bn_mode")),
         "samples": _plain(attrs.get("samples")),
         "blocks": {name: num(v) for name, v in zip(hessian_blocks(run), d["hessian/block_top_eigenvalue"][-1])}
-        if "hessian/block_top_eigenvalue" in d and len(d["hessian/block_top_eigenvalue"]) else {},
+        if "hessian/block_top_eigenvalue" in d and len(d["hessian/block_top_eigenvalue"])
+        else {},
     }
 
 
@@ -410,7 +411,7 @@ def sparkline(values: Sequence[float | None], width: int, lo: float | None = Non
         elif hi - lo <= 1e-3 * max(abs(lo), abs(hi)):  # flat to 0.1%: 8 levels would only magnify noise
             out.append(SPARK_BLOCKS[top // 2])
         else:
-            out.append(SPARK_BLOCKS[int(round((min(max(v, lo), hi) - lo) / (hi - lo) * top))])
+            out.append(SPARK_BLOCKS[round((min(max(v, lo), hi) - lo) / (hi - lo) * top)])
     return "".join(out)
 
 
@@ -495,7 +496,9 @@ def render_report(report: dict[str, Any], console: Any) -> None:
         line.append(f"  bnprobe {f.get('bnprobe_version') or '?'}, {f.get('created') or ''}", style="dim")
         console.print(line, overflow="fold")
         if not f["runs"] and f.get("variants"):
-            console.print(Text(f"  no run matches --variant {report['variant']}; runs: {', '.join(f['variants'])}", style="dim"), overflow="fold")
+            console.print(
+                Text(f"  no run matches --variant {report['variant']}; runs: {', '.join(f['variants'])}", style="dim"), overflow="fold"
+            )
         elif not f["runs"]:
             console.print(Text(f"  no runs recorded; {RECORD_HINTS['train']}", style="dim"), overflow="fold")
     if not cols:
@@ -528,13 +531,13 @@ def render_report(report: dict[str, Any], console: Any) -> None:
 
     def aligned(key: str, having: Sequence[tuple[str, Any]]) -> tuple[list[str], dict[str, dict[str, Any]]]:
         """Row names (in order) and, per column label, {row name: layer entry}."""
-        maps = align_layers([[(l["name"], l.get("kind", "")) for l in run[key]["layers"]] for _, run in having])
-        rows = _merge_order([m[l["name"]] for l in run[key]["layers"]] for m, (_, run) in zip(maps, having))
-        by_row = {label: {m[l["name"]]: l for l in run[key]["layers"]} for m, (label, run) in zip(maps, having)}
+        maps = align_layers([[(lay["name"], lay.get("kind", "")) for lay in run[key]["layers"]] for _, run in having])
+        rows = _merge_order([m[lay["name"]] for lay in run[key]["layers"]] for m, (_, run) in zip(maps, having))
+        by_row = {label: {m[lay["name"]]: lay for lay in run[key]["layers"]} for m, (label, run) in zip(maps, having)}
         return rows, by_row
 
     def renamed_note(by_row: dict[str, dict[str, Any]]) -> None:
-        renamed = [(label, row, l["name"]) for label, rows_of in by_row.items() for row, l in rows_of.items() if row != l["name"]]
+        renamed = [(label, row, lay["name"]) for label, rows_of in by_row.items() for row, lay in rows_of.items() if row != lay["name"]]
         if renamed:
             labels = ", ".join(dict.fromkeys(label for label, _, _ in renamed))
             _, row, name = renamed[0]
@@ -548,8 +551,14 @@ def render_report(report: dict[str, Any], console: Any) -> None:
 
     Row = tuple[str, Callable[[dict[str, Any]], Any]]
 
-    def row_tables(section: str, title: str, having: Sequence[tuple[str, Any]], rows: Sequence[Row],
-                   widths: tuple[int, int], captions: Sequence[str] = ()) -> None:
+    def row_tables(
+        section: str,
+        title: str,
+        having: Sequence[tuple[str, Any]],
+        rows: Sequence[Row],
+        widths: tuple[int, int],
+        captions: Sequence[str] = (),
+    ) -> None:
         """One row per quantity, one column per run (groups of columns as the width allows)."""
         for group in _groups(having, width, *widths):
             t = table(title, "", widths[0], [label for label, _ in group])
@@ -590,13 +599,15 @@ def render_report(report: dict[str, Any], console: Any) -> None:
         names, by_layer = aligned("moments", with_moments)
         kind_sets: dict[str, set[str]] = {}
         for rows_of in by_layer.values():
-            for row, l in rows_of.items():
-                kind_sets.setdefault(row, set()).add(l["kind"])
+            for row, lay in rows_of.items():
+                kind_sets.setdefault(row, set()).add(lay["kind"])
         name_w = min(16, max([5, *map(len, names), *(len(k) for ks in kind_sets.values() for k in ks)]))
         first = with_moments[0][1]["moments"]
         for group in _groups(with_moments, width, name_w, 20):
             spark_w = max(8, min(24, (width - name_w) // len(group) - 3))
-            caption = f"first → last record; sparkline: {stat} over steps {fmt(first['first_step'])}–{fmt(first['last_step'])}, one scale per row"
+            caption = (
+                f"first → last record; sparkline: {stat} over steps {fmt(first['first_step'])}–{fmt(first['last_step'])}, one scale per row"
+            )
             t = table("Activation moments", "layer", name_w, [label for label, _ in group])
             for name in names:
                 series = [by_layer[label][name]["series"] for label, _ in group if name in by_layer[label]]
@@ -613,8 +624,10 @@ def render_report(report: dict[str, Any], console: Any) -> None:
                     cells.append(
                         Text.assemble(
                             (f"({layer['kind']})\n" if len(kinds) > 1 else "", "dim"),
-                            ("mean ", "dim"), f"{fmt(a['mean'])}→{fmt(b['mean'])}\n",
-                            ("std  ", "dim"), f"{fmt(a['std'])}→{fmt(b['std'])}\n",
+                            ("mean ", "dim"),
+                            f"{fmt(a['mean'])}→{fmt(b['mean'])}\n",
+                            ("std  ", "dim"),
+                            f"{fmt(a['std'])}→{fmt(b['std'])}\n",
                             ("p15/50/85\n", "dim"),
                             f"{fmt(a['p15'])} {fmt(a['p50'])} {fmt(a['p85'])}\n",
                             f"→{fmt(b['p15'])} {fmt(b['p50'])} {fmt(b['p85'])}\n",

@@ -32,7 +32,13 @@ SECTIONS = ("train", "moments", "ics", "landscape", "hessian")
 _TEXT_DATASETS = ("ics/layer", "hessian/block")  # the only datasets in a section holding strings
 _TABLES = ("moments/", "ics/", "hessian/block_")  # records of these are [records, layers, ...]
 _LAYER_DTYPE = np.dtype(
-    [("name", h5py.string_dtype()), ("kind", h5py.string_dtype()), ("param_count", "i8"), ("output_shape", h5py.string_dtype()), ("order", "i4")]
+    [
+        ("name", h5py.string_dtype()),
+        ("kind", h5py.string_dtype()),
+        ("param_count", "i8"),
+        ("output_shape", h5py.string_dtype()),
+        ("order", "i4"),
+    ]
 )
 
 
@@ -85,7 +91,9 @@ class Store:
         self.writers: dict[str, RunWriter] = {}
 
     @classmethod
-    def create(cls, path: str | Path, config_yaml: str = "", force: bool = False, create_parent: bool = False, inputs: Sequence[str | Path] = ()) -> Store:
+    def create(
+        cls, path: str | Path, config_yaml: str = "", force: bool = False, create_parent: bool = False, inputs: Sequence[str | Path] = ()
+    ) -> Store:
         """Start a new experiment file; refuses to touch an existing one unless ``force``, and
         ``inputs`` (files it is made from) even then.
 
@@ -224,7 +232,7 @@ class RunWriter:
     def set_layers(self, layers: Sequence[LayerInfo]) -> None:
         """Write the layers table (name, kind, param_count, output shape, order)."""
         rows = np.array(
-            [(l.name, l.kind, l.param_count, "x".join(map(str, l.output_shape)), l.order) for l in layers], dtype=_LAYER_DTYPE
+            [(lay.name, lay.kind, lay.param_count, "x".join(map(str, lay.output_shape)), lay.order) for lay in layers], dtype=_LAYER_DTYPE
         )
         if "layers" in self._group:
             del self._group["layers"]
@@ -267,9 +275,7 @@ class RunWriter:
             block = np.stack(rows)
             if path not in self._group:
                 chunk_rows = max(1, min(1024, (1 << 16) // max(1, block[0].nbytes)))
-                self._group.create_dataset(
-                    path, data=block, maxshape=(None, *block.shape[1:]), chunks=(chunk_rows, *block.shape[1:])
-                )
+                self._group.create_dataset(path, data=block, maxshape=(None, *block.shape[1:]), chunks=(chunk_rows, *block.shape[1:]))
             else:
                 ds = self._group[path]
                 if ds.shape[1:] != block.shape[1:]:
@@ -326,7 +332,7 @@ class RunData:
 
     @property
     def layer_names(self) -> list[str]:
-        return [l["name"] for l in self.layers]
+        return [lay["name"] for lay in self.layers]
 
     def has(self, section: str) -> bool:
         return f"{section}/step" in self.data
@@ -429,7 +435,9 @@ def _check_records(path: Path, rel: str, obj: Any) -> None:
         if step is not None and not (isinstance(step, h5py.Dataset) and step.ndim == 1 and step.dtype.kind in "iu"):
             raise StoreError(f"{path}: {obj.name}/step is not a 1-D integer dataset; {_NOT_OURS}")
     elif rel not in _TEXT_DATASETS and (obj.dtype.kind not in "biuf" or obj.ndim == 0):
-        raise StoreError(f"{path}: {obj.name} holds {obj.dtype} {'scalar' if obj.ndim == 0 else 'values'}, not numbers per record; {_NOT_OURS}")
+        raise StoreError(
+            f"{path}: {obj.name} holds {obj.dtype} {'scalar' if obj.ndim == 0 else 'values'}, not numbers per record; {_NOT_OURS}"
+        )
     elif rel.startswith(_TABLES) and rel not in _TEXT_DATASETS and not rel.endswith("/step") and obj.ndim < 2:
         raise StoreError(f"{path}: {obj.name} is {obj.ndim}-D, not [records, layers]; {_NOT_OURS}")
 
@@ -461,7 +469,7 @@ def _checkpoint(h5: h5py.File, path: Path, run: str) -> tuple[dict[str, Any], in
         blob = group["checkpoint"][()].tobytes()
         step = int(group["checkpoint"].attrs.get("step", 0))
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True), step
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle is a corrupted checkpoint
+    except Exception as e:
         raise StoreError(f"the checkpoint of run {run!r} in {path} is corrupted: {first_line(e)}") from e
 
 

@@ -403,7 +403,7 @@ def _dataflow(model: nn.Module, example_input: Any) -> _Flow:
     try:
         with eval_free_forward(model), tape:
             result = model(example_input)
-    except Exception as e:  # noqa: BLE001 - any failure of the user's forward is reported in one line
+    except Exception as e:
         raise SurgeryError(f"cannot plan BN surgery: {type(model).__name__} fails on the example input: {str(e).splitlines()[0]}") from e
     finally:
         for h in handles:
@@ -542,7 +542,9 @@ def _make_noisy(bn: nn.Module, name: str, after: list[str], seed: int, config: N
     if after and cls not in NOISY_BN:
         base = next((c for c in cls.__mro__ if c in NOISY_BN), None)
         if base is None:
-            raise SurgeryError(f"cannot add noise to {name}: {cls.__name__} runs children ({', '.join(after)}) and derives from no plain BatchNorm class")
+            raise SurgeryError(
+                f"cannot add noise to {name}: {cls.__name__} runs children ({', '.join(after)}) and derives from no plain BatchNorm class"
+            )
         cls = base
     try:
         bn.__class__ = noisy_class(cls)
@@ -579,7 +581,9 @@ def _scale_into(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> N
             layer.bias.copy_(bias)
 
 
-_STOCK_FORWARDS = frozenset(cls.forward for cls in (*_TARGETS["conv"], nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear))
+_STOCK_FORWARDS = frozenset(
+    cls.forward for cls in (*_TARGETS["conv"], nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+)
 
 
 def _scales_with_its_weight(layer: nn.Module, shape: tuple[int, ...] | None) -> bool:
@@ -653,7 +657,9 @@ def _new_bn(layer: nn.Module, name: str, flow: _Flow, seeds: _Seeds | None) -> n
     bn_type = next(bn for kind, bn in _BN_FOR.items() if isinstance(layer, kind))
     rank = flow.rank.get(name)
     if rank != _channel_rank(layer):
-        raise SurgeryError(f"cannot insert {bn_type.__name__} after {name}: its output has rank {rank}, not {_channel_rank(layer)} with channels in dim 1")
+        raise SurgeryError(
+            f"cannot insert {bn_type.__name__} after {name}: its output has rank {rank}, not {_channel_rank(layer)} with channels in dim 1"
+        )
     options = {"device": layer.weight.device, "dtype": layer.weight.dtype}
     if seeds is None:
         return bn_type(_channels(layer), **options)
@@ -811,7 +817,9 @@ def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], exam
         twin = _replace(twin, bn, stand_in.to(dtype) if dtype is not None else stand_in)
     worst = _relative_change(_eval_output(twin, x), reference)
     if worst > _FOLD_RTOL and worst > 10 * _rounding_noise(model, x, dtype, reference):
-        raise SurgeryError(f"folding BN changed {type(model).__name__}'s eval output by {worst:.1e} (relative): a folded layer's output is used in a way the dataflow pass did not see; strip without --fold")
+        raise SurgeryError(
+            f"folding BN changed {type(model).__name__}'s eval output by {worst:.1e} (relative): a folded layer's output is used in a way the dataflow pass did not see; strip without --fold"
+        )
 
 
 def _relative_change(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:

@@ -12,10 +12,10 @@ import dataclasses
 import math
 import time
 import traceback
-from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,7 +94,7 @@ def _naming_failures(model: nn.Module) -> Iterator[None]:
         yield
     except BnprobeError:
         raise
-    except Exception as e:  # noqa: BLE001 - shape errors come as RuntimeError, AssertionError, ValueError...
+    except Exception as e:
         where = f" in layer {entered[-1]!r}" if entered else ""
         first = first_line(e)
         raise ModelError(f"the model cannot run on this data{where}: {first}") from e
@@ -150,7 +150,9 @@ def _accuracy(output: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor 
     return (output.argmax(dim=1) == y).float().mean()
 
 
-def _plain_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _plain_step(
+    model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     optimizer.zero_grad(set_to_none=True)
     output = model(x)
     loss = loss_fn(output, y)
@@ -190,8 +192,16 @@ def train_variant(
     # run_experiment has checked that some variant matches.
     layer_infos = probed_layers(model, x0.to(device), cfg.probes.layers, cfg.probes.kinds or None, require=False)
     writer.set_attrs(
-        bn=cfg.bn.value, model=cfg.model, data=bundle.spec, seed=cfg.seed, device=str(device), optimizer=cfg.optimizer.value,
-        lr=cfg.lr, batch_size=cfg.batch_size, planned_steps=cfg.steps, task=bundle.task,
+        bn=cfg.bn.value,
+        model=cfg.model,
+        data=bundle.spec,
+        seed=cfg.seed,
+        device=str(device),
+        optimizer=cfg.optimizer.value,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        planned_steps=cfg.steps,
+        task=bundle.task,
         surgery=plan.summary() if plan is not None else "none",
     )
     probes = scheduled_probes(cfg, [info.name for info, _ in layer_infos], writer)
@@ -214,10 +224,20 @@ def train_variant(
     accs: list[float] = []
     status, diverged_step, failed_step, error, error_traceback = "finished", None, None, None, ""
     rec = Recorder(
-        model, writer, layers=cfg.probes.layers, kinds=cfg.probes.kinds or None, record_every=cfg.probes.record_every,
-        per_channel=cfg.probes.per_channel, histogram_bins=cfg.probes.histogram_bins,
-        histogram_range=cfg.probes.histogram_range, percentile_samples=cfg.probes.percentile_samples,
-        seed=cfg.seed, flush_every=cfg.flush_every, flush_seconds=cfg.flush_seconds, start_step=start, require_match=False,
+        model,
+        writer,
+        layers=cfg.probes.layers,
+        kinds=cfg.probes.kinds or None,
+        record_every=cfg.probes.record_every,
+        per_channel=cfg.probes.per_channel,
+        histogram_bins=cfg.probes.histogram_bins,
+        histogram_range=cfg.probes.histogram_range,
+        percentile_samples=cfg.probes.percentile_samples,
+        seed=cfg.seed,
+        flush_every=cfg.flush_every,
+        flush_seconds=cfg.flush_seconds,
+        start_step=start,
+        require_match=False,
         generator_state=checkpoint.get("rng_recorder") if checkpoint else None,
         start_seconds=float(checkpoint.get("seconds", 0.0)) if checkpoint else 0.0,
     )
@@ -250,7 +270,7 @@ def train_variant(
     except KeyboardInterrupt:
         _finish(writer, model, optimizer, rec, probes, "interrupted", start + len(losses), save=True)
         raise
-    except Exception as e:  # noqa: BLE001 - the run fails either way; the model's errors do not stop the others
+    except Exception as e:
         status, failed_step = "failed", start + len(losses)
         error = _failure(model, e, failed_step)
         if error is None:
@@ -258,13 +278,30 @@ def train_variant(
             raise
         error_traceback = "".join(traceback.format_exception(e))
     _finish(
-        writer, model, optimizer, rec, probes, status, start + len(losses), save=status == "finished",
-        diverged_step=diverged_step, failed_step=failed_step, error=error,
+        writer,
+        model,
+        optimizer,
+        rec,
+        probes,
+        status,
+        start + len(losses),
+        save=status == "finished",
+        diverged_step=diverged_step,
+        failed_step=failed_step,
+        error=error,
     )
     tail = slice(-10, None)
     return VariantResult(
-        name, status, start + len(losses), float(np.mean(losses[tail])) if losses else math.nan,
-        float(np.mean(accs[tail])) if accs else math.nan, rec.elapsed(), diverged_step, len(losses[tail]), error, error_traceback,
+        name,
+        status,
+        start + len(losses),
+        float(np.mean(losses[tail])) if losses else math.nan,
+        float(np.mean(accs[tail])) if accs else math.nan,
+        rec.elapsed(),
+        diverged_step,
+        len(losses[tail]),
+        error,
+        error_traceback,
     )
 
 
@@ -286,11 +323,15 @@ def _failure(model: nn.Module, e: Exception, step: int) -> str | None:
         return None
     where = ""
     if found is not None:
-        where = f" in module {found[0]!r} ({type(found[1]).__name__})" if found[0] else f" in the model's own code ({type(found[1]).__name__})"
+        where = (
+            f" in module {found[0]!r} ({type(found[1]).__name__})" if found[0] else f" in the model's own code ({type(found[1]).__name__})"
+        )
     return f"the model raised at step {step}{where}: {described(e)}"
 
 
-def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, next_step: int, rec: Recorder, probes: ScheduledProbes) -> dict[str, Any]:
+def checkpoint_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, next_step: int, rec: Recorder, probes: ScheduledProbes
+) -> dict[str, Any]:
     """What resuming needs: weights, optimizer state, the next step, every random stream and probe state."""
     streams = rng.capture(model)
     return {
@@ -305,7 +346,17 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, next_st
     }
 
 
-def _finish(writer: RunWriter, model: nn.Module, optimizer: torch.optim.Optimizer, rec: Recorder, probes: ScheduledProbes, status: str, steps: int, save: bool, **extra: Any) -> None:
+def _finish(
+    writer: RunWriter,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rec: Recorder,
+    probes: ScheduledProbes,
+    status: str,
+    steps: int,
+    save: bool,
+    **extra: Any,
+) -> None:
     """Flush, checkpoint when ``save``, and set the run's status with ``extra`` attributes
     (``diverged_step``; ``failed_step`` and ``error``); None values are left out."""
     rec.flush()
@@ -378,7 +429,9 @@ def resume_experiment(path: Path, progress: ProgressFn | None = None) -> list[Va
     return results
 
 
-def measure_from_run(path: Path, overrides: dict[str, Any], output: Path, force: bool = False, progress: ProgressFn | None = None) -> list[VariantResult]:
+def measure_from_run(
+    path: Path, overrides: dict[str, Any], output: Path, force: bool = False, progress: ProgressFn | None = None
+) -> list[VariantResult]:
     """Continue each finished variant of ``path`` from its checkpoint for ``steps`` more steps
     (default: as many as it ran) with ICS measured, into a new file; ``path`` is only read."""
     from .config import load_config_text
@@ -423,5 +476,7 @@ def inspect_model(cfg: Config) -> Any:
     x, _ = bundle.example_batch(2)
     with _naming_failures(model):
         probed_layers(model, x)
-    _, plan = apply_bn(model, cfg.bn.value, x, targets=cfg.bn_targets.value, keep_bias=cfg.keep_bias, fold=cfg.fold, noise=cfg.noise, seed=cfg.seed)
+    _, plan = apply_bn(
+        model, cfg.bn.value, x, targets=cfg.bn_targets.value, keep_bias=cfg.keep_bias, fold=cfg.fold, noise=cfg.noise, seed=cfg.seed
+    )
     return plan

@@ -63,11 +63,11 @@ def write_run_file(
         if "landscape" in sections:
             writer.write_constant("landscape/eta", ETAS)
         block_rng = np.random.default_rng(seed + 99)  # its own stream: the other numbers stay as they were
-        block_names = [l.name for l in layers if l.kind == "linear"]
+        block_names = [lay.name for lay in layers if lay.kind == "linear"]
         if "hessian" in sections and hessian_blocks:
             writer.write_constant("hessian/block", np.array(block_names, dtype=object))
         if "ics" in sections:
-            ics_names = [l.name for l in layers if l.kind == "linear"]
+            ics_names = [lay.name for lay in layers if lay.kind == "linear"]
             writer.write_constant("ics/layer", np.array(ics_names, dtype=object))
         for step in range(steps):
             if "train" in sections:
@@ -126,11 +126,15 @@ def write_run_file(
                 row["converged"] = row["iterations"] < 19  # as if max_iter were 19
                 if hessian_blocks:
                     k = len(block_names)
-                    row |= {"block_top_eigenvalue": 20 * block_rng.random(k), "block_iterations": block_rng.integers(3, 20, k).astype(np.float64), "block_residual": 1e-4 * block_rng.random(k)}
+                    row |= {
+                        "block_top_eigenvalue": 20 * block_rng.random(k),
+                        "block_iterations": block_rng.integers(3, 20, k).astype(np.float64),
+                        "block_residual": 1e-4 * block_rng.random(k),
+                    }
                 writer.append("hessian", step, row)
         if "hessian" in sections:
             writer.flush()
-            writer._group["hessian/top_eigenvalue"].attrs.update({"bn_mode": "train", "samples": 128})  # noqa: SLF001
+            writer._group["hessian/top_eigenvalue"].attrs.update({"bn_mode": "train", "samples": 128})
         if histogram_bins:
             writer.set_attrs(histogram_range=[-10.0, 10.0], histogram_bins=histogram_bins)
         if status is not None:
@@ -139,7 +143,7 @@ def write_run_file(
         for writer in store.writers.values():
             writer.flush()
         store.flush()
-        store._h5.close()  # noqa: SLF001 - leave statuses at "running", as a killed process would
+        store._h5.close()
     else:
         store.close()
     return path

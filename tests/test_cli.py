@@ -44,7 +44,9 @@ def test_existing_output_is_refused(in_tmp: Path, tiny_config: Path) -> None:
     (in_tmp / "out.h5").write_bytes(b"mine")
     result = runner.invoke(app, ["train", str(tiny_config), "-o", "out.h5"])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == ["bnprobe: error: out.h5 already exists; choose another --output or pass --force to replace it"]
+    assert result.output.strip().splitlines() == [
+        "bnprobe: error: out.h5 already exists; choose another --output or pass --force to replace it"
+    ]
     assert (in_tmp / "out.h5").read_bytes() == b"mine"
 
 
@@ -180,11 +182,13 @@ def test_report_and_export_through_the_cli(in_tmp: Path, tiny_config: Path) -> N
         (["report"], "Missing argument 'RUN.h5'"),
     ],
 )
-def test_usage_errors_are_one_line(argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_errors_are_one_line(
+    argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from bnprobe.cli import main
 
     monkeypatch.setattr(sys, "argv", ["bnprobe", *argv])
-    with pytest.raises(SystemExit, match="^2$") as exit_info:  # str(SystemExit(2)) is its code
+    with pytest.raises(SystemExit, match=r"^2$") as exit_info:  # str(SystemExit(2)) is its code
         main()
     err = capsys.readouterr().err
     assert exit_info.value.code == 2

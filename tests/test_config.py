@@ -111,7 +111,14 @@ def test_messages_show_values_cut_short(tmp_path: Path) -> None:
         ("data_options: {1: 2}\n", "data_options: option names must be strings, got 1"),
         ("variants: {lr: [0.1, 0.1]}\n", "variants.lr lists 0.1 twice"),
         ("probes: {kinds: [conv, bogus]}\n", "probes.kinds: unknown layer kind 'bogus'; choose from conv, linear, norm, other"),
-        ("variants: {lr: [" + ", ".join(str(i + 1) for i in range(11)) + "], momentum: [" + ", ".join(str(i) for i in range(10)) + "]}\n", "more than 100 runs"),
+        (
+            "variants: {lr: ["
+            + ", ".join(str(i + 1) for i in range(11))
+            + "], momentum: ["
+            + ", ".join(str(i) for i in range(10))
+            + "]}\n",
+            "more than 100 runs",
+        ),
     ],
 )
 def test_values_out_of_range_are_config_errors(tmp_path: Path, text: str, message: str) -> None:

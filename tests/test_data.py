@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from torch.utils.data import Dataset, TensorDataset
 
 from bnprobe.data import DataBundle, batches, load_data
@@ -146,7 +145,7 @@ def test_imagefolder(tmp_path: Path) -> None:
             Image.fromarray(np.full((8, 8, 3), i * 40, dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
     data = load_data(f"imagefolder:{tmp_path}")
     assert data.num_outputs == 2 and data.input_shape == (3, 8, 8)
-    x, y = next(batches(data, 4, seed=0))
+    x, _y = next(batches(data, 4, seed=0))
     assert x.shape == (4, 3, 8, 8)
 
 

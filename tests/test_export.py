@@ -11,8 +11,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from _fixtures import write_run_file
+
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
 from bnprobe.export import COLUMNS, export, tidy_table
 from bnprobe.probes.moments import STATS
@@ -113,7 +113,16 @@ def test_csv_equals_file(full_file: Path, tmp_path: Path) -> None:
         assert tuple(reader.fieldnames or ()) == COLUMNS
         records = list(reader)
     keys = [
-        (r["variant"], r["section"], int(r["step"]), r["layer"], r["quantity"], _opt_int(r["channel"]), None if r["eta"] == "" else float(r["eta"]), _opt_int(r["bin"]))
+        (
+            r["variant"],
+            r["section"],
+            int(r["step"]),
+            r["layer"],
+            r["quantity"],
+            _opt_int(r["channel"]),
+            None if r["eta"] == "" else float(r["eta"]),
+            _opt_int(r["bin"]),
+        )
         for r in records
     ]
     _check(keys, [float(r["value"]) for r in records], full_file)
@@ -134,7 +143,16 @@ def test_npz_equals_file(full_file: Path, tmp_path: Path) -> None:
         cols = {c: z[c] for c in COLUMNS}
     assert cols["step"].dtype == np.int64 and cols["value"].dtype == np.float64
     keys = [
-        (str(v), str(s), int(st), str(la), str(q), None if c < 0 else int(c), None if math.isnan(e) else float(e), None if b < 0 else int(b))
+        (
+            str(v),
+            str(s),
+            int(st),
+            str(la),
+            str(q),
+            None if c < 0 else int(c),
+            None if math.isnan(e) else float(e),
+            None if b < 0 else int(b),
+        )
         for v, s, st, la, q, c, e, b in zip(*(cols[c] for c in COLUMNS[:-1]))
     ]
     _check(keys, cols["value"].tolist(), full_file)
@@ -142,6 +160,7 @@ def test_npz_equals_file(full_file: Path, tmp_path: Path) -> None:
 
 def test_parquet_equals_file(full_file: Path, tmp_path: Path) -> None:
     import pyarrow.parquet as pq  # in the dev extra: missing is a failure, not a skip
+
     out = export(full_file, "parquet", tmp_path / "t.parquet")
     table = pq.read_table(out).to_pydict()
     assert list(table) == list(COLUMNS)
@@ -170,7 +189,16 @@ def test_pandas_reads_it_in_one_call(full_file: Path, tmp_path: Path, fmt: str) 
 
     records = frame.to_dict("records")
     keys = [
-        (r["variant"], r["section"], int(r["step"]), text(r["layer"]), r["quantity"], opt(r["channel"], int), opt(r["eta"], float), opt(r["bin"], int))
+        (
+            r["variant"],
+            r["section"],
+            int(r["step"]),
+            text(r["layer"]),
+            r["quantity"],
+            opt(r["channel"], int),
+            opt(r["eta"], float),
+            opt(r["bin"], int),
+        )
         for r in records
     ]
     _check(keys, [opt(r["value"], float) for r in records], full_file)
@@ -184,7 +212,10 @@ def test_regression_accuracy_is_left_out_and_missing_sections(tmp_path: Path) ->
     out = export(path, "csv", tmp_path / "r.csv")
     with open(out, newline="") as fh:
         records = list(csv.DictReader(fh))
-    keys = [(r["variant"], r["section"], int(r["step"]), r["layer"], r["quantity"], None, None if r["eta"] == "" else float(r["eta"]), None) for r in records]
+    keys = [
+        (r["variant"], r["section"], int(r["step"]), r["layer"], r["quantity"], None, None if r["eta"] == "" else float(r["eta"]), None)
+        for r in records
+    ]
     _check(keys, [float(r["value"]) for r in records], path)
 
 
@@ -200,7 +231,7 @@ def test_variant_filter(full_file: Path) -> None:
     table = tidy_table(full_file, variant="noisy")
     assert set(table["variant"].tolist()) == {"noisy"}
     assert set(tidy_table(full_file, variant="keep,ins*")["variant"].tolist()) == {"keep", "insert"}
-    with pytest.raises(ConfigError, match="no variant 'strip' in .*; choose from keep, insert, noisy"):
+    with pytest.raises(ConfigError, match=r"no variant 'strip' in .*; choose from keep, insert, noisy"):
         tidy_table(full_file, variant="strip")
 
 

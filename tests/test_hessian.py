@@ -15,7 +15,6 @@ from bnprobe.errors import ConfigError, ModelError
 from bnprobe.probes.hessian import hessian_blocks, top_hessian_eigenvalue
 
 
-
 def tiny(bn: bool = True) -> nn.Module:
     torch.manual_seed(0)
     layers: list[nn.Module] = [nn.Linear(4, 6)]
@@ -107,7 +106,9 @@ def test_blocks_and_subsets() -> None:
     names = ["0.weight", "0.bias"]
     expected = largest_magnitude(full_hessian(model, x, y, names))
     by_pattern = top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x, y, tol=1e-10, max_iter=3000, params=["0"])
-    by_tensor = top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x, y, tol=1e-10, max_iter=3000, params=[model[0].weight, model[0].bias])
+    by_tensor = top_hessian_eigenvalue(
+        model, nn.CrossEntropyLoss(), x, y, tol=1e-10, max_iter=3000, params=[model[0].weight, model[0].bias]
+    )
     assert by_pattern.eigenvalue == pytest.approx(expected, rel=1e-6)
     assert by_tensor.eigenvalue == pytest.approx(expected, rel=1e-6)
     blocks = hessian_blocks(model, nn.CrossEntropyLoss(), x, y, tol=1e-10, max_iter=3000)
@@ -159,9 +160,20 @@ def test_trainer_records_model_and_block_eigenvalues(in_tmp: Path) -> None:
     from bnprobe.trainer import prepare_model, run_experiment
 
     overrides = {
-        "model": "dln", "model_options": {"depth": 3, "width": 4}, "data": "synthetic:linear", "data_options": {"n": 64, "dim": 4},
-        "steps": 2, "batch_size": 16, "lr": 0.05, "output": "h.h5", "probes.record_every": 1, "probes.hessian": True,
-        "probes.hessian_every": 1, "probes.hessian_blocks": True, "probes.hessian_tol": 1e-9, "probes.hessian_max_iter": 5000,
+        "model": "dln",
+        "model_options": {"depth": 3, "width": 4},
+        "data": "synthetic:linear",
+        "data_options": {"n": 64, "dim": 4},
+        "steps": 2,
+        "batch_size": 16,
+        "lr": 0.05,
+        "output": "h.h5",
+        "probes.record_every": 1,
+        "probes.hessian": True,
+        "probes.hessian_every": 1,
+        "probes.hessian_blocks": True,
+        "probes.hessian_tol": 1e-9,
+        "probes.hessian_max_iter": 5000,
     }
     cfg = load_config(None, overrides)
     run_experiment(cfg)
@@ -317,7 +329,9 @@ class RawHardsigmoid(nn.Module):
 def test_a_model_that_is_not_twice_differentiable_is_refused_naming_the_module() -> None:
     x, y = data()
     model = nn.Sequential(nn.Linear(4, 6), RawHardsigmoid(), nn.Linear(6, 3)).double()
-    with pytest.raises(ModelError, match=r"^no Hessian for this model: 1 \(RawHardsigmoid\) runs hardsigmoid, which PyTorch cannot differentiate twice$"):
+    with pytest.raises(
+        ModelError, match=r"^no Hessian for this model: 1 \(RawHardsigmoid\) runs hardsigmoid, which PyTorch cannot differentiate twice$"
+    ):
         top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x, y, max_iter=3)
     with pytest.raises(ModelError, match=r"1 \(RawHardsigmoid\) runs hardsigmoid"):
         hessian_blocks(model, nn.CrossEntropyLoss(), x, y, max_iter=3)

@@ -20,11 +20,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from _fixtures import write_run_file
 from typer.testing import CliRunner
 
 from bnprobe.cli import app
-
-from _fixtures import write_run_file
 
 runner = CliRunner()
 
@@ -196,13 +195,25 @@ CASES = [
     Case("set-options-int-key", ["train", "c.yaml", "--set", "data_options={1: 2}"], config("")),
     Case("set-model-options-int-key", ["train", "c.yaml", "--set", "model_options={1: 2}"], config("")),
     Case("torchvision-fakedata", ["train", "c.yaml"], {**config("data: torchvision:FakeData:d\ndata_options: {}"), "d/.keep": ""}),
-    Case("torchvision-imagefolder", ["train", "c.yaml"], {**config("data: torchvision:ImageFolder:imgs\ndata_options: {}"), "imgs": image_folder}),
+    Case(
+        "torchvision-imagefolder",
+        ["train", "c.yaml"],
+        {**config("data: torchvision:ImageFolder:imgs\ndata_options: {}"), "imgs": image_folder},
+    ),
     Case("npy-named-npz", ["train", "c.yaml"], {**config("data: npz:a.npz\ndata_options: {}"), "a.npz": npy_as_npz}),
     Case("x-key-list", ["train", "c.yaml"], {**config("data: npz:a.npz\ndata_options: {x_key: [x]}"), "a.npz": arrays}),
-    Case("image-size-string", ["train", "c.yaml"], {**config("data: imagefolder:imgs\ndata_options: {image_size: big}"), "imgs": image_folder}),
+    Case(
+        "image-size-string",
+        ["train", "c.yaml"],
+        {**config("data: imagefolder:imgs\ndata_options: {image_size: big}"), "imgs": image_folder},
+    ),
     # --- model options
     Case("vgg-width-negative", ["train", "c.yaml"], config("model_options: {width: -1}")),
-    Case("dln-depth-negative", ["train", "c.yaml"], config("model: dln\ndata: synthetic:linear\ndata_options: {}\nmodel_options: {depth: -3}")),
+    Case(
+        "dln-depth-negative",
+        ["train", "c.yaml"],
+        config("model: dln\ndata: synthetic:linear\ndata_options: {}\nmodel_options: {depth: -3}"),
+    ),
     Case("mlp-hidden-0", ["train", "c.yaml"], config("model: mlp\ndata: synthetic:mnist\nmodel_options: {hidden: 0}")),
     Case("bn-batch-of-one", ["train", "c.yaml"], config("model: mlp\nmodel_options: {}\ndata: synthetic:mnist\nbn: insert\nbatch_size: 1")),
     Case("mlp-depth-negative", ["train", "c.yaml"], config("model: mlp\ndata: synthetic:mnist\nmodel_options: {depth: -1}")),
@@ -210,31 +221,107 @@ CASES = [
     Case("model-empty", ["train", "c.yaml"], config('model: ""')),
     Case("model-colon", ["train", "c.yaml"], config('model: ":"')),
     Case("model-file-no-factory", ["train", "c.yaml"], {**config('model: "m.py:"'), "m.py": "x = 1\n"}),
-    Case("model-not-a-module", ["train", "c.yaml"], {**config("model: m.py:make\nmodel_options: {}"), "m.py": "def make():\n    return 3\n"}),
-    Case("model-wrong-outputs", ["train", "c.yaml"], {**config("model: m.py:make\nmodel_options: {}"), "m.py": "from torch import nn\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3072, 3))\n"}),
-    Case("model-returns-tuple", ["train", "c.yaml"], {**config("model: m.py:Two\nmodel_options: {}"), "m.py": "from torch import nn\nclass Two(nn.Module):\n    def __init__(self, num_classes):\n        super().__init__()\n        self.lin = nn.Linear(3072, num_classes)\n    def forward(self, x):\n        y = self.lin(x.flatten(1))\n        return y, y\n"}),
-    Case("model-regression-shape", ["train", "c.yaml"], {**config("model: m.py:make\nmodel_options: {}\ndata: synthetic:linear\ndata_options: {}"), "m.py": "from torch import nn\ndef make():\n    return nn.Linear(10, 3)\n"}),
+    Case(
+        "model-not-a-module", ["train", "c.yaml"], {**config("model: m.py:make\nmodel_options: {}"), "m.py": "def make():\n    return 3\n"}
+    ),
+    Case(
+        "model-wrong-outputs",
+        ["train", "c.yaml"],
+        {
+            **config("model: m.py:make\nmodel_options: {}"),
+            "m.py": "from torch import nn\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3072, 3))\n",
+        },
+    ),
+    Case(
+        "model-returns-tuple",
+        ["train", "c.yaml"],
+        {
+            **config("model: m.py:Two\nmodel_options: {}"),
+            "m.py": "from torch import nn\nclass Two(nn.Module):\n    def __init__(self, num_classes):\n        super().__init__()\n        self.lin = nn.Linear(3072, num_classes)\n    def forward(self, x):\n        y = self.lin(x.flatten(1))\n        return y, y\n",
+        },
+    ),
+    Case(
+        "model-regression-shape",
+        ["train", "c.yaml"],
+        {
+            **config("model: m.py:make\nmodel_options: {}\ndata: synthetic:linear\ndata_options: {}"),
+            "m.py": "from torch import nn\ndef make():\n    return nn.Linear(10, 3)\n",
+        },
+    ),
     Case("model-huge-name", ["train", "c.yaml"], config("model: " + "v" * 5000)),
-    Case("model-weights-not-torch", ["train", "c.yaml"], {**config("model: torchvision:resnet18\nmodel_options: {weights_file: w.pt}"), "w.pt": "junk"}),
+    Case(
+        "model-weights-not-torch",
+        ["train", "c.yaml"],
+        {**config("model: torchvision:resnet18\nmodel_options: {weights_file: w.pt}"), "w.pt": "junk"},
+    ),
     Case("inspect-huge-name", ["inspect", "x" * 5000], {}),
     # --- data files
-    Case("npz-empty", ["train", "c.yaml"], {**config("data: npz:a.npz\ndata_options: {}"), "a.npz": lambda p: np.savez(p, x=np.zeros((0, 3)), y=np.zeros(0, dtype=int))}),
-    Case("npz-x-1d", ["train", "c.yaml"], {**config("model: mlp\nmodel_options: {}\ndata: npz:a.npz\ndata_options: {}\nbatch_size: 4"), "a.npz": lambda p: np.savez(p, x=np.zeros(8), y=np.arange(8) % 2)}),
-    Case("npz-object", ["train", "c.yaml"], {**config("data: npz:a.npz\ndata_options: {}"), "a.npz": lambda p: np.savez(p, x=np.array([None] * 8), y=np.arange(8))}),
-    Case("npz-truncated", ["train", "c.yaml"], {**config("data: npz:a.npz\ndata_options: {}"), "a.npz": lambda p: (arrays(p), p.write_bytes(p.read_bytes()[:100]))}),
-    Case("h5-data-groups-only", ["train", "c.yaml"], {**config("data: h5:a.h5\ndata_options: {}"), "a.h5": lambda p: h5py.File(p, "w").create_group("x").file.close()}),
+    Case(
+        "npz-empty",
+        ["train", "c.yaml"],
+        {**config("data: npz:a.npz\ndata_options: {}"), "a.npz": lambda p: np.savez(p, x=np.zeros((0, 3)), y=np.zeros(0, dtype=int))},
+    ),
+    Case(
+        "npz-x-1d",
+        ["train", "c.yaml"],
+        {
+            **config("model: mlp\nmodel_options: {}\ndata: npz:a.npz\ndata_options: {}\nbatch_size: 4"),
+            "a.npz": lambda p: np.savez(p, x=np.zeros(8), y=np.arange(8) % 2),
+        },
+    ),
+    Case(
+        "npz-object",
+        ["train", "c.yaml"],
+        {**config("data: npz:a.npz\ndata_options: {}"), "a.npz": lambda p: np.savez(p, x=np.array([None] * 8), y=np.arange(8))},
+    ),
+    Case(
+        "npz-truncated",
+        ["train", "c.yaml"],
+        {**config("data: npz:a.npz\ndata_options: {}"), "a.npz": lambda p: (arrays(p), p.write_bytes(p.read_bytes()[:100]))},
+    ),
+    Case(
+        "h5-data-groups-only",
+        ["train", "c.yaml"],
+        {**config("data: h5:a.h5\ndata_options: {}"), "a.h5": lambda p: h5py.File(p, "w").create_group("x").file.close()},
+    ),
     Case("h5-data-text", ["train", "c.yaml"], {**config("data: h5:a.h5\ndata_options: {}"), "a.h5": "text"}),
-    Case("h5-data-compound", ["train", "c.yaml"], {**config("data: h5:a.h5\ndata_options: {}"), "a.h5": lambda p: _h5_arrays(p, x=np.zeros(8, dtype=[("a", "f4")]), y=np.arange(8))}),
+    Case(
+        "h5-data-compound",
+        ["train", "c.yaml"],
+        {**config("data: h5:a.h5\ndata_options: {}"), "a.h5": lambda p: _h5_arrays(p, x=np.zeros(8, dtype=[("a", "f4")]), y=np.arange(8))},
+    ),
     Case("imagefolder-empty", ["train", "c.yaml"], {**config("data: imagefolder:imgs\ndata_options: {}"), "imgs/a/.keep": ""}),
-    Case("imagefolder-broken-image", ["train", "c.yaml"], {**config("data: imagefolder:imgs\ndata_options: {}"), "imgs/a/0.png": "not a png", "imgs/b/0.png": "not a png"}),
-    Case("imagefolder-sizes-differ", ["train", "c.yaml"], {**config("data: imagefolder:imgs\ndata_options: {}\nbatch_size: 2"), "imgs": lambda p: image_folder(p, (4, 5))}),
-    Case("imagefolder-size-list3", ["train", "c.yaml"], {**config("data: imagefolder:imgs\ndata_options: {image_size: [1, 2, 3]}"), "imgs": image_folder}),
+    Case(
+        "imagefolder-broken-image",
+        ["train", "c.yaml"],
+        {**config("data: imagefolder:imgs\ndata_options: {}"), "imgs/a/0.png": "not a png", "imgs/b/0.png": "not a png"},
+    ),
+    Case(
+        "imagefolder-sizes-differ",
+        ["train", "c.yaml"],
+        {**config("data: imagefolder:imgs\ndata_options: {}\nbatch_size: 2"), "imgs": lambda p: image_folder(p, (4, 5))},
+    ),
+    Case(
+        "imagefolder-size-list3",
+        ["train", "c.yaml"],
+        {**config("data: imagefolder:imgs\ndata_options: {image_size: [1, 2, 3]}"), "imgs": image_folder},
+    ),
     # --- more config
     Case("probes-layers-int", ["train", "c.yaml"], config("probes: {layers: [[1]]}")),
     Case("set-empty-key", ["train", "c.yaml", "--set", "=3"], config("")),
     Case("set-under-scalar", ["train", "c.yaml", "--set", "name.x=1"], config("")),
     Case("set-deep-unknown", ["train", "c.yaml", "--set", "a.b.c=1"], config("")),
-    Case("variants-huge-product", ["train", "c.yaml"], config("variants: {lr: [" + ", ".join(str(0.01 * (i + 1)) for i in range(200)) + "], momentum: [" + ", ".join(str(0.001 * i) for i in range(200)) + "]}")),
+    Case(
+        "variants-huge-product",
+        ["train", "c.yaml"],
+        config(
+            "variants: {lr: ["
+            + ", ".join(str(0.01 * (i + 1)) for i in range(200))
+            + "], momentum: ["
+            + ", ".join(str(0.001 * i) for i in range(200))
+            + "]}"
+        ),
+    ),
     Case("variants-list", ["train", "c.yaml"], config("variants: [1, 2]")),
     Case("variants-model-bad", ["train", "c.yaml"], config("variants: {model: [vgg, nope]}")),
     Case("output-empty", ["train", "c.yaml"], config('output: ""')),
@@ -245,8 +332,16 @@ CASES = [
     # --- measure-ics / resume on files that are bnprobe files
     Case("measure-ics-steps-0", ["measure-ics", "run.h5", "--steps", "0", "-o", "o.h5"], GOOD),
     Case("measure-ics-no-checkpoint", ["measure-ics", "run.h5", "-o", "o.h5"], GOOD),
-    Case("measure-ics-bad-checkpoint", ["measure-ics", "run.h5", "-o", "o.h5"], {"run.h5": broken(lambda f: f["runs/keep"].create_dataset("checkpoint", data=np.arange(10, dtype=np.uint8)))}),
-    Case("resume-bomb-config", ["train", "--resume", "run.h5"], {"run.h5": broken(lambda f: f.attrs.__setitem__("config", f"name: {bomb()}"))}),
+    Case(
+        "measure-ics-bad-checkpoint",
+        ["measure-ics", "run.h5", "-o", "o.h5"],
+        {"run.h5": broken(lambda f: f["runs/keep"].create_dataset("checkpoint", data=np.arange(10, dtype=np.uint8)))},
+    ),
+    Case(
+        "resume-bomb-config",
+        ["train", "--resume", "run.h5"],
+        {"run.h5": broken(lambda f: f.attrs.__setitem__("config", f"name: {bomb()}"))},
+    ),
     Case("resume-config-list", ["train", "--resume", "run.h5"], {"run.h5": broken(lambda f: f.attrs.__setitem__("config", "[1, 2]"))}),
     Case("resume-config-int", ["train", "--resume", "run.h5"], {"run.h5": broken(lambda f: f.attrs.__setitem__("config", 3))}),
     Case("noise-range-reversed", ["train", "c.yaml"], config("bn: noisy\nnoise: {sigma_range: [2, 1]}")),
@@ -267,14 +362,35 @@ CASES = [
     Case("long-measure-path", ["measure-ics", "r" * 300 + ".h5"], {}),
     # --- checkpoints that do not fit
     Case("checkpoint-empty-dict", ["measure-ics", "run.h5", "-o", "o.h5"], {"run.h5": broken(lambda f: _checkpoint(f, {}))}),
-    Case("checkpoint-other-model", ["measure-ics", "run.h5", "-o", "o.h5"], {"run.h5": broken(lambda f: _checkpoint(f, {"model": {"w": torch.zeros(2)}, "optimizer": {}, "next_step": 2, "rng_cpu": torch.zeros(2, dtype=torch.uint8), "rng_modules": {}}))}),
+    Case(
+        "checkpoint-other-model",
+        ["measure-ics", "run.h5", "-o", "o.h5"],
+        {
+            "run.h5": broken(
+                lambda f: _checkpoint(
+                    f,
+                    {
+                        "model": {"w": torch.zeros(2)},
+                        "optimizer": {},
+                        "next_step": 2,
+                        "rng_cpu": torch.zeros(2, dtype=torch.uint8),
+                        "rng_modules": {},
+                    },
+                )
+            )
+        },
+    ),
     # --- report/export/plot options
     Case("report-bad-stat", ["report", "run.h5", "--stat", "bogus"], GOOD),
     Case("report-bad-variant", ["report", "run.h5", "--variant", "nope"], GOOD),
     Case("export-bad-format", ["export", "run.h5", "-f", "xls", "-o", "o.xls"], GOOD),
     Case("plot-bad-kind", ["plot", "run.h5", "-o", "f.png", "--kind", "nope"], GOOD),
     Case("plot-bad-layer", ["plot", "run.h5", "-o", "f.png", "--layer", "nope*"], GOOD),
-    Case("plot-ics-missing", ["plot", "run.h5", "-o", "f.png", "--kind", "ics"], {"run.h5": lambda p: write_run_file(p, variants=("keep",), sections=("train",), steps=4)}),
+    Case(
+        "plot-ics-missing",
+        ["plot", "run.h5", "-o", "f.png", "--kind", "ics"],
+        {"run.h5": lambda p: write_run_file(p, variants=("keep",), sections=("train",), steps=4)},
+    ),
     # --- resume / measure-ics on wrong files
     Case("resume-text", ["train", "--resume", "x.h5"], {"x.h5": "not hdf5"}),
     Case("resume-zero-bytes", ["train", "--resume", "x.h5"], {"x.h5": b""}),
@@ -308,7 +424,10 @@ for kind, setup in BAD_FILES.items():
         Case(f"export-{kind}", ["export", "bad.h5", "-o", "out.csv"], {"bad.h5": setup}),
         Case(f"plot-{kind}", ["plot", "bad.h5", "-o", "fig.png", "--kind", "training"], {"bad.h5": setup}),
     ]
-CASES += [Case(f"{cmd}-directory", [cmd, "d", *extra], {"d/.keep": ""}) for cmd, extra in (("report", []), ("export", ["-o", "o.csv"]), ("plot", ["-o", "f.png"]))]
+CASES += [
+    Case(f"{cmd}-directory", [cmd, "d", *extra], {"d/.keep": ""})
+    for cmd, extra in (("report", []), ("export", ["-o", "o.csv"]), ("plot", ["-o", "f.png"]))
+]
 
 
 def lay_out(root: Path, files: dict[str, Setup]) -> None:
@@ -325,7 +444,9 @@ def lay_out(root: Path, files: dict[str, Setup]) -> None:
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
     """Every path under ``root`` with its bytes (None for directories); bytecode caches aside."""
-    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*")) if "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*")) if "__pycache__" not in p.parts
+    }
 
 
 def assert_one_line_error(code: int | None, stdout: str, stderr: str) -> None:
@@ -347,7 +468,9 @@ def test_hostile_input_is_one_line_and_writes_nothing(case: Case, in_tmp: Path) 
     assert snapshot(in_tmp) == before
 
 
-SUBPROCESS = {c.id: c for c in CASES if c.id in ("alias-bomb-steps", "n-huge", "device-cuda-x", "torchvision-fakedata", "report-runs-dataset")}
+SUBPROCESS = {
+    c.id: c for c in CASES if c.id in ("alias-bomb-steps", "n-huge", "device-cuda-x", "torchvision-fakedata", "report-runs-dataset")
+}
 SUBPROCESS["non-utf8-path"] = Case("non-utf8-path", ["train", os.fsdecode(b"\xff\xfe.yaml")], {})
 SUBPROCESS["seed-flag-huge"] = Case("seed-flag-huge", ["train", "c.yaml", "--seed", str(2**64)], config(""))
 
@@ -358,7 +481,9 @@ def test_hostile_input_in_a_real_process(case: Case, in_tmp: Path) -> None:
     before = snapshot(in_tmp)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "BNPROBE_DEBUG": "0"}
     argv = [os.fsencode(a) for a in case.argv]
-    proc = subprocess.run([sys.executable, "-m", "bnprobe.cli", *argv], cwd=in_tmp, env=env, capture_output=True, text=True, errors="replace", timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnprobe.cli", *argv], cwd=in_tmp, env=env, capture_output=True, text=True, errors="replace", timeout=120
+    )
     assert_one_line_error(proc.returncode, proc.stdout, proc.stderr)
     assert snapshot(in_tmp) == before
 
@@ -395,7 +520,9 @@ def test_a_model_failing_mid_run_fails_its_variant_only(exc: str, in_tmp: Path) 
     result = runner.invoke(app, ["train", "c.yaml"])
     assert "Traceback" not in result.output and result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("bnprobe: error:")]
-    assert errors == [f"bnprobe: error: variant lr0.1 failed: the model raised at step 2 in module '1' (Fragile): {exc}: boom; its records up to then are kept"]
+    assert errors == [
+        f"bnprobe: error: variant lr0.1 failed: the model raised at step 2 in module '1' (Fragile): {exc}: boom; its records up to then are kept"
+    ]
     assert result.stderr.splitlines()[-1] == errors[0]
     assert "failed @ 2" in result.stdout
     with h5py.File(in_tmp / "runs" / "f.h5") as f:
@@ -413,7 +540,9 @@ def test_unreadable_data_mid_run_fails_the_variant(in_tmp: Path) -> None:
     (in_tmp / "c.yaml").write_text(TINY + "data: imagefolder:imgs\ndata_options: {}\nbatch_size: 2\n")
     result = runner.invoke(app, ["train", "c.yaml"])
     assert "Traceback" not in result.output and result.exit_code == 2, result.output
-    assert result.stderr.splitlines()[-1].startswith("bnprobe: error: variant keep failed: reading the data for step 1 failed: UnidentifiedImageError")
+    assert result.stderr.splitlines()[-1].startswith(
+        "bnprobe: error: variant keep failed: reading the data for step 1 failed: UnidentifiedImageError"
+    )
     with h5py.File(in_tmp / "runs" / "tiny.h5") as f:
         assert (f["runs/keep"].attrs["status"], list(f["runs/keep/train/step"][()])) == ("failed", [0])
 

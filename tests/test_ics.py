@@ -12,14 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _fixtures import Noisy
 from torch import nn
 
-from _fixtures import Noisy
 from bnprobe.errors import ConfigError
 from bnprobe.layers import probed_layers
 from bnprobe.models import dln, mlp, vgg
 from bnprobe.probes.ics import ICS, gradient_shift, in_extra_pass
-
 
 # ----------------------------------------------------------------------------- models
 
@@ -170,7 +169,9 @@ def batch(shape: tuple[int, ...], n: int, classes: int | None, seed: int = 0) ->
 # ----------------------------------------------------------------------------- a literal reference
 
 
-def warmed_up(model: nn.Module, loss_fn: Any, make_opt: Callable[[nn.Module], torch.optim.Optimizer], steps: int, x: Any, y: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+def warmed_up(
+    model: nn.Module, loss_fn: Any, make_opt: Callable[[nn.Module], torch.optim.Optimizer], steps: int, x: Any, y: Any
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     """A copy of ``model`` and its optimizer after ``steps`` training steps (momentum, Adam moments)."""
     m = copy.deepcopy(model)
     opt = make_opt(m)
@@ -182,7 +183,9 @@ def warmed_up(model: nn.Module, loss_fn: Any, make_opt: Callable[[nn.Module], to
     return m, opt
 
 
-def literal_reference(model: nn.Module, loss_fn: Any, x: Any, y: Any, make_opt: Callable[[nn.Module], torch.optim.Optimizer], seed: int, warmup: int = 0) -> dict[str, ICS]:
+def literal_reference(
+    model: nn.Module, loss_fn: Any, x: Any, y: Any, make_opt: Callable[[nn.Module], torch.optim.Optimizer], seed: int, warmup: int = 0
+) -> dict[str, ICS]:
     """Definition 2.1 with deep copies: step a copy, then per layer a copy at W^t whose earlier
     layers get the stepped copy's weights, one forward/backward from the same RNG seed.
 
@@ -242,7 +245,17 @@ def assert_same_ics(a: Any, b: Any, rtol: float = 1e-4) -> None:
         assert abs(u.rel_diff - v.rel_diff) <= rtol * max(1.0, u.rel_diff), (name, u, v)
 
 
-def measure(model: nn.Module, loss_fn: Any, x: Any, y: Any, method: str, make_opt: Callable[[nn.Module], torch.optim.Optimizer] = sgd, seed: int = 7, warmup: int = 0, **kw: Any) -> Any:
+def measure(
+    model: nn.Module,
+    loss_fn: Any,
+    x: Any,
+    y: Any,
+    method: str,
+    make_opt: Callable[[nn.Module], torch.optim.Optimizer] = sgd,
+    seed: int = 7,
+    warmup: int = 0,
+    **kw: Any,
+) -> Any:
     m, opt = warmed_up(model, loss_fn, make_opt, warmup, x.flip(0), y.flip(0))
     torch.manual_seed(seed)
     return gradient_shift(m, loss_fn, x, y, opt, method=method, **kw)
@@ -335,7 +348,7 @@ def test_attention_out_proj_belongs_to_its_caller() -> None:
     model, (x, y) = Attention(), batch((4, 6), 8, 3)
     got = measure(model, CE, x, y, "fast")
     assert list(got) == ["stem", "attn", "head"]
-    m, opt = warmed_up(model, CE, sgd, 0, x, y)
+    m, _opt = warmed_up(model, CE, sgd, 0, x, y)
     CE(m(x), y).backward()
     attn_grad = torch.cat([p.grad.reshape(-1) for p in m.attn.parameters()])  # in_proj and out_proj
     assert got["attn"].grad_norm == pytest.approx(float(attn_grad.norm()), rel=1e-5)
@@ -542,7 +555,9 @@ def test_fast_shares_the_updated_prefix() -> None:
     """Layer 1 runs in the real pass and the one recording pass only; layer j >= 2 also runs in the
     passes of layers 2..j (its suffix), never in those of later layers; naive runs it every time."""
     torch.manual_seed(0)
-    model = nn.Sequential(CountingLinear(6, 8), nn.ReLU(inplace=True), CountingLinear(8, 8), nn.Tanh(), CountingLinear(8, 8), nn.Tanh(), CountingLinear(8, 3))
+    model = nn.Sequential(
+        CountingLinear(6, 8), nn.ReLU(inplace=True), CountingLinear(8, 8), nn.Tanh(), CountingLinear(8, 8), nn.Tanh(), CountingLinear(8, 3)
+    )
     x, y = batch((6,), 8, 3)
     fast = copy.deepcopy(model)
     gradient_shift(fast, CE, x, y, sgd(fast))
@@ -621,4 +636,6 @@ def test_probe_writes_each_field_to_its_dataset(tmp_path: Path) -> None:
     assert data["ics/step"].tolist() == [0]
     for field in ICS._fields:
         np.testing.assert_allclose(data[f"ics/{field}"][0], [getattr(expected[n], field) for n in layers], rtol=1e-6, err_msg=field)
-    assert len({float(v) for f in ("l2", "grad_norm", "grad_norm_shifted", "rel_diff") for v in data[f"ics/{f}"][0, :-1]}) > 6  # the fields differ
+    assert (
+        len({float(v) for f in ("l2", "grad_norm", "grad_norm_shifted", "rel_diff") for v in data[f"ics/{f}"][0, :-1]}) > 6
+    )  # the fields differ

@@ -8,19 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from _fixtures import Noisy
 from torch import nn
 
 from bnprobe.errors import ConfigError
 from bnprobe.models import dln
-from _fixtures import Noisy
 from bnprobe.probes.landscape import ETA_RANGES, LandscapeResult, default_etas, landscape
-
 
 
 def net() -> nn.Module:
     """BN (train mode), dropout and a private noise generator: every way an eval could differ."""
     sn = torch.nn.utils.parametrizations.spectral_norm  # a buffer updated in every forward
-    return nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), Noisy(1), nn.ReLU(), nn.Dropout(0.3), sn(nn.Linear(12, 12)), nn.Tanh(), nn.Linear(12, 3))
+    return nn.Sequential(
+        nn.Linear(6, 12), nn.BatchNorm1d(12), Noisy(1), nn.ReLU(), nn.Dropout(0.3), sn(nn.Linear(12, 12)), nn.Tanh(), nn.Linear(12, 3)
+    )
 
 
 def naive(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, etas: list[float], seed: int) -> LandscapeResult:
@@ -101,7 +102,7 @@ def test_dln_grid_and_default_etas() -> None:
     assert d[0] == pytest.approx(1e-8) and d[-1] == pytest.approx(3e-5) and len(d) == 5
     assert default_etas(0.1, "torchvision:resnet18") == default_etas(0.1, "vgg")
     assert ETA_RANGES == {"vgg": (0.5, 4.0), "dln": (0.01, 30.0)}
-    with pytest.raises(ConfigError, match="need a positive learning rate, got 0.0"):
+    with pytest.raises(ConfigError, match=r"need a positive learning rate, got 0.0"):
         default_etas(0.0)
     torch.manual_seed(0)
     model = dln(10, (10,), depth=6)
@@ -132,6 +133,11 @@ def test_probe_writes_each_value_to_its_dataset(tmp_path: Path) -> None:
     assert d["landscape/step"].tolist() == [0] and d["landscape/eta"].tolist() == pytest.approx(etas, rel=1e-12)
     assert d["landscape/loss"][0].tolist() == pytest.approx(expected.loss, rel=1e-6)
     assert d["landscape/grad_l2"][0].tolist() == pytest.approx(expected.grad_l2, rel=1e-5)
-    for key, value in (("beta_smoothness", expected.beta), ("loss_at_w", expected.loss_at_w), ("loss_min", min(expected.loss)), ("loss_max", max(expected.loss))):
+    for key, value in (
+        ("beta_smoothness", expected.beta),
+        ("loss_at_w", expected.loss_at_w),
+        ("loss_min", min(expected.loss)),
+        ("loss_max", max(expected.loss)),
+    ):
         assert float(d[f"landscape/{key}"][0]) == pytest.approx(value, rel=1e-5), key
     assert len({round(v, 6) for v in (expected.beta, expected.loss_at_w, min(expected.loss), max(expected.loss))}) == 4  # all told apart

@@ -27,7 +27,7 @@ def test_vgg_has_the_vgg11_layout() -> None:
 def test_dln_and_mlp_shapes() -> None:
     dln = build_model("dln", 10, (10,))
     linears = [m for m in dln if isinstance(m, nn.Linear)]
-    assert len(linears) == 25 and all(l.bias is None and l.weight.shape == (10, 10) for l in linears)
+    assert len(linears) == 25 and all(lay.bias is None and lay.weight.shape == (10, 10) for lay in linears)
     mlp = build_model("mlp", 10, (1, 28, 28))
     assert [m.out_features for m in mlp if isinstance(m, nn.Linear)] == [100, 100, 100, 10]
     assert sum(isinstance(m, nn.Sigmoid) for m in mlp) == 3
@@ -62,7 +62,7 @@ def test_user_model_file(tmp_path: Path) -> None:
     )
     assert build_model(f"{f}:make", 3, (4,))(torch.randn(2, 4)).shape == (2, 3)
     assert isinstance(build_model(f"{f}:plain", 3, (4,)), nn.Linear)
-    with pytest.raises(ModelError, match="not a torch.nn.Module"):
+    with pytest.raises(ModelError, match=r"not a torch\.nn\.Module"):
         build_model(f"{f}:not_a_model", 3, (4,))
     with pytest.raises(ModelError, match="has no factory 'mak'; did you mean 'make'"):
         build_model(f"{f}:mak", 3, (4,))

@@ -16,8 +16,16 @@ def numpy_stats(a: np.ndarray) -> dict[str, float]:
     m3 = ((a - mean) ** 3).mean()
     m4 = ((a - mean) ** 4).mean()
     return {
-        "mean": mean, "var": var, "skewness": m3 / var**1.5, "kurtosis": m4 / var**2 - 3, "min": a.min(), "max": a.max(),
-        "zero_fraction": np.mean(a == 0), "p15": np.percentile(a, 15), "p50": np.percentile(a, 50), "p85": np.percentile(a, 85),
+        "mean": mean,
+        "var": var,
+        "skewness": m3 / var**1.5,
+        "kurtosis": m4 / var**2 - 3,
+        "min": a.min(),
+        "max": a.max(),
+        "zero_fraction": np.mean(a == 0),
+        "p15": np.percentile(a, 15),
+        "p50": np.percentile(a, 50),
+        "p85": np.percentile(a, 85),
     }
 
 
@@ -104,8 +112,17 @@ def test_training_records_the_steps_it_took(in_tmp: Path) -> None:
     from bnprobe.store import read_file
     from bnprobe.trainer import run_experiment
 
-    overrides = {"model": "mlp", "data": "synthetic:mnist", "data_options": {"n": 64}, "steps": 5, "batch_size": 16,
-                 "lr": 0.1, "momentum": 0.9, "probes.record_every": 2, "output": "r.h5"}
+    overrides = {
+        "model": "mlp",
+        "data": "synthetic:mnist",
+        "data_options": {"n": 64},
+        "steps": 5,
+        "batch_size": 16,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "probes.record_every": 2,
+        "output": "r.h5",
+    }
     cfg = load_config(None, overrides)
     run_experiment(cfg)
     run = read_file("r.h5").runs["keep"]
@@ -117,7 +134,9 @@ def test_training_records_the_steps_it_took(in_tmp: Path) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     outputs: dict[str, torch.Tensor] = {}
     for name in run.layer_names:
-        modules[name].register_forward_hook(lambda m, i, o, name=name: None if name in outputs else outputs.update({name: o.detach().clone()}))
+        modules[name].register_forward_hook(
+            lambda m, i, o, name=name: None if name in outputs else outputs.update({name: o.detach().clone()})
+        )
     losses, accs, moments = [], [], []
     for step, (x, y) in zip(range(5), batches(bundle, 16, seed=cfg.seed)):
         outputs.clear()

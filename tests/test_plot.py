@@ -9,13 +9,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from _fixtures import write_run_file
+
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
 from bnprobe.plot import KINDS, plot
 
 pytest.importorskip("matplotlib")
-from matplotlib.colors import to_rgba  # noqa: E402
+from matplotlib.colors import to_rgba
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -126,7 +126,13 @@ def _stored(path: Path) -> dict[str, dict[str, np.ndarray | list[str]]]:
     with h5py.File(path, "r") as h5:
         for variant, g in h5["runs"].items():
             d: dict = {}
-            g.visititems(lambda k, v: d.__setitem__(k, np.asarray(v[()], dtype=np.float64)) if isinstance(v, h5py.Dataset) and v.dtype.kind in "biuf" else None)
+            g.visititems(
+                lambda k, v, d=d: (
+                    d.__setitem__(k, np.asarray(v[()], dtype=np.float64))
+                    if isinstance(v, h5py.Dataset) and v.dtype.kind in "biuf"
+                    else None
+                )
+            )
             order = np.argsort(g["layers"]["order"])
             d["layer_names"] = [g["layers"]["name"][i].decode() for i in order]
             d["ics_names"] = [n.decode() for n in g["ics/layer"][()]] if "ics/layer" in g else []
@@ -169,8 +175,8 @@ def test_moments_draws_the_three_percentiles_of_the_file(full_file: Path, tmp_pa
         assert len(group) == 3
         rest = [line for line in group if line is not median]
         # the other two: one is p15, the other p85
-        assert sorted(_same_xy(l, steps, p15) for l in rest) == [False, True]
-        assert sorted(_same_xy(l, steps, p85) for l in rest) == [False, True]
+        assert sorted(_same_xy(lay, steps, p15) for lay in rest) == [False, True]
+        assert sorted(_same_xy(lay, steps, p85) for lay in rest) == [False, True]
         # the shaded band spans p15..p85
         (band,) = [c for c in ax.collections if np.allclose(c.get_facecolor()[0][:3], to_rgba(median.get_color())[:3])]
         vertices = {tuple(v) for v in band.get_paths()[0].vertices.tolist()}
@@ -208,7 +214,10 @@ def test_landscape_draws_the_range_over_eta_and_beta(full_file: Path, tmp_path: 
             lo, hi = d[key].min(axis=1), d[key].max(axis=1)
             assert not np.array_equal(lo, hi)
             lines = _by_color(ax)[color]
-            assert len(lines) == 2 and any(_same_xy(l, steps, lo) for l in lines) and any(_same_xy(l, steps, hi) for l in lines), (variant, key)
+            assert len(lines) == 2 and any(_same_xy(lay, steps, lo) for lay in lines) and any(_same_xy(lay, steps, hi) for lay in lines), (
+                variant,
+                key,
+            )
 
 
 def test_training_draws_loss_and_accuracy_of_the_file(full_file: Path, tmp_path: Path, drawn: list) -> None:

@@ -33,7 +33,10 @@ def test_user_loop_records_moments_in_forward_order(tmp_path: Path) -> None:
     with Recorder(model, tmp_path / "r.h5", record_every=2, percentile_samples=10**6) as rec:
         for step, x in enumerate(xs):
             seen = {}
-            hooks = [m.register_forward_hook(lambda m, i, o, n=n: None if n in seen else seen.update({n: o.detach().clone()})) for n, m in model.named_children()]
+            hooks = [
+                m.register_forward_hook(lambda m, i, o, n=n, seen=seen: None if n in seen else seen.update({n: o.detach().clone()}))
+                for n, m in model.named_children()
+            ]
             loss = model(x).pow(2).mean()
             for h in hooks:
                 h.remove()
@@ -84,7 +87,9 @@ def test_paused_and_eval_passes_are_not_recorded(tmp_path: Path) -> None:
 def test_per_channel_and_histogram(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Conv2d(1, 3, 3))
     x = torch.randn(4, 1, 6, 6)
-    with Recorder(model, tmp_path / "r.h5", record_every=1, per_channel=True, histogram_bins=5, histogram_range=(-2.0, 2.0), percentile_samples=10**6) as rec:
+    with Recorder(
+        model, tmp_path / "r.h5", record_every=1, per_channel=True, histogram_bins=5, histogram_range=(-2.0, 2.0), percentile_samples=10**6
+    ) as rec:
         model(x)
         rec.step()
     run = read_file(tmp_path / "r.h5").runs["run"]

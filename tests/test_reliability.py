@@ -22,7 +22,14 @@ runner = CliRunner()
 
 
 # Every stateful thing a resume must carry over: noisy-BN draws, ICS steps, the Hessian warm start.
-_ALL_PROBES = {"bn": "noisy", "probes.ics_every": 3, "probes.landscape": True, "probes.hessian": True, "probes.hessian_max_iter": 4, "probes.hessian_tol": 1e-9}
+_ALL_PROBES = {
+    "bn": "noisy",
+    "probes.ics_every": 3,
+    "probes.landscape": True,
+    "probes.hessian": True,
+    "probes.hessian_max_iter": 4,
+    "probes.hessian_tol": 1e-9,
+}
 
 
 @pytest.mark.parametrize("extra", [{}, _ALL_PROBES], ids=["moments", "noisy-ics-landscape-hessian"])
@@ -66,7 +73,9 @@ def test_divergence_keeps_records_and_other_variants_run(in_tmp: Path, tiny_conf
 
 def _spawn(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "bnprobe.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bnprobe.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for_records(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -108,7 +117,9 @@ def test_signals_leave_a_readable_file(tmp_path: Path, tiny_config: Path, sig: i
     # the report reads it: exit 0, the status said, and the numbers are the file's
     report = runner.invoke(app, ["report", str(tmp_path / "run.h5")])
     assert report.exit_code == 0 and report.exception is None, report.output
-    assert ("status running: the run did not finish" if status == "running" else "keep: interrupted; showing records up to the stop") in report.output
+    assert (
+        "status running: the run did not finish" if status == "running" else "keep: interrupted; showing records up to the stop"
+    ) in report.output
     content = runner.invoke(app, ["report", "--json", str(tmp_path / "run.h5")])
     assert content.exit_code == 0, content.output
     summary = json.loads(content.output)["files"][0]["runs"]["keep"]["summary"]
@@ -142,7 +153,9 @@ def test_interrupt_before_the_first_step_keeps_the_old_file(in_tmp: Path, tiny_c
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_inside_a_weakref_callback_still_stops_the_run(in_tmp: Path, tiny_config: Path, monkeypatch: pytest.MonkeyPatch, sig: int, code: int) -> None:
+def test_a_signal_inside_a_weakref_callback_still_stops_the_run(
+    in_tmp: Path, tiny_config: Path, monkeypatch: pytest.MonkeyPatch, sig: int, code: int
+) -> None:
     """Python swallows an exception raised in a weakref callback ("Exception ignored in ..."): a
     signal delivered there must still stop the run, after the step it arrived in, with that step kept."""
     import weakref
@@ -173,27 +186,29 @@ def test_a_signal_waits_for_the_step_but_a_second_one_stops_at_once() -> None:
     from bnprobe.cli import Terminated, _StopRequests
 
     # the interrupts carry no message (match "^$"); the type tells SIGINT from SIGTERM (a subclass)
-    with pytest.raises(KeyboardInterrupt, match="^$") as first:  # before the first step nothing is half-written
+    with pytest.raises(KeyboardInterrupt, match=r"^$") as first:  # before the first step nothing is half-written
         _StopRequests().on_signal(signal.SIGINT, None)
     assert first.type is KeyboardInterrupt
     stops = _StopRequests()
     stops.check()
     stops.on_signal(signal.SIGTERM, None)  # during steps: remembered, raised at the boundary
-    with pytest.raises(Terminated, match="^$"):
+    with pytest.raises(Terminated, match=r"^$"):
         stops.check()
-    with pytest.raises(KeyboardInterrupt, match="^$") as second:
+    with pytest.raises(KeyboardInterrupt, match=r"^$") as second:
         stops.on_signal(signal.SIGINT, None)
     assert second.type is KeyboardInterrupt
 
 
 def test_a_layer_glob_may_match_in_some_variants_only(in_tmp: Path, tiny_config: Path) -> None:
     """``--layers '*_bn'`` probes only the inserted BN layers: the keep variant records no moments."""
-    result = runner.invoke(app, ["train", str(tiny_config), "--bn", "keep", "--bn", "insert", "--layers", "*_bn", "--ics-every", "2", "-o", "r.h5"])
+    result = runner.invoke(
+        app, ["train", str(tiny_config), "--bn", "keep", "--bn", "insert", "--layers", "*_bn", "--ics-every", "2", "-o", "r.h5"]
+    )
     assert result.exit_code == 0, result.output
     runs = read_file("r.h5").runs
     assert "moments/mean" not in runs["keep"].data and "ics/l2" not in runs["keep"].data
     assert len(runs["keep"].data["train/loss"]) == 6
-    names = [l["name"] for l in runs["insert"].layers]
+    names = [lay["name"] for lay in runs["insert"].layers]
     assert names and all(n.endswith("_bn") for n in names) and runs["insert"].data["ics/l2"].shape[1] == len(names)
 
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import io
-import re
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from _fixtures import write_run_file
 from rich.console import Console
 
-from _fixtures import write_run_file
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
 from bnprobe.probes.moments import STATS
 from bnprobe.report import SPARK_BLOCKS, STAT_CHOICES, align_layers, build_report, fmt, load_columns, render_report, sparkline
@@ -67,7 +67,7 @@ def test_every_number_equals_the_file(full_file: Path) -> None:
             m = run["moments"]
             assert m["records"] == len(g["moments/step"])
             assert m["steps"] == g["moments/step"][()].tolist()
-            assert [l["name"] for l in m["layers"]] == names
+            assert [lay["name"] for lay in m["layers"]] == names
             for j, layer in enumerate(m["layers"]):
                 for which, row in (("first", 0), ("last", -1)):
                     for stat in ("mean", "p15", "p50", "p85"):
@@ -76,7 +76,7 @@ def test_every_number_equals_the_file(full_file: Path) -> None:
                 assert layer["series"] == [float(v) for v in g["moments/mean"][:, j]]
 
             ics_names = [n.decode() if isinstance(n, bytes) else n for n in g["ics/layer"][()]]
-            assert [l["name"] for l in run["ics"]["layers"]] == ics_names
+            assert [lay["name"] for lay in run["ics"]["layers"]] == ics_names
             for j, layer in enumerate(run["ics"]["layers"]):
                 assert layer["median_l2"] == pytest.approx(float(np.median(g["ics/l2"][:, j].astype(np.float64))), rel=1e-12)
                 assert layer["median_cosine"] == pytest.approx(float(np.median(g["ics/cosine"][:, j].astype(np.float64))), rel=1e-12)
@@ -118,11 +118,11 @@ def test_layers_glob_and_variant_filter(full_file: Path) -> None:
     report = build_report([full_file], layers="fc*,out", variant="keep,ins*")
     runs = report["files"][0]["runs"]
     assert list(runs) == ["keep", "insert"]
-    assert [l["name"] for l in runs["insert"]["moments"]["layers"]] == ["fc1", "fc2", "fc3", "out"]
-    assert [l["name"] for l in runs["keep"]["ics"]["layers"]] == ["fc1", "fc2", "fc3", "out"]
+    assert [lay["name"] for lay in runs["insert"]["moments"]["layers"]] == ["fc1", "fc2", "fc3", "out"]
+    assert [lay["name"] for lay in runs["keep"]["ics"]["layers"]] == ["fc1", "fc2", "fc3", "out"]
     only_bn = build_report([full_file], layers="bn*")
-    assert [l["name"] for l in _run(only_bn, "keep")["moments"]["layers"]] == []
-    assert [l["name"] for l in _run(only_bn, "noisy")["moments"]["layers"]] == ["bn1", "bn2", "bn3"]
+    assert [lay["name"] for lay in _run(only_bn, "keep")["moments"]["layers"]] == []
+    assert [lay["name"] for lay in _run(only_bn, "noisy")["moments"]["layers"]] == ["bn1", "bn2", "bn3"]
 
 
 @pytest.mark.parametrize(
@@ -280,7 +280,7 @@ def test_render_matches_golden(full_file: Path) -> None:
     """The 80-column rendering of a fixed file; regenerate with BNPROBE_REGOLD=1."""
     text = _text(build_report([full_file]))
     lines = text.splitlines()
-    body = "\n".join(lines[lines.index(next(l for l in lines if l.startswith("Runs"))) :])  # after path and time
+    body = "\n".join(lines[lines.index(next(lay for lay in lines if lay.startswith("Runs"))) :])  # after path and time
     if os.environ.get("BNPROBE_REGOLD"):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(body + "\n", encoding="utf-8")
@@ -290,7 +290,7 @@ def test_render_matches_golden(full_file: Path) -> None:
 def test_layers_renamed_by_surgery_share_a_row(tmp_path: Path) -> None:
     path = write_run_file(tmp_path / "renamed.h5", variants=("keep", "insert"), surgery_names=True)
     report = build_report([path])
-    assert [l["name"] for l in _run(report, "insert")["moments"]["layers"]][:2] == ["fc1.linear", "fc1.bn"]
+    assert [lay["name"] for lay in _run(report, "insert")["moments"]["layers"]][:2] == ["fc1.linear", "fc1.bn"]
     text = _text(report)
     assert max(map(len, text.splitlines())) <= 80
     rows = [line.split()[0] for line in text.splitlines() if line[:1].strip() and line.split()[0].startswith("fc")]
@@ -307,7 +307,12 @@ def test_align_layers() -> None:
         ]
     )
     assert maps[0] == {"features.0": "features.0", "features.3": "features.3", "classifier": "classifier"}
-    assert maps[1] == {"features.0.conv": "features.0", "features.0.bn": "features.0.bn", "features.3.conv": "features.3", "classifier": "classifier"}
+    assert maps[1] == {
+        "features.0.conv": "features.0",
+        "features.0.bn": "features.0.bn",
+        "features.3.conv": "features.3",
+        "classifier": "classifier",
+    }
     # a child of another kind, or a name its own column already has, is not merged
     assert align_layers([[("a", "conv")], [("a", "conv"), ("a.b", "conv")]])[1] == {"a": "a", "a.b": "a.b"}
 

@@ -116,8 +116,14 @@ def test_an_error_before_any_record_leaves_no_file(tmp_path: Path) -> None:
         (lambda f: (f.__delitem__("runs"), f.create_dataset("runs", data=[1])), "/runs is a dataset, not a group"),
         (lambda f: (f.__delitem__("runs/r"), f.create_dataset("runs/r", data=[1])), "/runs/r is a dataset, not a group"),
         (lambda f: (f.__delitem__("runs/r/layers"), f.create_dataset("runs/r/layers", data=[1])), "/runs/r/layers is not a layers table"),
-        (lambda f: (f.__delitem__("runs/r/train/loss"), f.create_dataset("runs/r/train/loss", data=[b"a"])), "/runs/r/train/loss holds object values, not numbers"),
-        (lambda f: (f.__delitem__("runs/r/moments/mean"), f.create_dataset("runs/r/moments/mean", data=[1.0])), r"moments/mean is 1-D, not \[records, layers\]"),
+        (
+            lambda f: (f.__delitem__("runs/r/train/loss"), f.create_dataset("runs/r/train/loss", data=[b"a"])),
+            "/runs/r/train/loss holds object values, not numbers",
+        ),
+        (
+            lambda f: (f.__delitem__("runs/r/moments/mean"), f.create_dataset("runs/r/moments/mean", data=[1.0])),
+            r"moments/mean is 1-D, not \[records, layers\]",
+        ),
     ],
 )
 def test_a_broken_layout_is_a_store_error(tmp_path: Path, edit: object, message: str) -> None:
@@ -134,6 +140,6 @@ def test_a_broken_layout_is_a_store_error(tmp_path: Path, edit: object, message:
 
 
 def test_an_output_name_too_long_fails_before_anything_is_written(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="cannot write .*: File name too long"):
+    with pytest.raises(StoreError, match=r"cannot write .*: File name too long"):
         Store.create(tmp_path / "runs" / ("x" * 250 + ".h5"), create_parent=True)
     assert list(tmp_path.iterdir()) == []  # the runs/ it made is gone too

@@ -186,7 +186,9 @@ def test_insert_puts_the_bn_next_to_the_layer_under_a_sibling_name_and_keep_bias
     model, plan = apply_bn(base, "insert", IMAGES, keep_bias=True)
     assert list(dict(model.features.named_children()))[:5] == ["0", "0_bn", "1", "2", "3"]
     assert type(model.features) is nn.Sequential and isinstance(model.features.get_submodule("0_bn"), nn.BatchNorm2d)
-    assert isinstance(model.get_submodule("features.1"), nn.ReLU) and isinstance(model.features[1], nn.BatchNorm2d)  # integer indexing is by position
+    assert isinstance(model.get_submodule("features.1"), nn.ReLU) and isinstance(
+        model.features[1], nn.BatchNorm2d
+    )  # integer indexing is by position
     assert torch.equal(model.features[0].bias, base.features[0].bias)
     assert plan.rows()[0] == ("inserted", "features.0_bn", "features.0", "BatchNorm2d(8)")
     assert isinstance(model.classifier, nn.Linear)  # the output layer gets none
@@ -197,7 +199,9 @@ def test_insert_puts_the_bn_next_to_the_layer_under_a_sibling_name_and_keep_bias
 
 @pytest.mark.parametrize(("name", "input_shape"), [("vgg", (3, 32, 32)), ("mlp", (1, 8, 8)), ("dln", (10,))])
 @pytest.mark.parametrize("mode", ["insert", "noisy"])
-def test_insert_and_noisy_keep_every_conv_and_linear_name_of_the_built_in_models(name: str, input_shape: tuple[int, ...], mode: str) -> None:
+def test_insert_and_noisy_keep_every_conv_and_linear_name_of_the_built_in_models(
+    name: str, input_shape: tuple[int, ...], mode: str
+) -> None:
     options = {"width": 0.125} if name == "vgg" else {"depth": 4} if name == "dln" else {}
     base = build_model(name, 10, input_shape, **options)
     model, plan = apply_bn(base, mode, torch.randn(4, *input_shape))
@@ -229,14 +233,32 @@ class Custom(nn.Module):
 def test_insert_wraps_only_a_layer_outside_a_sequential_says_so_and_shares_the_bn_of_a_shared_layer() -> None:
     model, plan = apply_bn(Custom(), "insert", IMAGES)
     assert plan.rows() == [
-        ("inserted", "conv1.bn", "conv1.conv", "BatchNorm2d(4); conv1's bias removed; conv1 renamed conv1.conv (Custom is not an nn.Sequential)"),
-        ("inserted", "body.0.bn", "body.0.conv", "BatchNorm2d(4); body.0's bias removed; body.0 renamed body.0.conv (Residual has its own forward)"),
+        (
+            "inserted",
+            "conv1.bn",
+            "conv1.conv",
+            "BatchNorm2d(4); conv1's bias removed; conv1 renamed conv1.conv (Custom is not an nn.Sequential)",
+        ),
+        (
+            "inserted",
+            "body.0.bn",
+            "body.0.conv",
+            "BatchNorm2d(4); body.0's bias removed; body.0 renamed body.0.conv (Residual has its own forward)",
+        ),
         ("inserted", "tail.0_bn", "tail.0", "BatchNorm2d(4); tail.0's bias removed"),
     ]
     assert isinstance(model.conv1.conv, nn.Conv2d) and isinstance(model.conv1.bn, nn.BatchNorm2d)
-    assert type(model.body) is Custom.Residual and list(model.body._modules) == ["0", "1"] and list(model.body[0]._modules) == ["conv", "bn"]
-    assert list(model.tail._modules) == ["0", "0_bn", "1", "2", "2_bn", "3"] and model.tail.get_submodule("0_bn") is model.tail.get_submodule("2_bn")
-    assert leaf_types(model, IMAGES) == [nn.Conv2d, nn.BatchNorm2d] + [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] + [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] * 2 + [nn.Linear]
+    assert (
+        type(model.body) is Custom.Residual and list(model.body._modules) == ["0", "1"] and list(model.body[0]._modules) == ["conv", "bn"]
+    )
+    assert list(model.tail._modules) == ["0", "0_bn", "1", "2", "2_bn", "3"] and model.tail.get_submodule(
+        "0_bn"
+    ) is model.tail.get_submodule("2_bn")
+    assert leaf_types(model, IMAGES) == [nn.Conv2d, nn.BatchNorm2d] + [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] + [
+        nn.Conv2d,
+        nn.BatchNorm2d,
+        nn.ReLU,
+    ] * 2 + [nn.Linear]
 
 
 class ReadsItsLayer(nn.Module):
@@ -259,11 +281,13 @@ def test_a_wrapped_layer_still_answers_for_its_attributes(mode: str) -> None:
     assert model.proj.out_channels == 4
     one_sgd_step(model, IMAGES)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        model.proj.nothing  # noqa: B018
+        model.proj.nothing
 
 
 @pytest.mark.parametrize(("name", "input_shape", "activation"), [("mlp", (1, 8, 8), nn.Sigmoid), ("dln", (10,), None)])
-def test_insert_on_linear_models_puts_bn_before_each_nonlinearity_never_after_the_output(name: str, input_shape: tuple[int, ...], activation: type | None) -> None:
+def test_insert_on_linear_models_puts_bn_before_each_nonlinearity_never_after_the_output(
+    name: str, input_shape: tuple[int, ...], activation: type | None
+) -> None:
     model, _ = apply_bn(build_model(name, 10, input_shape), "insert", torch.randn(4, *input_shape))
     types = [t for t in leaf_types(model, torch.randn(4, *input_shape)) if t is not nn.Flatten]
     linears = types.count(nn.Linear)
@@ -481,7 +505,7 @@ class InPlaceBetween(nn.Module):
 def test_fold_sees_operations_outside_modules_when_fx_cannot_trace() -> None:
     base = InPlaceBetween()
     randomise_bn(base)
-    model, plan = apply_bn(base, "strip", IMAGES, fold=True)
+    _model, plan = apply_bn(base, "strip", IMAGES, fold=True)
     assert plan.pairing.startswith("forward hooks")
     assert plan.rows()[0][:3] == ("removed", "bn", "")
     assert plan.rows()[0][3].startswith("not folded: its input comes from relu_, not a conv/linear")
@@ -551,7 +575,7 @@ def ill_conditioned_mlp(depth: int = 24, width: int = 32) -> nn.Module:
 def test_fold_safety_net_works_in_float64_so_float32_rounding_does_not_refuse_an_exact_fold() -> None:
     x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
     base = ill_conditioned_mlp()
-    model, plan = apply_bn(base, "strip", x, fold=True)
+    _model, plan = apply_bn(base, "strip", x, fold=True)
     assert [c.action for c in plan.changes] == ["folded"] * 24
     twin = copy.deepcopy(base).double()  # the fold itself is exact: folding the float64 model changes nothing
     folded, _ = apply_bn(twin, "strip", x.double(), fold=True)
@@ -635,7 +659,9 @@ def test_noisy_inserts_noisy_bns_each_with_its_own_seeded_generator() -> None:
     assert type(model.features.get_submodule("0_bn")) is NoisyBatchNorm2d and isinstance(noisy[0], nn.BatchNorm2d)
     assert set(rng.module_generators(model)) == set(norms(model))
     assert len({m.noise_seed for m in noisy}) == 8
-    assert set(model.state_dict()) >= {f"features.0_bn.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked", "_extra_state")}
+    assert set(model.state_dict()) >= {
+        f"features.0_bn.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked", "_extra_state")
+    }
     model.train()
     assert torch.equal(model(IMAGES), noisy_vgg()(IMAGES))  # same run seed, same draws
     assert not torch.equal(noisy_vgg().train()(IMAGES), noisy_vgg(seed=1).train()(IMAGES))
@@ -656,7 +682,9 @@ def test_noisy_train_draws_afresh_eval_is_plain_bn_and_draws_replay() -> None:
 
 
 def test_noise_follows_the_recipe() -> None:
-    bn = NoisyBatchNorm1d(4000, affine=False, seed=3, noise=NoiseConfig(mu_range=(2.0, 2.0), sigma_range=(3.0, 3.0), mean_spread=0.1, scale_std=0.1))
+    bn = NoisyBatchNorm1d(
+        4000, affine=False, seed=3, noise=NoiseConfig(mu_range=(2.0, 2.0), sigma_range=(3.0, 3.0), mean_spread=0.1, scale_std=0.1)
+    )
     x = torch.tensor([-1.0, 1.0, -1.0, 1.0]).view(4, 1).expand(4, 4000)  # batch-normalised to -+1 / sqrt(1 + eps)
     unit = 1 / (1 + bn.eps) ** 0.5
     y = bn(x).double()
@@ -728,11 +756,20 @@ def test_noisy_on_a_model_with_bn_makes_each_bn_noisy_at_its_name_before_its_act
     x = torch.randn(4, 3, 5, 5)
     model, plan = apply_bn(base, "noisy", x)
     assert {c.action for c in plan.changes} == {"noise"} and len(plan.changes) == 6
-    assert norms(model) == norms(base) and model.state_dict().keys() - base.state_dict().keys() == {f"{n}._extra_state" for n in norms(base)}
+    assert norms(model) == norms(base) and model.state_dict().keys() - base.state_dict().keys() == {
+        f"{n}._extra_state" for n in norms(base)
+    }
     assert all(isinstance(m, NoisyNorm) for m in model.modules() if is_batchnorm(m))
-    assert type(model.bnact) is NoisyBatchNorm2d and model.bnact.after_noise == ("drop", "act")  # the call order, not the registration order
-    assert type(model.frozen) is NoisyFrozenBatchNorm2d and isinstance(model.sync, nn.SyncBatchNorm) and isinstance(model.bn3, nn.BatchNorm3d)
-    assert next(c.detail for c in plan.changes if c.module == "bnact").endswith("-> NoisyBatchNorm2d, noise seed " + str(model.bnact.noise_seed) + ", before its drop, act")
+    assert type(model.bnact) is NoisyBatchNorm2d and model.bnact.after_noise == (
+        "drop",
+        "act",
+    )  # the call order, not the registration order
+    assert (
+        type(model.frozen) is NoisyFrozenBatchNorm2d and isinstance(model.sync, nn.SyncBatchNorm) and isinstance(model.bn3, nn.BatchNorm3d)
+    )
+    assert next(c.detail for c in plan.changes if c.module == "bnact").endswith(
+        "-> NoisyBatchNorm2d, noise seed " + str(model.bnact.noise_seed) + ", before its drop, act"
+    )
     assert ("noise", "bnfc", "fc") in [r[:3] for r in plan.rows()]
     assert plan.params_after == plan.params_before
     with torch.no_grad():
@@ -779,7 +816,10 @@ def test_plan_rows_and_summary() -> None:
     assert isinstance(plan, BnPlan) and plan.mode == "strip"
     assert all(len(r) == len(plan.columns) and all(isinstance(v, str) for v in r) for r in plan.rows())
     assert plan.params_after == sum(p.numel() for p in model.parameters()) < plan.params_before
-    assert plan.summary() == f"bn strip: 20 removed, 20 rebiased; parameters {plan.params_before:,} -> {plan.params_after:,} (pairing: torch.fx)"
+    assert (
+        plan.summary()
+        == f"bn strip: 20 removed, 20 rebiased; parameters {plan.params_before:,} -> {plan.params_after:,} (pairing: torch.fx)"
+    )
     kept, kept_plan = apply_bn(model, "keep", IMAGES)
     assert kept is not model and kept_plan.rows() == [] and "no change" in kept_plan.summary()
 

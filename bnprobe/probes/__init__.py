@@ -30,7 +30,9 @@ class BeforeStepProbe(Protocol):
 
     def due(self, step: int) -> bool: ...
 
-    def measure(self, step: int, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> None: ...
+    def measure(
+        self, step: int, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> None: ...
 
 
 @dataclass
@@ -47,13 +49,19 @@ class ICSProbe:
         self.due = every(self.interval)
         self.writer.write_constant("ics/layer", self.layers)
 
-    def step(self, step: int, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, step: int, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         from .ics import gradient_shift
 
         exact = [glob.escape(n) for n in self.layers]  # names, not patterns: ModuleDict keys may hold [ ] * ?
         result = gradient_shift(model, loss_fn, x, y, optimizer, layers=exact, method=self.method)
         values = [result[n] for n in self.layers]
-        self.writer.append("ics", step, {key: np.array([getattr(v, key) for v in values]) for key in ("l2", "cosine", "grad_norm", "grad_norm_shifted", "rel_diff")})
+        self.writer.append(
+            "ics",
+            step,
+            {key: np.array([getattr(v, key) for v in values]) for key in ("l2", "cosine", "grad_norm", "grad_norm_shifted", "rel_diff")},
+        )
         return result.loss.detach(), result.output.detach()
 
 
@@ -70,14 +78,23 @@ class LandscapeProbe:
         self.due = every(self.interval)
         self.writer.write_constant("landscape/eta", np.asarray(self.etas, dtype=np.float64))
 
-    def measure(self, step: int, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    def measure(
+        self, step: int, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> None:
         from .landscape import landscape
 
         r = landscape(model, loss_fn, x, y, list(self.etas))
         self.writer.append(
-            "landscape", step,
-            {"loss": np.asarray(r.loss), "grad_l2": np.asarray(r.grad_l2), "beta_smoothness": r.beta, "loss_at_w": r.loss_at_w,
-             "loss_min": r.loss_min, "loss_max": r.loss_max},
+            "landscape",
+            step,
+            {
+                "loss": np.asarray(r.loss),
+                "grad_l2": np.asarray(r.grad_l2),
+                "beta_smoothness": r.beta,
+                "loss_at_w": r.loss_at_w,
+                "loss_min": r.loss_min,
+                "loss_max": r.loss_max,
+            },
         )
 
 
@@ -99,7 +116,9 @@ class HessianProbe:
     def __post_init__(self) -> None:
         self.due = every(self.interval)
 
-    def measure(self, step: int, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    def measure(
+        self, step: int, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> None:
         from .hessian import hessian_blocks, top_hessian_eigenvalue
 
         r = top_hessian_eigenvalue(model, loss_fn, x, y, tol=self.tol, max_iter=self.max_iter, init=self._vector)
@@ -110,10 +129,12 @@ class HessianProbe:
             per = hessian_blocks(model, loss_fn, x, y, layers=exact, tol=self.tol, max_iter=self.max_iter, init=self._block_vectors)
             self._block_vectors = {n: b.vector for n, b in per.items()}
             nan = float("nan")  # a block with no trainable parameter
-            row.update({
-                f"block_{key}": np.array([getattr(per[n], field) if n in per else nan for n in self.blocks], dtype=np.float64)
-                for key, field in (("top_eigenvalue", "eigenvalue"), ("iterations", "iterations"), ("residual", "residual"))
-            })
+            row.update(
+                {
+                    f"block_{key}": np.array([getattr(per[n], field) if n in per else nan for n in self.blocks], dtype=np.float64)
+                    for key, field in (("top_eigenvalue", "eigenvalue"), ("iterations", "iterations"), ("residual", "residual"))
+                }
+            )
         self.writer.append("hessian", step, row)
         self.writer.set_dataset_attrs("hessian/top_eigenvalue", bn_mode="train", samples=self.samples)
 
@@ -127,7 +148,8 @@ class ScheduledProbes:
         """What a resumed run needs to measure exactly as an uninterrupted one: the Hessian warm starts."""
         return {
             p.name: {"vector": p._vector, "blocks": p._block_vectors}
-            for p in self.before_step if isinstance(p, HessianProbe) and p._vector is not None
+            for p in self.before_step
+            if isinstance(p, HessianProbe) and p._vector is not None
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -144,12 +166,16 @@ def scheduled_probes(cfg: Any, layer_names: list[str], writer: RunWriter) -> Sch
     if p.landscape:
         from .landscape import default_etas
 
-        etas = p.etas and tuple(e * cfg.lr for e in p.etas) or tuple(default_etas(cfg.lr, cfg.model))
+        etas = (p.etas and tuple(e * cfg.lr for e in p.etas)) or tuple(default_etas(cfg.lr, cfg.model))
         before.append(LandscapeProbe(writer, etas, p.landscape_every or p.ics_every or p.record_every))
     if p.hessian:
         blocks = list(layer_names) if p.hessian_blocks and layer_names else None
         if blocks:
             writer.write_constant("hessian/block", blocks)
-        before.append(HessianProbe(writer, p.hessian_every or p.ics_every or p.record_every, p.hessian_tol, p.hessian_max_iter, cfg.batch_size, blocks))
+        before.append(
+            HessianProbe(
+                writer, p.hessian_every or p.ics_every or p.record_every, p.hessian_tol, p.hessian_max_iter, cfg.batch_size, blocks
+            )
+        )
     ics = ICSProbe(writer, layer_names, p.ics_every) if p.ics_every > 0 and layer_names else None
     return ScheduledProbes(before, ics)

@@ -130,15 +130,22 @@ def _normalize(x: torch.Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12
     return x / norm.clamp_min(eps)
 
 
-def _first_order(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: Any, y: Any, ps: list[torch.Tensor],
-                 bn_mode: str) -> tuple[list[torch.Tensor | None], list[nn.Module]]:
+def _first_order(
+    model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: Any, y: Any, ps: list[torch.Tensor], bn_mode: str
+) -> tuple[list[torch.Tensor | None], list[nn.Module]]:
     """grad L wrt ``ps`` with its graph kept (for double backward; None where L does not depend on
     p), and the modules with own parameters in the order their first call ended."""
     state = rng.capture(model)
-    with record_first_calls(model) as order:
-        # no_trace sees the final modes; attention on the math backend: the fused CPU kernels have no double backward
-        with _bn_mode(model, bn_mode), no_trace(model), rng.replaying(model, state), _TwiceDifferentiable(), sdpa_kernel([SDPBackend.MATH]):
-            loss = loss_fn(model(x), y)
+    # no_trace sees the final modes; attention on the math backend: the fused CPU kernels have no double backward
+    with (
+        record_first_calls(model) as order,
+        _bn_mode(model, bn_mode),
+        no_trace(model),
+        rng.replaying(model, state),
+        _TwiceDifferentiable(),
+        sdpa_kernel([SDPBackend.MATH]),
+    ):
+        loss = loss_fn(model(x), y)
     grads = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
     return [g if g is not None and g.requires_grad else None for g in grads], order
 
@@ -188,8 +195,14 @@ def _refusing_what_has_no_double_backward(model: nn.Module, x: Any) -> Iterator[
         raise refusal from e
 
 
-def _power_iteration(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor], tol: float, max_iter: int,
-                     init: torch.Tensor | Sequence[torch.Tensor] | None, seed: int) -> tuple[float, int, float, torch.Tensor, bool]:
+def _power_iteration(
+    grads: Sequence[torch.Tensor | None],
+    ps: Sequence[torch.Tensor],
+    tol: float,
+    max_iter: int,
+    init: torch.Tensor | Sequence[torch.Tensor] | None,
+    seed: int,
+) -> tuple[float, int, float, torch.Tensor, bool]:
     sizes = [p.numel() for p in ps]
     n = sum(sizes)
     ref = ps[0]
@@ -199,8 +212,13 @@ def _power_iteration(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Te
         if not live:
             return torch.zeros_like(v)
         parts = v.split(sizes)
-        out = torch.autograd.grad([grads[k] for k in live], [ps[k] for k in live],
-                                  grad_outputs=[parts[k].view_as(ps[k]) for k in live], retain_graph=True, allow_unused=True)
+        out = torch.autograd.grad(
+            [grads[k] for k in live],
+            [ps[k] for k in live],
+            grad_outputs=[parts[k].view_as(ps[k]) for k in live],
+            retain_graph=True,
+            allow_unused=True,
+        )
         full = [torch.zeros(s, dtype=ref.dtype, device=ref.device) for s in sizes]
         for k, h in zip(live, out):
             if h is not None:
@@ -220,7 +238,7 @@ def _power_iteration(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Te
     previous: float | None = None
     eigenvalue, residual, converged = 0.0, math.nan, False
     iterations = 0
-    for iterations in range(1, max_iter + 1):
+    for iterations in range(1, max_iter + 1):  # noqa: B007 - the count is read after the loop
         hv = hvp(v)
         lam = torch.dot(v, hv)
         res = torch.linalg.vector_norm(hv - lam * v)
@@ -304,6 +322,8 @@ def hessian_blocks(
     for j in picked:
         name, ks = blocks[j]
         with _refusing_what_has_no_double_backward(model, x):
-            lam, its, res, v, ok = _power_iteration([grads[k] for k in ks], [ps[k] for k in ks], tol, max_iter, (init or {}).get(name), seed)
+            lam, its, res, v, ok = _power_iteration(
+                [grads[k] for k in ks], [ps[k] for k in ks], tol, max_iter, (init or {}).get(name), seed
+            )
         out[name] = HessianResult(lam, its, res, v, ok, bn_mode, _samples(x))
     return out

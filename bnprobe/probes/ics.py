@@ -326,6 +326,7 @@ def gradient_shift(
     new = {n: p.detach() for n, p in params.items()}
     shifted: dict[int, list[torch.Tensor]] = {}
     with no_trace(model) as tape:
+
         def reset() -> None:  # every pass starts from the buffers the real pass started from
             tape.set(buffers0)
 
@@ -357,9 +358,18 @@ def _mixed(plan: _Layers, i: int, old: dict[str, torch.Tensor], new: dict[str, t
 # ----------------------------------------------------------------------------- naive reference
 
 
-def _naive(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: Any, y: Any, plan: _Layers, measured: list[int],
-           old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], state0: rng.RngState,
-           reset: Callable[[], None]) -> dict[int, list[torch.Tensor]]:
+def _naive(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: Any,
+    y: Any,
+    plan: _Layers,
+    measured: list[int],
+    old: dict[str, torch.Tensor],
+    new: dict[str, torch.Tensor],
+    state0: rng.RngState,
+    reset: Callable[[], None],
+) -> dict[int, list[torch.Tensor]]:
     """One extra forward and full backward per layer, on the mixed parameters."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     shifted = {}
@@ -554,9 +564,19 @@ class _CallCache:
                     self.out[pos] = None
 
 
-def _fast(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: Any, y: Any, plan: _Layers, measured: list[int],
-          old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], state0: rng.RngState,
-          reset: Callable[[], None], g_real: dict[int, list[torch.Tensor]]) -> dict[int, list[torch.Tensor]]:
+def _fast(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: Any,
+    y: Any,
+    plan: _Layers,
+    measured: list[int],
+    old: dict[str, torch.Tensor],
+    new: dict[str, torch.Tensor],
+    state0: rng.RngState,
+    reset: Callable[[], None],
+    g_real: dict[int, list[torch.Tensor]],
+) -> dict[int, list[torch.Tensor]]:
     shifted: dict[int, list[torch.Tensor]] = {}
     todo = []
     for i in measured:
