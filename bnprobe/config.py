@@ -44,6 +44,15 @@ class BnTargets(str, enum.Enum):
 LAYER_KINDS = ("conv", "linear", "norm", "other")  # what ``probes.kinds`` may name (bnprobe.layers.layer_kind)
 
 
+def layer_patterns(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Layer (or variant) globs as one tuple, however they were given: ``None`` is every layer,
+    a string may hold several comma-separated globs (``"fc*,conv1"``), a sequence is taken as is."""
+    if value is None:
+        return ("*",)
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(p.strip() for p in items if p.strip())
+
+
 class OptimizerName(str, enum.Enum):
     SGD = "sgd"
     ADAM = "adam"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import reprlib
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -73,3 +75,12 @@ def clip(text: str, limit: int = 120) -> str:
         return text
     half = (limit - 3) // 2
     return text[:half] + "..." + text[len(text) - half :]
+
+
+def did_you_mean(word: str, choices: Iterable[str], n: int = 1, cutoff: float = 0.6, otherwise: str = "") -> str:
+    """``"; did you mean 'x'?"`` naming the ``n`` closest of ``choices`` to a mistyped ``word``, or
+    ``otherwise`` when none is close: the one hint every unknown-name error gives."""
+    close = difflib.get_close_matches(word, list(choices), n=n, cutoff=cutoff)
+    if not close:
+        return otherwise
+    return "; did you mean " + ", ".join(repr(c) for c in close) + "?"
