@@ -1,12 +1,27 @@
 """bnprobe: what batch normalization does to your network, measured.
 
-The public API (DESIGN 1.7); names are imported on first use so that ``bnprobe --help`` starts fast.
+The public API (DESIGN 1.7). Names are imported on first use, so that ``bnprobe --help`` and
+``bnprobe report`` start without importing torch; type checkers see the real imports below.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import load_config
+    from .data import load_data
+    from .models import build_model, list_models
+    from .passes import leave_no_trace
+    from .probes.hessian import top_hessian_eigenvalue
+    from .probes.ics import gradient_shift
+    from .probes.landscape import landscape
+    from .probes.moments import moment_stats
+    from .recorder import Recorder
+    from .store import read_file
+    from .surgery import apply_bn
+    from .trainer import run_experiment
 
 __version__ = "0.1.0"
 
@@ -17,6 +32,7 @@ _EXPORTS = {
     "load_config": "bnprobe.config",
     "Recorder": "bnprobe.recorder",
     "apply_bn": "bnprobe.surgery",
+    "leave_no_trace": "bnprobe.passes",
     "gradient_shift": "bnprobe.probes.ics",
     "landscape": "bnprobe.probes.landscape",
     "top_hessian_eigenvalue": "bnprobe.probes.hessian",
@@ -24,7 +40,22 @@ _EXPORTS = {
     "run_experiment": "bnprobe.trainer",
     "read_file": "bnprobe.store",
 }
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "Recorder",
+    "__version__",
+    "apply_bn",
+    "build_model",
+    "gradient_shift",
+    "landscape",
+    "leave_no_trace",
+    "list_models",
+    "load_config",
+    "load_data",
+    "moment_stats",
+    "read_file",
+    "run_experiment",
+    "top_hessian_eigenvalue",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -7,17 +7,16 @@ comes from forward hooks on one real batch. A module called twice appears once, 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import rng
 from .config import LAYER_KINDS as KINDS
 from .errors import ConfigError
+from .passes import leave_no_trace
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -50,27 +49,6 @@ class LayerInfo:
     order: int
 
 
-@contextmanager
-def eval_free_forward(model: nn.Module) -> Iterator[None]:
-    """Run a forward that changes nothing: no grad, RNG restored, BN running stats untouched.
-
-    BN stays in train mode (batch statistics, so a batch of one still fails loudly as in
-    training) but with ``track_running_stats`` off, so running statistics do not move. The
-    modules' own generators (noisy BN) are put back too, so the pass consumes no noise draw.
-    """
-    saved = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    streams = rng.capture(model)
-    try:
-        for m, _ in saved:
-            m.track_running_stats = False
-        with torch.random.fork_rng(), torch.no_grad():
-            yield
-    finally:
-        for m, flag in saved:
-            m.track_running_stats = flag
-        rng.restore(model, streams)
-
-
 def execution_order(
     model: nn.Module, example_input: Any, modules: Iterable[tuple[str, nn.Module]] | None = None
 ) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
@@ -88,7 +66,7 @@ def execution_order(
 
     handles = [m.register_forward_hook(make_hook(n)) for n, m in candidates]
     try:
-        with eval_free_forward(model):
+        with leave_no_trace(model), torch.no_grad():
             model(example_input)
     finally:
         for h in handles:
@@ -123,7 +101,7 @@ def probed_layers(
     owners = [(n, m) for n, m in model.named_modules() if has_own_parameters(m)]
     ordered = execution_order(model, example_input, owners)
     keep = set(select([(n, layer_kind(m)) for n, m, _ in ordered], patterns, kinds))
-    result = []
+    result: list[tuple[LayerInfo, nn.Module]] = []
     for i, (name, module, shape) in enumerate(ordered):
         if i in keep:
             info = LayerInfo(

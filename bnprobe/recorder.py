@@ -13,8 +13,7 @@ Device tensors are kept until a flush, so the probes never synchronise per layer
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import layer_patterns
 from .layers import LayerInfo, has_own_parameters, layer_kind, select
-from .probes.ics import in_extra_pass
+from .passes import measuring
 from .probes.moments import DEFAULT_SAMPLES, STATS, histogram, moment_stats
 from .store import RunWriter, Store
 
@@ -66,14 +66,14 @@ class Recorder:
         require_match: bool = True,
     ) -> None:
         self.model = model
-        patterns = [layers] if isinstance(layers, str) else list(layers)
+        patterns = layer_patterns(layers)
         owners = [(n, m) for n, m in model.named_modules() if has_own_parameters(m)]
         picked = select([(n, layer_kind(m)) for n, m in owners], patterns, kinds)
         self._candidates = [owners[i] for i in picked]
         if not self._candidates and require_match:
             from .errors import ConfigError
 
-            raise ConfigError(f"no layer with parameters matches layers={patterns!r}" + (f", kinds={list(kinds)!r}" if kinds else ""))
+            raise ConfigError(f"no layer with parameters matches layers={list(patterns)!r}" + (f", kinds={list(kinds)!r}" if kinds else ""))
         self._owned_store: Store | None = None
         if isinstance(output, RunWriter):
             self.writer = output
@@ -99,7 +99,6 @@ class Recorder:
         self._pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]] = []
         self._train_rows: list[tuple[int, Any, Any, Any, float]] = []
         self._handles: list[Any] = []
-        self._paused = False
         self._t0 = time.perf_counter() - start_seconds  # a resumed run's clock goes on from its checkpoint
         self.layers: list[LayerInfo] = []
 
@@ -115,7 +114,7 @@ class Recorder:
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, _inp: Any, out: Any) -> None:
-            if self._paused or in_extra_pass() or not module.training or name in self._current:
+            if measuring() or not module.training or name in self._current:
                 return
             if not self._order_fixed:
                 self._seen_shapes.setdefault(name, tuple(out.shape) if isinstance(out, torch.Tensor) else ())
@@ -147,16 +146,6 @@ class Recorder:
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         self.close("finished" if exc_type is None else "interrupted")  # an exception stopped the user's loop early
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Extra forward passes (ICS, landscape) inside this block are not recorded."""
-        was = self._paused
-        self._paused = True
-        try:
-            yield
-        finally:
-            self._paused = was
 
     # -------------------------------------------------------------- steps
 

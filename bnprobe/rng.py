@@ -1,5 +1,5 @@
 """Save and replay every random stream a forward pass draws from, so that extra measurement
-passes (ICS, landscape) see the same dropout masks and noisy-BN draws as the real pass.
+passes (ICS, landscape, Hessian) see the same dropout masks and noisy-BN draws as the real pass.
 
 Streams: the global CPU generator, the CUDA generators when CUDA is initialised, and every
 module attribute named ``generator`` holding a ``torch.Generator`` (noisy BN keeps its own).
@@ -8,7 +8,7 @@ module attribute named ``generator`` holding a ``torch.Generator`` (noisy BN kee
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +17,16 @@ from torch import nn
 
 @dataclass
 class RngState:
+    """Every stream's state at one moment; ``modules`` by module name."""
+
     cpu: torch.Tensor
     cuda: list[torch.Tensor]
     modules: dict[str, torch.Tensor]
+
+    def same(self, other: RngState) -> bool:
+        """True when no stream moved between the two states (how a cached call knows it drew nothing)."""
+        pairs = [(self.cpu, other.cpu), *zip(self.cuda, other.cuda), *((s, other.modules.get(n)) for n, s in self.modules.items())]
+        return len(self.cuda) == len(other.cuda) and all(b is not None and torch.equal(a, b) for a, b in pairs)
 
 
 def module_generators(model: nn.Module) -> dict[str, torch.Generator]:
@@ -27,26 +34,44 @@ def module_generators(model: nn.Module) -> dict[str, torch.Generator]:
     return {name: m.generator for name, m in model.named_modules() if isinstance(getattr(m, "generator", None), torch.Generator)}
 
 
+class Streams:
+    """The random streams of one model, found once: cheap to capture and restore many times per
+    step (the ICS fast path snapshots around every module call)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.generators = module_generators(model)
+        self.cuda = torch.cuda.is_initialized()
+
+    def capture(self) -> RngState:
+        cuda = torch.cuda.get_rng_state_all() if self.cuda else []
+        return RngState(torch.get_rng_state(), cuda, {n: g.get_state() for n, g in self.generators.items()})
+
+    def restore(self, state: RngState) -> None:
+        torch.set_rng_state(state.cpu)
+        if state.cuda:
+            torch.cuda.set_rng_state_all(state.cuda)
+        for name, g in self.generators.items():
+            if name in state.modules:
+                g.set_state(state.modules[name])
+
+    @contextmanager
+    def replaying(self, state: RngState) -> Iterator[None]:
+        """Run the block from ``state`` and put the streams back where they were before it."""
+        before = self.capture()
+        self.restore(state)
+        try:
+            yield
+        finally:
+            self.restore(before)
+
+
 def capture(model: nn.Module) -> RngState:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    return RngState(torch.get_rng_state(), cuda, {n: g.get_state() for n, g in module_generators(model).items()})
+    return Streams(model).capture()
 
 
 def restore(model: nn.Module, state: RngState) -> None:
-    torch.set_rng_state(state.cpu)
-    if state.cuda:
-        torch.cuda.set_rng_state_all(state.cuda)
-    for name, g in module_generators(model).items():
-        if name in state.modules:
-            g.set_state(state.modules[name])
+    Streams(model).restore(state)
 
 
-@contextmanager
-def replaying(model: nn.Module, state: RngState) -> Iterator[None]:
-    """Run the block from ``state`` and put the streams back where they were before it."""
-    before = capture(model)
-    restore(model, state)
-    try:
-        yield
-    finally:
-        restore(model, before)
+def replaying(model: nn.Module, state: RngState) -> AbstractContextManager[None]:
+    return Streams(model).replaying(state)

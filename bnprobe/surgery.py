@@ -56,7 +56,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from .config import BnMode, BnTargets, NoiseConfig
 from .errors import SurgeryError
-from .layers import eval_free_forward, layer_kind
+from .layers import layer_kind
+from .passes import leave_no_trace
 
 _BN = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 _TARGETS = {"conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "linear": (nn.Linear,)}
@@ -401,7 +402,7 @@ def _dataflow(model: nn.Module, example_input: Any) -> _Flow:
     handles += [m.register_forward_hook(hook(n, True)) for m, n in atomic.items()]
     handles += [m.register_forward_hook(hook(n, False)) for m, n in inside.items()]
     try:
-        with eval_free_forward(model), tape:
+        with leave_no_trace(model), torch.no_grad(), tape:
             result = model(example_input)
     except Exception as e:
         raise SurgeryError(f"cannot plan BN surgery: {type(model).__name__} fails on the example input: {str(e).splitlines()[0]}") from e

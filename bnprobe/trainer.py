@@ -26,11 +26,14 @@ from . import rng
 from .config import BnMode, Config, OptimizerName, expand_variants
 from .data import DataBundle, batches, load_data
 from .errors import BnprobeError, ConfigError, ModelError, StoreError, described, first_line
-from .layers import eval_free_forward, no_layer_matches, probed_layers
+from .layers import no_layer_matches, probed_layers
 from .models import build_model
-from .probes import ScheduledProbes, scheduled_probes
+from .passes import leave_no_trace
+from .probes import Probe, StepBatch, load_probe_states, probe_states, scheduled_probes, track
+from .probes import start as start_probes
 from .recorder import Recorder
 from .store import RunWriter, Store
+from .surgery import BnPlan, apply_bn
 
 
 @dataclass
@@ -103,21 +106,29 @@ def _naming_failures(model: nn.Module) -> Iterator[None]:
             h.remove()
 
 
-def prepare_model(cfg: Config, bundle: DataBundle, device: torch.device) -> tuple[nn.Module, Any]:
-    """Build the model from ``cfg.seed``, apply the BN mode, move it to ``device`` and check it runs."""
+def prepare_model(cfg: Config, bundle: DataBundle, device: torch.device | None = None) -> tuple[nn.Module, BnPlan | None]:
+    """Build the model from ``cfg.seed``, check it runs on the data, apply the BN mode and move it
+    to ``device``. The plan is None when there was nothing to plan (``keep`` without ``fold``)."""
+    model, x = _checked_model(cfg, bundle)
+    plan = None
+    if cfg.bn is not BnMode.KEEP or cfg.fold:
+        model, plan = _surgery(cfg, model, x)
+    return (model if device is None else model.to(device)), plan
+
+
+def _checked_model(cfg: Config, bundle: DataBundle) -> tuple[nn.Module, torch.Tensor]:
+    """The model, built from the seed and checked on an example batch, and that batch's inputs."""
     model = _build_seeded(cfg, bundle)
     x, y = bundle.example_batch(2)
     with _naming_failures(model):
         probed_layers(model, x)
         _check_output(model, bundle, x, y)
-    plan = None
-    if cfg.bn is not BnMode.KEEP or cfg.fold:
-        from .surgery import apply_bn
+    return model, x
 
-        model, plan = apply_bn(
-            model, cfg.bn.value, x, targets=cfg.bn_targets.value, keep_bias=cfg.keep_bias, fold=cfg.fold, noise=cfg.noise, seed=cfg.seed
-        )
-    return model.to(device), plan
+
+def _surgery(cfg: Config, model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, BnPlan]:
+    c = cfg
+    return apply_bn(model, c.bn.value, x, targets=c.bn_targets.value, keep_bias=c.keep_bias, fold=c.fold, noise=c.noise, seed=c.seed)
 
 
 def _build_seeded(cfg: Config, bundle: DataBundle) -> nn.Module:
@@ -132,7 +143,7 @@ def _check_output(model: nn.Module, bundle: DataBundle, x: torch.Tensor, y: torc
     """The loss must fit the model's output to the data's targets: a tuple, or 3 logits for 10
     classes, would otherwise fail in the first training step (or, for labels the example batch
     lacks, much later). Checked by a forward that changes nothing."""
-    with eval_free_forward(model):
+    with leave_no_trace(model), torch.no_grad():
         out = model(x)
     if not isinstance(out, torch.Tensor):
         raise ModelError(f"the model returns a {type(out).__name__}, not a tensor (bnprobe trains on one output)")
@@ -167,7 +178,7 @@ def train_variant(
     bundle: DataBundle,
     writer: RunWriter,
     progress: ProgressFn | None = None,
-    prepared: tuple[nn.Module, Any] | None = None,
+    prepared: tuple[nn.Module, BnPlan | None] | None = None,
     checkpoint: dict[str, Any] | None = None,
 ) -> VariantResult:
     """Train one variant for ``cfg.steps`` steps, recording into ``writer``.
@@ -184,125 +195,151 @@ def train_variant(
     """
     device = resolve_device(cfg.device)
     model, plan = prepared if prepared is not None else prepare_model(cfg, bundle, device)
+    run = _start(cfg, name, bundle, writer, model, plan, device, checkpoint)
+    status, diverged_step, failed_step, error, error_traceback = "finished", None, None, None, ""
+    try:
+        with run.rec:
+            status, diverged_step = _train_steps(run, bundle, device, progress)
+    except KeyboardInterrupt:
+        run.finish("interrupted", save=True)
+        raise
+    except Exception as e:
+        status, failed_step = "failed", run.steps_done
+        error = _failure(model, e, failed_step)
+        if error is None:
+            run.finish(status, save=False, failed_step=failed_step, error=described(e))
+            raise
+        error_traceback = "".join(traceback.format_exception(e))
+    run.finish(status, save=status == "finished", diverged_step=diverged_step, failed_step=failed_step, error=error)
+    tail = slice(-10, None)
+    return VariantResult(
+        name,
+        status,
+        run.steps_done,
+        float(np.mean(run.losses[tail])) if run.losses else math.nan,
+        float(np.mean(run.accs[tail])) if run.accs else math.nan,
+        run.rec.elapsed(),
+        diverged_step,
+        len(run.losses[tail]),
+        error,
+        error_traceback,
+    )
+
+
+@dataclass
+class _Run:
+    """One variant's training state: what the steps, the checkpoints and the closing status share."""
+
+    cfg: Config
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    writer: RunWriter
+    rec: Recorder
+    probes: list[Probe]
+    start: int
+    losses: list[float] = dataclasses.field(default_factory=list)
+    accs: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def steps_done(self) -> int:
+        return self.start + len(self.losses)
+
+    def checkpoint(self, next_step: int) -> dict[str, Any]:
+        return checkpoint_state(self.model, self.optimizer, next_step, self.rec, self.probes)
+
+    def finish(self, status: str, save: bool, **extra: Any) -> None:
+        """Flush, checkpoint when ``save``, and set the run's status with ``extra`` attributes
+        (``diverged_step``; ``failed_step`` and ``error``); None values are left out."""
+        steps = self.steps_done
+        self.rec.flush()
+        if save:
+            self.writer.save_checkpoint(self.checkpoint(steps), steps)
+        extra = {k: v for k, v in extra.items() if v is not None}
+        self.writer.set_status(status, steps=steps, seconds=self.rec.elapsed(), write_seconds=self.writer.write_seconds, **extra)
+
+
+def _start(
+    cfg: Config,
+    name: str,
+    bundle: DataBundle,
+    writer: RunWriter,
+    model: nn.Module,
+    plan: BnPlan | None,
+    device: torch.device,
+    checkpoint: dict[str, Any] | None,
+) -> _Run:
+    """Everything a variant's first step needs: optimizer, probes, recorder, and the state of a resumed run."""
     model.train()
     optimizer = make_optimizer(cfg, model.parameters())
-    loss_fn = bundle.loss_fn()
     x0, _ = bundle.example_batch(2)
     # A variant where nothing matches (``--layers '*_bn'`` on ``keep``) records no moments or ICS;
     # run_experiment has checked that some variant matches.
     layer_infos = probed_layers(model, x0.to(device), cfg.probes.layers, cfg.probes.kinds or None, require=False)
     writer.set_attrs(
-        bn=cfg.bn.value,
-        model=cfg.model,
-        data=bundle.spec,
-        seed=cfg.seed,
-        device=str(device),
-        optimizer=cfg.optimizer.value,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        planned_steps=cfg.steps,
-        task=bundle.task,
+        bn=cfg.bn.value, model=cfg.model, data=bundle.spec, seed=cfg.seed, device=str(device), optimizer=cfg.optimizer.value,
+        lr=cfg.lr, batch_size=cfg.batch_size, planned_steps=cfg.steps, task=bundle.task,
         surgery=plan.summary() if plan is not None else "none",
-    )
-    probes = scheduled_probes(cfg, [info.name for info, _ in layer_infos], writer)
-    start = 0
-    if checkpoint is not None:
-        try:
-            start = int(checkpoint["next_step"])
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            rng.restore(model, rng.RngState(checkpoint["rng_cpu"], [], checkpoint["rng_modules"]))
-            probes.load_state_dict(checkpoint.get("probes", {}))
-        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:  # a file edited or damaged
-            raise StoreError(f"the checkpoint of run {name!r} does not fit its model and config: {described(e)}") from e
-        writer.truncate(start)
-    else:  # dropout and other global draws start from the seed: a variant trains alike alone or after others
+    )  # fmt: skip
+    probes = scheduled_probes(cfg, [info.name for info, _ in layer_infos])
+    start_probes(probes, writer)
+    start = _resume(name, model, optimizer, probes, writer, checkpoint) if checkpoint is not None else 0
+    if checkpoint is None:  # dropout and other global draws start from the seed: a variant trains alike alone or after others
         torch.manual_seed(cfg.seed)
-    data = batches(bundle, cfg.batch_size, cfg.seed, start=start)
-    t0 = time.perf_counter()
-    losses: list[float] = []
-    accs: list[float] = []
-    status, diverged_step, failed_step, error, error_traceback = "finished", None, None, None, ""
+    p = cfg.probes
     rec = Recorder(
-        model,
-        writer,
-        layers=cfg.probes.layers,
-        kinds=cfg.probes.kinds or None,
-        record_every=cfg.probes.record_every,
-        per_channel=cfg.probes.per_channel,
-        histogram_bins=cfg.probes.histogram_bins,
-        histogram_range=cfg.probes.histogram_range,
-        percentile_samples=cfg.probes.percentile_samples,
-        seed=cfg.seed,
-        flush_every=cfg.flush_every,
-        flush_seconds=cfg.flush_seconds,
-        start_step=start,
-        require_match=False,
+        model, writer, layers=p.layers, kinds=p.kinds or None, record_every=p.record_every, per_channel=p.per_channel,
+        histogram_bins=p.histogram_bins, histogram_range=p.histogram_range, percentile_samples=p.percentile_samples,
+        seed=cfg.seed, flush_every=cfg.flush_every, flush_seconds=cfg.flush_seconds, start_step=start, require_match=False,
         generator_state=checkpoint.get("rng_recorder") if checkpoint else None,
         start_seconds=float(checkpoint.get("seconds", 0.0)) if checkpoint else 0.0,
-    )
+    )  # fmt: skip
     writer.set_attrs(status="running")
+    return _Run(cfg, name, model, optimizer, bundle.loss_fn(), writer, rec, probes, start)
+
+
+def _resume(
+    name: str, model: nn.Module, optimizer: torch.optim.Optimizer, probes: list[Probe], writer: RunWriter, checkpoint: dict[str, Any]
+) -> int:
+    """Load a checkpoint into the run; returns the step to continue from."""
     try:
-        with rec:
-            for step in range(start, cfg.steps):
-                x, y = (t.to(device, non_blocking=True) for t in next(data))
-                with rec.paused():
-                    for probe in probes.before_step:
-                        if probe.due(step):
-                            probe.measure(step, model, loss_fn, x, y, optimizer)
-                if probes.step_probe is not None and probes.step_probe.due(step):
-                    loss, output = probes.step_probe.step(step, model, loss_fn, x, y, optimizer)
-                else:
-                    loss, output = _plain_step(model, loss_fn, optimizer, x, y)
-                acc = _accuracy(output, y, bundle.task)
-                rec.step(loss=loss, accuracy=acc, lr=optimizer.param_groups[0]["lr"])
-                loss_value = float(loss)
-                losses.append(loss_value)
-                accs.append(float(acc) if acc is not None else math.nan)
-                if not math.isfinite(loss_value):
-                    status, diverged_step = "diverged", step
-                    break
-                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                    rec.flush()
-                    writer.save_checkpoint(checkpoint_state(model, optimizer, step + 1, rec, probes), step + 1)
-                if progress is not None:
-                    progress(StepInfo(name, step + 1, cfg.steps, loss_value, (step + 1 - start) / (time.perf_counter() - t0)))
-    except KeyboardInterrupt:
-        _finish(writer, model, optimizer, rec, probes, "interrupted", start + len(losses), save=True)
-        raise
-    except Exception as e:
-        status, failed_step = "failed", start + len(losses)
-        error = _failure(model, e, failed_step)
-        if error is None:
-            _finish(writer, model, optimizer, rec, probes, status, failed_step, save=False, failed_step=failed_step, error=described(e))
-            raise
-        error_traceback = "".join(traceback.format_exception(e))
-    _finish(
-        writer,
-        model,
-        optimizer,
-        rec,
-        probes,
-        status,
-        start + len(losses),
-        save=status == "finished",
-        diverged_step=diverged_step,
-        failed_step=failed_step,
-        error=error,
-    )
-    tail = slice(-10, None)
-    return VariantResult(
-        name,
-        status,
-        start + len(losses),
-        float(np.mean(losses[tail])) if losses else math.nan,
-        float(np.mean(accs[tail])) if accs else math.nan,
-        rec.elapsed(),
-        diverged_step,
-        len(losses[tail]),
-        error,
-        error_traceback,
-    )
+        start = int(checkpoint["next_step"])
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        rng.restore(model, rng.RngState(checkpoint["rng_cpu"], [], checkpoint["rng_modules"]))
+        load_probe_states(probes, checkpoint.get("probes", {}))
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:  # a file edited or damaged
+        raise StoreError(f"the checkpoint of run {name!r} does not fit its model and config: {described(e)}") from e
+    writer.truncate(start)
+    return start
+
+
+def _train_steps(run: _Run, bundle: DataBundle, device: torch.device, progress: ProgressFn | None) -> tuple[str, int | None]:
+    """The steps from ``run.start`` on; returns the status and, if the loss diverged, at which step."""
+    cfg = run.cfg
+    data = batches(bundle, cfg.batch_size, cfg.seed, start=run.start)
+    t0 = time.perf_counter()
+    for step in range(run.start, cfg.steps):
+        x, y = (t.to(device, non_blocking=True) for t in next(data))
+        batch = StepBatch(step, run.model, run.loss_fn, x, y, run.optimizer)
+        for probe in run.probes:  # the one that performs the step (ICS) comes last
+            track(probe, batch, run.writer)
+        if batch.loss is None:
+            batch.loss, batch.output = _plain_step(run.model, run.loss_fn, run.optimizer, x, y)
+        acc = _accuracy(batch.output, y, bundle.task)
+        run.rec.step(loss=batch.loss, accuracy=acc, lr=run.optimizer.param_groups[0]["lr"])
+        loss_value = float(batch.loss)
+        run.losses.append(loss_value)
+        run.accs.append(float(acc) if acc is not None else math.nan)
+        if not math.isfinite(loss_value):
+            return "diverged", step
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            run.rec.flush()
+            run.writer.save_checkpoint(run.checkpoint(step + 1), step + 1)
+        if progress is not None:
+            progress(StepInfo(run.name, step + 1, cfg.steps, loss_value, (step + 1 - run.start) / (time.perf_counter() - t0)))
+    return "finished", None
 
 
 def _failure(model: nn.Module, e: Exception, step: int) -> str | None:
@@ -330,7 +367,7 @@ def _failure(model: nn.Module, e: Exception, step: int) -> str | None:
 
 
 def checkpoint_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, next_step: int, rec: Recorder, probes: ScheduledProbes
+    model: nn.Module, optimizer: torch.optim.Optimizer, next_step: int, rec: Recorder, probes: list[Probe]
 ) -> dict[str, Any]:
     """What resuming needs: weights, optimizer state, the next step, every random stream and probe state."""
     streams = rng.capture(model)
@@ -341,29 +378,9 @@ def checkpoint_state(
         "rng_cpu": streams.cpu,
         "rng_modules": streams.modules,
         "rng_recorder": rec.generator_state(),
-        "probes": probes.state_dict(),
+        "probes": probe_states(probes),
         "seconds": rec.elapsed(),
     }
-
-
-def _finish(
-    writer: RunWriter,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    rec: Recorder,
-    probes: ScheduledProbes,
-    status: str,
-    steps: int,
-    save: bool,
-    **extra: Any,
-) -> None:
-    """Flush, checkpoint when ``save``, and set the run's status with ``extra`` attributes
-    (``diverged_step``; ``failed_step`` and ``error``); None values are left out."""
-    rec.flush()
-    if save:
-        writer.save_checkpoint(checkpoint_state(model, optimizer, steps, rec, probes), steps)
-    extra = {k: v for k, v in extra.items() if v is not None}
-    writer.set_status(status, steps=steps, seconds=rec.elapsed(), write_seconds=writer.write_seconds, **extra)
 
 
 def check_layer_selection(cfg: Config, bundle: DataBundle, models: list[nn.Module]) -> None:
@@ -462,21 +479,12 @@ def measure_from_run(
     return results
 
 
-def inspect_model(cfg: Config) -> Any:
+def inspect_model(cfg: Config) -> BnPlan:
     """The BN surgery plan for ``cfg``'s model on a small batch of its data, without training."""
-    from .surgery import apply_bn
-
     data, options = cfg.data, dict(cfg.data_options)
     if data == "synthetic:cifar10" and cfg.model == "dln":
         data = "synthetic:linear"  # the deep linear network takes vectors
     if data.startswith("synthetic:"):
         options["n"] = 8
-    bundle = load_data(data, seed=cfg.seed, **options)
-    model = _build_seeded(cfg, bundle)
-    x, _ = bundle.example_batch(2)
-    with _naming_failures(model):
-        probed_layers(model, x)
-    _, plan = apply_bn(
-        model, cfg.bn.value, x, targets=cfg.bn_targets.value, keep_bias=cfg.keep_bias, fold=cfg.fold, noise=cfg.noise, seed=cfg.seed
-    )
-    return plan
+    model, x = _checked_model(cfg, load_data(data, seed=cfg.seed, **options))
+    return _surgery(cfg, model, x)[1]

@@ -18,7 +18,8 @@ from torch import nn
 from bnprobe.errors import ConfigError
 from bnprobe.layers import probed_layers
 from bnprobe.models import dln, mlp, vgg
-from bnprobe.probes.ics import ICS, gradient_shift, in_extra_pass
+from bnprobe.passes import measuring
+from bnprobe.probes.ics import ICS, gradient_shift
 
 # ----------------------------------------------------------------------------- models
 
@@ -536,11 +537,11 @@ def test_hooks_can_tell_extra_passes() -> None:
     torch.manual_seed(0)
     model = mlp_bn(6, 3)
     seen = []
-    model[1].register_forward_hook(lambda mod, i, o: seen.append(in_extra_pass()))
+    model[1].register_forward_hook(lambda mod, i, o: seen.append(measuring()))
     x, y = batch((6,), 8, 3)
     gradient_shift(model, CE, x, y, sgd(model), method="naive")
     assert seen[0] is False and seen.count(False) == 1 and all(seen[1:]) and len(seen) > 1
-    assert not in_extra_pass()
+    assert not measuring()
 
 
 class CountingLinear(nn.Linear):
@@ -615,7 +616,8 @@ def test_frozen_layers_get_nan_rows() -> None:
 def test_probe_writes_each_field_to_its_dataset(tmp_path: Path) -> None:
     """What the trainer's ICS probe stores under ics/<field> is that field of gradient_shift's
     result on the same model and batch (no field swapped, none dropped), layers in ics/layer order."""
-    from bnprobe.probes import ICSProbe
+    from bnprobe.probes import StepBatch, start, track
+    from bnprobe.probes.ics import ICSProbe
     from bnprobe.store import Store, read_file
 
     torch.manual_seed(0)
@@ -627,9 +629,13 @@ def test_probe_writes_each_field_to_its_dataset(tmp_path: Path) -> None:
     writer = store.run("keep", {"bn": "keep"})
     names = list(expected)
     layers = names[1:][::-1] + names[:1]  # any order: the probe keeps the one it is given
-    probe = ICSProbe(writer, layers, interval=1)
-    loss, _ = probe.step(0, model, CE, x, y, sgd(model))
+    probe = ICSProbe(layers, interval=1)
+    step = StepBatch(0, model, CE, x, y, sgd(model))
+    start([probe], writer)
+    track(probe, step, writer)
     store.close()
+    loss = step.loss
+    assert loss is not None
     assert float(loss) == pytest.approx(float(expected.loss), rel=1e-6)
     data = read_file(tmp_path / "ics.h5").runs["keep"].data
     assert [n.decode() if isinstance(n, bytes) else str(n) for n in data["ics/layer"]] == layers

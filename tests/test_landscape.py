@@ -115,7 +115,8 @@ def test_dln_grid_and_default_etas() -> None:
 
 def test_probe_writes_each_value_to_its_dataset(tmp_path: Path) -> None:
     """The trainer's landscape probe stores landscape()'s numbers, each under its own name."""
-    from bnprobe.probes import LandscapeProbe
+    from bnprobe.probes import StepBatch, start, track
+    from bnprobe.probes.landscape import LandscapeProbe
     from bnprobe.store import Store, read_file
 
     torch.manual_seed(0)
@@ -126,8 +127,9 @@ def test_probe_writes_each_value_to_its_dataset(tmp_path: Path) -> None:
     expected = landscape(copy.deepcopy(model), nn.CrossEntropyLoss(), x, y, etas)
     store = Store.create(tmp_path / "l.h5")
     writer = store.run("keep", {"bn": "keep"})
-    probe = LandscapeProbe(writer, tuple(etas), interval=1)
-    probe.measure(0, model, nn.CrossEntropyLoss(), x, y, torch.optim.SGD(model.parameters(), lr=0.5))
+    probe = LandscapeProbe(tuple(etas), interval=1)
+    start([probe], writer)
+    track(probe, StepBatch(0, model, nn.CrossEntropyLoss(), x, y, torch.optim.SGD(model.parameters(), lr=0.5)), writer)
     store.close()
     d = read_file(tmp_path / "l.h5").runs["keep"].data
     assert d["landscape/step"].tolist() == [0] and d["landscape/eta"].tolist() == pytest.approx(etas, rel=1e-12)

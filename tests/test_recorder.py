@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from bnprobe import Recorder
+from bnprobe.passes import leave_no_trace
 from bnprobe.probes.moments import STATS, moment_stats
 from bnprobe.store import read_file
 
@@ -69,10 +70,10 @@ def test_inplace_relu_after_layer_does_not_corrupt_stats(tmp_path: Path) -> None
     assert run.data["moments/min"][0, 0] < 0
 
 
-def test_paused_and_eval_passes_are_not_recorded(tmp_path: Path) -> None:
+def test_measurement_and_eval_passes_are_not_recorded(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(3, 4))
     with Recorder(model, tmp_path / "r.h5", record_every=1) as rec:
-        with rec.paused():
+        with leave_no_trace(model):
             model(torch.full((2, 3), 100.0))
         model.eval()
         model(torch.full((2, 3), 100.0))

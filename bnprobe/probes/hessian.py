@@ -23,12 +23,15 @@ from batch to batch, so record ``samples`` with it. Nothing is changed: paramete
 from __future__ import annotations
 
 import fnmatch
+import glob
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,12 +39,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .. import rng
+from ..config import Config, layer_patterns
 from ..errors import ConfigError, ModelError
 from ..layers import layer_kind, no_layer_matches, select
-from .ics import no_trace, record_first_calls
-
-BN_MODES = ("train", "eval")
+from ..passes import BN_MODES, leave_no_trace
+from .base import Record, StepBatch, every
+from .ics import record_first_calls
 
 
 class HessianResult(NamedTuple):
@@ -56,23 +59,14 @@ class HessianResult(NamedTuple):
     samples: int = 0
 
 
-@contextmanager
-def _bn_mode(model: nn.Module, mode: str) -> Iterator[None]:
+def _check_bn_mode(mode: str) -> None:
     if mode not in BN_MODES:
         raise ConfigError(f"unknown BN mode {mode!r} for the Hessian; choose from {', '.join(BN_MODES)}")
-    norms = [(m, m.training) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-    try:
-        for m, _ in norms:
-            m.train(mode == "train")
-        yield
-    finally:
-        for m, was in norms:
-            m.train(was)
 
 
 def _select_params(model: nn.Module, params: Iterable[torch.Tensor | str] | None) -> list[tuple[str, torch.Tensor]]:
     """Trainable parameters: all, given ones, or those whose name or owning module matches a glob."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if params is None:
         return named
     wanted = list(params)
@@ -135,13 +129,11 @@ def _first_order(
 ) -> tuple[list[torch.Tensor | None], list[nn.Module]]:
     """grad L wrt ``ps`` with its graph kept (for double backward; None where L does not depend on
     p), and the modules with own parameters in the order their first call ended."""
-    state = rng.capture(model)
-    # no_trace sees the final modes; attention on the math backend: the fused CPU kernels have no double backward
+    _check_bn_mode(bn_mode)
+    # attention on the math backend: the fused CPU kernels have no double backward
     with (
         record_first_calls(model) as order,
-        _bn_mode(model, bn_mode),
-        no_trace(model),
-        rng.replaying(model, state),
+        leave_no_trace(model, bn_mode),
         _TwiceDifferentiable(),
         sdpa_kernel([SDPBackend.MATH]),
     ):
@@ -165,6 +157,9 @@ def _not_twice_differentiable(model: nn.Module, x: Any, error: RuntimeError) -> 
     found: list[str] = []
 
     class Watch(TorchDispatchMode):  # sees every aten op, also those inside other torch functions
+        def __init__(self) -> None:
+            super().__init__()  # type: ignore[no-untyped-call]  # torch's base constructor is unannotated
+
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             if not found and stack and func._schema.name.split("::")[-1] == op:
                 found.append(stack[-1])
@@ -174,7 +169,7 @@ def _not_twice_differentiable(model: nn.Module, x: Any, error: RuntimeError) -> 
     handles = [m.register_forward_pre_hook(lambda m, _a: stack.append(names[m])) for m in names]
     handles += [m.register_forward_hook(lambda m, _a, _o: stack.pop() and None) for m in names]  # a hook's return replaces the output
     try:
-        with no_trace(model), rng.replaying(model, rng.capture(model)), _TwiceDifferentiable(), sdpa_kernel([SDPBackend.MATH]), Watch():
+        with leave_no_trace(model), _TwiceDifferentiable(), sdpa_kernel([SDPBackend.MATH]), Watch():
             model(x)  # as the failed pass ran it
     finally:
         for h in handles:
@@ -207,13 +202,14 @@ def _power_iteration(
     n = sum(sizes)
     ref = ps[0]
     live = [k for k, g in enumerate(grads) if g is not None]
+    live_grads = [g for g in grads if g is not None]
 
     def hvp(v: torch.Tensor) -> torch.Tensor:
         if not live:
             return torch.zeros_like(v)
         parts = v.split(sizes)
         out = torch.autograd.grad(
-            [grads[k] for k in live],
+            live_grads,
             [ps[k] for k in live],
             grad_outputs=[parts[k].view_as(ps[k]) for k in live],
             retain_graph=True,
@@ -225,16 +221,7 @@ def _power_iteration(
                 full[k] = h.reshape(-1)
         return torch.cat(full)
 
-    if init is None:
-        v = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=ref.dtype).to(ref.device)
-    else:
-        v = init.detach().reshape(-1) if isinstance(init, torch.Tensor) else torch.cat([t.detach().reshape(-1) for t in init])
-        if v.numel() != n:
-            raise ValueError(f"init has {v.numel()} entries, the parameters have {n}")
-        v = v.to(device=ref.device, dtype=ref.dtype)
-        if not torch.isfinite(v).all() or float(v.norm()) == 0:
-            v = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=ref.dtype).to(ref.device)
-    v = v / v.norm()
+    v = _start_vector(init, n, ref, seed)
     previous: float | None = None
     eigenvalue, residual, converged = 0.0, math.nan, False
     iterations = 0
@@ -255,6 +242,19 @@ def _power_iteration(
         previous = eigenvalue
         v = hv / norm
     return eigenvalue, iterations, residual, v.detach(), converged
+
+
+def _start_vector(init: torch.Tensor | Sequence[torch.Tensor] | None, n: int, ref: torch.Tensor, seed: int) -> torch.Tensor:
+    """The unit start vector: ``init`` (a warm start) when usable, else random from ``seed``."""
+    v = None
+    if init is not None:
+        v = init.detach().reshape(-1) if isinstance(init, torch.Tensor) else torch.cat([t.detach().reshape(-1) for t in init])
+        if v.numel() != n:
+            raise ValueError(f"init has {v.numel()} entries, the parameters have {n}")
+        v = v.to(device=ref.device, dtype=ref.dtype)
+    if v is None or not torch.isfinite(v).all() or float(v.norm()) == 0:
+        v = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=ref.dtype).to(ref.device)
+    return v / v.norm()
 
 
 def top_hessian_eigenvalue(
@@ -308,12 +308,12 @@ def hessian_blocks(
         raise ConfigError(f"power iteration needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     index = {id(p): k for k, (_, p) in enumerate(named)}
-    ps = [p for _, p in named]
+    ps: list[torch.Tensor] = [p for _, p in named]
     grads, order = _first_order(model, loss_fn, x, y, ps, bn_mode)
     names = {id(m): n for n, m in model.named_modules()}
     blocks = [(names[id(m)], [index[id(p)] for p in m.parameters(recurse=False) if id(p) in index]) for m in order]
     blocks = [(n, list(dict.fromkeys(ks))) for n, ks in blocks if ks]
-    patterns = ("*",) if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
+    patterns = layer_patterns(layers)
     kinds_of = {names[id(m)]: layer_kind(m) for m in order}
     picked = select([(n, kinds_of[n]) for n, _ in blocks], patterns, kinds)
     if not picked:
@@ -327,3 +327,59 @@ def hessian_blocks(
             )
         out[name] = HessianResult(lam, its, res, v, ok, bn_mode, _samples(x))
     return out
+
+
+@dataclass
+class HessianProbe:
+    """Top Hessian eigenvalue every ``interval`` steps, warm-started from the previous eigenvector;
+    with ``blocks``, also that of each probed layer's own diagonal block (DESIGN 1.5, 4)."""
+
+    interval: int
+    tol: float
+    max_iter: int
+    samples: int
+    blocks: list[str] | None = None
+    name: str = "hessian"
+    performs_step: bool = False
+    _vector: torch.Tensor | None = field(default=None, repr=False)
+    _block_vectors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def constants(self) -> Mapping[str, Any]:
+        return {"block": self.blocks} if self.blocks else {}
+
+    @property
+    def dataset_attrs(self) -> Mapping[str, Mapping[str, Any]]:
+        return {"hessian/top_eigenvalue": {"bn_mode": "train", "samples": self.samples}}
+
+    def due(self, step: int) -> bool:
+        return every(self.interval)(step)
+
+    def compute(self, batch: StepBatch) -> Record:
+        model, loss_fn, x, y = batch.model, batch.loss_fn, batch.x, batch.y
+        r = top_hessian_eigenvalue(model, loss_fn, x, y, tol=self.tol, max_iter=self.max_iter, init=self._vector)
+        self._vector = r.vector
+        row: Record = {"top_eigenvalue": r.eigenvalue, "iterations": r.iterations, "residual": r.residual, "converged": r.converged}
+        if self.blocks:
+            exact = [glob.escape(n) for n in self.blocks]
+            per = hessian_blocks(model, loss_fn, x, y, layers=exact, tol=self.tol, max_iter=self.max_iter, init=self._block_vectors)
+            self._block_vectors = {n: b.vector for n, b in per.items()}
+            nan = float("nan")  # a block with no trainable parameter
+            for key, attr in (("top_eigenvalue", "eigenvalue"), ("iterations", "iterations"), ("residual", "residual")):
+                row[f"block_{key}"] = np.array([getattr(per[n], attr) if n in per else nan for n in self.blocks], dtype=np.float64)
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"vector": self._vector, "blocks": self._block_vectors} if self._vector is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._vector = state["vector"]
+        self._block_vectors = dict(state["blocks"])
+
+
+def probe_from_config(cfg: Config, layers: list[str]) -> HessianProbe | None:
+    p = cfg.probes
+    if not p.hessian:
+        return None
+    blocks = list(layers) if p.hessian_blocks and layers else None
+    return HessianProbe(p.hessian_every or p.ics_every or p.record_every, p.hessian_tol, p.hessian_max_iter, cfg.batch_size, blocks)

@@ -60,17 +60,23 @@ Cosine and relative difference are NaN when a gradient is exactly zero.
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .. import rng
+from ..config import Config, layer_patterns
 from ..errors import ConfigError
 from ..layers import has_own_parameters, layer_kind, no_layer_matches, select
+from ..passes import Buffers, Trace, leave_no_trace
+from ..rng import RngState, Streams
+from .base import Record, StepBatch, every
 
 METHODS = ("fast", "naive")
 FIELDS = ("l2", "cosine", "grad_norm", "grad_norm_shifted", "rel_diff")
@@ -113,77 +119,6 @@ class ICSResult(Mapping[str, ICS]):
     def __repr__(self) -> str:
         rows = ", ".join(f"{n}: cos={v.cosine:.4f} l2={v.l2:.3g}" for n, v in self._values.items())
         return f"ICSResult(loss={float(self.loss):.4g}, {{{rows}}})"
-
-
-# ----------------------------------------------------------------------------- leaving no trace
-
-_EXTRA_PASS_DEPTH = [0]
-
-
-def in_extra_pass() -> bool:
-    """True while a measurement pass (ICS, landscape, Hessian) runs: hooks can skip those calls."""
-    return _EXTRA_PASS_DEPTH[0] > 0
-
-
-class BufferTape:
-    """The buffers outside BatchNorm, which a forward may read and update in place: InstanceNorm's
-    running statistics (updated regardless of ``track_running_stats``), spectral norm's power
-    iteration vectors, user EMA buffers. BN's own are left out: the switch keeps them still."""
-
-    def __init__(self, model: nn.Module) -> None:
-        seen: set[int] = set()
-        self.buffers: list[torch.Tensor] = []
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                continue
-            for b in m.buffers(recurse=False):
-                if id(b) not in seen:
-                    seen.add(id(b))
-                    self.buffers.append(b)
-        self.entry: list[torch.Tensor] = []
-
-    def snap(self) -> list[torch.Tensor]:
-        return [b.clone() for b in self.buffers]
-
-    def set(self, values: list[torch.Tensor]) -> None:
-        """Write back only the buffers that differ (one host sync for all): a copy bumps a buffer's
-        version, and an index buffer saved by autograd (LeViT's attention-bias indices) would then
-        break a later backward through the pass's graph (the Hessian's double backward)."""
-        if not self.buffers:
-            return
-        with torch.no_grad():
-            device = self.buffers[0].device
-            differs = torch.stack([(b != v).any().to(device) for b, v in zip(self.buffers, values)]).tolist()
-            for b, v, changed in zip(self.buffers, values, differs):
-                if changed:
-                    b.copy_(v)
-
-
-@contextmanager
-def no_trace(model: nn.Module) -> Iterator[BufferTape]:
-    """Extra passes that leave every buffer as it was.
-
-    ``track_running_stats`` is switched off on every train-mode normalisation module (BN then uses
-    batch statistics and updates nothing; eval-mode ones update nothing anyway) and restored after. The other buffers are copied on entry
-    (``tape.entry``) and written back on exit; a caller that replays a pass sets them to the
-    state the real pass started from before each pass (``tape.set(...)``), as it replays the RNG.
-    RNG streams are the caller's business (:mod:`bnprobe.rng`).
-    """
-    # Only train-mode ones: an eval-mode InstanceNorm would switch to per-sample statistics.
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training]
-    flags = [(m, m.track_running_stats) for m in norms]
-    tape = BufferTape(model)
-    tape.entry = tape.snap()
-    _EXTRA_PASS_DEPTH[0] += 1
-    try:
-        for m in norms:
-            m.track_running_stats = False
-        yield tape
-    finally:
-        _EXTRA_PASS_DEPTH[0] -= 1
-        for m, flag in flags:
-            m.track_running_stats = flag
-        tape.set(tape.entry)
 
 
 # ----------------------------------------------------------------------------- layers and parameters
@@ -248,15 +183,10 @@ def record_first_calls(model: nn.Module) -> Iterator[list[nn.Module]]:
 
 
 def _measured(layers: _Layers, patterns: Sequence[str] | str | None, kinds: Sequence[str] | None) -> list[int]:
-    candidates = list(range(len(layers.names)))
-    if patterns is None:
-        patterns = ("*",)
-    elif isinstance(patterns, str):
-        patterns = (patterns,)
-    picked = set(select([(layers.names[i], layers.kinds[i]) for i in candidates], list(patterns), kinds))
-    chosen = [candidates[j] for j in sorted(picked)]
+    globs = layer_patterns(patterns)
+    chosen = sorted(select(list(zip(layers.names, layers.kinds)), globs, kinds))
     if not chosen:
-        raise no_layer_matches(patterns, kinds)
+        raise no_layer_matches(globs, kinds)
     return chosen
 
 
@@ -299,8 +229,8 @@ def gradient_shift(
     """
     if method not in METHODS:
         raise ConfigError(f"unknown ICS method {method!r}; choose from {', '.join(METHODS)}")
-    state0 = rng.capture(model)
-    buffers0 = BufferTape(model).snap()
+    state0 = Streams(model).capture()
+    buffers0 = Buffers(model).snap()
 
     # ---- the real step, exactly as a plain one (plus a hook recording the forward order)
     optimizer.zero_grad()
@@ -314,10 +244,7 @@ def gradient_shift(
     measured = [i for i in selected if plan.own[i]]  # frozen layers: NaN rows, no passes
     params = dict(model.named_parameters())
     g_real = {i: [_grad_or_zero(params[n]).clone() for n in plan.own[i]] for i in measured}
-    first = min(measured, default=len(plan.own))
-    needed = {n for i, own in enumerate(plan.own) if i >= first for n in own}
-    needed |= {n for n, p in params.items() if p.requires_grad and n not in plan.param_layer}  # no layer: W^t
-    old = {n: params[n].detach().clone() for n in needed}
+    old = _weights_kept_at_t(plan, measured, params)
     if before_step is not None:
         before_step()
     optimizer.step()
@@ -325,21 +252,30 @@ def gradient_shift(
     # ---- the extra passes
     new = {n: p.detach() for n, p in params.items()}
     shifted: dict[int, list[torch.Tensor]] = {}
-    with no_trace(model) as tape:
+    with leave_no_trace(model) as trace:
 
-        def reset() -> None:  # every pass starts from the buffers the real pass started from
-            tape.set(buffers0)
+        def reset() -> None:  # every pass starts from the buffers and random streams the real pass started from
+            trace.reset(buffers0, state0)
 
         if method == "naive" and measured:
-            shifted = _naive(model, loss_fn, x, y, plan, measured, old, new, state0, reset)
+            shifted = _naive(model, loss_fn, x, y, plan, measured, old, new, reset)
         elif measured:
-            shifted = _fast(model, loss_fn, x, y, plan, measured, old, new, state0, reset, g_real)
+            shifted = _fast(model, loss_fn, x, y, plan, measured, old, new, trace, reset, g_real)
 
     rows = torch.stack([_shift_stats(_flat(g_real[i]), _flat(shifted[i])) for i in measured]).tolist() if measured else []
     by_layer = dict(zip(measured, rows))
     nan = [float("nan")] * len(FIELDS)
     values = {plan.names[i]: ICS(*by_layer.get(i, nan)) for i in selected}
     return ICSResult(values, loss.detach(), tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output), method)
+
+
+def _weights_kept_at_t(plan: _Layers, measured: list[int], params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Copies of W^t for what some pass holds at W^t: the layers from the first measured one on,
+    and trainable parameters outside every layer."""
+    first = min(measured, default=len(plan.own))
+    needed = {n for i, own in enumerate(plan.own) if i >= first for n in own}
+    needed |= {n for n, p in params.items() if p.requires_grad and n not in plan.param_layer}
+    return {n: params[n].detach().clone() for n in needed}
 
 
 def _grad_or_zero(p: torch.Tensor) -> torch.Tensor:
@@ -367,7 +303,6 @@ def _naive(
     measured: list[int],
     old: dict[str, torch.Tensor],
     new: dict[str, torch.Tensor],
-    state0: rng.RngState,
     reset: Callable[[], None],
 ) -> dict[int, list[torch.Tensor]]:
     """One extra forward and full backward per layer, on the mixed parameters."""
@@ -378,8 +313,7 @@ def _naive(
         mixed.update((n, old[n]) for n in plan.own[i])
         leaves = {n: (w.detach().requires_grad_(True) if n in trainable else w) for n, w in mixed.items()}
         reset()
-        with rng.replaying(model, state0):
-            loss = loss_fn(torch.func.functional_call(model, leaves, (x,)), y)
+        loss = loss_fn(torch.func.functional_call(model, leaves, (x,)), y)
         names = [n for n in leaves if n in trainable]
         grads = dict(zip(names, torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)))
         shifted[i] = [grads[n] if grads[n] is not None else torch.zeros_like(leaves[n]) for n in plan.own[i]]
@@ -387,34 +321,6 @@ def _naive(
 
 
 # ----------------------------------------------------------------------------- fast path
-
-
-class _RngTape:
-    """Cheap snapshots of every random stream a forward can draw from (see bnprobe.rng)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.gens = list(rng.module_generators(model).values())
-        self.cuda = torch.cuda.is_initialized()
-
-    def snap(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        cuda = torch.cuda.get_rng_state_all() if self.cuda else []
-        return torch.get_rng_state(), cuda, [g.get_state() for g in self.gens]
-
-    @staticmethod
-    def same(a: Any, b: Any) -> bool:
-        return all(torch.equal(s, t) for s, t in zip(tree_flatten(a)[0], tree_flatten(b)[0]))
-
-    def from_state(self, model: nn.Module, state: rng.RngState) -> Any:
-        by_name = rng.module_generators(model)
-        ids = {id(g): n for n, g in by_name.items()}
-        return state.cpu, state.cuda if self.cuda else [], [state.modules.get(ids[id(g)], g.get_state()) for g in self.gens]
-
-    def set(self, s: Any) -> None:
-        torch.set_rng_state(s[0])
-        if s[1]:
-            torch.cuda.set_rng_state_all(s[1])
-        for g, st in zip(self.gens, s[2]):
-            g.set_state(st)
 
 
 _OFF, _RECORD, _REPLAY = 0, 1, 2
@@ -432,18 +338,18 @@ class _CallCache:
     modules) is run uncached.
     """
 
-    def __init__(self, model: nn.Module, plan: _Layers, horizon: int) -> None:
+    def __init__(self, model: nn.Module, plan: _Layers, horizon: int, streams: Streams) -> None:
         self.model = model
         self.plan = plan
         self.horizon = horizon  # no measured layer beyond this: later calls are never served
-        self.tape = _RngTape(model)
+        self.streams = streams
         self.mode = _OFF
         self.seq: list[nn.Module] = []
         self.end: list[int] = []
         self.reach: list[int] = []
         self.out: list[Any] = []
         self.flat: list[list[torch.Tensor]] = []
-        self.rng_after: list[Any] = []
+        self.rng_after: list[RngState | None] = []
         self.pos = 0
         self.limit = -1
         self.synced = True
@@ -505,15 +411,15 @@ class _CallCache:
                 self.flat.append([])
                 self.rng_after.append(None)
                 self._running = max(self._running, self._reach_of(m))
-                before = self.tape.snap()
+                before = self.streams.capture()
                 result = fwd(*args, **kwargs)
                 self.end[pos] = len(self.seq)
                 self.reach[pos] = self._running
                 if self._running < self.horizon:
                     self.out[pos] = self._clone(result)
                     self.flat[pos] = [t for t in tree_flatten(self.out[pos])[0] if isinstance(t, torch.Tensor)]
-                    after = self.tape.snap()
-                    if not self.tape.same(before, after):
+                    after = self.streams.capture()
+                    if not before.same(after):
                         self.rng_after[pos] = after
                 return result
             if self.mode == _REPLAY and self.synced:
@@ -523,8 +429,9 @@ class _CallCache:
                     return fwd(*args, **kwargs)
                 if self.reach[pos] < self.limit and self.out[pos] is not None:
                     self.pos = self.end[pos]
-                    if self.rng_after[pos] is not None:
-                        self.tape.set(self.rng_after[pos])
+                    drawn = self.rng_after[pos]
+                    if drawn is not None:
+                        self.streams.restore(drawn)
                     self.served.append(pos)
                     return self.out[pos]
                 self.pos += 1
@@ -573,7 +480,7 @@ def _fast(
     measured: list[int],
     old: dict[str, torch.Tensor],
     new: dict[str, torch.Tensor],
-    state0: rng.RngState,
+    trace: Trace,
     reset: Callable[[], None],
     g_real: dict[int, list[torch.Tensor]],
 ) -> dict[int, list[torch.Tensor]]:
@@ -586,29 +493,22 @@ def _fast(
             todo.append(i)
     if not todo:
         return shifted
-    cache = _CallCache(model, plan, horizon=max(todo))
-    tape = cache.tape
-    start, after = tape.from_state(model, state0), tape.snap()
+    cache = _CallCache(model, plan, max(todo), trace.streams)
     slots = ParamSlots(model)
-    try:
-        with cache.installed():
-            tape.set(start)
+    with cache.installed():
+        reset()
+        with slots.swapped({n: w for n, w in old.items() if n not in plan.param_layer}):
+            cache.record(x)  # updated layers; parameters outside every layer stay at W^t
+        for i in todo:
+            params = _mixed(plan, i, old, new)
+            leaves = [old[n].detach().requires_grad_(True) for n in plan.own[i]]
+            params.update(zip(plan.own[i], leaves))
             reset()
-            with slots.swapped({n: w for n, w in old.items() if n not in plan.param_layer}):
-                cache.record(x)  # updated layers; parameters outside every layer stay at W^t
-            for i in todo:
-                params = _mixed(plan, i, old, new)
-                leaves = [old[n].detach().requires_grad_(True) for n in plan.own[i]]
-                params.update(zip(plan.own[i], leaves))
-                tape.set(start)
-                reset()
-                with cache.replay(i), slots.swapped(params):
-                    loss = loss_fn(model(x), y)
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-                cache.drop_mutated()
-                shifted[i] = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, leaves)]
-    finally:
-        tape.set(after)
+            with cache.replay(i), slots.swapped(params):
+                loss = loss_fn(model(x), y)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            cache.drop_mutated()
+            shifted[i] = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, leaves)]
     return shifted
 
 
@@ -641,3 +541,42 @@ class ParamSlots:
         finally:
             for m, attr, p in saved:
                 m._parameters[attr] = p
+
+
+# ----------------------------------------------------------------------------- the trainer's probe
+
+
+@dataclass
+class ICSProbe:
+    """Gradient-shift ICS of ``layers`` every ``interval`` steps; computing it is the real step."""
+
+    layers: list[str]
+    interval: int
+    method: str = "fast"
+    name: str = "ics"
+    performs_step: bool = True
+    dataset_attrs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def constants(self) -> Mapping[str, Any]:
+        return {"layer": self.layers}
+
+    def due(self, step: int) -> bool:
+        return every(self.interval)(step)
+
+    def compute(self, batch: StepBatch) -> Record:
+        exact = [glob.escape(n) for n in self.layers]  # names, not patterns: ModuleDict keys may hold [ ] * ?
+        result = gradient_shift(batch.model, batch.loss_fn, batch.x, batch.y, batch.optimizer, layers=exact, method=self.method)
+        batch.loss, batch.output = result.loss, result.output
+        values = [result[n] for n in self.layers]
+        return {key: np.array([getattr(v, key) for v in values]) for key in FIELDS}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore: each measurement stands alone."""
+
+
+def probe_from_config(cfg: Config, layers: list[str]) -> ICSProbe | None:
+    return ICSProbe(list(layers), cfg.probes.ics_every) if cfg.probes.ics_every > 0 and layers else None

@@ -18,16 +18,19 @@ sizes (batching the m evaluations with ``torch.func.vmap`` does not pay on CPU; 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from .. import rng
+from ..config import Config
 from ..errors import ConfigError
-from .ics import ParamSlots, no_trace
+from ..passes import leave_no_trace
+from .base import Record, StepBatch, every
+from .ics import ParamSlots
 
 #: The paper's scan ranges, as multiples of the learning rate (DESIGN 1.5).
 ETA_RANGES = {"vgg": (0.5, 4.0), "dln": (0.01, 30.0)}
@@ -92,24 +95,23 @@ def landscape(
     names = [n for n, _ in named]
     w = [p.detach() for _, p in named]
     slots = ParamSlots(model)
-    state = rng.capture(model)
 
     def evaluate(values: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         leaves = [v.detach().requires_grad_(True) for v in values]
-        tape.set(tape.entry)  # stateful buffers (spectral norm) start each evaluation alike
-        with rng.replaying(model, state), slots.swapped(dict(zip(names, leaves))):
+        trace.reset()  # stateful buffers (spectral norm) and random streams start each evaluation alike
+        with slots.swapped(dict(zip(names, leaves))):
             loss = loss_fn(model(x), y)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         return loss.detach(), [g if g is not None else torch.zeros_like(v) for g, v in zip(grads, leaves)]
 
-    with no_trace(model) as tape:
+    with leave_no_trace(model) as trace:
         loss0, g = evaluate(w)
         losses, diffs = [], []
         for eta in etas:
             loss_e, g_e = evaluate([wi - eta * gi for wi, gi in zip(w, g)])
             losses.append(loss_e.double())
-            diffs.append(torch.sqrt(sum(((a.double() - b.double()) ** 2).sum() for a, b in zip(g, g_e))))
-    gnorm = torch.sqrt(sum((gi.double() ** 2).sum() for gi in g))
+            diffs.append(torch.sqrt(torch.stack([((a.double() - b.double()) ** 2).sum() for a, b in zip(g, g_e)]).sum()))
+    gnorm = torch.sqrt(torch.stack([(gi.double() ** 2).sum() for gi in g]).sum())
     values = torch.stack([loss0.double(), gnorm, *losses, *diffs]).tolist()  # one host sync
     loss_at_w, grad_norm = values[0], values[1]
     m = len(etas)
@@ -117,3 +119,47 @@ def landscape(
     ratios = [d / (abs(e) * grad_norm) for e, d in zip(etas, grad_l2) if e != 0 and grad_norm > 0]
     beta = max(ratios) if ratios and not any(math.isnan(r) for r in ratios) else math.nan
     return LandscapeResult(etas, loss, grad_l2, beta, loss_at_w, grad_norm)
+
+
+@dataclass
+class LandscapeProbe:
+    """Loss and gradient along the gradient direction over ``etas`` every ``interval`` steps."""
+
+    etas: tuple[float, ...]
+    interval: int
+    name: str = "landscape"
+    performs_step: bool = False
+    dataset_attrs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def constants(self) -> Mapping[str, Any]:
+        return {"eta": np.asarray(self.etas, dtype=np.float64)}
+
+    def due(self, step: int) -> bool:
+        return every(self.interval)(step)
+
+    def compute(self, batch: StepBatch) -> Record:
+        r = landscape(batch.model, batch.loss_fn, batch.x, batch.y, list(self.etas))
+        return {
+            "loss": np.asarray(r.loss),
+            "grad_l2": np.asarray(r.grad_l2),
+            "beta_smoothness": r.beta,
+            "loss_at_w": r.loss_at_w,
+            "loss_min": r.loss_min,
+            "loss_max": r.loss_max,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore: each scan stands alone."""
+
+
+def probe_from_config(cfg: Config, layers: list[str]) -> LandscapeProbe | None:
+    """The scan's grid: ``probes.etas`` (multiples of the learning rate) or the paper's for the model."""
+    p = cfg.probes
+    if not p.landscape:
+        return None
+    etas = tuple(e * cfg.lr for e in p.etas) if p.etas else tuple(default_etas(cfg.lr, cfg.model))
+    return LandscapeProbe(etas, p.landscape_every or p.ics_every or p.record_every)

@@ -1,0 +1,129 @@
+"""Passes that leave no trace: the one way bnprobe runs a model outside the training step.
+
+Layer discovery, the surgery planning pass, the output check and every measurement pass (ICS,
+landscape, Hessian) run the user's model on a real batch. Such a pass must change nothing the
+training run sees (DESIGN 1.4, 1.8):
+
+- BatchNorm's running statistics: ``track_running_stats`` is switched off on train-mode norm
+  layers (train-mode BN then normalises with batch statistics and updates nothing);
+- every other buffer a forward updates in place (spectral norm's ``_u``/``_v``, InstanceNorm's
+  running statistics, user EMA buffers): put back on exit, written only where it changed;
+- every random stream (global CPU/CUDA, noisy BN's own generators): put back on exit;
+- the Recorder: :func:`measuring` is true inside, so its hooks skip these calls. It is a
+  :class:`~contextvars.ContextVar`, not a global counter, so nested passes and threads are exact.
+
+``bn_mode`` optionally runs the pass with every norm layer in ``train`` or ``eval`` mode (the
+Hessian's explicit BN mode) and restores each layer's own mode after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .rng import RngState, Streams
+
+BN_MODES = ("train", "eval")
+_MEASURING: ContextVar[bool] = ContextVar("bnprobe_measuring", default=False)
+
+
+def measuring() -> bool:
+    """True while a pass that must leave no trace runs (hooks that record training skip it)."""
+    return _MEASURING.get()
+
+
+class Buffers:
+    """The buffers outside BatchNorm, which a forward may update in place. BN's own are left out:
+    switching ``track_running_stats`` off keeps them still."""
+
+    def __init__(self, model: nn.Module) -> None:
+        seen: set[int] = set()
+        self.tensors: list[torch.Tensor] = []
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                continue
+            for b in m.buffers(recurse=False):
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    self.tensors.append(b)
+
+    def snap(self) -> list[torch.Tensor]:
+        return [b.clone() for b in self.tensors]
+
+    def set(self, values: list[torch.Tensor]) -> None:
+        """Write back only the buffers that differ (one host sync for all): a copy bumps a buffer's
+        version, and an index buffer saved by autograd (LeViT's attention-bias indices) would then
+        break a later backward through the pass's graph (the Hessian's double backward)."""
+        if not self.tensors:
+            return
+        with torch.no_grad():
+            device = self.tensors[0].device
+            differs = torch.stack([(b != v).any().to(device) for b, v in zip(self.tensors, values)]).tolist()
+            for b, v, changed in zip(self.tensors, values, differs):
+                if changed:
+                    b.copy_(v)
+
+
+@dataclass
+class Trace:
+    """What a pass may touch, as it was on entry; a caller replaying several passes (ICS, the
+    landscape) sets the buffers and streams back to a start state before each one."""
+
+    buffers: Buffers
+    streams: Streams
+    entry_buffers: list[torch.Tensor] = field(default_factory=list)
+    entry_streams: RngState | None = None
+
+    def reset(self, buffers: list[torch.Tensor] | None = None, streams: RngState | None = None) -> None:
+        """Buffers and streams as on entry (or as given): each replayed pass starts alike."""
+        self.buffers.set(self.entry_buffers if buffers is None else buffers)
+        state = self.entry_streams if streams is None else streams
+        if state is not None:
+            self.streams.restore(state)
+
+
+@contextmanager
+def _norm_modes(model: nn.Module, bn_mode: str | None) -> Iterator[None]:
+    if bn_mode is None:
+        yield
+        return
+    if bn_mode not in BN_MODES:
+        raise ConfigError(f"unknown BN mode {bn_mode!r}; choose from {', '.join(BN_MODES)}")
+    norms = [(m, m.training) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    try:
+        for m, _ in norms:
+            m.train(bn_mode == "train")
+        yield
+    finally:
+        for m, was in norms:
+            m.train(was)
+
+
+@contextmanager
+def leave_no_trace(model: nn.Module, bn_mode: str | None = None) -> Iterator[Trace]:
+    """Run the block's passes over ``model`` so that no buffer, BN statistic or random stream moves.
+
+    Gradients are the caller's business (wrap in ``torch.no_grad()`` when none are needed).
+    """
+    with _norm_modes(model, bn_mode):
+        # Only train-mode ones: an eval-mode InstanceNorm would switch to per-sample statistics.
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training]
+        flags = [(m, m.track_running_stats) for m in norms]
+        trace = Trace(Buffers(model), Streams(model))
+        trace.entry_buffers, trace.entry_streams = trace.buffers.snap(), trace.streams.capture()
+        token = _MEASURING.set(True)
+        try:
+            for m in norms:
+                m.track_running_stats = False
+            yield trace
+        finally:
+            _MEASURING.reset(token)
+            for m, flag in flags:
+                m.track_running_stats = flag
+            trace.reset()

@@ -1,0 +1,126 @@
+"""No pass bnprobe makes outside the training step leaves a trace (bnprobe.passes): layer
+discovery, the output check, the surgery planning pass and the landscape and Hessian probes
+change no buffer (BN statistics, InstanceNorm running statistics, spectral norm's vectors) and no
+random stream (global, a module's own generator), and the Recorder does not see them."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+from _fixtures import Noisy
+from torch import nn
+
+from bnprobe.data import load_data
+from bnprobe.layers import execution_order, probed_layers
+from bnprobe.passes import leave_no_trace, measuring
+from bnprobe.probes.hessian import hessian_blocks, top_hessian_eigenvalue
+from bnprobe.probes.ics import gradient_shift
+from bnprobe.probes.landscape import landscape
+from bnprobe.surgery import apply_bn
+from bnprobe.trainer import _check_output
+
+CE = nn.CrossEntropyLoss()
+
+
+def stateful() -> nn.Module:
+    """Every kind of state a forward may move: BN and InstanceNorm running statistics, spectral
+    norm's power-iteration vectors, dropout (global RNG) and a private generator (noisy-BN-like)."""
+    torch.manual_seed(0)
+    sn = torch.nn.utils.parametrizations.spectral_norm
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3),
+        nn.InstanceNorm2d(6, affine=True, track_running_stats=True),
+        nn.ReLU(),
+        sn(nn.Conv2d(6, 6, 3)),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        Noisy(4),
+        nn.Dropout(0.3),
+        sn(nn.Linear(6, 10)),
+    ).train()
+
+
+def snapshot(model: nn.Module) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    return buffers, torch.get_rng_state(), model[8].generator.get_state()
+
+
+def assert_untouched(model: nn.Module, before: tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]) -> None:
+    buffers, cpu, own = before
+    for b, value in buffers:
+        assert torch.equal(b, value), "a buffer moved"
+    assert torch.equal(torch.get_rng_state(), cpu), "the global RNG moved"
+    assert torch.equal(model[8].generator.get_state(), own), "the module's generator moved"
+    assert all(m.training for m in model.modules()) and model[1].track_running_stats and model[4].track_running_stats
+
+
+def the_passes() -> dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], object]]:
+    bundle = load_data("synthetic:cifar10", n=8)
+    return {
+        "probed_layers": lambda m, x, y: probed_layers(m, x),
+        "execution_order": lambda m, x, y: execution_order(m, x),
+        "output check": lambda m, x, y: _check_output(m, bundle, x, y),
+        **{f"apply_bn {mode}": (lambda m, x, y, mode=mode: apply_bn(m, mode, x)) for mode in ("keep", "insert", "strip", "noisy")},
+        "apply_bn strip --fold": lambda m, x, y: apply_bn(m, "strip", x, fold=True),
+        "landscape": lambda m, x, y: landscape(m, CE, x, y, [0.1, 0.2]),
+        "hessian": lambda m, x, y: top_hessian_eigenvalue(m, CE, x, y, max_iter=3),
+        "hessian eval-mode BN": lambda m, x, y: top_hessian_eigenvalue(m, CE, x, y, max_iter=3, bn_mode="eval"),
+        "hessian blocks": lambda m, x, y: hessian_blocks(m, CE, x, y, max_iter=3),
+    }
+
+
+@pytest.mark.parametrize("name", list(the_passes()))
+def test_no_pass_moves_a_buffer_or_a_random_stream(name: str) -> None:
+    model = stateful()
+    x, y = torch.randn(4, 3, 12, 12), torch.randint(10, (4,))
+    model(x)  # statistics and vectors off their initial values
+    before = snapshot(model)
+    the_passes()[name](model, x, y)
+    assert_untouched(model, before)
+    # the checks can fail: the same forward outside a pass moves every kind of state
+    model(x)
+    buffers, cpu, own = before
+    assert not torch.equal(torch.get_rng_state(), cpu) and not torch.equal(model[8].generator.get_state(), own)
+    still = [name for (name, b), (_, v) in zip(model.named_buffers(), buffers) if torch.equal(b, v)]
+    assert still == ["1.num_batches_tracked"]  # InstanceNorm never counts its batches
+
+
+def test_the_ics_step_moves_exactly_what_a_plain_step_moves() -> None:
+    model = stateful()
+    x, y = torch.randn(4, 3, 12, 12), torch.randint(10, (4,))
+    plain = copy.deepcopy(model)
+    opt_m, opt_p = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(plain.parameters(), lr=0.1)
+    torch.manual_seed(7)
+    gradient_shift(model, CE, x, y, opt_m)
+    measured_rng = torch.get_rng_state()
+    torch.manual_seed(7)
+    opt_p.zero_grad()
+    CE(plain(x), y).backward()
+    opt_p.step()
+    assert torch.equal(measured_rng, torch.get_rng_state())
+    for (k, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.equal(model[8].generator.get_state(), plain[8].generator.get_state())
+
+
+def test_measuring_is_per_context_and_nests() -> None:
+    model = nn.Linear(2, 2)
+    seen: list[bool] = []
+    assert not measuring()
+    with leave_no_trace(model):
+        with leave_no_trace(model):
+            assert measuring()
+        assert measuring()
+        worker = threading.Thread(target=lambda: seen.append(measuring()))  # another thread is not in this pass
+        worker.start()
+        worker.join()
+    assert not measuring() and seen == [False]
+    with pytest.raises(RuntimeError, match="inside"), leave_no_trace(model):
+        raise RuntimeError("inside")
+    assert not measuring()
