@@ -110,8 +110,8 @@ def landscape(
         for eta in etas:
             loss_e, g_e = evaluate([wi - eta * gi for wi, gi in zip(w, g)])
             losses.append(loss_e.double())
-            diffs.append(torch.sqrt(torch.stack([((a.double() - b.double()) ** 2).sum() for a, b in zip(g, g_e)]).sum()))
-    gnorm = torch.sqrt(torch.stack([(gi.double() ** 2).sum() for gi in g]).sum())
+            diffs.append(_l2([a.double() - b.double() for a, b in zip(g, g_e)]))
+    gnorm = _l2([gi.double() for gi in g])
     values = torch.stack([loss0.double(), gnorm, *losses, *diffs]).tolist()  # one host sync
     loss_at_w, grad_norm = values[0], values[1]
     m = len(etas)
@@ -119,6 +119,14 @@ def landscape(
     ratios = [d / (abs(e) * grad_norm) for e, d in zip(etas, grad_l2) if e != 0 and grad_norm > 0]
     beta = max(ratios) if ratios and not any(math.isnan(r) for r in ratios) else math.nan
     return LandscapeResult(etas, loss, grad_l2, beta, loss_at_w, grad_norm)
+
+
+def _l2(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of the concatenation of ``parts``, summed part by part in order."""
+    total = (parts[0] ** 2).sum()
+    for part in parts[1:]:
+        total = total + (part**2).sum()
+    return torch.sqrt(total)
 
 
 @dataclass
