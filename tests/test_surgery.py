@@ -16,7 +16,17 @@ from bnprobe.config import BnMode, BnTargets, NoiseConfig
 from bnprobe.errors import SurgeryError
 from bnprobe.layers import probed_layers
 from bnprobe.models import build_model
-from bnprobe.surgery import BnPlan, FreshCopy, NoisyBatchNorm1d, NoisyBatchNorm2d, NoisyFrozenBatchNorm2d, NoisyNorm, apply_bn, is_batchnorm
+from bnprobe.surgery import (
+    Action,
+    BnPlan,
+    FreshCopy,
+    NoisyBatchNorm1d,
+    NoisyBatchNorm2d,
+    NoisyFrozenBatchNorm2d,
+    NoisyNorm,
+    apply_bn,
+    is_batchnorm,
+)
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -815,6 +825,9 @@ def test_plan_rows_and_summary() -> None:
     model, plan = apply_bn(torchvision.models.resnet18(num_classes=10), "strip", IMAGES)
     assert isinstance(plan, BnPlan) and plan.mode == "strip"
     assert all(len(r) == len(plan.columns) and all(isinstance(v, str) for v in r) for r in plan.rows())
+    assert {c.action for c in plan.changes} == {Action.REMOVED, Action.REBIASED} == {"removed", "rebiased"}
+    assert {type(r[0]) for r in plan.rows()} == {str}  # the table shows plain words, not enum members
+    assert [f"{a}" for a in (Action.FOLDED, Action.NOISE)] == [str(Action.FOLDED), "noise"] == ["folded", "noise"]
     assert plan.params_after == sum(p.numel() for p in model.parameters()) < plan.params_before
     assert (
         plan.summary()
