@@ -129,14 +129,21 @@ class Crossed(nn.Module):
         return self.head(self.bn1(self.conv2(h)).mean((2, 3)))
 
 
-class SharedOutput(nn.Module):
+class ConvBn(nn.Module):
+    """A 3x3 conv (3 -> 4 channels) and a BN: each subclass's forward is the dataflow its test is about."""
+
+    def __init__(self, conv: type[nn.Conv2d] = nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+
+class SharedOutput(ConvBn):
     """The conv's output goes to the BN and around it: folding the BN into the conv would be wrong."""
 
     def __init__(self, traceable: bool) -> None:
         super().__init__()
         self.traceable = traceable
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
@@ -475,13 +482,8 @@ def test_fold_strips_a_bn_whose_conv_output_is_also_used_elsewhere_and_says_why(
     assert torch.equal(model.conv.weight, base.conv.weight)
 
 
-class ReadsTheShape(nn.Module):
+class ReadsTheShape(ConvBn):
     """Reads the conv output's shape besides feeding it to the BN: a use that reads no values."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
@@ -497,13 +499,8 @@ def test_fold_ignores_uses_that_read_only_the_shape() -> None:
         assert relative_error(model.eval()(IMAGES), base.eval()(IMAGES)) < 1e-6
 
 
-class InPlaceBetween(nn.Module):
+class InPlaceBetween(ConvBn):
     """An in-place op between the conv and its BN: hooks alone see the conv's tensor reach the BN."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(x)
@@ -623,11 +620,11 @@ class KeepsACopy(nn.Conv2d):
         return y
 
 
-class UsesTheCopy(nn.Module):
+class UsesTheCopy(ConvBn):
+    """Adds the conv's hidden copy to the BN output: a use of the conv's output no dataflow pass sees."""
+
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = KeepsACopy(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
+        super().__init__(KeepsACopy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x)) + self.conv.copy
