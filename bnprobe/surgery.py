@@ -58,13 +58,13 @@ from .config import BnMode, BnTargets, NoiseConfig
 from .errors import SurgeryError
 from .layers import eval_free_forward, layer_kind
 
-Feeder: TypeAlias = "nn.modules.conv._ConvNd | nn.Linear"  # a layer a BN can be paired with, folded into or inserted after
+_Feeder: TypeAlias = "nn.modules.conv._ConvNd | nn.Linear"  # a layer a BN can be paired with, folded into or inserted after
 BatchNorm: TypeAlias = "nn.modules.batchnorm._BatchNorm | FrozenBatchNorm2d"  # what is_batchnorm accepts
 
 _BN = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
-_TARGETS: dict[str, tuple[type[Feeder], ...]] = {"conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "linear": (nn.Linear,)}
+_TARGETS: dict[str, tuple[type[_Feeder], ...]] = {"conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "linear": (nn.Linear,)}
 _FEEDERS = (nn.modules.conv._ConvNd, nn.Linear)
-_BN_FOR: dict[type[Feeder], type[nn.modules.batchnorm._BatchNorm]] = {
+_BN_FOR: dict[type[_Feeder], type[nn.modules.batchnorm._BatchNorm]] = {
     nn.Conv1d: nn.BatchNorm1d,
     nn.Conv2d: nn.BatchNorm2d,
     nn.Conv3d: nn.BatchNorm3d,
@@ -612,7 +612,7 @@ def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, beta - mean * scale
 
 
-def _scale_into(layer: Feeder, scale: torch.Tensor, shift: torch.Tensor) -> None:
+def _scale_into(layer: _Feeder, scale: torch.Tensor, shift: torch.Tensor) -> None:
     """Make ``layer`` compute ``scale * layer(x) + shift`` per output channel (float64 arithmetic, then its dtype)."""
     with torch.no_grad():
         w = layer.weight
@@ -635,7 +635,7 @@ _STOCK_FORWARDS = frozenset(
 )
 
 
-def _scales_with_its_weight(layer: Feeder, shape: tuple[int, ...] | None) -> bool:
+def _scales_with_its_weight(layer: _Feeder, shape: tuple[int, ...] | None) -> bool:
     """Whether scaling ``layer``'s weight per output channel scales its output: true for torch's own
     conv/linear forward; a subclass with its own (timm's weight-standardising ``StdConv2d`` undoes
     any scale) is tried on a float64 copy with a random input of the shape it was called with."""
@@ -699,23 +699,23 @@ def _num_features(bn: nn.Module) -> int:
     return mean.numel()
 
 
-def _feeder_layer(model: nn.Module, name: str) -> Feeder:
+def _feeder_layer(model: nn.Module, name: str) -> _Feeder:
     """The conv/linear ``name``, which :func:`_feeder` found to feed a BN."""
     layer = model.get_submodule(name)
     assert isinstance(layer, _FEEDERS), f"{name} is a {type(layer).__name__}, not a conv/linear"
     return layer
 
 
-def _channels(layer: Feeder) -> int:
+def _channels(layer: _Feeder) -> int:
     return layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features
 
 
-def _channel_rank(layer: Feeder) -> int:
+def _channel_rank(layer: _Feeder) -> int:
     """The output rank at which dim 1 is the channel dim: (N, C) for linear, (N, C, *spatial) for conv."""
     return len(layer.kernel_size) + 2 if isinstance(layer, nn.modules.conv._ConvNd) else 2
 
 
-def _new_bn(layer: Feeder, name: str, flow: _Flow, seeds: _Seeds | None) -> nn.Module:
+def _new_bn(layer: _Feeder, name: str, flow: _Flow, seeds: _Seeds | None) -> nn.Module:
     bn_type = next(bn for kind, bn in _BN_FOR.items() if isinstance(layer, kind))
     rank = flow.rank.get(name)
     if rank != _channel_rank(layer):
