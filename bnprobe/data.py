@@ -7,7 +7,7 @@ Specs: ``synthetic:cifar10``, ``synthetic:mnist``, ``synthetic:linear``, ``torch
 
 from __future__ import annotations
 
-import difflib
+import enum
 import math
 import zipfile
 from collections.abc import Iterator
@@ -18,28 +18,45 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .errors import DataError, first_line, shown, usable_path
+from .errors import DataError, did_you_mean, first_line, shown, usable_path
 
 SYNTHETIC_SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28)}
 MAX_SYNTHETIC_VALUES = 2**28  # numbers a built-in set may hold: 1 GiB of float32
+
+
+class Task(str, enum.Enum):
+    """What the targets are. A ``str``, shown and stored as the plain word, so the run's ``task``
+    attribute and comparisons with ``"classification"`` are unchanged."""
+
+    CLASSIFICATION = "classification"  # integer class labels: cross-entropy, accuracy
+    REGRESSION = "regression"  # real-valued target vectors: mean squared error
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass
 class DataBundle:
     """A training set plus what the model and loss need to know about it."""
 
-    train: Dataset
+    train: Dataset[Any]
     input_shape: tuple[int, ...]
     num_outputs: int  # classes for classification, target dimension for regression
-    task: str  # "classification" or "regression"
+    task: Task  # a plain "classification" / "regression" is taken too, and becomes the member
     spec: str
 
+    def __post_init__(self) -> None:
+        self.task = Task(self.task)  # the boundary: a plain string becomes the member, a wrong one a ValueError
+
     def __len__(self) -> int:
-        return len(self.train)  # type: ignore[arg-type]
+        return len(self.train)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; every set loaded here has one
 
     def loss_fn(self) -> torch.nn.Module:
         """Cross-entropy for classification, mean squared error for regression."""
-        return torch.nn.CrossEntropyLoss() if self.task == "classification" else torch.nn.MSELoss()
+        return torch.nn.CrossEntropyLoss() if self.task is Task.CLASSIFICATION else torch.nn.MSELoss()
 
     def example_batch(self, size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``size`` samples as a batch (for tracing and layer discovery)."""
@@ -55,10 +72,9 @@ def load_data(spec: str, seed: int = 0, **options: Any) -> DataBundle:
     kind, _, rest = spec.partition(":")
     loaders = {"synthetic": _synthetic, "torchvision": _torchvision, "imagefolder": _imagefolder, "npz": _arrays, "h5": _arrays}
     if kind not in loaders or not rest:
-        close = difflib.get_close_matches(kind, list(loaders), n=1)
-        hint = f" (did you mean {close[0]}:...?)" if close and close[0] != kind else ""
+        hint = did_you_mean(kind, loaders) if kind not in loaders else ""
         raise DataError(
-            f"unknown data spec {shown(spec)}{hint}; use synthetic:cifar10|mnist|linear, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE or h5:FILE"
+            f"unknown data spec {shown(spec)}; use synthetic:cifar10|mnist|linear, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE or h5:FILE{hint}"
         )
     return loaders[kind](kind, rest, seed, dict(options))
 
@@ -68,8 +84,7 @@ def _reject_unknown(spec: str, options: dict[str, Any], valid: tuple[str, ...]) 
         if not isinstance(key, str):
             raise DataError(f"data {shown(spec)}: option names must be strings, got {shown(key)}")
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(valid) or 'none'}"
+            hint = did_you_mean(key, valid, otherwise=f"; valid: {', '.join(valid) or 'none'}")
             raise DataError(f"data {shown(spec)} has no option {shown(key)}{hint}")
 
 
@@ -130,7 +145,7 @@ def synthetic_images(name: str, seed: int = 0, n: int = 4096, num_classes: int =
     scale = 0.3 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)
     shift = 0.5 * torch.randn(n, c, 1, 1, generator=g)
     x = scale * prototypes[y] + shift + noise * torch.randn(n, c, h, w, generator=g)
-    return DataBundle(TensorDataset(x, y), (c, h, w), num_classes, "classification", f"synthetic:{name}")
+    return DataBundle(TensorDataset(x, y), (c, h, w), num_classes, Task.CLASSIFICATION, f"synthetic:{name}")
 
 
 def synthetic_linear(seed: int = 0, n: int = 1024, dim: int = 10, out_dim: int | None = None) -> DataBundle:
@@ -139,7 +154,7 @@ def synthetic_linear(seed: int = 0, n: int = 1024, dim: int = 10, out_dim: int |
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(out_dim, dim, generator=g) / math.sqrt(dim)
     x = torch.randn(n, dim, generator=g)
-    return DataBundle(TensorDataset(x, x @ a.T), (dim,), out_dim, "regression", "synthetic:linear")
+    return DataBundle(TensorDataset(x, x @ a.T), (dim,), out_dim, Task.REGRESSION, "synthetic:linear")
 
 
 # ----------------------------------------------------------------------------- files on disk
@@ -155,8 +170,7 @@ def _torchvision(kind: str, rest: str, seed: int, options: dict[str, Any]) -> Da
     _text(spec, options, "split")
     available = [n for n in dir(torchvision.datasets) if n[0].isupper()]
     if name not in available:
-        close = difflib.get_close_matches(name, available, n=3)
-        raise DataError(f"unknown torchvision data set {shown(name)}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        raise DataError(f"unknown torchvision data set {shown(name)}{did_you_mean(name, available, n=3)}")
     if not root:
         raise DataError(f"{spec}: give the local root, e.g. torchvision:{name}:data/ (nothing is downloaded)")
     if not usable_path(root, DataError).is_dir():
@@ -207,7 +221,7 @@ def _classification_bundle(ds: Any, spec: str) -> DataBundle:
     if not isinstance(x0, torch.Tensor):
         raise DataError(f"{spec}: samples are {type(x0).__name__}, not tensors")
     num_classes = len(getattr(ds, "classes", [])) or int(max(int(ds[i][1]) for i in range(len(ds)))) + 1
-    return DataBundle(ds, tuple(x0.shape), num_classes, "classification", spec)
+    return DataBundle(ds, tuple(x0.shape), num_classes, Task.CLASSIFICATION, spec)
 
 
 def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBundle:
@@ -248,11 +262,11 @@ def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBun
         if y_np.min() < 0:
             raise DataError(f"{path}: class labels in {y_key!r} must be 0, 1, 2, ...; found {int(y_np.min())}")
         y = torch.as_tensor(y_np, dtype=torch.long)
-        return DataBundle(TensorDataset(x, y), tuple(x.shape[1:]), int(y.max()) + 1, "classification", spec)
+        return DataBundle(TensorDataset(x, y), tuple(x.shape[1:]), int(y.max()) + 1, Task.CLASSIFICATION, spec)
     y = torch.as_tensor(y_np, dtype=torch.float32)
     if y.ndim == 1:
         y = y[:, None]
-    return DataBundle(TensorDataset(x, y), tuple(x.shape[1:]), int(y.shape[1]), "regression", spec)
+    return DataBundle(TensorDataset(x, y), tuple(x.shape[1:]), int(y.shape[1]), Task.REGRESSION, spec)
 
 
 # ----------------------------------------------------------------------------- batches

@@ -7,7 +7,6 @@ is executed only because the user named it.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import importlib
 import importlib.util
@@ -16,14 +15,15 @@ import itertools
 import math
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import BnprobeError, ModelError, described, shown
+from .errors import BnprobeError, ModelError, described, did_you_mean, shown
 
 ModelFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelFactory] = {}
@@ -42,7 +42,7 @@ def register_model(name: str | None = None) -> Callable[[ModelFactory], ModelFac
     return wrap
 
 
-def _natural_key(name: str) -> list[Any]:
+def _natural_key(name: str) -> list[int | str]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
@@ -82,7 +82,8 @@ class VGG(nn.Module):
         self.classifier = classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
+        logits: torch.Tensor = self.classifier(torch.flatten(self.features(x), 1))
+        return logits
 
 
 @register_model("vgg")
@@ -138,7 +139,7 @@ def dln(num_classes: int, input_shape: tuple[int, ...], depth: int = 25, width: 
     return glorot_init(nn.Sequential(nn.Flatten(), *[nn.Linear(a, b, bias=False) for a, b in itertools.pairwise(dims)]))
 
 
-def _at_least(model: str, minimum: int, **sizes: Any) -> None:
+def _at_least(model: str, minimum: int, **sizes: object) -> None:
     """Layer counts and widths below ``minimum`` (``depth: -3``, ``hidden: 0``) would build layers
     without units, or none at all, that fail somewhere in training instead of here."""
     for key, value in sizes.items():
@@ -172,6 +173,7 @@ def build_model(spec: str, num_classes: int, input_shape: tuple[int, ...], **opt
 
 def _build(spec: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any]) -> nn.Module:
     input_shape = tuple(int(d) for d in input_shape)
+    model: object
     if spec.startswith("torchvision:"):
         model = _torchvision_model(spec.split(":", 1)[1], num_classes, input_shape, options)
     elif ":" in spec:
@@ -189,9 +191,8 @@ def _build(spec: str, num_classes: int, input_shape: tuple[int, ...], options: d
 
 
 def _unknown(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name.lower(), choices, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(sorted(choices, key=_natural_key)[:12])}"
-    return f"unknown model {shown(name)}{hint}"
+    available = f"; available: {', '.join(sorted(choices, key=_natural_key)[:12])}"
+    return f"unknown model {shown(name)}{did_you_mean(name.lower(), choices, n=3, cutoff=0.5, otherwise=available)}"
 
 
 def _check_options(spec: str, factory: ModelFactory, options: dict[str, Any]) -> None:
@@ -201,8 +202,7 @@ def _check_options(spec: str, factory: ModelFactory, options: dict[str, Any]) ->
     for key in options:
         if key not in params or key in ("num_classes", "input_shape"):
             valid = [k for k in params if k not in ("num_classes", "input_shape")]
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(valid) or 'none'}"
+            hint = did_you_mean(key, valid, otherwise=f"; valid: {', '.join(valid) or 'none'}")
             raise ModelError(f"model {spec!r} has no option {key!r}{hint}")
 
 
@@ -218,7 +218,7 @@ def _torchvision_model(name: str, num_classes: int, input_shape: tuple[int, ...]
         kwargs.setdefault("aux_logits", False)
         kwargs.setdefault("init_weights", True)
     try:
-        model = torchvision.models.get_model(name.lower(), **kwargs)
+        model: nn.Module = torchvision.models.get_model(name.lower(), **kwargs)
     except TypeError as e:
         raise ModelError(f"torchvision:{name}: {e}") from e
     if weights_file:
@@ -238,7 +238,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise ModelError(f"cannot load weights from {p}: {str(e).splitlines()[0]}") from e
 
 
-def _user_model(spec: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any]) -> nn.Module:
+def _user_model(spec: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any]) -> object:
+    """What the user's factory returns (checked to be a module by the caller), given only the arguments it takes."""
     target, _, attr = spec.rpartition(":")
     if target.endswith(".py") or "/" in target or "\\" in target:
         module = _load_file(Path(target))
@@ -250,10 +251,9 @@ def _user_model(spec: str, num_classes: int, input_shape: tuple[int, ...], optio
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
-        close = difflib.get_close_matches(attr, names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ModelError(f"{target} has no factory {attr!r}{hint}")
+        raise ModelError(f"{target} has no factory {attr!r}{did_you_mean(attr, names)}")
     kwargs = dict(options)
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -269,7 +269,7 @@ def _user_model(spec: str, num_classes: int, input_shape: tuple[int, ...], optio
         raise ModelError(f"{spec}: {e}") from e
 
 
-def _load_file(path: Path) -> Any:
+def _load_file(path: Path) -> ModuleType:
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
     name = f"bnprobe_user_{abs(hash(str(path.resolve())))}"

@@ -45,8 +45,8 @@ import enum
 import math
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, TypeAlias, TypeGuard, TypeVar, runtime_checkable
 
 import torch
 from torch import fx, nn
@@ -59,16 +59,24 @@ from .errors import SurgeryError
 from .layers import layer_kind
 from .passes import leave_no_trace
 
+_Feeder: TypeAlias = "nn.modules.conv._ConvNd | nn.Linear"  # a layer a BN can be paired with, folded into or inserted after
+BatchNorm: TypeAlias = "nn.modules.batchnorm._BatchNorm | FrozenBatchNorm2d"  # what is_batchnorm accepts
+
 _BN = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
-_TARGETS = {"conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "linear": (nn.Linear,)}
+_TARGETS: dict[str, tuple[type[_Feeder], ...]] = {"conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "linear": (nn.Linear,)}
 _FEEDERS = (nn.modules.conv._ConvNd, nn.Linear)
-_BN_FOR = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}
+_BN_FOR: dict[type[_Feeder], type[nn.modules.batchnorm._BatchNorm]] = {
+    nn.Conv1d: nn.BatchNorm1d,
+    nn.Conv2d: nn.BatchNorm2d,
+    nn.Conv3d: nn.BatchNorm3d,
+    nn.Linear: nn.BatchNorm1d,
+}
 _FOLD_RTOL = 1e-4
 
 E = TypeVar("E", bound=enum.Enum)
 
 
-def is_batchnorm(module: nn.Module) -> bool:
+def is_batchnorm(module: nn.Module) -> TypeGuard[BatchNorm]:
     """Any BatchNorm, subclasses and SyncBatchNorm/FrozenBatchNorm2d included (not Group/LayerNorm)."""
     return isinstance(module, _BN)
 
@@ -88,15 +96,16 @@ def _noisy(x: torch.Tensor, generator: torch.Generator, config: NoiseConfig) -> 
     draws = torch.stack((scale, shift)).to(x.dtype)
     if x.device.type == "cuda":  # pinned memory: the copy does not wait for the device
         draws = draws.pin_memory()
-    scale, shift = draws.to(x.device, non_blocking=True).view(2, 1, channels, *[1] * (x.dim() - 2))
+    scale, shift = draws.to(x.device, non_blocking=True).view(2, 1, channels, *[1] * (x.dim() - 2)).unbind()
     return x * scale + shift
 
 
-def _set_noise(module: nn.Module, seed: int, config: NoiseConfig | None) -> None:
+def _set_noise(module: NoisyNorm, seed: int, config: NoiseConfig | None, after: tuple[str, ...] = ()) -> None:
+    """The noise state of a fresh or converted noisy BN: its seed, recipe, own generator, and the children run after the noise."""
     module.noise_seed = int(seed)
     module.noise_config = config or NoiseConfig()
     module.generator = torch.Generator().manual_seed(module.noise_seed)
-    module.after_noise = ()
+    module.after_noise = after
 
 
 class NoisyNorm(nn.Module):
@@ -125,11 +134,11 @@ class NoisyNorm(nn.Module):
         _set_noise(self, seed, noise)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
+        y: torch.Tensor = super().forward(x)
         if self.training:
             y = _noisy(y, self.generator, self.noise_config)
         for name in self.after_noise:
-            y = self._modules[name](y)
+            y = self.get_submodule(name)(y)
         return y
 
     def get_extra_state(self) -> torch.Tensor:
@@ -159,7 +168,7 @@ class NoisySyncBatchNorm(NoisyNorm, nn.SyncBatchNorm):
     """``nn.SyncBatchNorm`` with noise in training (:class:`NoisyNorm`)."""
 
 
-class NoisyFrozenBatchNorm2d(NoisyNorm, FrozenBatchNorm2d):
+class NoisyFrozenBatchNorm2d(NoisyNorm, FrozenBatchNorm2d):  # type: ignore[misc]  # torchvision ships no types: its classes are Any
     """torchvision's ``FrozenBatchNorm2d`` with noise in training (:class:`NoisyNorm`)."""
 
     def __repr__(self) -> str:
@@ -209,11 +218,29 @@ class _Seeds:
 # ----------------------------------------------------------------------------- plan
 
 
+class Action(str, enum.Enum):
+    """What a plan row did to its module. A ``str``, shown and stored as the plain word, so the
+    ``inspect`` table, the stored surgery summary and comparisons with ``"inserted"`` are unchanged."""
+
+    INSERTED = "inserted"  # a new BN after a conv/linear
+    REMOVED = "removed"  # a BN stripped (replaced by its stand-in)
+    REBIASED = "rebiased"  # a stripped BN's feeder got a zero bias
+    FOLDED = "folded"  # a BN's eval-mode affine folded into its feeder
+    NOISE = "noise"  # a BN made noisy
+    KEPT = "kept"  # nothing to do: already followed by a BN, or already noisy
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
 @dataclass(frozen=True)
 class Change:
     """One edit: ``action`` on ``module`` (its name after surgery), ``related`` the layer it sits after or is fed by."""
 
-    action: str  # inserted | removed | rebiased | folded | noise | kept
+    action: Action
     module: str
     related: str
     detail: str
@@ -231,7 +258,7 @@ class BnPlan:
     columns: ClassVar[tuple[str, str, str, str]] = ("action", "module", "after / fed by", "detail")
 
     def rows(self) -> list[tuple[str, str, str, str]]:
-        return [(c.action, c.module, c.related, c.detail) for c in self.changes]
+        return [(c.action.value, c.module, c.related, c.detail) for c in self.changes]
 
     def summary(self) -> str:
         counts = Counter(c.action for c in self.changes)
@@ -246,22 +273,22 @@ class BnPlan:
 class _Flow:
     """The dataflow between modules, by module name (``"input"``, ``"output"`` and ``"op:NAME"`` for the rest)."""
 
-    pairing: str
-    index: dict[str, int]  # first-call order of the atomic modules (and of a BN's own children)
-    calls: Counter[str]
-    rank: dict[str, int]  # ndim of each atomic module's output
-    in_shape: dict[str, tuple[int, ...]]  # shape of each atomic module's first input, at its first call
-    sources: dict[str, set[str]]  # what produced each module's (first) input
-    users: dict[str, set[str]]  # what each module's output goes to
-    outputs: set[str]  # modules whose output is a model output
-    mutated: set[str]  # modules whose output is changed in place afterwards (an in-place ReLU after a BN)
+    pairing: str = "forward hooks"  # where ``sources``, ``users`` and ``outputs`` come from
+    index: dict[str, int] = field(default_factory=dict)  # first-call order of the atomic modules (and of a BN's own children)
+    calls: Counter[str] = field(default_factory=Counter)
+    rank: dict[str, int] = field(default_factory=dict)  # ndim of each atomic module's output
+    in_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)  # shape of each atomic module's first input, at its first call
+    sources: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # what produced each module's (first) input
+    users: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # what each module's output goes to
+    outputs: set[str] = field(default_factory=set)  # modules whose output is a model output
+    mutated: set[str] = field(default_factory=set)  # modules whose output is changed in place afterwards (an in-place ReLU after a BN)
 
     def ordered(self, names: list[str]) -> list[str]:
         """Called modules first, in forward order, then the others as given."""
         return sorted(names, key=lambda n: self.index.get(n, math.inf))
 
 
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+def _tensors(obj: object) -> Iterator[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (tuple, list)):
@@ -358,49 +385,31 @@ class _OpTape(TorchFunctionMode):
         return out
 
 
-def _dataflow(model: nn.Module, example_input: Any) -> _Flow:
+def _dataflow(model: nn.Module, example_input: object) -> _Flow:
     """One hooked, side-effect-free forward; edges from torch.fx where the model traces."""
+    flow = _hooked_forward(model, example_input)
+    try:
+        flow.sources, flow.users, flow.outputs = _fx_edges(model)
+        flow.pairing = "torch.fx"
+    except Exception as e:  # noqa: BLE001 - any tracing failure means: use the hooks' edges
+        flow.pairing = f"forward hooks (torch.fx: {type(e).__name__})"
+    return flow
+
+
+def _hooked_forward(model: nn.Module, example_input: object) -> _Flow:
+    """The dataflow as forward hooks and the op tape see it, from one side-effect-free forward."""
     atomic, inside = _atomic(model)
-    index: dict[str, int] = {}
-    calls: Counter[str] = Counter()
-    rank: dict[str, int] = {}
-    in_shape: dict[str, tuple[int, ...]] = {}
-    sources: dict[str, set[str]] = defaultdict(set)
-    users: dict[str, set[str]] = defaultdict(set)
+    flow = _Flow()
     producer = {id(t): "input" for t in _tensors(example_input)}
     alive: list[torch.Tensor] = []  # keeps every tensor seen alive, so no id is reused during the pass
-    tape = _OpTape(producer, users, alive)
+    tape = _OpTape(producer, flow.users, alive)
 
-    def enter(_m: nn.Module, _args: Any) -> None:
+    def enter(_m: nn.Module, _args: tuple[object, ...]) -> None:
         tape.depth += 1
 
-    def hook(name: str, is_atomic: bool) -> Callable[[nn.Module, Any, Any], None]:
-        def record(_m: nn.Module, args: Any, out: Any) -> None:
-            index.setdefault(name, len(index))
-            if not is_atomic:
-                return
-            tape.depth -= 1
-            calls[name] += 1
-            first = next(_tensors(args), None)
-            source = producer.get(id(first), "op:?") if first is not None else "op:constant"
-            if first is not None:
-                in_shape.setdefault(name, tuple(first.shape))
-            sources[name].add(source)
-            users[source].add(name)
-            outs = list(_tensors(out))
-            alive.extend(outs)
-            if first is not None and any(t is first for t in outs):  # an in-place module (ReLU(inplace=True))
-                tape.mutated.add(source)
-            for t in outs:
-                producer[id(t)] = name
-            if outs:
-                rank.setdefault(name, outs[0].dim())
-
-        return record
-
     handles = [m.register_forward_pre_hook(enter) for m in atomic]
-    handles += [m.register_forward_hook(hook(n, True)) for m, n in atomic.items()]
-    handles += [m.register_forward_hook(hook(n, False)) for m, n in inside.items()]
+    handles += [m.register_forward_hook(_recorder(flow, tape, n, True)) for m, n in atomic.items()]
+    handles += [m.register_forward_hook(_recorder(flow, tape, n, False)) for m, n in inside.items()]
     try:
         with leave_no_trace(model), torch.no_grad(), tape:
             result = model(example_input)
@@ -409,16 +418,39 @@ def _dataflow(model: nn.Module, example_input: Any) -> _Flow:
     finally:
         for h in handles:
             h.remove()
-    outputs = {producer.get(id(t), "op:?") for t in _tensors(result)}
-    for name in outputs:
-        users[name].add("output")
-    pairing = "forward hooks"
-    try:
-        sources, users, outputs = _fx_edges(model)
-        pairing = "torch.fx"
-    except Exception as e:  # noqa: BLE001 - any tracing failure means: use the hooks' edges
-        pairing = f"forward hooks (torch.fx: {type(e).__name__})"
-    return _Flow(pairing, index, calls, rank, in_shape, sources, users, outputs, tape.mutated)
+    flow.outputs = {producer.get(id(t), "op:?") for t in _tensors(result)}
+    for name in flow.outputs:
+        flow.users[name].add("output")
+    flow.mutated = tape.mutated
+    return flow
+
+
+def _recorder(flow: _Flow, tape: _OpTape, name: str, is_atomic: bool) -> Callable[[nn.Module, tuple[object, ...], object], None]:
+    """The forward hook of module ``name``: its call order, and for an atomic module (whose own ops
+    the tape skipped) its call count, input source and shape, output rank, and outputs as producers."""
+
+    def record(_m: nn.Module, args: tuple[object, ...], out: object) -> None:
+        flow.index.setdefault(name, len(flow.index))
+        if not is_atomic:
+            return
+        tape.depth -= 1
+        flow.calls[name] += 1
+        first = next(_tensors(args), None)
+        source = tape.producer.get(id(first), "op:?") if first is not None else "op:constant"
+        if first is not None:
+            flow.in_shape.setdefault(name, tuple(first.shape))
+        flow.sources[name].add(source)
+        flow.users[source].add(name)
+        outs = list(_tensors(out))
+        tape.alive.extend(outs)
+        if first is not None and any(t is first for t in outs):  # an in-place module (ReLU(inplace=True))
+            tape.mutated.add(source)
+        for t in outs:
+            tape.producer[id(t)] = name
+        if outs:
+            flow.rank.setdefault(name, outs[0].dim())
+
+    return record
 
 
 def _describe(source: str) -> str:
@@ -551,20 +583,37 @@ def _make_noisy(bn: nn.Module, name: str, after: list[str], seed: int, config: N
         bn.__class__ = noisy_class(cls)
     except TypeError as e:
         raise SurgeryError(f"cannot add noise to {name}: {type(bn).__name__} cannot be made noisy ({e})") from None
-    _set_noise(bn, seed, config)
-    bn.after_noise = tuple(after)
+    assert isinstance(bn, NoisyNorm)  # its class is now one; tells the type checker so
+    _set_noise(bn, seed, config, tuple(after))
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module.<name>`` when it is a tensor (a parameter or buffer), else None: a BN's ``weight`` and
+    ``bias`` are None without ``affine``, its running statistics without ``track_running_stats``."""
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _running_stats(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A BN's running mean and variance, or None when it keeps none (eval mode then uses the batch's)."""
+    mean, var = _tensor(bn, "running_mean"), _tensor(bn, "running_var")
+    return None if mean is None or var is None else (mean, var)
 
 
 def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """An eval-mode BN as ``scale * x + shift`` per channel, in float64."""
-    mean, var = bn.running_mean.double(), bn.running_var.double()
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
+    stats = _running_stats(bn)
+    assert is_batchnorm(bn), f"{type(bn).__name__} is not a BatchNorm"
+    assert stats is not None, "only a BN with running statistics is folded (_fold_blocker)"
+    mean, var = stats[0].double(), stats[1].double()
+    weight, bias = _tensor(bn, "weight"), _tensor(bn, "bias")
+    gamma = weight.double() if weight is not None else torch.ones_like(mean)
+    beta = bias.double() if bias is not None else torch.zeros_like(mean)
     scale = gamma / torch.sqrt(var + bn.eps)
     return scale, beta - mean * scale
 
 
-def _scale_into(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+def _scale_into(layer: _Feeder, scale: torch.Tensor, shift: torch.Tensor) -> None:
     """Make ``layer`` compute ``scale * layer(x) + shift`` per output channel (float64 arithmetic, then its dtype)."""
     with torch.no_grad():
         w = layer.weight
@@ -587,7 +636,7 @@ _STOCK_FORWARDS = frozenset(
 )
 
 
-def _scales_with_its_weight(layer: nn.Module, shape: tuple[int, ...] | None) -> bool:
+def _scales_with_its_weight(layer: _Feeder, shape: tuple[int, ...] | None) -> bool:
     """Whether scaling ``layer``'s weight per output channel scales its output: true for torch's own
     conv/linear forward; a subclass with its own (timm's weight-standardising ``StdConv2d`` undoes
     any scale) is tried on a float64 copy with a random input of the shape it was called with."""
@@ -612,7 +661,7 @@ def _fold_blocker(model: nn.Module, flow: _Flow, name: str, bn: nn.Module, feede
     """Why folding ``name`` into ``feeder`` would not give the same eval-mode function ("" if it would)."""
     if feeder is None:
         return why
-    if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+    if _running_stats(bn) is None:
         return "it keeps no running statistics (track_running_stats=False), so eval mode normalises by the batch"
     others = flow.users.get(feeder, set()) - {name}
     if others:
@@ -620,7 +669,7 @@ def _fold_blocker(model: nn.Module, flow: _Flow, name: str, bn: nn.Module, feede
     if flow.calls[feeder] != 1 or flow.calls[name] != 1:
         twice = feeder if flow.calls[feeder] != 1 else name
         return f"{twice} runs {flow.calls[twice]} times per forward"
-    layer = model.get_submodule(feeder)
+    layer = _feeder_layer(model, feeder)
     own = {id(p) for p in layer.parameters(recurse=False)}
     sharer = next((n for n, m in model.named_modules() if m is not layer and any(id(p) in own for p in m.parameters(recurse=False))), None)
     if sharer is not None:
@@ -630,7 +679,7 @@ def _fold_blocker(model: nn.Module, flow: _Flow, name: str, bn: nn.Module, feede
     return ""
 
 
-def _eval_output(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
+def _eval_output(model: nn.Module, example_input: object) -> list[torch.Tensor]:
     training = model.training
     model.eval()
     try:
@@ -642,29 +691,42 @@ def _eval_output(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
 
 def _num_features(bn: nn.Module) -> int:
     """FrozenBatchNorm2d has no ``num_features``; its buffers tell."""
-    return int(bn.num_features) if hasattr(bn, "num_features") else bn.running_mean.numel()
+    features = getattr(bn, "num_features", None)
+    if features is not None:
+        return int(features)
+    mean = _tensor(bn, "running_mean")
+    if mean is None:
+        raise SurgeryError(f"{type(bn).__name__} has neither num_features nor a running_mean buffer to count its channels")
+    return mean.numel()
 
 
-def _channels(layer: nn.Module) -> int:
+def _feeder_layer(model: nn.Module, name: str) -> _Feeder:
+    """The conv/linear ``name``, which :func:`_feeder` found to feed a BN."""
+    layer = model.get_submodule(name)
+    assert isinstance(layer, _FEEDERS), f"{name} is a {type(layer).__name__}, not a conv/linear"
+    return layer
+
+
+def _channels(layer: _Feeder) -> int:
     return layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features
 
 
-def _channel_rank(layer: nn.Module) -> int:
+def _channel_rank(layer: _Feeder) -> int:
     """The output rank at which dim 1 is the channel dim: (N, C) for linear, (N, C, *spatial) for conv."""
     return len(layer.kernel_size) + 2 if isinstance(layer, nn.modules.conv._ConvNd) else 2
 
 
-def _new_bn(layer: nn.Module, name: str, flow: _Flow, seeds: _Seeds | None) -> nn.Module:
+def _new_bn(layer: _Feeder, name: str, flow: _Flow, seeds: _Seeds | None) -> nn.Module:
     bn_type = next(bn for kind, bn in _BN_FOR.items() if isinstance(layer, kind))
     rank = flow.rank.get(name)
     if rank != _channel_rank(layer):
         raise SurgeryError(
             f"cannot insert {bn_type.__name__} after {name}: its output has rank {rank}, not {_channel_rank(layer)} with channels in dim 1"
         )
-    options = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    device, dtype = layer.weight.device, layer.weight.dtype
     if seeds is None:
-        return bn_type(_channels(layer), **options)
-    return NOISY_BN[bn_type](_channels(layer), seed=seeds.next(), noise=seeds.config, **options)
+        return bn_type(_channels(layer), device=device, dtype=dtype)
+    return NOISY_BN[bn_type](_channels(layer), seed=seeds.next(), noise=seeds.config, device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- modes
@@ -679,25 +741,25 @@ def _insert(model: nn.Module, flow: _Flow, targets: BnTargets, keep_bias: bool, 
         types = _TARGETS["conv" if has_conv else "linear"]
     else:
         types = _TARGETS["conv"] + _TARGETS["linear"] if targets is BnTargets.ALL else _TARGETS[targets.value]
-    names = [n for n in flow.ordered(list(flow.index)) if isinstance(modules.get(n), types)]
+    layers = {n: m for n, m in modules.items() if isinstance(m, types)}
     changes = []
-    for name in names:
-        layer = modules[name]
+    for name in [n for n in flow.ordered(list(flow.index)) if n in layers]:
+        layer = layers[name]
         if name in flow.outputs:
             continue
         followers = sorted(u for u in flow.users.get(name, ()) if u in modules and is_batchnorm(modules[u]))
         if followers:
-            changes.append(Change("kept", followers[0], name, "already followed by a BatchNorm"))
+            changes.append(Change(Action.KEPT, followers[0], name, "already followed by a BatchNorm"))
             continue
         bn = _new_bn(layer, name, flow, seeds).train(layer.training)
-        detail = f"{type(bn).__name__}({bn.num_features})"
+        detail = f"{type(bn).__name__}({_num_features(bn)})"
         if seeds is not None:
             detail += f", noise seed {bn.noise_seed}"
         if not keep_bias and layer.bias is not None:
-            layer.bias = None
+            layer.register_parameter("bias", None)
             detail += f"; {name}'s bias removed"
         bn_name, layer_name, renamed = _place_after(layer, bn, slots[layer])
-        changes.append(Change("inserted", bn_name, layer_name, f"{detail}; {renamed}" if renamed else detail))
+        changes.append(Change(Action.INSERTED, bn_name, layer_name, f"{detail}; {renamed}" if renamed else detail))
     return changes
 
 
@@ -709,15 +771,22 @@ def _add_noise(model: nn.Module, flow: _Flow, seeds: _Seeds) -> list[Change]:
         bn = bns[name]
         feeder, _ = _feeder(model, flow, name, bn)
         if isinstance(bn, NoisyNorm):
-            changes.append(Change("kept", name, feeder or "", f"already a {type(bn).__name__}"))
+            changes.append(Change(Action.KEPT, name, feeder or "", f"already a {type(bn).__name__}"))
             continue
         after = [n for n, _ in _norm_tail(bn, flow, name) if f"{name}.{n}" in flow.index]
         before = type(bn).__name__
         seed = seeds.next()
         _make_noisy(bn, name, after, seed, seeds.config)
         where = f", before its {', '.join(after)}" if after else ""
-        changes.append(Change("noise", name, feeder or "", f"{before} -> {type(bn).__name__}, noise seed {seed}{where}"))
+        changes.append(Change(Action.NOISE, name, feeder or "", f"{before} -> {type(bn).__name__}, noise seed {seed}{where}"))
     return changes
+
+
+@runtime_checkable
+class _InPlace(Protocol):
+    """An activation that can write its output into its input (``nn.ReLU(inplace=True)``, timm's acts)."""
+
+    inplace: bool
 
 
 class FreshCopy(nn.Module):
@@ -741,7 +810,7 @@ def _stand_in(flow: _Flow, name: str, bn: nn.Module, feeder: str | None) -> tupl
     private = feeder is not None and not flow.users.get(feeder, set()) - {name}
     if not private:
         for _, child in tail:
-            if getattr(child, "inplace", False):
+            if isinstance(child, _InPlace) and child.inplace:
                 child.inplace = False
     copy = not private and name in flow.mutated and all(isinstance(child, nn.Identity) for _, child in tail)
     if not tail:
@@ -750,7 +819,7 @@ def _stand_in(flow: _Flow, name: str, bn: nn.Module, feeder: str | None) -> tupl
     return nn.Sequential(OrderedDict(children)), f" -> Sequential({', '.join(n for n, _ in children)})"
 
 
-def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: Any) -> tuple[nn.Module, list[Change]]:
+def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: object) -> tuple[nn.Module, list[Change]]:
     """Every BN out; the layer that fed it gets a zero bias (strip) or the BN folded in (fold).
 
     With ``fold``, a BN that cannot be folded exactly (:func:`_fold_blocker`) is stripped as without
@@ -772,29 +841,29 @@ def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: Any) -> tup
             continue
         not_folded = f"not folded: {blocker}; " if fold else ""
         if feeder is None:
-            changes.append(Change("removed", name, "", f"{not_folded or why + '; '}nothing re-biased{becomes}"))
+            changes.append(Change(Action.REMOVED, name, "", f"{not_folded or why + '; '}nothing re-biased{becomes}"))
         else:
-            changes.append(Change("removed", name, feeder, f"{not_folded}{type(bn).__name__}({_num_features(bn)}){becomes}"))
-            layer = model.get_submodule(feeder)
+            changes.append(Change(Action.REMOVED, name, feeder, f"{not_folded}{type(bn).__name__}({_num_features(bn)}){becomes}"))
+            layer = _feeder_layer(model, feeder)
             if layer.bias is None:
                 layer.bias = nn.Parameter(torch.zeros(_channels(layer), device=layer.weight.device, dtype=layer.weight.dtype))
-                changes.append(Change("rebiased", feeder, name, f"zero-initialised bias ({_channels(layer)})"))
+                changes.append(Change(Action.REBIASED, feeder, name, f"zero-initialised bias ({_channels(layer)})"))
         model = _replace(model, bn, replacement.train(bn.training))
     if folds:
         _check_folds(model, [(name, feeder, replacement) for name, _, feeder, _, replacement in folds], example_input)
         for name, bn, feeder, becomes, replacement in folds:
-            _scale_into(model.get_submodule(feeder), *_bn_affine(bn))
+            _scale_into(_feeder_layer(model, feeder), *_bn_affine(bn))
             model = _replace(model, bn, replacement.train(bn.training))
-            changes.append(Change("folded", name, feeder, f"running statistics and affine folded into {feeder}{becomes}"))
-        changes.sort(key=lambda c: flow.index.get(c.module if c.action != "rebiased" else c.related, math.inf))
+            changes.append(Change(Action.FOLDED, name, feeder, f"running statistics and affine folded into {feeder}{becomes}"))
+        changes.sort(key=lambda c: flow.index.get(c.module if c.action is not Action.REBIASED else c.related, math.inf))
     return model, changes
 
 
-def _as_double(obj: Any) -> Any:
+def _as_double(obj: object) -> object:
     return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, obj)
 
 
-def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], example_input: Any) -> None:
+def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], example_input: object) -> None:
     """The safety net behind :func:`_fold_blocker`: the folds, done on a float64 copy, must leave its
     eval output on ``example_input`` unchanged (to 1e-4, relative); a difference is a use of a folded
     layer's output the dataflow pass did not see (a data-dependent branch). float64, because an
@@ -803,7 +872,8 @@ def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], exam
     (EfficientNet with statistics from a few small batches); a model that does not run in float64
     is checked in its own dtype. A model whose own rounding noise is larger still passes when the
     difference is within 10x that noise (:func:`_rounding_noise`)."""
-    x, dtype = _as_double(example_input), torch.float64
+    x = _as_double(example_input)
+    dtype: torch.dtype | None = torch.float64
     try:
         twin = copy.deepcopy(model).double()
         reference = _eval_output(twin, x)
@@ -813,7 +883,7 @@ def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], exam
         reference = _eval_output(twin, x)
     for name, feeder, replacement in folds:
         bn = twin.get_submodule(name)
-        _scale_into(twin.get_submodule(feeder), *_bn_affine(bn))
+        _scale_into(_feeder_layer(twin, feeder), *_bn_affine(bn))
         stand_in = copy.deepcopy(replacement)
         twin = _replace(twin, bn, stand_in.to(dtype) if dtype is not None else stand_in)
     worst = _relative_change(_eval_output(twin, x), reference)
@@ -824,10 +894,10 @@ def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], exam
 
 
 def _relative_change(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    return max(((a - b).norm() / b.norm().clamp_min(1e-300)).item() for a, b in zip(outputs, reference))
+    return max(float((a - b).norm() / b.norm().clamp_min(1e-300)) for a, b in zip(outputs, reference))
 
 
-def _rounding_noise(model: nn.Module, x: Any, dtype: torch.dtype | None, reference: list[torch.Tensor]) -> float:
+def _rounding_noise(model: nn.Module, x: object, dtype: torch.dtype | None, reference: list[torch.Tensor]) -> float:
     """How far the eval output moves when every weight moves by one rounding step (relative): no
     check can tell a fold from rounding below that. A chaotic model (an untrained EfficientNetV2 at
     28 px moves by 100% in float64) would otherwise be refused for an exact fold."""
@@ -842,7 +912,7 @@ def _rounding_noise(model: nn.Module, x: Any, dtype: torch.dtype | None, referen
     return _relative_change(_eval_output(twin, x), reference)
 
 
-def _as_enum(cls: type[E], value: Any, what: str) -> E:
+def _as_enum(cls: type[E], value: object, what: str) -> E:
     try:
         return cls(value.value if isinstance(value, enum.Enum) else str(value).lower())
     except ValueError:
@@ -856,7 +926,7 @@ def _param_count(model: nn.Module) -> int:
 def apply_bn(
     model: nn.Module,
     mode: str | BnMode,
-    example_input: Any,
+    example_input: object,
     *,
     targets: str | BnTargets = "auto",
     keep_bias: bool = False,

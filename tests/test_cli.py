@@ -53,7 +53,7 @@ def test_existing_output_is_refused(in_tmp: Path, tiny_config: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "vgx"], "unknown model 'vgx'; did you mean vgg"),
+        (["--model", "vgx"], "unknown model 'vgx'; did you mean 'vgg'"),
         (["--lr", "-1"], "lr must be positive"),
         (["--batch-size", "1000"], "larger than the data set"),
         (["--data", "torchvision:CIFAR10:/no/such"], "does not exist"),
@@ -158,7 +158,7 @@ def test_inspect_prints_the_plan(in_tmp: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "features.0_bn" in result.output and "8 inserted" in result.output
     bad = runner.invoke(app, ["inspect", "vgx"])
-    assert bad.exit_code == 2 and "did you mean vgg" in bad.output
+    assert bad.exit_code == 2 and "did you mean 'vgg'" in bad.output
     folded = runner.invoke(app, ["inspect", "vgg", "--bn", "strip", "--fold"], env={"COLUMNS": "100"})
     assert folded.exit_code == 0 and "bnprobe inspect vgg --bn strip --fold" in folded.output
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from bnprobe.data import DataBundle, batches, load_data
+from bnprobe.data import DataBundle, Task, batches, load_data
 from bnprobe.errors import DataError
 from bnprobe.store import Store
 
@@ -120,7 +120,7 @@ def test_npz_and_h5_arrays(tmp_path: Path) -> None:
     [
         ("synthetic:imagenet", "unknown synthetic set"),
         ("torchvision:CIFAR10:/no/such/root", "does not exist"),
-        ("torchvision:CIFAR11:/tmp", "did you mean CIFAR10"),
+        ("torchvision:CIFAR11:/tmp", "did you mean 'CIFAR10'"),
         ("imagefolder:/no/such/dir", "does not exist"),
         ("npz:/no/such.npz", "does not exist"),
         ("csv:file.csv", "unknown data spec"),
@@ -129,6 +129,31 @@ def test_npz_and_h5_arrays(tmp_path: Path) -> None:
 def test_data_errors(spec: str, message: str) -> None:
     with pytest.raises(DataError, match=message):
         load_data(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "options", "message"),
+    [
+        ("synthtic:cifar10", {}, r"^unknown data spec 'synthtic:cifar10'; use .* or h5:FILE; did you mean 'synthetic'\?$"),
+        ("npz", {}, r"^unknown data spec 'npz'; use .* or h5:FILE$"),  # a known kind without its argument: no hint
+        ("synthetic:cifar10", {"nn": 8}, r"^data 'synthetic:cifar10' has no option 'nn'; did you mean 'n'\?$"),
+        ("synthetic:linear", {"zzz": 1}, r"^data 'synthetic:linear' has no option 'zzz'; valid: n, dim, out_dim$"),
+        ("torchvision:CIFAR11:/tmp", {}, r"^unknown torchvision data set 'CIFAR11'; did you mean 'CIFAR10'(, '\w+'){0,2}\?$"),
+    ],
+)
+def test_spelling_hints(spec: str, options: dict[str, int], message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        load_data(spec, **options)
+
+
+def test_task_is_a_str_enum() -> None:
+    """Built-in sets name their task by the member; a bundle given the plain word holds the member, which reads as the word."""
+    assert load_data("synthetic:mnist", n=8).task is Task.CLASSIFICATION and load_data("synthetic:linear", n=8).task is Task.REGRESSION
+    bundle = DataBundle(_indexed(4), (1,), 1, "regression", "test")
+    assert bundle.task is Task.REGRESSION and bundle.task == "regression" and f"{bundle.task}|{bundle.task!s}" == "regression|regression"
+    assert isinstance(bundle.loss_fn(), torch.nn.MSELoss)
+    with pytest.raises(ValueError, match="'ranking' is not a valid Task"):
+        DataBundle(_indexed(4), (1,), 1, "ranking", "test")
 
 
 def test_torchvision_root_without_files(tmp_path: Path) -> None:

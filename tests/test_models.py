@@ -40,11 +40,18 @@ def test_torchvision_model_uses_num_classes() -> None:
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("vgx", "did you mean vgg"), ("torchvision:resnet1", "did you mean resnet18"), ("nope/missing.py:make", "does not exist")],
+    [("vgx", "did you mean 'vgg'"), ("torchvision:resnet1", "did you mean 'resnet18'"), ("nope/missing.py:make", "does not exist")],
 )
 def test_unknown_models(spec: str, message: str) -> None:
     with pytest.raises(ModelError, match=message):
         build_model(spec, 10, (3, 32, 32))
+
+
+def test_unknown_model_without_a_close_name_lists_the_built_ins() -> None:
+    with pytest.raises(
+        ModelError, match=r"^unknown model 'qqqq'; available: " + ", ".join(list_models()[:12]) + r" \(or use torchvision:NAME"
+    ):
+        build_model("qqqq", 10, (3, 32, 32))
 
 
 def test_unknown_option_names_the_closest() -> None:

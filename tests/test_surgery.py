@@ -16,7 +16,17 @@ from bnprobe.config import BnMode, BnTargets, NoiseConfig
 from bnprobe.errors import SurgeryError
 from bnprobe.layers import probed_layers
 from bnprobe.models import build_model
-from bnprobe.surgery import BnPlan, FreshCopy, NoisyBatchNorm1d, NoisyBatchNorm2d, NoisyFrozenBatchNorm2d, NoisyNorm, apply_bn, is_batchnorm
+from bnprobe.surgery import (
+    Action,
+    BnPlan,
+    FreshCopy,
+    NoisyBatchNorm1d,
+    NoisyBatchNorm2d,
+    NoisyFrozenBatchNorm2d,
+    NoisyNorm,
+    apply_bn,
+    is_batchnorm,
+)
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -119,14 +129,21 @@ class Crossed(nn.Module):
         return self.head(self.bn1(self.conv2(h)).mean((2, 3)))
 
 
-class SharedOutput(nn.Module):
+class ConvBn(nn.Module):
+    """A 3x3 conv (3 -> 4 channels) and a BN: each subclass's forward is the dataflow its test is about."""
+
+    def __init__(self, conv: type[nn.Conv2d] = nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+
+class SharedOutput(ConvBn):
     """The conv's output goes to the BN and around it: folding the BN into the conv would be wrong."""
 
     def __init__(self, traceable: bool) -> None:
         super().__init__()
         self.traceable = traceable
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
@@ -465,13 +482,8 @@ def test_fold_strips_a_bn_whose_conv_output_is_also_used_elsewhere_and_says_why(
     assert torch.equal(model.conv.weight, base.conv.weight)
 
 
-class ReadsTheShape(nn.Module):
+class ReadsTheShape(ConvBn):
     """Reads the conv output's shape besides feeding it to the BN: a use that reads no values."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
@@ -487,13 +499,8 @@ def test_fold_ignores_uses_that_read_only_the_shape() -> None:
         assert relative_error(model.eval()(IMAGES), base.eval()(IMAGES)) < 1e-6
 
 
-class InPlaceBetween(nn.Module):
+class InPlaceBetween(ConvBn):
     """An in-place op between the conv and its BN: hooks alone see the conv's tensor reach the BN."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(x)
@@ -613,11 +620,11 @@ class KeepsACopy(nn.Conv2d):
         return y
 
 
-class UsesTheCopy(nn.Module):
+class UsesTheCopy(ConvBn):
+    """Adds the conv's hidden copy to the BN output: a use of the conv's output no dataflow pass sees."""
+
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = KeepsACopy(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
+        super().__init__(KeepsACopy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x)) + self.conv.copy
@@ -815,6 +822,9 @@ def test_plan_rows_and_summary() -> None:
     model, plan = apply_bn(torchvision.models.resnet18(num_classes=10), "strip", IMAGES)
     assert isinstance(plan, BnPlan) and plan.mode == "strip"
     assert all(len(r) == len(plan.columns) and all(isinstance(v, str) for v in r) for r in plan.rows())
+    assert {c.action for c in plan.changes} == {Action.REMOVED, Action.REBIASED} == {"removed", "rebiased"}
+    assert {type(r[0]) for r in plan.rows()} == {str}  # the table shows plain words, not enum members
+    assert [f"{a}" for a in (Action.FOLDED, Action.NOISE)] == [str(Action.FOLDED), "noise"] == ["folded", "noise"]
     assert plan.params_after == sum(p.numel() for p in model.parameters()) < plan.params_before
     assert (
         plan.summary()
