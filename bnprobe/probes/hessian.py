@@ -246,7 +246,7 @@ def _power_iteration(
 
 def _start_vector(init: torch.Tensor | Sequence[torch.Tensor] | None, n: int, ref: torch.Tensor, seed: int) -> torch.Tensor:
     """The unit start vector: ``init`` (a warm start) when usable, else random from ``seed``."""
-    v = None
+    v: torch.Tensor | None = None
     if init is not None:
         v = init.detach().reshape(-1) if isinstance(init, torch.Tensor) else torch.cat([t.detach().reshape(-1) for t in init])
         if v.numel() != n:
@@ -254,7 +254,7 @@ def _start_vector(init: torch.Tensor | Sequence[torch.Tensor] | None, n: int, re
         v = v.to(device=ref.device, dtype=ref.dtype)
     if v is None or not torch.isfinite(v).all() or float(v.norm()) == 0:
         v = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=ref.dtype).to(ref.device)
-    return v / v.norm()
+    return v.div(v.norm())
 
 
 def top_hessian_eigenvalue(
