@@ -77,10 +77,15 @@ def clip(text: str, limit: int = 120) -> str:
     return text[:half] + "..." + text[len(text) - half :]
 
 
+def closest(word: str, choices: Iterable[str], n: int = 1, cutoff: float = 0.6) -> list[str]:
+    """The ``n`` of ``choices`` closest to a mistyped ``word`` (best first; empty when none is close)."""
+    return difflib.get_close_matches(word, list(choices), n=n, cutoff=cutoff)
+
+
 def did_you_mean(word: str, choices: Iterable[str], n: int = 1, cutoff: float = 0.6, otherwise: str = "") -> str:
     """``"; did you mean 'x'?"`` naming the ``n`` closest of ``choices`` to a mistyped ``word``, or
     ``otherwise`` when none is close: the one hint every unknown-name error gives."""
-    close = difflib.get_close_matches(word, list(choices), n=n, cutoff=cutoff)
+    close = closest(word, choices, n, cutoff)
     if not close:
         return otherwise
     return "; did you mean " + ", ".join(repr(c) for c in close) + "?"
