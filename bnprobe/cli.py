@@ -14,16 +14,20 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.console import Console, JustifyMethod
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperGroup
 
 from .config import bn_overrides, check_continuable, config_for_ics, config_for_train, flag_overrides, load_config, parse_assignments
 from .errors import BnprobeError, clip
+
+if TYPE_CHECKING:  # the trainer (and torch) load only when a command runs
+    from .config import Config
+    from .trainer import ProgressFn, StepInfo, VariantResult
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -48,26 +52,22 @@ def _abort_line(_e: typer.Abort) -> str:
     return "bnprobe: aborted"
 
 
-# Known exceptions: the stderr line each becomes and the exit code (None: the exception's own, for
-# click's errors: 2 for usage errors). Subclasses before parents: the first that matches is used.
-CLI_ERRORS: dict[type[Exception], tuple[Callable[[Any], str], int | None]] = {
-    BnprobeError: (_error_line, 2),
-    typer.TyperException: (_usage_line, None),
-    typer.Abort: (_abort_line, 1),
+# Known exceptions and the one stderr line each becomes; the exit code is the exception's own
+# ``exit_code`` (2 for BnprobeError and click's usage errors), else 1. Subclasses before parents:
+# the first entry that matches is used.
+CLI_ERRORS: dict[type[Exception], Callable[[Any], str]] = {
+    BnprobeError: _error_line,
+    typer.TyperException: _usage_line,
+    typer.Abort: _abort_line,
 }
-
-
-def _known(e: BaseException) -> tuple[str, int] | None:
-    for kind, (line, code) in CLI_ERRORS.items():
-        if isinstance(e, kind):
-            return line(e), code if code is not None else int(getattr(e, "exit_code", 2))
-    return None
 
 
 def format_known_exception(e: BaseException) -> str | None:
     """The one stderr line for a known exception; None for anything else (a bug, which shows its traceback)."""
-    known = _known(e)
-    return known[0] if known else None
+    for kind, line in CLI_ERRORS.items():
+        if isinstance(e, kind):
+            return line(e)
+    return None
 
 
 class _Bnprobe(TyperGroup):
@@ -90,11 +90,11 @@ class _Bnprobe(TyperGroup):
         try:
             result = super().main(argv, prog_name, complete_var, False, windows_expand_args, **extra)
         except Exception as e:
-            known = _known(e)
-            if known is None or (_state["debug"] and isinstance(e, BnprobeError)):
+            line = format_known_exception(e)
+            if line is None or (_state["debug"] and isinstance(e, BnprobeError)):
                 raise
-            typer.echo(known[0], err=True)
-            sys.exit(known[1])
+            typer.echo(line, err=True)
+            sys.exit(int(getattr(e, "exit_code", 1)))
         sys.exit(result if isinstance(result, int) else 0)
 
 
@@ -166,17 +166,18 @@ def _progress() -> Progress:
     )
 
 
-def _summary(results: list[Any], path: Path) -> None:
+def _summary(results: list[VariantResult], path: Path) -> None:
     table = Table(title="bnprobe: run summary", title_justify="left")
-    for col, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("variant", "left"),
         ("status", "left"),
         ("steps", "right"),
         ("loss*", "right"),
         ("acc*", "right"),
         ("time", "right"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    )
+    for col, justify in columns:
+        table.add_column(col, justify=justify)
     for r in results:
         acc = "-" if r.final_accuracy != r.final_accuracy else f"{r.final_accuracy:.3f}"
         status = (
@@ -240,13 +241,13 @@ def _interrupts(path_hint: str, started: Callable[[], bool], stops: _StopRequest
         signal.signal(signal.SIGINT, previous_int)
 
 
-def _with_progress(run: Any, path: Path) -> list[Any]:
+def _with_progress(run: Callable[[ProgressFn], list[VariantResult]], path: Path) -> list[VariantResult]:
     """Call ``run(on_step)`` with a live progress bar per variant; interrupts end it cleanly."""
     progress = _progress()
-    tasks: dict[str, Any] = {}
+    tasks: dict[str, TaskID] = {}
     stops = _StopRequests()
 
-    def on_step(info: Any) -> None:
+    def on_step(info: StepInfo) -> None:
         if not tasks:
             progress.start()
         if info.variant not in tasks:
@@ -256,14 +257,14 @@ def _with_progress(run: Any, path: Path) -> list[Any]:
 
     with _interrupts(str(path), lambda: bool(tasks), stops):
         try:
-            results: list[Any] = run(on_step)
+            results = run(on_step)
         finally:
             if tasks:  # stopping a bar that never started would print a stray blank line
                 progress.stop()
     return results
 
 
-def _finish(results: list[Any], path: Path) -> None:
+def _finish(results: list[VariantResult], path: Path) -> None:
     _summary(results, path)
     failed = [r for r in results if r.status == "failed"]
     if failed:
@@ -277,7 +278,7 @@ def _finish(results: list[Any], path: Path) -> None:
         raise typer.Exit(3)
 
 
-def _train(cfg: Any, force: bool) -> None:
+def _train(cfg: Config, force: bool) -> None:
     from .trainer import run_experiment
 
     results = _with_progress(lambda on_step: run_experiment(cfg, force=force, progress=on_step)[1], cfg.output_path)

@@ -11,6 +11,8 @@ from pathlib import Path
 class BnprobeError(Exception):
     """A problem the user can fix (bad config, unknown model, wrong file); never a bug."""
 
+    exit_code = 2  # the command line's, after its one-line message
+
 
 class ConfigError(BnprobeError):
     """The config file or a CLI option is invalid."""
