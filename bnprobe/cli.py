@@ -343,6 +343,7 @@ def train(
     print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
 ) -> None:
     """Train briefly and record activation moments (and ICS/landscape when asked)."""
+    # first statement: locals() are the parameters, named like config keys but for these
     options = {k: v for k, v in locals().items() if k not in ("config", "bn", "force", "resume", "assignments", "print_config")}
     overrides = flag_overrides(options) | bn_overrides(bn) | parse_assignments(assignments or [])
     if resume is not None:
@@ -389,6 +390,7 @@ def measure_ics(
     print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
 ) -> None:
     """Santurkar et al.'s protocol: gradient-shift ICS (and the loss landscape) while training."""
+    # first statement: locals() are the parameters, named like config keys but for these
     flags = flag_overrides({k: v for k, v in locals().items() if k not in ("target", "bn", "force", "assignments", "print_config")})
     flags |= bn_overrides(bn)
     sets = parse_assignments(assignments or [])
@@ -463,7 +465,7 @@ def inspect(
     fold: FoldOpt = None,
 ) -> None:
     """Show the BatchNorm surgery plan for a model (what is inserted, removed, re-biased) without training."""
-    overrides = flag_overrides(locals())  # first: the parameters only
+    overrides = flag_overrides(locals())  # first statement: locals() are the parameters, named like config keys
     from .trainer import inspect_model
 
     plan = inspect_model(load_config(None, overrides))

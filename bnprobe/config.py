@@ -53,7 +53,8 @@ LAYER_KINDS = tuple(kind.value for kind in LayerKind)  # ``probes.kinds`` holds 
 
 
 class IcsMethod(str, enum.Enum):
-    """How the gradient-shift ICS is computed: ``fast`` (one pass per layer) or ``naive`` (the reference)."""
+    """How :func:`bnprobe.probes.ics.gradient_shift` computes ``G'``: ``fast`` (shared prefixes, backward
+    wrt one layer) or ``naive`` (the reference); both give the same numbers."""
 
     FAST = "fast"
     NAIVE = "naive"
