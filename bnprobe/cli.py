@@ -1,7 +1,8 @@
 """The ``bnprobe`` command line: parse, call the library, print. No logic lives here.
 
-Known errors (:class:`bnprobe.errors.BnprobeError`) become one line on stderr,
-``bnprobe: error: ...``, and exit code 2; ``--debug`` or ``BNPROBE_DEBUG=1`` shows the traceback.
+Known errors (:data:`CLI_ERRORS`: the library's :class:`bnprobe.errors.BnprobeError`, usage errors)
+become one line on stderr, ``bnprobe: error: ...``, and exit code 2; ``--debug`` or
+``BNPROBE_DEBUG=1`` shows the library's tracebacks. Anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -10,53 +11,111 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.console import Console, JustifyMethod
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
-from .config import parse_assignments
+from .config import bn_overrides, check_continuable, config_for_ics, config_for_train, flag_overrides, load_config, parse_assignments
 from .errors import BnprobeError, clip
+
+if TYPE_CHECKING:  # the trainer (and torch) load only when a command runs
+    from .config import Config
+    from .trainer import ProgressFn, StepInfo, VariantResult
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+_state = {"debug": False}
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _error_line(e: BnprobeError) -> str:
+    message = " ".join(str(e).split())  # one line, whatever a library put in the message
+    return f"bnprobe: error: {clip(message, 500)}"
+
+
+def _usage_line(e: typer.TyperException) -> str:
+    ctx = getattr(e, "ctx", None)  # a usage error knows the command it is about
+    where = ctx.command_path if ctx is not None else "bnprobe"
+    return f"bnprobe: error: {e.format_message()} (see `{where} --help`)"
+
+
+def _abort_line(_e: typer.Abort) -> str:
+    return "bnprobe: aborted"
+
+
+# Known exceptions and the one stderr line each becomes; the exit code is the exception's own
+# ``exit_code`` (2 for BnprobeError and click's usage errors), else 1. Subclasses before parents:
+# the first entry that matches is used.
+CLI_ERRORS: dict[type[Exception], Callable[[Any], str]] = {
+    BnprobeError: _error_line,
+    typer.TyperException: _usage_line,
+    typer.Abort: _abort_line,
+}
+
+
+def format_known_exception(e: BaseException) -> str | None:
+    """The one stderr line for a known exception; None for anything else (a bug, which shows its traceback)."""
+    for kind, line in CLI_ERRORS.items():
+        if isinstance(e, kind):
+            return line(e)
+    return None
+
+
+class _Bnprobe(TyperGroup):
+    """The root command. Its ``main``, which the console script and typer's CliRunner both call, is
+    the one place where exceptions become messages and exit codes."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args) or ["--help"]  # `bnprobe` alone: the help, exit 0
+        if not standalone_mode:
+            return super().main(argv, prog_name, complete_var, False, windows_expand_args, **extra)
+        _state["debug"] = os.environ.get("BNPROBE_DEBUG", "") not in ("", "0")  # --debug sets it again, per invocation
+        try:
+            result = super().main(argv, prog_name, complete_var, False, windows_expand_args, **extra)
+        except Exception as e:
+            line = format_known_exception(e)
+            if line is None or (_state["debug"] and isinstance(e, BnprobeError)):
+                raise
+            typer.echo(line, err=True)
+            sys.exit(int(getattr(e, "exit_code", 1)))
+        sys.exit(result if isinstance(result, int) else 0)
+
 
 app = typer.Typer(
     name="bnprobe",
+    cls=_Bnprobe,
     help="What does batch normalization do to your network? Train briefly, measure, report.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-_state = {"debug": os.environ.get("BNPROBE_DEBUG", "") not in ("", "0")}
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, delivered as an interrupt so runs flush and mark themselves ``interrupted``."""
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """One line and exit 2 for the user's mistakes; tracebacks only with --debug."""
-    try:
-        yield
-    except BnprobeError as e:
-        if _state["debug"]:
-            raise
-        message = " ".join(str(e).split())  # one line, whatever a library put in the message
-        typer.echo(f"bnprobe: error: {clip(message, 500)}", err=True)
-        raise typer.Exit(2) from None
 
 
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also BNPROBE_DEBUG=1).")] = False) -> None:
     if debug:
         _state["debug"] = True
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered as an interrupt so runs flush and mark themselves ``interrupted``."""
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -89,35 +148,9 @@ SetOpt = Annotated[
 ]
 
 
-def _overrides(**flags: Any) -> dict[str, Any]:
-    """CLI flags as dotted config keys; ``None`` means 'not given' and leaves the config alone."""
-    return {key.replace("__", "."): value for key, value in flags.items() if value is not None}
-
-
-def _bn_override(bn: list[str] | None) -> dict[str, Any]:
-    if not bn:
-        return {}
-    return {"bn": bn[0]} if len(bn) == 1 else {"variants.bn": bn}
-
-
-def _default_config() -> Path:
-    return Path(__file__).parent / "configs" / "quickstart.yaml"
-
-
-def _load(config: Path | None, overrides: dict[str, Any]) -> Any:
-    from .config import load_config, read_yaml
-
-    path = config if config is not None else _default_config()
-    raw = read_yaml(path)
-    for key in ("model", "data"):  # options written for the config's model/data don't fit another one
-        if key in overrides and overrides[key] != raw.get(key) and f"{key}_options" not in overrides:
-            overrides = {f"{key}_options": {}} | overrides  # first: --set model_options.X=... still applies
-    cfg = load_config(path, overrides)
-    if overrides.get("bn") and "variants" not in overrides and cfg.variants.get("bn"):
-        from dataclasses import replace
-
-        cfg = replace(cfg, variants={k: v for k, v in cfg.variants.items() if k != "bn"})
-    return cfg
+def _flag(key: str) -> str:
+    """How a dotted config key was given as its own option: ``probes.ics_every`` is ``--ics-every``."""
+    return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
 
 
 def _progress() -> Progress:
@@ -133,17 +166,18 @@ def _progress() -> Progress:
     )
 
 
-def _summary(results: list[Any], path: Path) -> None:
+def _summary(results: list[VariantResult], path: Path) -> None:
     table = Table(title="bnprobe: run summary", title_justify="left")
-    for col, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("variant", "left"),
         ("status", "left"),
         ("steps", "right"),
         ("loss*", "right"),
         ("acc*", "right"),
         ("time", "right"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    )
+    for col, justify in columns:
+        table.add_column(col, justify=justify)
     for r in results:
         acc = "-" if r.final_accuracy != r.final_accuracy else f"{r.final_accuracy:.3f}"
         status = (
@@ -207,13 +241,13 @@ def _interrupts(path_hint: str, started: Callable[[], bool], stops: _StopRequest
         signal.signal(signal.SIGINT, previous_int)
 
 
-def _with_progress(run: Any, path: Path) -> list[Any]:
+def _with_progress(run: Callable[[ProgressFn], list[VariantResult]], path: Path) -> list[VariantResult]:
     """Call ``run(on_step)`` with a live progress bar per variant; interrupts end it cleanly."""
     progress = _progress()
-    tasks: dict[str, Any] = {}
+    tasks: dict[str, TaskID] = {}
     stops = _StopRequests()
 
-    def on_step(info: Any) -> None:
+    def on_step(info: StepInfo) -> None:
         if not tasks:
             progress.start()
         if info.variant not in tasks:
@@ -223,14 +257,14 @@ def _with_progress(run: Any, path: Path) -> list[Any]:
 
     with _interrupts(str(path), lambda: bool(tasks), stops):
         try:
-            results: list[Any] = run(on_step)
+            results = run(on_step)
         finally:
             if tasks:  # stopping a bar that never started would print a stray blank line
                 progress.stop()
     return results
 
 
-def _finish(results: list[Any], path: Path) -> None:
+def _finish(results: list[VariantResult], path: Path) -> None:
     _summary(results, path)
     failed = [r for r in results if r.status == "failed"]
     if failed:
@@ -244,11 +278,18 @@ def _finish(results: list[Any], path: Path) -> None:
         raise typer.Exit(3)
 
 
-def _train(cfg: Any, force: bool) -> None:
+def _train(cfg: Config, force: bool) -> None:
     from .trainer import run_experiment
 
     results = _with_progress(lambda on_step: run_experiment(cfg, force=force, progress=on_step)[1], cfg.output_path)
     _finish(results, cfg.output_path)
+
+
+def _measure_from_run(path: Path, overrides: dict[str, Any], output: Path, force: bool) -> None:
+    from .trainer import measure_from_run
+
+    results = _with_progress(lambda on_step: measure_from_run(path, overrides, output, force, on_step), output)
+    _finish(results, output)
 
 
 def _resume(path: Path) -> None:
@@ -302,51 +343,19 @@ def train(
     print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
 ) -> None:
     """Train briefly and record activation moments (and ICS/landscape when asked)."""
-    with user_errors():
-        overrides = (
-            _overrides(
-                model=model,
-                data=data,
-                bn_targets=bn_targets,
-                keep_bias=keep_bias,
-                fold=fold,
-                optimizer=optimizer,
-                lr=lr,
-                momentum=momentum,
-                nesterov=nesterov,
-                weight_decay=weight_decay,
-                steps=steps,
-                batch_size=batch_size,
-                seed=seed,
-                device=device,
-                output=output,
-                name=name,
-                probes__layers=layers,
-                probes__kinds=kinds,
-                probes__record_every=record_every,
-                probes__per_channel=per_channel,
-                probes__histogram_bins=histogram_bins,
-                probes__ics_every=ics_every,
-                probes__landscape=landscape,
-                probes__hessian=hessian,
-                probes__hessian_blocks=hessian_blocks,
-                checkpoint_every=checkpoint_every,
-                flush_every=flush_every,
-                flush_seconds=flush_seconds,
-            )
-            | _bn_override(bn)
-            | parse_assignments(assignments or [])
-        )
-        if resume is not None:
-            if overrides or config is not None or force or print_config:
-                raise BnprobeError(f"--resume continues {resume} with the config stored in it; drop the other options and arguments")
-            _resume(resume)
-            return
-        cfg = _load(config, overrides)
-        if print_config:
-            out.print(cfg.to_yaml(), end="", markup=False)
-            return
-        _train(cfg, force)
+    # first statement: locals() are the parameters, named like config keys but for these
+    options = {k: v for k, v in locals().items() if k not in ("config", "bn", "force", "resume", "assignments", "print_config")}
+    overrides = flag_overrides(options) | bn_overrides(bn) | parse_assignments(assignments or [])
+    if resume is not None:
+        if overrides or config is not None or force or print_config:
+            raise BnprobeError(f"--resume continues {resume} with the config stored in it; drop the other options and arguments")
+        _resume(resume)
+        return
+    cfg = config_for_train(config, overrides)
+    if print_config:
+        out.print(cfg.to_yaml(), end="", markup=False)
+        return
+    _train(cfg, force)
 
 
 @app.command("measure-ics")
@@ -381,54 +390,20 @@ def measure_ics(
     print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
 ) -> None:
     """Santurkar et al.'s protocol: gradient-shift ICS (and the loss landscape) while training."""
-    with user_errors():
-        sets = parse_assignments(assignments or [])
-        overrides = (
-            _overrides(
-                model=model,
-                data=data,
-                steps=steps,
-                lr=lr,
-                batch_size=batch_size,
-                seed=seed,
-                device=device,
-                output=output,
-                probes__ics_every=ics_every,
-                probes__layers=layers,
-                probes__landscape=landscape,
-                probes__hessian=hessian,
-                probes__hessian_blocks=hessian_blocks,
-            )
-            | _bn_override(bn)
-            | sets
-        )
-        if target is not None and target.suffix in (".h5", ".hdf5"):
-            from .trainer import measure_from_run
-
-            fixed = [flag for flag, value in (("--model", model), ("--data", data), ("--bn", bn)) if value]
-            fixed += [
-                f"--set {key}"
-                for key in sets
-                if key.split(".")[0] in ("model", "model_options", "data", "data_options", "bn", "variants", "seed")
-            ]
-            if fixed:
-                raise BnprobeError(
-                    f"{' and '.join(dict.fromkeys(fixed))} cannot change when continuing {target}: its weights fit its own model and data (give a config instead)"
-                )
-
-            out_path = Path(output) if output else target.with_name(f"{target.stem}-ics.h5")
-            results = _with_progress(lambda on_step: measure_from_run(target, overrides, out_path, force, on_step), out_path)
-            _finish(results, out_path)
-            return
-        cfg = _load(target, overrides)
-        if cfg.probes.ics_every == 0:
-            from dataclasses import replace
-
-            cfg = replace(cfg, probes=replace(cfg.probes, ics_every=10))
-        if print_config:
-            out.print(cfg.to_yaml(), end="", markup=False)
-            return
-        _train(cfg, force)
+    # first statement: locals() are the parameters, named like config keys but for these
+    flags = flag_overrides({k: v for k, v in locals().items() if k not in ("target", "bn", "force", "assignments", "print_config")})
+    flags |= bn_overrides(bn)
+    sets = parse_assignments(assignments or [])
+    overrides = flags | sets
+    if target is not None and target.suffix in (".h5", ".hdf5"):
+        check_continuable(overrides, str(target), {key: _flag(key) for key in flags} | {key: f"--set {key}" for key in sets})
+        _measure_from_run(target, overrides, Path(output) if output else target.with_name(f"{target.stem}-ics.h5"), force)
+        return
+    cfg = config_for_ics(target, overrides)
+    if print_config:
+        out.print(cfg.to_yaml(), end="", markup=False)
+        return
+    _train(cfg, force)
 
 
 @app.command()
@@ -442,12 +417,11 @@ def report(
     """Rich tables of what runs recorded, variants side by side."""
     from .report import build_report, render_report
 
-    with user_errors():
-        content = build_report(paths, layers=layers, stat=stat, variant=variant)
-        if as_json:
-            typer.echo(json.dumps(content, indent=2))
-        else:
-            render_report(content, out)
+    content = build_report(paths, layers=layers, stat=stat, variant=variant)
+    if as_json:
+        typer.echo(json.dumps(content, indent=2))
+    else:
+        render_report(content, out)
 
 
 @app.command()
@@ -461,8 +435,7 @@ def export(
     """Export records as one tidy long table (variant, section, step, layer, quantity, channel, eta, bin, value)."""
     from .export import export as export_table
 
-    with user_errors():
-        written = export_table(path, fmt, output or path.with_suffix(f".{fmt}"), force=force, variant=variant)
+    written = export_table(path, fmt, output or path.with_suffix(f".{fmt}"), force=force, variant=variant)
     err.print(f"Wrote {written}")
 
 
@@ -478,8 +451,7 @@ def plot(
     """Figures of the papers: percentiles over training, ICS per layer, landscape bands, training curves."""
     from .plot import plot as draw
 
-    with user_errors():
-        written = draw(paths, output, kind=kind, layer=layer, force=force, variant=variant)
+    written = draw(paths, output, kind=kind, layer=layer, force=force, variant=variant)
     err.print(f"Wrote {written}")
 
 
@@ -493,12 +465,10 @@ def inspect(
     fold: FoldOpt = None,
 ) -> None:
     """Show the BatchNorm surgery plan for a model (what is inserted, removed, re-biased) without training."""
-    from .config import load_config
+    overrides = flag_overrides(locals())  # first statement: locals() are the parameters, named like config keys
     from .trainer import inspect_model
 
-    with user_errors():
-        cfg = load_config(None, _overrides(model=model, data=data, bn=bn, bn_targets=bn_targets, keep_bias=keep_bias, fold=fold))
-        plan = inspect_model(cfg)
+    plan = inspect_model(load_config(None, overrides))
     table = Table(title=f"bnprobe inspect {model} --bn {bn}{' --fold' if fold else ''}", title_justify="left")
     for col in plan.columns:
         table.add_column(col, overflow="fold")
@@ -509,25 +479,8 @@ def inspect(
 
 
 def main() -> None:
-    """The console script: click's usage errors (bad flag, bad value, unknown command) become one
-    line on stderr like every other user error, instead of a usage box."""
-    try:
-        result = app(standalone_mode=False)
-    except Exception as e:  # click's exceptions, from whichever click typer uses (it vendors one)
-        kind = type(e).__name__
-        if kind == "Abort":
-            typer.echo("bnprobe: aborted", err=True)
-            sys.exit(1)
-        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
-            raise
-        ctx = getattr(e, "ctx", None)
-        if kind == "NoArgsIsHelpError" and ctx is not None:
-            typer.echo(ctx.get_help())
-            sys.exit(0)
-        where = ctx.command_path if ctx is not None else "bnprobe"
-        typer.echo(f"bnprobe: error: {e.format_message()} (see `{where} --help`)", err=True)
-        sys.exit(e.exit_code)
-    sys.exit(result if isinstance(result, int) else 0)
+    """The console script (see :class:`_Bnprobe` for how errors end it)."""
+    app()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import enum
 import itertools
 import math
@@ -24,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, shown, usable_path
+from .errors import ConfigError, closest, did_you_mean, shown, usable_path
 
 
 class BnMode(str, enum.Enum):
@@ -41,7 +40,24 @@ class BnTargets(str, enum.Enum):
     ALL = "all"
 
 
-LAYER_KINDS = ("conv", "linear", "norm", "other")  # what ``probes.kinds`` may name (bnprobe.layers.layer_kind)
+class LayerKind(str, enum.Enum):
+    """What ``probes.kinds`` may name: the classes of :func:`bnprobe.layers.layer_kind`."""
+
+    CONV = "conv"
+    LINEAR = "linear"
+    NORM = "norm"
+    OTHER = "other"
+
+
+LAYER_KINDS = tuple(kind.value for kind in LayerKind)  # ``probes.kinds`` holds these plain strings (messages show them as such)
+
+
+class IcsMethod(str, enum.Enum):
+    """How :func:`bnprobe.probes.ics.gradient_shift` computes ``G'``: ``fast`` (shared prefixes, backward
+    wrt one layer) or ``naive`` (the reference); both give the same numbers."""
+
+    FAST = "fast"
+    NAIVE = "naive"
 
 
 def layer_patterns(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -128,7 +144,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (enums as strings, tuples as lists), as YAML would hold it."""
-        return _plain(dataclasses.asdict(self))
+        return {key: _plain(value) for key, value in dataclasses.asdict(self).items()}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -167,20 +183,21 @@ _ALIASES = {
 }
 
 
-def _closest(key: str, valid: list[str]) -> str:
-    alias = difflib.get_close_matches(key, list(_ALIASES), n=1, cutoff=0.8)
-    if alias and _ALIASES[alias[0]] in valid:
-        return f"; did you mean {_ALIASES[alias[0]]!r}?"
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+def _closest(key: str, valid: Sequence[str]) -> str:
+    """The hint for an unknown key: our name for another tool's (``learning_rate``: ``lr``), else the closest key."""
+    alias = closest(key, _ALIASES, cutoff=0.8)
+    ours = _ALIASES[alias[0]] if alias else ""
+    if ours in valid:
+        return did_you_mean(ours, [ours])
+    return did_you_mean(key, valid, cutoff=0.4, otherwise=f"; valid keys: {', '.join(valid)}")
 
 
 def _coerce(where: str, value: Any, hint: Any) -> Any:
     """Check and convert one value to its field type; raise ConfigError naming ``where``."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return None if value is None else _coerce(where, value, args[0])
+        present = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(where, value, present[0])
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         try:
             return hint(str(value).lower())
@@ -213,7 +230,7 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
         return str(value)
     if origin is tuple:
         args = typing.get_args(hint)
-        items = value if isinstance(value, (list, tuple)) else [value]
+        items: Sequence[Any] = value if isinstance(value, (list, tuple)) else [value]
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(f"{where}[{i}]", v, args[0]) for i, v in enumerate(items))
         if len(items) != len(args):
@@ -239,6 +256,8 @@ def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
             raise ConfigError(f"unknown key {shown(path)}{_closest(str(key)[:100], names)}")
+        if cls is ProbeConfig and key == "layers" and isinstance(value, str):
+            value = layer_patterns(value)  # "features.*,fc" holds two globs, as on report's --layers
         if key in _SECTIONS:
             kwargs[key] = _build(_SECTIONS[key], value or {}, path)
         elif key == "variants":
@@ -261,7 +280,7 @@ def _variants(raw: Any) -> dict[str, tuple[Any, ...]]:
     out: dict[str, tuple[Any, ...]] = {}
     for key, values in raw.items():
         if key not in VARIANT_KEYS:
-            raise ConfigError(f"variants: cannot vary {shown(key)}{_closest(str(key)[:100], list(VARIANT_KEYS))}")
+            raise ConfigError(f"variants: cannot vary {shown(key)}{_closest(str(key)[:100], VARIANT_KEYS)}")
         items = values if isinstance(values, (list, tuple)) else [values]
         if not items:
             raise ConfigError(f"variants.{key}: give at least one value")
@@ -359,9 +378,8 @@ class _Loader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not supported in bnprobe configs; write the value out", self.peek_event().start_mark
-            )
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]  # types-PyYAML leaves Parser.peek_event unannotated
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported in bnprobe configs; write the value out", mark)
         return super().compose_node(parent, index)
 
 
@@ -419,18 +437,27 @@ def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file, then ``overrides`` (dotted keys, the CLI's flags); validated."""
-    raw = read_yaml(path) if path is not None else {}
-    if path is not None and "name" not in raw:
-        raw["name"] = Path(path).stem
-    for key, value in (overrides or {}).items():
+def _from_file(path: str | Path) -> dict[str, Any]:
+    """A config file's keys; ``name`` defaults to the file's stem."""
+    raw = read_yaml(path)
+    raw.setdefault("name", Path(path).stem)
+    return raw
+
+
+def _resolved(raw: dict[str, Any], overrides: Mapping[str, Any]) -> Config:
+    """``raw`` with ``overrides`` (dotted keys; None means not given) applied, built and validated."""
+    for key, value in overrides.items():
         if value is not None:
             set_dotted(raw, key, value)
     return _validate(_build(Config, raw, ""))
 
 
-def load_config_text(text: str, source: str, overrides: Mapping[str, Any] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file, then ``overrides`` (dotted keys, the CLI's flags); validated."""
+    return _resolved(_from_file(path) if path is not None else {}, overrides or {})
+
+
+def load_config_text(text: object, source: str, overrides: Mapping[str, Any] | None = None) -> Config:
     """A config stored as YAML text (the ``config`` attribute of a bnprobe file), then ``overrides``."""
     if not isinstance(text, str):
         raise ConfigError(f"{source} holds no config")
@@ -440,9 +467,83 @@ def load_config_text(text: str, source: str, overrides: Mapping[str, Any] | None
         raise ConfigError(f"the config stored in {source} is not valid YAML") from e
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{source} holds no config")
-    for key, value in (overrides or {}).items():
-        set_dotted(raw, key, value)
-    return _validate(_build(Config, raw, ""))
+    return _resolved(raw, overrides or {})
+
+
+# ----------------------------------------------------------------------------- what the commands run
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"  # `bnprobe train` with no config
+MEASURE_ICS_EVERY = 10  # measure-ics measures ICS: every this many steps when the config has it off
+FIXED_WHEN_CONTINUING = ("model", "model_options", "data", "data_options", "bn", "variants", "seed")  # what a checkpoint's weights fit
+
+
+def flag_overrides(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """Command-line options named like config keys as dotted overrides: a probe option (``ics_every``)
+    is ``probes.ics_every``; ``None`` means 'not given' and leaves the config alone."""
+    probe_keys = {f.name for f in dataclasses.fields(ProbeConfig)}
+    return {f"probes.{key}" if key in probe_keys else key: value for key, value in flags.items() if value is not None}
+
+
+def bn_overrides(modes: Sequence[str] | None) -> dict[str, Any]:
+    """``--bn``: one mode sets ``bn``; several run as variants (``variants.bn``)."""
+    if not modes:
+        return {}
+    return {"bn": modes[0]} if len(modes) == 1 else {"variants.bn": list(modes)}
+
+
+def _fitting_options(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides``, preceded by empty ``model_options`` / ``data_options`` where they change the file's
+    model or data: options written for one model don't fit another (``--set model_options.X=...`` still applies)."""
+    reset: dict[str, Any] = {
+        f"{key}_options": {}
+        for key in ("model", "data")
+        if key in overrides and overrides[key] != raw.get(key) and f"{key}_options" not in overrides
+    }
+    return reset | dict(overrides)
+
+
+def config_for_train(path: str | Path | None, overrides: Mapping[str, Any]) -> Config:
+    """``bnprobe train``'s config: ``path`` (default: the built-in quickstart) with ``overrides``. A new
+    model or data drops the file's options for the old one; a single ``bn`` drops the file's bn variants."""
+    raw = _from_file(DEFAULT_CONFIG if path is None else path)
+    cfg = _resolved(raw, _fitting_options(raw, overrides))
+    if overrides.get("bn") and "variants" not in overrides and cfg.variants.get("bn"):
+        cfg = dataclasses.replace(cfg, variants={k: v for k, v in cfg.variants.items() if k != "bn"})
+    return cfg
+
+
+def _measuring_ics(cfg: Config) -> Config:
+    """``cfg`` with ICS on: every :data:`MEASURE_ICS_EVERY` steps unless it says how often."""
+    if cfg.probes.ics_every:
+        return cfg
+    return dataclasses.replace(cfg, probes=dataclasses.replace(cfg.probes, ics_every=MEASURE_ICS_EVERY))
+
+
+def config_for_ics(path: str | Path | None, overrides: Mapping[str, Any]) -> Config:
+    """``bnprobe measure-ics CONFIG``: the config ``train`` would run, with ICS measured."""
+    return _measuring_ics(config_for_train(path, overrides))
+
+
+def check_continuable(overrides: Mapping[str, Any], source: str, labels: Mapping[str, str] | None = None) -> None:
+    """Refuse overrides of what a run's checkpoint fits (:data:`FIXED_WHEN_CONTINUING`); ``labels``
+    names each key as the user gave it (``--model``, ``--set seed``)."""
+    fixed = [(labels or {}).get(key, key) for key in overrides if key.split(".")[0] in FIXED_WHEN_CONTINUING]
+    if fixed:
+        raise ConfigError(
+            f"{' and '.join(dict.fromkeys(fixed))} cannot change when continuing {source}: its weights fit its own model and data (give a config instead)"
+        )
+
+
+def config_for_measure(text: object, source: str, overrides: Mapping[str, Any]) -> tuple[Config, int | None]:
+    """``bnprobe measure-ics RUN.h5``: the config stored in the run file (``text``) with ``overrides`` and
+    ICS measured, and how many further steps each run goes on for (``steps``; None: as many as it ran)."""
+    check_continuable(overrides, source)
+    rest = dict(overrides)
+    given = rest.pop("steps", None)
+    further: int | None = None if given is None else _coerce("steps", given, int)
+    if further is not None and further < 1:
+        raise ConfigError("steps must be at least 1 (the number of further steps)")
+    return _measuring_ics(load_config_text(text, source, rest)), further
 
 
 def variant_name(choice: Mapping[str, Any]) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 class BnprobeError(Exception):
     """A problem the user can fix (bad config, unknown model, wrong file); never a bug."""
 
+    exit_code = 2  # the command line's, after its one-line message
+
 
 class ConfigError(BnprobeError):
     """The config file or a CLI option is invalid."""
@@ -77,10 +79,15 @@ def clip(text: str, limit: int = 120) -> str:
     return text[:half] + "..." + text[len(text) - half :]
 
 
+def closest(word: str, choices: Iterable[str], n: int = 1, cutoff: float = 0.6) -> list[str]:
+    """The ``n`` of ``choices`` closest to a mistyped ``word`` (best first; empty when none is close)."""
+    return difflib.get_close_matches(word, list(choices), n=n, cutoff=cutoff)
+
+
 def did_you_mean(word: str, choices: Iterable[str], n: int = 1, cutoff: float = 0.6, otherwise: str = "") -> str:
     """``"; did you mean 'x'?"`` naming the ``n`` closest of ``choices`` to a mistyped ``word``, or
     ``otherwise`` when none is close: the one hint every unknown-name error gives."""
-    close = difflib.get_close_matches(word, list(choices), n=n, cutoff=cutoff)
+    close = closest(word, choices, n, cutoff)
     if not close:
         return otherwise
     return "; did you mean " + ", ".join(repr(c) for c in close) + "?"

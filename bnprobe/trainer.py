@@ -451,15 +451,11 @@ def measure_from_run(
 ) -> list[VariantResult]:
     """Continue each finished variant of ``path`` from its checkpoint for ``steps`` more steps
     (default: as many as it ran) with ICS measured, into a new file; ``path`` is only read."""
-    from .config import load_config_text
+    from .config import config_for_measure
     from .store import load_checkpoint, read_file
 
     existing = read_file(path, load=False)
-    extra = overrides.pop("steps", None)
-    if extra is not None and extra < 1:
-        raise ConfigError("steps must be at least 1 (the number of further steps)")
-    overrides.setdefault("probes.ics_every", 10)
-    base = load_config_text(existing.attrs.get("config", ""), str(path), overrides)
+    base, extra = config_for_measure(existing.attrs.get("config", ""), str(path), overrides)
     bundle = load_data(base.data, seed=base.seed, **dict(base.data_options))
     plans = []
     for name, run_cfg in expand_variants(base):

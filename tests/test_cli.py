@@ -7,9 +7,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
-from bnprobe.cli import app
+from bnprobe.cli import app, format_known_exception
+from bnprobe.errors import ConfigError, StoreError
 
 runner = CliRunner()
 
@@ -144,6 +146,8 @@ def test_measure_ics_continues_a_finished_run_into_a_new_file(in_tmp: Path, tiny
         (["--model", "mlp"], "--model cannot change when continuing"),
         (["--bn", "strip", "--set", "seed=3"], "--bn and --set seed cannot change"),
         (["--steps", "0"], "steps must be at least 1"),
+        (["--seed", "3"], "--seed cannot change when continuing"),
+        (["--set", "steps=abc"], "steps: expected an integer, got 'abc'"),
     ):
         bad = runner.invoke(app, ["measure-ics", "base.h5", *flags, "-o", "other.h5"])
         assert bad.exit_code == 2 and message in bad.output, bad.output
@@ -193,3 +197,35 @@ def test_usage_errors_are_one_line(
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.count("\n") == 1 and err.startswith("bnprobe: error: ") and message in err
+
+
+def test_known_exceptions_map_to_one_line() -> None:
+    assert format_known_exception(ConfigError("lr must\n   be positive")) == "bnprobe: error: lr must be positive"
+    assert format_known_exception(StoreError("x" * 2000)) == "bnprobe: error: " + "x" * 248 + "..." + "x" * 248
+    assert format_known_exception(typer.Abort()) == "bnprobe: aborted"
+    assert format_known_exception(RuntimeError("a bug")) is None
+    assert format_known_exception(KeyboardInterrupt()) is None
+
+
+def test_debug_shows_tracebacks_for_one_invocation(in_tmp: Path, tiny_config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = ["train", str(tiny_config), "--lr", "-1"]
+    shown = runner.invoke(app, ["--debug", *argv])
+    assert isinstance(shown.exception, ConfigError) and shown.exit_code == 1
+    plain = runner.invoke(app, argv)  # --debug does not outlive its command
+    assert plain.exit_code == 2 and plain.stderr == "bnprobe: error: lr must be positive\n"
+    monkeypatch.setenv("BNPROBE_DEBUG", "1")
+    assert isinstance(runner.invoke(app, argv).exception, ConfigError)
+
+
+def test_a_bug_shows_its_traceback(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr("bnprobe.cli.config_for_train", broken)
+    result = runner.invoke(app, ["train"])
+    assert isinstance(result.exception, ZeroDivisionError) and result.exit_code == 1 and "bnprobe: error" not in result.output
+
+
+def test_no_arguments_show_the_help_once() -> None:
+    result = runner.invoke(app, [])
+    assert result.exit_code == 0 and result.stdout.count("Usage:") == 1 and "measure-ics" in result.stdout and not result.stderr

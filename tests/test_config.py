@@ -5,7 +5,22 @@ from pathlib import Path
 
 import pytest
 
-from bnprobe.config import BnMode, expand_variants, load_config, parse_assignments
+from bnprobe.config import (
+    DEFAULT_CONFIG,
+    LAYER_KINDS,
+    BnMode,
+    IcsMethod,
+    LayerKind,
+    bn_overrides,
+    check_continuable,
+    config_for_ics,
+    config_for_measure,
+    config_for_train,
+    expand_variants,
+    flag_overrides,
+    load_config,
+    parse_assignments,
+)
 from bnprobe.errors import ConfigError
 
 
@@ -50,6 +65,7 @@ def test_set_assignments_reach_every_key(tmp_path: Path) -> None:
         ("steps: ten\n", "steps: expected an integer"),
         ("bn: sometimes\n", "bn: 'sometimes' is not one of keep, insert, strip, noisy"),
         ("variants: {colour: [red]}\n", "cannot vary 'colour'"),
+        ("variants: {qqqqqq: [1]}\n", "cannot vary 'qqqqqq'; valid keys: bn, lr, optimizer,"),
         ("bn: [keep, insert]\n", "list them under variants (variants: {bn: [keep, insert]})"),
         ("lr: [0.1\n", "invalid YAML"),
         ("- a\n- b\n", "expected a mapping"),
@@ -124,3 +140,74 @@ def test_messages_show_values_cut_short(tmp_path: Path) -> None:
 def test_values_out_of_range_are_config_errors(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))
+
+
+def test_train_runs_the_packaged_quickstart_by_default() -> None:
+    cfg = config_for_train(None, {})
+    assert DEFAULT_CONFIG.is_file() and DEFAULT_CONFIG.parent.parent.name == "bnprobe"  # inside the package: it ships in the wheel
+    assert cfg.name == "quickstart" and cfg.variants["bn"] == (BnMode.KEEP, BnMode.INSERT)
+
+
+def test_a_new_model_or_data_starts_from_empty_options(tmp_path: Path) -> None:
+    path = write(tmp_path, "model: vgg\nmodel_options: {width: 0.5}\ndata: synthetic:cifar10\ndata_options: {n: 64}\n")
+    assert dict(config_for_train(path, {"model": "vgg"}).model_options) == {"width": 0.5}  # the same model keeps them
+    cfg = config_for_train(path, {"model": "mlp", "model_options.hidden": 7})
+    assert dict(cfg.model_options) == {"hidden": 7} and dict(cfg.data_options) == {"n": 64}
+    assert dict(config_for_train(path, {"data": "synthetic:mnist"}).data_options) == {}
+    assert dict(config_for_train(path, {"model": "mlp", "model_options": {"depth": 2}}).model_options) == {"depth": 2}
+
+
+def test_one_bn_mode_replaces_the_files_bn_variants(tmp_path: Path) -> None:
+    path = write(tmp_path, "variants: {bn: [keep, insert], lr: [0.1, 0.2]}\n")
+    one = config_for_train(path, bn_overrides(["strip"]))
+    assert one.bn is BnMode.STRIP and dict(one.variants) == {"lr": (0.1, 0.2)}
+    two = config_for_train(path, bn_overrides(["strip", "noisy"]))
+    assert two.variants["bn"] == (BnMode.STRIP, BnMode.NOISY) and two.variants["lr"] == (0.1, 0.2)
+    assert bn_overrides(None) == {} and bn_overrides([]) == {}
+
+
+def test_flag_overrides_put_probe_options_under_probes() -> None:
+    flags = {"lr": 0.1, "ics_every": 3, "layers": ["a*"], "seed": None, "hessian_blocks": False}
+    assert flag_overrides(flags) == {"lr": 0.1, "probes.ics_every": 3, "probes.layers": ["a*"], "probes.hessian_blocks": False}
+
+
+def test_measure_ics_measures_ics(tmp_path: Path) -> None:
+    path = write(tmp_path, "steps: 5\n")
+    assert config_for_ics(path, {}).probes.ics_every == 10
+    assert config_for_ics(path, {"probes.ics_every": 3}).probes.ics_every == 3
+    assert config_for_ics(path, {"probes.ics_every": 0}).probes.ics_every == 10
+
+
+def test_continuing_a_run_file_counts_further_steps() -> None:
+    stored = "name: r\nsteps: 6\nprobes: {ics_every: 4}\n"
+    cfg, further = config_for_measure(stored, "r.h5", {"steps": 3, "lr": 0.5})
+    assert (cfg.steps, further, cfg.lr, cfg.probes.ics_every) == (6, 3, 0.5, 4)
+    cfg, further = config_for_measure("name: r\n", "r.h5", {})
+    assert further is None and cfg.probes.ics_every == 10
+    for steps, message in (
+        (0, r"steps must be at least 1 \(the number of further steps\)"),
+        ("abc", "steps: expected an integer, got 'abc'"),
+    ):
+        with pytest.raises(ConfigError, match=f"^{message}$"):
+            config_for_measure(stored, "r.h5", {"steps": steps})
+    with pytest.raises(ConfigError, match=r"^r\.h5 holds no config$"):
+        config_for_measure(3, "r.h5", {})
+
+
+def test_continuing_refuses_what_the_weights_fit() -> None:
+    with pytest.raises(ConfigError, match=r"^seed and model_options\.width cannot change when continuing r\.h5: its weights fit"):
+        config_for_measure("name: r\n", "r.h5", {"seed": 3, "lr": 0.1, "model_options.width": 2})
+    with pytest.raises(ConfigError, match=r"^--bn and --set data cannot change when continuing r\.h5"):
+        check_continuable({"variants.bn": ["keep", "strip"], "lr": 1.0, "data": "x"}, "r.h5", {"variants.bn": "--bn", "data": "--set data"})
+    check_continuable({"lr": 0.1, "steps": 3, "probes.ics_every": 2, "output": "o.h5"}, "r.h5")
+
+
+def test_layers_given_as_one_string_are_comma_separated_globs(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "probes: {layers: 'features.*, fc'}\n")).probes.layers == ("features.*", "fc")
+    assert load_config(write(tmp_path, "probes: {layers: ['a,b']}\n")).probes.layers == ("a,b",)  # a list is taken as it is
+
+
+def test_enums_compare_and_dump_as_their_strings(tmp_path: Path) -> None:
+    assert LAYER_KINDS == tuple(LayerKind) == ("conv", "linear", "norm", "other")
+    assert IcsMethod("naive") == "naive" and [m.value for m in IcsMethod] == ["fast", "naive"]
+    assert load_config(write(tmp_path, "probes: {kinds: [conv, norm]}\n")).to_dict()["probes"]["kinds"] == ["conv", "norm"]

@@ -332,6 +332,7 @@ CASES = [
     # --- measure-ics / resume on files that are bnprobe files
     Case("measure-ics-steps-0", ["measure-ics", "run.h5", "--steps", "0", "-o", "o.h5"], GOOD),
     Case("measure-ics-no-checkpoint", ["measure-ics", "run.h5", "-o", "o.h5"], GOOD),
+    Case("measure-ics-steps-string", ["measure-ics", "run.h5", "--set", "steps=abc", "-o", "o.h5"], GOOD),
     Case(
         "measure-ics-bad-checkpoint",
         ["measure-ics", "run.h5", "-o", "o.h5"],
