@@ -71,14 +71,13 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..config import Config, layer_patterns
+from ..config import Config, IcsMethod, layer_patterns
 from ..errors import ConfigError
 from ..layers import has_own_parameters, layer_kind, no_layer_matches, select
 from ..passes import Buffers, Trace, leave_no_trace
 from ..rng import RngState, Streams
 from .base import Record, StepBatch, every
 
-METHODS = ("fast", "naive")
 FIELDS = ("l2", "cosine", "grad_norm", "grad_norm_shifted", "rel_diff")
 
 
@@ -215,7 +214,7 @@ def gradient_shift(
     y: Any,
     optimizer: torch.optim.Optimizer,
     layers: Sequence[str] | str | None = None,
-    method: str = "fast",
+    method: IcsMethod | str = IcsMethod.FAST,
     kinds: Sequence[str] | None = None,
     before_step: Callable[[], Any] | None = None,
 ) -> ICSResult:
@@ -227,8 +226,7 @@ def gradient_shift(
     before ``optimizer.step()`` (gradient clipping goes there: G is the gradient before clipping).
     Returns ``{name: ICS}`` in forward order with ``.loss`` (detached) and ``.output`` (detached).
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown ICS method {method!r}; choose from {', '.join(METHODS)}")
+    how = _method(method)
     state0 = Streams(model).capture()
     buffers0 = Buffers(model).snap()
 
@@ -257,7 +255,7 @@ def gradient_shift(
         def reset() -> None:  # every pass starts from the buffers and random streams the real pass started from
             trace.reset(buffers0, state0)
 
-        if method == "naive" and measured:
+        if how is IcsMethod.NAIVE and measured:
             shifted = _naive(model, loss_fn, x, y, plan, measured, old, new, reset)
         elif measured:
             shifted = _fast(model, loss_fn, x, y, plan, measured, old, new, trace, reset, g_real)
@@ -266,7 +264,14 @@ def gradient_shift(
     by_layer = dict(zip(measured, rows))
     nan = [float("nan")] * len(FIELDS)
     values = {plan.names[i]: ICS(*by_layer.get(i, nan)) for i in selected}
-    return ICSResult(values, loss.detach(), tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output), method)
+    return ICSResult(values, loss.detach(), tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output), how.value)
+
+
+def _method(method: IcsMethod | str) -> IcsMethod:
+    try:
+        return IcsMethod(method)
+    except ValueError:
+        raise ConfigError(f"unknown ICS method {method!r}; choose from {', '.join(m.value for m in IcsMethod)}") from None
 
 
 def _weights_kept_at_t(plan: _Layers, measured: list[int], params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -552,7 +557,7 @@ class ICSProbe:
 
     layers: list[str]
     interval: int
-    method: str = "fast"
+    method: IcsMethod = IcsMethod.FAST
     name: str = "ics"
     performs_step: bool = True
     dataset_attrs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
