@@ -24,8 +24,8 @@ from torch import nn
 
 from .layers import LayerInfo, has_own_parameters, layer_kind, select
 from .probes.ics import in_extra_pass
-from .probes.moments import DEFAULT_SAMPLES, STATS, histogram, moment_stats
-from .store import RunWriter, Store
+from .probes.moments import DEFAULT_SAMPLES, histogram, moment_stats
+from .store import STATS, RunWriter, Store
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:

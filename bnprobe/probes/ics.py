@@ -71,9 +71,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .. import rng
 from ..errors import ConfigError
 from ..layers import has_own_parameters, layer_kind, no_layer_matches, select
+from ..store import ICS_FIELDS as FIELDS
 
 METHODS = ("fast", "naive")
-FIELDS = ("l2", "cosine", "grad_norm", "grad_norm_shifted", "rel_diff")
 
 
 class ICS(NamedTuple):
