@@ -596,7 +596,7 @@ _SUMMARY_ROWS: list[tuple[str, Callable[[Summary], str]]] = [
 ]
 
 
-def _draw_summary(page: _Page, _report: Report, having: Cols) -> None:
+def _draw_summary(page: _Page, having: Cols) -> None:
     page.row_tables("Runs", [(label, run["summary"]) for label, run in having], _SUMMARY_ROWS, (14, 14))
     for label, run in having:
         status = run["summary"]["status"]
@@ -748,7 +748,7 @@ def render_report(report: Report, console: Console) -> None:
     _draw_files(page, report)
     if not page.cols:
         return
-    _draw_summary(page, report, page.cols)
+    _draw_summary(page, page.cols)
     for section in _SECTIONS:
         having = [(label, run) for label, run in page.cols if run[section.key]]
         if not having:
