@@ -25,105 +25,50 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
-from .errors import BnprobeError, ConfigError, StoreError
-from .probes.moments import STATS
-from .report import ICS_QUANTITIES, hessian_blocks, ics_layers, load_columns, moment_layers
-from .store import RunData, check_output_path
+from .errors import BnprobeError, ConfigError
+from .store import BIN, BLOCK, CHANNEL, ETA, LAYER, Recorded, RunData, atomic_output, check_output_path, load_columns
 
 FORMATS = ("csv", "json", "npz", "parquet")
 COLUMNS = ("variant", "section", "step", "layer", "quantity", "channel", "eta", "bin", "value")
-_SECTION_ORDER = ("train", "moments", "ics", "landscape", "hessian")
-_QUANTITY_ORDER = (
-    "loss",
-    "accuracy",
-    "lr",
-    "seconds",
-    *STATS,
-    "histogram",
-    *ICS_QUANTITIES,
-    "grad_l2",
-    "beta_smoothness",
-    "loss_at_w",
-    "top_eigenvalue",
-    "iterations",
-    "residual",
-)
-_CONSTANTS = {"ics/layer", "landscape/eta"}
+#: the column that tells positions along each axis apart (record is the ``step`` column)
+_COLUMN_OF_AXIS = {LAYER: "layer", BLOCK: "layer", CHANNEL: "channel", ETA: "eta", BIN: "bin"}
 
 
-def _blocks(run: RunData) -> Iterator[dict[str, np.ndarray]]:
-    """Column blocks for every recorded dataset of ``run`` (sections with a ``step`` dataset)."""
-    data = run.data
-    keys = []
-    for key in data:
-        section, _, quantity = key.rpartition("/")
-        if quantity == "step" or key in _CONSTANTS or f"{section}/step" not in data:
-            continue
-        top = section.split("/", 1)[0]
-        rank = _SECTION_ORDER.index(top) if top in _SECTION_ORDER else len(_SECTION_ORDER)
-        qrank = _QUANTITY_ORDER.index(quantity) if quantity in _QUANTITY_ORDER else len(_QUANTITY_ORDER)
-        keys.append((rank, top, section.count("/"), section, qrank, quantity, key))
-    for _, top, _, section, _, quantity, key in sorted(keys):
-        values = np.asarray(data[key])
-        steps = np.asarray(data[f"{section}/step"])
-        if values.dtype.kind not in "biuf" or values.ndim == 0:
-            continue
-        if top == "train" and values.ndim == 1 and values.dtype.kind == "f" and np.isnan(values).all():
-            continue
-        layer = ""
-        roles: list[tuple[str, Any]] = []
-        if section.startswith("moments/per_channel/"):
-            layer = section[len("moments/per_channel/") :]
-            roles = [("channel", None)]
-        elif top == "moments" and values.ndim >= 2:
-            roles = [("layer", moment_layers(run))] + ([("bin", None)] if values.ndim == 3 else [])
-        elif top == "ics" and values.ndim == 2:
-            roles = [("layer", ics_layers(run))]
-        elif top == "landscape" and values.ndim == 2 and "landscape/eta" in data:
-            roles = [("eta", np.asarray(data["landscape/eta"], dtype=np.float64))]
-        elif top == "hessian" and values.ndim == 2:
-            roles = [("layer", hessian_blocks(run))]
-        elif values.ndim == 2:
-            roles = [("channel", None)]
-        if values.ndim != 1 + len(roles):
-            continue  # a shape this table has no columns for
-        yield _block(run.name, top, quantity, steps, values, roles, layer)
-
-
-def _block(
-    variant: str, section: str, quantity: str, steps: np.ndarray, values: np.ndarray, roles: list[tuple[str, Any]], layer: str
-) -> dict[str, np.ndarray]:
-    n = min(len(steps), len(values))
-    values = values[:n]
+def _block(run: RunData, rec: Recorded) -> dict[str, np.ndarray] | None:
+    """One column block per record dataset: a row per number, each axis in its column (names or
+    values along it where the run has them, the index otherwise). None for an axis with no column."""
+    if any(axis not in _COLUMN_OF_AXIS for axis in rec.axes[1:]):
+        return None  # an axis this table has no column for
+    n = min(len(rec.steps), len(rec.values))
+    values = rec.values[:n]
     idx = np.indices(values.shape).reshape(values.ndim, -1)
     size = idx.shape[1]
     cols: dict[str, np.ndarray] = {
-        "variant": np.full(size, variant, dtype=object),
-        "section": np.full(size, section, dtype=object),
-        "step": np.asarray(steps[:n], dtype=np.int64)[idx[0]],
-        "layer": np.full(size, layer, dtype=object),
-        "quantity": np.full(size, quantity, dtype=object),
+        "variant": np.full(size, run.name, dtype=object),
+        "section": np.full(size, rec.section, dtype=object),
+        "step": np.asarray(rec.steps[:n], dtype=np.int64)[idx[0]],
+        "layer": np.full(size, rec.fixed.get(LAYER, ""), dtype=object),
+        "quantity": np.full(size, rec.quantity, dtype=object),
         "channel": np.full(size, -1, dtype=np.int64),
         "eta": np.full(size, np.nan, dtype=np.float64),
         "bin": np.full(size, -1, dtype=np.int64),
         "value": values.reshape(-1).astype(np.float64),
     }
-    for axis, (role, labels) in enumerate(roles, start=1):
-        i = idx[axis]
-        if role == "layer":
-            names = list(labels) + [f"#{k}" for k in range(len(labels), values.shape[axis])]
-            cols["layer"] = np.asarray(names, dtype=object)[i]
-        elif role == "eta" and len(labels) == values.shape[axis]:
-            cols["eta"] = labels[i]
-        elif role in ("channel", "bin"):
-            cols[role] = i.astype(np.int64)
+    for axis_index, axis in enumerate(rec.axes[1:], start=1):
+        col, i, along = _COLUMN_OF_AXIS[axis], idx[axis_index], run.along(rec.section, axis)
+        if isinstance(along, list):  # names; a column beyond them is its index
+            names = along + [f"#{k}" for k in range(len(along), values.shape[axis_index])]
+            cols[col] = np.asarray(names, dtype=object)[i]
+        elif along is not None:
+            if len(along) == values.shape[axis_index]:
+                cols[col] = along[i]
+        elif cols[col].dtype == np.int64:  # channels and bins are their index; a value without values is missing
+            cols[col] = i.astype(np.int64)
     return cols
 
 
@@ -133,8 +78,7 @@ def tidy_table(path: str | Path, variant: str | None = None) -> dict[str, np.nda
     ``variant``: comma-separated run names or globs (:class:`ConfigError` when none matches).
     """
     _, columns = load_columns([path], variant)
-    runs = [c.run for c in columns]
-    blocks = [b for r in runs for b in _blocks(r)]
+    blocks = [b for c in columns for rec in c.run.records() if (b := _block(c.run, rec)) is not None]
     if not blocks:
         return {
             c: np.zeros(
@@ -155,7 +99,7 @@ def _missing_to_none(col: str, values: np.ndarray) -> list[Any]:
     return [str(v) for v in values.tolist()]
 
 
-def _write_csv(table: dict[str, np.ndarray], fh: Any) -> None:
+def _write_csv(table: dict[str, np.ndarray], fh: TextIO) -> None:
     def cell(col: str, v: Any) -> str:
         if col in ("channel", "bin"):
             return "" if v < 0 else str(v)
@@ -172,13 +116,13 @@ def _write_csv(table: dict[str, np.ndarray], fh: Any) -> None:
         writer.writerow([cell(c, lists[c][i]) for c in COLUMNS])
 
 
-def _write_json(table: dict[str, np.ndarray], fh: Any) -> None:
+def _write_json(table: dict[str, np.ndarray], fh: TextIO) -> None:
     lists = {c: _missing_to_none(c, table[c]) for c in COLUMNS}
     records = [dict(zip(COLUMNS, row)) for row in zip(*(lists[c] for c in COLUMNS))]
     json.dump(records, fh, allow_nan=False)
 
 
-def _write_npz(table: dict[str, np.ndarray], fh: Any) -> None:
+def _write_npz(table: dict[str, np.ndarray], fh: BinaryIO) -> None:
     arrays: dict[str, Any] = {c: (table[c].astype(str) if table[c].dtype == object else table[c]) for c in COLUMNS}
     np.savez_compressed(fh, **arrays)
 
@@ -219,8 +163,7 @@ def export(path: str | Path, fmt: str, out: str | Path, force: bool = False, var
         except ImportError:
             raise BnprobeError("parquet export needs pyarrow: pip install 'bnprobe[parquet]'") from None
     table = tidy_table(path, variant)
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
+    with atomic_output(out) as tmp:
         if fmt == "csv":
             with open(tmp, "w", newline="", encoding="utf-8") as fh:
                 _write_csv(table, fh)
@@ -232,10 +175,4 @@ def export(path: str | Path, fmt: str, out: str | Path, force: bool = False, var
                 _write_npz(table, fh)
         else:
             _write_parquet(table, tmp)
-        os.replace(tmp, out)
-    except OSError as e:
-        raise StoreError(f"cannot write {out}: {e.strerror or e}") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out

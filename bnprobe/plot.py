@@ -19,20 +19,33 @@ The output format follows the file suffix (png, svg, pdf).
 from __future__ import annotations
 
 import fnmatch
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import BnprobeError, ConfigError, StoreError
-from .report import RECORD_HINTS, Column, align_layers, ics_layers, layer_kinds, load_columns, moment_layers
-from .store import check_output_path
+from .errors import BnprobeError, ConfigError
+from .report import RECORD_HINTS, align_layers
+from .store import (
+    ICS,
+    LANDSCAPE,
+    MOMENTS,
+    STEP,
+    TRAIN,
+    Column,
+    Status,
+    atomic_output,
+    check_output_path,
+    ics_layers,
+    layer_kinds,
+    load_columns,
+    moment_layers,
+)
 
 KINDS = ("moments", "ics", "landscape", "training")
 FORMATS = ("png", "svg", "pdf")
-_SECTION = {"moments": "moments", "ics": "ics", "landscape": "landscape", "training": "train"}
+_SECTION = {"moments": MOMENTS, "ics": ICS, "landscape": LANDSCAPE, "training": TRAIN}
 _WHAT = {"moments": "moments", "ics": "ICS", "landscape": "landscape", "training": "training records"}
 
 
@@ -67,7 +80,7 @@ def _with_section(columns: list[Column], kind: str, paths: Sequence[str | Path])
 def _name(c: Column) -> str:
     """A legend entry: the column label, with the status of a run that did not finish."""
     status = str(c.run.attrs.get("status", ""))
-    return c.label if status in ("finished", "") else f"{c.label} ({status})"
+    return c.label if status in (Status.FINISHED, "") else f"{c.label} ({status})"
 
 
 def _colors(n: int) -> list[Any]:
@@ -79,6 +92,15 @@ def _colors(n: int) -> list[Any]:
 
 def _finite(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
+
+
+def _recorded(c: Column, section: str, quantity: str) -> np.ndarray:
+    """A dataset the columns drawn are known to have (``_with_section`` checked the section's steps);
+    floats, except the steps."""
+    records = c.run.get(section, quantity)
+    if records is None:
+        raise BnprobeError(f"no {section} {quantity} recorded in {c.path} (run {c.run.name}); {RECORD_HINTS[section]}")
+    return records if quantity == STEP else _finite(records)
 
 
 def _maybe_log(ax: Any, arrays: Sequence[np.ndarray]) -> None:
@@ -111,10 +133,9 @@ def _moments(plt: Any, columns: list[Column], layer: str | None) -> Any:
             continue
         j = moment_layers(c.run).index(name)
         kind = layer_kinds(c.run).get(name, "")
-        d = c.run.data
-        steps = d["moments/step"]
-        n = min(len(steps), *(len(d[f"moments/{p}"]) for p in ("p15", "p50", "p85")))
-        p15, p50, p85 = (_finite(d[f"moments/{p}"][:n, j]) for p in ("p15", "p50", "p85"))
+        steps, *records = (_recorded(c, MOMENTS, q) for q in (STEP, "p15", "p50", "p85"))
+        n = min(len(steps), *map(len, records))
+        p15, p50, p85 = (p[:n, j] for p in records)
         steps = steps[:n]
         ax.fill_between(steps, p15, p85, color=color, alpha=0.15, linewidth=0)
         ax.plot(steps, p50, color=color, linewidth=2, label=f"{_name(c)}, layer {name}" + (f" ({kind})" if kind else "") + ": 50th")
@@ -169,14 +190,14 @@ def _ics(plt: Any, columns: list[Column], layer: str | None) -> Any:
             if name not in rename:
                 continue
             j = names.index(rename[name])
-            d = c.run.data
-            steps = d["ics/step"]
-            for col, (key, ls) in enumerate((("ics/l2", "-"), ("ics/cosine", "-"))):
-                if key not in d:
+            steps = _recorded(c, ICS, STEP)
+            for col, quantity in enumerate(("l2", "cosine")):
+                records = c.run.get(ICS, quantity)
+                if records is None:
                     continue
-                n = min(len(steps), len(d[key]))
-                y = _finite(d[key][:n, j])
-                axes[r][col].plot(steps[:n], y, color=color, linestyle=ls, marker="o", markersize=3, linewidth=1.5, label=_name(c))
+                n = min(len(steps), len(records))
+                y = _finite(records[:n, j])
+                axes[r][col].plot(steps[:n], y, color=color, linestyle="-", marker="o", markersize=3, linewidth=1.5, label=_name(c))
                 if col == 0:
                     l2s.append(y)
         axes[r][0].set_ylabel(f"layer {name}\n‖G − G′‖₂")
@@ -202,12 +223,12 @@ def _landscape(plt: Any, columns: list[Column]) -> Any:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.4), constrained_layout=True)
     eta_text = []
     for c, color in zip(columns, _colors(len(columns))):
-        d = c.run.data
-        steps = d["landscape/step"]
-        for ax, key in zip(axes[:2], ("landscape/loss", "landscape/grad_l2")):
-            if key not in d:
+        steps = _recorded(c, LANDSCAPE, STEP)
+        for ax, quantity in zip(axes[:2], ("loss", "grad_l2")):
+            records = c.run.get(LANDSCAPE, quantity)
+            if records is None:
                 continue
-            arr = _finite(d[key])
+            arr = _finite(records)
             n = min(len(steps), len(arr))
             arr = arr[:n]
             lo = np.nanmin(np.where(np.isfinite(arr), arr, np.nan), axis=1) if arr.ndim == 2 else arr
@@ -215,12 +236,11 @@ def _landscape(plt: Any, columns: list[Column]) -> Any:
             ax.fill_between(steps[:n], lo, hi, color=color, alpha=0.35, linewidth=0, label=_name(c))
             ax.plot(steps[:n], lo, color=color, linewidth=0.8)
             ax.plot(steps[:n], hi, color=color, linewidth=0.8)
-        if "landscape/beta_smoothness" in d:
-            beta = _finite(d["landscape/beta_smoothness"])
+        beta, eta = c.run.get(LANDSCAPE, "beta_smoothness"), c.run.get(LANDSCAPE, "eta")
+        if beta is not None:
             n = min(len(steps), len(beta))
-            axes[2].plot(steps[:n], beta[:n], color=color, marker="o", markersize=3, linewidth=1.5, label=_name(c))
-        if "landscape/eta" in d and len(d["landscape/eta"]):
-            eta = d["landscape/eta"]
+            axes[2].plot(steps[:n], _finite(beta)[:n], color=color, marker="o", markersize=3, linewidth=1.5, label=_name(c))
+        if eta is not None and len(eta):
             eta_text.append(f"{float(np.min(eta)):.3g}–{float(np.max(eta)):.3g}")
     axes[0].set_title("Loss landscape: L(w − ηg) over η")
     axes[0].set_ylabel("loss (range over η)")
@@ -243,19 +263,19 @@ def _over_steps(axes: Any) -> None:
 
 
 def _training(plt: Any, columns: list[Column]) -> Any:
-    has_acc = any("train/accuracy" in c.run.data and np.isfinite(_finite(c.run.data["train/accuracy"])).any() for c in columns)
+    accuracies = [c.run.get(TRAIN, "accuracy") for c in columns]
+    has_acc = any(acc is not None and np.isfinite(_finite(acc)).any() for acc in accuracies)
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12 if has_acc else 7, 4.4), squeeze=False, constrained_layout=True)
     axes = axes[0]
     losses = []
-    for c, color in zip(columns, _colors(len(columns))):
-        d = c.run.data
-        steps = d["train/step"]
-        if "train/loss" in d:
-            loss = _finite(d["train/loss"])[: len(steps)]
+    for c, color, accuracy in zip(columns, _colors(len(columns)), accuracies):
+        steps, records = _recorded(c, TRAIN, STEP), c.run.get(TRAIN, "loss")
+        if records is not None:
+            loss = _finite(records)[: len(steps)]
             losses.append(loss)
             axes[0].plot(steps[: len(loss)], loss, color=color, linewidth=1.2, label=_name(c))
-        if has_acc and "train/accuracy" in d:
-            acc = _finite(d["train/accuracy"])[: len(steps)]
+        if has_acc and accuracy is not None:
+            acc = _finite(accuracy)[: len(steps)]
             axes[1].plot(steps[: len(acc)], 100 * acc, color=color, linewidth=1.2, label=_name(c))
     _maybe_log(axes[0], losses)
     axes[0].set_title("Training loss")
@@ -297,14 +317,9 @@ def plot(
         fig = _landscape(plt, columns)
     else:
         fig = _training(plt, columns)
-    tmp = out.with_name(f".{out.name}.partial")
     try:
-        fig.savefig(tmp, format=fmt, dpi=120)
-        os.replace(tmp, out)
-    except OSError as e:
-        raise StoreError(f"cannot write {out}: {e.strerror or e}") from e
+        with atomic_output(out) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=120)
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return out

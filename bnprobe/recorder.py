@@ -24,8 +24,8 @@ from torch import nn
 from .config import layer_patterns
 from .layers import LayerInfo, has_own_parameters, layer_kind, select
 from .passes import measuring
-from .probes.moments import DEFAULT_SAMPLES, STATS, histogram, moment_stats
-from .store import RunWriter, Store
+from .probes.moments import DEFAULT_SAMPLES, histogram, moment_stats
+from .store import STATS, RunWriter, Store
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:

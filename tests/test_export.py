@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from _fixtures import write_run_file
 
+from bnprobe import export as export_module
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
 from bnprobe.export import COLUMNS, export, tidy_table
-from bnprobe.probes.moments import STATS
+from bnprobe.store import AXES_ATTR, STATS, Store
 
 Key = tuple  # (variant, section, step, layer, quantity, channel, eta, bin); missing = None
 
@@ -272,3 +273,53 @@ def test_parquet_without_pyarrow_is_one_line(full_file: Path, tmp_path: Path, mo
         export(full_file, "parquet", tmp_path / "t.parquet")
     assert str(info.value) == "parquet export needs pyarrow: pip install 'bnprobe[parquet]'"
     assert not (tmp_path / "t.parquet").exists()
+
+
+def _tables_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return all(a[c].dtype == b[c].dtype and a[c].tolist() == b[c].tolist() for c in COLUMNS if c not in ("eta", "value")) and all(
+        np.array_equal(a[c], b[c], equal_nan=True) for c in ("eta", "value")
+    )
+
+
+def test_a_file_without_axis_labels_exports_the_same(full_file: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old.h5"
+    old.write_bytes(full_file.read_bytes())
+    with h5py.File(old, "r+") as f:
+        f.visititems(lambda _, obj: obj.attrs.__delitem__(AXES_ATTR) if AXES_ATTR in obj.attrs else None)
+    new, before = tidy_table(full_file), tidy_table(old)
+    assert len(new["value"]) == len(expected_rows(full_file)) and _tables_equal(new, before)
+
+
+def test_axes_pick_the_columns(tmp_path: Path) -> None:
+    """A section the layout does not know: records by channel, unless the file labels the axes."""
+    path = tmp_path / "x.h5"
+    with Store.create(path) as store:
+        w = store.run("r", {})
+        for step in range(2):
+            w.append("extra", step, {"x": np.arange(3.0) + step})
+
+    def rows() -> list[tuple]:
+        t = tidy_table(path)
+        return list(zip(*(t[c].tolist() for c in ("section", "step", "quantity", "channel", "bin", "value"))))
+
+    assert rows() == [("extra", s, "x", c, -1, float(c + s)) for s in range(2) for c in range(3)]
+    with h5py.File(path, "r+") as f:
+        f["runs/r/extra/x"].attrs[AXES_ATTR] = ["record", "bin"]
+    assert rows() == [("extra", s, "x", -1, c, float(c + s)) for s in range(2) for c in range(3)]
+    with h5py.File(path, "r+") as f:
+        f["runs/r/extra/x"].attrs[AXES_ATTR] = ["record", "colour"]  # an axis the table has no column for
+    assert rows() == []
+
+
+def test_a_failed_write_leaves_nothing(full_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "t.csv"
+    out.write_text("precious\n")
+
+    def full_disk(table: dict, fh: object) -> None:
+        fh.write("variant,")  # type: ignore[attr-defined]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "_write_csv", full_disk)
+    with pytest.raises(StoreError, match=r"cannot write .*t\.csv: No space left on device"):
+        export(full_file, "csv", out, force=True)
+    assert out.read_text() == "precious\n" and sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]

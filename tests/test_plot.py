@@ -237,3 +237,19 @@ def test_a_chosen_layer_is_the_one_drawn(full_file: Path, tmp_path: Path, drawn:
     j = d["layer_names"].index("fc2")
     (median,) = [line for line in drawn[0].axes[0].get_lines() if line.get_label().startswith("insert, layer fc2 ")]
     assert _same_xy(median, d["moments/step"], d["moments/p50"][:, j])
+
+
+def test_a_failed_write_leaves_the_old_file(full_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "f.png"
+    out.write_bytes(b"old")
+
+    def full_disk(self: Figure, fname: object, **kwargs: object) -> None:
+        Path(str(fname)).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(StoreError, match=r"cannot write .*f\.png: No space left on device"):
+        plot([full_file], out, kind="training", force=True)
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.png"]

@@ -7,6 +7,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -16,9 +18,8 @@ from _fixtures import write_run_file
 from rich.console import Console
 
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
-from bnprobe.probes.moments import STATS
-from bnprobe.report import SPARK_BLOCKS, STAT_CHOICES, align_layers, build_report, fmt, load_columns, render_report, sparkline
-from bnprobe.store import Store
+from bnprobe.report import _SECTIONS, SPARK_BLOCKS, STAT_CHOICES, align_layers, build_report, fmt, render_report, sparkline
+from bnprobe.store import SECTIONS, STATS, TRAIN, Store, load_columns
 
 GOLDEN = Path(__file__).parent / "golden" / "report_80.txt"
 
@@ -355,3 +356,35 @@ def test_files_with_the_same_name_get_distinct_labels(tmp_path: Path) -> None:
     assert [c.label for c in columns] == ["run:keep", "other:keep"]
     _, columns = load_columns([one, one])
     assert [c.label for c in columns] == ["run#1:keep", "run#2:keep"]
+
+
+def test_every_section_but_train_has_a_renderer() -> None:
+    assert [s.key for s in _SECTIONS] == [s for s in SECTIONS if s != TRAIN]
+
+
+# ----------------------------------------------------------------------------- start-up
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_the_report_command_does_not_import_torch(full_file: Path) -> None:
+    done = _python(
+        "import sys\n"
+        f"sys.argv = ['bnprobe', 'report', {str(full_file)!r}]\n"
+        "from bnprobe.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Activation moments" in done.stdout and "Top Hessian eigenvalue" in done.stdout
+
+
+def test_reading_modules_import_neither_torch_nor_the_probes() -> None:
+    done = _python(
+        "import sys, bnprobe.report, bnprobe.export, bnprobe.plot\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('bnprobe.probes')]\n"
+        "assert not bad, bad\n"
+    )
+    assert done.returncode == 0, done.stderr

@@ -1,15 +1,31 @@
 """HDF5 round trip, never overwriting, and clear errors for files that are not ours."""
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from _fixtures import write_run_file
 
 from bnprobe.errors import StoreError
 from bnprobe.layers import LayerInfo
-from bnprobe.store import Store, load_checkpoint, read_file
+from bnprobe.store import (
+    AXES_ATTR,
+    ICS_FIELDS,
+    LAYOUT,
+    STATS,
+    Status,
+    Store,
+    atomic_output,
+    axes_for,
+    load_checkpoint,
+    read_file,
+    spec_of,
+)
 
 LAYERS = [LayerInfo("a", "conv", 10, (2, 3), 0), LayerInfo("b.c", "linear", 4, (2,), 1)]
 
@@ -143,3 +159,136 @@ def test_an_output_name_too_long_fails_before_anything_is_written(tmp_path: Path
     with pytest.raises(StoreError, match=r"cannot write .*: File name too long"):
         Store.create(tmp_path / "runs" / ("x" * 250 + ".h5"), create_parent=True)
     assert list(tmp_path.iterdir()) == []  # the runs/ it made is gone too
+
+
+# ----------------------------------------------------------------------------- the layout as a table
+
+
+def _axes_attrs(path: Path) -> dict[str, list[str]]:
+    """Every dataset's ``axes`` attribute in run ``keep``, straight from h5py."""
+    found: dict[str, list[str]] = {}
+    with h5py.File(path, "r") as f:
+        f["runs/keep"].visititems(
+            lambda rel, obj: found.__setitem__(rel, [str(a) for a in obj.attrs[AXES_ATTR]]) if AXES_ATTR in obj.attrs else None
+        )
+    return found
+
+
+def test_new_datasets_carry_their_axis_labels(tmp_path: Path) -> None:
+    path = write_run_file(tmp_path / "x.h5", per_channel=True, histogram_bins=3, hessian_blocks=True)
+    found = _axes_attrs(path)
+    expected = {
+        "train/step": ["record"],
+        "train/loss": ["record"],
+        "moments/mean": ["record", "layer"],
+        "moments/histogram": ["record", "layer", "bin"],
+        "moments/per_channel/fc1/p85": ["record", "channel"],
+        "ics/layer": ["layer"],
+        "ics/l2": ["record", "layer"],
+        "landscape/eta": ["eta"],
+        "landscape/loss": ["record", "eta"],
+        "landscape/beta_smoothness": ["record"],
+        "hessian/block": ["block"],
+        "hessian/block_top_eigenvalue": ["record", "block"],
+        "hessian/converged": ["record"],
+    }
+    assert {k: found.get(k) for k in expected} == expected
+    with h5py.File(path, "r") as f:  # every dataset of every section has them, one label per axis
+        datasets: list[tuple[str, int]] = []
+        f["runs/keep"].visititems(lambda rel, obj: datasets.append((rel, obj.ndim)) if isinstance(obj, h5py.Dataset) else None)
+    assert {rel for rel, _ in datasets} - set(found) == {"layers"}
+    assert all(len(found[rel]) == ndim for rel, ndim in datasets if rel != "layers")
+
+
+def test_files_without_axis_labels_read_the_same(tmp_path: Path) -> None:
+    """Files written before the ``axes`` attribute: readers take the labels from the layout table."""
+    path = write_run_file(tmp_path / "new.h5", per_channel=True, histogram_bins=3, hessian_blocks=True)
+    old = tmp_path / "old.h5"
+    shutil.copy(path, old)
+    with h5py.File(old, "r+") as f:
+        f.visititems(lambda _, obj: obj.attrs.__delitem__(AXES_ATTR) if AXES_ATTR in obj.attrs else None)
+    assert _axes_attrs(old) == {} and _axes_attrs(path)
+    new_runs, old_runs = read_file(path).runs, read_file(old).runs
+    for name, run in new_runs.items():
+        other = old_runs[name]
+        assert {k: other.axes(k) for k in other.data} == {k: run.axes(k) for k in run.data}
+        assert [(r.section, r.quantity, r.axes, dict(r.fixed)) for r in other.records()] == [
+            (r.section, r.quantity, r.axes, dict(r.fixed)) for r in run.records()
+        ]
+
+
+def test_the_files_own_axis_labels_win(tmp_path: Path) -> None:
+    path = tmp_path / "x.h5"
+    with Store.create(path) as store:
+        w = store.run("r", {})
+        w.append("extra", 0, {"x": np.arange(3.0)})  # a section the layout does not know: no attribute
+    assert read_file(path).runs["r"].axes("extra/x") == ("record", "channel")
+    with h5py.File(path, "r+") as f:
+        f["runs/r/extra/x"].attrs[AXES_ATTR] = ["record", "bin"]
+    assert read_file(path).runs["r"].axes("extra/x") == ("record", "bin")
+
+
+def test_layout_lookup() -> None:
+    assert spec_of("moments/mean") is not None and spec_of("layers") is None
+    assert axes_for("moments/per_channel/features.0/p85", 2) == ("record", "channel")
+    assert axes_for("hessian/block_top_eigenvalue", 2) == ("record", "block")
+    assert axes_for("hessian/top_eigenvalue", 1) == ("record",)
+    assert axes_for("moments/mean", 1) is None  # the shape does not fit
+    assert axes_for("elsewhere/x", 2) == ("record", "channel")
+    assert all(spec.axes for spec in LAYOUT)
+    from bnprobe.probes.ics import FIELDS, ICS
+    from bnprobe.probes.moments import STATS as PROBE_STATS
+
+    assert PROBE_STATS is STATS and FIELDS is ICS_FIELDS and set(ICS._fields) == set(ICS_FIELDS)
+
+
+def test_a_reader_typo_is_an_error(tmp_path: Path) -> None:
+    path = write_run_file(tmp_path / "x.h5", variants=("keep",))
+    run = read_file(path).runs["keep"]
+    assert run.get("moments", "mean") is not None and run.get("moments", "histogram") is None
+    with pytest.raises(KeyError, match="moments/maen is not a dataset of the layout"):
+        run.get("moments", "maen")
+
+
+def test_status_is_a_str_enum_stored_as_its_text(tmp_path: Path) -> None:
+    assert Status.FINISHED == "finished" and f"{Status.DIVERGED}" == "diverged" and Status("failed") is Status.FAILED
+    path = tmp_path / "x.h5"
+    with Store.create(path) as store:
+        w = store.run("r", {})
+        assert w._group.attrs["status"] == "running"
+        w.append("train", 0, {"loss": 1.0})
+        with pytest.raises(ValueError, match=r"status must be one of \('running', 'finished', 'diverged', 'interrupted', 'failed'\)"):
+            w.set_status("done")
+        w.set_status(Status.DIVERGED, diverged_step=0)
+    with h5py.File(path, "r") as f:
+        stored = f["runs/r"].attrs["status"]
+    assert type(stored) is str and stored == "diverged"
+    assert read_file(path).runs["r"].attrs["status"] == Status.DIVERGED
+
+
+def test_atomic_output_replaces_only_on_success(tmp_path: Path) -> None:
+    out = tmp_path / "o.txt"
+    out.write_text("old")
+    with atomic_output(out) as tmp:
+        assert tmp.parent == out.parent and tmp != out
+        tmp.write_text("new")
+        assert out.read_text() == "old"
+    assert out.read_text() == "new"
+    with pytest.raises(RuntimeError, match="a bug"), atomic_output(out) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("a bug")
+    with pytest.raises(StoreError, match=r"cannot write .*o\.txt: No space left on device"), atomic_output(out) as tmp:
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+    assert out.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["o.txt"]
+
+
+def test_reading_needs_no_torch(tmp_path: Path) -> None:
+    path = write_run_file(tmp_path / "x.h5", variants=("keep",), hessian_blocks=True)
+    code = (
+        "import sys; from bnprobe.store import read_file, load_columns; "
+        f"run = read_file({str(path)!r}).runs['keep']; run.records(); load_columns([{str(path)!r}]); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -76,9 +76,8 @@ from ..errors import ConfigError
 from ..layers import has_own_parameters, layer_kind, no_layer_matches, select
 from ..passes import Buffers, Trace, leave_no_trace
 from ..rng import RngState, Streams
+from ..store import ICS_FIELDS as FIELDS
 from .base import Record, StepBatch, every
-
-FIELDS = ("l2", "cosine", "grad_norm", "grad_norm_shifted", "rel_diff")
 
 
 class ICS(NamedTuple):

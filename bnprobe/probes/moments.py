@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-STATS = ("mean", "var", "skewness", "kurtosis", "min", "max", "zero_fraction", "p15", "p50", "p85")
+from ..store import STATS
+
 QUANTILES = (0.15, 0.50, 0.85)
 DEFAULT_SAMPLES = 16384
 

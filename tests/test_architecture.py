@@ -1,0 +1,107 @@
+"""The import graph flows one way (DESIGN 3): config -> model + surgery -> trainer (probes) ->
+store -> report/export/plot. Checked on the source, so a new import that breaks it fails here."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bnprobe
+
+PACKAGE = Path(bnprobe.__file__).parent
+VIEWS = ("bnprobe.report", "bnprobe.export", "bnprobe.plot")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, top_level_only: bool = False) -> set[str]:
+    """The absolute names of what ``path`` imports: at the top only, or also inside functions."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from . import rng` imports a module
+    return found
+
+
+FILES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+GRAPH = {name: _imports(path) for name, path in FILES.items()}
+
+
+def _internal(module: str) -> set[str]:
+    return {m for m in GRAPH[module] if m in FILES and m != module}
+
+
+def _uses(module: str, prefix: str) -> bool:
+    return any(m == prefix or m.startswith(prefix + ".") for m in GRAPH[module])
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_views_read_only_the_store(view: str) -> None:
+    assert not _uses(view, "torch") and not _uses(view, "bnprobe.probes") and not _uses(view, "h5py")
+    assert _internal(view) <= {"bnprobe", "bnprobe.store", "bnprobe.errors", "bnprobe.config", *VIEWS}
+
+
+def test_the_store_knows_no_model() -> None:
+    assert _internal("bnprobe.store") <= {"bnprobe", "bnprobe.errors", "bnprobe.config"}
+    assert "torch" not in _imports(FILES["bnprobe.store"], top_level_only=True)  # only checkpoints need it
+
+
+def test_only_the_store_touches_hdf5_and_only_the_cli_typer() -> None:
+    assert {m for m in FILES if _uses(m, "h5py")} == {"bnprobe.store"}
+    assert {m for m in FILES if _uses(m, "typer")} == {"bnprobe.cli"}
+    assert not any("bnprobe.cli" in _internal(m) for m in FILES)
+
+
+def test_config_is_upstream_of_everything() -> None:
+    assert _internal("bnprobe.config") <= {"bnprobe.errors"} and not _uses("bnprobe.config", "torch")
+
+
+def test_models_surgery_and_probes_know_no_trainer_and_no_view() -> None:
+    downstream = {"bnprobe.trainer", "bnprobe.recorder", "bnprobe.cli", *VIEWS}
+    upstream = [
+        m for m in FILES if m.startswith("bnprobe.probes.") or m.split(".")[-1] in ("surgery", "layers", "passes", "models", "data")
+    ]
+    for module in upstream:
+        assert not (_internal(module) & downstream), module
+
+
+def test_no_import_cycle_at_module_level() -> None:
+    """Function-level imports are left out: they are how the CLI defers torch."""
+    top = {
+        name: {m for m in _imports(path, top_level_only=True) if m in FILES and m not in (name, "bnprobe")} for name, path in FILES.items()
+    }
+    done: set[str] = set()
+
+    def visit(module: str, stack: list[str]) -> None:
+        assert module not in stack, " -> ".join([*stack, module])
+        if module not in done:
+            for dep in sorted(top[module]):
+                visit(dep, [*stack, module])
+            done.add(module)
+
+    for module in sorted(top):
+        visit(module, [])
+
+
+def test_the_views_import_neither_torch_nor_the_probes() -> None:
+    code = "import sys, bnprobe.report, bnprobe.export, bnprobe.plot; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('bnprobe.probes')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
