@@ -24,7 +24,7 @@ from torch import nn
 from .config import layer_patterns
 from .layers import LayerInfo, has_own_parameters, layer_kind, select
 from .passes import measuring
-from .probes.moments import DEFAULT_SAMPLES, histogram, moment_stats
+from .probes.moments import DEFAULT_SAMPLES, Workspace, histogram, moment_stats
 from .store import STATS, RunWriter, Store
 
 
@@ -92,6 +92,7 @@ class Recorder:
         self._generator: torch.Generator | None = None
         self._generator_state = generator_state  # a resumed run continues the subsample stream
         self._seed = seed
+        self._workspace = Workspace()  # the statistics' temporaries, reused across layers and steps
         self._order: list[tuple[str, nn.Module]] = []  # forward-execution order, fixed after the first step
         self._current: dict[str, torch.Tensor] = {}  # stats of this step, by layer name
         self._current_channel: dict[str, torch.Tensor] = {}
@@ -130,9 +131,9 @@ class Recorder:
                     self._generator = torch.Generator(device=tensor.device).manual_seed(self._seed)
                     if self._generator_state is not None:
                         self._generator.set_state(self._generator_state)
-                self._current[name] = moment_stats(tensor, False, self.samples, self._generator)
+                self._current[name] = moment_stats(tensor, False, self.samples, self._generator, self._workspace)
                 if self.per_channel and tensor.dim() >= 2:
-                    self._current_channel[name] = moment_stats(tensor, True, self.samples, self._generator)
+                    self._current_channel[name] = moment_stats(tensor, True, self.samples, self._generator, self._workspace)
                 if self.histogram_bins:
                     self._current_hist[name] = histogram(tensor, self.histogram_bins, *self.histogram_range)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnprobe.probes.moments import STATS, histogram, moment_stats
+from bnprobe.probes.moments import STATS, Workspace, histogram, moment_stats
 
 
 def numpy_stats(a: np.ndarray) -> dict[str, float]:
@@ -160,3 +160,19 @@ def test_training_records_the_steps_it_took(in_tmp: Path) -> None:
         got = np.asarray(run.data[f"moments/{stat}"], dtype=np.float64)
         want = torch.stack([m[i] for m in moments]).double().numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=stat)
+
+
+def test_a_reused_workspace_gives_the_same_bits() -> None:
+    """The Recorder passes one Workspace to every call: the statistics must equal those computed
+    with fresh temporaries to the bit, whatever shapes came before (larger, smaller, strided)."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [(16, 8, 6, 6), (4, 3), (16, 8, 6, 6), (32, 5), (2, 3, 4, 5), (64,)]
+    tensors = [torch.relu(torch.randn(s, generator=g)) for s in shapes] + [torch.randn(8, 6, generator=g).t()]  # a strided one
+    workspace = Workspace()
+    for x in tensors:
+        for per_channel in (False, True):
+            fresh = moment_stats(x, per_channel, 50, torch.Generator().manual_seed(0))
+            reused = moment_stats(x, per_channel, 50, torch.Generator().manual_seed(0), workspace)
+            assert torch.equal(fresh.nan_to_num(), reused.nan_to_num()), (tuple(x.shape), per_channel)
+    first = workspace.take(0, (10, 10), torch.float32, torch.device("cpu"))
+    assert workspace.take(0, (5, 3), torch.float32, torch.device("cpu")).data_ptr() == first.data_ptr()  # memory is reused
