@@ -443,7 +443,7 @@ def export(
 def plot(
     paths: Annotated[list[Path], typer.Argument(help="bnprobe .h5 files.", show_default=False, metavar="RUN.h5")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Figure file: .png, .svg or .pdf.")],
-    kind: Annotated[str, typer.Option("--kind", "-k", help="moments | ics | landscape | training")] = "moments",
+    kind: Annotated[str, typer.Option("--kind", "-k", help="moments | ics | landscape | training | hessian")] = "moments",
     layer: Annotated[str | None, typer.Option("--layer", help="Layer name or glob (moments: one layer; ics: up to 6).")] = None,
     variant: Annotated[str | None, typer.Option("--variant", help="Comma-separated variant names or globs.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,

@@ -4,15 +4,19 @@ Columns, in this order:
 
 ========  ======================================================================================
 variant   the run group's name (``/runs/<variant>``)
-section   ``train``, ``moments``, ``ics``, ``landscape``, ``hessian`` (or any other recorded one)
+section   ``train``, ``moments``, ``ics``, ``landscape``, ``hessian``, ``spectrum`` (or any other recorded one)
 step      the training step of the record
-layer     layer name (moments, ICS); ``block<k>`` for per-block Hessian values; empty otherwise
+layer     layer name (moments, ICS, per-block Hessian values); ``λ1``, ``λ2``, ... for the spectrum's
+          top-k eigenvalues (largest first); empty otherwise
 quantity  the dataset's name: ``loss``, ``mean``, ``p85``, ``l2``, ``cosine``, ``grad_l2``, ...
 channel   channel index for per-channel moments; missing otherwise
 eta       the absolute step size of landscape ``loss``/``grad_l2`` values; missing otherwise
 bin       histogram bin index (``quantity == "histogram"``); missing otherwise
 value     the number, as stored (float64; NaN where the file holds NaN)
 ========  ======================================================================================
+
+The spectrum's density (``density_nodes``/``density_weights``, [records, probes, nodes]) has no
+column for its probe and node axes and is not in the table: read it with :func:`bnprobe.read_file`.
 
 "Missing" is an empty field in CSV, ``null`` in JSON and Parquet; in NPZ (one array per column)
 it is ``-1`` for ``channel``/``bin`` and NaN for ``eta``. A ``train`` quantity that is NaN
@@ -31,12 +35,12 @@ from typing import Any, BinaryIO, TextIO
 import numpy as np
 
 from .errors import BnprobeError, ConfigError
-from .store import BIN, BLOCK, CHANNEL, ETA, LAYER, Recorded, RunData, atomic_output, check_output_path, load_columns
+from .store import BIN, BLOCK, CHANNEL, ETA, LAYER, RANK, Recorded, RunData, atomic_output, check_output_path, load_columns
 
 FORMATS = ("csv", "json", "npz", "parquet")
 COLUMNS = ("variant", "section", "step", "layer", "quantity", "channel", "eta", "bin", "value")
 #: the column that tells positions along each axis apart (record is the ``step`` column)
-_COLUMN_OF_AXIS = {LAYER: "layer", BLOCK: "layer", CHANNEL: "channel", ETA: "eta", BIN: "bin"}
+_COLUMN_OF_AXIS = {LAYER: "layer", BLOCK: "layer", RANK: "layer", CHANNEL: "channel", ETA: "eta", BIN: "bin"}
 
 
 def _block(run: RunData, rec: Recorded) -> dict[str, np.ndarray] | None:

@@ -12,6 +12,9 @@ Kinds:
   L(w - eta g) and of the gradient predictiveness ||grad L(w) - grad L(w - eta g)||_2, over
   steps, and the effective beta-smoothness (Santurkar et al., Fig. 4 style).
 - ``training``: loss and accuracy over steps.
+- ``hessian``: the Hessian eigenvalue density of each variant's last spectrum record (stochastic
+  Lanczos quadrature, Gaussian-broadened, log scale, as PyHessian and Ghorbani et al. 2019 draw
+  it) and the top eigenvalues over steps.
 
 The output format follows the file suffix (png, svg, pdf).
 """
@@ -31,6 +34,7 @@ from .store import (
     ICS,
     LANDSCAPE,
     MOMENTS,
+    SPECTRUM,
     STEP,
     TRAIN,
     Column,
@@ -43,10 +47,10 @@ from .store import (
     moment_layers,
 )
 
-KINDS = ("moments", "ics", "landscape", "training")
+KINDS = ("moments", "ics", "landscape", "training", "hessian")
 FORMATS = ("png", "svg", "pdf")
-_SECTION = {"moments": MOMENTS, "ics": ICS, "landscape": LANDSCAPE, "training": TRAIN}
-_WHAT = {"moments": "moments", "ics": "ICS", "landscape": "landscape", "training": "training records"}
+_SECTION = {"moments": MOMENTS, "ics": ICS, "landscape": LANDSCAPE, "training": TRAIN, "hessian": SPECTRUM}
+_WHAT = {"moments": "moments", "ics": "ICS", "landscape": "landscape", "training": "training records", "hessian": "Hessian spectrum"}
 
 
 def _pyplot() -> Any:
@@ -287,6 +291,43 @@ def _training(plt: Any, columns: list[Column]) -> Any:
     return fig
 
 
+def broadened_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
+    """The SLQ density on ``grid``: each probe's quadrature (``nodes``, ``weights``: [probes, nodes])
+    as a sum of Gaussians of width ``sigma``, averaged over probes (PyHessian's ``density_generate``).
+    It integrates to 1 when the grid covers the nodes with a few sigma to spare."""
+    gauss = np.exp(-((grid[None, None, :] - nodes[..., None]) ** 2) / (2 * sigma**2)) / (sigma * np.sqrt(2 * np.pi))
+    density: np.ndarray = (weights[..., None] * gauss).sum(axis=1).mean(axis=0)
+    return density
+
+
+def _hessian(plt: Any, columns: list[Column]) -> Any:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), constrained_layout=True)
+    lasts = [(_recorded(c, SPECTRUM, "density_nodes")[-1], _recorded(c, SPECTRUM, "density_weights")[-1]) for c in columns]
+    lo, hi = min(float(np.nanmin(n)) for n, _ in lasts), max(float(np.nanmax(n)) for n, _ in lasts)
+    sigma = 0.01 * max(hi - lo, 1e-12)  # a hundredth of the spectrum's span: the bulk and the outliers both show
+    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, 2000)
+    for c, (nodes, weights), color in zip(columns, lasts, _colors(len(columns))):
+        density = broadened_density(nodes, weights, grid, sigma)
+        axes[0].semilogy(
+            grid, np.maximum(density, 1e-12), color=color, linewidth=1.2, label=f"{_name(c)} (step {int(_recorded(c, SPECTRUM, STEP)[-1])})"
+        )
+        steps, top = _recorded(c, SPECTRUM, STEP), _recorded(c, SPECTRUM, "top_k")
+        n = min(len(steps), len(top))
+        axes[1].plot(steps[:n], top[:n, 0], color=color, marker="o", markersize=3, linewidth=1.5, label=f"{_name(c)} λ1")
+        for j in range(1, top.shape[1]):
+            axes[1].plot(steps[:n], top[:n, j], color=color, linewidth=0.8, alpha=0.5)
+    axes[0].set_title("Eigenvalue density (last record)")
+    axes[0].set_xlabel("eigenvalue")
+    axes[0].set_ylabel("density (log scale)")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend(fontsize="small", loc="best")
+    axes[1].set_title("Top eigenvalues over training (λ1 bold, the others faint)")
+    axes[1].set_ylabel("eigenvalue")
+    _over_steps(axes[1:])
+    fig.suptitle("Hessian spectrum: stochastic Lanczos quadrature and Lanczos top-k", fontsize="medium")
+    return fig
+
+
 def plot(
     paths: Sequence[str | Path],
     out: str | Path,
@@ -295,7 +336,7 @@ def plot(
     force: bool = False,
     variant: str | None = None,
 ) -> Path:
-    """Draw ``kind`` (moments, ics, landscape, training) for the runs in ``paths`` into ``out``.
+    """Draw ``kind`` (moments, ics, landscape, training, hessian) for the runs in ``paths`` into ``out``.
 
     ``layer``: a layer name or glob (moments: the layer to show; ics: the layers, at most 6);
     ``variant``: comma-separated run names or globs. Returns ``out``.
@@ -315,6 +356,8 @@ def plot(
         fig = _ics(plt, columns, layer)
     elif kind == "landscape":
         fig = _landscape(plt, columns)
+    elif kind == "hessian":
+        fig = _hessian(plt, columns)
     else:
         fig = _training(plt, columns)
     try:

@@ -28,10 +28,12 @@ from rich.text import Text
 from .config import layer_patterns
 from .errors import ConfigError
 from .store import (
+    BLOCK,
     HESSIAN,
     ICS,
     LANDSCAPE,
     MOMENTS,
+    SPECTRUM,
     STATS,
     STEP,
     TRAIN,
@@ -57,6 +59,7 @@ RECORD_HINTS = {
     ICS: "run bnprobe measure-ics, or set probes.ics_every",
     LANDSCAPE: "run bnprobe measure-ics with probes.landscape: true",
     HESSIAN: "set probes.hessian: true",
+    SPECTRUM: "set probes.spectrum: true",
 }
 
 # ----------------------------------------------------------------------------- content types
@@ -144,6 +147,19 @@ class Hessian(TypedDict):
     blocks: dict[str, Number]
 
 
+class Spectrum(TypedDict):
+    records: int
+    last_step: Number
+    top_k: list[Number]  # largest first
+    iterations: Number
+    converged: bool | None
+    trace: Number
+    trace_stderr: Number
+    bn_mode: Plain
+    samples: Plain
+    blocks: dict[str, tuple[Number, Number]]  # layer -> (top eigenvalue, trace) of its block
+
+
 class RunReport(TypedDict):
     label: str
     summary: Summary
@@ -151,6 +167,7 @@ class RunReport(TypedDict):
     ics: Ics | None
     landscape: Landscape | None
     hessian: Hessian | None
+    spectrum: Spectrum | None
 
 
 class FileReport(TypedDict):
@@ -358,6 +375,27 @@ def _hessian(run: RunData) -> Hessian | None:
     }
 
 
+def _spectrum(run: RunData) -> Spectrum | None:
+    steps = run.get(SPECTRUM, STEP)
+    if steps is None or len(steps) == 0:
+        return None
+    attrs = run.attrs_of(SPECTRUM, "top_k")
+    converged, top, trace = run.last(SPECTRUM, "converged"), run.last(SPECTRUM, "block_top_eigenvalue"), run.last(SPECTRUM, "block_trace")
+    names = run.labels(SPECTRUM, BLOCK) if top is not None else []
+    return {
+        "records": len(steps),
+        "last_step": num(steps[-1]),
+        "top_k": _nums(run.last(SPECTRUM, "top_k")),
+        "iterations": num(run.last(SPECTRUM, "iterations")),
+        "converged": bool(converged) if converged is not None else None,
+        "trace": num(run.last(SPECTRUM, "trace")),
+        "trace_stderr": num(run.last(SPECTRUM, "trace_stderr")),
+        "bn_mode": _plain(attrs.get("bn_mode")),
+        "samples": _plain(attrs.get("samples")),
+        "blocks": {n: (num(top[i]), num(trace[i]) if trace is not None else None) for i, n in enumerate(names)},
+    }
+
+
 def build_report(
     paths: Sequence[str | Path],
     layers: str | None = None,
@@ -389,6 +427,7 @@ def build_report(
                 "ics": _ics(c.run, patterns),
                 "landscape": _landscape(c.run),
                 "hessian": _hessian(c.run),
+                "spectrum": _spectrum(c.run),
             }
             for c in columns
             if c.path == f.path
@@ -716,7 +755,39 @@ def _draw_hessian(page: _Page, _report: Report, having: Cols) -> None:
         page.note("not converged: raise probes.hessian_max_iter or loosen probes.hessian_tol (--set probes.hessian_max_iter=300)")
 
 
-SectionKey = Literal["moments", "ics", "landscape", "hessian"]
+def _spectrum_rows(contents: Sequence[tuple[str, Spectrum]]) -> list[tuple[str, Callable[[Spectrum], Any]]]:
+    k = max(len(spec["top_k"]) for _, spec in contents)
+    blocks = list(dict.fromkeys(b for _, spec in contents for b in spec["blocks"]))
+
+    def top(i: int) -> Callable[[Spectrum], Any]:
+        return lambda d: fmt(d["top_k"][i], 4) if i < len(d["top_k"]) else _missing()
+
+    def block(name: str) -> Callable[[Spectrum], Any]:
+        return lambda d: f"{fmt(d['blocks'][name][0], 4)} / {fmt(d['blocks'][name][1], 4)}" if name in d["blocks"] else _missing()
+
+    return [
+        ("at step", lambda d: fmt(d["last_step"])),
+        *((f"λ{i + 1}", top(i)) for i in range(k)),
+        ("trace", lambda d: f"{fmt(d['trace'], 4)} ± {fmt(d['trace_stderr'], 2)}" if d["trace"] is not None else _missing()),
+        ("iterations", lambda d: fmt(d["iterations"])),
+        ("converged", lambda d: {True: "yes", False: "NO", None: "—"}[d["converged"]]),
+        ("bn mode", lambda d: str(d["bn_mode"] or "—")),
+        ("samples", lambda d: fmt(d["samples"])),
+        *((f"λ1 / tr {b}", block(b)) for b in blocks),
+    ]
+
+
+def _draw_spectrum(page: _Page, _report: Report, having: Cols) -> None:
+    contents = [(label, spec) for label, run in having if (spec := run["spectrum"]) is not None]
+    captions = ["λ1 ≥ λ2 ≥ …: the largest eigenvalues (Lanczos); trace: Hutchinson estimate ± its standard error"]
+    if any(spec["blocks"] for _, spec in contents):
+        captions.append("λ1 / tr LAYER: top eigenvalue and trace of that layer's own block of the Hessian")
+    page.row_tables("Hessian spectrum (last record)", contents, _spectrum_rows(contents), (14, 14), captions)
+    if any(spec["converged"] is False for _, spec in contents):
+        page.note("not converged: raise probes.spectrum_max_iter or loosen probes.spectrum_tol")
+
+
+SectionKey = Literal["moments", "ics", "landscape", "hessian", "spectrum"]
 
 
 @dataclass(frozen=True)
@@ -734,6 +805,7 @@ _SECTIONS = (
     _Section(ICS, "Gradient-shift ICS", "ICS", _draw_ics),
     _Section(LANDSCAPE, "Loss landscape", "landscape", _draw_landscape),
     _Section(HESSIAN, "Top Hessian eigenvalue", "Hessian eigenvalue", _draw_hessian),
+    _Section(SPECTRUM, "Hessian spectrum", "Hessian spectrum", _draw_spectrum),
 )
 
 

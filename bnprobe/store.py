@@ -57,7 +57,8 @@ MOMENTS: Final = "moments"
 ICS: Final = "ics"
 LANDSCAPE: Final = "landscape"
 HESSIAN: Final = "hessian"
-SECTIONS = (TRAIN, MOMENTS, ICS, LANDSCAPE, HESSIAN)
+SPECTRUM: Final = "spectrum"
+SECTIONS = (TRAIN, MOMENTS, ICS, LANDSCAPE, HESSIAN, SPECTRUM)
 STEP: Final = "step"  # in every record group: the training step of each record (1-D integers)
 PER_CHANNEL: Final = "per_channel"  # moments/per_channel/<layer>/<stat>: one group per layer
 
@@ -68,6 +69,9 @@ CHANNEL: Final = "channel"
 BIN: Final = "bin"
 ETA: Final = "eta"
 BLOCK: Final = "block"
+RANK: Final = "rank"  # the k-th largest eigenvalue
+PROBE: Final = "probe"  # a probe vector of stochastic Lanczos quadrature
+NODE: Final = "node"  # a node of one probe's Gauss quadrature
 AXES_ATTR: Final = "axes"
 
 #: the activation statistics of ``moments`` (bnprobe.probes.moments computes them in this order)
@@ -129,10 +133,20 @@ LAYOUT: tuple[DatasetSpec, ...] = (
     DatasetSpec(f"{HESSIAN}/converged", (RECORD,)),
     DatasetSpec(f"{HESSIAN}/block_*", (RECORD, BLOCK)),
     DatasetSpec(f"{HESSIAN}/*", (RECORD,)),
+    DatasetSpec(f"{SPECTRUM}/block", (BLOCK,), text=True),
+    DatasetSpec(f"{SPECTRUM}/top_k", (RECORD, RANK)),
+    DatasetSpec(f"{SPECTRUM}/top_k_residual", (RECORD, RANK)),
+    *(DatasetSpec(f"{SPECTRUM}/{q}", (RECORD,)) for q in ("trace", "trace_stderr", "iterations", "converged")),
+    DatasetSpec(f"{SPECTRUM}/density_nodes", (RECORD, PROBE, NODE)),
+    DatasetSpec(f"{SPECTRUM}/density_weights", (RECORD, PROBE, NODE)),
+    *(DatasetSpec(f"{SPECTRUM}/block_{q}", (RECORD, BLOCK)) for q in ("top_eigenvalue", "iterations", "residual", "trace", "trace_stderr")),
+    DatasetSpec(f"{SPECTRUM}/block_*", (RECORD, BLOCK)),
+    DatasetSpec(f"{SPECTRUM}/*", (RECORD,)),
 )
 _RANK = {spec: i for i, spec in enumerate(LAYOUT)}
 _NAMED = frozenset(s.path for s in LAYOUT if "*" not in s.path)
-_PLACEHOLDER = {LAYER: "#{}", BLOCK: "block{}"}  # names along an axis that has no (fitting) list of names
+_PLACEHOLDER = {LAYER: "#{}", BLOCK: "block{}", RANK: "λ{}"}
+_FIRST = {RANK: 1}  # λ1 is the largest eigenvalue  # names along an axis that has no (fitting) list of names
 
 
 def spec_of(path: str) -> DatasetSpec | None:
@@ -592,7 +606,7 @@ class RunData:
             names = [lay["name"] for lay in sorted(self.layers, key=lambda lay: lay["order"])]
             if len(names) == width:
                 return names
-        return [_PLACEHOLDER.get(axis, "#{}").format(i) for i in range(width)]
+        return [_PLACEHOLDER.get(axis, "#{}").format(i + _FIRST.get(axis, 0)) for i in range(width)]
 
     def along(self, section: str, axis: str) -> list[str] | np.ndarray | None:
         """What tells the positions along ``axis`` apart: names (:meth:`labels`), the numbers of the

@@ -16,7 +16,7 @@ from torch import nn
 
 from bnprobe.layers import LayerInfo
 from bnprobe.probes.moments import STATS
-from bnprobe.store import Store
+from bnprobe.store import RunWriter, Store
 
 ALL_SECTIONS = ("train", "moments", "ics", "landscape", "hessian")
 ETAS = np.array([0.05, 0.1, 0.2, 0.4], dtype=np.float64)
@@ -50,6 +50,7 @@ def write_run_file(
     regression: bool = False,
     surgery_names: bool = False,
     hessian_blocks: bool = False,
+    spectrum: bool = False,
 ) -> Path:
     """A bnprobe file with one run per variant; ``status=None`` leaves ``running`` (a crashed run)."""
     rng = np.random.default_rng(seed)
@@ -132,6 +133,8 @@ def write_run_file(
                         "block_residual": 1e-4 * block_rng.random(k),
                     }
                 writer.append("hessian", step, row)
+        if spectrum:
+            _write_spectrum(writer, block_names, steps, record_every, np.random.default_rng(seed + 7 + v_index))
         if "hessian" in sections:
             writer.flush()
             writer._group["hessian/top_eigenvalue"].attrs.update({"bn_mode": "train", "samples": 128})
@@ -147,6 +150,31 @@ def write_run_file(
     else:
         store.close()
     return path
+
+
+def _write_spectrum(writer: RunWriter, blocks: list[str], steps: int, every: int, rng: np.random.Generator) -> None:
+    """Spectrum records shaped as SpectrumProbe writes them: top-3, trace, SLQ (2 probes x 4 nodes), blocks."""
+    writer.write_constant("spectrum/block", np.array(blocks, dtype=object))
+    for step in range(0, steps, every):
+        nodes = np.sort(rng.normal(size=(2, 4)) * 10, axis=1)
+        writer.append(
+            "spectrum",
+            step,
+            {
+                "top_k": np.sort(50 * rng.random(3))[::-1],
+                "top_k_residual": 1e-4 * rng.random(3),
+                "iterations": 12,
+                "converged": True,
+                "trace": 100 * rng.random(),
+                "trace_stderr": rng.random(),
+                "density_nodes": nodes,
+                "density_weights": np.full((2, 4), 0.25),
+                "block_top_eigenvalue": 20 * rng.random(len(blocks)),
+                "block_trace": 30 * rng.random(len(blocks)),
+            },
+        )
+    writer.flush()
+    writer._group["spectrum/top_k"].attrs.update({"bn_mode": "train", "samples": 64})
 
 
 class Noisy(nn.Module):

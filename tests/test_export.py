@@ -16,7 +16,7 @@ from _fixtures import write_run_file
 from bnprobe import export as export_module
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
 from bnprobe.export import COLUMNS, export, tidy_table
-from bnprobe.store import AXES_ATTR, STATS, Store
+from bnprobe.store import AXES_ATTR, STATS, Store, read_file
 
 Key = tuple  # (variant, section, step, layer, quantity, channel, eta, bin); missing = None
 
@@ -323,3 +323,15 @@ def test_a_failed_write_leaves_nothing(full_file: Path, tmp_path: Path, monkeypa
     with pytest.raises(StoreError, match=r"cannot write .*t\.csv: No space left on device"):
         export(full_file, "csv", out, force=True)
     assert out.read_text() == "precious\n" and sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
+
+
+def test_the_spectrum_exports_its_top_k_by_rank_and_leaves_the_density_out(tmp_path: Path) -> None:
+    path = write_run_file(tmp_path / "s.h5", variants=("keep",), spectrum=True)
+    table = tidy_table(path)
+    rows = table["section"] == "spectrum"
+    top = rows & (table["quantity"] == "top_k")
+    data = read_file(path).runs["keep"].data
+    assert table["layer"][top].tolist()[:3] == ["λ1", "λ2", "λ3"]
+    np.testing.assert_array_equal(table["value"][top], data["spectrum/top_k"].reshape(-1))
+    assert not set(table["quantity"][rows]) & {"density_nodes", "density_weights"}
+    assert {"trace", "trace_stderr", "block_top_eigenvalue", "block_trace"} <= set(table["quantity"][rows])

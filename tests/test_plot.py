@@ -12,7 +12,8 @@ import pytest
 from _fixtures import write_run_file
 
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
-from bnprobe.plot import KINDS, plot
+from bnprobe.plot import KINDS, broadened_density, plot
+from bnprobe.store import read_file
 
 pytest.importorskip("matplotlib")
 from matplotlib.colors import to_rgba
@@ -22,7 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def full_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_run_file(tmp_path_factory.mktemp("plot") / "full.h5", steps=30)
+    return write_run_file(tmp_path_factory.mktemp("plot") / "full.h5", steps=30, spectrum=True)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -56,7 +57,7 @@ def test_layer_choice(full_file: Path, tmp_path: Path) -> None:
 
 
 def test_interrupted_and_regression_runs(tmp_path: Path) -> None:
-    path = write_run_file(tmp_path / "crashed.h5", variants=("keep", "insert"), status=None, steps=12, regression=True)
+    path = write_run_file(tmp_path / "crashed.h5", variants=("keep", "insert"), status=None, steps=12, regression=True, spectrum=True)
     for kind in KINDS:
         out = plot([path], tmp_path / f"{kind}.png", kind=kind)
         assert out.read_bytes().startswith(PNG_MAGIC)
@@ -68,6 +69,7 @@ def test_interrupted_and_regression_runs(tmp_path: Path) -> None:
         ("ics", "no ICS recorded in {path}; run bnprobe measure-ics"),
         ("landscape", "no landscape recorded in {path}; run bnprobe measure-ics with probes.landscape: true"),
         ("moments", "no moments recorded in {path}; run bnprobe train"),
+        ("hessian", "no Hessian spectrum recorded in {path}; set probes.spectrum: true"),
     ],
 )
 def test_missing_section_is_one_line(tmp_path: Path, kind: str, message: str) -> None:
@@ -80,8 +82,8 @@ def test_missing_section_is_one_line(tmp_path: Path, kind: str, message: str) ->
 
 
 def test_bad_options(full_file: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="choose from moments, ics, landscape, training"):
-        plot([full_file], tmp_path / "x.png", kind="hessian")
+    with pytest.raises(ConfigError, match="choose from moments, ics, landscape, training, hessian"):
+        plot([full_file], tmp_path / "x.png", kind="spectrum")
     with pytest.raises(ConfigError, match=r"\.png, \.svg or \.pdf"):
         plot([full_file], tmp_path / "x.jpeg")
     with pytest.raises(ConfigError, match="choose from keep, insert, noisy"):
@@ -253,3 +255,29 @@ def test_a_failed_write_leaves_the_old_file(full_file: Path, tmp_path: Path, mon
     with pytest.raises(StoreError, match=r"cannot write .*f\.png: No space left on device"):
         plot([full_file], out, kind="training", force=True)
     assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.png"]
+
+
+def test_hessian_draws_the_last_density_and_the_top_eigenvalues_of_the_file(tmp_path: Path, drawn: list) -> None:
+    path = write_run_file(tmp_path / "s.h5", variants=("keep", "insert"), spectrum=True)
+    plot([path], tmp_path / "h.png", kind="hessian")
+    (fig,) = drawn
+    density_ax, top_ax = fig.axes[:2]
+    data = read_file(path).runs["insert"].data
+    steps, top = data["spectrum/step"], data["spectrum/top_k"]
+    assert any(_same_xy(line, steps, top[:, 0]) for line in top_ax.get_lines())  # λ1 of insert over steps
+    assert any(_same_xy(line, steps, top[:, 2]) for line in top_ax.get_lines())
+    assert density_ax.get_yscale() == "log" and len(density_ax.get_lines()) == 2
+    grid, density = density_ax.get_lines()[1].get_data()
+    nodes, weights = data["spectrum/density_nodes"][-1], data["spectrum/density_weights"][-1]
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, rel=1e-3)  # a density: it integrates to one
+    mean = np.trapezoid(grid * density, grid)
+    assert mean == pytest.approx(float((weights * nodes).sum(axis=1).mean()), rel=1e-3, abs=1e-3)  # the quadrature's mean
+
+
+def test_broadened_density_is_the_quadrature_smoothed() -> None:
+    nodes, weights = np.array([[-1.0, 2.0], [0.0, 3.0]]), np.array([[0.25, 0.75], [0.5, 0.5]])
+    grid = np.linspace(-3, 5, 8001)
+    density = broadened_density(nodes, weights, grid, 0.1)
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, rel=1e-6)
+    assert np.trapezoid(grid * density, grid) == pytest.approx((1.25 + 1.5) / 2, rel=1e-6)
+    assert grid[np.argmax(density)] == pytest.approx(2.0, abs=0.01)  # the heaviest node: 0.75/2 + ...

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
 from bnprobe.report import _SECTIONS, SPARK_BLOCKS, STAT_CHOICES, align_layers, build_report, fmt, render_report, sparkline
-from bnprobe.store import SECTIONS, STATS, TRAIN, Store, load_columns
+from bnprobe.store import SECTIONS, STATS, TRAIN, Store, load_columns, read_file, strings
 
 GOLDEN = Path(__file__).parent / "golden" / "report_80.txt"
 
@@ -388,3 +388,24 @@ def test_reading_modules_import_neither_torch_nor_the_probes() -> None:
         "assert not bad, bad\n"
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_the_spectrum_section_shows_the_last_record(tmp_path: Path) -> None:
+    path = write_run_file(tmp_path / "s.h5", variants=("keep", "insert"), spectrum=True)
+    report = build_report([path])
+    run = read_file(path).runs["insert"]
+    spec = _run(report, "insert")["spectrum"]
+    assert spec is not None and spec["records"] == len(run.data["spectrum/step"]) and spec["last_step"] == run.data["spectrum/step"][-1]
+    assert spec["top_k"] == pytest.approx(run.data["spectrum/top_k"][-1].tolist())
+    assert spec["trace"] == pytest.approx(run.data["spectrum/trace"][-1]) and spec["trace_stderr"] == pytest.approx(
+        run.data["spectrum/trace_stderr"][-1]
+    )
+    block = strings(run.data["spectrum/block"])[1]
+    assert spec["blocks"][block] == pytest.approx(
+        (run.data["spectrum/block_top_eigenvalue"][-1, 1], run.data["spectrum/block_trace"][-1, 1])
+    )
+    text = " ".join(_text(report).split())
+    keep = _run(report, "keep")["spectrum"]
+    assert keep is not None and "Hessian spectrum (last record)" in text
+    assert f"λ1 {fmt(keep['top_k'][0], 4)} {fmt(spec['top_k'][0], 4)}" in text
+    assert f"{fmt(spec['trace'], 4)} ± {fmt(spec['trace_stderr'], 2)}" in text and f"λ1 / tr {block}" in text
