@@ -103,7 +103,7 @@ def lanczos(
     """At most ``k_steps`` (and n) Lanczos steps on ``hvp`` from ``init`` (flat, or rows summed), else
     a random unit vector from ``seed``; every new vector is reorthogonalised against all before.
 
-    The recurrence (alpha, beta) is kept in float64. On breakdown (beta ~ 0: an invariant subspace
+    The recurrence (alpha, beta) is kept in float64; the basis (steps x n entries) in ``dtype``. On breakdown (beta ~ 0: an invariant subspace
     was found, its Ritz values are exact) it goes on from a random vector orthogonal to the basis
     with ``restart`` (beta = 0 there), else it stops. ``stop(values, residuals)`` ends it early.
     """
@@ -112,12 +112,14 @@ def lanczos(
     cap = min(k_steps, n)
     ref = torch.empty(0, dtype=dtype, device=device)
     restarts = torch.Generator().manual_seed(seed + 1)
-    basis = torch.zeros(cap, n, dtype=dtype, device=device)
+    basis = torch.zeros(min(cap, 16), n, dtype=dtype, device=device)  # grows: memory follows the steps taken
     q = _start_vector(None if init is None else init.reshape(-1, n).sum(0), n, ref, seed)
     alpha: list[float] = []
     beta: list[float] = []  # beta[j] couples vectors j and j+1; the last one is the residual factor
     eps = torch.finfo(dtype).eps
     for j in range(cap):
+        if j == len(basis):
+            basis = torch.cat([basis, torch.zeros(min(cap, 2 * j) - j, n, dtype=dtype, device=device)])
         basis[j] = q
         w = hvp(q)
         scale = float(w.norm())
