@@ -216,7 +216,7 @@ def test_every_pass_leaves_no_trace() -> None:
         assert torch.equal(torch.get_rng_state(), rng)
         for key, value in model.state_dict().items():
             assert torch.equal(value, before[key]), key
-        assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+        assert all(p.grad is not None and torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
         assert model.training and model[1].training and model[1].track_running_stats
     with pytest.raises(ConfigError, match="unknown BN mode 'frozen'"):
         hessian_trace(model, LOSS, x, y, bn_mode="frozen")
