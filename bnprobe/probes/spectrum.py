@@ -103,9 +103,10 @@ def lanczos(
     """At most ``k_steps`` (and n) Lanczos steps on ``hvp`` from ``init`` (flat, or rows summed), else
     a random unit vector from ``seed``; every new vector is reorthogonalised against all before.
 
-    The recurrence (alpha, beta) is kept in float64; the basis (steps x n entries) in ``dtype``. On breakdown (beta ~ 0: an invariant subspace
-    was found, its Ritz values are exact) it goes on from a random vector orthogonal to the basis
-    with ``restart`` (beta = 0 there), else it stops. ``stop(values, residuals)`` ends it early.
+    The recurrence (alpha, beta) is kept in float64, the basis (steps x n entries) in ``dtype``.
+    On breakdown (beta ~ 0: an invariant subspace was found, its Ritz values are exact) it goes on
+    from a random vector orthogonal to the basis with ``restart`` (beta = 0 there), else it stops.
+    ``stop(values, residuals)`` ends it early.
     """
     if k_steps < 1 or n < 1:
         raise ConfigError(f"Lanczos needs k_steps >= 1 and n >= 1, got k_steps={k_steps}, n={n}")
