@@ -69,6 +69,14 @@ def layer_patterns(value: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in items if p.strip())
 
 
+class HessianBnMode(str, enum.Enum):
+    """How norm layers run in the Hessian's passes: ``train`` (batch statistics, the function training
+    sees; running statistics stay still) or ``eval`` (running statistics, PyHessian's choice)."""
+
+    TRAIN = "train"
+    EVAL = "eval"
+
+
 class OptimizerName(str, enum.Enum):
     SGD = "sgd"
     ADAM = "adam"
@@ -106,6 +114,16 @@ class ProbeConfig:
     hessian_tol: float = 1e-3
     hessian_max_iter: int = 100
     hessian_blocks: bool = False
+    spectrum: bool = False
+    spectrum_every: int = 0
+    spectrum_k: int = 1
+    spectrum_tol: float = 1e-3
+    spectrum_max_iter: int = 100
+    spectrum_trace_samples: int = 20
+    spectrum_density_probes: int = 1
+    spectrum_density_steps: int = 90
+    spectrum_bn_mode: HessianBnMode = HessianBnMode.TRAIN
+    spectrum_blocks: bool = False
 
 
 @dataclass(frozen=True)
@@ -334,6 +352,16 @@ def _validate(cfg: Config) -> Config:
         (cfg.probes.hessian_tol > 0, "probes.hessian_tol must be positive"),
         (cfg.probes.hessian_max_iter > 0, "probes.hessian_max_iter must be at least 1"),
         (cfg.probes.hessian_every >= 0, "probes.hessian_every must be >= 0 (0: with ics_every, else record_every)"),
+        (cfg.probes.spectrum_every >= 0, "probes.spectrum_every must be >= 0 (0: with hessian_every, else ics_every, else record_every)"),
+        (cfg.probes.spectrum_k >= 1, "probes.spectrum_k must be at least 1"),
+        (cfg.probes.spectrum_tol > 0, "probes.spectrum_tol must be positive"),
+        (cfg.probes.spectrum_max_iter >= cfg.probes.spectrum_k, "probes.spectrum_max_iter must be at least probes.spectrum_k"),
+        (
+            cfg.probes.spectrum_trace_samples != 1 and cfg.probes.spectrum_trace_samples >= 0,
+            "probes.spectrum_trace_samples must be 0 (off) or at least 2 (for its standard error)",
+        ),
+        (cfg.probes.spectrum_density_probes >= 0, "probes.spectrum_density_probes must be >= 0 (0: off)"),
+        (cfg.probes.spectrum_density_steps >= 1, "probes.spectrum_density_steps must be at least 1"),
         (cfg.probes.landscape_every >= 0, "probes.landscape_every must be >= 0 (0: with ics_every, else record_every)"),
         (cfg.probes.histogram_bins <= MAX_HISTOGRAM_BINS, f"probes.histogram_bins must be at most {MAX_HISTOGRAM_BINS}"),
         (0 <= cfg.seed < _INT64, f"seed must be between 0 and {_INT64 - 1}"),

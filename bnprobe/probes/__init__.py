@@ -13,7 +13,7 @@ from typing import Any
 from ..config import Config
 from ..errors import ConfigError
 from ..store import RunWriter
-from . import hessian, ics, landscape
+from . import hessian, ics, landscape, spectrum
 from .base import Probe, ProbeFactory, StepBatch, every
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
 REGISTRY: dict[str, ProbeFactory] = {
     "landscape": landscape.probe_from_config,
     "hessian": hessian.probe_from_config,
+    "spectrum": spectrum.probe_from_config,
     "ics": ics.probe_from_config,
 }
 

@@ -190,16 +190,15 @@ def _refusing_what_has_no_double_backward(model: nn.Module, x: Any) -> Iterator[
         raise refusal from e
 
 
-def _power_iteration(
-    grads: Sequence[torch.Tensor | None],
-    ps: Sequence[torch.Tensor],
-    tol: float,
-    max_iter: int,
-    init: torch.Tensor | Sequence[torch.Tensor] | None,
-    seed: int,
-) -> tuple[float, int, float, torch.Tensor, bool]:
+HVP = Callable[[torch.Tensor], torch.Tensor]
+"""A Hessian-vector product on flat vectors (the parameters' entries concatenated in order)."""
+
+
+def hvp_function(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor]) -> HVP:
+    """``v -> H v`` for the Hessian of the loss wrt ``ps`` (one double backward through the graph of
+    ``grads``, kept for the next call): every spectral method here (power iteration, Lanczos,
+    Hutchinson, SLQ) runs on it, and a block's ``grads``/``ps`` give that diagonal block's product."""
     sizes = [p.numel() for p in ps]
-    n = sum(sizes)
     ref = ps[0]
     live = [k for k, g in enumerate(grads) if g is not None]
     live_grads = [g for g in grads if g is not None]
@@ -221,7 +220,20 @@ def _power_iteration(
                 full[k] = h.reshape(-1)
         return torch.cat(full)
 
-    v = _start_vector(init, n, ref, seed)
+    return hvp
+
+
+def _power_iteration(
+    grads: Sequence[torch.Tensor | None],
+    ps: Sequence[torch.Tensor],
+    tol: float,
+    max_iter: int,
+    init: torch.Tensor | Sequence[torch.Tensor] | None,
+    seed: int,
+) -> tuple[float, int, float, torch.Tensor, bool]:
+    n = sum(p.numel() for p in ps)
+    hvp = hvp_function(grads, ps)
+    v = _start_vector(init, n, ps[0], seed)
     previous: float | None = None
     eigenvalue, residual, converged = 0.0, math.nan, False
     iterations = 0
@@ -286,6 +298,27 @@ def top_hessian_eigenvalue(
     return HessianResult(lam, its, res, v, ok, bn_mode, _samples(x))
 
 
+def layer_blocks(
+    model: nn.Module,
+    order: Sequence[nn.Module],
+    ps: Sequence[torch.Tensor],
+    layers: Sequence[str] | str | None,
+    kinds: Sequence[str] | None,
+) -> list[tuple[str, list[int]]]:
+    """The selected layers' diagonal blocks in forward ``order``: each layer's name and the indices
+    into ``ps`` of its own parameters (layers without one left out); ``layers`` / ``kinds`` select as for ICS."""
+    index = {id(p): k for k, p in enumerate(ps)}
+    names = {id(m): n for n, m in model.named_modules()}
+    blocks = [(names[id(m)], [index[id(p)] for p in m.parameters(recurse=False) if id(p) in index]) for m in order]
+    blocks = [(n, list(dict.fromkeys(ks))) for n, ks in blocks if ks]
+    patterns = layer_patterns(layers)
+    kinds_of = {names[id(m)]: layer_kind(m) for m in order}
+    picked = select([(n, kinds_of[n]) for n, _ in blocks], patterns, kinds)
+    if not picked:
+        raise no_layer_matches(patterns, kinds)
+    return [blocks[j] for j in picked]
+
+
 def hessian_blocks(
     model: nn.Module,
     loss_fn: Callable[[Any, Any], torch.Tensor],
@@ -306,21 +339,10 @@ def hessian_blocks(
     """
     if tol <= 0 or max_iter < 1:
         raise ConfigError(f"power iteration needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    index = {id(p): k for k, (_, p) in enumerate(named)}
-    ps: list[torch.Tensor] = [p for _, p in named]
+    ps: list[torch.Tensor] = [p for n, p in model.named_parameters() if p.requires_grad]
     grads, order = _first_order(model, loss_fn, x, y, ps, bn_mode)
-    names = {id(m): n for n, m in model.named_modules()}
-    blocks = [(names[id(m)], [index[id(p)] for p in m.parameters(recurse=False) if id(p) in index]) for m in order]
-    blocks = [(n, list(dict.fromkeys(ks))) for n, ks in blocks if ks]
-    patterns = layer_patterns(layers)
-    kinds_of = {names[id(m)]: layer_kind(m) for m in order}
-    picked = select([(n, kinds_of[n]) for n, _ in blocks], patterns, kinds)
-    if not picked:
-        raise no_layer_matches(patterns, kinds)
     out = {}
-    for j in picked:
-        name, ks = blocks[j]
+    for name, ks in layer_blocks(model, order, ps, layers, kinds):
         with _refusing_what_has_no_double_backward(model, x):
             lam, its, res, v, ok = _power_iteration(
                 [grads[k] for k in ks], [ps[k] for k in ks], tol, max_iter, (init or {}).get(name), seed

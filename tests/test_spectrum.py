@@ -1,0 +1,297 @@
+"""Hessian spectrum (Lanczos top-k, Hutchinson trace, SLQ density) against the full Hessian and eigvalsh."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from bnprobe.config import load_config
+from bnprobe.errors import ConfigError
+from bnprobe.probes.spectrum import (
+    block_spectra,
+    density,
+    hessian_trace,
+    lanczos,
+    rademacher,
+    spectral_density,
+    top_eigenvalues,
+)
+from tests.test_hessian import data, full_hessian, full_hessian_of, tiny
+
+LOSS = nn.CrossEntropyLoss()
+
+
+def bn_model(mode: str) -> tuple[nn.Module, nn.Module]:
+    """The tiny BN MLP (float64) with moved running statistics, and the reference whose plain
+    forward is the function the Hessian is taken of in ``mode`` (a copy in eval mode for ``eval``)."""
+    model = tiny()
+    x, _ = data()
+    model(x * 1.5 + 0.3)  # running statistics away from (0, 1)
+    return model, (copy.deepcopy(model).eval() if mode == "eval" else model)
+
+
+def off_diagonal_squares(h: torch.Tensor) -> float:
+    return float(h.square().sum() - h.diagonal().square().sum())
+
+
+# ----------------------------------------------------------------------------- Lanczos itself
+
+
+def test_lanczos_on_a_matrix_gives_its_eigenvalues_and_quadrature() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    a = a + a.T
+    q = torch.randn(12, generator=g, dtype=torch.float64)
+    r = lanczos(lambda v: a @ v, 12, 12, q)
+    assert r.steps == 12
+    torch.testing.assert_close(r.values, torch.linalg.eigvalsh(a), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(r.basis @ r.basis.T, torch.eye(12, dtype=torch.float64), rtol=0, atol=1e-12)
+    q1 = q / q.norm()
+    for j in range(4):  # Gauss quadrature: sum w theta^j = q1' A^j q1
+        assert float((r.weights * r.values**j).sum()) == pytest.approx(float(q1 @ torch.linalg.matrix_power(a, j) @ q1), rel=1e-9)
+    short = lanczos(lambda v: a @ v, 12, 5, q)  # exact up to degree 2*5-1
+    moment = float(q1 @ torch.linalg.matrix_power(a, 9) @ q1)
+    assert short.steps == 5 and float((short.weights * short.values**9).sum()) == pytest.approx(moment, rel=1e-8)
+    residual = a @ short.ritz_vectors(1)[0] - short.values[-1] * short.ritz_vectors(1)[0]
+    assert float(residual.norm()) == pytest.approx(float(short.residuals[-1]), rel=1e-6)
+
+
+def test_lanczos_breakdown_restarts_or_stops() -> None:
+    """A start vector in a 2-D invariant subspace: exact after 2 steps; with restart it goes on to the rest."""
+    a = torch.diag(torch.tensor([5.0, 5.0, 3.0, 1.0, 1.0, -2.0], dtype=torch.float64))
+    start = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    stopped = lanczos(lambda v: a @ v, 6, 6, start, restart=False)
+    assert stopped.steps == 2 and stopped.values.tolist() == pytest.approx([3.0, 5.0])
+    assert float(stopped.weights.sum()) == pytest.approx(1.0)
+    went_on = lanczos(lambda v: a @ v, 6, 6, start)
+    assert went_on.steps == 6 and went_on.values.tolist() == pytest.approx([-2.0, 1.0, 1.0, 3.0, 5.0, 5.0])
+
+
+# ----------------------------------------------------------------------------- top-k
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_top_k_matches_eigvalsh(mode: str) -> None:
+    model, ref = bn_model(mode)
+    x, y = data()
+    h = full_hessian(ref, x, y)
+    expected = torch.linalg.eigvalsh(h).flip(0)[:4]
+    res = top_eigenvalues(model, LOSS, x, y, k=4, tol=1e-10, max_iter=200, bn_mode=mode)
+    assert res.converged and res.bn_mode == mode and res.samples == 10
+    torch.testing.assert_close(res.values, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(res.vectors @ res.vectors.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-8)
+    true_residuals = (res.vectors @ h - res.values[:, None] * res.vectors).norm(dim=1)
+    assert (true_residuals <= 1e-4 * res.values.abs()).all()
+    loose = top_eigenvalues(model, LOSS, x, y, k=1, tol=1e-3, bn_mode=mode)
+    assert float(loose.values[0]) == pytest.approx(float(expected[0]), rel=1e-3) and loose.iterations < res.iterations
+
+
+def test_warm_start_reduces_iterations() -> None:
+    model = tiny()
+    x, y = data()
+    cold = top_eigenvalues(model, LOSS, x, y, k=2, tol=1e-8, max_iter=200)
+    with torch.no_grad():  # a small training step later: the previous Ritz vectors are close
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
+    moved_cold = top_eigenvalues(model, LOSS, x, y, k=2, tol=1e-8, max_iter=200)
+    moved_warm = top_eigenvalues(model, LOSS, x, y, k=2, tol=1e-8, max_iter=200, init=cold.vectors)
+    assert moved_warm.iterations < moved_cold.iterations
+    torch.testing.assert_close(moved_warm.values, moved_cold.values, rtol=1e-7, atol=0)
+
+
+# ----------------------------------------------------------------------------- trace
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_hutchinson_trace_and_its_standard_error(mode: str) -> None:
+    model, ref = bn_model(mode)
+    x, y = data()
+    h = full_hessian(ref, x, y)
+    m = 400
+    res = hessian_trace(model, LOSS, x, y, samples=m, seed=3, bn_mode=mode)
+    exact_stderr = math.sqrt(2 * off_diagonal_squares(h) / m)  # Rademacher: var(v'Hv) = 2 sum_{i!=j} H_ij^2
+    assert abs(res.trace - float(h.trace())) < 4 * exact_stderr
+    assert res.stderr == pytest.approx(exact_stderr, rel=0.15)
+    assert res.samples == m and res.bn_mode == mode
+    assert hessian_trace(model, LOSS, x, y, samples=m, seed=3, bn_mode=mode) == res  # reproducible
+
+
+def test_rademacher_is_signs_from_its_generator() -> None:
+    v = rademacher(1000, torch.Generator().manual_seed(0), torch.empty(0, dtype=torch.float64))
+    assert set(v.tolist()) == {-1.0, 1.0} and abs(float(v.mean())) < 0.1
+    assert torch.equal(v, rademacher(1000, torch.Generator().manual_seed(0), torch.empty(0, dtype=torch.float64)))
+
+
+def test_blocks_top_eigenvalue_and_trace() -> None:
+    model = tiny()
+    x, y = data()
+    h = full_hessian(model, x, y)
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    m = 400
+    blocks = block_spectra(model, LOSS, x, y, tol=1e-10, max_iter=200, samples=m, seed=5)
+    assert list(blocks) == ["0", "1", "3"]
+    whole = hessian_trace(model, LOSS, x, y, samples=m, seed=5)
+    assert sum(b.trace for b in blocks.values()) == pytest.approx(whole.trace, rel=1e-10)  # same vectors, blocks cover all
+    starts = np.cumsum([0, *sizes])
+    for layer, b in blocks.items():
+        idx = torch.cat([torch.arange(starts[k], starts[k + 1]) for k, n in enumerate(names) if n.split(".")[0] == layer])
+        inside = h[idx][:, idx]
+        assert float(b.top.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(inside)[-1]), rel=1e-6), layer
+        rows = h[idx]
+        var = 2 * off_diagonal_squares(inside) + float(rows.square().sum() - inside.square().sum())  # cross terms count once
+        assert abs(b.trace - float(inside.trace())) < 4 * math.sqrt(var / m), layer
+        assert b.stderr == pytest.approx(math.sqrt(var / m), rel=0.15), layer
+
+
+# ----------------------------------------------------------------------------- density
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_slq_quadrature_per_probe_and_moments(mode: str) -> None:
+    """Per probe vector q (Rademacher / sqrt(n)), Gauss quadrature is exact: sum w theta^j = q' H^j q
+    for j < 2 * steps; over many probes the moments are tr(H^j) / n in expectation."""
+    model, ref = bn_model(mode)
+    x, y = data()
+    h = full_hessian(ref, x, y)
+    n = h.shape[0]
+    res = spectral_density(model, LOSS, x, y, probes=300, steps=6, seed=7, bn_mode=mode)
+    assert res.nodes.shape == (300, 6) and res.parameters == n
+    g = torch.Generator().manual_seed(7)
+    for i in range(5):
+        q = rademacher(n, g, h) / math.sqrt(n)
+        for j in range(12):
+            want = float(q @ torch.linalg.matrix_power(h, j) @ q)
+            assert float((res.weights[i] * res.nodes[i] ** j).sum()) == pytest.approx(want, rel=1e-7, abs=1e-12), (i, j)
+    for j, exact in ((1, float(h.trace())), (2, float(h.square().sum()))):
+        per_probe = (res.weights * res.nodes**j).sum(1) * n
+        stderr = float(per_probe.std()) / math.sqrt(len(per_probe))
+        assert abs(float(per_probe.mean()) - exact) < 4 * stderr, j
+
+
+def test_density_is_pyhessians_density_generate() -> None:
+    g = np.random.default_rng(0)
+    nodes, weights = g.normal(size=(3, 8)) * 4, g.random((3, 8))
+    weights /= weights.sum(1, keepdims=True)
+    grid, values = density(nodes, weights)
+    # PyHessian's density_generate, written out
+    low, high = np.mean(np.min(nodes, axis=1)) - 0.01, np.mean(np.max(nodes, axis=1)) + 0.01
+    lo, hi = nodes.min() - 0.01, nodes.max() + 0.01
+    assert grid[0] == pytest.approx(lo) and grid[-1] == pytest.approx(hi) and len(grid) == 10_000 and low >= lo and high <= hi
+    var = 1e-5 * max(1, hi - lo)
+    ref = np.array(
+        [[np.sum(np.exp(-((x - nodes[i]) ** 2) / (2 * var)) / np.sqrt(2 * np.pi * var) * weights[i]) for x in grid] for i in range(3)]
+    )
+    ref = ref.mean(0)
+    ref /= ref.sum() * (grid[1] - grid[0])
+    np.testing.assert_allclose(values, ref, rtol=1e-9, atol=1e-12)
+    peak_grid, peak = density(np.array([[1.0, 2.0]]), np.array([[1.0, 0.0]]), grid=np.linspace(0, 2, 2001), sigma=0.1)
+    assert peak_grid[np.argmax(peak)] == pytest.approx(1.0)  # the zero-weight padding node adds nothing
+    assert peak.max() == pytest.approx(1 / math.sqrt(2 * math.pi * 0.01), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- leaving no trace
+
+
+def test_every_pass_leaves_no_trace() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.2), nn.Linear(6, 3)).double()
+    x, y = data()
+    model(x)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    for mode in ("train", "eval"):
+        top_eigenvalues(model, LOSS, x, y, k=2, max_iter=20, bn_mode=mode)
+        hessian_trace(model, LOSS, x, y, samples=3, bn_mode=mode)
+        spectral_density(model, LOSS, x, y, probes=2, steps=5, bn_mode=mode)
+        block_spectra(model, LOSS, x, y, max_iter=10, samples=3, bn_mode=mode)
+        assert torch.equal(torch.get_rng_state(), rng)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), key
+        assert all(p.grad is not None and torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+        assert model.training and model[1].training and model[1].track_running_stats
+    with pytest.raises(ConfigError, match="unknown BN mode 'frozen'"):
+        hessian_trace(model, LOSS, x, y, bn_mode="frozen")
+
+
+# ----------------------------------------------------------------------------- the probe in a run
+
+DLN = (
+    "name: s\nmodel: dln\nmodel_options: {{depth: 3, width: 4}}\ndata: synthetic:linear\ndata_options: {{n: 64, dim: 4}}\n"
+    "steps: {steps}\nbatch_size: 16\nlr: 0.05\nseed: 1\n"
+    "probes: {{record_every: 2, spectrum: true, spectrum_k: 2, spectrum_tol: 1.0e-9, spectrum_max_iter: 200,\n"
+    "  spectrum_trace_samples: 300, spectrum_density_probes: 2, spectrum_density_steps: 5, spectrum_blocks: true}}\n"
+)
+
+
+def test_train_records_the_spectrum_section(in_tmp: Path) -> None:
+    """``bnprobe train`` with the probe on: top-k, trace and density at step 0 equal the full Hessian's."""
+    from bnprobe.cli import app
+    from bnprobe.data import batches, load_data
+    from bnprobe.report import strings
+    from bnprobe.store import read_file
+    from bnprobe.trainer import prepare_model
+
+    Path("s.yaml").write_text(DLN.format(steps=3))
+    result = CliRunner().invoke(app, ["train", "s.yaml", "-o", "s.h5"])
+    assert result.exit_code == 0, result.output
+    run = read_file("s.h5").runs["keep"]
+    d = run.data
+    assert d["spectrum/step"].tolist() == [0, 2]
+    assert d["spectrum/top_k"].shape == (2, 2) and d["spectrum/density_nodes"].shape == (2, 2, 5)
+    np.testing.assert_allclose(d["spectrum/density_weights"].sum(2), 1.0, rtol=1e-6)
+    assert run.dataset_attrs["spectrum/top_k"]["bn_mode"] == "train" and run.dataset_attrs["spectrum/trace"]["vectors"] == 300
+    blocks = strings(d["spectrum/block"])
+    assert d["spectrum/block_trace"].shape == (2, len(blocks))
+
+    cfg = load_config("s.yaml")
+    bundle = load_data(cfg.data, seed=cfg.seed, **dict(cfg.data_options))
+    model, _ = prepare_model(cfg, bundle, torch.device("cpu"))
+    x, y = next(batches(bundle, cfg.batch_size, cfg.seed))
+    model, x, y = model.double(), x.double(), y.double()
+    h = full_hessian_of(model, x, y, nn.MSELoss())
+    np.testing.assert_allclose(d["spectrum/top_k"][0], torch.linalg.eigvalsh(h).flip(0)[:2].numpy(), rtol=1e-4)
+    assert abs(d["spectrum/trace"][0] - float(h.trace())) < 4 * d["spectrum/trace_stderr"][0]
+
+
+def test_a_resumed_run_records_the_spectrum_of_an_uninterrupted_one(in_tmp: Path) -> None:
+    from bnprobe.store import read_file
+    from bnprobe.trainer import StepInfo, resume_experiment, run_experiment
+
+    Path("s.yaml").write_text(DLN.format(steps=7).replace("spectrum_tol: 1.0e-9", "spectrum_tol: 1.0e-2"))
+    run_experiment(load_config("s.yaml", {"checkpoint_every": 2, "output": "full.h5"}))
+
+    def stop_at_5(info: StepInfo) -> None:
+        if info.step == 5:
+            raise KeyboardInterrupt("stopped by the test at step 5")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_config("s.yaml", {"checkpoint_every": 2, "output": "cut.h5"}), progress=stop_at_5)
+    resume_experiment(Path("cut.h5"))
+    full, resumed = read_file("full.h5").runs["keep"].data, read_file("cut.h5").runs["keep"].data
+    for key in [k for k in full if k.startswith("spectrum/")]:
+        np.testing.assert_array_equal(full[key], resumed[key], err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("spectrum_k", 0, "probes.spectrum_k must be at least 1"),
+        ("spectrum_trace_samples", 1, "spectrum_trace_samples must be 0 .off. or at least 2"),
+        ("spectrum_bn_mode", "frozen", "probes.spectrum_bn_mode: 'frozen' is not one of train, eval"),
+        ("spectrum_max_iter", 0, "spectrum_max_iter must be at least probes.spectrum_k"),
+        ("spectrum_density_steps", 0, "spectrum_density_steps must be at least 1"),
+        ("spectrum_tol", 0, "spectrum_tol must be positive"),
+    ],
+)
+def test_config_keys_are_checked(key: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {f"probes.{key}": value})
