@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .probes.ics import gradient_shift
     from .probes.landscape import landscape
     from .probes.moments import moment_stats
+    from .probes.spectrum import hessian_trace, spectral_density, top_eigenvalues
     from .recorder import Recorder
     from .store import read_file
     from .surgery import apply_bn
@@ -37,6 +38,9 @@ _EXPORTS = {
     "landscape": "bnprobe.probes.landscape",
     "top_hessian_eigenvalue": "bnprobe.probes.hessian",
     "moment_stats": "bnprobe.probes.moments",
+    "top_eigenvalues": "bnprobe.probes.spectrum",
+    "hessian_trace": "bnprobe.probes.spectrum",
+    "spectral_density": "bnprobe.probes.spectrum",
     "run_experiment": "bnprobe.trainer",
     "read_file": "bnprobe.store",
 }
@@ -46,6 +50,7 @@ __all__ = [
     "apply_bn",
     "build_model",
     "gradient_shift",
+    "hessian_trace",
     "landscape",
     "leave_no_trace",
     "list_models",
@@ -54,6 +59,8 @@ __all__ = [
     "moment_stats",
     "read_file",
     "run_experiment",
+    "spectral_density",
+    "top_eigenvalues",
     "top_hessian_eigenvalue",
 ]
 

@@ -146,6 +146,10 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Any config key as KEY=VALUE (YAML value), e.g. probes.hessian_tol=1e-4; repeatable.", show_default=False),
 ]
+SpectrumOpt = Annotated[
+    bool | None,
+    typer.Option("--spectrum/--no-spectrum", help="Hessian spectrum: top-k, trace, density (probes.spectrum_*).", show_default=False),
+]
 
 
 def _flag(key: str) -> str:
@@ -334,6 +338,7 @@ def train(
     landscape: Annotated[bool | None, typer.Option("--landscape/--no-landscape", show_default=False)] = None,
     hessian: Annotated[bool | None, typer.Option("--hessian/--no-hessian", show_default=False)] = None,
     hessian_blocks: HessianBlocksOpt = None,
+    spectrum: SpectrumOpt = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: at the end).")] = None,
     flush_every: Annotated[int | None, typer.Option(help="Write buffered records to the file every N steps...")] = None,
     flush_seconds: Annotated[float | None, typer.Option(help="...or every S seconds, whichever comes first.")] = None,
@@ -376,6 +381,7 @@ def measure_ics(
         bool | None, typer.Option("--hessian/--no-hessian", help="Also the top Hessian eigenvalue.", show_default=False)
     ] = None,
     hessian_blocks: HessianBlocksOpt = None,
+    spectrum: SpectrumOpt = None,
     bn: BnOpt = None,
     model: ModelOpt = None,
     data: DataOpt = None,

@@ -22,6 +22,7 @@ The output format follows the file suffix (png, svg, pdf).
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BnprobeError, ConfigError
+from .quadrature import density as slq_density
 from .report import RECORD_HINTS, align_layers
 from .store import (
     ICS,
@@ -291,23 +293,15 @@ def _training(plt: Any, columns: list[Column]) -> Any:
     return fig
 
 
-def broadened_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
-    """The SLQ density on ``grid``: each probe's quadrature (``nodes``, ``weights``: [probes, nodes])
-    as a sum of Gaussians of width ``sigma``, averaged over probes (PyHessian's ``density_generate``).
-    It integrates to 1 when the grid covers the nodes with a few sigma to spare."""
-    gauss = np.exp(-((grid[None, None, :] - nodes[..., None]) ** 2) / (2 * sigma**2)) / (sigma * np.sqrt(2 * np.pi))
-    density: np.ndarray = (weights[..., None] * gauss).sum(axis=1).mean(axis=0)
-    return density
-
-
 def _hessian(plt: Any, columns: list[Column]) -> Any:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), constrained_layout=True)
     lasts = [(_recorded(c, SPECTRUM, "density_nodes")[-1], _recorded(c, SPECTRUM, "density_weights")[-1]) for c in columns]
-    lo, hi = min(float(np.nanmin(n)) for n, _ in lasts), max(float(np.nanmax(n)) for n, _ in lasts)
-    sigma = 0.01 * max(hi - lo, 1e-12)  # a hundredth of the spectrum's span: the bulk and the outliers both show
-    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, 2000)
+    used = [n[w > 0] for n, w in lasts]
+    lo, hi = min(float(u.min()) for u in used), max(float(u.max()) for u in used)
+    sigma = math.sqrt(1e-5 * max(1.0, hi - lo))  # PyHessian's broadening; the grid spares 5 sigma so no node's mass is cut off
+    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, 10_000)
     for c, (nodes, weights), color in zip(columns, lasts, _colors(len(columns))):
-        density = broadened_density(nodes, weights, grid, sigma)
+        _, density = slq_density(nodes, weights, grid, sigma)
         axes[0].semilogy(
             grid, np.maximum(density, 1e-12), color=color, linewidth=1.2, label=f"{_name(c)} (step {int(_recorded(c, SPECTRUM, STEP)[-1])})"
         )

@@ -56,7 +56,7 @@ def _uses(module: str, prefix: str) -> bool:
 @pytest.mark.parametrize("view", VIEWS)
 def test_views_read_only_the_store(view: str) -> None:
     assert not _uses(view, "torch") and not _uses(view, "bnprobe.probes") and not _uses(view, "h5py")
-    assert _internal(view) <= {"bnprobe", "bnprobe.store", "bnprobe.errors", "bnprobe.config", *VIEWS}
+    assert _internal(view) <= {"bnprobe", "bnprobe.store", "bnprobe.errors", "bnprobe.config", "bnprobe.quadrature", *VIEWS}
 
 
 def test_the_store_knows_no_model() -> None:

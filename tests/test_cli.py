@@ -40,6 +40,10 @@ def test_cli_flags_win_over_the_config(in_tmp: Path, tiny_config: Path) -> None:
     assert result.exit_code == 0
     assert "steps: 3" in result.output and "lr: 0.2" in result.output
     assert not (in_tmp / "runs").exists()
+    assert "  spectrum: false" in result.output
+    for command in ("train", "measure-ics"):
+        shown = runner.invoke(app, [command, str(tiny_config), "--spectrum", "--print-config"]).output
+        assert "  spectrum: true" in shown, command
 
 
 def test_existing_output_is_refused(in_tmp: Path, tiny_config: Path) -> None:

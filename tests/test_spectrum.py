@@ -16,13 +16,13 @@ from bnprobe.config import load_config
 from bnprobe.errors import ConfigError
 from bnprobe.probes.spectrum import (
     block_spectra,
-    density,
     hessian_trace,
     lanczos,
     rademacher,
     spectral_density,
     top_eigenvalues,
 )
+from bnprobe.quadrature import density
 from tests.test_hessian import data, full_hessian, full_hessian_of, tiny
 
 LOSS = nn.CrossEntropyLoss()
@@ -236,8 +236,7 @@ def test_train_records_the_spectrum_section(in_tmp: Path) -> None:
     """``bnprobe train`` with the probe on: top-k, trace and density at step 0 equal the full Hessian's."""
     from bnprobe.cli import app
     from bnprobe.data import batches, load_data
-    from bnprobe.report import strings
-    from bnprobe.store import read_file
+    from bnprobe.store import read_file, strings
     from bnprobe.trainer import prepare_model
 
     Path("s.yaml").write_text(DLN.format(steps=3))
