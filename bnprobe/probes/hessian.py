@@ -64,7 +64,7 @@ def _check_bn_mode(mode: str) -> None:
         raise ConfigError(f"unknown BN mode {mode!r} for the Hessian; choose from {', '.join(BN_MODES)}")
 
 
-def _select_params(model: nn.Module, params: Iterable[torch.Tensor | str] | None) -> list[tuple[str, torch.Tensor]]:
+def select_params(model: nn.Module, params: Iterable[torch.Tensor | str] | None) -> list[tuple[str, torch.Tensor]]:
     """Trainable parameters: all, given ones, or those whose name or owning module matches a glob."""
     named: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if params is None:
@@ -88,7 +88,7 @@ def _select_params(model: nn.Module, params: Iterable[torch.Tensor | str] | None
     return chosen
 
 
-def _samples(x: Any) -> int:
+def batch_size_of(x: Any) -> int:
     return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
 
 
@@ -124,7 +124,7 @@ def _normalize(x: torch.Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12
     return x / norm.clamp_min(eps)
 
 
-def _first_order(
+def first_order(
     model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: Any, y: Any, ps: list[torch.Tensor], bn_mode: str
 ) -> tuple[list[torch.Tensor | None], list[nn.Module]]:
     """grad L wrt ``ps`` with its graph kept (for double backward; None where L does not depend on
@@ -179,7 +179,7 @@ def _not_twice_differentiable(model: nn.Module, x: Any, error: RuntimeError) -> 
 
 
 @contextmanager
-def _refusing_what_has_no_double_backward(model: nn.Module, x: Any) -> Iterator[None]:
+def refusing_what_has_no_double_backward(model: nn.Module, x: Any) -> Iterator[None]:
     """Turns autograd's "derivative for X is not implemented" in the block into a ModelError that names the module."""
     try:
         yield
@@ -233,7 +233,7 @@ def _power_iteration(
 ) -> tuple[float, int, float, torch.Tensor, bool]:
     n = sum(p.numel() for p in ps)
     hvp = hvp_function(grads, ps)
-    v = _start_vector(init, n, ps[0], seed)
+    v = start_vector(init, n, ps[0], seed)
     previous: float | None = None
     eigenvalue, residual, converged = 0.0, math.nan, False
     iterations = 0
@@ -256,7 +256,7 @@ def _power_iteration(
     return eigenvalue, iterations, residual, v.detach(), converged
 
 
-def _start_vector(init: torch.Tensor | Sequence[torch.Tensor] | None, n: int, ref: torch.Tensor, seed: int) -> torch.Tensor:
+def start_vector(init: torch.Tensor | Sequence[torch.Tensor] | None, n: int, ref: torch.Tensor, seed: int) -> torch.Tensor:
     """The unit start vector: ``init`` (a warm start) when usable, else random from ``seed``."""
     v: torch.Tensor | None = None
     if init is not None:
@@ -290,12 +290,12 @@ def top_hessian_eigenvalue(
     """
     if tol <= 0 or max_iter < 1:
         raise ConfigError(f"power iteration needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
-    named = _select_params(model, params)
+    named = select_params(model, params)
     ps = [p for _, p in named]
-    grads, _ = _first_order(model, loss_fn, x, y, ps, bn_mode)
-    with _refusing_what_has_no_double_backward(model, x):
+    grads, _ = first_order(model, loss_fn, x, y, ps, bn_mode)
+    with refusing_what_has_no_double_backward(model, x):
         lam, its, res, v, ok = _power_iteration(grads, ps, tol, max_iter, init, seed)
-    return HessianResult(lam, its, res, v, ok, bn_mode, _samples(x))
+    return HessianResult(lam, its, res, v, ok, bn_mode, batch_size_of(x))
 
 
 def layer_blocks(
@@ -340,14 +340,14 @@ def hessian_blocks(
     if tol <= 0 or max_iter < 1:
         raise ConfigError(f"power iteration needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
     ps: list[torch.Tensor] = [p for n, p in model.named_parameters() if p.requires_grad]
-    grads, order = _first_order(model, loss_fn, x, y, ps, bn_mode)
+    grads, order = first_order(model, loss_fn, x, y, ps, bn_mode)
     out = {}
     for name, ks in layer_blocks(model, order, ps, layers, kinds):
-        with _refusing_what_has_no_double_backward(model, x):
+        with refusing_what_has_no_double_backward(model, x):
             lam, its, res, v, ok = _power_iteration(
                 [grads[k] for k in ks], [ps[k] for k in ks], tol, max_iter, (init or {}).get(name), seed
             )
-        out[name] = HessianResult(lam, its, res, v, ok, bn_mode, _samples(x))
+        out[name] = HessianResult(lam, its, res, v, ok, bn_mode, batch_size_of(x))
     return out
 
 

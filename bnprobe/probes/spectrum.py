@@ -39,13 +39,13 @@ from ..errors import ConfigError
 from .base import Record, StepBatch, every
 from .hessian import (
     HVP,
-    _first_order,
-    _refusing_what_has_no_double_backward,
-    _samples,
-    _select_params,
-    _start_vector,
+    batch_size_of,
+    first_order,
     hvp_function,
     layer_blocks,
+    refusing_what_has_no_double_backward,
+    select_params,
+    start_vector,
 )
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -114,7 +114,7 @@ def lanczos(
     ref = torch.empty(0, dtype=dtype, device=device)
     restarts = torch.Generator().manual_seed(seed + 1)
     basis = torch.zeros(min(cap, 16), n, dtype=dtype, device=device)  # grows: memory follows the steps taken
-    q = _start_vector(None if init is None else init.reshape(-1, n).sum(0), n, ref, seed)
+    q = start_vector(None if init is None else init.reshape(-1, n).sum(0), n, ref, seed)
     alpha: list[float] = []
     beta: list[float] = []  # beta[j] couples vectors j and j+1; the last one is the residual factor
     eps = torch.finfo(dtype).eps
@@ -199,12 +199,12 @@ def top_eigenvalues(
     ``params`` restricts the Hessian to a block as in :func:`~bnprobe.probes.hessian.top_hessian_eigenvalue`;
     ``init``: the previous result's ``vectors`` (or any start vector, flat).
     """
-    ps = [p for _, p in _select_params(model, params)]
-    grads, _ = _first_order(model, loss_fn, x, y, ps, bn_mode)
+    ps = [p for _, p in select_params(model, params)]
+    grads, _ = first_order(model, loss_fn, x, y, ps, bn_mode)
     n = sum(p.numel() for p in ps)
-    with _refusing_what_has_no_double_backward(model, x):
+    with refusing_what_has_no_double_backward(model, x):
         top = _top_k(hvp_function(grads, ps), ps[0], n, k, tol, max_iter, init, seed)
-    return top._replace(bn_mode=bn_mode, samples=_samples(x))
+    return top._replace(bn_mode=bn_mode, samples=batch_size_of(x))
 
 
 # ----------------------------------------------------------------------------- trace
@@ -260,12 +260,12 @@ def hessian_trace(
     """tr(H) on batch (x, y) by Hutchinson's estimator over ``samples`` Rademacher vectors."""
     if samples < 1:
         raise ConfigError(f"the trace needs samples >= 1, got {samples}")
-    ps = [p for _, p in _select_params(model, params)]
-    grads, _ = _first_order(model, loss_fn, x, y, ps, bn_mode)
-    with _refusing_what_has_no_double_backward(model, x):
+    ps = [p for _, p in select_params(model, params)]
+    grads, _ = first_order(model, loss_fn, x, y, ps, bn_mode)
+    with refusing_what_has_no_double_backward(model, x):
         forms = _quadratic_forms(hvp_function(grads, ps), ps, samples, seed)
     trace, stderr = _estimate(forms.sum(1))
-    return TraceResult(float(trace), float(stderr), samples, bn_mode, _samples(x))
+    return TraceResult(float(trace), float(stderr), samples, bn_mode, batch_size_of(x))
 
 
 # ----------------------------------------------------------------------------- density
@@ -309,12 +309,12 @@ def spectral_density(
     params: Iterable[torch.Tensor | str] | None = None,
 ) -> DensityResult:
     """The Hessian's eigenvalue density on batch (x, y) by SLQ: ``probes`` Rademacher vectors, ``steps`` Lanczos steps each."""
-    ps = [p for _, p in _select_params(model, params)]
-    grads, _ = _first_order(model, loss_fn, x, y, ps, bn_mode)
+    ps = [p for _, p in select_params(model, params)]
+    grads, _ = first_order(model, loss_fn, x, y, ps, bn_mode)
     n = sum(p.numel() for p in ps)
-    with _refusing_what_has_no_double_backward(model, x):
+    with refusing_what_has_no_double_backward(model, x):
         nodes, weights = _slq(hvp_function(grads, ps), ps[0], n, probes, steps, seed)
-    return DensityResult(nodes, weights, n, bn_mode, _samples(x))
+    return DensityResult(nodes, weights, n, bn_mode, batch_size_of(x))
 
 
 # ----------------------------------------------------------------------------- per layer block
@@ -341,7 +341,7 @@ class _Pass:
         ps: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
         if not ps:
             raise ConfigError("the Hessian needs a trainable parameter; the model has none")
-        grads, order = _first_order(model, loss_fn, x, y, ps, bn_mode)
+        grads, order = first_order(model, loss_fn, x, y, ps, bn_mode)
         return cls(ps, grads, order)
 
     @property
@@ -394,10 +394,10 @@ def block_spectra(
     cover every parameter). ``layers`` / ``kinds`` select as for ICS; ``init`` maps names to start vectors.
     """
     p = _Pass.of(model, loss_fn, x, y, bn_mode)
-    with _refusing_what_has_no_double_backward(model, x):
+    with refusing_what_has_no_double_backward(model, x):
         forms = _quadratic_forms(hvp_function(p.grads, p.ps), p.ps, samples, seed) if samples > 0 else None
         out = _blocks(p, layer_blocks(model, p.order, p.ps, layers, kinds), forms, tol, max_iter, init or {}, seed)
-    return {name: b._replace(top=b.top._replace(bn_mode=bn_mode, samples=_samples(x))) for name, b in out.items()}
+    return {name: b._replace(top=b.top._replace(bn_mode=bn_mode, samples=batch_size_of(x))) for name, b in out.items()}
 
 
 # ----------------------------------------------------------------------------- the probe
@@ -453,7 +453,7 @@ class SpectrumProbe:
         self._parameters = p.n
         seed = record_seed(self.seed, batch.step)
         whole = hvp_function(p.grads, p.ps)
-        with _refusing_what_has_no_double_backward(model, x):
+        with refusing_what_has_no_double_backward(model, x):
             top = _top_k(whole, p.ps[0], p.n, self.k, self.tol, self.max_iter, self._vectors, seed)
             self._vectors = top.vectors
             row: Record = {
