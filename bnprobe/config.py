@@ -105,6 +105,7 @@ class ProbeConfig:
     histogram_bins: int = 0
     histogram_range: tuple[float, float] = (-10.0, 10.0)
     percentile_samples: int = 16384
+    compiled_moments: bool = False
     ics_every: int = 0
     landscape: bool = False
     landscape_every: int = 0

@@ -41,7 +41,9 @@ class Recorder:
 
     ``output`` is a path (a new file with one run named ``run``) or a :class:`RunWriter` of an
     open :class:`Store` (how the trainer puts several variants in one file). A module called
-    several times per forward is recorded at its first call of the step.
+    several times per forward is recorded at its first call of the step. ``compiled_moments``
+    computes the statistics with one ``torch.compile``d kernel (compiles once; see
+    :class:`bnprobe.probes.moments.Workspace`).
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class Recorder:
         histogram_bins: int = 0,
         histogram_range: tuple[float, float] = (-10.0, 10.0),
         percentile_samples: int = DEFAULT_SAMPLES,
+        compiled_moments: bool = False,
         seed: int = 0,
         run: str = "run",
         force: bool = False,
@@ -92,7 +95,7 @@ class Recorder:
         self._generator: torch.Generator | None = None
         self._generator_state = generator_state  # a resumed run continues the subsample stream
         self._seed = seed
-        self._workspace = Workspace()  # the statistics' temporaries, reused across layers and steps
+        self._workspace = Workspace(compiled_moments)  # the statistics' temporaries, reused across layers and steps
         self._order: list[tuple[str, nn.Module]] = []  # forward-execution order, fixed after the first step
         self._current: dict[str, torch.Tensor] = {}  # stats of this step, by layer name
         self._current_channel: dict[str, torch.Tensor] = {}

@@ -291,6 +291,7 @@ def _start(
     rec = Recorder(
         model, writer, layers=p.layers, kinds=p.kinds or None, record_every=p.record_every, per_channel=p.per_channel,
         histogram_bins=p.histogram_bins, histogram_range=p.histogram_range, percentile_samples=p.percentile_samples,
+        compiled_moments=p.compiled_moments,
         seed=cfg.seed, flush_every=cfg.flush_every, flush_seconds=cfg.flush_seconds, start_step=start, require_match=False,
         generator_state=checkpoint.get("rng_recorder") if checkpoint else None,
         start_seconds=float(checkpoint.get("seconds", 0.0)) if checkpoint else 0.0,

@@ -176,3 +176,34 @@ def test_a_reused_workspace_gives_the_same_bits() -> None:
             assert torch.equal(fresh.nan_to_num(), reused.nan_to_num()), (tuple(x.shape), per_channel)
     first = workspace.take(0, (10, 10), torch.float32, torch.device("cpu"))
     assert workspace.take(0, (5, 3), torch.float32, torch.device("cpu")).data_ptr() == first.data_ptr()  # memory is reused
+
+
+def test_compiled_moments_fall_back_to_the_eager_bits_when_compiling_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_compiler(fn: object, **_: object) -> object:
+        def fails(*_a: object) -> None:
+            raise RuntimeError("no C++ compiler")
+
+        return fails
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    x = torch.relu(torch.randn(8, 4, 5, 5, generator=torch.Generator().manual_seed(4)))
+    workspace = Workspace(compiled=True)
+    with pytest.warns(UserWarning, match=r"compiled moments unavailable \(RuntimeError\); computing them eagerly"):
+        first = moment_stats(x, workspace=workspace)
+    assert not workspace.compiled  # warned once, eager from now on
+    assert torch.equal(first, moment_stats(x)) and torch.equal(moment_stats(x, workspace=workspace), moment_stats(x))
+
+
+@pytest.mark.slow
+def test_compiled_moments_equal_the_eager_ones() -> None:
+    """One compile (about 20 s on 2 cores), then whole-tensor and per-channel statistics of several
+    shapes, as the eager path gives them up to float32 rounding (the numpy tests use the same tolerance)."""
+    g = torch.Generator().manual_seed(5)
+    workspace = Workspace(compiled=True)
+    for shape in [(16, 8, 6, 6), (4, 3, 7, 7), (64, 10)]:
+        x = torch.relu(torch.randn(shape, generator=g) + 0.3)
+        for per_channel in (False, True):
+            eager = moment_stats(x, per_channel, 10**6)
+            fused = moment_stats(x, per_channel, 10**6, workspace=workspace)
+            torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)  # kurtosis amplifies rounding
+    assert workspace.compiled  # no fallback happened

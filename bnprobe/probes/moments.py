@@ -14,6 +14,8 @@ Conventions (the tests check them against numpy):
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -35,10 +37,30 @@ def _subsample(flat: torch.Tensor, samples: int, generator: torch.Generator | No
 class Workspace:
     """Scratch tensors reused from one call to the next. On CPU a fresh activation-sized temporary
     costs more in page faults than the arithmetic done in it (centring 8M floats: 12 ms into a new
-    tensor, 1.8 ms into a reused one), so the Recorder keeps one of these for all its layers."""
+    tensor, 1.8 ms into a reused one), so the Recorder keeps one of these for all its layers.
 
-    def __init__(self) -> None:
+    With ``compiled``, the reductions run as one ``torch.compile``d kernel instead (8M floats: about
+    2.5 ms against 12 ms; compiling takes ~20 s once on 2 CPU cores, so it pays in long runs). Where
+    compiling fails (no C++ compiler, an unsupported device) it warns once and stays eager.
+    """
+
+    def __init__(self, compiled: bool = False) -> None:
         self._buffers: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}
+        self.compiled = compiled
+        self._kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def fused(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """:func:`_fused_moments` of ``flat`` by the compiled kernel; None when not compiled (or it failed)."""
+        if not self.compiled:
+            return None
+        if self._kernel is None:
+            self._kernel = torch.compile(_fused_moments, dynamic=True)
+        try:
+            return self._kernel(flat)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: the eager path, which gives the same statistics
+            warnings.warn(f"bnprobe: compiled moments unavailable ({type(e).__name__}); computing them eagerly", stacklevel=2)
+            self.compiled = False
+            return None
 
     def take(self, slot: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor of ``shape``, the same memory each time for the same ``slot``."""
@@ -66,6 +88,39 @@ def _channels_first(x: torch.Tensor, workspace: Workspace | None) -> torch.Tenso
     if workspace is None:
         return moved.reshape(x.shape[1], -1)
     return workspace.take(3, tuple(moved.shape), x.dtype, x.device).copy_(moved).view(x.shape[1], -1)
+
+
+def _fused_moments(flat: torch.Tensor) -> torch.Tensor:
+    """``[mean, var, m3, m4, min, max, zero fraction]`` per row of ``flat`` as plain formulas:
+    ``torch.compile`` fuses them into two passes over the data and no temporary."""
+    n = flat.shape[1]
+    mean = flat.sum(dim=1) / n
+    centred = flat - mean[:, None]
+    sq = centred * centred
+    zeros = (flat == 0).sum(dim=1).to(flat.dtype) / n
+    return torch.stack(
+        [mean, sq.sum(dim=1) / n, (sq * centred).sum(dim=1) / n, (sq * sq).sum(dim=1) / n, flat.amin(1), flat.amax(1), zeros]
+    )
+
+
+def _eager_moments(flat: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
+    """What :func:`_fused_moments` gives, eagerly: centred values and squares in reused memory,
+    third and fourth moments as BLAS dot products (no further temporary)."""
+    n = flat.shape[1]
+    mean = flat.sum(dim=1) / n
+    centred = torch.sub(flat, mean[:, None], out=_scratch(workspace, 0, flat))
+    sq = torch.mul(centred, centred, out=_scratch(workspace, 1, flat))
+    var = sq.sum(dim=1) / n
+    m3 = _rowdot(sq, centred) / n
+    m4 = _rowdot(sq, sq) / n
+    is_zero = torch.eq(flat, 0, out=_scratch(workspace, 2, flat, torch.bool))
+    if flat.shape[0] == 1:  # whole-tensor reductions are several times faster than dim=1 ones on CPU
+        lo, hi = (v.reshape(1) for v in torch.aminmax(flat))
+        zeros = torch.count_nonzero(is_zero).reshape(1).to(flat.dtype) / n  # exact: an integer count
+    else:
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+        zeros = torch.count_nonzero(is_zero, dim=1).to(flat.dtype) / n
+    return torch.stack([mean, var, m3, m4, lo, hi, zeros])
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -97,22 +152,11 @@ def moment_stats(
     if n == 0:  # an empty activation (a zero-size feature map) has no statistics: NaN, not a crash
         empty = torch.full((len(STATS), flat.shape[0]), float("nan"), dtype=flat.dtype, device=flat.device)
         return empty if per_channel and x.dim() >= 2 else empty[:, 0]
-    mean = flat.sum(dim=1) / n
-    centred = torch.sub(flat, mean[:, None], out=_scratch(workspace, 0, flat))
-    sq = torch.mul(centred, centred, out=_scratch(workspace, 1, flat))
-    var = sq.sum(dim=1) / n
-    m3 = _rowdot(sq, centred) / n
-    m4 = _rowdot(sq, sq) / n
+    fused = workspace.fused(flat) if workspace is not None else None
+    mean, var, m3, m4, lo, hi, zeros = fused if fused is not None else _eager_moments(flat, workspace)
     safe_var = torch.where(var > 0, var, torch.ones_like(var))
     skew = torch.where(var > 0, m3 / safe_var.pow(1.5), torch.zeros_like(var))
     kurt = torch.where(var > 0, m4 / (safe_var * safe_var) - 3.0, torch.zeros_like(var))
-    is_zero = torch.eq(flat, 0, out=_scratch(workspace, 2, flat, torch.bool))
-    if flat.shape[0] == 1:  # whole-tensor reductions are several times faster than dim=1 ones on CPU
-        lo, hi = (v.reshape(1) for v in torch.aminmax(flat))
-        zeros = torch.count_nonzero(is_zero).reshape(1).to(flat.dtype) / n  # exact: an integer count
-    else:
-        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
-        zeros = torch.count_nonzero(is_zero, dim=1).to(flat.dtype) / n
     q = torch.tensor(QUANTILES, dtype=flat.dtype).to(flat.device, non_blocking=True)
     pct = torch.quantile(_subsample(flat, samples, generator), q, dim=1)
     out = torch.stack([mean, var, skew, kurt, lo, hi, zeros, pct[0], pct[1], pct[2]])
