@@ -115,6 +115,7 @@ class ProbeConfig:
     hessian_tol: float = 1e-3
     hessian_max_iter: int = 100
     hessian_blocks: bool = False
+    hessian_bn_mode: HessianBnMode = HessianBnMode.TRAIN  # BN in the Hessian and the spectrum: batch statistics, or running ones
     spectrum: bool = False
     spectrum_every: int = 0
     spectrum_k: int = 1
@@ -123,7 +124,6 @@ class ProbeConfig:
     spectrum_trace_samples: int = 20
     spectrum_density_probes: int = 1
     spectrum_density_steps: int = 90
-    spectrum_bn_mode: HessianBnMode = HessianBnMode.TRAIN
     spectrum_blocks: bool = False
 
 

@@ -334,3 +334,29 @@ def test_a_model_that_is_not_twice_differentiable_is_refused_naming_the_module()
         top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x, y, max_iter=3)
     with pytest.raises(ModelError, match=r"1 \(RawHardsigmoid\) runs hardsigmoid"):
         hessian_blocks(model, nn.CrossEntropyLoss(), x, y, max_iter=3)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_probe_measures_in_the_configured_bn_mode(mode: str) -> None:
+    """``probes.hessian_bn_mode`` reaches the Hessian probe: its record equals
+    top_hessian_eigenvalue in that mode and its attributes say which."""
+    from bnprobe.config import load_config
+    from bnprobe.probes import StepBatch
+    from bnprobe.probes.hessian import probe_from_config
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = data()
+    model(x)  # running statistics away from their initial values: the two modes differ
+    cfg = load_config(
+        None, {"probes.hessian": True, "probes.hessian_bn_mode": mode, "probes.hessian_tol": 1e-9, "probes.hessian_max_iter": 3000}
+    )
+    probe = probe_from_config(cfg, [])
+    assert probe is not None
+    record = probe.compute(StepBatch(0, model, nn.CrossEntropyLoss(), x, y, torch.optim.SGD(model.parameters(), lr=0.1)))
+    expected = {
+        m: top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x, y, tol=1e-9, max_iter=3000, bn_mode=m).eigenvalue
+        for m in ("train", "eval")
+    }
+    assert record["top_eigenvalue"] == pytest.approx(expected[mode], rel=1e-6)
+    assert expected["train"] != pytest.approx(expected["eval"], rel=1e-3)
+    assert probe.dataset_attrs["hessian/top_eigenvalue"]["bn_mode"] == mode

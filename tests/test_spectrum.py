@@ -285,7 +285,7 @@ def test_a_resumed_run_records_the_spectrum_of_an_uninterrupted_one(in_tmp: Path
     [
         ("spectrum_k", 0, "probes.spectrum_k must be at least 1"),
         ("spectrum_trace_samples", 1, "spectrum_trace_samples must be 0 .off. or at least 2"),
-        ("spectrum_bn_mode", "frozen", "probes.spectrum_bn_mode: 'frozen' is not one of train, eval"),
+        ("hessian_bn_mode", "frozen", "probes.hessian_bn_mode: 'frozen' is not one of train, eval"),
         ("spectrum_max_iter", 0, "spectrum_max_iter must be at least probes.spectrum_k"),
         ("spectrum_density_steps", 0, "spectrum_density_steps must be at least 1"),
         ("spectrum_tol", 0, "spectrum_tol must be positive"),

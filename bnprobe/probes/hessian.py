@@ -361,6 +361,7 @@ class HessianProbe:
     max_iter: int
     samples: int
     blocks: list[str] | None = None
+    bn_mode: str = "train"
     name: str = "hessian"
     performs_step: bool = False
     _vector: torch.Tensor | None = field(default=None, repr=False)
@@ -372,19 +373,21 @@ class HessianProbe:
 
     @property
     def dataset_attrs(self) -> Mapping[str, Mapping[str, Any]]:
-        return {"hessian/top_eigenvalue": {"bn_mode": "train", "samples": self.samples}}
+        return {"hessian/top_eigenvalue": {"bn_mode": self.bn_mode, "samples": self.samples}}
 
     def due(self, step: int) -> bool:
         return every(self.interval)(step)
 
     def compute(self, batch: StepBatch) -> Record:
         model, loss_fn, x, y = batch.model, batch.loss_fn, batch.x, batch.y
-        r = top_hessian_eigenvalue(model, loss_fn, x, y, tol=self.tol, max_iter=self.max_iter, init=self._vector)
+        r = top_hessian_eigenvalue(model, loss_fn, x, y, tol=self.tol, max_iter=self.max_iter, init=self._vector, bn_mode=self.bn_mode)
         self._vector = r.vector
         row: Record = {"top_eigenvalue": r.eigenvalue, "iterations": r.iterations, "residual": r.residual, "converged": r.converged}
         if self.blocks:
             exact = [glob.escape(n) for n in self.blocks]
-            per = hessian_blocks(model, loss_fn, x, y, layers=exact, tol=self.tol, max_iter=self.max_iter, init=self._block_vectors)
+            per = hessian_blocks(
+                model, loss_fn, x, y, layers=exact, tol=self.tol, max_iter=self.max_iter, init=self._block_vectors, bn_mode=self.bn_mode
+            )
             self._block_vectors = {n: b.vector for n, b in per.items()}
             nan = float("nan")  # a block with no trainable parameter
             for key, attr in (("top_eigenvalue", "eigenvalue"), ("iterations", "iterations"), ("residual", "residual")):
@@ -404,4 +407,5 @@ def probe_from_config(cfg: Config, layers: list[str]) -> HessianProbe | None:
     if not p.hessian:
         return None
     blocks = list(layers) if p.hessian_blocks and layers else None
-    return HessianProbe(p.hessian_every or p.ics_every or p.record_every, p.hessian_tol, p.hessian_max_iter, cfg.batch_size, blocks)
+    every = p.hessian_every or p.ics_every or p.record_every
+    return HessianProbe(every, p.hessian_tol, p.hessian_max_iter, cfg.batch_size, blocks, p.hessian_bn_mode.value)

@@ -508,7 +508,7 @@ def probe_from_config(cfg: Config, layers: list[str]) -> SpectrumProbe | None:
         trace_samples=p.spectrum_trace_samples,
         density_probes=p.spectrum_density_probes,
         density_steps=p.spectrum_density_steps,
-        bn_mode=p.spectrum_bn_mode.value,
+        bn_mode=p.hessian_bn_mode.value,
         samples=cfg.batch_size,
         blocks=list(layers) if p.spectrum_blocks and layers else None,
         seed=cfg.seed,
