@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_hessian import data, full_hessian, full_hessian_of, tiny
 from torch import nn
 from typer.testing import CliRunner
 
@@ -23,7 +24,6 @@ from bnprobe.probes.spectrum import (
     top_eigenvalues,
 )
 from bnprobe.quadrature import density
-from tests.test_hessian import data, full_hessian, full_hessian_of, tiny
 
 LOSS = nn.CrossEntropyLoss()
 
