@@ -7,8 +7,6 @@ module attribute named ``generator`` holding a ``torch.Generator`` (noisy BN kee
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -54,16 +52,6 @@ class Streams:
             if name in state.modules:
                 g.set_state(state.modules[name])
 
-    @contextmanager
-    def replaying(self, state: RngState) -> Iterator[None]:
-        """Run the block from ``state`` and put the streams back where they were before it."""
-        before = self.capture()
-        self.restore(state)
-        try:
-            yield
-        finally:
-            self.restore(before)
-
 
 def capture(model: nn.Module) -> RngState:
     return Streams(model).capture()
@@ -71,7 +59,3 @@ def capture(model: nn.Module) -> RngState:
 
 def restore(model: nn.Module, state: RngState) -> None:
     Streams(model).restore(state)
-
-
-def replaying(model: nn.Module, state: RngState) -> AbstractContextManager[None]:
-    return Streams(model).replaying(state)
