@@ -197,7 +197,10 @@ HVP = Callable[[torch.Tensor], torch.Tensor]
 def hvp_function(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor]) -> HVP:
     """``v -> H v`` for the Hessian of the loss wrt ``ps`` (one double backward through the graph of
     ``grads``, kept for the next call): every spectral method here (power iteration, Lanczos,
-    Hutchinson, SLQ) runs on it, and a block's ``grads``/``ps`` give that diagonal block's product."""
+    Hutchinson, SLQ) runs on it, and a block's ``grads``/``ps`` give that diagonal block's product.
+
+    ``v`` of shape [m, n] gives the m products as rows, in one batched double backward
+    (``is_grads_batched``: about twice as fast per product on CPU as m separate ones)."""
     sizes = [p.numel() for p in ps]
     ref = ps[0]
     live = [k for k, g in enumerate(grads) if g is not None]
@@ -206,19 +209,21 @@ def hvp_function(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor
     def hvp(v: torch.Tensor) -> torch.Tensor:
         if not live:
             return torch.zeros_like(v)
-        parts = v.split(sizes)
+        lead = tuple(v.shape[:-1])
+        parts = v.split(sizes, dim=-1)
         out = torch.autograd.grad(
             live_grads,
             [ps[k] for k in live],
-            grad_outputs=[parts[k].view_as(ps[k]) for k in live],
+            grad_outputs=[parts[k].reshape(*lead, *ps[k].shape) for k in live],
             retain_graph=True,
             allow_unused=True,
+            is_grads_batched=bool(lead),
         )
-        full = [torch.zeros(s, dtype=ref.dtype, device=ref.device) for s in sizes]
+        full = [torch.zeros(*lead, s, dtype=ref.dtype, device=ref.device) for s in sizes]
         for k, h in zip(live, out):
             if h is not None:
-                full[k] = h.reshape(-1)
-        return torch.cat(full)
+                full[k] = h.reshape(*lead, -1)
+        return torch.cat(full, dim=-1)
 
     return hvp
 
