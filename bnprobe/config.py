@@ -125,6 +125,7 @@ class ProbeConfig:
     spectrum_density_probes: int = 1
     spectrum_density_steps: int = 90
     spectrum_blocks: bool = False
+    spectrum_block_density: bool = False
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,10 @@ def _validate(cfg: Config) -> Config:
         ),
         (cfg.probes.spectrum_density_probes >= 0, "probes.spectrum_density_probes must be >= 0 (0: off)"),
         (cfg.probes.spectrum_density_steps >= 1, "probes.spectrum_density_steps must be at least 1"),
+        (
+            not cfg.probes.spectrum_block_density or (cfg.probes.spectrum_blocks and cfg.probes.spectrum_density_probes > 0),
+            "probes.spectrum_block_density needs probes.spectrum_blocks: true and spectrum_density_probes >= 1",
+        ),
         (cfg.probes.landscape_every >= 0, "probes.landscape_every must be >= 0 (0: with ics_every, else record_every)"),
         (cfg.probes.histogram_bins <= MAX_HISTOGRAM_BINS, f"probes.histogram_bins must be at most {MAX_HISTOGRAM_BINS}"),
         (0 <= cfg.seed < _INT64, f"seed must be between 0 and {_INT64 - 1}"),

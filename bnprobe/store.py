@@ -140,6 +140,8 @@ LAYOUT: tuple[DatasetSpec, ...] = (
     DatasetSpec(f"{SPECTRUM}/density_nodes", (RECORD, PROBE, NODE)),
     DatasetSpec(f"{SPECTRUM}/density_weights", (RECORD, PROBE, NODE)),
     *(DatasetSpec(f"{SPECTRUM}/block_{q}", (RECORD, BLOCK)) for q in ("top_eigenvalue", "iterations", "residual", "trace", "trace_stderr")),
+    DatasetSpec(f"{SPECTRUM}/block_density_nodes", (RECORD, BLOCK, PROBE, NODE)),
+    DatasetSpec(f"{SPECTRUM}/block_density_weights", (RECORD, BLOCK, PROBE, NODE)),
     DatasetSpec(f"{SPECTRUM}/block_*", (RECORD, BLOCK)),
     DatasetSpec(f"{SPECTRUM}/*", (RECORD,)),
 )

@@ -228,7 +228,8 @@ DLN = (
     "name: s\nmodel: dln\nmodel_options: {{depth: 3, width: 4}}\ndata: synthetic:linear\ndata_options: {{n: 64, dim: 4}}\n"
     "steps: {steps}\nbatch_size: 16\nlr: 0.05\nseed: 1\n"
     "probes: {{record_every: 2, spectrum: true, spectrum_k: 2, spectrum_tol: 1.0e-9, spectrum_max_iter: 200,\n"
-    "  spectrum_trace_samples: 300, spectrum_density_probes: 2, spectrum_density_steps: 5, spectrum_blocks: true}}\n"
+    "  spectrum_trace_samples: 300, spectrum_density_probes: 2, spectrum_density_steps: 5, spectrum_blocks: true,\n"
+    "  spectrum_block_density: true}}\n"
 )
 
 
@@ -250,6 +251,8 @@ def test_train_records_the_spectrum_section(in_tmp: Path) -> None:
     assert run.dataset_attrs["spectrum/top_k"]["bn_mode"] == "train" and run.dataset_attrs["spectrum/trace"]["vectors"] == 300
     blocks = strings(d["spectrum/block"])
     assert d["spectrum/block_trace"].shape == (2, len(blocks))
+    assert d["spectrum/block_density_nodes"].shape == (2, len(blocks), 2, 5)
+    np.testing.assert_allclose(d["spectrum/block_density_weights"].sum(3), 1.0, rtol=1e-6)
 
     cfg = load_config("s.yaml")
     bundle = load_data(cfg.data, seed=cfg.seed, **dict(cfg.data_options))
@@ -289,6 +292,7 @@ def test_a_resumed_run_records_the_spectrum_of_an_uninterrupted_one(in_tmp: Path
         ("spectrum_max_iter", 0, "spectrum_max_iter must be at least probes.spectrum_k"),
         ("spectrum_density_steps", 0, "spectrum_density_steps must be at least 1"),
         ("spectrum_tol", 0, "spectrum_tol must be positive"),
+        ("spectrum_block_density", True, "spectrum_block_density needs probes.spectrum_blocks: true and spectrum_density_probes >= 1"),
     ],
 )
 def test_config_keys_are_checked(key: str, value: object, message: str) -> None:
@@ -321,3 +325,28 @@ def test_batched_hessian_vector_products_equal_single_ones(monkeypatch: pytest.M
 
     monkeypatch.setattr(torch.autograd, "grad", no_batching)
     torch.testing.assert_close(_products(hvp, vectors), single, rtol=0, atol=0)
+
+
+def test_block_density_is_each_blocks_own_spectrum() -> None:
+    """With as many Lanczos steps as a block has parameters, each probe's quadrature is exact:
+    its nodes of positive weight are eigenvalues of that block of the full Hessian, and the
+    weighted sum of node**j equals q' H_b^j q for every j (checked through the mean and second moment
+    over many probes against tr(H_b)/n_b and ||H_b||_F^2/n_b within 4 standard errors)."""
+    model = tiny()
+    x, y = data()
+    h = full_hessian(model, x, y)
+    names = [n for n, _ in model.named_parameters()]
+    starts = np.cumsum([0, *[p.numel() for p in model.parameters()]])
+    blocks = block_spectra(model, LOSS, x, y, tol=1e-8, max_iter=100, samples=0, seed=3, density_probes=200, density_steps=40)
+    for layer, b in blocks.items():
+        idx = torch.cat([torch.arange(starts[k], starts[k + 1]) for k, n in enumerate(names) if n.split(".")[0] == layer])
+        inside = h[idx][:, idx]
+        exact = torch.linalg.eigvalsh(inside)
+        assert b.nodes is not None and b.weights is not None and b.nodes.shape == (200, 40)
+        torch.testing.assert_close(b.weights.sum(1), torch.ones(200, dtype=torch.float64), rtol=0, atol=1e-10)
+        used = b.nodes[b.weights > 1e-8]
+        assert float((used[:, None] - exact[None, :]).abs().min(1).values.max()) < 1e-6 * max(1.0, float(exact.abs().max())), layer
+        n = len(idx)
+        for j, expected in ((1, float(inside.trace()) / n), (2, float(inside.square().sum()) / n)):
+            per_probe = (b.weights * b.nodes**j).sum(1)
+            assert abs(float(per_probe.mean()) - expected) < 4 * float(per_probe.std()) / math.sqrt(200) + 1e-12, (layer, j)

@@ -338,6 +338,8 @@ class BlockSpectrum(NamedTuple):
     top: TopEigen  # k = 1
     trace: float  # Hutchinson, from the whole model's Rademacher vectors restricted to the block
     stderr: float  # its standard error (the cross terms with other blocks add to its variance)
+    nodes: torch.Tensor | None = None  # SLQ of the block, [probes, steps], when asked for
+    weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -374,14 +376,17 @@ def _blocks(
     max_iter: int,
     init: Mapping[str, torch.Tensor],
     seed: int,
+    density: tuple[int, int] = (0, 0),
 ) -> dict[str, BlockSpectrum]:
-    """Top eigenvalue (Lanczos, warm-started from ``init[name]``) and trace (from ``forms``, NaN without) per block."""
+    """Top eigenvalue (Lanczos, warm-started from ``init[name]``), trace (from ``forms``, NaN
+    without) and, with ``density`` = (probes, steps), the SLQ nodes and weights per block."""
     out = {}
     for name, ks in blocks:
         hvp, ref, n = p.block(ks)
         top = _top_k(hvp, ref, n, 1, tol, max_iter, init.get(name), seed)
         trace, stderr = _estimate(forms[:, ks].sum(1)) if forms is not None else (torch.tensor(math.nan), torch.tensor(math.nan))
-        out[name] = BlockSpectrum(top, float(trace), float(stderr))
+        nodes, weights = _slq(hvp, ref, n, *density, seed) if density[0] > 0 else (None, None)
+        out[name] = BlockSpectrum(top, float(trace), float(stderr), nodes, weights)
     return out
 
 
@@ -398,17 +403,21 @@ def block_spectra(
     init: Mapping[str, torch.Tensor] | None = None,
     bn_mode: str = "train",
     seed: int = 0,
+    density_probes: int = 0,
+    density_steps: int = 90,
 ) -> dict[str, BlockSpectrum]:
     """Top eigenvalue and trace of each probed layer's diagonal Hessian block, in forward order.
 
     One forward and first-order backward serve all; the traces come from the same ``samples``
     whole-model Rademacher products (so they sum to the whole trace's estimate when the blocks
     cover every parameter). ``layers`` / ``kinds`` select as for ICS; ``init`` maps names to start vectors.
+    ``density_probes`` > 0 adds each block's SLQ nodes and weights (``density_steps`` Lanczos steps).
     """
     p = _Pass.of(model, loss_fn, x, y, bn_mode)
     with refusing_what_has_no_double_backward(model, x):
         forms = _quadratic_forms(hvp_function(p.grads, p.ps), p.ps, samples, seed) if samples > 0 else None
-        out = _blocks(p, layer_blocks(model, p.order, p.ps, layers, kinds), forms, tol, max_iter, init or {}, seed)
+        chosen = layer_blocks(model, p.order, p.ps, layers, kinds)
+        out = _blocks(p, chosen, forms, tol, max_iter, init or {}, seed, (density_probes, density_steps))
     return {name: b._replace(top=b.top._replace(bn_mode=bn_mode, samples=batch_size_of(x))) for name, b in out.items()}
 
 
@@ -436,6 +445,7 @@ class SpectrumProbe:
     samples: int  # batch size, recorded with the values
     blocks: list[str] | None = None
     seed: int = 0
+    block_density: bool = False  # with blocks: each block's SLQ density too (probes x steps products per block)
     name: str = "spectrum"
     performs_step: bool = False
     _vectors: torch.Tensor | None = field(default=None, repr=False)
@@ -488,7 +498,8 @@ class SpectrumProbe:
     def _block_row(self, p: _Pass, model: nn.Module, forms: torch.Tensor | None, seed: int) -> Record:
         assert self.blocks is not None
         chosen = layer_blocks(model, p.order, p.ps, [glob.escape(n) for n in self.blocks], None)
-        per = _blocks(p, chosen, forms, self.tol, self.max_iter, self._block_vectors, seed)
+        density = (self.density_probes, self.density_steps) if self.block_density else (0, 0)
+        per = _blocks(p, chosen, forms, self.tol, self.max_iter, self._block_vectors, seed, density)
         self._block_vectors = {n: b.top.vectors for n, b in per.items()}
         nan = math.nan  # a probed layer without trainable parameters
         columns: dict[str, Callable[[BlockSpectrum], float]] = {
@@ -498,7 +509,14 @@ class SpectrumProbe:
             "block_trace": lambda b: b.trace,
             "block_trace_stderr": lambda b: b.stderr,
         }
-        return {key: np.array([get(per[n]) if n in per else nan for n in self.blocks], dtype=np.float64) for key, get in columns.items()}
+        row: Record = {
+            key: np.array([get(per[n]) if n in per else nan for n in self.blocks], dtype=np.float64) for key, get in columns.items()
+        }
+        if self.block_density:  # [blocks, probes, steps]; a block without parameters has weight 0 everywhere
+            empty = torch.zeros(self.density_probes, self.density_steps, dtype=torch.float64)
+            for key in ("nodes", "weights"):
+                row[f"block_density_{key}"] = torch.stack([getattr(per[n], key) if n in per else empty for n in self.blocks]).numpy()
+        return row
 
     def state_dict(self) -> dict[str, Any]:
         return {"vectors": self._vectors, "blocks": self._block_vectors} if self._vectors is not None else {}
@@ -524,4 +542,5 @@ def probe_from_config(cfg: Config, layers: list[str]) -> SpectrumProbe | None:
         samples=cfg.batch_size,
         blocks=list(layers) if p.spectrum_blocks and layers else None,
         seed=cfg.seed,
+        block_density=p.spectrum_block_density,
     )
