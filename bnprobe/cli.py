@@ -150,6 +150,10 @@ SpectrumOpt = Annotated[
     bool | None,
     typer.Option("--spectrum/--no-spectrum", help="Hessian spectrum: top-k, trace, density (probes.spectrum_*).", show_default=False),
 ]
+LrOpt = Annotated[float | None, typer.Option(help="Learning rate.")]
+BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b")]
+SeedOpt = Annotated[int | None, typer.Option()]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N]")]
 
 
 def _flag(key: str) -> str:
@@ -319,14 +323,14 @@ def train(
     keep_bias: KeepBiasOpt = None,
     fold: FoldOpt = None,
     optimizer: Annotated[str | None, typer.Option(help="sgd | adam | adamw")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    lr: LrOpt = None,
     momentum: Annotated[float | None, typer.Option(help="SGD momentum.")] = None,
     nesterov: Annotated[bool | None, typer.Option("--nesterov/--no-nesterov", show_default=False)] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps per variant.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N]")] = None,
+    batch_size: BatchSizeOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="HDF5 file to write ({name} is the config name).")] = None,
     name: Annotated[str | None, typer.Option(help="Experiment name.")] = None,
     layers: Annotated[list[str] | None, typer.Option("--layers", help="Glob of layer names to probe; repeatable.")] = None,
@@ -386,10 +390,10 @@ def measure_ics(
     model: ModelOpt = None,
     data: DataOpt = None,
     steps: Annotated[int | None, typer.Option(help="Training steps (from a run file: further steps).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N]")] = None,
+    lr: LrOpt = None,
+    batch_size: BatchSizeOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="HDF5 file to write.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     assignments: SetOpt = None,
