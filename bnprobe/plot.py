@@ -302,10 +302,8 @@ def _hessian(plt: Any, columns: list[Column]) -> Any:
     grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, 10_000)
     for c, (nodes, weights), color in zip(columns, lasts, _colors(len(columns))):
         _, density = slq_density(nodes, weights, grid, sigma)
-        axes[0].semilogy(
-            grid, np.maximum(density, 1e-12), color=color, linewidth=1.2, label=f"{_name(c)} (step {int(_recorded(c, SPECTRUM, STEP)[-1])})"
-        )
         steps, top = _recorded(c, SPECTRUM, STEP), _recorded(c, SPECTRUM, "top_k")
+        axes[0].semilogy(grid, np.maximum(density, 1e-12), color=color, linewidth=1.2, label=f"{_name(c)} (step {int(steps[-1])})")
         n = min(len(steps), len(top))
         axes[1].plot(steps[:n], top[:n, 0], color=color, marker="o", markersize=3, linewidth=1.5, label=f"{_name(c)} λ1")
         for j in range(1, top.shape[1]):
