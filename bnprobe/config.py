@@ -421,7 +421,7 @@ def parse_yaml(text: str) -> Any:
     """YAML text to Python values with :class:`_Loader`; every failure is a :class:`yaml.YAMLError`
     (nesting too deep for the recursive parser, an integer too long to convert, included)."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
     except ValueError as e:  # int() of a number with thousands of digits

@@ -167,7 +167,7 @@ def build_model(spec: str, num_classes: int, input_shape: tuple[int, ...], **opt
         return _build(spec, num_classes, input_shape, options)
     except BnprobeError:
         raise
-    except Exception as e:
+    except Exception as e:  # whatever the factory raised, said in one line
         raise ModelError(f"building model {spec!r} failed: {described(e)} (--debug shows where)") from e
 
 
@@ -234,7 +234,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except Exception as e:
+    except Exception as e:  # any failure here is a bad file, reported in one line
         raise ModelError(f"cannot load weights from {p}: {str(e).splitlines()[0]}") from e
 
 
@@ -282,6 +282,6 @@ def _load_file(path: Path) -> ModuleType:
         spec.loader.exec_module(module)
     except SyntaxError as e:
         raise ModelError(f"syntax error in {e.filename}, line {e.lineno}: {e.msg}") from e
-    except Exception as e:
+    except Exception as e:  # the user's file failed to import; say where
         raise ModelError(f"{path} failed to import: {type(e).__name__}: {e}") from e
     return module

@@ -790,7 +790,7 @@ def _checkpoint(h5: h5py.File, path: Path, run: str) -> tuple[dict[str, Any], in
         blob = group["checkpoint"][()].tobytes()
         step = int(group["checkpoint"].attrs.get("step", 0))
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True), step
-    except Exception as e:
+    except Exception as e:  # any failure to unpickle is a corrupted checkpoint
         raise StoreError(f"the checkpoint of run {run!r} in {path} is corrupted: {first_line(e)}") from e
 
 

@@ -413,7 +413,7 @@ def _hooked_forward(model: nn.Module, example_input: object) -> _Flow:
     try:
         with leave_no_trace(model), torch.no_grad(), tape:
             result = model(example_input)
-    except Exception as e:
+    except Exception as e:  # any failure of the user's forward is reported in one line
         raise SurgeryError(f"cannot plan BN surgery: {type(model).__name__} fails on the example input: {str(e).splitlines()[0]}") from e
     finally:
         for h in handles:

@@ -97,7 +97,7 @@ def _naming_failures(model: nn.Module) -> Iterator[None]:
         yield
     except BnprobeError:
         raise
-    except Exception as e:
+    except Exception as e:  # shape errors come as RuntimeError, AssertionError, ValueError...
         where = f" in layer {entered[-1]!r}" if entered else ""
         first = first_line(e)
         raise ModelError(f"the model cannot run on this data{where}: {first}") from e
@@ -203,7 +203,7 @@ def train_variant(
     except KeyboardInterrupt:
         run.finish("interrupted", save=True)
         raise
-    except Exception as e:
+    except Exception as e:  # the run fails either way; the model's errors do not stop the others
         status, failed_step = "failed", run.steps_done
         error = _failure(model, e, failed_step)
         if error is None:

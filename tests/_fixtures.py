@@ -146,7 +146,7 @@ def write_run_file(
         for writer in store.writers.values():
             writer.flush()
         store.flush()
-        store._h5.close()
+        store._h5.close()  # leave statuses at "running", as a killed process would
     else:
         store.close()
     return path
