@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .config import layer_patterns
 from .layers import LayerInfo, has_own_parameters, layer_kind, select
 from .passes import measuring
-from .probes.moments import DEFAULT_SAMPLES, Workspace, histogram, moment_stats
+from .probes.moments import DEFAULT_SAMPLES, Partial, Workspace, finish, histogram, merged_across_processes, partial_moments
 from .store import STATS, RunWriter, Store
 
 
@@ -97,8 +98,8 @@ class Recorder:
         self._seed = seed
         self._workspace = Workspace(compiled_moments)  # the statistics' temporaries, reused across layers and steps
         self._order: list[tuple[str, nn.Module]] = []  # forward-execution order, fixed after the first step
-        self._current: dict[str, torch.Tensor] = {}  # stats of this step, by layer name
-        self._current_channel: dict[str, torch.Tensor] = {}
+        self._current: dict[str, Partial | None] = {}  # this step's statistics, by layer name
+        self._current_channel: dict[str, Partial] = {}
         self._current_hist: dict[str, torch.Tensor] = {}
         self._pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]] = []
         self._train_rows: list[tuple[int, Any, Any, Any, float]] = []
@@ -124,7 +125,7 @@ class Recorder:
                 self._seen_shapes.setdefault(name, tuple(out.shape) if isinstance(out, torch.Tensor) else ())
             if self.step_index % self.record_every != 0:
                 if not self._order_fixed:
-                    self._current[name] = torch.empty(0)  # marks the first call for ordering
+                    self._current[name] = None  # marks the first call for ordering
                 return
             tensor = _first_tensor(out)
             if tensor is None or not tensor.is_floating_point():
@@ -134,9 +135,10 @@ class Recorder:
                     self._generator = torch.Generator(device=tensor.device).manual_seed(self._seed)
                     if self._generator_state is not None:
                         self._generator.set_state(self._generator_state)
-                self._current[name] = moment_stats(tensor, False, self.samples, self._generator, self._workspace)
+                samples = max(1, self.samples // distributed.world_size())  # the processes' subsamples make up one
+                self._current[name] = partial_moments(tensor, False, samples, self._generator, self._workspace)
                 if self.per_channel and tensor.dim() >= 2:
-                    self._current_channel[name] = moment_stats(tensor, True, self.samples, self._generator, self._workspace)
+                    self._current_channel[name] = partial_moments(tensor, True, samples, self._generator, self._workspace)
                 if self.histogram_bins:
                     self._current_hist[name] = histogram(tensor, self.histogram_bins, *self.histogram_range)
 
@@ -171,18 +173,20 @@ class Recorder:
             self._fix_order()
         seconds = self.elapsed()
         self._train_rows.append((self.step_index, _detach(loss), _detach(accuracy), lr, seconds))
-        recorded = {n: s for n, s in self._current.items() if s.numel()}
+        recorded = {n: s for n, s in self._current.items() if s is not None}
         if self._order_fixed and self.step_index % self.record_every == 0 and recorded:
             # A layer that did not run this step (a skipped branch) gets NaN statistics and an empty
             # histogram, so the other layers' records of the step are kept.
-            like = next(iter(recorded.values()))
+            stats = _finished(recorded)
+            like = next(iter(stats.values()))
             missing = torch.full_like(like, float("nan"))
-            table = torch.stack([recorded.get(n, missing) for n, _ in self._order], dim=1)
-            channels = {n: self._current_channel[n] for n, _ in self._order if n in self._current_channel}
+            table = torch.stack([stats.get(n, missing) for n, _ in self._order], dim=1)
+            channels = _finished({n: self._current_channel[n] for n, _ in self._order if n in self._current_channel})
             hist = None
             if self.histogram_bins:
                 no_counts = torch.zeros(self.histogram_bins, device=like.device)
                 hist = torch.stack([self._current_hist.get(n, no_counts) for n, _ in self._order])
+                distributed.sum_(hist)
             self._pending.append((self.step_index, table, channels, hist))
         self._current, self._current_channel, self._current_hist = {}, {}, {}
         self.step_index += 1
@@ -223,6 +227,13 @@ class Recorder:
                 self.writer.set_status(status, steps=self.step_index)
             self._owned_store.close()
             self._owned_store = None
+
+
+def _finished(parts: dict[str, Partial]) -> dict[str, torch.Tensor]:
+    """``STATS`` per layer, of the global batch when several processes each hold a shard."""
+    names = list(parts)
+    merged = merged_across_processes([parts[n] for n in names])
+    return {n: finish(p) for n, p in zip(names, merged)}
 
 
 def _detach(value: Any) -> Any:

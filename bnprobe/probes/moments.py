@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
+from .. import distributed
 from ..store import STATS
 
 QUANTILES = (0.15, 0.50, 0.85)
@@ -128,6 +130,99 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.unsqueeze(1) @ b.unsqueeze(2)).reshape(-1)
 
 
+class Partial(NamedTuple):
+    """One shard's statistics before the ones that do not merge (skewness, kurtosis, percentiles):
+    what processes exchange so that the merged statistics are the global batch's."""
+
+    raw: torch.Tensor  # [7] or [7, rows]: mean, var, m3, m4, min, max, zero fraction (central moments)
+    sample: torch.Tensor  # [s] or [rows, s]: the percentile subsample (owned, not a view of scratch memory)
+    n: int  # elements per row
+
+
+def partial_moments(
+    x: torch.Tensor,
+    per_channel: bool = False,
+    samples: int = DEFAULT_SAMPLES,
+    generator: torch.Generator | None = None,
+    workspace: Workspace | None = None,
+) -> Partial:
+    """The mergeable statistics of ``x`` (see :func:`moment_stats` for the arguments)."""
+    x = x.detach()
+    x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
+    if per_channel and x.dim() > 2:
+        flat = _channels_first(x, workspace)
+    elif per_channel and x.dim() == 2:
+        flat = x.transpose(0, 1)  # a strided view, as reshape gives
+    else:
+        flat = x.reshape(1, -1)
+    rows = per_channel and x.dim() >= 2
+    n = flat.shape[1]
+    if n == 0:  # an empty activation (a zero-size feature map) has no statistics: NaN, not a crash
+        raw = torch.full((7, flat.shape[0]), float("nan"), dtype=flat.dtype, device=flat.device)
+        return Partial(raw if rows else raw[:, 0], flat if rows else flat[0], 0)
+    fused = workspace.fused(flat) if workspace is not None else None
+    raw = fused if fused is not None else _eager_moments(flat, workspace)
+    sample = _subsample(flat, samples, generator)
+    if sample.data_ptr() == flat.data_ptr():  # all of a small layer: a copy, as scratch memory is reused
+        sample = sample.clone()
+    return Partial(raw if rows else raw[:, 0], sample if rows else sample[0], n)
+
+
+def finish(part: Partial) -> torch.Tensor:
+    """``STATS`` from a :class:`Partial`: skewness and excess kurtosis from the central moments,
+    percentiles of the subsample."""
+    mean, var, m3, m4, lo, hi, zeros = part.raw
+    if part.n == 0:
+        return torch.full((len(STATS), *mean.shape), float("nan"), dtype=mean.dtype, device=mean.device)
+    safe_var = torch.where(var > 0, var, torch.ones_like(var))
+    skew = torch.where(var > 0, m3 / safe_var.pow(1.5), torch.zeros_like(var))
+    kurt = torch.where(var > 0, m4 / (safe_var * safe_var) - 3.0, torch.zeros_like(var))
+    q = torch.tensor(QUANTILES, dtype=part.sample.dtype).to(part.sample.device, non_blocking=True)
+    pct = torch.quantile(part.sample, q, dim=-1)
+    return torch.stack([mean, var, skew, kurt, lo, hi, zeros, pct[0], pct[1], pct[2]])
+
+
+def merge(parts: Sequence[Partial]) -> Partial:
+    """The statistics of the shards together, exactly: with counts n_r, means mu_r and central
+    moments M_k,r = n_r m_k,r about them, around the global mean mu (delta_r = mu_r - mu):
+    M2 = sum M2_r + n_r d^2, M3 = sum M3_r + 3 d M2_r + n_r d^3,
+    M4 = sum M4_r + 4 d M3_r + 6 d^2 M2_r + n_r d^4 (Chan et al. 1979, Pebay 2008), in float64.
+    Min and max are the extremes, zero fractions count-weighted, subsamples put side by side."""
+    if len(parts) == 1:
+        return parts[0]
+    total = sum(p.n for p in parts)
+    if total == 0:
+        return parts[0]
+    raw = torch.stack([p.raw for p in parts]).double()  # [shards, 7, ...]
+    n = torch.tensor([float(p.n) for p in parts], dtype=torch.float64, device=raw.device).view(-1, *[1] * (raw.dim() - 2))
+    mean_r, m2_r, m3_r, m4_r = raw[:, 0], n * raw[:, 1], n * raw[:, 2], n * raw[:, 3]
+    mean = (n * mean_r).sum(0) / total
+    d = mean_r - mean
+    m2 = (m2_r + n * d**2).sum(0)
+    m3 = (m3_r + 3 * d * m2_r + n * d**3).sum(0)
+    m4 = (m4_r + 4 * d * m3_r + 6 * d**2 * m2_r + n * d**4).sum(0)
+    zeros = (n * raw[:, 6]).sum(0) / total
+    merged = torch.stack([mean, m2 / total, m3 / total, m4 / total, raw[:, 4].amin(0), raw[:, 5].amax(0), zeros])
+    sample = torch.cat([p.sample for p in parts], dim=-1)
+    return Partial(merged.to(parts[0].raw.dtype), sample, total)
+
+
+def merged_across_processes(parts: Sequence[Partial]) -> list[Partial]:
+    """Each of ``parts`` merged with the same layer's part in every other process (under torchrun;
+    ``parts`` itself in one process): two gathers for all layers, statistics and subsamples, and no
+    host synchronisation. Every process's shard has the same shape, hence the same counts."""
+    if distributed.world_size() == 1 or not parts:
+        return list(parts)
+    raws = distributed.gather(torch.cat([p.raw.double().reshape(-1) for p in parts]))
+    samples = distributed.gather(torch.cat([p.sample.double().reshape(-1) for p in parts]))
+    raw_sizes, sample_sizes = [p.raw.numel() for p in parts], [p.sample.numel() for p in parts]
+    shards: list[list[Partial]] = [[] for _ in parts]
+    for raw, sample in zip(raws, samples):
+        for i, (p, r, smp) in enumerate(zip(parts, raw.split(raw_sizes), sample.split(sample_sizes))):
+            shards[i].append(Partial(r.view_as(p.raw).to(p.raw.dtype), smp.view_as(p.sample).to(p.sample.dtype), p.n))
+    return [merge(s) for s in shards]
+
+
 def moment_stats(
     x: torch.Tensor,
     per_channel: bool = False,
@@ -140,27 +235,7 @@ def moment_stats(
     With ``per_channel`` the result is ``[len(STATS), channels]``, channels on dim 1 (N, C, ...).
     ``workspace`` makes the temporaries reuse memory (same numbers, fewer page faults).
     """
-    x = x.detach()
-    x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
-    if per_channel and x.dim() > 2:
-        flat = _channels_first(x, workspace)
-    elif per_channel and x.dim() == 2:
-        flat = x.transpose(0, 1)  # a strided view, as reshape gives
-    else:
-        flat = x.reshape(1, -1)
-    n = flat.shape[1]
-    if n == 0:  # an empty activation (a zero-size feature map) has no statistics: NaN, not a crash
-        empty = torch.full((len(STATS), flat.shape[0]), float("nan"), dtype=flat.dtype, device=flat.device)
-        return empty if per_channel and x.dim() >= 2 else empty[:, 0]
-    fused = workspace.fused(flat) if workspace is not None else None
-    mean, var, m3, m4, lo, hi, zeros = fused if fused is not None else _eager_moments(flat, workspace)
-    safe_var = torch.where(var > 0, var, torch.ones_like(var))
-    skew = torch.where(var > 0, m3 / safe_var.pow(1.5), torch.zeros_like(var))
-    kurt = torch.where(var > 0, m4 / (safe_var * safe_var) - 3.0, torch.zeros_like(var))
-    q = torch.tensor(QUANTILES, dtype=flat.dtype).to(flat.device, non_blocking=True)
-    pct = torch.quantile(_subsample(flat, samples, generator), q, dim=1)
-    out = torch.stack([mean, var, skew, kurt, lo, hi, zeros, pct[0], pct[1], pct[2]])
-    return out if per_channel and x.dim() >= 2 else out[:, 0]
+    return finish(partial_moments(x, per_channel, samples, generator, workspace))
 
 
 def histogram(x: torch.Tensor, bins: int, low: float, high: float) -> torch.Tensor:
