@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, TensorDataset
 
 from .errors import DataError, did_you_mean, first_line, shown, usable_path
 
@@ -272,16 +272,21 @@ def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBun
 # ----------------------------------------------------------------------------- batches
 
 
-def batches(bundle: DataBundle, batch_size: int, seed: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    bundle: DataBundle, batch_size: int, seed: int, start: int = 0, shard: tuple[int, int] = (0, 1)
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless shuffled batches, epoch after epoch; the order depends only on ``seed``.
 
     ``start`` skips that many batches (a resumed run continues the same sequence).
     Incomplete last batches are dropped (BN raises on a batch of one, and a short batch would
-    change the statistics the probes see).
+    change the statistics the probes see). ``shard=(rank, processes)`` yields that process's
+    share of each batch, every ``processes``-th sample from ``rank`` on (DistributedSampler's
+    deal): the shards together are the one-process batch, and only they are loaded.
     """
     if batch_size > len(bundle):
         raise DataError(f"batch size {batch_size} is larger than the data set ({len(bundle)} samples)")
     g = torch.Generator().manual_seed(seed)
+    rank, processes = shard
     if isinstance(bundle.train, TensorDataset):
         x, y = bundle.train.tensors
         while True:
@@ -290,12 +295,28 @@ def batches(bundle: DataBundle, batch_size: int, seed: int, start: int = 0) -> I
                 if start > 0:
                     start -= 1
                     continue
-                idx = order[i : i + batch_size]
+                idx = order[i : i + batch_size][rank::processes]
                 yield x[idx], y[idx]
-    loader = DataLoader(bundle.train, batch_size=batch_size, shuffle=True, drop_last=True, generator=g)
+    # DataLoader(shuffle=True, generator=g) samples these same batches: the order is unchanged
+    sampler = _Shards(BatchSampler(RandomSampler(range(len(bundle)), generator=g), batch_size, drop_last=True), rank, processes, start)
+    loader = DataLoader(bundle.train, batch_sampler=sampler, generator=g)
     while True:
-        for batch in loader:
-            if start > 0:
-                start -= 1
+        yield from loader
+
+
+class _Shards(Sampler[list[int]]):
+    """The index batches of ``batches``, the first ``skip`` of them skipped (without loading their
+    samples), each cut to one process's share."""
+
+    def __init__(self, batches: BatchSampler, rank: int, processes: int, skip: int) -> None:
+        self.batches, self.rank, self.processes, self.skip = batches, rank, processes, skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            if self.skip > 0:
+                self.skip -= 1
                 continue
-            yield batch
+            yield batch[self.rank :: self.processes]
+
+    def __len__(self) -> int:
+        return len(self.batches)
