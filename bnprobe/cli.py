@@ -23,7 +23,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from .config import bn_overrides, check_continuable, config_for_ics, config_for_train, flag_overrides, load_config, parse_assignments
-from .errors import BnprobeError, clip
+from .errors import BnprobeError, ProcessFailed, clip
 
 if TYPE_CHECKING:  # the trainer (and torch) load only when a command runs
     from .config import Config
@@ -93,7 +93,8 @@ class _Bnprobe(TyperGroup):
             line = format_known_exception(e)
             if line is None or (_state["debug"] and isinstance(e, BnprobeError)):
                 raise
-            typer.echo(line, err=True)
+            if not _follower() or isinstance(e, ProcessFailed):  # rank 0 says the rest (the others would repeat it)
+                typer.echo(line, err=True)
             sys.exit(int(getattr(e, "exit_code", 1)))
         sys.exit(result if isinstance(result, int) else 0)
 
@@ -112,6 +113,11 @@ app = typer.Typer(
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also BNPROBE_DEBUG=1).")] = False) -> None:
     if debug:
         _state["debug"] = True
+
+
+def _follower() -> bool:
+    """A process of a torchrun run other than rank 0, which does not print (rank 0 speaks for the run)."""
+    return os.environ.get("RANK", "0") != "0"
 
 
 class Terminated(KeyboardInterrupt):
@@ -219,8 +225,12 @@ class _StopRequests:
             raise self._exception(sig)
 
     def check(self) -> None:
-        """Raise the pending interrupt, if any; called once a step is recorded."""
+        """Raise the pending interrupt, if any; called once a step is recorded. Under torchrun a
+        signal any process got stops every process at this same step."""
+        from .distributed import agreed_signal
+
         self.stepping = True
+        self.pending = agreed_signal(self.pending)
         if self.pending is not None:
             raise self._exception(self.pending)
 
@@ -240,9 +250,9 @@ def _interrupts(path_hint: str, started: Callable[[], bool], stops: _StopRequest
         yield
     except KeyboardInterrupt as e:
         if started():
-            typer.echo(f"bnprobe: interrupted; what was recorded is in {path_hint} (status: interrupted)", err=True)
+            _tell(f"bnprobe: interrupted; what was recorded is in {path_hint} (status: interrupted)")
         else:
-            typer.echo("bnprobe: interrupted before the first step; nothing was written", err=True)
+            _tell("bnprobe: interrupted before the first step; nothing was written")
         raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -256,6 +266,9 @@ def _with_progress(run: Callable[[ProgressFn], list[VariantResult]], path: Path)
     stops = _StopRequests()
 
     def on_step(info: StepInfo) -> None:
+        if _follower():
+            stops.check()
+            return
         if not tasks:
             progress.start()
         if info.variant not in tasks:
@@ -273,17 +286,24 @@ def _with_progress(run: Callable[[ProgressFn], list[VariantResult]], path: Path)
 
 
 def _finish(results: list[VariantResult], path: Path) -> None:
-    _summary(results, path)
+    if not _follower():
+        _summary(results, path)
     failed = [r for r in results if r.status == "failed"]
     if failed:
         if _state["debug"]:
-            typer.echo(failed[0].error_traceback, err=True, nl=False)
+            _tell(failed[0].error_traceback.rstrip("\n"))
         more = f" ({len(failed) - 1} more failed; see `bnprobe report {path}`)" if len(failed) > 1 else ""
-        typer.echo(f"bnprobe: error: variant {failed[0].name} failed: {failed[0].error}; its records up to then are kept{more}", err=True)
+        _tell(f"bnprobe: error: variant {failed[0].name} failed: {failed[0].error}; its records up to then are kept{more}")
         raise typer.Exit(2)
     if any(r.status == "diverged" for r in results):
-        typer.echo("bnprobe: error: a variant diverged (non-finite loss); its records up to then are kept", err=True)
+        _tell("bnprobe: error: a variant diverged (non-finite loss); its records up to then are kept")
         raise typer.Exit(3)
+
+
+def _tell(line: str) -> None:
+    """A line on stderr, from rank 0 only under torchrun."""
+    if not _follower():
+        typer.echo(line, err=True)
 
 
 def _train(cfg: Config, force: bool) -> None:
@@ -305,7 +325,8 @@ def _resume(path: Path) -> None:
 
     results = _with_progress(lambda on_step: resume_experiment(path, progress=on_step), path)
     if not results:
-        out.print(f"Nothing to resume: every variant in {path} has finished.")
+        if not _follower():
+            out.print(f"Nothing to resume: every variant in {path} has finished.")
         return
     _finish(results, path)
 

@@ -83,6 +83,14 @@ class OptimizerName(str, enum.Enum):
     ADAMW = "adamw"
 
 
+class DistBackend(str, enum.Enum):
+    """torch.distributed's backend under torchrun; ``auto`` is nccl on CUDA, gloo elsewhere."""
+
+    AUTO = "auto"
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+
 @dataclass(frozen=True)
 class NoiseConfig:
     """Noisy BN recipe (Santurkar et al. Sec. 2.1): per step and layer mu ~ U(mu_range),
@@ -151,6 +159,9 @@ class Config:
     batch_size: int = 128
     seed: int = 0
     device: str = "auto"
+    sync_bn: bool = False  # under torchrun: BN layers become SyncBatchNorm (statistics of the global batch)
+    dist_backend: DistBackend = DistBackend.AUTO
+    dist_timeout: float = 300.0  # seconds a collective waits for the other processes before the run fails
     output: str = "runs/{name}.h5"
     flush_every: int = 500
     flush_seconds: float = 5.0
@@ -370,6 +381,7 @@ def _validate(cfg: Config) -> Config:
         ),
         (cfg.probes.landscape_every >= 0, "probes.landscape_every must be >= 0 (0: with ics_every, else record_every)"),
         (cfg.probes.histogram_bins <= MAX_HISTOGRAM_BINS, f"probes.histogram_bins must be at most {MAX_HISTOGRAM_BINS}"),
+        (cfg.dist_timeout > 0, "dist_timeout must be positive (seconds)"),
         (0 <= cfg.seed < _INT64, f"seed must be between 0 and {_INT64 - 1}"),
         (_DEVICE.fullmatch(cfg.device) is not None, f"device must be auto, cpu, cuda[:N] or mps, not {shown(cfg.device)}"),
         (

@@ -307,6 +307,14 @@ class Store:
         return cls(h5, path, target if target != path else None, created=True, made_parent=made_parent)
 
     @classmethod
+    def scratch(cls) -> Store:
+        """A store held in memory and never written to disk: what processes other than rank 0 of a
+        torchrun run write to, so that they run rank 0's code and leave no file."""
+        h5 = h5py.File(io.BytesIO(), "w", track_order=True)
+        h5.attrs["format_version"] = FORMAT_VERSION
+        return cls(h5, Path("<memory>"), None)
+
+    @classmethod
     def append_to(cls, path: str | Path) -> Store:
         """Open an existing bnprobe file to add runs or records (checked first)."""
         path = Path(path)

@@ -13,7 +13,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import rng
+from . import distributed, rng
 from .config import BnMode, Config, OptimizerName, expand_variants
 from .data import DataBundle, batches, load_data
-from .errors import BnprobeError, ConfigError, ModelError, StoreError, described, first_line
+from .errors import BnprobeError, ConfigError, ModelError, ProcessFailed, StoreError, described, first_line
 from .layers import no_layer_matches, probed_layers
 from .models import build_model
 from .passes import leave_no_trace
@@ -69,14 +69,14 @@ ProgressFn = Callable[[StepInfo], None]
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when present, else CPU; an unavailable device is a config error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = distributed.local_device(torch.device(name))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu or auto")
     try:
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as e:  # mps without Metal, cuda:7 on a one-GPU machine...
-        raise ConfigError(f"device {name!r} is not available here; use --device cpu or auto") from e
+        raise ConfigError(f"device {str(device)!r} is not available here; use --device cpu or auto") from e
     return device
 
 
@@ -113,7 +113,18 @@ def prepare_model(cfg: Config, bundle: DataBundle, device: torch.device | None =
     plan = None
     if cfg.bn is not BnMode.KEEP or cfg.fold:
         model, plan = _surgery(cfg, model, x)
+    if cfg.sync_bn:
+        model = _synchronised(model, device)
     return (model if device is None else model.to(device)), plan
+
+
+def _synchronised(model: nn.Module, device: torch.device | None) -> nn.Module:
+    """BN layers as ``SyncBatchNorm``: under torchrun they normalise with the global batch's
+    statistics (alone, they are plain BN). PyTorch's SyncBatchNorm runs on GPUs only."""
+    if distributed.launched() and (device is None or device.type != "cuda"):
+        raise ConfigError("sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only); use device: cuda or sync_bn: false")
+    converted: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return converted
 
 
 def _checked_model(cfg: Config, bundle: DataBundle) -> tuple[nn.Module, torch.Tensor]:
@@ -168,6 +179,7 @@ def _plain_step(
     output = model(x)
     loss = loss_fn(output, y)
     loss.backward()
+    distributed.average_(p.grad for p in model.parameters())  # the global batch's gradient under torchrun
     optimizer.step()
     return loss.detach(), output.detach()
 
@@ -210,6 +222,9 @@ def train_variant(
             run.finish(status, save=False, failed_step=failed_step, error=described(e))
             raise
         error_traceback = "".join(traceback.format_exception(e))
+        if distributed.world_size() > 1:  # the other processes wait in a collective: this one stopping stops them
+            run.finish(status, save=False, failed_step=failed_step, error=error)
+            raise ProcessFailed(f"variant {name} failed in process {distributed.rank()}: {error}") from e
     run.finish(status, save=status == "finished", diverged_step=diverged_step, failed_step=failed_step, error=error)
     tail = slice(-10, None)
     return VariantResult(
@@ -281,6 +296,7 @@ def _start(
         bn=cfg.bn.value, model=cfg.model, data=bundle.spec, seed=cfg.seed, device=str(device), optimizer=cfg.optimizer.value,
         lr=cfg.lr, batch_size=cfg.batch_size, planned_steps=cfg.steps, task=bundle.task,
         surgery=plan.summary() if plan is not None else "none",
+        world_size=distributed.world_size(), dist_backend=distributed.backend() or "none", sync_bn=cfg.sync_bn,
     )  # fmt: skip
     probes = scheduled_probes(cfg, [info.name for info, _ in layer_infos])
     start_probes(probes, writer)
@@ -308,7 +324,7 @@ def _resume(
         start = int(checkpoint["next_step"])
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        rng.restore(model, rng.RngState(checkpoint["rng_cpu"], [], checkpoint["rng_modules"]))
+        rng.restore(model, rng.RngState(checkpoint["rng_cpu"], checkpoint.get("rng_cuda", []), checkpoint["rng_modules"]))
         load_probe_states(probes, checkpoint.get("probes", {}))
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:  # a file edited or damaged
         raise StoreError(f"the checkpoint of run {name!r} does not fit its model and config: {described(e)}") from e
@@ -319,7 +335,7 @@ def _resume(
 def _train_steps(run: _Run, bundle: DataBundle, device: torch.device, progress: ProgressFn | None) -> tuple[str, int | None]:
     """The steps from ``run.start`` on; returns the status and, if the loss diverged, at which step."""
     cfg = run.cfg
-    data = batches(bundle, cfg.batch_size, cfg.seed, start=run.start)
+    data = batches(bundle, cfg.batch_size, cfg.seed, start=run.start, shard=(distributed.rank(), distributed.world_size()))
     t0 = time.perf_counter()
     for step in range(run.start, cfg.steps):
         x, y = (t.to(device, non_blocking=True) for t in next(data))
@@ -328,7 +344,7 @@ def _train_steps(run: _Run, bundle: DataBundle, device: torch.device, progress: 
             track(probe, batch, run.writer)
         if batch.loss is None:
             batch.loss, batch.output = _plain_step(run.model, run.loss_fn, run.optimizer, x, y)
-        acc = _accuracy(batch.output, y, bundle.task)
+        batch.loss, acc = _global_mean(batch.loss, _accuracy(batch.output, y, bundle.task))
         run.rec.step(loss=batch.loss, accuracy=acc, lr=run.optimizer.param_groups[0]["lr"])
         loss_value = float(batch.loss)
         run.losses.append(loss_value)
@@ -341,6 +357,15 @@ def _train_steps(run: _Run, bundle: DataBundle, device: torch.device, progress: 
         if progress is not None:
             progress(StepInfo(run.name, step + 1, cfg.steps, loss_value, (step + 1 - run.start) / (time.perf_counter() - t0)))
     return "finished", None
+
+
+def _global_mean(loss: torch.Tensor, acc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The global batch's loss and accuracy under torchrun: the means of the shards' (one size each)."""
+    if distributed.world_size() == 1:
+        return loss, acc
+    both = torch.stack([loss.detach(), acc.to(loss.dtype) if acc is not None else torch.zeros_like(loss)])
+    distributed.average_([both])
+    return both[0], (both[1] if acc is not None else None)
 
 
 def _failure(model: nn.Module, e: Exception, step: int) -> str | None:
@@ -377,6 +402,7 @@ def checkpoint_state(
         "optimizer": optimizer.state_dict(),
         "next_step": next_step,
         "rng_cpu": streams.cpu,
+        "rng_cuda": streams.cuda,
         "rng_modules": streams.modules,
         "rng_recorder": rec.generator_state(),
         "probes": probe_states(probes),
@@ -395,23 +421,48 @@ def check_layer_selection(cfg: Config, bundle: DataBundle, models: list[nn.Modul
 
 
 def run_experiment(cfg: Config, force: bool = False, progress: ProgressFn | None = None) -> tuple[Store, list[VariantResult]]:
-    """Train every variant of ``cfg`` into ``cfg.output_path``; returns the closed store and results."""
+    """Train every variant of ``cfg`` into ``cfg.output_path``; returns the closed store and results.
+    Under torchrun every process trains its shard and rank 0 writes the file."""
     bundle = load_data(cfg.data, seed=cfg.seed, **dict(cfg.data_options))
     runs = expand_variants(cfg)
-    for _, run_cfg in runs:
-        if run_cfg.batch_size > len(bundle):
-            raise ConfigError(f"batch_size {run_cfg.batch_size} is larger than the data set ({len(bundle)} samples)")
-    # Build every variant before the file exists: a bad model or surgery fails with nothing written.
-    prepared = [prepare_model(run_cfg, bundle, resolve_device(run_cfg.device)) for _, run_cfg in runs]
-    check_layer_selection(cfg, bundle, [model for model, _ in prepared])
-    default_dir = Path(cfg.output).parent == Path("runs")
-    store = Store.create(cfg.output_path, cfg.to_yaml(), force=force, create_parent=default_dir)
-    results = []
-    with store:
-        for (name, run_cfg), model_plan in zip(runs, prepared):
-            writer = store.run(name, {"variant": name})
-            results.append(_unless_first(train_variant(run_cfg, name, bundle, writer, progress, model_plan), store))
+    with _process_group(cfg):
+        for _, run_cfg in runs:
+            if run_cfg.batch_size > len(bundle):
+                raise ConfigError(f"batch_size {run_cfg.batch_size} is larger than the data set ({len(bundle)} samples)")
+            distributed.check_divisible(run_cfg.batch_size)
+        # Build every variant before the file exists: a bad model or surgery fails with nothing written.
+        prepared = [prepare_model(run_cfg, bundle, resolve_device(run_cfg.device)) for _, run_cfg in runs]
+        check_layer_selection(cfg, bundle, [model for model, _ in prepared])
+        default_dir = Path(cfg.output).parent == Path("runs")
+        store = _output(lambda: Store.create(cfg.output_path, cfg.to_yaml(), force=force, create_parent=default_dir))
+        results = []
+        with store:
+            for (name, run_cfg), model_plan in zip(runs, prepared):
+                writer = store.run(name, {"variant": name})
+                results.append(_unless_first(train_variant(run_cfg, name, bundle, writer, progress, model_plan), store))
     return store, results
+
+
+def _process_group(cfg: Config) -> AbstractContextManager[None]:
+    """torchrun's process group for the run (nothing in a plain process)."""
+    return distributed.process_group(resolve_device(cfg.device), cfg.dist_backend.value, cfg.dist_timeout)
+
+
+def _output(open_store: Callable[[], Store]) -> Store:
+    """The store rank 0 writes (``open_store()``); the other processes of a torchrun run write to
+    memory, and stop quietly when rank 0 could not open its file (rank 0 says why)."""
+    if distributed.is_main():
+        try:
+            store = open_store()
+        except BnprobeError as e:
+            distributed.broadcast(str(e))
+            raise
+        distributed.broadcast(None)
+        return store
+    problem = distributed.broadcast(None)
+    if problem is not None:
+        raise distributed.PeerStopped(f"rank 0 could not open the output: {problem}")
+    return Store.scratch()
 
 
 def _unless_first(result: VariantResult, store: Store) -> VariantResult:
@@ -428,17 +479,18 @@ def resume_experiment(path: Path, progress: ProgressFn | None = None) -> list[Va
     from .config import load_config_text
     from .store import read_file
 
-    existing = read_file(path, load=False)
+    existing = read_file(path, load=False)  # every process, before rank 0 opens the file for writing
     cfg = load_config_text(existing.attrs.get("config", ""), str(path))
     bundle = load_data(cfg.data, seed=cfg.seed, **dict(cfg.data_options))
     results = []
-    with Store.append_to(path) as store:
+    with _process_group(cfg), _output(lambda: Store.append_to(path)) as store:
         for name, run_cfg in expand_variants(cfg):
             run = existing.runs.get(name)
             if run is not None and run.attrs.get("status") in ("finished", "diverged"):
                 continue
-            saved = store.checkpoint(name) if run is not None else None
-            checkpoint = saved[0] if saved else None
+            distributed.check_divisible(run_cfg.batch_size)
+            saved = distributed.broadcast(store.checkpoint(name) if run is not None and distributed.is_main() else None)
+            checkpoint = saved[0] if isinstance(saved, tuple) else None
             writer = store.run(name, {"variant": name})
             if checkpoint is None:
                 writer.truncate(0)
@@ -458,21 +510,23 @@ def measure_from_run(
     existing = read_file(path, load=False)
     base, extra = config_for_measure(existing.attrs.get("config", ""), str(path), overrides)
     bundle = load_data(base.data, seed=base.seed, **dict(base.data_options))
-    plans = []
-    for name, run_cfg in expand_variants(base):
-        if name not in existing.runs:
-            continue
-        checkpoint, start = load_checkpoint(path, name)
-        run_cfg = dataclasses.replace(run_cfg, steps=start + (extra or start))
-        plans.append((name, run_cfg, checkpoint, prepare_model(run_cfg, bundle, resolve_device(run_cfg.device))))
-    if not plans:
-        raise ConfigError(f"{path} has no run with a checkpoint to continue from")
-    check_layer_selection(base, bundle, [prepared[0] for *_, prepared in plans])
-    results = []
-    with Store.create(output, base.to_yaml(), force=force, inputs=[path]) as store:
-        for name, run_cfg, checkpoint, prepared in plans:
-            writer = store.run(name, {"variant": name, "continued_from": str(path)})
-            results.append(_unless_first(train_variant(run_cfg, name, bundle, writer, progress, prepared, checkpoint), store))
+    with _process_group(base):
+        plans = []
+        for name, run_cfg in expand_variants(base):
+            if name not in existing.runs:
+                continue
+            checkpoint, start = load_checkpoint(path, name)
+            run_cfg = dataclasses.replace(run_cfg, steps=start + (extra or start))
+            distributed.check_divisible(run_cfg.batch_size)
+            plans.append((name, run_cfg, checkpoint, prepare_model(run_cfg, bundle, resolve_device(run_cfg.device))))
+        if not plans:
+            raise ConfigError(f"{path} has no run with a checkpoint to continue from")
+        check_layer_selection(base, bundle, [prepared[0] for *_, prepared in plans])
+        results = []
+        with _output(lambda: Store.create(output, base.to_yaml(), force=force, inputs=[path])) as store:
+            for name, run_cfg, checkpoint, prepared in plans:
+                writer = store.run(name, {"variant": name, "continued_from": str(path)})
+                results.append(_unless_first(train_variant(run_cfg, name, bundle, writer, progress, prepared, checkpoint), store))
     return results
 
 

@@ -39,6 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .. import distributed
 from ..config import Config, layer_patterns
 from ..errors import ConfigError, ModelError
 from ..layers import layer_kind, no_layer_matches, select
@@ -223,7 +224,9 @@ def hvp_function(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor
         for k, h in zip(live, out):
             if h is not None:
                 full[k] = h.reshape(*lead, -1)
-        return torch.cat(full, dim=-1)
+        product = torch.cat(full, dim=-1)
+        distributed.average_([product])  # under torchrun: the global batch's Hessian times v
+        return product
 
     return hvp
 

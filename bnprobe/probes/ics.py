@@ -71,6 +71,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .. import distributed
 from ..config import Config, IcsMethod, layer_patterns
 from ..errors import ConfigError
 from ..layers import has_own_parameters, layer_kind, no_layer_matches, select
@@ -235,6 +236,7 @@ def gradient_shift(
         output = model(x)
     loss = loss_fn(output, y)
     loss.backward()
+    distributed.average_(p.grad for p in model.parameters())  # under torchrun: the global batch's G
 
     plan = _Layers(model, called)
     selected = _measured(plan, layers, kinds)
@@ -286,6 +288,12 @@ def _grad_or_zero(p: torch.Tensor) -> torch.Tensor:
     return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
 
 
+def _global(grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The global batch's gradients under torchrun (each process's averaged; unchanged alone)."""
+    distributed.average_(grads)
+    return grads
+
+
 def _mixed(plan: _Layers, i: int, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """W^{t+1} for parameters of layers before i, W^t for the rest (never-called modules: W^t)."""
     out = {}
@@ -319,7 +327,7 @@ def _naive(
         reset()
         loss = loss_fn(torch.func.functional_call(model, leaves, (x,)), y)
         names = [n for n in leaves if n in trainable]
-        grads = dict(zip(names, torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)))
+        grads = dict(zip(names, _global(torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True))))
         shifted[i] = [grads[n] if grads[n] is not None else torch.zeros_like(leaves[n]) for n in plan.own[i]]
     return shifted
 
@@ -510,7 +518,7 @@ def _fast(
             reset()
             with cache.replay(i), slots.swapped(params):
                 loss = loss_fn(model(x), y)
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            grads = _global(torch.autograd.grad(loss, leaves, allow_unused=True))
             cache.drop_mutated()
             shifted[i] = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, leaves)]
     return shifted

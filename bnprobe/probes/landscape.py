@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..config import Config
 from ..errors import ConfigError
 from ..passes import leave_no_trace
@@ -101,8 +102,10 @@ def landscape(
         trace.reset()  # stateful buffers (spectral norm) and random streams start each evaluation alike
         with slots.swapped(dict(zip(names, leaves))):
             loss = loss_fn(model(x), y)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        return loss.detach(), [g if g is not None else torch.zeros_like(v) for g, v in zip(grads, leaves)]
+        grads = [g if g is not None else torch.zeros_like(v) for g, v in zip(torch.autograd.grad(loss, leaves, allow_unused=True), leaves)]
+        value = loss.detach().clone() if distributed.world_size() > 1 else loss.detach()
+        distributed.average_([value, *grads])  # under torchrun: the global batch's loss and gradient
+        return value, grads
 
     with leave_no_trace(model) as trace:
         loss0, g = evaluate(w)

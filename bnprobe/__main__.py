@@ -1,0 +1,5 @@
+"""``python -m bnprobe`` (and ``torchrun -m bnprobe``): the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,185 @@
+"""Runs under ``torchrun``: one process per device, each on its shard of every global batch.
+
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous; :func:`process_group`
+joins it (gloo on CPU, nccl on CUDA, with a timeout so a stopped process never leaves the others
+hanging). Every collective here returns at once in a single process, so the one-process path and
+its numbers are unchanged.
+
+What crosses processes, and why the result is the global batch's (every shard has the same size and
+the loss is a mean over the batch, so the global loss is the mean of the shards' losses):
+
+- gradients, Hessian-vector products and loss values are averaged (:func:`average_`), so ICS's G
+  and G', the landscape and the Hessian are those of the global batch;
+- activation moments are merged exactly from each shard's count, mean and central moments
+  (:func:`bnprobe.probes.moments.merge`), min/max by their extremes, histogram counts summed, and
+  percentiles from the shards' subsamples put together;
+- BN layers normalise with their own shard's statistics unless ``sync_bn`` makes them
+  ``SyncBatchNorm`` (then with the global batch's, as in one process).
+
+Only rank 0 writes the HDF5 file and prints.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from .errors import BnprobeError, ConfigError, first_line
+
+
+class PeerStopped(BnprobeError):
+    """Another process of a torchrun run stopped (it says why on its stderr)."""
+
+
+def launched() -> bool:
+    """True in a process torchrun started with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 when not launched): who prints."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def backend() -> str:
+    return str(dist.get_backend()) if active() else ""
+
+
+def local_device(device: torch.device) -> torch.device:
+    """A bare ``cuda`` under torchrun is this process's GPU (``LOCAL_RANK``)."""
+    if str(device) == "cuda" and launched():  # no index given
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+@contextmanager
+def process_group(device: torch.device, backend_name: str = "auto", timeout: float = 300.0) -> Iterator[None]:
+    """Join torchrun's process group for the block; nothing when not launched or already joined
+    (a user's own script may have)."""
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    if not dist.is_available():
+        raise ConfigError("this PyTorch build has no torch.distributed; run bnprobe without torchrun")
+    chosen = backend_name if backend_name != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout))
+    except (RuntimeError, ValueError) as e:  # a backend this build lacks, a rendezvous that never completes
+        raise ConfigError(f"cannot join torchrun's process group ({chosen}): {first_line(e)}") from e
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def shard(batch: torch.Tensor) -> torch.Tensor:
+    """This process's share of a global batch: every ``world_size``-th sample from ``rank`` on, as
+    DistributedSampler deals them (the shards together are the global batch)."""
+    size = world_size()
+    return batch if size == 1 else batch[rank() :: size]
+
+
+def check_divisible(batch_size: int) -> None:
+    size = world_size()
+    if batch_size % size:
+        raise ConfigError(f"batch_size {batch_size} (the global batch) must be a multiple of the {size} processes")
+
+
+def average_(tensors: Iterable[torch.Tensor | None]) -> None:
+    """Replace each tensor, in place, by its mean over the processes: one all-reduce of one flat
+    buffer per dtype. The tensors must be the caller's own (not views of something still in use)."""
+    size = world_size()
+    if size == 1:
+        return
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        if t is not None:
+            groups.setdefault((t.dtype, t.device), []).append(t)
+    for ts in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        _collective(dist.all_reduce, flat)
+        flat /= size
+        for t, part in zip(ts, flat.split([t.numel() for t in ts])):
+            t.copy_(part.view_as(t))
+
+
+def averaged(tensor: torch.Tensor) -> torch.Tensor:
+    """A new tensor: ``tensor``'s mean over the processes (``tensor`` itself in one process)."""
+    if world_size() == 1:
+        return tensor
+    out = tensor.detach().clone()
+    average_([out])
+    return out
+
+
+def sum_(tensor: torch.Tensor) -> None:
+    """In place: the sum over the processes (histogram counts)."""
+    if world_size() > 1:
+        _collective(dist.all_reduce, tensor)
+
+
+def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's ``tensor`` (same shape on each), in rank order."""
+    if world_size() == 1:
+        return [tensor]
+    out = [torch.empty_like(tensor) for _ in range(world_size())]
+    _collective(dist.all_gather, out, tensor.contiguous())
+    return out
+
+
+def agreed_signal(pending: int | None) -> int | None:
+    """The stop signal any process has pending (the highest number), so that all stop at the same step."""
+    if world_size() == 1:
+        return pending
+    flag = torch.tensor([pending or 0], dtype=torch.int64, device=_collective_device())
+    _collective(dist.all_reduce, flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
+def broadcast(value: object) -> object:
+    """Rank 0's ``value`` on every process (a checkpoint, an error message)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    _collective(dist.broadcast_object_list, box, src=0)
+    return box[0]
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if backend() == "nccl" else torch.device("cpu")
+
+
+def _collective(call: Callable[..., object], *args: object, **kwargs: object) -> None:
+    """Run a collective; a peer that stopped (closed connection, timeout) becomes :class:`PeerStopped`."""
+    try:
+        call(*args, **kwargs)
+    except (RuntimeError, dist.DistError) as e:  # gloo: "Connection closed by peer"; both: a timeout
+        raise PeerStopped(f"another process of the run stopped ({_brief(e)}); its own error says why") from e
+
+
+def _brief(e: BaseException) -> str:
+    """The backend's reason without its source location (gloo starts with ``[.../pair.cc:561]``)."""
+    return first_line(e).split("] ", 1)[-1].split(" [", 1)[0][:120]

@@ -1,0 +1,274 @@
+"""torchrun runs (issue 13): shards, exact reductions, rank 0 writing, failures that stop every
+process. The end-to-end tests launch ``torchrun --standalone --nproc-per-node 2`` on CPU (gloo)
+and compare its file with a one-process run of the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from bnprobe.config import load_config
+from bnprobe.data import DataBundle, batches, load_data
+from bnprobe.errors import ConfigError
+from bnprobe.probes.moments import finish, merge, moment_stats, partial_moments
+from bnprobe.store import STATS, Store
+from bnprobe.trainer import prepare_model
+
+# ----------------------------------------------------------------------------- merging moments
+
+
+def _shards(seed: int = 0) -> list[torch.Tensor]:
+    """Three shards of [N, C, H, W] data with different means, spreads and skews (and some zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    shards = [torch.randn(4, 3, 5, 5, generator=g) * 2 + 1, torch.rand(6, 3, 5, 5, generator=g) ** 3 - 0.5, torch.randn(2, 3, 5, 5, generator=g)]
+    shards[1][0, 0, :2] = 0.0
+    return shards
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_merged_shards_equal_the_concatenation(per_channel: bool) -> None:
+    """Chan/Pebay's merge of each shard's count, mean and central moments gives the statistics of
+    the data put together (unequal shard sizes, unequal means: every cross term matters)."""
+    shards = _shards()
+    whole = moment_stats(torch.cat(shards), per_channel, samples=10**6).double()
+    merged = finish(merge([partial_moments(s, per_channel, samples=10**6) for s in shards])).double()
+    assert merged.shape == whole.shape
+    torch.testing.assert_close(merged, whole, rtol=1e-5, atol=1e-6)
+    assert STATS.index("zero_fraction") and float(whole[STATS.index("zero_fraction")].sum()) > 0  # the zeros were counted
+
+
+def test_merge_of_one_shard_is_the_shard() -> None:
+    part = partial_moments(_shards()[0], samples=50)
+    assert merge([part]) is part
+
+
+# ----------------------------------------------------------------------------- sharded batches
+
+
+class _Numbers(Dataset[tuple[torch.Tensor, int]]):
+    """Not a TensorDataset: batches() goes through a DataLoader."""
+
+    def __len__(self) -> int:
+        return 37
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.tensor([float(i)]), i
+
+
+def _bundles() -> list[DataBundle]:
+    tensors = load_data("synthetic:linear", seed=0, n=40)
+    return [tensors, DataBundle(_Numbers(), (1,), 37, "classification", "numbers")]
+
+
+@pytest.mark.parametrize("bundle", _bundles(), ids=["tensors", "loader"])
+def test_each_process_gets_its_deal_of_the_one_process_batch(bundle: DataBundle) -> None:
+    """Rank r's batch is every 2nd sample of the one-process batch from r on (DistributedSampler's
+    deal), also after skipping batches for a resume."""
+    for start in (0, 5):
+        one = batches(bundle, 8, seed=3, start=start)
+        ranks = [batches(bundle, 8, seed=3, start=start, shard=(r, 2)) for r in range(2)]
+        for _ in range(9):  # past an epoch
+            x, y = next(one)
+            for r, it in enumerate(ranks):
+                xr, yr = next(it)
+                assert torch.equal(yr, y[r::2]) and torch.equal(xr, x[r::2])
+
+
+# ----------------------------------------------------------------------------- one process
+
+
+def test_scratch_store_writes_no_file(in_tmp: Path) -> None:
+    store = Store.scratch()
+    writer = store.run("r", {})
+    writer.append("train", 0, {"loss": 1.0, "accuracy": 0.5, "lr": 0.1, "seconds": 0.0})
+    writer.save_checkpoint({"a": torch.ones(2)}, 1)
+    assert store.has_records()
+    store.close()
+    assert list(in_tmp.iterdir()) == []
+
+
+def test_sync_bn_converts_and_refuses_cpu_under_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("model: mlp\ndata: synthetic:linear\ndata_options: {n: 32}\nbn: insert\nsync_bn: true\n")
+    cfg = load_config(cfg_path)
+    bundle = load_data(cfg.data, seed=0, n=32)
+    model, _ = prepare_model(cfg, bundle, torch.device("cpu"))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="sync_bn needs CUDA"):
+        prepare_model(cfg, bundle, torch.device("cpu"))
+
+
+def test_dist_timeout_must_be_positive(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("dist_timeout: 0\n")
+    with pytest.raises(ConfigError, match="dist_timeout"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_recorded_steps_never_synchronise_on_cuda(tmp_path: Path) -> None:
+    """Moments (per channel and histograms too) stay on the device until a flush."""
+    from bnprobe import Recorder
+    from bnprobe.models import vgg
+
+    model = vgg(10, (3, 32, 32), width=0.25).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 3, 32, 32, device="cuda"), torch.randint(10, (16,), device="cuda")
+    with Recorder(model, tmp_path / "r.h5", record_every=1, per_channel=True, histogram_bins=8, flush_every=10**6, flush_seconds=1e9) as rec:
+        for step in range(3):
+            if step == 1:  # the first step fixes the layer order; the next ones are the steady state
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                rec.step(loss=loss)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+
+# ----------------------------------------------------------------------------- torchrun, 2 processes
+
+MODEL = '''
+import os
+import torch
+from torch import nn
+
+
+from bnprobe.passes import measuring
+
+
+class Mlp(nn.Module):
+    """A BN-free MLP whose forward raises in process 1 in training step BNPROBE_TEST_FAIL_AT (when set)."""
+
+    def __init__(self, num_classes, input_shape):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), 12), nn.ReLU(),
+                                 nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, num_classes))
+        self.calls = 0
+
+    def forward(self, x):
+        if measuring():  # bnprobe's extra passes (layer discovery, ICS, landscape, Hessian)
+            return self.net(x)
+        self.calls += 1
+        if os.environ.get("RANK") == "1" and str(self.calls - 1) == os.environ.get("BNPROBE_TEST_FAIL_AT"):
+            raise ValueError("bad sample in this shard")
+        return self.net(x)
+
+
+def factory(num_classes, input_shape):
+    return Mlp(num_classes, input_shape)
+'''
+
+CONFIG = """name: d
+model: mlp.py:factory
+data: synthetic:cifar10
+data_options: {n: 256}
+steps: 8
+batch_size: 16
+lr: 0.1
+device: cpu
+checkpoint_every: 3
+dist_timeout: 60
+probes: {record_every: 1, per_channel: true, histogram_bins: 8, percentile_samples: 100000, ics_every: 3, landscape: true,
+         hessian: true, hessian_blocks: true, spectrum: true, spectrum_every: 4, spectrum_trace_samples: 3}
+"""
+
+
+def _bnprobe(args: list[str], cwd: Path, processes: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([*launcher, "-m", "bnprobe", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same config trained by one process and by two (each on half of every batch)."""
+    where = tmp_path_factory.mktemp("dist")
+    (where / "mlp.py").write_text(MODEL)
+    (where / "d.yaml").write_text(CONFIG)
+    for processes, out in ((1, "one.h5"), (2, "two.h5")):
+        done = _bnprobe(["train", "d.yaml", "--set", f"output={out}"], where, processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return where
+
+
+def _datasets(path: Path) -> dict[str, np.ndarray]:
+    found: dict[str, np.ndarray] = {}
+    with h5py.File(path) as f:
+        f["runs/keep"].visititems(
+            lambda name, obj: found.__setitem__(name, obj[()])
+            if isinstance(obj, h5py.Dataset) and obj.dtype.kind == "f" and "seconds" not in name
+            else None
+        )
+    return found
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_on_the_global_batch(runs: Path) -> None:
+    """Without BN the two-process run is the one-process run: moments (per channel, histograms,
+    percentiles of all samples), ICS, landscape, Hessian and spectrum, to float tolerance."""
+    one, two = _datasets(runs / "one.h5"), _datasets(runs / "two.h5")
+    assert one.keys() == two.keys()
+    sections = {name.split("/")[0] for name in one}
+    assert {"train", "moments", "ics", "landscape", "hessian", "spectrum"} <= sections
+    for name, values in one.items():
+        np.testing.assert_allclose(two[name], values, rtol=2e-4, atol=2e-5, err_msg=name)
+    with h5py.File(runs / "two.h5") as f:
+        attrs = f["runs/keep"].attrs
+        assert (attrs["world_size"], attrs["dist_backend"]) == (2, "gloo")
+    with h5py.File(runs / "one.h5") as f:
+        assert (f["runs/keep"].attrs["world_size"], f["runs/keep"].attrs["dist_backend"]) == (1, "none")
+
+
+@pytest.mark.slow
+def test_one_failing_process_stops_the_others_and_the_run_resumes(runs: Path) -> None:
+    """Process 1 raises in step 4: both stop (no hang), each says one line (process 0 that the
+    other stopped, process 1 why), the file keeps steps 0-3 and the step-3 checkpoint, and a
+    resumed run ends where the uninterrupted one did."""
+    done = _bnprobe(["train", "d.yaml", "--set", "output=failed.h5"], runs, 2, {"BNPROBE_TEST_FAIL_AT": "4"})
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("bnprobe:")]
+    assert len(ours) == 2, done.stderr[-3000:]
+    assert any("another process of the run stopped" in line for line in ours)
+    assert any("failed in process 1" in line and "bad sample in this shard" in line for line in ours)
+    assert "[rank0]" not in done.stderr and "[rank1]" not in done.stderr  # no traceback of ours
+    with h5py.File(runs / "failed.h5") as f:
+        run = f["runs/keep"]
+        assert run.attrs["status"] == "failed" and run["checkpoint"].attrs["step"] == 3
+    resumed = _bnprobe(["train", "--resume", "failed.h5"], runs, 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full, again = _datasets(runs / "two.h5"), _datasets(runs / "failed.h5")
+    for name in ("train/loss", "moments/mean", "moments/p50", "ics/cosine", "landscape/loss"):
+        np.testing.assert_array_equal(again[name], full[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_plain_bn_normalises_each_process_shard(tmp_path: Path) -> None:
+    """With plain BN each process normalises its own shard: the first step's loss is the mean of
+    the shards' losses with their own batch statistics, not the global batch's loss."""
+    config = "model: mlp\nbn: insert\ndata: synthetic:cifar10\ndata_options: {n: 64}\nsteps: 1\nbatch_size: 16\ndevice: cpu\n"
+    (tmp_path / "bn.yaml").write_text(config)
+    done = _bnprobe(["train", "bn.yaml", "--set", "output=bn.h5"], tmp_path, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with h5py.File(tmp_path / "bn.h5") as f:
+        recorded = float(f["runs/insert/train/loss"][0])
+    cfg = load_config(tmp_path / "bn.yaml")
+    bundle = load_data(cfg.data, seed=cfg.seed, **dict(cfg.data_options))
+    model, _ = prepare_model(cfg, bundle, torch.device("cpu"))
+    x, y = next(batches(bundle, cfg.batch_size, cfg.seed))
+    loss_fn = bundle.loss_fn()
+    with torch.no_grad():
+        shards = [float(loss_fn(model(x[r::2]), y[r::2])) for r in range(2)]
+        whole = float(loss_fn(model(x), y))
+    assert recorded == pytest.approx(sum(shards) / 2, rel=1e-5)
+    assert abs(recorded - whole) > 1e-3
