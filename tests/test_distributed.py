@@ -45,6 +45,22 @@ def test_merged_shards_equal_the_concatenation(per_channel: bool) -> None:
     assert STATS.index("zero_fraction") and float(whole[STATS.index("zero_fraction")].sum()) > 0  # the zeros were counted
 
 
+def test_one_message_carries_every_layer_between_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The packing of all layers' statistics (float64 bits inside the float32 message) and
+    subsamples into one gather, unpacked and merged: with a fake second process holding the same
+    shard, each layer's statistics are those of its activation twice over."""
+    import bnprobe.probes.moments as moments
+
+    shards = _shards(1)
+    parts = [partial_moments(s, per_channel, samples=10**6) for s in shards for per_channel in (False, True)]
+    monkeypatch.setattr(moments.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(moments.distributed, "gather", lambda message: [message, message.clone()])
+    merged = moments.merged_across_processes(parts)
+    wanted = [moment_stats(torch.cat([s, s]), per_channel, samples=10**6) for s in shards for per_channel in (False, True)]
+    for got, want in zip(merged, wanted):
+        torch.testing.assert_close(finish(got), want, rtol=1e-4, atol=1e-5)  # float32 sums in another order
+
+
 def test_merge_of_one_shard_is_the_shard() -> None:
     part = partial_moments(_shards()[0], samples=50)
     assert merge([part]) is part

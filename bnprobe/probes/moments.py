@@ -183,18 +183,23 @@ def finish(part: Partial) -> torch.Tensor:
 
 
 def merge(parts: Sequence[Partial]) -> Partial:
-    """The statistics of the shards together, exactly: with counts n_r, means mu_r and central
-    moments M_k,r = n_r m_k,r about them, around the global mean mu (delta_r = mu_r - mu):
-    M2 = sum M2_r + n_r d^2, M3 = sum M3_r + 3 d M2_r + n_r d^3,
+    """The statistics of the shards together, exactly (see :func:`_merged_raw`); subsamples are
+    put side by side."""
+    if len(parts) == 1 or sum(p.n for p in parts) == 0:
+        return parts[0]
+    raw = torch.stack([p.raw.reshape(7, -1) for p in parts]).double()  # [shards, 7, rows]
+    n = torch.tensor([[float(p.n)] for p in parts], dtype=torch.float64, device=raw.device)
+    merged = _merged_raw(raw, n).reshape(parts[0].raw.shape).to(parts[0].raw.dtype)
+    return Partial(merged, torch.cat([p.sample for p in parts], dim=-1), sum(p.n for p in parts))
+
+
+def _merged_raw(raw: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``raw`` [shards, 7, K] of shards with ``n`` [shards, K] elements each, as one [7, K]: with
+    means mu_r and central moments M_k,r = n_r m_k,r about them, around the global mean mu
+    (d = mu_r - mu): M2 = sum M2_r + n_r d^2, M3 = sum M3_r + 3 d M2_r + n_r d^3,
     M4 = sum M4_r + 4 d M3_r + 6 d^2 M2_r + n_r d^4 (Chan et al. 1979, Pebay 2008), in float64.
-    Min and max are the extremes, zero fractions count-weighted, subsamples put side by side."""
-    if len(parts) == 1:
-        return parts[0]
-    total = sum(p.n for p in parts)
-    if total == 0:
-        return parts[0]
-    raw = torch.stack([p.raw for p in parts]).double()  # [shards, 7, ...]
-    n = torch.tensor([float(p.n) for p in parts], dtype=torch.float64, device=raw.device).view(-1, *[1] * (raw.dim() - 2))
+    Min and max are the extremes, zero fractions count-weighted."""
+    total = n.sum(0)
     mean_r, m2_r, m3_r, m4_r = raw[:, 0], n * raw[:, 1], n * raw[:, 2], n * raw[:, 3]
     mean = (n * mean_r).sum(0) / total
     d = mean_r - mean
@@ -202,25 +207,32 @@ def merge(parts: Sequence[Partial]) -> Partial:
     m3 = (m3_r + 3 * d * m2_r + n * d**3).sum(0)
     m4 = (m4_r + 4 * d * m3_r + 6 * d**2 * m2_r + n * d**4).sum(0)
     zeros = (n * raw[:, 6]).sum(0) / total
-    merged = torch.stack([mean, m2 / total, m3 / total, m4 / total, raw[:, 4].amin(0), raw[:, 5].amax(0), zeros])
-    sample = torch.cat([p.sample for p in parts], dim=-1)
-    return Partial(merged.to(parts[0].raw.dtype), sample, total)
+    return torch.stack([mean, m2 / total, m3 / total, m4 / total, raw[:, 4].amin(0), raw[:, 5].amax(0), zeros])
 
 
 def merged_across_processes(parts: Sequence[Partial]) -> list[Partial]:
     """Each of ``parts`` merged with the same layer's part in every other process (under torchrun;
-    ``parts`` itself in one process): two gathers for all layers, statistics and subsamples, and no
+    ``parts`` itself in one process): one gather and one merge for all layers together, and no
     host synchronisation. Every process's shard has the same shape, hence the same counts."""
-    if distributed.world_size() == 1 or not parts:
+    processes = distributed.world_size()
+    if processes == 1 or not parts:
         return list(parts)
-    raws = distributed.gather(torch.cat([p.raw.double().reshape(-1) for p in parts]))
-    samples = distributed.gather(torch.cat([p.sample.double().reshape(-1) for p in parts]))
-    raw_sizes, sample_sizes = [p.raw.numel() for p in parts], [p.sample.numel() for p in parts]
-    shards: list[list[Partial]] = [[] for _ in parts]
-    for raw, sample in zip(raws, samples):
-        for i, (p, r, smp) in enumerate(zip(parts, raw.split(raw_sizes), sample.split(sample_sizes))):
-            shards[i].append(Partial(r.view_as(p.raw).to(p.raw.dtype), smp.view_as(p.sample).to(p.sample.dtype), p.n))
-    return [merge(s) for s in shards]
+    widths = [p.raw.reshape(7, -1).shape[1] for p in parts]
+    flat = torch.cat([p.raw.reshape(7, -1) for p in parts], dim=1).double()  # [7, all rows of all layers]
+    dtype = parts[0].sample.dtype if len({p.sample.dtype for p in parts}) == 1 else torch.float64
+    # One message: the float64 statistics' bits reinterpreted in the samples' dtype (exact), then the samples.
+    stats_bits = flat.reshape(-1).view(dtype)
+    message = torch.cat([stats_bits, *(p.sample.to(dtype).reshape(-1) for p in parts)])
+    received = [m.split([stats_bits.numel(), message.numel() - stats_bits.numel()]) for m in distributed.gather(message)]
+    raws = torch.stack([bits.view(torch.float64).view(flat.shape) for bits, _ in received])
+    counts = torch.tensor([float(p.n) for p, w in zip(parts, widths) for _ in range(w)], dtype=torch.float64)
+    merged = _merged_raw(raws, counts.to(flat.device, non_blocking=True).expand(processes, -1))
+    samples = [rest.split([p.sample.numel() for p in parts]) for _, rest in received]
+    out = []
+    for i, (p, m) in enumerate(zip(parts, merged.split(widths, dim=1))):
+        sample = torch.cat([shard[i].view_as(p.sample) for shard in samples], dim=-1).to(p.sample.dtype)
+        out.append(Partial(m.reshape(p.raw.shape).to(p.raw.dtype), sample, p.n * processes))
+    return out
 
 
 def moment_stats(
