@@ -73,14 +73,22 @@ def _worker(args: argparse.Namespace) -> None:
         assert seconds is not None
         timed_steps = len(seconds) - args.warmup
         step_seconds = (float(seconds[-1]) - float(seconds[args.warmup - 1])) / (timed_steps - 1)
-        result = {"steps_per_second": 1 / step_seconds, "step_seconds": step_seconds, "reduce_seconds": spent["seconds"] / max(1, spent["calls"])}
+        result = {
+            "steps_per_second": 1 / step_seconds,
+            "step_seconds": step_seconds,
+            "reduce_seconds": spent["seconds"] / max(1, spent["calls"]),
+        }
         out.write_text(json.dumps(result))
 
 
 def _launch(processes: int, threads: int, args: argparse.Namespace, where: Path) -> dict[str, float]:
     out = where / f"p{processes}t{threads}.json"
     worker = [__file__, "--worker-out", str(out), "--worker-threads", str(threads), *_shared(args)]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+        if processes > 1
+        else [sys.executable]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run([*launcher, *worker], check=True, env=env, capture_output=True, text=True)
     result: dict[str, float] = json.loads(out.read_text())
@@ -119,7 +127,9 @@ def main() -> None:
     print(f"vgg width {args.width}, global batch {args.batch}, moments every step, ICS every 10th; {args.steps - args.warmup} timed steps")
     for name, r in rows.items():
         print(f"  {name:<28} {r['steps_per_second']:6.2f} steps/s")
-    print(f"  moment reduction in the 2-process run: {1000 * two['reduce_seconds']:.2f} ms per step = {100 * share:.2f}% of the step (target < 2%)")
+    print(
+        f"  moment reduction in the 2-process run: {1000 * two['reduce_seconds']:.2f} ms per step = {100 * share:.2f}% of the step (target < 2%)"
+    )
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def _collective(call: Callable[..., object], *args: object, **kwargs: object) ->
     try:
         call(*args, **kwargs)
     except (RuntimeError, dist.DistError) as e:  # gloo: "Connection closed by peer"; both: a timeout
-        raise PeerStopped(f"another process of the run stopped ({_brief(e)}); its own error says why") from e
+        raise PeerStopped(f"another process of the run stopped ({_brief(e)}): see its error, if it printed one") from e
 
 
 def _brief(e: BaseException) -> str:

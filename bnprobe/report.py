@@ -14,7 +14,7 @@ so ``json.dumps(build_report(...))`` is the ``--json`` output.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias, TypedDict, TypeVar
@@ -240,6 +240,12 @@ def _nanreduce(fn: Callable[[np.ndarray], Any], values: np.ndarray, axis: int | 
 # ----------------------------------------------------------------------------- sections
 
 
+def _device(attrs: Mapping[str, Any]) -> str:
+    """The run's device, and under torchrun how many processes shared the batch (``2x cpu gloo``)."""
+    device, processes = str(attrs.get("device", "")), num(attrs.get("world_size"))
+    return device if processes is None or processes <= 1 else f"{int(processes)}x {device} {attrs.get('dist_backend', '')}".rstrip()
+
+
 def _summary(run: RunData) -> Summary:
     a = run.attrs
     steps_attr = a.get("steps")
@@ -253,7 +259,7 @@ def _summary(run: RunData) -> Summary:
         "bn": _plain(a.get("bn", "")),
         "data": _plain(a.get("data", "")),
         "seed": _plain(a.get("seed")),
-        "device": _plain(a.get("device", "")),
+        "device": _device(a),
         "status": _plain(a.get("status", "unknown")),
         "steps": num(steps_attr) if steps_attr is not None else (int(last_step) + 1 if last_step is not None else None),
         "records": len(steps) if steps is not None else 0,

@@ -28,7 +28,11 @@ from bnprobe.trainer import prepare_model
 def _shards(seed: int = 0) -> list[torch.Tensor]:
     """Three shards of [N, C, H, W] data with different means, spreads and skews (and some zeros)."""
     g = torch.Generator().manual_seed(seed)
-    shards = [torch.randn(4, 3, 5, 5, generator=g) * 2 + 1, torch.rand(6, 3, 5, 5, generator=g) ** 3 - 0.5, torch.randn(2, 3, 5, 5, generator=g)]
+    shards = [
+        torch.randn(4, 3, 5, 5, generator=g) * 2 + 1,
+        torch.rand(6, 3, 5, 5, generator=g) ** 3 - 0.5,
+        torch.randn(2, 3, 5, 5, generator=g),
+    ]
     shards[1][0, 0, :2] = 0.0
     return shards
 
@@ -138,7 +142,9 @@ def test_recorded_steps_never_synchronise_on_cuda(tmp_path: Path) -> None:
     model = vgg(10, (3, 32, 32), width=0.25).cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(16, 3, 32, 32, device="cuda"), torch.randint(10, (16,), device="cuda")
-    with Recorder(model, tmp_path / "r.h5", record_every=1, per_channel=True, histogram_bins=8, flush_every=10**6, flush_seconds=1e9) as rec:
+    with Recorder(
+        model, tmp_path / "r.h5", record_every=1, per_channel=True, histogram_bins=8, flush_every=10**6, flush_seconds=1e9
+    ) as rec:
         for step in range(3):
             if step == 1:  # the first step fixes the layer order; the next ones are the steady state
                 torch.cuda.set_sync_debug_mode("error")
@@ -201,7 +207,11 @@ probes: {record_every: 1, per_channel: true, histogram_bins: 8, percentile_sampl
 
 
 def _bnprobe(args: list[str], cwd: Path, processes: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+        if processes > 1
+        else [sys.executable]
+    )
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([*launcher, "-m", "bnprobe", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
 
@@ -219,13 +229,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _datasets(path: Path) -> dict[str, np.ndarray]:
+    """The run's float datasets but timings, by path."""
     found: dict[str, np.ndarray] = {}
+
+    def keep(name: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.dtype.kind == "f" and "seconds" not in name:
+            found[name] = obj[()]
+
     with h5py.File(path) as f:
-        f["runs/keep"].visititems(
-            lambda name, obj: found.__setitem__(name, obj[()])
-            if isinstance(obj, h5py.Dataset) and obj.dtype.kind == "f" and "seconds" not in name
-            else None
-        )
+        f["runs/keep"].visititems(keep)
     return found
 
 
@@ -253,7 +265,7 @@ def test_one_failing_process_stops_the_others_and_the_run_resumes(runs: Path) ->
     resumed run ends where the uninterrupted one did."""
     done = _bnprobe(["train", "d.yaml", "--set", "output=failed.h5"], runs, 2, {"BNPROBE_TEST_FAIL_AT": "4"})
     assert done.returncode != 0
-    ours = [line for line in done.stderr.splitlines() if line.startswith("bnprobe:")]
+    ours = ["bnprobe:" + line for line in done.stderr.split("bnprobe:")[1:]]  # rank 1's may follow rank 0's bar on its line
     assert len(ours) == 2, done.stderr[-3000:]
     assert any("another process of the run stopped" in line for line in ours)
     assert any("failed in process 1" in line and "bad sample in this shard" in line for line in ours)
