@@ -42,7 +42,9 @@ class Recorder:
 
     ``output`` is a path (a new file with one run named ``run``) or a :class:`RunWriter` of an
     open :class:`Store` (how the trainer puts several variants in one file). A module called
-    several times per forward is recorded at its first call of the step. ``compiled_moments``
+    several times per forward is recorded at its first call of the step. In a process group
+    (torchrun, DDP) every process must call :meth:`step` at the same steps: the moments are those of
+    the global batch (merged across processes), and only rank 0 writes ``output``. ``compiled_moments``
     computes the statistics with one ``torch.compile``d kernel (compiles once; see
     :class:`bnprobe.probes.moments.Workspace`).
     """
@@ -81,8 +83,8 @@ class Recorder:
         self._owned_store: Store | None = None
         if isinstance(output, RunWriter):
             self.writer = output
-        else:
-            self._owned_store = Store.create(output, force=force)
+        else:  # under torch.distributed only rank 0 writes the file; the others write to memory
+            self._owned_store = Store.create(output, force=force) if distributed.is_main() else Store.scratch()
             self.writer = self._owned_store.run(run, {"model": type(model).__name__})
         self.record_every = record_every
         self.per_channel = per_channel

@@ -280,6 +280,52 @@ def test_one_failing_process_stops_the_others_and_the_run_resumes(runs: Path) ->
         np.testing.assert_array_equal(again[name], full[name], err_msg=name)
 
 
+USER_LOOP = """
+import os, sys
+import torch, torch.distributed as dist
+from torch import nn
+import bnprobe
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+g = torch.Generator().manual_seed(1)
+x, y = torch.randn(64, 8, generator=g), torch.randint(3, (64,), generator=g)
+net, xs, ys = model, x, y
+if "WORLD_SIZE" in os.environ:
+    dist.init_process_group("gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    net, xs, ys = nn.parallel.DistributedDataParallel(model), x[rank::size], y[rank::size]
+opt = torch.optim.SGD(net.parameters(), lr=0.1)
+with bnprobe.Recorder(model, sys.argv[1], record_every=1, percentile_samples=10**6) as rec:
+    for _ in range(3):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(xs), ys)
+        loss.backward()
+        opt.step()
+        rec.step(loss=loss)
+if "WORLD_SIZE" in os.environ:
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_recorder_in_a_users_ddp_loop(tmp_path: Path) -> None:
+    """The Recorder around a user's own DistributedDataParallel loop: rank 0 alone writes the file,
+    and its moments are the global batch's (those of the same loop in one process)."""
+    (tmp_path / "loop.py").write_text(USER_LOOP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for launcher, out in (
+        ([sys.executable], "one.h5"),
+        ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"], "two.h5"),
+    ):
+        done = subprocess.run([*launcher, "loop.py", out], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["one.h5", "two.h5"]
+    with h5py.File(tmp_path / "one.h5") as one, h5py.File(tmp_path / "two.h5") as two:
+        for stat in STATS:
+            np.testing.assert_allclose(two[f"runs/run/moments/{stat}"][()], one[f"runs/run/moments/{stat}"][()], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_plain_bn_normalises_each_process_shard(tmp_path: Path) -> None:
     """With plain BN each process normalises its own shard: the first step's loss is the mean of
