@@ -46,7 +46,7 @@ class Streams:
 
     def restore(self, state: RngState) -> None:
         torch.set_rng_state(state.cpu)
-        if state.cuda:
+        if state.cuda and torch.cuda.is_available():  # a GPU run continued on CPU has no CUDA stream to set
             torch.cuda.set_rng_state_all(state.cuda)
         for name, g in self.generators.items():
             if name in state.modules:

@@ -133,6 +133,24 @@ def test_dist_timeout_must_be_positive(tmp_path: Path) -> None:
         load_config(tmp_path / "c.yaml")
 
 
+def test_checkpoints_carry_the_cuda_streams_and_resume_without_cuda(tmp_path: Path) -> None:
+    """The checkpoint holds the CUDA generators' states (empty on CPU); a GPU run's checkpoint
+    continues on a machine without CUDA from its CPU stream."""
+    from bnprobe import rng
+    from bnprobe.store import load_checkpoint
+
+    (tmp_path / "c.yaml").write_text("model: mlp\ndata: synthetic:linear\ndata_options: {n: 32}\nsteps: 2\nbatch_size: 8\ndevice: cpu\n")
+    done = _bnprobe(["train", "c.yaml", "--set", "output=c.h5"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    checkpoint, _ = load_checkpoint(tmp_path / "c.h5", "keep")
+    assert "rng_cuda" in checkpoint and isinstance(checkpoint["rng_cuda"], list)
+    model = torch.nn.Linear(2, 2)
+    state = rng.capture(model)
+    torch.rand(3)
+    rng.restore(model, rng.RngState(state.cpu, [] if torch.cuda.is_available() else [torch.zeros(16, dtype=torch.uint8)], state.modules))
+    assert torch.equal(torch.get_rng_state(), state.cpu)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_recorded_steps_never_synchronise_on_cuda(tmp_path: Path) -> None:
     """Moments (per channel and histograms too) stay on the device until a flush."""
