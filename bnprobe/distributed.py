@@ -109,19 +109,34 @@ def check_divisible(batch_size: int) -> None:
 
 
 def average_(tensors: Iterable[torch.Tensor | None]) -> None:
-    """Replace each tensor, in place, by its mean over the processes: one all-reduce of one flat
-    buffer per dtype. The tensors must be the caller's own (not views of something still in use)."""
+    """Replace each tensor, in place, by its mean over the processes (one all-reduce per dtype).
+    The tensors must be the caller's own (not views of something still in use); None is skipped."""
     size = world_size()
     if size == 1:
         return
-    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for t in tensors:
-        if t is not None:
-            groups.setdefault((t.dtype, t.device), []).append(t)
-    for ts in groups.values():
-        flat = torch.cat([t.reshape(-1) for t in ts])
+
+    def mean(flat: torch.Tensor) -> None:
         _collective(dist.all_reduce, flat)
         flat /= size
+
+    _flat_in_place([t for t in tensors if t is not None], mean)
+
+
+def broadcast_(tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite each tensor, in place, with rank 0's (one broadcast per dtype)."""
+    if world_size() > 1:
+        _flat_in_place(list(tensors), lambda flat: _collective(dist.broadcast, flat, src=0))
+
+
+def _flat_in_place(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], None]) -> None:
+    """Run ``collective`` on one flat copy of the tensors of each dtype and device, and copy the
+    result back: one message instead of one per tensor."""
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for ts in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        collective(flat)
         for t, part in zip(ts, flat.split([t.numel() for t in ts])):
             t.copy_(part.view_as(t))
 

@@ -339,6 +339,9 @@ def _train_steps(run: _Run, bundle: DataBundle, device: torch.device, progress: 
     t0 = time.perf_counter()
     for step in range(run.start, cfg.steps):
         x, y = (t.to(device, non_blocking=True) for t in next(data))
+        # Under torchrun every process holds rank 0's buffers (BN running statistics), as DDP does:
+        # eval-mode measurements see one model, and a resumed run continues the uninterrupted one.
+        distributed.broadcast_(run.model.buffers())
         batch = StepBatch(step, run.model, run.loss_fn, x, y, run.optimizer)
         for probe in run.probes:  # the one that performs the step (ICS) comes last
             track(probe, batch, run.writer)
