@@ -6,8 +6,9 @@ Each configuration trains VGG (``--width``, batch ``--batch``, ``--steps`` steps
 ``bnprobe.trainer.run_experiment`` in fresh processes: one process with 1 thread, one process with
 ``--threads`` threads (the same cores as two processes of 1 thread each), and two processes of 1
 thread each under ``torchrun --standalone``. Steps/s is taken from the run's own clock after
-``--warmup`` steps. The moment reduction (``merged_across_processes``: two all-gathers and the merge)
-and the histogram sum are timed inside the two-process run.
+``--warmup`` steps. The moment reduction (``merged_across_processes``: one all-gather and the merge)
+is timed inside the two-process run, and so are the all-reduces of gradients and losses and the
+broadcast of rank 0's buffers (for a view of what data parallelism itself costs here).
 
     python benchmarks/distributed_scaling.py [--width 0.5] [--batch 128] [--steps 40] [--threads 2] [--json]
 """
@@ -36,17 +37,21 @@ def _worker(args: argparse.Namespace) -> None:
     from bnprobe.trainer import run_experiment
 
     torch.set_num_threads(args.worker_threads)
-    spent = {"seconds": 0.0, "calls": 0}
-    merge = bnprobe.recorder.merged_across_processes
+    spent = {"moments": 0.0, "records": 0, "averages": 0.0, "buffers": 0.0}
 
-    def timed(parts: Any) -> Any:
-        t0 = time.perf_counter()
-        out = merge(parts)
-        spent["seconds"] += time.perf_counter() - t0
-        spent["calls"] += 1
-        return out
+    def timed(function: Any, key: str) -> Any:
+        def wrapper(*a: Any) -> Any:
+            t0 = time.perf_counter()
+            out = function(*a)
+            spent[key] += time.perf_counter() - t0
+            spent["records"] += key == "moments"
+            return out
 
-    bnprobe.recorder.merged_across_processes = timed  # type: ignore[assignment]
+        return wrapper
+
+    bnprobe.recorder.merged_across_processes = timed(bnprobe.recorder.merged_across_processes, "moments")  # type: ignore[assignment]
+    distributed.average_ = timed(distributed.average_, "averages")  # type: ignore[assignment]
+    distributed.broadcast_ = timed(distributed.broadcast_, "buffers")  # type: ignore[assignment]
     out = Path(args.worker_out)
     cfg = load_config(
         None,
@@ -76,7 +81,9 @@ def _worker(args: argparse.Namespace) -> None:
         result = {
             "steps_per_second": 1 / step_seconds,
             "step_seconds": step_seconds,
-            "reduce_seconds": spent["seconds"] / max(1, spent["calls"]),
+            "reduce_seconds": spent["moments"] / max(1, spent["records"]),
+            "average_seconds": spent["averages"] / args.steps,  # gradients, losses, HVPs: whole run, per step
+            "buffer_seconds": spent["buffers"] / args.steps,
         }
         out.write_text(json.dumps(result))
 
@@ -129,6 +136,9 @@ def main() -> None:
         print(f"  {name:<28} {r['steps_per_second']:6.2f} steps/s")
     print(
         f"  moment reduction in the 2-process run: {1000 * two['reduce_seconds']:.2f} ms per step = {100 * share:.2f}% of the step (target < 2%)"
+    )
+    print(
+        f"  gradient/loss all-reduces {1000 * two['average_seconds']:.2f} ms per step, buffer broadcast {1000 * two['buffer_seconds']:.2f} ms"
     )
 
 
