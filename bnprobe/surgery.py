@@ -46,7 +46,7 @@ import math
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, TypeAlias, TypeGuard, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeAlias, TypeGuard, TypeVar, cast, runtime_checkable
 
 import torch
 from torch import fx, nn
@@ -183,6 +183,32 @@ NOISY_BN: dict[type[nn.Module], type[NoisyNorm]] = {
     FrozenBatchNorm2d: NoisyFrozenBatchNorm2d,
 }
 _NOISY_MADE: dict[type[nn.Module], type[NoisyNorm]] = {}
+_SYNC_BN: dict[type[nn.Module], type[nn.SyncBatchNorm]] = {
+    nn.BatchNorm1d: nn.SyncBatchNorm,
+    nn.BatchNorm2d: nn.SyncBatchNorm,
+    nn.BatchNorm3d: nn.SyncBatchNorm,
+    NoisyBatchNorm1d: NoisySyncBatchNorm,
+    NoisyBatchNorm2d: NoisySyncBatchNorm,
+    NoisyBatchNorm3d: NoisySyncBatchNorm,
+}
+
+
+def synchronise_bn(model: nn.Module) -> list[str]:
+    """Turn each BatchNorm of ``model`` in place into ``SyncBatchNorm`` (noisy BN into its noisy
+    sync class, noise and generator kept), so that under torchrun it normalises with the global
+    batch's statistics; returns the names converted. Unlike ``nn.SyncBatchNorm.convert_sync_batchnorm``
+    it refuses a BN subclass with its own forward (timm's ``BatchNormAct2d``) rather than drop it."""
+    converted = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.SyncBatchNorm) or not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        sync = _SYNC_BN.get(type(m))
+        if sync is None:
+            raise SurgeryError(f"sync_bn: {name} is a {type(m).__name__}, whose own forward SyncBatchNorm would drop; use sync_bn: false")
+        m.__class__ = sync
+        cast(nn.SyncBatchNorm, m).process_group = None  # the default group: every process
+        converted.append(name)
+    return converted
 
 
 def noisy_class(cls: type[nn.Module]) -> type[NoisyNorm]:

@@ -33,7 +33,7 @@ from .probes import Probe, StepBatch, load_probe_states, probe_states, scheduled
 from .probes import start as start_probes
 from .recorder import Recorder
 from .store import RunWriter, Store
-from .surgery import BnPlan, apply_bn
+from .surgery import BnPlan, apply_bn, synchronise_bn
 
 
 @dataclass
@@ -114,17 +114,16 @@ def prepare_model(cfg: Config, bundle: DataBundle, device: torch.device | None =
     if cfg.bn is not BnMode.KEEP or cfg.fold:
         model, plan = _surgery(cfg, model, x)
     if cfg.sync_bn:
-        model = _synchronised(model, device)
+        _synchronised(model, device)
     return (model if device is None else model.to(device)), plan
 
 
-def _synchronised(model: nn.Module, device: torch.device | None) -> nn.Module:
+def _synchronised(model: nn.Module, device: torch.device | None) -> None:
     """BN layers as ``SyncBatchNorm``: under torchrun they normalise with the global batch's
     statistics (alone, they are plain BN). PyTorch's SyncBatchNorm runs on GPUs only."""
     if distributed.launched() and (device is None or device.type != "cuda"):
         raise ConfigError("sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only); use device: cuda or sync_bn: false")
-    converted: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return converted
+    synchronise_bn(model)
 
 
 def _checked_model(cfg: Config, bundle: DataBundle) -> tuple[nn.Module, torch.Tensor]:

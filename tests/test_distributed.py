@@ -17,9 +17,10 @@ from torch.utils.data import Dataset
 
 from bnprobe.config import load_config
 from bnprobe.data import DataBundle, batches, load_data
-from bnprobe.errors import ConfigError
+from bnprobe.errors import ConfigError, SurgeryError
 from bnprobe.probes.moments import finish, merge, moment_stats, partial_moments
 from bnprobe.store import STATS, Store
+from bnprobe.surgery import NoisyNorm, NoisySyncBatchNorm, apply_bn, synchronise_bn
 from bnprobe.trainer import prepare_model
 
 # ----------------------------------------------------------------------------- merging moments
@@ -122,9 +123,30 @@ def test_sync_bn_converts_and_refuses_cpu_under_torchrun(tmp_path: Path, monkeyp
     bundle = load_data(cfg.data, seed=0, n=32)
     model, _ = prepare_model(cfg, bundle, torch.device("cpu"))
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    assert not any(type(m) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d) for m in model.modules())
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="sync_bn needs CUDA"):
         prepare_model(cfg, bundle, torch.device("cpu"))
+
+
+def test_sync_bn_keeps_noisy_bn_noisy_and_refuses_a_bn_with_its_own_forward() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    noisy, _ = apply_bn(model, "noisy", x, seed=3)
+    before = [(m.noise_seed, m.generator.get_state()) for m in noisy.modules() if isinstance(m, NoisyNorm)]
+    assert synchronise_bn(noisy) == ["1"]
+    assert type(noisy[1]) is NoisySyncBatchNorm
+    after = [(m.noise_seed, m.generator.get_state()) for m in noisy.modules() if isinstance(m, NoisyNorm)]
+    assert len(after) == len(before) == 1 and after[0][0] == before[0][0] and torch.equal(after[0][1], before[0][1])
+    noisy.train()
+    assert not torch.equal(noisy(x), noisy(x))  # runs (alone, as plain BN), and the noise is still drawn
+
+    class BnAct(torch.nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(super().forward(x))
+
+    with pytest.raises(SurgeryError, match="BnAct"):
+        synchronise_bn(torch.nn.Sequential(BnAct(4)))
 
 
 def test_dist_timeout_must_be_positive(tmp_path: Path) -> None:
