@@ -42,9 +42,11 @@ class Recorder:
 
     ``output`` is a path (a new file with one run named ``run``) or a :class:`RunWriter` of an
     open :class:`Store` (how the trainer puts several variants in one file). A module called
-    several times per forward is recorded at its first call of the step. In a process group
-    (torchrun, DDP) every process must call :meth:`step` at the same steps: the moments are those of
-    the global batch (merged across processes), and only rank 0 writes ``output``. ``compiled_moments``
+    several times per forward is recorded at its first call of the step. ``across_processes``, in
+    a process group (torchrun, DDP) where every process calls :meth:`step` at the same steps and
+    runs the same layers: the moments are those of the global batch (merged across the processes)
+    and only rank 0 writes ``output``; loss and accuracy are recorded as given (pass the global
+    ones). ``compiled_moments``
     computes the statistics with one ``torch.compile``d kernel (compiles once; see
     :class:`bnprobe.probes.moments.Workspace`).
     """
@@ -70,6 +72,7 @@ class Recorder:
         generator_state: torch.Tensor | None = None,
         start_seconds: float = 0.0,
         require_match: bool = True,
+        across_processes: bool = False,
     ) -> None:
         self.model = model
         patterns = layer_patterns(layers)
@@ -80,11 +83,13 @@ class Recorder:
             from .errors import ConfigError
 
             raise ConfigError(f"no layer with parameters matches layers={list(patterns)!r}" + (f", kinds={list(kinds)!r}" if kinds else ""))
+        self.processes = distributed.world_size() if across_processes else 1
         self._owned_store: Store | None = None
         if isinstance(output, RunWriter):
             self.writer = output
         else:  # under torch.distributed only rank 0 writes the file; the others write to memory
-            self._owned_store = Store.create(output, force=force) if distributed.is_main() else Store.scratch()
+            main = self.processes == 1 or distributed.is_main()
+            self._owned_store = Store.create(output, force=force) if main else Store.scratch()
             self.writer = self._owned_store.run(run, {"model": type(model).__name__})
         self.record_every = record_every
         self.per_channel = per_channel
@@ -137,7 +142,7 @@ class Recorder:
                     self._generator = torch.Generator(device=tensor.device).manual_seed(self._seed)
                     if self._generator_state is not None:
                         self._generator.set_state(self._generator_state)
-                samples = max(1, self.samples // distributed.world_size())  # the processes' subsamples make up one
+                samples = max(1, self.samples // self.processes)  # the processes' subsamples make up one
                 self._current[name] = partial_moments(tensor, False, samples, self._generator, self._workspace)
                 if self.per_channel and tensor.dim() >= 2:
                     self._current_channel[name] = partial_moments(tensor, True, samples, self._generator, self._workspace)
@@ -179,21 +184,31 @@ class Recorder:
         if self._order_fixed and self.step_index % self.record_every == 0 and recorded:
             # A layer that did not run this step (a skipped branch) gets NaN statistics and an empty
             # histogram, so the other layers' records of the step are kept.
-            stats = _finished(recorded)
+            stats = self._finished(recorded)
             like = next(iter(stats.values()))
             missing = torch.full_like(like, float("nan"))
             table = torch.stack([stats.get(n, missing) for n, _ in self._order], dim=1)
-            channels = _finished({n: self._current_channel[n] for n, _ in self._order if n in self._current_channel})
+            channels = self._finished(self._current_channel)
             hist = None
             if self.histogram_bins:
                 no_counts = torch.zeros(self.histogram_bins, device=like.device)
                 hist = torch.stack([self._current_hist.get(n, no_counts) for n, _ in self._order])
-                distributed.sum_(hist)
+                if self.processes > 1:
+                    distributed.sum_(hist)
             self._pending.append((self.step_index, table, channels, hist))
         self._current, self._current_channel, self._current_hist = {}, {}, {}
         self.step_index += 1
         if len(self._train_rows) >= self.flush_every or time.perf_counter() - self._last_flush >= self.flush_seconds:
             self.flush()
+
+    def _finished(self, parts: dict[str, Partial]) -> dict[str, torch.Tensor]:
+        """``STATS`` of the layers in ``parts``, in the layers' order (the same in every process),
+        of the global batch when merged across processes."""
+        names = [n for n, _ in self._order if n in parts]
+        ordered = [parts[n] for n in names]
+        if self.processes > 1:
+            ordered = merged_across_processes(ordered)
+        return {n: finish(p) for n, p in zip(names, ordered)}
 
     def flush(self) -> None:
         """Move buffered statistics to the host (one transfer) and append them to the file."""
@@ -229,13 +244,6 @@ class Recorder:
                 self.writer.set_status(status, steps=self.step_index)
             self._owned_store.close()
             self._owned_store = None
-
-
-def _finished(parts: dict[str, Partial]) -> dict[str, torch.Tensor]:
-    """``STATS`` per layer, of the global batch when several processes each hold a shard."""
-    names = list(parts)
-    merged = merged_across_processes([parts[n] for n in names])
-    return {n: finish(p) for n, p in zip(names, merged)}
 
 
 def _detach(value: Any) -> Any:

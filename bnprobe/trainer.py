@@ -309,7 +309,7 @@ def _start(
         compiled_moments=p.compiled_moments,
         seed=cfg.seed, flush_every=cfg.flush_every, flush_seconds=cfg.flush_seconds, start_step=start, require_match=False,
         generator_state=checkpoint.get("rng_recorder") if checkpoint else None,
-        start_seconds=float(checkpoint.get("seconds", 0.0)) if checkpoint else 0.0,
+        start_seconds=float(checkpoint.get("seconds", 0.0)) if checkpoint else 0.0, across_processes=True,
     )  # fmt: skip
     writer.set_attrs(status="running")
     return _Run(cfg, name, model, optimizer, bundle.loss_fn(), writer, rec, probes, start)

@@ -326,7 +326,7 @@ def test_one_failing_process_stops_the_others_and_the_run_resumes(runs: Path) ->
 
 
 USER_LOOP = """
-import os, sys
+import contextlib, os, sys
 import torch, torch.distributed as dist
 from torch import nn
 import bnprobe
@@ -341,13 +341,17 @@ if "WORLD_SIZE" in os.environ:
     rank, size = dist.get_rank(), dist.get_world_size()
     net, xs, ys = nn.parallel.DistributedDataParallel(model), x[rank::size], y[rank::size]
 opt = torch.optim.SGD(net.parameters(), lr=0.1)
-with bnprobe.Recorder(model, sys.argv[1], record_every=1, percentile_samples=10**6) as rec:
+merged = sys.argv[2] == "merged"  # else: a Recorder of rank 0's shard, in rank 0 alone
+recording = merged or not dist.is_initialized() or dist.get_rank() == 0
+recorder = bnprobe.Recorder(model, sys.argv[1], record_every=1, percentile_samples=10**6, across_processes=merged) if recording else None
+with recorder if recorder is not None else contextlib.nullcontext():
     for _ in range(3):
         opt.zero_grad()
         loss = nn.functional.cross_entropy(net(xs), ys)
         loss.backward()
         opt.step()
-        rec.step(loss=loss)
+        if recorder is not None:
+            recorder.step(loss=loss)
 if "WORLD_SIZE" in os.environ:
     dist.destroy_process_group()
 """
@@ -355,17 +359,16 @@ if "WORLD_SIZE" in os.environ:
 
 @pytest.mark.slow
 def test_recorder_in_a_users_ddp_loop(tmp_path: Path) -> None:
-    """The Recorder around a user's own DistributedDataParallel loop: rank 0 alone writes the file,
-    and its moments are the global batch's (those of the same loop in one process)."""
+    """The Recorder (``across_processes``) around a user's own DistributedDataParallel loop: rank 0
+    alone writes the file, and its moments are the global batch's (those of the loop in one process)."""
     (tmp_path / "loop.py").write_text(USER_LOOP)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for launcher, out in (
-        ([sys.executable], "one.h5"),
-        ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"], "two.h5"),
-    ):
-        done = subprocess.run([*launcher, "loop.py", out], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    for launcher, out, how in (([sys.executable], "one.h5", "merged"), (torchrun, "two.h5", "merged"), (torchrun, "rank0.h5", "local")):
+        done = subprocess.run([*launcher, "loop.py", out, how], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["one.h5", "two.h5"]
+    # without across_processes, a Recorder in rank 0 alone runs no collective (that would hang) and writes its file
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["one.h5", "rank0.h5", "two.h5"]
     with h5py.File(tmp_path / "one.h5") as one, h5py.File(tmp_path / "two.h5") as two:
         for stat in STATS:
             np.testing.assert_allclose(two[f"runs/run/moments/{stat}"][()], one[f"runs/run/moments/{stat}"][()], rtol=1e-5, atol=1e-6)
