@@ -46,7 +46,7 @@ class Streams:
 
     def restore(self, state: RngState) -> None:
         torch.set_rng_state(state.cpu)
-        if state.cuda and torch.cuda.is_available():  # a GPU run continued on CPU has no CUDA stream to set
+        if state.cuda:
             torch.cuda.set_rng_state_all(state.cuda)
         for name, g in self.generators.items():
             if name in state.modules:
@@ -59,3 +59,18 @@ def capture(model: nn.Module) -> RngState:
 
 def restore(model: nn.Module, state: RngState) -> None:
     Streams(model).restore(state)
+
+
+def model_device_state(model: nn.Module) -> torch.Tensor | None:
+    """The random stream of the GPU ``model`` is on (None on CPU), for checkpoints: under torchrun
+    each process draws from its own GPU's, and every process's is rank 0's (they draw alike)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def restore_model_device_state(model: nn.Module, state: torch.Tensor | None) -> None:
+    """Set the stream of ``model``'s GPU to ``state``; nothing on CPU (a GPU run continued on CPU
+    draws from the CPU stream alone)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)

@@ -323,7 +323,8 @@ def _resume(
         start = int(checkpoint["next_step"])
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        rng.restore(model, rng.RngState(checkpoint["rng_cpu"], checkpoint.get("rng_cuda", []), checkpoint["rng_modules"]))
+        rng.restore(model, rng.RngState(checkpoint["rng_cpu"], [], checkpoint["rng_modules"]))
+        rng.restore_model_device_state(model, checkpoint.get("rng_cuda"))
         load_probe_states(probes, checkpoint.get("probes", {}))
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:  # a file edited or damaged
         raise StoreError(f"the checkpoint of run {name!r} does not fit its model and config: {described(e)}") from e
@@ -404,7 +405,7 @@ def checkpoint_state(
         "optimizer": optimizer.state_dict(),
         "next_step": next_step,
         "rng_cpu": streams.cpu,
-        "rng_cuda": streams.cuda,
+        "rng_cuda": rng.model_device_state(model),
         "rng_modules": streams.modules,
         "rng_recorder": rec.generator_state(),
         "probes": probe_states(probes),

@@ -155,9 +155,9 @@ def test_dist_timeout_must_be_positive(tmp_path: Path) -> None:
         load_config(tmp_path / "c.yaml")
 
 
-def test_checkpoints_carry_the_cuda_streams_and_resume_without_cuda(tmp_path: Path) -> None:
-    """The checkpoint holds the CUDA generators' states (empty on CPU); a GPU run's checkpoint
-    continues on a machine without CUDA from its CPU stream."""
+def test_checkpoints_carry_the_model_gpus_stream(tmp_path: Path) -> None:
+    """The checkpoint holds the stream of the GPU the model is on (None on CPU); restoring it is
+    a no-op for a model on CPU (a GPU run continued on CPU), and sets that GPU's stream on CUDA."""
     from bnprobe import rng
     from bnprobe.store import load_checkpoint
 
@@ -165,12 +165,14 @@ def test_checkpoints_carry_the_cuda_streams_and_resume_without_cuda(tmp_path: Pa
     done = _bnprobe(["train", "c.yaml", "--set", "output=c.h5"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     checkpoint, _ = load_checkpoint(tmp_path / "c.h5", "keep")
-    assert "rng_cuda" in checkpoint and isinstance(checkpoint["rng_cuda"], list)
-    model = torch.nn.Linear(2, 2)
-    state = rng.capture(model)
-    torch.rand(3)
-    rng.restore(model, rng.RngState(state.cpu, [] if torch.cuda.is_available() else [torch.zeros(16, dtype=torch.uint8)], state.modules))
-    assert torch.equal(torch.get_rng_state(), state.cpu)
+    assert "rng_cuda" in checkpoint and checkpoint["rng_cuda"] is None
+    rng.restore_model_device_state(torch.nn.Linear(2, 2), torch.zeros(16, dtype=torch.uint8))  # on CPU: nothing to set
+    if torch.cuda.is_available():
+        model = torch.nn.Linear(2, 2).cuda()
+        state = rng.model_device_state(model)
+        torch.rand(3, device="cuda")
+        rng.restore_model_device_state(model, state)
+        assert state is not None and torch.equal(torch.cuda.get_rng_state(), state)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
