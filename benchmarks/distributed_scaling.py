@@ -72,7 +72,7 @@ def _worker(args: argparse.Namespace) -> None:
         },
     )
     run_experiment(cfg)
-    if distributed.env_rank() == 0:
+    if os.environ.get("RANK", "0") == "0":  # torchrun's rank: the process group is gone by now
         run = read_file(out.with_suffix(".h5")).runs["keep"]
         seconds = run.get("train", "seconds")
         assert seconds is not None

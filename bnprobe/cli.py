@@ -23,7 +23,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from .config import bn_overrides, check_continuable, config_for_ics, config_for_train, flag_overrides, load_config, parse_assignments
-from .errors import BnprobeError, ProcessFailed, clip
+from .errors import BnprobeError, PeerStopped, clip
 
 if TYPE_CHECKING:  # the trainer (and torch) load only when a command runs
     from .config import Config
@@ -93,7 +93,9 @@ class _Bnprobe(TyperGroup):
             line = format_known_exception(e)
             if line is None or (_state["debug"] and isinstance(e, BnprobeError)):
                 raise
-            if not _follower() or isinstance(e, ProcessFailed):  # rank 0 says the rest (the others would repeat it)
+            if _follower():  # another process of a torchrun run: its own errors, named; rank 0 says that it stopped
+                line = None if isinstance(e, PeerStopped) else line.replace("bnprobe: error:", f"bnprobe: error (process {_rank()}):", 1)
+            if line is not None:
                 typer.echo(line, err=True)
             sys.exit(int(getattr(e, "exit_code", 1)))
         sys.exit(result if isinstance(result, int) else 0)
@@ -115,9 +117,14 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (
         _state["debug"] = True
 
 
+def _rank() -> str:
+    """This process's rank under torchrun ("0" otherwise), from its environment: no torch import."""
+    return os.environ.get("RANK", "0")
+
+
 def _follower() -> bool:
-    """A process of a torchrun run other than rank 0, which does not print (rank 0 speaks for the run)."""
-    return os.environ.get("RANK", "0") != "0"
+    """A process of a torchrun run other than rank 0: it prints no progress or summary (rank 0 does)."""
+    return _rank() != "0"
 
 
 class Terminated(KeyboardInterrupt):

@@ -11,7 +11,7 @@ the loss is a mean over the batch, so the global loss is the mean of the shards'
 - gradients, Hessian-vector products and loss values are averaged (:func:`average_`), so ICS's G
   and G', the landscape and the Hessian are those of the global batch;
 - activation moments are merged exactly from each shard's count, mean and central moments
-  (:func:`bnprobe.probes.moments.merge`), min/max by their extremes, histogram counts summed, and
+  (:func:`bnprobe.probes.moments.merged_across_processes`), min/max by their extremes, histogram counts summed, and
   percentiles from the shards' subsamples put together;
 - BN layers normalise with their own shard's statistics unless ``sync_bn`` makes them
   ``SyncBatchNorm`` (then with the global batch's, as in one process).
@@ -23,27 +23,19 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
-from .errors import BnprobeError, ConfigError, first_line
-
-
-class PeerStopped(BnprobeError):
-    """Another process of a torchrun run stopped (it says why on its stderr)."""
+from .errors import ConfigError, PeerStopped, first_line
 
 
 def launched() -> bool:
     """True in a process torchrun started with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def env_rank() -> int:
-    """This process's rank as torchrun set it (0 when not launched): who prints."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def active() -> bool:
@@ -141,15 +133,6 @@ def _flat_in_place(tensors: list[torch.Tensor], collective: Callable[[torch.Tens
             t.copy_(part.view_as(t))
 
 
-def averaged(tensor: torch.Tensor) -> torch.Tensor:
-    """A new tensor: ``tensor``'s mean over the processes (``tensor`` itself in one process)."""
-    if world_size() == 1:
-        return tensor
-    out = tensor.detach().clone()
-    average_([out])
-    return out
-
-
 def sum_(tensor: torch.Tensor) -> None:
     """In place: the sum over the processes (histogram counts)."""
     if world_size() > 1:
@@ -191,8 +174,25 @@ def _collective(call: Callable[..., object], *args: object, **kwargs: object) ->
     """Run a collective; a peer that stopped (closed connection, timeout) becomes :class:`PeerStopped`."""
     try:
         call(*args, **kwargs)
-    except (RuntimeError, dist.DistError) as e:  # gloo: "Connection closed by peer"; both: a timeout
-        raise PeerStopped(f"another process of the run stopped ({_brief(e)}): see its error, if it printed one") from e
+    except Exception as e:
+        stopped = peer_stopped(e)
+        if stopped is None:
+            raise
+        raise stopped from e
+
+
+# What the backends raise when another process is gone: gloo's RuntimeErrors name their transport
+# ("Connection closed by peer", "Read error", "Timed out"); nccl's and newer ones are DistErrors.
+_BACKEND_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset)|timed out|timeout", re.IGNORECASE)
+
+
+def peer_stopped(e: BaseException) -> PeerStopped | None:
+    """``e`` as :class:`PeerStopped` when it says another process of the run is gone, else None."""
+    if isinstance(e, PeerStopped):
+        return e
+    if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and _BACKEND_FAILURE.search(str(e))):
+        return PeerStopped(f"another process of the run stopped ({_brief(e)}): see its error, if it printed one")
+    return None
 
 
 def _brief(e: BaseException) -> str:

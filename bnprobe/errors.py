@@ -22,9 +22,8 @@ class ModelError(BnprobeError):
     """A model cannot be built, loaded or run on the data."""
 
 
-class ProcessFailed(ModelError):
-    """A variant failed in one process of a torchrun run (the others stop with it): the one error
-    every process prints, since only the failing one knows it."""
+class PeerStopped(BnprobeError):
+    """Another process of a torchrun run stopped; it prints why (this one says nothing more)."""
 
 
 class DataError(BnprobeError):

@@ -25,7 +25,7 @@ from torch import nn
 from . import distributed, rng
 from .config import BnMode, Config, OptimizerName, expand_variants
 from .data import DataBundle, batches, load_data
-from .errors import BnprobeError, ConfigError, ModelError, ProcessFailed, StoreError, described, first_line
+from .errors import BnprobeError, ConfigError, ModelError, PeerStopped, StoreError, described, first_line
 from .layers import no_layer_matches, probed_layers
 from .models import build_model
 from .passes import leave_no_trace
@@ -216,6 +216,10 @@ def train_variant(
         raise
     except Exception as e:  # the run fails either way; the model's errors do not stop the others
         status, failed_step = "failed", run.steps_done
+        stopped = distributed.peer_stopped(e)  # under torchrun: a collective found another process gone
+        if stopped is not None:
+            run.finish(status, save=False, failed_step=failed_step, error=str(stopped))
+            raise stopped from e
         error = _failure(model, e, failed_step)
         if error is None:
             run.finish(status, save=False, failed_step=failed_step, error=described(e))
@@ -223,7 +227,7 @@ def train_variant(
         error_traceback = "".join(traceback.format_exception(e))
         if distributed.world_size() > 1:  # the other processes wait in a collective: this one stopping stops them
             run.finish(status, save=False, failed_step=failed_step, error=error)
-            raise ProcessFailed(f"variant {name} failed in process {distributed.rank()}: {error}") from e
+            raise ModelError(f"variant {name} failed: {error}") from e
     run.finish(status, save=status == "finished", diverged_step=diverged_step, failed_step=failed_step, error=error)
     tail = slice(-10, None)
     return VariantResult(
@@ -464,7 +468,7 @@ def _output(open_store: Callable[[], Store]) -> Store:
         return store
     problem = distributed.broadcast(None)
     if problem is not None:
-        raise distributed.PeerStopped(f"rank 0 could not open the output: {problem}")
+        raise PeerStopped(f"rank 0 could not open the output: {problem}")
     return Store.scratch()
 
 

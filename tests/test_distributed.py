@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from bnprobe.config import load_config
 from bnprobe.data import DataBundle, batches, load_data
 from bnprobe.errors import ConfigError, SurgeryError
-from bnprobe.probes.moments import finish, merge, moment_stats, partial_moments
+from bnprobe.probes.moments import Partial, finish, moment_stats, partial_moments
 from bnprobe.store import STATS, Store
 from bnprobe.surgery import NoisyNorm, NoisySyncBatchNorm, apply_bn, synchronise_bn
 from bnprobe.trainer import prepare_model
@@ -26,49 +26,41 @@ from bnprobe.trainer import prepare_model
 # ----------------------------------------------------------------------------- merging moments
 
 
-def _shards(seed: int = 0) -> list[torch.Tensor]:
-    """Three shards of [N, C, H, W] data with different means, spreads and skews (and some zeros)."""
+def _layers(seed: int) -> list[torch.Tensor]:
+    """Three "layers" of [N, C, H, W] activations with different means, spreads and skews (and zeros)."""
     g = torch.Generator().manual_seed(seed)
-    shards = [
-        torch.randn(4, 3, 5, 5, generator=g) * 2 + 1,
-        torch.rand(6, 3, 5, 5, generator=g) ** 3 - 0.5,
-        torch.randn(2, 3, 5, 5, generator=g),
+    layers = [
+        torch.randn(4, 3, 5, 5, generator=g) * 2 + seed,
+        torch.rand(4, 3, 5, 5, generator=g) ** 3 - 0.5,
+        torch.randn(4, 2, generator=g),
     ]
-    shards[1][0, 0, :2] = 0.0
-    return shards
-
-
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_merged_shards_equal_the_concatenation(per_channel: bool) -> None:
-    """Chan/Pebay's merge of each shard's count, mean and central moments gives the statistics of
-    the data put together (unequal shard sizes, unequal means: every cross term matters)."""
-    shards = _shards()
-    whole = moment_stats(torch.cat(shards), per_channel, samples=10**6).double()
-    merged = finish(merge([partial_moments(s, per_channel, samples=10**6) for s in shards])).double()
-    assert merged.shape == whole.shape
-    torch.testing.assert_close(merged, whole, rtol=1e-5, atol=1e-6)
-    assert STATS.index("zero_fraction") and float(whole[STATS.index("zero_fraction")].sum()) > 0  # the zeros were counted
+    layers[1][0, 0, :2] = 0.0
+    return layers
 
 
 def test_one_message_carries_every_layer_between_processes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The packing of all layers' statistics (float64 bits inside the float32 message) and
-    subsamples into one gather, unpacked and merged: with a fake second process holding the same
-    shard, each layer's statistics are those of its activation twice over."""
+    """All layers' statistics (float64 bits inside the float32 message) and subsamples go in one
+    gather, and come out merged by Chan's formulas: process 0 and a fake process 1 hold different
+    shards (other means, so every cross term counts), and each layer's statistics are those of the
+    two shards put together."""
     import bnprobe.probes.moments as moments
 
-    shards = _shards(1)
-    parts = [partial_moments(s, per_channel, samples=10**6) for s in shards for per_channel in (False, True)]
+    def parts(seed: int) -> list[Partial]:
+        return [partial_moments(t, per_channel, samples=10**6) for t in _layers(seed) for per_channel in (False, True)]
+
     monkeypatch.setattr(moments.distributed, "world_size", lambda: 2)
-    monkeypatch.setattr(moments.distributed, "gather", lambda message: [message, message.clone()])
-    merged = moments.merged_across_processes(parts)
-    wanted = [moment_stats(torch.cat([s, s]), per_channel, samples=10**6) for s in shards for per_channel in (False, True)]
+    sent: list[torch.Tensor] = []
+    monkeypatch.setattr(moments.distributed, "gather", lambda message: sent.append(message) or [message, message])
+    moments.merged_across_processes(parts(2))  # what process 1 sends
+    monkeypatch.setattr(moments.distributed, "gather", lambda message: [message, sent[0]])
+    merged = moments.merged_across_processes(parts(0))
+    wanted = [
+        moment_stats(torch.cat([a, b]), per_channel, samples=10**6) for a, b in zip(_layers(0), _layers(2)) for per_channel in (False, True)
+    ]
+    assert len(merged) == len(wanted) == 6
     for got, want in zip(merged, wanted):
         torch.testing.assert_close(finish(got), want, rtol=1e-4, atol=1e-5)  # float32 sums in another order
-
-
-def test_merge_of_one_shard_is_the_shard() -> None:
-    part = partial_moments(_shards()[0], samples=50)
-    assert merge([part]) is part
+    assert float(finish(merged[2])[STATS.index("zero_fraction")]) > 0  # the zeros were counted
 
 
 # ----------------------------------------------------------------------------- sharded batches
@@ -314,7 +306,7 @@ def test_one_failing_process_stops_the_others_and_the_run_resumes(runs: Path) ->
     ours = ["bnprobe:" + line for line in done.stderr.split("bnprobe:")[1:]]  # rank 1's may follow rank 0's bar on its line
     assert len(ours) == 2, done.stderr[-3000:]
     assert any("another process of the run stopped" in line for line in ours)
-    assert any("failed in process 1" in line and "bad sample in this shard" in line for line in ours)
+    assert any("error (process 1): variant insert failed" in line and "bad sample in this shard" in line for line in ours)
     assert "[rank0]" not in done.stderr and "[rank1]" not in done.stderr  # no traceback of ours
     with h5py.File(runs / "failed.h5") as f:
         run = f["runs/insert"]

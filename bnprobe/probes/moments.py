@@ -182,17 +182,6 @@ def finish(part: Partial) -> torch.Tensor:
     return torch.stack([mean, var, skew, kurt, lo, hi, zeros, pct[0], pct[1], pct[2]])
 
 
-def merge(parts: Sequence[Partial]) -> Partial:
-    """The statistics of the shards together, exactly (see :func:`_merged_raw`); subsamples are
-    put side by side."""
-    if len(parts) == 1 or sum(p.n for p in parts) == 0:
-        return parts[0]
-    raw = torch.stack([p.raw.reshape(7, -1) for p in parts]).double()  # [shards, 7, rows]
-    n = torch.tensor([[float(p.n)] for p in parts], dtype=torch.float64, device=raw.device)
-    merged = _merged_raw(raw, n).reshape(parts[0].raw.shape).to(parts[0].raw.dtype)
-    return Partial(merged, torch.cat([p.sample for p in parts], dim=-1), sum(p.n for p in parts))
-
-
 def _merged_raw(raw: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """``raw`` [shards, 7, K] of shards with ``n`` [shards, K] elements each, as one [7, K]: with
     means mu_r and central moments M_k,r = n_r m_k,r about them, around the global mean mu
