@@ -63,6 +63,60 @@ def test_one_message_carries_every_layer_between_processes(monkeypatch: pytest.M
     assert float(finish(merged[2])[STATS.index("zero_fraction")]) > 0  # the zeros were counted
 
 
+def _tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _every_probe(rank: int, processes: int) -> dict[str, torch.Tensor]:
+    """Each probe's numbers on this process's shard of one batch of 16 (under a process group: of the global batch)."""
+    from bnprobe.probes.hessian import top_hessian_eigenvalue
+    from bnprobe.probes.ics import gradient_shift
+    from bnprobe.probes.landscape import landscape
+    from bnprobe.probes.spectrum import hessian_trace, top_eigenvalues
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(16, 6, generator=g), torch.randint(3, (16,), generator=g)
+    x, y = x[rank::processes], y[rank::processes]
+    model, loss_fn = _tiny_model(), torch.nn.CrossEntropyLoss()
+    out: dict[str, torch.Tensor] = {}
+    for method in ("naive", "fast"):
+        trained = _tiny_model()
+        result = gradient_shift(trained, loss_fn, x, y, torch.optim.SGD(trained.parameters(), lr=0.5, momentum=0.9), method=method)
+        out[f"ics_{method}"] = torch.tensor([[v.l2, v.cosine, v.grad_norm] for v in result.values()])
+        out[f"weights_{method}"] = torch.cat([p.detach().reshape(-1) for p in trained.parameters()])
+    scan = landscape(model, loss_fn, x, y, etas=[0.1, 1.0])
+    out["landscape"] = torch.tensor([*scan.loss, *scan.grad_l2, scan.loss_at_w, scan.grad_norm])
+    out["hessian"] = torch.tensor(top_hessian_eigenvalue(model, loss_fn, x, y, tol=1e-8, max_iter=60).eigenvalue)
+    out["top_k"] = top_eigenvalues(model, loss_fn, x, y, k=2, tol=1e-8).values
+    out["trace"] = torch.tensor(hessian_trace(model, loss_fn, x, y, samples=3).trace)
+    return out
+
+
+def _probe_process(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        torch.save(_every_probe(rank, 2), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_probe_of_two_processes_is_the_global_batchs(tmp_path: Path) -> None:
+    """ICS (naive and fast, with the real optimizer step), landscape, Hessian, top-k and trace of
+    two processes each holding half of a batch equal those of one process holding all of it, in
+    both processes (so both took the same steps and made the same stopping decisions)."""
+    torch.multiprocessing.spawn(_probe_process, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    alone = _every_probe(0, 1)
+    for rank in range(2):
+        shared = torch.load(tmp_path / f"out.{rank}")
+        assert shared.keys() == alone.keys()
+        for name, values in alone.items():
+            torch.testing.assert_close(shared[name].double(), values.double(), rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ----------------------------------------------------------------------------- sharded batches
 
 
