@@ -108,14 +108,19 @@ def _naming_failures(model: nn.Module) -> Iterator[None]:
 
 def prepare_model(cfg: Config, bundle: DataBundle, device: torch.device | None = None) -> tuple[nn.Module, BnPlan | None]:
     """Build the model from ``cfg.seed``, check it runs on the data, apply the BN mode and move it
-    to ``device``. The plan is None when there was nothing to plan (``keep`` without ``fold``)."""
+    to ``device``. The plan is None when there was nothing to plan (``keep`` without ``fold``).
+    Under torchrun, every process calls this at once (the weights are rank 0's)."""
     model, x = _checked_model(cfg, bundle)
     plan = None
     if cfg.bn is not BnMode.KEEP or cfg.fold:
         model, plan = _surgery(cfg, model, x)
     if cfg.sync_bn:
         _synchronised(model, device)
-    return (model if device is None else model.to(device)), plan
+    model = model if device is None else model.to(device)
+    # Under torchrun every process starts from rank 0's weights, as with DDP (a factory that draws
+    # from an unseeded stream would otherwise train a different model in each process).
+    distributed.broadcast_(t.detach() for t in model.state_dict().values())
+    return model, plan
 
 
 def _synchronised(model: nn.Module, device: torch.device | None) -> None:

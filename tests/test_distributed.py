@@ -117,6 +117,39 @@ def test_every_probe_of_two_processes_is_the_global_batchs(tmp_path: Path) -> No
             torch.testing.assert_close(shared[name].double(), values.double(), rtol=1e-5, atol=1e-6, msg=name)
 
 
+UNSEEDED = """
+import os
+import torch
+
+
+def factory(num_classes, input_shape):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(torch.tensor(input_shape).prod()), num_classes))
+    with torch.no_grad():  # weights from a stream of the process's own: each process builds another model
+        model[1].weight.copy_(torch.randn(model[1].weight.shape, generator=torch.Generator().manual_seed(int(os.environ["RANK"]))))
+    return model
+"""
+
+
+def _prepare_process(rank: int, init: str, where: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        cfg = load_config(None, {"model": f"{where}/unseeded.py:factory", "data": "synthetic:linear", "data_options": {"n": 16}})
+        model, _ = prepare_model(cfg, load_data(cfg.data, seed=0, n=16), torch.device("cpu"))
+        torch.save(model.state_dict(), f"{where}/weights.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_process_starts_from_rank_0s_weights(tmp_path: Path) -> None:
+    (tmp_path / "unseeded.py").write_text(UNSEEDED)
+    torch.multiprocessing.spawn(_prepare_process, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"weights.{r}") for r in range(2))
+    assert zero.keys() == one.keys() and all(torch.equal(zero[k], one[k]) for k in zero)
+
+
 # ----------------------------------------------------------------------------- sharded batches
 
 
