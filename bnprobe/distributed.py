@@ -83,6 +83,7 @@ def process_group(device: torch.device, backend_name: str = "auto", timeout: flo
         raise ConfigError(f"cannot join torchrun's process group ({chosen}): {first_line(e)}") from e
     try:
         yield
+        _collective(dist.barrier)  # tearing gloo down while a peer still works can abort the process
     finally:
         dist.destroy_process_group()
 

@@ -267,8 +267,11 @@ class Store:
     new file is written under a temporary name and renamed over the old one then.
     """
 
-    def __init__(self, h5: h5py.File, path: Path, pending_rename: Path | None, created: bool = False, made_parent: bool = False) -> None:
+    def __init__(
+        self, h5: h5py.File, path: Path, pending_rename: Path | None, created: bool = False, made_parent: bool = False, keeps: bool = True
+    ) -> None:
         self._h5 = h5
+        self.keeps = keeps  # False: records and checkpoints are dropped at the flush (see scratch)
         self.path = path
         self._pending_rename = pending_rename
         self._created = created  # a file this store made (not one it appends to): it may discard it
@@ -308,11 +311,12 @@ class Store:
 
     @classmethod
     def scratch(cls) -> Store:
-        """A store held in memory and never written to disk: what processes other than rank 0 of a
-        torchrun run write to, so that they run rank 0's code and leave no file."""
+        """A store that keeps nothing (records and checkpoints are dropped at each flush; the rest
+        lives in memory): what the processes other than rank 0 of a torchrun run write to, so
+        that they run rank 0's code and leave no file."""
         h5 = h5py.File(io.BytesIO(), "w", track_order=True)
         h5.attrs["format_version"] = FORMAT_VERSION
-        return cls(h5, Path("<memory>"), None)
+        return cls(h5, Path("<memory>"), None, keeps=False)
 
     @classmethod
     def append_to(cls, path: str | Path) -> Store:
@@ -474,6 +478,9 @@ class RunWriter:
 
     def flush(self) -> None:
         """Append buffered records to their datasets and flush the file to disk."""
+        if not self._store.keeps:
+            self._pending.clear()
+            return
         t0 = time.perf_counter()
         for path, rows in self._pending.items():
             block = np.stack(rows)
@@ -509,10 +516,13 @@ class RunWriter:
     def set_dataset_attrs(self, path: str, **attrs: Any) -> None:
         """Attributes of a recorded dataset (e.g. the BN mode and sample size of ``hessian/top_eigenvalue``)."""
         self.flush()
-        self._group[path].attrs.update({k: _attr(v) for k, v in attrs.items()})
+        if self._store.keeps:
+            self._group[path].attrs.update({k: _attr(v) for k, v in attrs.items()})
 
     def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
         """Store a ``torch.save`` blob (model, optimizer, RNG states) as ``checkpoint``."""
+        if not self._store.keeps:
+            return
         import torch
 
         buffer = io.BytesIO()
