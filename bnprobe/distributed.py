@@ -27,6 +27,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -88,11 +89,12 @@ def process_group(device: torch.device, backend_name: str = "auto", timeout: flo
         dist.destroy_process_group()
 
 
-def shard(batch: torch.Tensor) -> torch.Tensor:
-    """This process's share of a global batch: every ``world_size``-th sample from ``rank`` on, as
-    DistributedSampler deals them (the shards together are the global batch)."""
-    size = world_size()
-    return batch if size == 1 else batch[rank() :: size]
+def seed_step(seed: int, step: int) -> None:
+    """Under torchrun, reseed this process's global random streams (dropout masks) from (seed, rank,
+    step): the processes draw independent masks for their shards rather than one mask each, and a
+    resumed run draws the ones the uninterrupted run drew. One process keeps its single stream."""
+    if world_size() > 1:
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank(), step]).generate_state(1, np.uint64)[0] >> 1))
 
 
 def check_divisible(batch_size: int) -> None:

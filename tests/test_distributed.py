@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from bnprobe import distributed
 from bnprobe.config import load_config
 from bnprobe.data import DataBundle, batches, load_data
 from bnprobe.errors import ConfigError, SurgeryError
@@ -99,7 +100,11 @@ def _probe_process(rank: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     try:
-        torch.save(_every_probe(rank, 2), f"{out}.{rank}")
+        draws = []
+        for step in (5, 5, 6):
+            distributed.seed_step(0, step)
+            draws.append(torch.rand(4))
+        torch.save({"probes": _every_probe(rank, 2), "draws": torch.stack(draws)}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -107,14 +112,19 @@ def _probe_process(rank: int, init: str, out: str) -> None:
 def test_every_probe_of_two_processes_is_the_global_batchs(tmp_path: Path) -> None:
     """ICS (naive and fast, with the real optimizer step), landscape, Hessian, top-k and trace of
     two processes each holding half of a batch equal those of one process holding all of it, in
-    both processes (so both took the same steps and made the same stopping decisions)."""
+    both processes (so both took the same steps and made the same stopping decisions). And each
+    process's dropout stream is its own, derived from the step."""
     torch.multiprocessing.spawn(_probe_process, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
     alone = _every_probe(0, 1)
+    saved = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
     for rank in range(2):
-        shared = torch.load(tmp_path / f"out.{rank}")
+        shared = saved[rank]["probes"]
         assert shared.keys() == alone.keys()
         for name, values in alone.items():
             torch.testing.assert_close(shared[name].double(), values.double(), rtol=1e-5, atol=1e-6, msg=name)
+    # dropout streams: the same draws for the same step, other draws for another step or process
+    zero, one = (saved[rank]["draws"] for rank in range(2))
+    assert torch.equal(zero[0], zero[1]) and not torch.equal(zero[0], zero[2]) and not torch.equal(zero[0], one[0])
 
 
 UNSEEDED = """
@@ -295,11 +305,13 @@ from bnprobe.passes import measuring
 
 
 class Mlp(nn.Module):
-    """A BN-free MLP whose forward raises in process 1 in training step BNPROBE_TEST_FAIL_AT (when set)."""
+    """A BN-free MLP (with dropout if BNPROBE_TEST_DROPOUT is set) whose forward raises in process 1
+    in training step BNPROBE_TEST_FAIL_AT (when set)."""
 
     def __init__(self, num_classes, input_shape):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), 12), nn.ReLU(),
+        dropout = [nn.Dropout(0.3)] if os.environ.get("BNPROBE_TEST_DROPOUT") else []
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), 12), nn.ReLU(), *dropout,
                                  nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, num_classes))
         self.calls = 0
 
@@ -388,11 +400,13 @@ def test_one_failing_process_stops_the_others_and_the_run_resumes(runs: Path) ->
     """Process 1 raises in step 4: both stop (no hang), each says one line (process 0 that the
     other stopped, process 1 why), the file keeps steps 0-3 and the step-3 checkpoint, and a
     resumed run ends where the uninterrupted one did. With BN and an eval-mode Hessian, which reads
-    the running statistics: every process holds rank 0's, so the resumed run's are the same."""
+    the running statistics (every process holds rank 0's, so the resumed run's are the same), and
+    with dropout (each process's masks come from the step)."""
     bn = ["--set", "bn=insert", "--set", "probes.hessian_bn_mode=eval"]
-    full_run = _bnprobe(["train", "d.yaml", "--set", "output=bn.h5", *bn], runs, 2)
+    dropout = {"BNPROBE_TEST_DROPOUT": "1"}
+    full_run = _bnprobe(["train", "d.yaml", "--set", "output=bn.h5", *bn], runs, 2, dropout)
     assert full_run.returncode == 0, full_run.stderr[-3000:]
-    done = _bnprobe(["train", "d.yaml", "--set", "output=failed.h5", *bn], runs, 2, {"BNPROBE_TEST_FAIL_AT": "4"})
+    done = _bnprobe(["train", "d.yaml", "--set", "output=failed.h5", *bn], runs, 2, {"BNPROBE_TEST_FAIL_AT": "4", **dropout})
     assert done.returncode != 0
     ours = ["bnprobe:" + line for line in done.stderr.split("bnprobe:")[1:]]  # rank 1's may follow rank 0's bar on its line
     assert len(ours) == 2, done.stderr[-3000:]
@@ -402,7 +416,7 @@ def test_one_failing_process_stops_the_others_and_the_run_resumes(runs: Path) ->
     with h5py.File(runs / "failed.h5") as f:
         run = f["runs/insert"]
         assert run.attrs["status"] == "failed" and run["checkpoint"].attrs["step"] == 3
-    resumed = _bnprobe(["train", "--resume", "failed.h5"], runs, 2)
+    resumed = _bnprobe(["train", "--resume", "failed.h5"], runs, 2, dropout)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     full, again = _datasets(runs / "bn.h5", "insert"), _datasets(runs / "failed.h5", "insert")
     assert full.keys() == again.keys()
