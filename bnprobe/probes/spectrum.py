@@ -72,11 +72,21 @@ class LanczosResult(NamedTuple):
         return (s.T @ self.basis).detach()
 
 
-def _orthogonalised(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``w`` less its projection on the rows of ``basis``, twice ("twice is enough", Kahan/Parlett)."""
+_DGKS = 1 / math.sqrt(2)  # a pass that leaves less than this of w's norm is repeated
+
+
+def _orthogonalised(w: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``w`` less its projection on the rows of ``basis``, and its norm. A second pass only where
+    the first cut ``w``'s norm below 1/sqrt(2) of what it was, the case where one pass can leave it
+    visibly non-orthogonal (Daniel, Gragg, Kaufman & Stewart 1976; "twice is enough", Kahan/Parlett)."""
+    before = float(w.norm())
     for _ in range(2):
         w = w - torch.mv(basis.T, torch.mv(basis, w))
-    return w
+        after = float(w.norm())
+        if after > _DGKS * before:
+            break
+        before = after
+    return w, after
 
 
 def _tridiagonal_eigh(alpha: list[float], beta: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,32 +123,33 @@ def lanczos(
     cap = min(k_steps, n)
     ref = torch.empty(0, dtype=dtype, device=device)
     restarts = torch.Generator().manual_seed(seed + 1)
-    basis = torch.zeros(min(cap, 16), n, dtype=dtype, device=device)  # grows: memory follows the steps taken
+    basis = torch.empty(min(cap, 16), n, dtype=dtype, device=device)  # grows: memory follows the steps taken; rows past j unread
     q = start_vector(None if init is None else init.reshape(-1, n).sum(0), n, ref, seed)
     alpha: list[float] = []
     beta: list[float] = []  # beta[j] couples vectors j and j+1; the last one is the residual factor
     eps = torch.finfo(dtype).eps
     for j in range(cap):
         if j == len(basis):
-            basis = torch.cat([basis, torch.zeros(min(cap, 2 * j) - j, n, dtype=dtype, device=device)])
+            basis = torch.cat([basis, torch.empty(min(cap, 2 * j) - j, n, dtype=dtype, device=device)])
         basis[j] = q
         w = hvp(q)
         scale = float(w.norm())
-        a = torch.dot(q, w)
-        w = w - a * q - (beta[-1] * basis[j - 1] if j else 0.0)
-        w = _orthogonalised(w, basis[: j + 1])
-        alpha.append(float(a))
-        beta.append(float(w.norm()))
+        alpha.append(float(torch.dot(q, w)))
+        w = torch.sub(w, q, alpha=alpha[-1])  # a new tensor: the caller's product is left as it was
+        if j:
+            w.sub_(basis[j - 1], alpha=beta[-1])
+        w, norm = _orthogonalised(w, basis[: j + 1])
+        beta.append(norm)
         if j + 1 == cap or (stop is not None and stop(*_tridiagonal_eigh(alpha, beta)[::2])):
             break
         if beta[-1] > 100 * eps * scale:
             q = w / beta[-1]
             continue
         beta[-1] = 0.0  # breakdown: the Krylov space is invariant
-        fresh = _orthogonalised(torch.randn(n, generator=restarts, dtype=dtype).to(ref.device), basis[: j + 1])
-        if not restart or float(fresh.norm()) == 0.0:
+        fresh, norm = _orthogonalised(torch.randn(n, generator=restarts, dtype=dtype).to(ref.device), basis[: j + 1])
+        if not restart or norm == 0.0:
             break
-        q = fresh / fresh.norm()
+        q = fresh / norm
     values, vectors, residuals = _tridiagonal_eigh(alpha, beta)
     return LanczosResult(values, vectors, residuals, basis[: len(alpha)], len(alpha))
 
