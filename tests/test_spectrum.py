@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 
 from bnprobe.config import load_config
 from bnprobe.errors import ConfigError
-from bnprobe.probes.hessian import first_order, hvp_function
+from bnprobe.probes.hessian import first_order, hvp_function, start_vector
 from bnprobe.probes.spectrum import (
     _orthogonalised,
     block_spectra,
+    cold_start,
     hessian_trace,
     lanczos,
     rademacher,
@@ -108,6 +109,33 @@ def test_lanczos_leaves_the_callers_products_as_they_were() -> None:
 
 
 # ----------------------------------------------------------------------------- top-k
+
+
+def test_cold_start_is_the_unit_gradient_plus_a_unit_random_vector() -> None:
+    model = tiny()
+    x, y = data()
+    ps = list(model.parameters())
+    grads, _ = first_order(model, LOSS, x, y, ps, "train")
+    g = torch.cat([t.detach().reshape(-1) for t in grads if t is not None])
+    random = start_vector(None, len(g), ps[0], 3)
+    torch.testing.assert_close(cold_start(grads, ps, 3), g / g.norm() + random, rtol=0, atol=1e-15)
+    assert torch.equal(cold_start([None] * len(ps), ps, 3), random)  # no gradient: the random vector alone
+    assert torch.equal(cold_start([torch.full_like(p, math.nan) for p in ps], ps, 3), random)
+    first = ps[0].numel()  # a parameter the loss does not depend on: zeros in its place
+    partial = cold_start([None, *grads[1:]], ps, 3)
+    torch.testing.assert_close(partial, torch.cat([g.new_zeros(first), g[first:]]) / g[first:].norm() + random, rtol=0, atol=1e-15)
+
+
+def test_top_eigenvalues_start_cold_from_the_gradient() -> None:
+    """Without ``init`` the start is :func:`cold_start`'s (same run, to the bit), and it finds the top eigenvalue."""
+    model = tiny()
+    x, y = data()
+    ps = list(model.parameters())
+    grads, _ = first_order(model, LOSS, x, y, ps, "train")
+    cold = top_eigenvalues(model, LOSS, x, y, k=1, tol=1e-6, seed=3)
+    same = top_eigenvalues(model, LOSS, x, y, k=1, tol=1e-6, seed=3, init=cold_start(grads, ps, 3))
+    assert torch.equal(cold.values, same.values) and cold.iterations == same.iterations
+    assert cold.converged and float(cold.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(full_hessian(model, x, y))[-1]), rel=1e-6)
 
 
 def test_products_are_zero_where_the_loss_does_not_depend_on_a_parameter() -> None:

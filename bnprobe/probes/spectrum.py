@@ -10,8 +10,9 @@ nothing changed: parameters, buffers, ``.grad`` and RNG streams are as before):
   eigenvalue instead). It stops when every one of the k Ritz values has an error bound
   ``min(r, r**2 / gap) <= tol * |theta|`` (r = ||H y - theta y|| from the recurrence, gap = distance
   to the nearest other Ritz value), or after ``max_iter`` products. ``init`` (the previous call's
-  ``vectors``; their sum starts the recurrence) warm-starts it. Like any Krylov method it can miss an
-  eigenvector its start vector is orthogonal to (measure zero for a random start).
+  ``vectors``; their sum starts the recurrence) warm-starts it; without, it starts from the gradient
+  plus a random vector (:func:`cold_start`). Like any Krylov method it can miss an eigenvector its
+  start vector is orthogonal to (measure zero with a random part in the start).
 - **trace** (:func:`hessian_trace`): Hutchinson's estimator with Rademacher vectors, mean of v'Hv
   and its standard error (sample std / sqrt(samples)).
 - **density** (:func:`spectral_density`): stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao
@@ -182,12 +183,28 @@ class TopEigen(NamedTuple):
     samples: int = 0  # batch size
 
 
-def _top_k(hvp: HVP, ref: torch.Tensor, n: int, k: int, tol: float, max_iter: int, init: torch.Tensor | None, seed: int) -> TopEigen:
+def cold_start(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
+    """The start vector without a previous measurement: the unit gradient plus a unit random vector from ``seed``.
+
+    The gradient lies mostly in the top eigenvectors' span (Gur-Ari, Roberts & Dyer 2018), so
+    Lanczos from it needs fewer products than from a random vector alone (tol 1e-3, six seeds, vgg
+    +BN of the benchmark: width 0.25 12 products for every seed instead of 9-17, mean 14; 40 steps
+    later 7 instead of 8-10; width 0.5 6 instead of 6-12). The random half keeps every eigenvector in
+    reach (measure zero to miss, as for a random start) with about 1/sqrt(2) (at least 1/2) of a
+    random start's component; with no usable gradient (zero, not finite) the start is that random vector."""
+    v = start_vector(None, sum(p.numel() for p in ps), ps[0], seed)
+    g = torch.cat([p.new_zeros(p.numel()) if t is None else t.detach().reshape(-1) for t, p in zip(grads, ps)]).to(v.dtype)
+    norm = float(g.norm())
+    return v + g / norm if math.isfinite(norm) and norm > 0 else v
+
+
+def _top_k(hvp: HVP, ref: torch.Tensor, n: int, k: int, tol: float, max_iter: int, start: torch.Tensor, seed: int) -> TopEigen:
+    """Lanczos from ``start`` (a warm start's vectors, or :func:`cold_start`'s) until :func:`_top_converged`."""
     if k < 1 or tol <= 0 or max_iter < 1:
         raise ConfigError(f"Lanczos needs k >= 1, tol > 0 and max_iter >= 1, got k={k}, tol={tol}, max_iter={max_iter}")
     k = min(k, n)
     done = _top_converged(k, tol)
-    r = lanczos(hvp, n, max_iter, init, seed, dtype=ref.dtype, device=ref.device, stop=done)
+    r = lanczos(hvp, n, max_iter, start, seed, dtype=ref.dtype, device=ref.device, stop=done)
     converged = done(r.values, r.residuals) or r.steps == n
     return TopEigen(r.values[-k:].flip(0), r.residuals[-k:].flip(0), r.ritz_vectors(k), r.steps, converged)
 
@@ -213,8 +230,9 @@ def top_eigenvalues(
     ps = [p for _, p in select_params(model, params)]
     grads, _ = first_order(model, loss_fn, x, y, ps, bn_mode)
     n = sum(p.numel() for p in ps)
+    start = init if init is not None else cold_start(grads, ps, seed)
     with refusing_what_has_no_double_backward(model, x):
-        top = _top_k(hvp_function(grads, ps), ps[0], n, k, tol, max_iter, init, seed)
+        top = _top_k(hvp_function(grads, ps), ps[0], n, k, tol, max_iter, start, seed)
     return top._replace(bn_mode=bn_mode, samples=batch_size_of(x))
 
 
@@ -378,6 +396,11 @@ class _Pass:
         ps = [self.ps[k] for k in ks]
         return hvp_function([self.grads[k] for k in ks], ps), ps[0], sum(p.numel() for p in ps)
 
+    def start(self, init: torch.Tensor | None, seed: int, ks: Sequence[int] | None = None) -> torch.Tensor:
+        """Lanczos's start on the block ``ks`` (every parameter without): ``init`` where given, else :func:`cold_start`."""
+        ks = range(len(self.ps)) if ks is None else ks
+        return init if init is not None else cold_start([self.grads[k] for k in ks], [self.ps[k] for k in ks], seed)
+
 
 def _blocks(
     p: _Pass,
@@ -394,7 +417,7 @@ def _blocks(
     out = {}
     for name, ks in blocks:
         hvp, ref, n = p.block(ks)
-        top = _top_k(hvp, ref, n, 1, tol, max_iter, init.get(name), seed)
+        top = _top_k(hvp, ref, n, 1, tol, max_iter, p.start(init.get(name), seed, ks), seed)
         trace, stderr = _estimate(forms[:, ks].sum(1)) if forms is not None else (torch.tensor(math.nan), torch.tensor(math.nan))
         nodes, weights = _slq(hvp, ref, n, *density, seed) if density[0] > 0 else (None, None)
         out[name] = BlockSpectrum(top, float(trace), float(stderr), nodes, weights)
@@ -487,7 +510,7 @@ class SpectrumProbe:
         seed = record_seed(self.seed, batch.step)
         whole = hvp_function(p.grads, p.ps)
         with refusing_what_has_no_double_backward(model, x):
-            top = _top_k(whole, p.ps[0], p.n, self.k, self.tol, self.max_iter, self._vectors, seed)
+            top = _top_k(whole, p.ps[0], p.n, self.k, self.tol, self.max_iter, p.start(self._vectors, seed), seed)
             self._vectors = top.vectors
             row: Record = {
                 "top_k": top.values.numpy(),
