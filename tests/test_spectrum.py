@@ -114,7 +114,7 @@ def test_lanczos_leaves_the_callers_products_as_they_were() -> None:
 def test_cold_start_is_the_unit_gradient_plus_a_unit_random_vector() -> None:
     model = tiny()
     x, y = data()
-    ps = list(model.parameters())
+    ps: list[torch.Tensor] = list(model.parameters())
     grads, _ = first_order(model, LOSS, x, y, ps, "train")
     g = torch.cat([t.detach().reshape(-1) for t in grads if t is not None])
     random = start_vector(None, len(g), ps[0], 3)
@@ -130,7 +130,7 @@ def test_top_eigenvalues_start_cold_from_the_gradient() -> None:
     """Without ``init`` the start is :func:`cold_start`'s (same run, to the bit), and it finds the top eigenvalue."""
     model = tiny()
     x, y = data()
-    ps = list(model.parameters())
+    ps: list[torch.Tensor] = list(model.parameters())
     grads, _ = first_order(model, LOSS, x, y, ps, "train")
     cold = top_eigenvalues(model, LOSS, x, y, k=1, tol=1e-6, seed=3)
     same = top_eigenvalues(model, LOSS, x, y, k=1, tol=1e-6, seed=3, init=cold_start(grads, ps, 3))
@@ -142,7 +142,7 @@ def test_products_are_zero_where_the_loss_does_not_depend_on_a_parameter() -> No
     model = tiny()
     model.register_parameter("unused", nn.Parameter(torch.ones(3, dtype=torch.float64)))
     x, y = data()
-    ps = list(model.parameters())
+    ps: list[torch.Tensor] = list(model.parameters())
     grads, _ = first_order(model, LOSS, x, y, ps, "train")
     assert grads[0] is None and ps[0] is model.unused
     hvp = hvp_function(grads, ps)
@@ -383,7 +383,7 @@ def test_batched_hessian_vector_products_equal_single_ones(monkeypatch: pytest.M
 
     model, reference = bn_model("train")
     x, y = data()
-    ps = [p for p in model.parameters() if p.requires_grad]
+    ps: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     grads, _ = first_order(model, LOSS, x, y, ps, "train")
     hvp = hvp_function(grads, ps)
     vectors = torch.stack([rademacher(sum(p.numel() for p in ps), torch.Generator().manual_seed(i), ps[0]) for i in range(5)])
