@@ -15,8 +15,11 @@ from typer.testing import CliRunner
 
 from bnprobe.config import load_config
 from bnprobe.errors import ConfigError
+from bnprobe.probes.hessian import first_order, hvp_function, start_vector
 from bnprobe.probes.spectrum import (
+    _orthogonalised,
     block_spectra,
+    cold_start,
     hessian_trace,
     lanczos,
     rademacher,
@@ -74,7 +77,80 @@ def test_lanczos_breakdown_restarts_or_stops() -> None:
     assert went_on.steps == 6 and went_on.values.tolist() == pytest.approx([-2.0, 1.0, 1.0, 3.0, 5.0, 5.0])
 
 
+def test_a_second_reorthogonalisation_pass_only_where_the_first_cancels() -> None:
+    """w almost in the basis's span: one Gram-Schmidt pass leaves what remains visibly non-orthogonal,
+    the second repairs it; where little cancels the one pass is all that is done."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(50, 5, generator=g, dtype=torch.float64)).Q.T
+    w = 1e3 * (basis.T @ torch.randn(5, generator=g, dtype=torch.float64)) + 1e-9 * torch.randn(50, generator=g, dtype=torch.float64)
+    one_pass = w - basis.T @ (basis @ w)
+    assert float((basis @ one_pass).abs().max()) > 1e-8 * float(one_pass.norm())  # the case the second pass is for
+    out, norm = _orthogonalised(w, basis)
+    assert norm == float(out.norm()) and float((basis @ out).abs().max()) <= 1e-14 * norm
+    w = torch.randn(50, generator=g, dtype=torch.float64)
+    out, norm = _orthogonalised(w, basis)
+    assert torch.equal(out, w - basis.T @ (basis @ w)) and norm == float(out.norm())
+
+
+def test_lanczos_leaves_the_callers_products_as_they_were() -> None:
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    a = a + a.T
+    kept: list[torch.Tensor] = []
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        kept.append(a @ v)
+        return kept[-1]
+
+    r = lanczos(hvp, 8, 6, torch.randn(8, generator=g, dtype=torch.float64))
+    assert len(kept) == r.steps == 6
+    for row, product in zip(r.basis, kept):
+        assert torch.equal(product, a @ row)
+
+
 # ----------------------------------------------------------------------------- top-k
+
+
+def test_cold_start_is_the_unit_gradient_plus_a_unit_random_vector() -> None:
+    model = tiny()
+    x, y = data()
+    ps: list[torch.Tensor] = list(model.parameters())
+    grads, _ = first_order(model, LOSS, x, y, ps, "train")
+    g = torch.cat([t.detach().reshape(-1) for t in grads if t is not None])
+    random = start_vector(None, len(g), ps[0], 3)
+    torch.testing.assert_close(cold_start(grads, ps, 3), g / g.norm() + random, rtol=0, atol=1e-15)
+    assert torch.equal(cold_start([None] * len(ps), ps, 3), random)  # no gradient: the random vector alone
+    assert torch.equal(cold_start([torch.full_like(p, math.nan) for p in ps], ps, 3), random)
+    first = ps[0].numel()  # a parameter the loss does not depend on: zeros in its place
+    partial = cold_start([None, *grads[1:]], ps, 3)
+    torch.testing.assert_close(partial, torch.cat([g.new_zeros(first), g[first:]]) / g[first:].norm() + random, rtol=0, atol=1e-15)
+
+
+def test_top_eigenvalues_start_cold_from_the_gradient() -> None:
+    """Without ``init`` the start is :func:`cold_start`'s (same run, to the bit), and it finds the top eigenvalue."""
+    model = tiny()
+    x, y = data()
+    ps: list[torch.Tensor] = list(model.parameters())
+    grads, _ = first_order(model, LOSS, x, y, ps, "train")
+    cold = top_eigenvalues(model, LOSS, x, y, k=1, tol=1e-6, seed=3)
+    same = top_eigenvalues(model, LOSS, x, y, k=1, tol=1e-6, seed=3, init=cold_start(grads, ps, 3))
+    assert torch.equal(cold.values, same.values) and cold.iterations == same.iterations
+    assert cold.converged and float(cold.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(full_hessian(model, x, y))[-1]), rel=1e-6)
+
+
+def test_products_are_zero_where_the_loss_does_not_depend_on_a_parameter() -> None:
+    model = tiny()
+    model.register_parameter("unused", nn.Parameter(torch.ones(3, dtype=torch.float64)))
+    x, y = data()
+    ps: list[torch.Tensor] = list(model.parameters())
+    grads, _ = first_order(model, LOSS, x, y, ps, "train")
+    assert grads[0] is None and ps[0] is model.unused
+    hvp = hvp_function(grads, ps)
+    vectors = torch.randn(2, sum(p.numel() for p in ps), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    products = torch.stack([hvp(v) for v in vectors])
+    assert torch.equal(products[:, :3], torch.zeros(2, 3, dtype=torch.float64))
+    torch.testing.assert_close(products, vectors @ full_hessian(model, x, y), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(hvp(vectors), products, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -303,12 +379,11 @@ def test_config_keys_are_checked(key: str, value: object, message: str) -> None:
 def test_batched_hessian_vector_products_equal_single_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     """Hutchinson's vectors go through one batched double backward; each row must be the product
     one vector at a time gives (and the full Hessian times it), also where batching is refused."""
-    from bnprobe.probes.hessian import first_order, hvp_function
     from bnprobe.probes.spectrum import _products
 
     model, reference = bn_model("train")
     x, y = data()
-    ps = [p for p in model.parameters() if p.requires_grad]
+    ps: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     grads, _ = first_order(model, LOSS, x, y, ps, "train")
     hvp = hvp_function(grads, ps)
     vectors = torch.stack([rademacher(sum(p.numel() for p in ps), torch.Generator().manual_seed(i), ps[0]) for i in range(5)])

@@ -220,11 +220,9 @@ def hvp_function(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor
             allow_unused=True,
             is_grads_batched=bool(lead),
         )
-        full = [torch.zeros(*lead, s, dtype=ref.dtype, device=ref.device) for s in sizes]
-        for k, h in zip(live, out):
-            if h is not None:
-                full[k] = h.reshape(*lead, -1)
-        product = torch.cat(full, dim=-1)
+        products: dict[int, torch.Tensor | None] = dict(zip(live, out))
+        flat = [ref.new_zeros(*lead, s) if (h := products.get(k)) is None else h.reshape(*lead, -1) for k, s in enumerate(sizes)]
+        product = torch.cat(flat, dim=-1)  # zeros only where the loss does not depend on a parameter
         distributed.average_([product])  # under torchrun: the global batch's Hessian times v
         return product
 

@@ -10,8 +10,9 @@ nothing changed: parameters, buffers, ``.grad`` and RNG streams are as before):
   eigenvalue instead). It stops when every one of the k Ritz values has an error bound
   ``min(r, r**2 / gap) <= tol * |theta|`` (r = ||H y - theta y|| from the recurrence, gap = distance
   to the nearest other Ritz value), or after ``max_iter`` products. ``init`` (the previous call's
-  ``vectors``; their sum starts the recurrence) warm-starts it. Like any Krylov method it can miss an
-  eigenvector its start vector is orthogonal to (measure zero for a random start).
+  ``vectors``; their sum starts the recurrence) warm-starts it; without, it starts from the gradient
+  plus a random vector (:func:`cold_start`). Like any Krylov method it can miss an eigenvector its
+  start vector is orthogonal to (measure zero with a random part in the start).
 - **trace** (:func:`hessian_trace`): Hutchinson's estimator with Rademacher vectors, mean of v'Hv
   and its standard error (sample std / sqrt(samples)).
 - **density** (:func:`spectral_density`): stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..config import Config
 from ..errors import ConfigError
 from .base import Record, StepBatch, every
@@ -72,11 +74,21 @@ class LanczosResult(NamedTuple):
         return (s.T @ self.basis).detach()
 
 
-def _orthogonalised(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``w`` less its projection on the rows of ``basis``, twice ("twice is enough", Kahan/Parlett)."""
+_DGKS = 1 / math.sqrt(2)  # a pass that leaves less than this of w's norm is repeated
+
+
+def _orthogonalised(w: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``w`` less its projection on the rows of ``basis``, and its norm. A second pass only where
+    the first cut ``w``'s norm below 1/sqrt(2) of what it was, the case where one pass can leave it
+    visibly non-orthogonal (Daniel, Gragg, Kaufman & Stewart 1976; "twice is enough", Kahan/Parlett)."""
+    before = float(w.norm())
     for _ in range(2):
         w = w - torch.mv(basis.T, torch.mv(basis, w))
-    return w
+        after = float(w.norm())
+        if after > _DGKS * before:
+            break
+        before = after
+    return w, after
 
 
 def _tridiagonal_eigh(alpha: list[float], beta: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,32 +125,33 @@ def lanczos(
     cap = min(k_steps, n)
     ref = torch.empty(0, dtype=dtype, device=device)
     restarts = torch.Generator().manual_seed(seed + 1)
-    basis = torch.zeros(min(cap, 16), n, dtype=dtype, device=device)  # grows: memory follows the steps taken
+    basis = torch.empty(min(cap, 16), n, dtype=dtype, device=device)  # grows: memory follows the steps taken; rows past j unread
     q = start_vector(None if init is None else init.reshape(-1, n).sum(0), n, ref, seed)
     alpha: list[float] = []
     beta: list[float] = []  # beta[j] couples vectors j and j+1; the last one is the residual factor
     eps = torch.finfo(dtype).eps
     for j in range(cap):
         if j == len(basis):
-            basis = torch.cat([basis, torch.zeros(min(cap, 2 * j) - j, n, dtype=dtype, device=device)])
+            basis = torch.cat([basis, torch.empty(min(cap, 2 * j) - j, n, dtype=dtype, device=device)])
         basis[j] = q
         w = hvp(q)
         scale = float(w.norm())
-        a = torch.dot(q, w)
-        w = w - a * q - (beta[-1] * basis[j - 1] if j else 0.0)
-        w = _orthogonalised(w, basis[: j + 1])
-        alpha.append(float(a))
-        beta.append(float(w.norm()))
+        alpha.append(float(torch.dot(q, w)))
+        w = torch.sub(w, q, alpha=alpha[-1])  # a new tensor: the caller's product is left as it was
+        if j:
+            w.sub_(basis[j - 1], alpha=beta[-1])
+        w, norm = _orthogonalised(w, basis[: j + 1])
+        beta.append(norm)
         if j + 1 == cap or (stop is not None and stop(*_tridiagonal_eigh(alpha, beta)[::2])):
             break
         if beta[-1] > 100 * eps * scale:
             q = w / beta[-1]
             continue
         beta[-1] = 0.0  # breakdown: the Krylov space is invariant
-        fresh = _orthogonalised(torch.randn(n, generator=restarts, dtype=dtype).to(ref.device), basis[: j + 1])
-        if not restart or float(fresh.norm()) == 0.0:
+        fresh, norm = _orthogonalised(torch.randn(n, generator=restarts, dtype=dtype).to(ref.device), basis[: j + 1])
+        if not restart or norm == 0.0:
             break
-        q = fresh / fresh.norm()
+        q = fresh / norm
     values, vectors, residuals = _tridiagonal_eigh(alpha, beta)
     return LanczosResult(values, vectors, residuals, basis[: len(alpha)], len(alpha))
 
@@ -171,12 +184,29 @@ class TopEigen(NamedTuple):
     samples: int = 0  # batch size
 
 
-def _top_k(hvp: HVP, ref: torch.Tensor, n: int, k: int, tol: float, max_iter: int, init: torch.Tensor | None, seed: int) -> TopEigen:
+def cold_start(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
+    """The start vector without a previous measurement: the unit gradient plus a unit random vector from ``seed``.
+
+    The gradient lies mostly in the top eigenvectors' span (Gur-Ari, Roberts & Dyer 2018), so
+    Lanczos from it needs fewer products than from a random vector alone (tol 1e-3, six seeds, vgg
+    +BN of the benchmark: width 0.25 12 products for every seed instead of 9-17, mean 14; 40 steps
+    later 7 instead of 8-10; width 0.5 6 instead of 6-12). The random half keeps every eigenvector in
+    reach (measure zero to miss, as for a random start) with about 1/sqrt(2) (at least 1/2) of a
+    random start's component; with no usable gradient (zero, not finite) the start is that random vector."""
+    v = start_vector(None, sum(p.numel() for p in ps), ps[0], seed)
+    g = torch.cat([p.new_zeros(p.numel()) if t is None else t.detach().reshape(-1) for t, p in zip(grads, ps)]).to(v.dtype)
+    distributed.average_([g])  # under torchrun: the global batch's gradient, so every process starts alike
+    norm = float(g.norm())
+    return v + g / norm if math.isfinite(norm) and norm > 0 else v
+
+
+def _top_k(hvp: HVP, ref: torch.Tensor, n: int, k: int, tol: float, max_iter: int, start: torch.Tensor, seed: int) -> TopEigen:
+    """Lanczos from ``start`` (a warm start's vectors, or :func:`cold_start`'s) until :func:`_top_converged`."""
     if k < 1 or tol <= 0 or max_iter < 1:
         raise ConfigError(f"Lanczos needs k >= 1, tol > 0 and max_iter >= 1, got k={k}, tol={tol}, max_iter={max_iter}")
     k = min(k, n)
     done = _top_converged(k, tol)
-    r = lanczos(hvp, n, max_iter, init, seed, dtype=ref.dtype, device=ref.device, stop=done)
+    r = lanczos(hvp, n, max_iter, start, seed, dtype=ref.dtype, device=ref.device, stop=done)
     converged = done(r.values, r.residuals) or r.steps == n
     return TopEigen(r.values[-k:].flip(0), r.residuals[-k:].flip(0), r.ritz_vectors(k), r.steps, converged)
 
@@ -202,8 +232,9 @@ def top_eigenvalues(
     ps = [p for _, p in select_params(model, params)]
     grads, _ = first_order(model, loss_fn, x, y, ps, bn_mode)
     n = sum(p.numel() for p in ps)
+    start = init if init is not None else cold_start(grads, ps, seed)
     with refusing_what_has_no_double_backward(model, x):
-        top = _top_k(hvp_function(grads, ps), ps[0], n, k, tol, max_iter, init, seed)
+        top = _top_k(hvp_function(grads, ps), ps[0], n, k, tol, max_iter, start, seed)
     return top._replace(bn_mode=bn_mode, samples=batch_size_of(x))
 
 
@@ -367,6 +398,11 @@ class _Pass:
         ps = [self.ps[k] for k in ks]
         return hvp_function([self.grads[k] for k in ks], ps), ps[0], sum(p.numel() for p in ps)
 
+    def start(self, init: torch.Tensor | None, seed: int, ks: Sequence[int] | None = None) -> torch.Tensor:
+        """Lanczos's start on the block ``ks`` (every parameter without): ``init`` where given, else :func:`cold_start`."""
+        ks = range(len(self.ps)) if ks is None else ks
+        return init if init is not None else cold_start([self.grads[k] for k in ks], [self.ps[k] for k in ks], seed)
+
 
 def _blocks(
     p: _Pass,
@@ -383,7 +419,7 @@ def _blocks(
     out = {}
     for name, ks in blocks:
         hvp, ref, n = p.block(ks)
-        top = _top_k(hvp, ref, n, 1, tol, max_iter, init.get(name), seed)
+        top = _top_k(hvp, ref, n, 1, tol, max_iter, p.start(init.get(name), seed, ks), seed)
         trace, stderr = _estimate(forms[:, ks].sum(1)) if forms is not None else (torch.tensor(math.nan), torch.tensor(math.nan))
         nodes, weights = _slq(hvp, ref, n, *density, seed) if density[0] > 0 else (None, None)
         out[name] = BlockSpectrum(top, float(trace), float(stderr), nodes, weights)
@@ -476,7 +512,7 @@ class SpectrumProbe:
         seed = record_seed(self.seed, batch.step)
         whole = hvp_function(p.grads, p.ps)
         with refusing_what_has_no_double_backward(model, x):
-            top = _top_k(whole, p.ps[0], p.n, self.k, self.tol, self.max_iter, self._vectors, seed)
+            top = _top_k(whole, p.ps[0], p.n, self.k, self.tol, self.max_iter, p.start(self._vectors, seed), seed)
             self._vectors = top.vectors
             row: Record = {
                 "top_k": top.values.numpy(),
