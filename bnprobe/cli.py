@@ -233,13 +233,15 @@ class _StopRequests:
 
     def check(self) -> None:
         """Raise the pending interrupt, if any; called once a step is recorded. Under torchrun a
-        signal any process got stops every process at this same step."""
+        signal any process got stops every process at this same step; one that arrives while this
+        process waits for the others' vote stays pending for the next step's."""
         from .distributed import agreed_signal
 
         self.stepping = True
-        self.pending = agreed_signal(self.pending)
-        if self.pending is not None:
-            raise self._exception(self.pending)
+        agreed = agreed_signal(self.pending)
+        if agreed is not None:
+            self.pending = agreed
+            raise self._exception(agreed)
 
     @staticmethod
     def _exception(sig: int) -> KeyboardInterrupt:

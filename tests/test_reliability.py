@@ -199,6 +199,26 @@ def test_a_signal_waits_for_the_step_but_a_second_one_stops_at_once() -> None:
     assert second.type is KeyboardInterrupt
 
 
+def test_a_signal_during_the_processes_vote_waits_for_the_next_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun a process waits in the vote on stopping (an all-reduce) while a slower peer
+    finishes its step: a signal arriving then is kept for the next vote, not overwritten by this one's result."""
+    import bnprobe.distributed
+    from bnprobe.cli import Terminated, _StopRequests
+
+    stops = _StopRequests()
+    stops.check()
+
+    def vote_interrupted_by_a_signal(pending: int | None) -> int | None:
+        stops.on_signal(signal.SIGTERM, None)  # lands while the all-reduce waits; the peers voted no
+        return pending
+
+    monkeypatch.setattr(bnprobe.distributed, "agreed_signal", vote_interrupted_by_a_signal)
+    stops.check()  # this step's vote: nobody had a signal when they voted
+    monkeypatch.setattr(bnprobe.distributed, "agreed_signal", lambda pending: pending)
+    with pytest.raises(Terminated):
+        stops.check()
+
+
 def test_a_layer_glob_may_match_in_some_variants_only(in_tmp: Path, tiny_config: Path) -> None:
     """``--layers '*_bn'`` probes only the inserted BN layers: the keep variant records no moments."""
     result = runner.invoke(
