@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -187,15 +188,26 @@ def _collective(call: Callable[..., object], *args: object, **kwargs: object) ->
 # What the backends raise when another process is gone: gloo's RuntimeErrors name their transport
 # ("Connection closed by peer", "Read error", "Timed out"); nccl's and newer ones are DistErrors.
 _BACKEND_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset)|timed out|timeout", re.IGNORECASE)
+_TORCH_DISTRIBUTED = os.path.dirname(os.path.abspath(dist.__file__)) + os.sep
 
 
 def peer_stopped(e: BaseException) -> PeerStopped | None:
-    """``e`` as :class:`PeerStopped` when it says another process of the run is gone, else None."""
+    """``e`` as :class:`PeerStopped` when it says another process of the run is gone, else None.
+
+    Only a backend failure raised inside ``torch.distributed`` (a collective of bnprobe's or of
+    the model's own, as SyncBatchNorm's) while there are other processes counts: a model's or the
+    data's own error that merely mentions a timeout is that error, and is reported as such."""
     if isinstance(e, PeerStopped):
         return e
-    if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and _BACKEND_FAILURE.search(str(e))):
+    backend_failure = isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and _BACKEND_FAILURE.search(str(e)))
+    if backend_failure and world_size() > 1 and _raised_in_torch_distributed(e):
         return PeerStopped(f"another process of the run stopped ({_brief(e)}): see its error, if it printed one")
     return None
+
+
+def _raised_in_torch_distributed(e: BaseException) -> bool:
+    frames = traceback.extract_tb(e.__traceback__)
+    return any(os.path.abspath(frame.filename).startswith(_TORCH_DISTRIBUTED) for frame in frames)
 
 
 def _brief(e: BaseException) -> str:

@@ -242,6 +242,29 @@ def test_sync_bn_keeps_noisy_bn_noisy_and_refuses_a_bn_with_its_own_forward() ->
         synchronise_bn(torch.nn.Sequential(BnAct(4)))
 
 
+def _raised(message: str, filename: str) -> RuntimeError:
+    """A RuntimeError raised in code that claims to live in ``filename`` (its traceback's frame)."""
+    try:
+        exec(compile(f"raise RuntimeError({message!r})", filename, "exec"))
+    except RuntimeError as e:
+        return e
+    raise AssertionError("not raised")
+
+
+def test_only_backend_failures_inside_torch_distributed_mean_a_peer_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gloo collective (bnprobe's, or SyncBatchNorm's inside the model) that finds a peer gone says
+    so in a RuntimeError from torch.distributed; a model's own error that mentions a timeout is its
+    own, and so is anything in a single process."""
+    inside = os.path.join(os.path.dirname(torch.distributed.__file__), "distributed_c10d.py")
+    gone = _raised("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234", inside)
+    assert distributed.peer_stopped(gone) is None  # one process: there is no peer
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    stopped = distributed.peer_stopped(gone)
+    assert stopped is not None and "another process of the run stopped (Connection closed by peer)" in str(stopped)
+    assert distributed.peer_stopped(_raised("the camera connection timed out", "camera.py")) is None
+    assert distributed.peer_stopped(_raised("size mismatch", inside)) is None  # from torch.distributed, but not a stopped peer
+
+
 def test_dist_timeout_must_be_positive(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("dist_timeout: 0\n")
     with pytest.raises(ConfigError, match="dist_timeout"):

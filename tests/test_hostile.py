@@ -502,7 +502,7 @@ class Fragile(nn.Module):
     def forward(self, x):
         self.calls += torch.is_grad_enabled()  # training steps; bnprobe's checks run without gradients
         if self.fail and self.calls > 2:
-            raise {exc}("boom")
+            raise {exc}("{msg}")
         return self.lin(x)
 def make(num_classes):
     first = not Path("built").exists()  # only the first variant's model fails (the file is loaded anew per model)
@@ -511,9 +511,12 @@ def make(num_classes):
 """
 
 
-@pytest.mark.parametrize("exc", ["RuntimeError", "MemoryError"])
-def test_a_model_failing_mid_run_fails_its_variant_only(exc: str, in_tmp: Path) -> None:
-    (in_tmp / "fragile.py").write_text(FRAGILE.replace("{exc}", exc))
+@pytest.mark.parametrize(
+    ("exc", "msg"),
+    [("RuntimeError", "boom"), ("MemoryError", "boom"), ("RuntimeError", "the camera connection timed out")],  # not a torchrun peer
+)
+def test_a_model_failing_mid_run_fails_its_variant_only(exc: str, msg: str, in_tmp: Path) -> None:
+    (in_tmp / "fragile.py").write_text(FRAGILE.replace("{exc}", exc).replace("{msg}", msg))
     (in_tmp / "c.yaml").write_text(
         "name: f\nmodel: fragile.py:make\ndata: synthetic:linear\ndata_options: {n: 64, dim: 4}\n"
         "steps: 5\nbatch_size: 16\nprobes: {record_every: 1}\nvariants: {lr: [0.1, 0.05]}\n"
@@ -522,7 +525,7 @@ def test_a_model_failing_mid_run_fails_its_variant_only(exc: str, in_tmp: Path) 
     assert "Traceback" not in result.output and result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("bnprobe: error:")]
     assert errors == [
-        f"bnprobe: error: variant lr0.1 failed: the model raised at step 2 in module '1' (Fragile): {exc}: boom; its records up to then are kept"
+        f"bnprobe: error: variant lr0.1 failed: the model raised at step 2 in module '1' (Fragile): {exc}: {msg}; its records up to then are kept"
     ]
     assert result.stderr.splitlines()[-1] == errors[0]
     assert "failed @ 2" in result.stdout
