@@ -168,11 +168,17 @@ class Recorder:
         names = [n for n in self._current if n in by_name]
         self._order = [(n, by_name[n]) for n in names]
         self.layers = [
-            LayerInfo(n, layer_kind(m), sum(p.numel() for p in m.parameters(recurse=False)), self._seen_shapes.get(n, ()), i)
+            LayerInfo(n, layer_kind(m), sum(p.numel() for p in m.parameters(recurse=False)), self._global_shape(n), i)
             for i, (n, m) in enumerate(self._order)
         ]
         self.writer.set_layers(self.layers)
         self._order_fixed = True
+
+    def _global_shape(self, name: str) -> tuple[int, ...]:
+        """A layer's output shape for the whole batch: merged across processes, each saw its shard
+        of the batch dimension (dim 0, where the batch is dealt), as the moments describe the whole."""
+        shape = self._seen_shapes.get(name, ())
+        return (shape[0] * self.processes, *shape[1:]) if shape and self.processes > 1 else shape
 
     def step(self, loss: Any = None, accuracy: Any = None, lr: float | None = None) -> None:
         """Close one training step: log its scalars and, on record steps, its layers' moments."""

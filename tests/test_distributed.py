@@ -404,7 +404,8 @@ def _datasets(path: Path, run: str = "keep") -> dict[str, np.ndarray]:
 @pytest.mark.slow
 def test_two_processes_equal_one_on_the_global_batch(runs: Path) -> None:
     """Without BN the two-process run is the one-process run: moments (per channel, histograms,
-    percentiles of all samples), ICS, landscape, Hessian and spectrum, to float tolerance."""
+    percentiles of all samples), ICS, landscape, Hessian and spectrum, to float tolerance, and the
+    layers table (output shapes of the global batch)."""
     one, two = _datasets(runs / "one.h5"), _datasets(runs / "two.h5")
     assert one.keys() == two.keys()
     sections = {name.split("/")[0] for name in one}
@@ -414,8 +415,10 @@ def test_two_processes_equal_one_on_the_global_batch(runs: Path) -> None:
     with h5py.File(runs / "two.h5") as f:
         attrs = f["runs/keep"].attrs
         assert (attrs["world_size"], attrs["dist_backend"]) == (2, "gloo")
+        two_layers = f["runs/keep/layers"][()]
     with h5py.File(runs / "one.h5") as f:
         assert (f["runs/keep"].attrs["world_size"], f["runs/keep"].attrs["dist_backend"]) == (1, "none")
+        assert f["runs/keep/layers"][()].tolist() == two_layers.tolist()  # output shapes of the global batch
 
 
 @pytest.mark.slow
