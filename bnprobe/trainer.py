@@ -504,12 +504,26 @@ def resume_experiment(path: Path, progress: ProgressFn | None = None) -> list[Va
             distributed.check_divisible(run_cfg.batch_size)
             saved = distributed.broadcast(store.checkpoint(name) if run is not None and distributed.is_main() else None)
             checkpoint = saved[0] if isinstance(saved, tuple) else None
+            if checkpoint is not None and run is not None:
+                _check_same_processes(path, name, int(run.attrs.get("world_size", 1)))
             writer = store.run(name, {"variant": name})
             if checkpoint is None:
                 writer.truncate(0)
             prepared = prepare_model(run_cfg, bundle, resolve_device(run_cfg.device))
             results.append(train_variant(run_cfg, name, bundle, writer, progress, prepared, checkpoint))
     return results
+
+
+def _check_same_processes(path: Path, name: str, trained_by: int) -> None:
+    """A run continues with the number of processes it was trained by: each process's BN batch
+    statistics (its shard) and dropout draws depend on that number, so another one would change the
+    experiment mid-run and the file would say only the last one."""
+    now = distributed.world_size()
+    if now != trained_by:
+        how = f"torchrun --nproc-per-node {trained_by} -m bnprobe" if trained_by > 1 else "bnprobe (without torchrun)"
+        raise ConfigError(
+            f"variant {name} of {path} was trained by {trained_by} process(es), not {now}: resume it with {how} train --resume {path}"
+        )
 
 
 def measure_from_run(

@@ -520,3 +520,25 @@ def test_plain_bn_normalises_each_process_shard(tmp_path: Path) -> None:
         whole = float(loss_fn(model(x), y))
     assert recorded == pytest.approx(sum(shards) / 2, rel=1e-5)
     assert abs(recorded - whole) > 1e-3
+
+
+def test_a_run_resumes_with_the_processes_it_was_trained_by(in_tmp: Path, tiny_config: Path) -> None:
+    """Each process's BN statistics and dropout draws depend on the number of processes: resuming a
+    2-process run in one process is refused with the command that continues it."""
+    from typer.testing import CliRunner
+
+    from bnprobe.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(tiny_config), "--set", "checkpoint_every=2", "-o", "r.h5"]).exit_code == 0
+    with h5py.File("r.h5", "a") as f:
+        f["runs/keep"].attrs["status"] = "interrupted"
+        f["runs/keep"].attrs["world_size"] = 2
+    refused = runner.invoke(app, ["train", "--resume", "r.h5"])
+    assert refused.exit_code == 2 and refused.stderr.strip() == (
+        "bnprobe: error: variant keep of r.h5 was trained by 2 process(es), not 1: "
+        "resume it with torchrun --nproc-per-node 2 -m bnprobe train --resume r.h5"
+    )
+    with h5py.File("r.h5", "a") as f:
+        f["runs/keep"].attrs["world_size"] = 1
+    assert runner.invoke(app, ["train", "--resume", "r.h5"]).exit_code == 0
