@@ -25,6 +25,7 @@ import datetime
 import os
 import re
 import traceback
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, PeerStopped, first_line
+from .errors import ConfigError, ModelError, PeerStopped, first_line
 
 
 def launched() -> bool:
@@ -150,6 +151,44 @@ def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.empty_like(tensor) for _ in range(world_size())]
     _collective(dist.all_gather, out, tensor.contiguous())
     return out
+
+
+def average_gradients_(params: Iterable[torch.Tensor]) -> None:
+    """Each parameter's ``.grad`` replaced by the global batch's (the mean over the processes), as
+    DDP does: where a process's shard left a parameter without a gradient (a branch it skipped) it
+    counts as zero there; one that got none in any process keeps None, as in one process (the
+    optimizer skips it). Every process sends the same tensors, so the all-reduce cannot mismatch."""
+    if world_size() == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    used = params[0].new_ones(len(params))  # one more entry in the first parameter's all-reduce
+    missing = [i for i, p in enumerate(params) if p.grad is None]
+    for i in missing:
+        params[i].grad = torch.zeros_like(params[i])
+        used[i] = 0
+    average_([*(p.grad for p in params), used])
+    if missing:  # only then is the host told which ones no process used
+        for i, share in enumerate(used.tolist()):
+            if share == 0:
+                params[i].grad = None
+
+
+def check_same_everywhere(signature: object, what: str) -> None:
+    """Raise ModelError unless every process passes an equal ``signature`` (its layers and shapes
+    before their statistics are gathered): tensors of different sizes in one collective give
+    wrong numbers or abort a process. One 8-byte all-gather; every process raises alike."""
+    if world_size() == 1:
+        return
+    mine = torch.tensor([zlib.crc32(repr(signature).encode())], dtype=torch.int64, device=_collective_device())
+    digests = [int(d) for d in torch.cat(gather(mine)).tolist()]
+    differing = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differing:
+        raise ModelError(
+            f"{what} differ between process 0 and process {differing[0]}: under torchrun every process must run "
+            "the same layers with the same shapes (no layer skipped or shaped by its shard's data)"
+        )
 
 
 def agreed_signal(pending: int | None) -> int | None:

@@ -213,6 +213,8 @@ class Recorder:
         names = [n for n, _ in self._order if n in parts]
         ordered = [parts[n] for n in names]
         if self.processes > 1:
+            layout = ([n for n, _ in self._order], [(n, p.n, tuple(p.raw.shape), tuple(p.sample.shape)) for n, p in zip(names, ordered)])
+            distributed.check_same_everywhere(layout, f"the layers recorded at step {self.step_index} or their shapes")
             ordered = merged_across_processes(ordered)
         return {n: finish(p) for n, p in zip(names, ordered)}
 

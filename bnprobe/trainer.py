@@ -183,7 +183,7 @@ def _plain_step(
     output = model(x)
     loss = loss_fn(output, y)
     loss.backward()
-    distributed.average_(p.grad for p in model.parameters())  # the global batch's gradient under torchrun
+    distributed.average_gradients_(model.parameters())  # the global batch's gradient under torchrun
     optimizer.step()
     return loss.detach(), output.detach()
 

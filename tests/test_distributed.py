@@ -160,6 +160,76 @@ def test_every_process_starts_from_rank_0s_weights(tmp_path: Path) -> None:
     assert zero.keys() == one.keys() and all(torch.equal(zero[k], one[k]) for k in zero)
 
 
+class _Branchy(torch.nn.Module):
+    """Process 1's shard skips a layer: the case of a model whose branches depend on its data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.branch, self.unused = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        return self.branch(h) if os.environ["RANK"] == "0" else h
+
+
+def _skipping_process(rank: int, init: str, where: str) -> None:
+    import torch.distributed as dist
+
+    from bnprobe import Recorder
+    from bnprobe.errors import ModelError
+    from bnprobe.probes.ics import gradient_shift
+
+    os.environ["RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = _Branchy()
+        model(torch.ones(2, 3)).sum().backward()
+        distributed.average_gradients_(model.parameters())
+        torch.save({n: p.grad for n, p in model.named_parameters()}, f"{where}/grads.{rank}")
+        distributed.check_same_everywhere(("layers", 1), "the layers")  # alike: nothing raised
+        try:
+            with Recorder(model, f"{where}/r{rank}.h5", record_every=1, across_processes=True) as rec:
+                for _ in range(2):
+                    model(torch.ones(2, 3))
+                    rec.step()
+        except ModelError as e:
+            Path(f"{where}/error.{rank}").write_text(str(e))
+        try:
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            gradient_shift(model, lambda out, _: out.square().mean(), torch.ones(2, 3), None, opt)
+        except ModelError as e:
+            Path(f"{where}/ics_error.{rank}").write_text(str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_layer_one_process_skips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradients: a parameter process 1 left without one counts as zero there (as in one process on
+    the whole batch); one no process used stays None. Moments and ICS: the processes' layers
+    differ, so every process stops with the same error instead of exchanging tensors of different
+    sizes (which gloo turns into wrong numbers in one process and an abort in the other)."""
+    torch.multiprocessing.spawn(_skipping_process, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"grads.{r}") for r in range(2))
+    torch.manual_seed(0)
+    alone = _Branchy()
+    monkeypatch.setenv("RANK", "0")
+    first_grads = torch.autograd.grad(alone(torch.ones(2, 3)).sum(), [alone.first.weight, alone.branch.weight])
+    for grads in (zero, one):
+        assert grads["unused.weight"] is None and grads["unused.bias"] is None
+        torch.testing.assert_close(grads["branch.weight"], first_grads[1] / 2)  # process 1's share: zero
+        assert grads["first.weight"].shape == (3, 3)
+    assert all(torch.equal(zero[k], one[k]) for k in zero if zero[k] is not None)
+    errors = [(tmp_path / f"error.{r}").read_text() for r in range(2)]
+    assert errors[0] == errors[1] and errors[0].startswith(
+        "the layers recorded at step 0 or their shapes differ between process 0 and process 1: under torchrun"
+    )
+    ics_errors = [(tmp_path / f"ics_error.{r}").read_text() for r in range(2)]
+    assert ics_errors[0] == ics_errors[1] and ics_errors[0].startswith(
+        "the layers an ICS step called differ between process 0 and process 1"
+    )
+
+
 # ----------------------------------------------------------------------------- sharded batches
 
 

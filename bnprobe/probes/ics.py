@@ -236,9 +236,10 @@ def gradient_shift(
         output = model(x)
     loss = loss_fn(output, y)
     loss.backward()
-    distributed.average_(p.grad for p in model.parameters())  # under torchrun: the global batch's G
+    distributed.average_gradients_(model.parameters())  # under torchrun: the global batch's G
 
     plan = _Layers(model, called)
+    distributed.check_same_everywhere(plan.names, "the layers an ICS step called")  # each layer's passes are collectives
     selected = _measured(plan, layers, kinds)
     measured = [i for i in selected if plan.own[i]]  # frozen layers: NaN rows, no passes
     params = dict(model.named_parameters())
@@ -288,10 +289,12 @@ def _grad_or_zero(p: torch.Tensor) -> torch.Tensor:
     return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
 
 
-def _global(grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """The global batch's gradients under torchrun (each process's averaged; unchanged alone)."""
-    distributed.average_(grads)
-    return grads
+def _global(grads: Sequence[torch.Tensor | None], leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients wrt ``leaves``, zero where the loss does not depend on one, and under torchrun
+    the global batch's (each process's averaged: every process sends every leaf's, so the sizes agree)."""
+    full = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, leaves)]
+    distributed.average_(full)
+    return full
 
 
 def _mixed(plan: _Layers, i: int, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -327,8 +330,9 @@ def _naive(
         reset()
         loss = loss_fn(torch.func.functional_call(model, leaves, (x,)), y)
         names = [n for n in leaves if n in trainable]
-        grads = dict(zip(names, _global(torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True))))
-        shifted[i] = [grads[n] if grads[n] is not None else torch.zeros_like(leaves[n]) for n in plan.own[i]]
+        wrt = [leaves[n] for n in names]
+        grads = dict(zip(names, _global(torch.autograd.grad(loss, wrt, allow_unused=True), wrt)))
+        shifted[i] = [grads[n] for n in plan.own[i]]
     return shifted
 
 
@@ -518,9 +522,8 @@ def _fast(
             reset()
             with cache.replay(i), slots.swapped(params):
                 loss = loss_fn(model(x), y)
-            grads = _global(torch.autograd.grad(loss, leaves, allow_unused=True))
+            shifted[i] = _global(torch.autograd.grad(loss, leaves, allow_unused=True), leaves)
             cache.drop_mutated()
-            shifted[i] = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, leaves)]
     return shifted
 
 
