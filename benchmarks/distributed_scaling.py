@@ -6,8 +6,8 @@ Each configuration trains VGG (``--width``, batch ``--batch``, ``--steps`` steps
 ``bnprobe.trainer.run_experiment`` in fresh processes: one process with 1 thread, one process with
 ``--threads`` threads (the same cores as two processes of 1 thread each), and two processes of 1
 thread each under ``torchrun --standalone``. Steps/s is taken from the run's own clock after
-``--warmup`` steps. The moment reduction (``merged_across_processes``: one all-gather and the merge)
-is timed inside the two-process run, and so are the all-reduces of gradients and losses and the
+``--warmup`` steps. The moment reduction (``merged_across_processes``: one all-gather and the merge,
+plus the check that every process recorded the same layers and shapes) is timed inside the two-process run, and so are the all-reduces of gradients and losses and the
 broadcast of rank 0's buffers (for a view of what data parallelism itself costs here).
 
     python benchmarks/distributed_scaling.py [--width 0.5] [--batch 128] [--steps 40] [--threads 2] [--json]
@@ -37,7 +37,7 @@ def _worker(args: argparse.Namespace) -> None:
     from bnprobe.trainer import run_experiment
 
     torch.set_num_threads(args.worker_threads)
-    spent = {"moments": 0.0, "records": 0, "averages": 0.0, "buffers": 0.0}
+    spent = {"moments": 0.0, "records": 0, "layout": 0.0, "averages": 0.0, "buffers": 0.0}
 
     def timed(function: Any, key: str) -> Any:
         def wrapper(*a: Any) -> Any:
@@ -50,6 +50,7 @@ def _worker(args: argparse.Namespace) -> None:
         return wrapper
 
     bnprobe.recorder.merged_across_processes = timed(bnprobe.recorder.merged_across_processes, "moments")  # type: ignore[assignment]
+    distributed.check_same_everywhere = timed(distributed.check_same_everywhere, "layout")  # type: ignore[assignment]
     distributed.average_ = timed(distributed.average_, "averages")  # type: ignore[assignment]
     distributed.broadcast_ = timed(distributed.broadcast_, "buffers")  # type: ignore[assignment]
     out = Path(args.worker_out)
@@ -81,7 +82,7 @@ def _worker(args: argparse.Namespace) -> None:
         result = {
             "steps_per_second": 1 / step_seconds,
             "step_seconds": step_seconds,
-            "reduce_seconds": spent["moments"] / max(1, spent["records"]),
+            "reduce_seconds": (spent["moments"] + spent["layout"]) / max(1, spent["records"]),
             "average_seconds": spent["averages"] / args.steps,  # gradients, losses, HVPs: whole run, per step
             "buffer_seconds": spent["buffers"] / args.steps,
         }
