@@ -154,7 +154,10 @@ class Recorder:
     def __enter__(self) -> Recorder:
         self._order_fixed = False
         self._seen_shapes: dict[str, tuple[int, ...]] = {}
+        self._shard_batch: int | None = None
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self._candidates]
+        if self.processes > 1:
+            self._handles.append(self.model.register_forward_pre_hook(self._see_batch))
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
@@ -175,10 +178,21 @@ class Recorder:
         self._order_fixed = True
 
     def _global_shape(self, name: str) -> tuple[int, ...]:
-        """A layer's output shape for the whole batch: merged across processes, each saw its shard
-        of the batch dimension (dim 0, where the batch is dealt), as the moments describe the whole."""
+        """A layer's output shape for the whole batch, as the merged moments describe the whole:
+        each process saw its shard of the batch (dim 0 of the model's input), so the dimension of
+        the shard's size (dim 0 where that is one, else the first: a sequence-first layer's dim 1)
+        is the processes' times larger; an output without one (a positional table) is the same."""
         shape = self._seen_shapes.get(name, ())
-        return (shape[0] * self.processes, *shape[1:]) if shape and self.processes > 1 else shape
+        dims = [i for i, size in enumerate(shape) if size == self._shard_batch]
+        if self.processes == 1 or not dims:
+            return shape
+        i = 0 if 0 in dims else dims[0]
+        return (*shape[:i], shape[i] * self.processes, *shape[i + 1 :])
+
+    def _see_batch(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        """The shard's batch size, from the model's input, until the layer order is fixed."""
+        if not self._order_fixed and (x := _first_tensor(args)) is not None and x.dim() > 0:
+            self._shard_batch = x.shape[0]
 
     def step(self, loss: Any = None, accuracy: Any = None, lr: float | None = None) -> None:
         """Close one training step: log its scalars and, on record steps, its layers' moments."""
@@ -187,7 +201,10 @@ class Recorder:
         seconds = self.elapsed()
         self._train_rows.append((self.step_index, _detach(loss), _detach(accuracy), lr, seconds))
         recorded = {n: s for n, s in self._current.items() if s is not None}
-        if self._order_fixed and self.step_index % self.record_every == 0 and recorded:
+        record_step = self.step_index % self.record_every == 0
+        if self.processes > 1 and record_step:  # every process, whatever it recorded: the merge's sizes must agree
+            distributed.check_same_everywhere(self._layout(recorded), f"the layers recorded at step {self.step_index} or their shapes")
+        if self._order_fixed and record_step and recorded:
             # A layer that did not run this step (a skipped branch) gets NaN statistics and an empty
             # histogram, so the other layers' records of the step are kept.
             stats = self._finished(recorded)
@@ -207,14 +224,21 @@ class Recorder:
         if len(self._train_rows) >= self.flush_every or time.perf_counter() - self._last_flush >= self.flush_seconds:
             self.flush()
 
+    def _layout(self, recorded: dict[str, Partial]) -> object:
+        """What must be alike in every process before their statistics are exchanged: the layer
+        order, and each recorded layer's (and channel table's) sizes."""
+
+        def sizes(parts: dict[str, Partial]) -> list[object]:
+            return [(n, parts[n].n, tuple(parts[n].raw.shape), tuple(parts[n].sample.shape)) for n, _ in self._order if n in parts]
+
+        return self._order_fixed, [n for n, _ in self._order], sizes(recorded), sizes(self._current_channel)
+
     def _finished(self, parts: dict[str, Partial]) -> dict[str, torch.Tensor]:
         """``STATS`` of the layers in ``parts``, in the layers' order (the same in every process),
         of the global batch when merged across processes."""
         names = [n for n, _ in self._order if n in parts]
         ordered = [parts[n] for n in names]
         if self.processes > 1:
-            layout = ([n for n, _ in self._order], [(n, p.n, tuple(p.raw.shape), tuple(p.sample.shape)) for n, p in zip(names, ordered)])
-            distributed.check_same_everywhere(layout, f"the layers recorded at step {self.step_index} or their shapes")
             ordered = merged_across_processes(ordered)
         return {n: finish(p) for n, p in zip(names, ordered)}
 

@@ -496,16 +496,17 @@ def resume_experiment(path: Path, progress: ProgressFn | None = None) -> list[Va
     cfg = load_config_text(existing.attrs.get("config", ""), str(path))
     bundle = load_data(cfg.data, seed=cfg.seed, **dict(cfg.data_options))
     results = []
+    unfinished = {name: run for name, run in existing.runs.items() if run.attrs.get("status") not in ("finished", "diverged")}
     with _process_group(cfg), _output(lambda: Store.append_to(path)) as store:
+        for name, unfinished_run in unfinished.items():  # before any variant trains: one file, one number of processes
+            _check_same_processes(path, name, int(unfinished_run.attrs.get("world_size", 1)))
         for name, run_cfg in expand_variants(cfg):
-            run = existing.runs.get(name)
-            if run is not None and run.attrs.get("status") in ("finished", "diverged"):
+            started = name in existing.runs
+            if started and name not in unfinished:
                 continue
             distributed.check_divisible(run_cfg.batch_size)
-            saved = distributed.broadcast(store.checkpoint(name) if run is not None and distributed.is_main() else None)
+            saved = distributed.broadcast(store.checkpoint(name) if started and distributed.is_main() else None)
             checkpoint = saved[0] if isinstance(saved, tuple) else None
-            if checkpoint is not None and run is not None:
-                _check_same_processes(path, name, int(run.attrs.get("world_size", 1)))
             writer = store.run(name, {"variant": name})
             if checkpoint is None:
                 writer.truncate(0)

@@ -4,6 +4,7 @@ and compare its file with a one-process run of the same global batch."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
@@ -160,6 +161,18 @@ def test_every_process_starts_from_rank_0s_weights(tmp_path: Path) -> None:
     assert zero.keys() == one.keys() and all(torch.equal(zero[k], one[k]) for k in zero)
 
 
+class _HalfUsed(torch.nn.Module):
+    """Called in every process, but its ``scale`` is used by process 0's shard only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.scale = torch.nn.Linear(3, 3), torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return h * self.scale if os.environ["RANK"] == "0" else h
+
+
 class _Branchy(torch.nn.Module):
     """Process 1's shard skips a layer: the case of a model whose branches depend on its data."""
 
@@ -180,7 +193,7 @@ def _skipping_process(rank: int, init: str, where: str) -> None:
     from bnprobe.probes.ics import gradient_shift
 
     os.environ["RANK"] = str(rank)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     try:
         torch.manual_seed(0)
         model = _Branchy()
@@ -195,11 +208,23 @@ def _skipping_process(rank: int, init: str, where: str) -> None:
                     rec.step()
         except ModelError as e:
             Path(f"{where}/error.{rank}").write_text(str(e))
+        try:  # the only recorded layer is the one process 1 skips: it records nothing at all
+            with Recorder(model, f"{where}/b{rank}.h5", layers="branch", record_every=1, across_processes=True) as rec:
+                for _ in range(2):
+                    model(torch.ones(2, 3))
+                    rec.step()
+        except ModelError as e:
+            Path(f"{where}/branch_error.{rank}").write_text(str(e))
         try:
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
             gradient_shift(model, lambda out, _: out.square().mean(), torch.ones(2, 3), None, opt)
         except ModelError as e:
             Path(f"{where}/ics_error.{rank}").write_text(str(e))
+        half = _HalfUsed()  # the same layers everywhere, a parameter without gradient in process 1
+        for method in ("naive", "fast"):
+            opt = torch.optim.SGD(half.parameters(), lr=0.1)
+            ics = gradient_shift(half, lambda out, _: out.square().mean(), torch.ones(2, 3), None, opt, method=method)
+            torch.save({n: tuple(v) for n, v in ics.items()}, f"{where}/ics_{method}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -207,8 +232,10 @@ def _skipping_process(rank: int, init: str, where: str) -> None:
 def test_a_layer_one_process_skips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Gradients: a parameter process 1 left without one counts as zero there (as in one process on
     the whole batch); one no process used stays None. Moments and ICS: the processes' layers
-    differ, so every process stops with the same error instead of exchanging tensors of different
-    sizes (which gloo turns into wrong numbers in one process and an abort in the other)."""
+    differ (also where a process recorded nothing), so every process stops with the same error
+    instead of exchanging tensors of different sizes (which gloo turns into wrong numbers in one
+    process and an abort in the other). ICS of a layer whose parameter one process's shard leaves
+    without a gradient: the same in both."""
     torch.multiprocessing.spawn(_skipping_process, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     zero, one = (torch.load(tmp_path / f"grads.{r}") for r in range(2))
     torch.manual_seed(0)
@@ -228,6 +255,11 @@ def test_a_layer_one_process_skips(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert ics_errors[0] == ics_errors[1] and ics_errors[0].startswith(
         "the layers an ICS step called differ between process 0 and process 1"
     )
+    branch_errors = [(tmp_path / f"branch_error.{r}").read_text() for r in range(2)]
+    assert branch_errors[0] == branch_errors[1] and branch_errors[0].startswith("the layers recorded at step 0")
+    for method in ("naive", "fast"):  # ICS of a layer whose parameter one shard leaves alone: the processes agree
+        values = [torch.load(tmp_path / f"ics_{method}.{r}") for r in range(2)]
+        assert values[0].keys() == {"lin", ""} and values[0] == values[1]
 
 
 # ----------------------------------------------------------------------------- sharded batches
@@ -600,15 +632,44 @@ def test_a_run_resumes_with_the_processes_it_was_trained_by(in_tmp: Path, tiny_c
     from bnprobe.cli import app
 
     runner = CliRunner()
-    assert runner.invoke(app, ["train", str(tiny_config), "--set", "checkpoint_every=2", "-o", "r.h5"]).exit_code == 0
+    trained = runner.invoke(app, ["train", str(tiny_config), "--bn", "keep", "--bn", "insert", "--set", "checkpoint_every=2", "-o", "r.h5"])
+    assert trained.exit_code == 0
     with h5py.File("r.h5", "a") as f:
-        f["runs/keep"].attrs["status"] = "interrupted"
-        f["runs/keep"].attrs["world_size"] = 2
+        for name in ("keep", "insert"):
+            f[f"runs/{name}"].attrs["status"] = "interrupted"
+        f["runs/insert"].attrs["world_size"] = 2
     refused = runner.invoke(app, ["train", "--resume", "r.h5"])
     assert refused.exit_code == 2 and refused.stderr.strip() == (
-        "bnprobe: error: variant keep of r.h5 was trained by 2 process(es), not 1: "
+        "bnprobe: error: variant insert of r.h5 was trained by 2 process(es), not 1: "
         "resume it with torchrun --nproc-per-node 2 -m bnprobe train --resume r.h5"
     )
+    with h5py.File("r.h5") as f:  # refused before any variant trained: keep was not continued either
+        assert f["runs/keep"].attrs["status"] == "interrupted"
     with h5py.File("r.h5", "a") as f:
-        f["runs/keep"].attrs["world_size"] = 1
+        f["runs/insert"].attrs["world_size"] = 1
     assert runner.invoke(app, ["train", "--resume", "r.h5"]).exit_code == 0
+
+
+class _Shapes(torch.nn.Module):
+    """Outputs batch first, sequence first, and without a batch dimension (a positional table)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.seq_first, self.table = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Embedding(5, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq_first(self.proj(x).transpose(0, 1)) + self.table(torch.arange(x.shape[1]))[:, None]
+
+
+def test_the_layers_table_gives_the_global_batchs_shapes(tmp_path: Path) -> None:
+    """Each of 2 processes sees a shard of 4 samples: the table gives the shapes of the batch of 8,
+    the shard's batch dimension wherever a layer puts it."""
+    from bnprobe import Recorder
+
+    rec = Recorder(_Shapes(), tmp_path / "r.h5", record_every=1)
+    rec.processes = 2  # what across_processes=True gives under torchrun with 2 processes
+    with rec:
+        rec.model(torch.randn(4, 5, 8))
+        rec._fix_order()
+        shapes = {layer.name: layer.output_shape for layer in rec.layers}
+    assert shapes == {"proj": (8, 5, 8), "seq_first": (5, 8, 8), "table": (5, 8)}

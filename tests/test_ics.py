@@ -390,6 +390,30 @@ def test_fast_equals_naive(case: str) -> None:
     assert list(fast) == [i.name for i, _ in probed_layers(copy.deepcopy(model), x)]
 
 
+class EvalTemperature(nn.Module):
+    """The root's parameter is read in eval mode only: in a training step its layer is called but
+    leaves the loss alone (the fast path's replay of that layer has no gradient path at all)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.temperature = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x)
+        return out if self.training else out / self.temperature
+
+
+def test_a_layer_whose_parameters_the_step_leaves_unused() -> None:
+    torch.manual_seed(0)
+    model, (x, y) = EvalTemperature(), batch((4,), 8, 3)
+    naive, fast = measure(model, CE, x, y, "naive"), measure(model, CE, x, y, "fast")
+    assert list(naive) == list(fast) == ["lin", ""]
+    assert_same_ics({"lin": naive["lin"]}, {"lin": fast["lin"]})
+    for got in (naive, fast):  # no gradient before or after: zero norms, no direction
+        assert (got[""].grad_norm, got[""].grad_norm_shifted, got[""].l2) == (0.0, 0.0, 0.0) and math.isnan(got[""].cosine)
+
+
 def test_fast_equals_naive_resnet18() -> None:
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)

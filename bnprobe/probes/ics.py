@@ -289,9 +289,11 @@ def _grad_or_zero(p: torch.Tensor) -> torch.Tensor:
     return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
 
 
-def _global(grads: Sequence[torch.Tensor | None], leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The gradients wrt ``leaves``, zero where the loss does not depend on one, and under torchrun
-    the global batch's (each process's averaged: every process sends every leaf's, so the sizes agree)."""
+def _global_grads(loss: torch.Tensor, leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """d loss / d ``leaves``, zero where the loss does not depend on one (or on none: a replayed pass
+    whose layer's parameters this batch leaves unused), and under torchrun the global batch's
+    (each process's averaged: every process sends every leaf's, so the sizes agree)."""
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
     full = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, leaves)]
     distributed.average_(full)
     return full
@@ -331,7 +333,7 @@ def _naive(
         loss = loss_fn(torch.func.functional_call(model, leaves, (x,)), y)
         names = [n for n in leaves if n in trainable]
         wrt = [leaves[n] for n in names]
-        grads = dict(zip(names, _global(torch.autograd.grad(loss, wrt, allow_unused=True), wrt)))
+        grads = dict(zip(names, _global_grads(loss, wrt)))
         shifted[i] = [grads[n] for n in plan.own[i]]
     return shifted
 
@@ -522,7 +524,7 @@ def _fast(
             reset()
             with cache.replay(i), slots.swapped(params):
                 loss = loss_fn(model(x), y)
-            shifted[i] = _global(torch.autograd.grad(loss, leaves, allow_unused=True), leaves)
+            shifted[i] = _global_grads(loss, leaves)
             cache.drop_mutated()
     return shifted
 
