@@ -163,6 +163,10 @@ def average_gradients_(params: Iterable[torch.Tensor]) -> None:
     params = [p for p in params if p.requires_grad]
     if not params:
         return
+    if any(p.grad is not None and p.grad.is_sparse for p in params):  # the same model in every process: all stop here
+        raise ModelError(
+            "sparse gradients (nn.Embedding(sparse=True)) cannot be averaged across processes; use sparse=False under torchrun"
+        )
     used = params[0].new_ones(len(params))  # one more entry in the first parameter's all-reduce
     missing = [i for i, p in enumerate(params) if p.grad is None]
     for i in missing:

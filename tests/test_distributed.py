@@ -673,3 +673,15 @@ def test_the_layers_table_gives_the_global_batchs_shapes(tmp_path: Path) -> None
         rec._fix_order()
         shapes = {layer.name: layer.output_shape for layer in rec.layers}
     assert shapes == {"proj": (8, 5, 8), "seq_first": (5, 8, 8), "table": (5, 8)}
+
+
+def test_sparse_gradients_are_refused_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnprobe.errors import ModelError
+
+    table = torch.nn.Embedding(4, 2, sparse=True)
+    table(torch.tensor([1, 2])).sum().backward()
+    distributed.average_gradients_(table.parameters())  # one process: nothing to average
+    assert table.weight.grad is not None and table.weight.grad.is_sparse
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ModelError, match=r"^sparse gradients \(nn.Embedding\(sparse=True\)\) cannot be averaged"):
+        distributed.average_gradients_(table.parameters())
