@@ -7,8 +7,9 @@ Each configuration trains VGG (``--width``, batch ``--batch``, ``--steps`` steps
 ``--threads`` threads (the same cores as two processes of 1 thread each), and two processes of 1
 thread each under ``torchrun --standalone``. Steps/s is taken from the run's own clock after
 ``--warmup`` steps. The moment reduction (``merged_across_processes``: one all-gather and the merge,
-plus the check that every process recorded the same layers and shapes) is timed inside the two-process run, and so are the all-reduces of gradients and losses and the
-broadcast of rank 0's buffers (for a view of what data parallelism itself costs here).
+plus the check that every process recorded the same layers and shapes) is timed inside the
+two-process run, and so are the all-reduces of gradients and losses and the broadcast of rank 0's
+buffers (for a view of what data parallelism itself costs here).
 
     python benchmarks/distributed_scaling.py [--width 0.5] [--batch 128] [--steps 40] [--threads 2] [--json]
 """

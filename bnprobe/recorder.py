@@ -183,8 +183,10 @@ class Recorder:
         the shard's size (dim 0 where that is one, else the first: a sequence-first layer's dim 1)
         is the processes' times larger; an output without one (a positional table) is the same."""
         shape = self._seen_shapes.get(name, ())
+        if self.processes == 1:
+            return shape
         dims = [i for i, size in enumerate(shape) if size == self._shard_batch]
-        if self.processes == 1 or not dims:
+        if not dims:
             return shape
         i = 0 if 0 in dims else dims[0]
         return (*shape[:i], shape[i] * self.processes, *shape[i + 1 :])

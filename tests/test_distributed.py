@@ -201,20 +201,15 @@ def _skipping_process(rank: int, init: str, where: str) -> None:
         distributed.average_gradients_(model.parameters())
         torch.save({n: p.grad for n, p in model.named_parameters()}, f"{where}/grads.{rank}")
         distributed.check_same_everywhere(("layers", 1), "the layers")  # alike: nothing raised
-        try:
-            with Recorder(model, f"{where}/r{rank}.h5", record_every=1, across_processes=True) as rec:
-                for _ in range(2):
-                    model(torch.ones(2, 3))
-                    rec.step()
-        except ModelError as e:
-            Path(f"{where}/error.{rank}").write_text(str(e))
-        try:  # the only recorded layer is the one process 1 skips: it records nothing at all
-            with Recorder(model, f"{where}/b{rank}.h5", layers="branch", record_every=1, across_processes=True) as rec:
-                for _ in range(2):
-                    model(torch.ones(2, 3))
-                    rec.step()
-        except ModelError as e:
-            Path(f"{where}/branch_error.{rank}").write_text(str(e))
+        # every layer; then only the one process 1 skips (process 1 records nothing at all)
+        for error_file, layers in (("error", "*"), ("branch_error", "branch")):
+            try:
+                with Recorder(model, f"{where}/{error_file}{rank}.h5", layers=layers, record_every=1, across_processes=True) as rec:
+                    for _ in range(2):
+                        model(torch.ones(2, 3))
+                        rec.step()
+            except ModelError as e:
+                Path(f"{where}/{error_file}.{rank}").write_text(str(e))
         try:
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
             gradient_shift(model, lambda out, _: out.square().mean(), torch.ones(2, 3), None, opt)
