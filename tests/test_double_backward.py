@@ -16,7 +16,10 @@ from bnprobe.probes.hessian import first_order
 Build = Callable[[], tuple[nn.Module, torch.Tensor]]
 
 
-def _case(bn: nn.Module, shape: tuple[int, ...]) -> Build:
+def _case(bn: nn.Module, shape: tuple[int, ...], first: bool = False, frozen: bool = False) -> Build:
+    """BN between a parameterised input map (so second derivatives also flow through x; ``first``:
+    BN on the raw input) and a tanh and linear head; ``frozen``: its affine weight takes no gradient."""
+
     def build() -> tuple[nn.Module, torch.Tensor]:
         torch.manual_seed(0)
         channels = shape[1]
@@ -26,7 +29,9 @@ def _case(bn: nn.Module, shape: tuple[int, ...]) -> Build:
             nn.init.uniform_(norm.bias, -1.0, 1.0)
         norm.running_mean.uniform_(-1, 1)
         norm.running_var.uniform_(0.5, 2)
-        model = nn.Sequential(ScaleIn(shape), norm, nn.Tanh(), Head(channels)).double()
+        if frozen:
+            norm.weight.requires_grad_(False)
+        model = nn.Sequential(*([] if first else [ScaleIn(shape)]), norm, nn.Tanh(), Head(channels)).double()
         x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3 + 1
         return model, x
 
@@ -59,6 +64,8 @@ CASES = {
     "2d": _case(nn.BatchNorm2d(3), (4, 3, 2, 3)),
     "3d": _case(nn.BatchNorm3d(2), (3, 2, 2, 2, 2)),
     "no affine": _case(nn.BatchNorm2d(3, affine=False), (4, 3, 2, 2)),
+    "first layer": _case(nn.BatchNorm2d(3), (4, 3, 2, 2), first=True),
+    "frozen weight": _case(nn.BatchNorm1d(4), (6, 4), frozen=True),
 }
 
 
@@ -123,7 +130,7 @@ def test_the_hessian_graph_runs_through_the_cheap_backward() -> None:
         seen[node] = node.name()
         stack.extend(f for f, _ in node.next_functions)
     names = set(seen.values())
-    assert "AddcmulBackward0" in names
+    assert "_BatchNormBackwardBackward" in names
     assert not any(name.startswith("NativeBatchNormBackward") for name in names)
 
 
@@ -140,3 +147,12 @@ def test_running_statistics_that_would_move_and_half_precision_use_torchs_bn() -
 def test_one_value_per_channel_is_refused_as_torch_refuses_it() -> None:
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"), TwiceDifferentiable():
         F.batch_norm(torch.randn(1, 3), None, None, training=True)
+
+
+def test_third_derivatives_through_bn_are_refused() -> None:
+    """The written-out second derivative treats the batch statistics as given: differentiating it again would be wrong."""
+    model, x = CASES["2d"]()
+    ps = list(model.parameters())
+    grads = first_order(model, nn.CrossEntropyLoss(), x, torch.arange(4) % 3, ps, "train")[0]
+    with pytest.raises(RuntimeError, match="no third derivatives"):
+        torch.autograd.grad(grads, ps, grad_outputs=[torch.ones_like(p) for p in ps], create_graph=True)

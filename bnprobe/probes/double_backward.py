@@ -6,12 +6,13 @@ model's forward with a few functions swapped for equal formulas:
 
 - ``hardsigmoid`` (MobileNetV3, GhostNet, LCNet squeeze-excite) and ``normalize`` (Swin V2's cosine
   attention) for formulas that have a (finite) double backward where torch's has none;
-- ``batch_norm`` for a cheaper one: torch differentiates its BN backward twice with a composite of
-  about 30 full-size elementwise ops per layer, half of a product's time on VGG-11 with BN. Here
-  the first-order backward, when it builds a graph, is written as about ten plain ops, and the
-  double backward runs through those (a product 25-35% faster on VGG-11 with BN, CPU).
+- ``batch_norm`` (batch statistics, float32/64) for one whose backward's own derivative is written
+  out (:class:`_BatchNormBackward`): 9 elementwise passes and 5 sums per layer and product, where
+  torch's composite runs about 40 elementwise ops and 30 sums, half of a product's time on VGG-11
+  with BN (a product is 15-20% faster there, CPU). Forward and first-order backward are torch's kernels.
 
-Same values and the same first and second derivatives (to rounding: 4e-15 relative in float64).
+Same values and the same first and second derivatives (to rounding: 4e-15 relative in float64;
+third derivatives through BN are refused).
 :func:`refusing_what_has_no_double_backward` names the module whose op torch cannot differentiate
 twice, where nothing here replaces it.
 """
@@ -106,14 +107,8 @@ def _channel_shape(x: torch.Tensor) -> list[int]:
 
 
 class _BatchNormBatchStats(torch.autograd.Function):
-    """BN with batch statistics: torch's forward, and torch's backward unless that backward is
-    itself being differentiated (``create_graph``); then the backward of Ioffe & Szegedy's paper
-
-        dx = w / s * (g - mean(g) - x_hat * mean(g * x_hat)),  x_hat = (x - mean(x)) / s,
-        dw = sum(g * x_hat),  db = sum(g)   (means and sums over all but the channel dimension)
-
-    in plain ops from ``x`` (so its graph reaches ``x``, ``w`` and ``g``), arranged so that no
-    full-size tensor is negated, divided or used twice where one product serves."""
+    """BN with batch statistics: torch's forward and backward kernels; a backward that is itself
+    differentiated (``create_graph``) runs as :class:`_BatchNormBackward`, whose own backward is written out."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -126,21 +121,66 @@ class _BatchNormBatchStats(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
         wanted = list(ctx.needs_input_grad[:3])
-        if not torch.is_grad_enabled():  # a plain backward: torch's fused kernel
+        if not torch.is_grad_enabled():  # a plain backward
             dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, weight, None, None, mean, invstd, True, ctx.eps, wanted)
             return dx, dw, db, None
-        dims = [0, *range(2, x.dim())]
-        count = x.numel() // x.shape[1]
-        centred = x + x.sum(dims, keepdim=True).div(-count)  # adding a negated mean: its gradient is not a full-size negation
-        inv = torch.rsqrt((centred * centred).sum(dims, keepdim=True).div(count) + ctx.eps)
-        g_sum = g.sum(dims, keepdim=True)
-        g_centred = (g * centred).sum(dims, keepdim=True)
-        scale = inv if weight is None else inv * weight.view(_channel_shape(x))
-        # dx = scale * g - scale * mean(g) - centred * scale * inv^2 * mean(g * centred)
-        dx = torch.addcmul(g * scale + (scale * g_sum).div(-count), centred, scale * inv * inv * g_centred.div(-count))
-        dw = (g_centred * inv).reshape(-1) if weight is not None and wanted[1] else None
-        db = g_sum.reshape(-1) if wanted[2] else None
-        return dx if wanted[0] else None, dw, db, None
+        w = weight if weight is not None else torch.ones_like(mean)
+        dx, dw, db = _BatchNormBackward.apply(g, x, w, mean, invstd, ctx.eps)
+        return dx if wanted[0] else None, dw if wanted[1] else None, db if wanted[2] else None, None
+
+
+class _BatchNormBackward(torch.autograd.Function):
+    """BN's backward (per channel, sums over the m entries of all but dimension 1; s = 1/sqrt(var + eps),
+    x_hat = (x - mean) * s):
+
+        dx = w s (g - mean(g) - x_hat G / m),  dw = G,  db = sum(g),  with G = sum(g x_hat),
+
+    by torch's kernel, and its derivative written out, so that a Hessian-vector product through BN
+    costs 9 elementwise passes and 5 sums per layer. For upstream gradients (a, p, q) of (dx, dw, db),
+    with A = sum(a x_hat) and K = sum(a g) - sum(a) sum(g) / m:
+
+        d/dg = w s (a - mean(a)) + (p - w s A / m) x_hat + q
+        d/dw = s (K - A G / m)
+        d/dx = w s^2 / m (-G (a - mean(a)) - A (g - mean(g)) + (3 A G / m - K) x_hat)
+               + p s (g - mean(g) - x_hat G / m)
+
+    (x enters through x_hat and s: d x_hat_i / d x_j = s (delta_ij - 1/m - x_hat_i x_hat_j / m),
+    d s / d x_j = -s^2 x_hat_j / m). Checked against torch's double backward to 4e-15 in float64.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, eps, [True, True, True])
+        ctx.save_for_backward(g, x, w, mean, invstd)
+        return dx, dw, db
+
+    @staticmethod
+    def backward(ctx: Any, a: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled():  # the formulas take the batch statistics as given: their derivative would be wrong
+            raise RuntimeError("bnprobe's second derivative of BN cannot be differentiated again (no third derivatives)")
+        g, x, w, mean, invstd = ctx.saved_tensors
+        shape, dims = _channel_shape(x), [0, *range(2, x.dim())]
+        m = x.numel() // x.shape[1]
+        s, w, p, q = invstd.view(shape), w.view(shape), p.view(shape), q.view(shape)
+        x_hat = torch.addcmul((-mean).view(shape) * s, x, s)
+        a_sum, g_sum = a.sum(dims, keepdim=True), g.sum(dims, keepdim=True)
+        big_a, big_g = (a * x_hat).sum(dims, keepdim=True), (g * x_hat).sum(dims, keepdim=True)
+        k = (a * g).sum(dims, keepdim=True) - a_sum * g_sum / m
+        ws = w * s
+        d_g = d_x = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_g = torch.addcmul(torch.addcmul(q - ws * a_sum / m, x_hat, p - ws * big_a / m), a, ws)
+        if ctx.needs_input_grad[1]:
+            c = ws * s / m
+            on_a, on_g = -c * big_g, p * s - c * big_a
+            on_x_hat = c * (3 * big_a * big_g / m - k) - p * s * big_g / m
+            constant = -(on_a * a_sum + on_g * g_sum) / m
+            d_x = torch.addcmul(torch.addcmul(torch.addcmul(constant, x_hat, on_x_hat), a, on_a), g, on_g)
+        if ctx.needs_input_grad[2]:
+            d_w = (s * (k - big_a * big_g / m)).reshape(-1)
+        return d_g, d_x, d_w, None, None, None
 
 
 _NO_DOUBLE_BACKWARD = re.compile(r"derivative for (?:aten::)?(\w+?)(?:_backward)? is not implemented")
