@@ -55,7 +55,7 @@ from torch import nn
 
 from bnprobe.models import vgg
 from bnprobe.probes.hessian import first_order, hvp_function
-from bnprobe.probes.spectrum import cold_start, hessian_trace, lanczos, top_eigenvalues
+from bnprobe.probes.spectrum import hessian_trace, lanczos, lanczos_start, top_eigenvalues
 from bnprobe.surgery import apply_bn
 
 Vectors = list[torch.Tensor]
@@ -185,7 +185,7 @@ def lanczos_trail(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torc
         return False
 
     n = sum(p.numel() for p in ps)
-    lanczos(hvp_function(grads, ps), n, steps, cold_start(grads, ps, seed), seed, dtype=ps[0].dtype, stop=record)
+    lanczos(hvp_function(grads, ps), n, steps, lanczos_start(grads, ps, seed), seed, dtype=ps[0].dtype, stop=record)
     return trail
 
 

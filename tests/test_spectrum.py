@@ -18,10 +18,11 @@ from bnprobe.errors import ConfigError
 from bnprobe.probes.hessian import first_order, hvp_function, start_vector
 from bnprobe.probes.spectrum import (
     _orthogonalised,
+    _top_k,
     block_spectra,
-    cold_start,
     hessian_trace,
     lanczos,
+    lanczos_start,
     rademacher,
     spectral_density,
     top_eigenvalues,
@@ -111,31 +112,50 @@ def test_lanczos_leaves_the_callers_products_as_they_were() -> None:
 # ----------------------------------------------------------------------------- top-k
 
 
-def test_cold_start_is_the_unit_gradient_plus_a_unit_random_vector() -> None:
+def test_the_start_is_the_unit_gradient_plus_a_unit_random_or_warm_vector() -> None:
     model = tiny()
     x, y = data()
     ps: list[torch.Tensor] = list(model.parameters())
     grads, _ = first_order(model, LOSS, x, y, ps, "train")
     g = torch.cat([t.detach().reshape(-1) for t in grads if t is not None])
     random = start_vector(None, len(g), ps[0], 3)
-    torch.testing.assert_close(cold_start(grads, ps, 3), g / g.norm() + random, rtol=0, atol=1e-15)
-    assert torch.equal(cold_start([None] * len(ps), ps, 3), random)  # no gradient: the random vector alone
-    assert torch.equal(cold_start([torch.full_like(p, math.nan) for p in ps], ps, 3), random)
+    torch.testing.assert_close(lanczos_start(grads, ps, 3), g / g.norm() + random, rtol=0, atol=1e-15)
+    warm = torch.randn(2, len(g), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    summed = warm.sum(0) / warm.sum(0).norm()
+    torch.testing.assert_close(lanczos_start(grads, ps, 3, warm), g / g.norm() + summed, rtol=0, atol=1e-15)
+    assert torch.equal(lanczos_start([None] * len(ps), ps, 3), random)  # no gradient: the unit vector alone
+    assert torch.equal(lanczos_start([torch.full_like(p, math.nan) for p in ps], ps, 3, warm), summed)
     first = ps[0].numel()  # a parameter the loss does not depend on: zeros in its place
-    partial = cold_start([None, *grads[1:]], ps, 3)
+    partial = lanczos_start([None, *grads[1:]], ps, 3)
     torch.testing.assert_close(partial, torch.cat([g.new_zeros(first), g[first:]]) / g[first:].norm() + random, rtol=0, atol=1e-15)
 
 
-def test_top_eigenvalues_start_cold_from_the_gradient() -> None:
-    """Without ``init`` the start is :func:`cold_start`'s (same run, to the bit), and it finds the top eigenvalue."""
+def test_top_eigenvalues_start_from_the_gradient() -> None:
+    """Cold, the run is Lanczos from :func:`lanczos_start` (to the bit), and it finds the top eigenvalue."""
     model = tiny()
     x, y = data()
     ps: list[torch.Tensor] = list(model.parameters())
     grads, _ = first_order(model, LOSS, x, y, ps, "train")
     cold = top_eigenvalues(model, LOSS, x, y, k=1, tol=1e-6, seed=3)
-    same = top_eigenvalues(model, LOSS, x, y, k=1, tol=1e-6, seed=3, init=cold_start(grads, ps, 3))
+    start = lanczos_start(grads, ps, 3)
+    same = _top_k(hvp_function(grads, ps), ps[0], len(start), 1, 1e-6, 100, start, 3)
     assert torch.equal(cold.values, same.values) and cold.iterations == same.iterations
     assert cold.converged and float(cold.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(full_hessian(model, x, y))[-1]), rel=1e-6)
+
+
+def test_a_warm_start_at_an_eigenvector_no_longer_on_top_still_finds_the_top() -> None:
+    """After a step the previous top eigenvector can be another eigenvalue's: from it alone Lanczos
+    stops at once, on the wrong eigenvalue (its residual is ~0); the gradient in the start prevents that."""
+    model = tiny()
+    x, y = data()
+    evals, evecs = torch.linalg.eigh(full_hessian(model, x, y))
+    second = evecs[:, -2]
+    top = top_eigenvalues(model, LOSS, x, y, k=1, tol=1e-6, init=second)
+    assert float(top.values[0]) == pytest.approx(float(evals[-1]), rel=1e-6)
+    ps: list[torch.Tensor] = list(model.parameters())
+    grads, _ = first_order(model, LOSS, x, y, ps, "train")
+    alone = lanczos(hvp_function(grads, ps), len(second), 100, second, stop=lambda v, r: bool(r[-1] <= 1e-6 * v[-1].abs()))
+    assert alone.steps == 1 and float(alone.values[-1]) == pytest.approx(float(evals[-2]), rel=1e-6)  # what the start alone gives
 
 
 def test_products_are_zero_where_the_loss_does_not_depend_on_a_parameter() -> None:

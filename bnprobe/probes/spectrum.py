@@ -9,10 +9,11 @@ nothing changed: parameters, buffers, ``.grad`` and RNG streams are as before):
   finds the same ones by power iteration with deflation, which would return a large negative
   eigenvalue instead). It stops when every one of the k Ritz values has an error bound
   ``min(r, r**2 / gap) <= tol * |theta|`` (r = ||H y - theta y|| from the recurrence, gap = distance
-  to the nearest other Ritz value), or after ``max_iter`` products. ``init`` (the previous call's
-  ``vectors``; their sum starts the recurrence) warm-starts it; without, it starts from the gradient
-  plus a random vector (:func:`cold_start`). Like any Krylov method it can miss an eigenvector its
-  start vector is orthogonal to (measure zero with a random part in the start).
+  to the nearest other Ritz value), or after ``max_iter`` products. It starts from the unit gradient
+  plus ``init`` (the previous call's ``vectors``, summed: a warm start) or a random vector
+  (:func:`lanczos_start`). Like any Krylov method it can stop before it has seen an eigenvalue
+  its start vector holds little of: the bound is then about another eigenvalue (near-degenerate
+  top-k, e.g. 1 of 8 cold k=3 runs had 3e-3 for a third value 0.8% above the fourth).
 - **trace** (:func:`hessian_trace`): Hutchinson's estimator with Rademacher vectors, mean of v'Hv
   and its standard error (sample std / sqrt(samples)).
 - **density** (:func:`spectral_density`): stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao
@@ -184,16 +185,22 @@ class TopEigen(NamedTuple):
     samples: int = 0  # batch size
 
 
-def cold_start(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
-    """The start vector without a previous measurement: the unit gradient plus a unit random vector from ``seed``.
+def lanczos_start(
+    grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor], seed: int, init: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Lanczos's start vector: the unit gradient plus a unit vector, the previous result's ``init``
+    (rows summed: a warm start) or, without, a random one from ``seed``.
 
-    The gradient lies mostly in the top eigenvectors' span (Gur-Ari, Roberts & Dyer 2018), so
-    Lanczos from it needs fewer products than from a random vector alone (tol 1e-3, six seeds, vgg
-    +BN of the benchmark: width 0.25 12 products for every seed instead of 9-17, mean 14; 40 steps
-    later 7 instead of 8-10; width 0.5 6 instead of 6-12). The random half keeps every eigenvector in
-    reach (measure zero to miss, as for a random start) with about 1/sqrt(2) (at least 1/2) of a
-    random start's component; with no usable gradient (zero, not finite) the start is that random vector."""
-    v = start_vector(None, sum(p.numel() for p in ps), ps[0], seed)
+    The gradient lies mostly in the top eigenvectors' span (Gur-Ari, Roberts & Dyer 2018). Cold, it
+    saves products (tol 1e-3, six seeds, vgg +BN of the benchmark: width 0.25 12 products for every
+    seed instead of 9-17 from a random vector, mean 14; width 0.5 6 instead of 6-12), and the random
+    half keeps every eigenvector in reach. Warm, it keeps the start from being (nearly) an
+    eigenvector whose eigenvalue has since fallen below the top: from the previous vector alone,
+    Lanczos stopped at such an eigenvalue, up to 7% low, in 5 of 12 SGD steps on that vgg; with the
+    gradient, in none of 28 (7.5 products per step, cold 8.3). With no usable gradient (zero, not
+    finite) the start is the unit vector alone."""
+    n = sum(p.numel() for p in ps)
+    v = start_vector(None if init is None else init.reshape(-1, n).sum(0), n, ps[0], seed)
     g = torch.cat([p.new_zeros(p.numel()) if t is None else t.detach().reshape(-1) for t, p in zip(grads, ps)]).to(v.dtype)
     distributed.average_([g])  # under torchrun: the global batch's gradient, so every process starts alike
     norm = float(g.norm())
@@ -201,7 +208,7 @@ def cold_start(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor],
 
 
 def _top_k(hvp: HVP, ref: torch.Tensor, n: int, k: int, tol: float, max_iter: int, start: torch.Tensor, seed: int) -> TopEigen:
-    """Lanczos from ``start`` (a warm start's vectors, or :func:`cold_start`'s) until :func:`_top_converged`."""
+    """Lanczos from ``start`` (:func:`lanczos_start`'s) until :func:`_top_converged`."""
     if k < 1 or tol <= 0 or max_iter < 1:
         raise ConfigError(f"Lanczos needs k >= 1, tol > 0 and max_iter >= 1, got k={k}, tol={tol}, max_iter={max_iter}")
     k = min(k, n)
@@ -232,7 +239,7 @@ def top_eigenvalues(
     ps = [p for _, p in select_params(model, params)]
     grads, _ = first_order(model, loss_fn, x, y, ps, bn_mode)
     n = sum(p.numel() for p in ps)
-    start = init if init is not None else cold_start(grads, ps, seed)
+    start = lanczos_start(grads, ps, seed, init)
     with refusing_what_has_no_double_backward(model, x):
         top = _top_k(hvp_function(grads, ps), ps[0], n, k, tol, max_iter, start, seed)
     return top._replace(bn_mode=bn_mode, samples=batch_size_of(x))
@@ -387,9 +394,9 @@ class _Pass:
         return hvp_function([self.grads[k] for k in ks], ps), ps[0], sum(p.numel() for p in ps)
 
     def start(self, init: torch.Tensor | None, seed: int, ks: Sequence[int] | None = None) -> torch.Tensor:
-        """Lanczos's start on the block ``ks`` (every parameter without): ``init`` where given, else :func:`cold_start`."""
+        """:func:`lanczos_start` on the block ``ks`` (every parameter without)."""
         ks = range(len(self.ps)) if ks is None else ks
-        return init if init is not None else cold_start([self.grads[k] for k in ks], [self.ps[k] for k in ks], seed)
+        return lanczos_start([self.grads[k] for k in ks], [self.ps[k] for k in ks], seed, init)
 
 
 def _blocks(
