@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -396,6 +397,23 @@ def test_a_resumed_run_records_the_spectrum_of_an_uninterrupted_one(in_tmp: Path
     full, resumed = read_file("full.h5").runs["keep"].data, read_file("cut.h5").runs["keep"].data
     for key in [k for k in full if k.startswith("spectrum/")]:
         np.testing.assert_array_equal(full[key], resumed[key], err_msg=key)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_probe_starts_the_top_eigenvalue_warm_and_top_k_cold(k: int) -> None:
+    from bnprobe.probes import StepBatch
+    from bnprobe.probes.spectrum import SpectrumProbe, record_seed
+
+    model = tiny()
+    x, y = data()
+    probe = SpectrumProbe(1, k, 1e-9, 200, 0, 0, 1, "train", len(x))
+    batch = StepBatch(0, model, LOSS, x, y, torch.optim.SGD(model.parameters(), lr=0.1))
+    probe.compute(batch)
+    previous = probe._vectors
+    second = probe.compute(dataclasses.replace(batch, step=1))
+    expected = top_eigenvalues(model, LOSS, x, y, k=k, tol=1e-9, max_iter=200, init=previous if k == 1 else None, seed=record_seed(0, 1))
+    assert second["iterations"] == expected.iterations
+    np.testing.assert_array_equal(second["top_k"], expected.values.numpy())
 
 
 @pytest.mark.parametrize(
