@@ -9,7 +9,7 @@ model's forward with a few functions swapped for equal formulas:
 - ``batch_norm`` (batch statistics, float32/64) for one whose backward's own derivative is written
   out (:class:`_BatchNormBackward`): 9 elementwise passes and 5 sums per layer and product, where
   torch's composite runs about 40 elementwise ops and 30 sums, half of a product's time on VGG-11
-  with BN (a product is 15-20% faster there, CPU). Forward and first-order backward are torch's kernels.
+  with BN (a product is 14-20% faster there, CPU). Forward and first-order backward are torch's kernels.
 
 Same values and the same first and second derivatives (to rounding: 4e-15 relative in float64;
 third derivatives through BN are refused).
