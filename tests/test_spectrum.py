@@ -126,6 +126,8 @@ def test_the_start_is_the_unit_gradient_plus_a_unit_random_or_warm_vector() -> N
     summed = warm.sum(0) / warm.sum(0).norm()
     torch.testing.assert_close(lanczos_start(grads, ps, 3, warm), g / g.norm() + summed, rtol=0, atol=1e-15)
     assert torch.equal(lanczos_start([None] * len(ps), ps, 3), random)  # no gradient: the unit vector alone
+    with pytest.raises(ValueError, match=f"init has {len(g) + 1} entries, not a multiple of the parameters' {len(g)}"):
+        lanczos_start(grads, ps, 3, torch.ones(len(g) + 1, dtype=torch.float64))
     assert torch.equal(lanczos_start([torch.full_like(p, math.nan) for p in ps], ps, 3, warm), summed)
     first = ps[0].numel()  # a parameter the loss does not depend on: zeros in its place
     partial = lanczos_start([None, *grads[1:]], ps, 3)

@@ -207,6 +207,8 @@ def lanczos_start(
     of 44. (Top-k with k > 1 is another matter: see :class:`SpectrumProbe`.) With no usable gradient
     (zero, not finite) the start is the unit vector alone."""
     n = sum(p.numel() for p in ps)
+    if init is not None and init.numel() % n:
+        raise ValueError(f"init has {init.numel()} entries, not a multiple of the parameters' {n}")
     v = start_vector(None if init is None else init.reshape(-1, n).sum(0), n, ps[0], seed)
     g = torch.cat([p.new_zeros(p.numel()) if t is None else t.detach().reshape(-1) for t, p in zip(grads, ps)]).to(v.dtype)
     distributed.average_([g])  # under torchrun: the global batch's gradient, so every process starts alike
