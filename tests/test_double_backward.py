@@ -39,7 +39,7 @@ def _case(bn: nn.Module, shape: tuple[int, ...], first: bool = False, frozen: bo
 
 
 class ScaleIn(nn.Module):
-    """A per-channel scale before the BN, so its input depends on a parameter (second derivatives through x)."""
+    """A per-channel scale plus a square before the BN: its input depends on a parameter, not linearly (second derivatives through x)."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         super().__init__()
