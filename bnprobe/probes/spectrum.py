@@ -112,7 +112,7 @@ def lanczos(
     restart: bool = True,
     stop: Stop | None = None,
 ) -> LanczosResult:
-    """At most ``k_steps`` (and n) Lanczos steps on ``hvp`` from ``init`` (flat, or rows summed), else
+    """At most ``k_steps`` (and n) Lanczos steps on ``hvp`` from ``init`` (flat), else
     a random unit vector from ``seed``; every new vector is reorthogonalised against all before.
 
     The recurrence (alpha, beta) is kept in float64, the basis (steps x n entries) in ``dtype``.
@@ -126,7 +126,7 @@ def lanczos(
     ref = torch.empty(0, dtype=dtype, device=device)
     restarts = torch.Generator().manual_seed(seed + 1)
     basis = torch.empty(min(cap, 16), n, dtype=dtype, device=device)  # grows: memory follows the steps taken; rows past j unread
-    q = start_vector(None if init is None else init.reshape(-1, n).sum(0), n, ref, seed)
+    q = start_vector(init, n, ref, seed)
     alpha: list[float] = []
     beta: list[float] = []  # beta[j] couples vectors j and j+1; the last one is the residual factor
     eps = torch.finfo(dtype).eps
