@@ -190,6 +190,15 @@ def lanczos_trail(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torc
     return trail
 
 
+def in_turn(turn: int, ours: Callable[[], Any], theirs: Callable[[], Any]) -> tuple[Any, Any]:
+    """Both results; PyHessian's run first on even turns, ours first on odd ones (drift weighs on both alike)."""
+    if turn % 2:
+        mine = ours()
+        return mine, theirs()
+    other = theirs()
+    return ours(), other
+
+
 def bench_top(width: float, repeats: int, most: int) -> dict[str, Any]:
     model, loss_fn, x, y, opt = setup(width)
     ref = float(top_eigenvalues(model, loss_fn, x, y, tol=1e-9, max_iter=300).values[0])
@@ -197,12 +206,10 @@ def bench_top(width: float, repeats: int, most: int) -> dict[str, Any]:
     ours_s, ours_hvps, ours_err, ours_true = [], [], [], []
     for seed in range(repeats):
         ours_run = functools.partial(top_eigenvalues, model, loss_fn, x, y, tol=1e-3, seed=seed)
-        if seed % 2:  # alternate which goes first
-            res, seconds = timed(ours_run)
-            py.append(pyhessian_top(model, loss_fn, x, y, ref, seed, most))
-        else:
-            py.append(pyhessian_top(model, loss_fn, x, y, ref, seed, most))
-            res, seconds = timed(ours_run)
+        (res, seconds), theirs = in_turn(
+            seed, functools.partial(timed, ours_run), functools.partial(pyhessian_top, model, loss_fn, x, y, ref, seed, most)
+        )
+        py.append(theirs)
         ours_s.append(seconds)
         ours_hvps.append(res.iterations)
         ours_err.append(abs(float(res.values[0]) - ref) / abs(ref))
@@ -213,12 +220,10 @@ def bench_top(width: float, repeats: int, most: int) -> dict[str, Any]:
         sgd_step(model, loss_fn, x, y, opt)
         new_ref = float(top_eigenvalues(model, loss_fn, x, y, tol=1e-9, max_iter=300).values[0])
         warm_run = functools.partial(top_eigenvalues, model, loss_fn, x, y, tol=1e-3, init=vectors, seed=step)
-        if step % 2:
-            warm, seconds = timed(warm_run)
-            warm_py.append(pyhessian_top(model, loss_fn, x, y, new_ref, step, most)["true_s"])
-        else:
-            warm_py.append(pyhessian_top(model, loss_fn, x, y, new_ref, step, most)["true_s"])
-            warm, seconds = timed(warm_run)
+        (warm, seconds), theirs = in_turn(
+            step, functools.partial(timed, warm_run), functools.partial(pyhessian_top, model, loss_fn, x, y, new_ref, step, most)
+        )
+        warm_py.append(theirs["true_s"])
         vectors = warm.vectors
         warm_s.append(seconds)
         warm_hvps.append(warm.iterations)
