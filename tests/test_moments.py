@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from bnprobe.probes import moments
 from bnprobe.probes.moments import STATS, Workspace, histogram, moment_stats
 
 
@@ -62,6 +63,36 @@ def test_percentiles_of_subsample_within_documented_tolerance() -> None:
         # 3 standard errors of a quantile of N(0,1) from 16384 samples: 3*sqrt(p(1-p)/n)/pdf(q) < 0.04
         assert got[STATS.index(name)].item() == pytest.approx(ref[name], abs=0.04), name
     assert got[STATS.index("mean")].item() == pytest.approx(ref["mean"], abs=1e-5)  # moments use every element
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_large_activations_keep_float32_accuracy(per_channel: bool) -> None:
+    """4M elements off zero, like a conv layer's output at batch 128: float32 rounding only (one
+    BLAS dot product over the whole tensor put the kurtosis 1e-3 off)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.relu(torch.randn(60, 4, 130, 128, generator=g) + 0.5) * 3 + 1  # no whole number of blocks
+    got = moment_stats(x, per_channel, workspace=Workspace()).double()
+    ref = moment_stats(x.double(), per_channel)
+    for name, rtol, atol in (("mean", 1e-6, 0.0), ("var", 1e-6, 0.0), ("skewness", 0.0, 1e-5), ("kurtosis", 0.0, 1e-5)):
+        i = STATS.index(name)
+        torch.testing.assert_close(got[i], ref[i], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 4), (2, 7), (40,), (9, 2, 3, 1)])
+def test_blocks_of_any_size_give_the_whole_statistics(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...]) -> None:
+    """The eager path sums in blocks of _CPU_BLOCK elements: blocks of 7 cut rows into pieces,
+    group short rows, and leave remainders of both, and every statistic stays that of the whole."""
+    monkeypatch.setattr(moments, "_CPU_BLOCK", 7)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g)
+    x[x < -0.5] = 0.0
+    for per_channel in (False, True):
+        got = moment_stats(x, per_channel, 10**6, workspace=Workspace())
+        ref = [numpy_stats(x[:, c].numpy()) for c in range(x.shape[1])] if per_channel and x.dim() > 1 else [numpy_stats(x.numpy())]
+        for c, want in enumerate(ref):
+            for i, name in enumerate(STATS):
+                value = got[i, c] if got.dim() > 1 else got[i]
+                assert value.item() == pytest.approx(want[name], rel=1e-5, abs=1e-6), (name, c, per_channel)
 
 
 def test_constant_tensor_has_zero_skew_and_kurtosis() -> None:
@@ -213,4 +244,8 @@ def test_compiled_moments_equal_the_eager_ones() -> None:
             eager = moment_stats(x, per_channel, 10**6)
             fused = moment_stats(x, per_channel, 10**6, workspace=workspace)
             torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)  # kurtosis amplifies rounding
+    large = torch.relu(torch.randn(64, 4, 128, 128, generator=g) + 0.5) * 3 + 1  # the compiled sums are float64's
+    for per_channel in (False, True):
+        fused, exact = moment_stats(large, per_channel, workspace=workspace).double(), moment_stats(large.double(), per_channel)
+        torch.testing.assert_close(fused[:4], exact[:4], rtol=1e-6, atol=1e-6)
     assert workspace.compiled  # no fallback happened

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -37,12 +37,12 @@ def _subsample(flat: torch.Tensor, samples: int, generator: torch.Generator | No
 
 
 class Workspace:
-    """Scratch tensors reused from one call to the next. On CPU a fresh activation-sized temporary
-    costs more in page faults than the arithmetic done in it (centring 8M floats: 12 ms into a new
-    tensor, 1.8 ms into a reused one), so the Recorder keeps one of these for all its layers.
+    """Scratch tensors reused from one call to the next. On CPU fresh temporaries cost more in page
+    faults than the arithmetic done in them (the eager statistics of 8M floats: 31 ms with fresh
+    ones, 12.5 ms with reused ones), so the Recorder keeps one of these for all its layers.
 
     With ``compiled``, the reductions run as one ``torch.compile``d kernel instead (8M floats: about
-    2.5 ms against 12 ms; compiling takes ~20 s once on 2 CPU cores, so it pays in long runs). Where
+    3.2 ms against 12.5 ms; compiling takes ~20 s once on 2 CPU cores, so it pays in long runs). Where
     compiling fails (no C++ compiler, an unsupported device) it warns once and stays eager.
     """
 
@@ -94,40 +94,59 @@ def _channels_first(x: torch.Tensor, workspace: Workspace | None) -> torch.Tenso
 
 def _fused_moments(flat: torch.Tensor) -> torch.Tensor:
     """``[mean, var, m3, m4, min, max, zero fraction]`` per row of ``flat`` as plain formulas:
-    ``torch.compile`` fuses them into two passes over the data and no temporary."""
+    ``torch.compile`` fuses them into two passes over the data and no temporary. The compiled
+    reductions add in one accumulator per vector lane, so they sum in float64: in float32 the
+    kurtosis of an 8M-element activation came out 2e-4 off (2e-7 in float64, for 20% more time)."""
     n = flat.shape[1]
-    mean = flat.sum(dim=1) / n
-    centred = flat - mean[:, None]
+    wide = flat.double()
+    mean = wide.sum(dim=1) / n
+    centred = wide - mean[:, None]
     sq = centred * centred
     zeros = (flat == 0).sum(dim=1).to(flat.dtype) / n
-    return torch.stack(
-        [mean, sq.sum(dim=1) / n, (sq * centred).sum(dim=1) / n, (sq * sq).sum(dim=1) / n, flat.amin(1), flat.amax(1), zeros]
-    )
+    moments = torch.stack([mean, sq.sum(dim=1) / n, (sq * centred).sum(dim=1) / n, (sq * sq).sum(dim=1) / n]).to(flat.dtype)
+    return torch.cat([moments, torch.stack([flat.amin(1), flat.amax(1), zeros])])
+
+
+_CPU_BLOCK = 1 << 18  # elements per block of the eager path on CPU: 1 MB of float32 per temporary
+
+
+def _blocks(rows: int, n: int, block: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(row start, row end, column start, column end)`` of ``[rows, n]`` in pieces of about
+    ``block`` elements: whole rows together while they are shorter, else parts of one row."""
+    if n >= block:
+        for r in range(rows):
+            for c in range(0, n, block):
+                yield r, r + 1, c, min(c + block, n)
+    else:
+        together = block // n
+        for r in range(0, rows, together):
+            yield r, min(r + together, rows), 0, n
 
 
 def _eager_moments(flat: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
-    """What :func:`_fused_moments` gives, eagerly: centred values and squares in reused memory,
-    third and fourth moments as BLAS dot products (no further temporary)."""
-    n = flat.shape[1]
+    """What :func:`_fused_moments` gives, eagerly: after the means, one pass in blocks that stay in
+    the CPU's cache (centred values, their squares and products in reused memory), each block's
+    sums added in float64. On vgg at batch 128 that is 20% faster whole-tensor, twice as fast per
+    channel, than passes over the whole activation. The sums are torch's (cascaded): a BLAS dot
+    product, which saves a temporary, put the kurtosis of an 8M-element activation 1.5e-2 off."""
+    rows, n = flat.shape
+    block = _CPU_BLOCK if flat.device.type == "cpu" else flat.numel()
     mean = flat.sum(dim=1) / n
-    centred = torch.sub(flat, mean[:, None], out=_scratch(workspace, 0, flat))
-    sq = torch.mul(centred, centred, out=_scratch(workspace, 1, flat))
-    var = sq.sum(dim=1) / n
-    m3 = _rowdot(sq, centred) / n
-    m4 = _rowdot(sq, sq) / n
-    is_zero = torch.eq(flat, 0, out=_scratch(workspace, 2, flat, torch.bool))
-    if flat.shape[0] == 1:  # whole-tensor reductions are several times faster than dim=1 ones on CPU
-        lo, hi = (v.reshape(1) for v in torch.aminmax(flat))
-        zeros = torch.count_nonzero(is_zero).reshape(1).to(flat.dtype) / n  # exact: an integer count
+    sums = torch.zeros(4, rows, dtype=torch.float64, device=flat.device)  # m2, m3, m4 and zeros, times n
+    for r0, r1, c0, c1 in _blocks(rows, n, block):
+        part = flat[r0:r1, c0:c1]
+        centred = torch.sub(part, mean[r0:r1, None], out=_scratch(workspace, 0, part))
+        sq = torch.mul(centred, centred, out=_scratch(workspace, 1, part))
+        product = _scratch(workspace, 2, part)
+        is_zero = torch.logical_not(part, out=_scratch(workspace, 2, part, torch.bool))  # twice as fast as eq(part, 0)
+        sums[:3, r0:r1] += torch.stack([sq.sum(1), torch.mul(sq, centred, out=product).sum(1), torch.mul(sq, sq, out=product).sum(1)])
+        sums[3, r0:r1] += torch.count_nonzero(is_zero, dim=1)  # exact: integer counts
+    if rows == 1:  # a whole-tensor reduction is several times faster than a dim=1 one on CPU
+        lo, hi = (extreme.reshape(1) for extreme in torch.aminmax(flat))
     else:
         lo, hi = flat.amin(dim=1), flat.amax(dim=1)
-        zeros = torch.count_nonzero(is_zero, dim=1).to(flat.dtype) / n
-    return torch.stack([mean, var, m3, m4, lo, hi, zeros])
-
-
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products through BLAS: no temporary the size of the activation."""
-    return (a.unsqueeze(1) @ b.unsqueeze(2)).reshape(-1)
+    m2, m3, m4, zeros = (sums / n).to(flat.dtype)
+    return torch.stack([mean, m2, m3, m4, lo, hi, zeros])
 
 
 class Partial(NamedTuple):
