@@ -25,7 +25,7 @@ from . import distributed
 from .config import layer_patterns
 from .layers import LayerInfo, has_own_parameters, layer_kind, select
 from .passes import measuring
-from .probes.moments import DEFAULT_SAMPLES, Partial, Workspace, finish, histogram, merged_across_processes, partial_moments
+from .probes.moments import DEFAULT_SAMPLES, Partial, Workspace, finish_all, histogram, merged_across_processes, partial_moments
 from .store import STATS, RunWriter, Store
 
 
@@ -242,7 +242,7 @@ class Recorder:
         ordered = [parts[n] for n in names]
         if self.processes > 1:
             ordered = merged_across_processes(ordered)
-        return {n: finish(p) for n, p in zip(names, ordered)}
+        return dict(zip(names, finish_all(ordered)))
 
     def flush(self) -> None:
         """Move buffered statistics to the host (one transfer) and append them to the file."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bnprobe.probes import moments
-from bnprobe.probes.moments import STATS, Workspace, histogram, moment_stats
+from bnprobe.probes.moments import STATS, Workspace, finish, finish_all, histogram, moment_stats, partial_moments
 
 
 def numpy_stats(a: np.ndarray) -> dict[str, float]:
@@ -93,6 +93,22 @@ def test_blocks_of_any_size_give_the_whole_statistics(monkeypatch: pytest.Monkey
             for i, name in enumerate(STATS):
                 value = got[i, c] if got.dim() > 1 else got[i]
                 assert value.item() == pytest.approx(want[name], rel=1e-5, abs=1e-6), (name, c, per_channel)
+
+
+def test_finishing_layers_together_gives_each_ones_bits() -> None:
+    """The Recorder finishes all layers at once (one quantile per subsample size): every layer's
+    statistics must be what finishing it alone gives, bit for bit, whole or per channel, whatever
+    the neighbours (other sample sizes, another dtype with the same size, an empty activation)."""
+    g = torch.Generator().manual_seed(8)
+    tensors = [torch.randn(16, 8, 6, 6, generator=g), torch.relu(torch.randn(4, 3, 5, generator=g)), torch.randn(32, 5, generator=g)]
+    tensors += [torch.randn(16, 8, 6, 6, generator=g).double(), torch.randn(16, 8, 6, 6, generator=g) * 3, torch.empty(0, 3)]
+    parts = [partial_moments(x, per_channel, 200, torch.Generator().manual_seed(1)) for x in tensors for per_channel in (False, True)]
+    together = finish_all(parts)
+    assert len({p.sample.shape[-1] for p in parts}) > 2  # several groups
+    for part, stats in zip(parts, together, strict=True):
+        alone = finish(part)
+        assert stats.shape == alone.shape and stats.dtype == alone.dtype
+        assert torch.equal(stats.nan_to_num(), alone.nan_to_num()) and torch.equal(stats.isnan(), alone.isnan())
 
 
 def test_constant_tensor_has_zero_skew_and_kurtosis() -> None:

@@ -201,6 +201,26 @@ def finish(part: Partial) -> torch.Tensor:
     return torch.stack([mean, var, skew, kurt, lo, hi, zeros, pct[0], pct[1], pct[2]])
 
 
+def finish_all(parts: Sequence[Partial]) -> list[torch.Tensor]:
+    """:func:`finish` of each of ``parts``, those with subsamples of one size together: one
+    quantile (a sort per row) and one set of formulas for all of them instead of one per layer
+    (9 layers of vgg: 1.8 ms instead of 4 ms; deeper models save more)."""
+    out: dict[int, torch.Tensor] = {}
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, part in enumerate(parts):
+        if part.n == 0:
+            out[i] = finish(part)
+        else:
+            groups.setdefault((part.sample.shape[-1], part.sample.dtype, part.raw.dtype, part.raw.device), []).append(i)
+    for members in groups.values():
+        raws = [parts[i].raw.reshape(7, -1) for i in members]
+        samples = torch.cat([parts[i].sample.reshape(r.shape[1], -1) for i, r in zip(members, raws)])
+        stats = finish(Partial(torch.cat(raws, dim=1), samples, 1))
+        for i, columns in zip(members, stats.split([r.shape[1] for r in raws], dim=1)):
+            out[i] = columns.reshape(len(STATS), *parts[i].raw.shape[1:])
+    return [out[i] for i in range(len(parts))]
+
+
 def _merged_raw(raw: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """``raw`` [shards, 7, K] of shards with ``n`` [shards, K] elements each, as one [7, K]: with
     means mu_r and central moments M_k,r = n_r m_k,r about them, around the global mean mu
