@@ -9,6 +9,7 @@ turns of 20 steps per setting, ratios moved by +-5% between runs on a shared 2-c
 setting's cost is its mean step time (record steps and HDF5 flushes included); the ratio is that
 over the plain steps' mean. Targets: <= 1.05x (every step), <= 1.01x (every 10th; issue 14).
 
+A second plain copy is the control: its ratio, 1 but for noise, shows what the run can resolve.
 On a shared machine whose step times vary by 10% from one step to the next, a ratio over 60
 steps is known to about +-1.5%: enough for every step, not for every 10th. So the benchmark also
 clocks the probe's own code (its forward hooks and ``Recorder.step``) inside each step: "own" is
@@ -74,6 +75,7 @@ def main() -> None:
     loss_fn = torch.nn.CrossEntropyLoss()
     settings: dict[str, tuple[int, bool] | None] = {
         "plain": None,
+        "plain again (control)": None,
         "every step": (1, False),
         "record_every 10": (10, False),
         "every step, compiled": (1, True),
