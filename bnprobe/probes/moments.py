@@ -131,9 +131,11 @@ def _blocks(rows: int, n: int, block: int) -> Iterator[tuple[int, int, int, int]
 def _eager_moments(flat: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
     """What :func:`_fused_moments` gives, eagerly: after the means, one pass in blocks that stay in
     the CPU's cache (centred values, their squares and products in reused memory), each block's
-    sums added in float64. On vgg at batch 128 that is 20% faster whole-tensor, twice as fast per
-    channel, than passes over the whole activation. The sums are torch's (cascaded): a BLAS dot
-    product, which saves a temporary, put the kurtosis of an 8M-element activation 1.5e-2 off."""
+    sums added in float64. Against passes over whole activations, that took the statistics of
+    vgg's record step at batch 128 from about 53 to 50 ms in training, and halved the per-channel
+    ones (71 to 31 ms, alone).
+    The sums are torch's (cascaded): a BLAS dot product, which saves a temporary, put the
+    kurtosis of an 8M-element activation 1.5e-2 off."""
     rows, n = flat.shape
     block = _CPU_BLOCK if flat.device.type == "cpu" else flat.numel()
     mean = flat.sum(dim=1) / n
