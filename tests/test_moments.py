@@ -68,7 +68,7 @@ def test_percentiles_of_subsample_within_documented_tolerance() -> None:
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_large_activations_keep_float32_accuracy(per_channel: bool) -> None:
     """4M elements off zero, like a conv layer's output at batch 128: float32 rounding only (one
-    BLAS dot product over the whole tensor put the kurtosis 1e-3 off)."""
+    BLAS dot product over the whole tensor put the kurtosis 5e-3 off, the skewness up to 2e-3)."""
     g = torch.Generator().manual_seed(6)
     x = torch.relu(torch.randn(60, 4, 130, 128, generator=g) + 0.5) * 3 + 1  # no whole number of blocks
     got = moment_stats(x, per_channel, workspace=Workspace()).double()
