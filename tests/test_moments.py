@@ -78,6 +78,32 @@ def test_large_activations_keep_float32_accuracy(per_channel: bool) -> None:
         torch.testing.assert_close(got[i], ref[i], rtol=rtol, atol=atol, msg=name)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_data_far_from_zero_keeps_its_skewness(per_channel: bool) -> None:
+    """Values at 10,000 +- 0.1: the mean rounded to float32 is off by up to 5e-4, which the
+    centred sums must take out (centred on the rounded mean alone, the skewness came out 3e-3 off
+    at +- 1, and the variance needs the square of that offset taken out too)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 4, 16, 16, generator=g).exp() * 0.05 + 10_000  # skewed
+    got = moment_stats(x, per_channel, workspace=Workspace()).double()
+    ref = moment_stats(x.double(), per_channel)
+    for name, rtol, atol in (("mean", 1e-7, 0.0), ("var", 1e-6, 0.0), ("skewness", 0.0, 1e-5), ("kurtosis", 1e-6, 1e-5)):
+        i = STATS.index(name)
+        torch.testing.assert_close(got[i], ref[i], rtol=rtol, atol=atol, msg=name)
+
+
+def test_a_constant_channel_has_no_spread() -> None:
+    """A dead ReLU's channel after a conv bias is one value that float32 cannot hold exactly as a
+    sum: variance, skewness and kurtosis exactly 0 (rounding gave 2e-16, -1 and -2), mean the value."""
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(10))
+    x[:, 1] = 0.1
+    for workspace in (None, Workspace()):
+        got = moment_stats(x, per_channel=True, workspace=workspace)[:, 1]
+        assert got[STATS.index("mean")] == x[0, 1, 0, 0]
+        assert [got[STATS.index(k)].item() for k in ("var", "skewness", "kurtosis")] == [0.0, 0.0, 0.0]
+        assert partial_moments(x, True, workspace=workspace).raw[1:4, 1].tolist() == [0.0, 0.0, 0.0]  # m2, m3, m4 themselves
+
+
 @pytest.mark.parametrize("shape", [(5, 3, 4), (2, 7), (40,), (9, 2, 3, 1)])
 def test_blocks_of_any_size_give_the_whole_statistics(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...]) -> None:
     """The eager path sums in blocks of _CPU_BLOCK elements: blocks of 7 cut rows into pieces,
@@ -103,6 +129,9 @@ def test_finishing_layers_together_gives_each_ones_bits() -> None:
     tensors = [torch.randn(16, 8, 6, 6, generator=g), torch.relu(torch.randn(4, 3, 5, generator=g)), torch.randn(32, 5, generator=g)]
     tensors += [torch.randn(16, 8, 6, 6, generator=g).double(), torch.randn(16, 8, 6, 6, generator=g) * 3, torch.empty(0, 3)]
     parts = [partial_moments(x, per_channel, 200, torch.Generator().manual_seed(1)) for x in tensors for per_channel in (False, True)]
+    for k in range(40):  # rows of every width, so each value lands in vector and scalar lanes alike
+        x = torch.randn(8, k % 9 + 1, 5, generator=g) * (k + 1) + k
+        parts += [partial_moments(x, per_channel, 16, torch.Generator().manual_seed(k)) for per_channel in (False, True)]
     together = finish_all(parts)
     assert len({p.sample.shape[-1] for p in parts}) > 2  # several groups
     for part, stats in zip(parts, together, strict=True):
