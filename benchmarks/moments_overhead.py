@@ -7,8 +7,8 @@ initial weights) under its own Recorder, and the settings take turns step by ste
 random order each round, so that a machine that slows down or speeds up during the run weighs on
 all alike (with turns of 20 steps per setting, ratios moved by +-5% between runs on a shared
 2-core machine), and so does whatever a step leaves behind for the next. (The plain steps ran
-3-4% slower than the control's in three runs, in a fixed rotation and in random order alike:
-unexplained, so compare with both.) A setting's cost is its mean step time (record steps and HDF5 flushes
+3-4% slower than the control's in four runs: in a fixed rotation, in random order, and with the
+two swapped in the settings' order. Unexplained, so compare with both.) A setting's cost is its mean step time (record steps and HDF5 flushes
 included); the ratio is that over the plain steps' mean. Targets: <= 1.05x (every step), <= 1.01x
 (every 10th; issue 14).
 
