@@ -412,6 +412,7 @@ def test_the_probe_starts_the_top_eigenvalue_warm_and_top_k_cold(k: int) -> None
     batch = StepBatch(0, model, LOSS, x, y, torch.optim.SGD(model.parameters(), lr=0.1))
     probe.compute(batch)
     previous = probe._vectors
+    assert (previous is None) == (k > 1)  # top-k keeps no vectors it would not start from
     second = probe.compute(dataclasses.replace(batch, step=1))
     expected = top_eigenvalues(model, LOSS, x, y, k=k, tol=1e-9, max_iter=200, init=previous if k == 1 else None, seed=record_seed(0, 1))
     assert second["iterations"] == expected.iterations

@@ -523,9 +523,8 @@ class SpectrumProbe:
         seed = record_seed(self.seed, batch.step)
         whole = hvp_function(p.grads, p.ps)
         with refusing_what_has_no_double_backward(model, x):
-            warm = self._vectors if self.k == 1 else None  # top-k: see the class docstring
-            top = _top_k(whole, p.ps[0], p.n, self.k, self.tol, self.max_iter, p.start(warm, seed), seed)
-            self._vectors = top.vectors
+            top = _top_k(whole, p.ps[0], p.n, self.k, self.tol, self.max_iter, p.start(self._vectors, seed), seed)
+            self._vectors = top.vectors if self.k == 1 else None  # top-k starts cold (class docstring): k model-sized vectors less to hold
             row: Record = {
                 "top_k": top.values.numpy(),
                 "top_k_residual": top.residuals.numpy(),
@@ -567,7 +566,7 @@ class SpectrumProbe:
         return row
 
     def state_dict(self) -> dict[str, Any]:
-        return {"vectors": self._vectors, "blocks": self._block_vectors} if self._vectors is not None else {}
+        return {"vectors": self._vectors, "blocks": self._block_vectors} if self._vectors is not None or self._block_vectors else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._vectors = state["vectors"]
