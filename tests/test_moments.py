@@ -65,17 +65,22 @@ def test_percentiles_of_subsample_within_documented_tolerance() -> None:
     assert got[STATS.index("mean")].item() == pytest.approx(ref["mean"], abs=1e-5)  # moments use every element
 
 
+def assert_float64_close(x: torch.Tensor, per_channel: bool, tolerances: dict[str, tuple[float, float]]) -> None:
+    """The eager float32 statistics of ``x`` against those of ``x`` in float64, with (rtol, atol) per statistic."""
+    got = moment_stats(x, per_channel, workspace=Workspace()).double()
+    ref = moment_stats(x.double(), per_channel)
+    for name, (rtol, atol) in tolerances.items():
+        i = STATS.index(name)
+        torch.testing.assert_close(got[i], ref[i], rtol=rtol, atol=atol, msg=name)
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_large_activations_keep_float32_accuracy(per_channel: bool) -> None:
     """4M elements off zero, like a conv layer's output at batch 128: float32 rounding only (one
     BLAS dot product over the whole tensor put the kurtosis 5e-3 off, the skewness up to 2e-3)."""
     g = torch.Generator().manual_seed(6)
     x = torch.relu(torch.randn(60, 4, 130, 128, generator=g) + 0.5) * 3 + 1  # no whole number of blocks
-    got = moment_stats(x, per_channel, workspace=Workspace()).double()
-    ref = moment_stats(x.double(), per_channel)
-    for name, rtol, atol in (("mean", 1e-6, 0.0), ("var", 1e-6, 0.0), ("skewness", 0.0, 1e-5), ("kurtosis", 0.0, 1e-5)):
-        i = STATS.index(name)
-        torch.testing.assert_close(got[i], ref[i], rtol=rtol, atol=atol, msg=name)
+    assert_float64_close(x, per_channel, {"mean": (1e-6, 0.0), "var": (1e-6, 0.0), "skewness": (0.0, 1e-5), "kurtosis": (0.0, 1e-5)})
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -85,11 +90,7 @@ def test_data_far_from_zero_keeps_its_skewness(per_channel: bool) -> None:
     at +- 1, and the variance needs the square of that offset taken out too)."""
     g = torch.Generator().manual_seed(9)
     x = torch.randn(64, 4, 16, 16, generator=g).exp() * 0.05 + 10_000  # skewed
-    got = moment_stats(x, per_channel, workspace=Workspace()).double()
-    ref = moment_stats(x.double(), per_channel)
-    for name, rtol, atol in (("mean", 1e-7, 0.0), ("var", 1e-6, 0.0), ("skewness", 0.0, 1e-5), ("kurtosis", 1e-6, 1e-5)):
-        i = STATS.index(name)
-        torch.testing.assert_close(got[i], ref[i], rtol=rtol, atol=atol, msg=name)
+    assert_float64_close(x, per_channel, {"mean": (1e-7, 0.0), "var": (1e-6, 0.0), "skewness": (0.0, 1e-5), "kurtosis": (1e-6, 1e-5)})
 
 
 def test_a_constant_channel_has_no_spread() -> None:
