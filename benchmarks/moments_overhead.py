@@ -2,33 +2,36 @@
 
 Times SGD steps of the built-in ``vgg`` with no probes, with moments every step, and with
 ``record_every=10``, eager and with ``probes.compiled_moments`` (one ``torch.compile``d kernel,
-compiled in a warm-up before the timing). Each setting trains its own copy of the model (same
-initial weights) under its own Recorder, and the settings take turns step by step, in a new
-random order each round, so that a machine that slows down or speeds up during the run weighs on
-all alike (with turns of 20 steps per setting, ratios moved by +-5% between runs on a shared
-2-core machine), and so does whatever a step leaves behind for the next. (The plain steps ran
-3-4% slower than the control's in four runs: in a fixed rotation, in random order, and with the
-two swapped in the settings' order. Unexplained, so compare with both.) A setting's cost is its mean step time (record steps and HDF5 flushes
-included); the ratio is that over the plain steps' mean. Targets: <= 1.05x (every step), <= 1.01x
-(every 10th; issue 14).
+compiled in a warm-up before the timing). Each setting has its own Recorder on one model, which
+all settings train in turns, step by step, in a new random order each round, so that a machine
+that slows down or speeds up during the run weighs on all alike, and so does whatever a step
+leaves behind for the next. (With a copy of the model per setting, two identical plain copies came
+out 5.0% apart, 3.6 standard errors, presumably from where each copy's memory lies; with one model
+they agree within their errors. The Recorders' hooks all stay on the model, and those of the
+settings not in turn return at once: every setting, plain ones too, pays for calling them, about 4
+us a hooked module, under 0.01% of a step.) Two settings are plain; their mean, round by round, is
+the reference. A setting's cost is its mean step time (record steps and HDF5 flushes included);
+its ratio is that over the reference's mean, with a standard error from the rounds' pairing. The
+two plain settings' ratios, 1 but for noise, show what the run resolves. Targets: <= 1.05x (every
+step), <= 1.01x (every 10th; issue 14).
 
-A second plain copy is the control: its ratio, 1 but for noise, shows what the run can resolve.
-On a shared machine whose step times vary by 10% from one step to the next, a ratio over 60
-steps is known to about +-3% (one run's control: 0.970x), which resolves neither target. So the
-benchmark also clocks the probe's own code (its forward hooks and ``Recorder.step``) inside each
-step: "own" is that time per step over the plain step's mean, which repeats to about 0.5% (every
-step) and 0.1% (every 10th) between runs. It leaves out any slowdown of the training's own
-operations after the probe's (in a cache the probe filled): with the small model, where the
-ratios are well above the noise (``--width 0.25 --batch 32 --steps 200``, control 0.998x and
-1.004x), own accounted for 88-98% of the every-step cost and 80-95% of every 10th's in two runs.
+On a shared 2-core machine step times vary by about 9% from one step to the next (CPU time as
+much as wall time: the processor's speed varies, not the scheduling), so at 60 steps a ratio's
+standard error is 1-2%, and it would take some 2,000 steps per setting to bring it to 0.25%.
+So the benchmark also clocks the probe's own code (its forward hooks and ``Recorder.step``)
+inside each step: "own" is that time per step over the reference's mean, which repeats to about
+0.3% (every step) and 0.05% (every 10th) between runs. The rest of the cost, the training's
+operations running slower after the probe's (in a cache it filled), comes on record steps only,
+so every step's ratio less its own measures it, and "(implied)" gives every 10th's ratio as its
+own plus a tenth of that (see ``implied_every_10th``), to a tenth of every step's standard error.
 
-    python benchmarks/moments_overhead.py [--batch 128] [--width 1.0] [--steps 60] [--json]
+    python benchmarks/moments_overhead.py [--batch 128] [--width 1.0] [--steps 60]
+        [--only eager1 eager10 compiled1 compiled10] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import statistics
@@ -44,16 +47,51 @@ from bnprobe import Recorder
 from bnprobe.data import synthetic_images
 from bnprobe.models import build_model
 
+PROBED: dict[str, tuple[str, tuple[int, bool]]] = {  # --only key: (label, (record_every, compiled))
+    "eager1": ("every step", (1, False)),
+    "eager10": ("record_every 10", (10, False)),
+    "compiled1": ("every step, compiled", (1, True)),
+    "compiled10": ("record_every 10, compiled", (10, True)),
+}
+
+IMPLIED = [(PROBED["eager1"][0], PROBED["eager10"][0]), (PROBED["compiled1"][0], PROBED["compiled10"][0])]
+
+
+def ratio_with_error(times: list[float], reference: list[float]) -> tuple[float, float]:
+    """mean(times) / mean(reference) over paired rounds, and its standard error (delta method).
+
+    Pairing by round takes out what the two share (the machine's drift from round to round).
+    """
+    ratio = statistics.fmean(times) / statistics.fmean(reference)
+    residuals = [t - ratio * r for t, r in zip(times, reference)]
+    return ratio, statistics.stdev(residuals) / len(times) ** 0.5 / statistics.fmean(reference)
+
+
+def implied_every_10th(every_step: tuple[float, float], own_every_step: float, own_10th: float) -> tuple[float, float]:
+    """record_every 10's ratio, from its own cost and the every-step setting's ratio and own cost.
+
+    Beyond its own code, the probe costs only by slowing the training's operations after its own
+    (in a cache it filled), and only on record steps: elsewhere its hooks return at once. Every
+    step's ratio shows that slowdown per record step (its ratio less 1 and its own); every 10th
+    pays a tenth of it, with a tenth of its standard error, far below what a direct ratio resolves.
+    """
+    ratio, error = every_step
+    return 1 + own_10th + (ratio - 1 - own_every_step) / 10, error / 10
+
 
 class ClockedRecorder(Recorder):
-    """A Recorder that adds up the time its hooks and ``step`` take: the probe's own cost."""
+    """A Recorder that adds up the time its hooks and ``step`` take (the probe's own cost), and
+    whose hooks act only while it is ``active``: its setting's turn on a model all settings share."""
 
     own_seconds = 0.0
+    active = False
 
     def _hook(self, name: str) -> Any:
         hook = super()._hook(name)
 
         def clocked(*args: Any) -> None:
+            if not self.active:
+                return
             t0 = time.perf_counter()
             hook(*args)
             self.own_seconds += time.perf_counter() - t0
@@ -71,6 +109,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per setting (a multiple of 10)")
+    parser.add_argument("--only", nargs="+", choices=list(PROBED), default=list(PROBED), help="probed settings to run (default: all)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -82,18 +121,14 @@ def main() -> None:
     settings: dict[str, tuple[int, bool] | None] = {
         "plain": None,
         "plain again (control)": None,
-        "every step": (1, False),
-        "record_every 10": (10, False),
-        "every step, compiled": (1, True),
-        "record_every 10, compiled": (10, True),
+        **{label: setting for key, (label, setting) in PROBED.items() if key in args.only},
     }
-    models = {name: copy.deepcopy(model) for name in settings}
-    opts = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, m in models.items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     times: dict[str, list[float]] = {k: [] for k in settings}
 
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         recorders = {
-            name: ClockedRecorder(models[name], Path(tmp) / f"{k}.h5", record_every=s[0], compiled_moments=s[1])
+            name: ClockedRecorder(model, Path(tmp) / f"{k}.h5", record_every=s[0], compiled_moments=s[1])
             for k, (name, s) in enumerate(settings.items())
             if s is not None
         }
@@ -101,13 +136,17 @@ def main() -> None:
             stack.enter_context(recorder)
 
         def step(name: str) -> float:
+            recorder = recorders.get(name)
+            if recorder is not None:
+                recorder.active = True
             t0 = time.perf_counter()
-            opts[name].zero_grad(set_to_none=True)
-            loss = loss_fn(models[name](x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
             loss.backward()
-            opts[name].step()
-            if name in recorders:
-                recorders[name].step(loss=loss.detach())
+            optimizer.step()
+            if recorder is not None:
+                recorder.step(loss=loss.detach())
+                recorder.active = False
             return time.perf_counter() - t0
 
         names = list(settings)
@@ -120,24 +159,39 @@ def main() -> None:
             for name in random.Random(i).sample(names, len(names)):
                 times[name].append(step(name))
 
-    base = statistics.fmean(times["plain"])
+    reference = [(a + b) / 2 for a, b in zip(times["plain"], times["plain again (control)"])]
+    base = statistics.fmean(reference)
+    ratios = {k: ratio_with_error(v, reference) for k, v in times.items()}
     result = {
         "model": f"vgg width {args.width}",
         "batch": args.batch,
         "threads": torch.get_num_threads(),
+        "steps": args.steps,
         "seconds_per_step": {k: statistics.fmean(v) for k, v in times.items()},
-        "ratio": {k: statistics.fmean(v) / base for k, v in times.items()},
+        "ratio": {k: r for k, (r, _) in ratios.items()},
+        "standard_error": {k: e for k, (_, e) in ratios.items()},
         "own": {k: r.own_seconds / args.steps / base for k, r in recorders.items()},
+        "step_seconds": times,  # by round; round i ran in the order random.Random(i).sample(settings, len(settings))
     }
+    pairs = [(every, tenth) for every, tenth in IMPLIED if every in recorders and tenth in recorders]
+    implied = {
+        f"{tenth} (implied)": implied_every_10th(ratios[every], result["own"][every], result["own"][tenth]) for every, tenth in pairs
+    }
+    result["implied"] = {k: r for k, (r, _) in implied.items()}
+    result["implied_standard_error"] = {k: e for k, (_, e) in implied.items()}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(
-        f"vgg (width {args.width}), batch {args.batch}, {torch.get_num_threads()} threads, mean of {args.steps} steps per setting, in turns"
+        f"vgg (width {args.width}), batch {args.batch}, {torch.get_num_threads()} threads, "
+        f"{args.steps} steps per setting, in turns; ratio to the two plain settings' mean, +- standard error"
     )
     for k in settings:
         own = f"   own {result['own'][k]:.2%}" if k in recorders else ""
-        print(f"  {k:<26} {result['seconds_per_step'][k] * 1000:8.1f} ms/step   {result['ratio'][k]:.3f}x{own}")
+        ratio, error = ratios[k]
+        print(f"  {k:<26} {result['seconds_per_step'][k] * 1000:8.1f} ms/step   {ratio:.3f}x +- {error:.3f}{own}")
+    for k, (ratio, error) in implied.items():
+        print(f"  {k:<41} {ratio:.4f}x +- {error:.4f}")
 
 
 if __name__ == "__main__":
