@@ -2,7 +2,8 @@
 
 Precedence: defaults < config file < CLI flags. Unknown keys are errors that name the closest
 valid key. ``variants`` lists values of run options (``bn: [keep, insert]``, ``lr: [0.1, 0.01]``);
-their product expands into runs that share seed, data order and initial weights, in one file.
+their product expands into runs, in one file. Runs that share a seed share data order and initial
+weights; ``seed: [0, 1, 2]`` makes replicates, which reports average with a 95% interval.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-VARIANT_KEYS = ("bn", "lr", "optimizer", "momentum", "weight_decay", "batch_size", "bn_targets", "keep_bias", "nesterov", "model")
+VARIANT_KEYS = ("bn", "seed", "lr", "optimizer", "momentum", "weight_decay", "batch_size", "bn_targets", "keep_bias", "nesterov", "model")
 _SECTIONS: dict[str, type] = {"probes": ProbeConfig, "noise": NoiseConfig}
 
 

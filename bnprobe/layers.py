@@ -7,7 +7,7 @@ comes from forward hooks on one real batch. A module called twice appears once, 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,3 +120,37 @@ def probed_layers(
 def no_layer_matches(patterns: Sequence[str], kinds: Sequence[str] | None, where: str = "") -> ConfigError:
     """The error for a layer selection that picks nothing, worded alike wherever layers are picked."""
     return ConfigError(f"no layer matches --layers {list(patterns)!r}" + (f" and kinds {list(kinds)!r}" if kinds else "") + where)
+
+
+_RELUS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU)
+
+
+def relu_fed_layers(model: nn.Module, example_input: Any, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` whose output goes straight into a ReLU module (the same tensor object):
+    for them, an output that is never positive means every unit downstream is off (a dead layer).
+    A ReLU called as a function is not seen, so such a layer is never called dead on this ground."""
+    wanted = dict(model.named_modules())
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor held, so that its id is not reused
+    fed: list[str] = []
+
+    def remember(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_: nn.Module, __: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                outputs[id(out)] = (name, out)
+
+        return hook
+
+    def check(_: nn.Module, args: tuple[Any, ...]) -> None:
+        found = outputs.get(id(args[0])) if args else None
+        if found is not None and found[0] not in fed:
+            fed.append(found[0])
+
+    handles = [wanted[n].register_forward_hook(remember(n)) for n in names if n in wanted]
+    handles += [m.register_forward_pre_hook(check) for m in model.modules() if isinstance(m, _RELUS)]
+    try:
+        with torch.no_grad(), leave_no_trace(model):
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return fed

@@ -26,14 +26,14 @@ from . import distributed, rng
 from .config import BnMode, Config, OptimizerName, expand_variants
 from .data import DataBundle, batches, load_data
 from .errors import BnprobeError, ConfigError, ModelError, PeerStopped, StoreError, described, first_line
-from .layers import no_layer_matches, probed_layers
+from .layers import no_layer_matches, probed_layers, relu_fed_layers
 from .models import build_model
 from .passes import leave_no_trace
 from .probes import Probe, StepBatch, load_probe_states, probe_states, scheduled_probes, track
 from .probes import start as start_probes
 from .recorder import Recorder
 from .store import RunWriter, Store
-from .surgery import BnPlan, apply_bn, synchronise_bn
+from .surgery import Action, BnPlan, apply_bn, is_batchnorm, synchronise_bn
 
 
 @dataclass
@@ -302,11 +302,16 @@ def _start(
     layer_infos = probed_layers(model, x0.to(device), cfg.probes.layers, cfg.probes.kinds or None, require=False)
     writer.set_attrs(
         bn=cfg.bn.value, model=cfg.model, data=bundle.spec, seed=cfg.seed, device=str(device), optimizer=cfg.optimizer.value,
-        lr=cfg.lr, batch_size=cfg.batch_size, planned_steps=cfg.steps, task=bundle.task,
+        lr=cfg.lr, batch_size=cfg.batch_size, planned_steps=cfg.steps, task=bundle.task, num_outputs=bundle.num_outputs,
+        momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, bn_targets=cfg.bn_targets.value,
+        keep_bias=cfg.keep_bias, fold=cfg.fold, bn_layers=sum(1 for m in model.modules() if is_batchnorm(m)),
+        bn_removed=sum(1 for c in plan.changes if c.action is Action.REMOVED) if plan is not None else 0,
         surgery=plan.summary() if plan is not None else "none",
         world_size=distributed.world_size(), dist_backend=distributed.backend() or "none", sync_bn=cfg.sync_bn,
     )  # fmt: skip
-    probes = scheduled_probes(cfg, [info.name for info, _ in layer_infos])
+    names = [info.name for info, _ in layer_infos]
+    writer.set_attrs(relu_fed=relu_fed_layers(model, x0.to(device), names) or "")
+    probes = scheduled_probes(cfg, names)
     start_probes(probes, writer)
     start = _resume(name, model, optimizer, probes, writer, checkpoint) if checkpoint is not None else 0
     if checkpoint is None:  # dropout and other global draws start from the seed: a variant trains alike alone or after others

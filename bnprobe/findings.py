@@ -1,0 +1,361 @@
+"""Findings: what BN changed, in words, with a 95% interval over seeds, and the claim it bears on.
+
+Runs are grouped into *conditions* (the same settings but the seed); a condition whose model holds
+BN is compared with its partner without BN of the same other settings (lr, optimizer, model, data,
+...), paired by seed. Each quantity is reduced per run to one number over a window of steps: the
+whole run, and the *learning window*, which ends where the first health flag of any compared run
+begins (after it, records describe a collapsed, dead or fitted network, not BN's effect).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import health
+from .stats import Interval, mean_interval, ratio_interval
+from .store import ICS, LANDSCAPE, MOMENTS, SPECTRUM, STEP, RunData, ics_layers, layer_kinds, moment_layers
+
+#: settings that make two runs different conditions (the seed makes replicates, not conditions)
+CONDITION_KEYS = ("lr", "optimizer", "momentum", "weight_decay", "batch_size", "nesterov", "model", "data")
+BN_KEYS = ("bn", "bn_targets", "keep_bias")
+NO_BN_LABELS = ("no BN", "BN stripped", "BN folded")
+
+IOFFE = "Ioffe & Szegedy 2015: BN stabilises the distribution of layer inputs"
+SANTURKAR_ICS = "Santurkar et al. 2018: BN does not reduce internal covariate shift"
+SANTURKAR_SMOOTH = "Santurkar et al. 2018: BN makes the loss landscape smoother"
+GHORBANI = "Ghorbani et al. 2019: BN removes isolated outliers from the Hessian spectrum"
+
+
+def bn_label(attrs: dict[str, Any]) -> str:
+    """What the trained model held: "no BN", "BN", "noisy BN", "BN stripped" or "BN folded"."""
+    mode, count = attrs.get("bn"), attrs.get("bn_layers")
+    if mode == "noisy":
+        return "noisy BN"
+    if mode == "strip":
+        changed = attrs.get("bn_removed", 1)
+        if changed:
+            return "BN folded" if attrs.get("fold") else "BN stripped"
+        return "no BN"
+    if count is None:  # files written before the count: the mode is all there is
+        return {"insert": "BN"}.get(str(mode), str(mode))
+    return "BN" if int(count) > 0 else "no BN"
+
+
+@dataclass
+class Condition:
+    """Runs with the same settings but the seed; ``label`` is the BN label, ``settings`` the rest."""
+
+    label: str
+    settings: tuple[tuple[str, Any], ...]
+    runs: dict[int, RunData] = field(default_factory=dict)
+    repeats: int = 0  # runs of a seed already present (another file): left out of the means
+
+    @property
+    def name(self) -> str:
+        varying = ", ".join(f"{k}={v}" for k, v in self.settings)
+        return f"{self.label} ({varying})" if varying else self.label
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(self.runs)
+
+
+def conditions(runs: Sequence[RunData]) -> list[Condition]:
+    """Group ``runs`` by their BN label and the settings that differ between them, in first-seen order."""
+    keys = [k for k in CONDITION_KEYS if len({_setting(r, k) for r in runs}) > 1]
+    found: dict[tuple[Any, ...], Condition] = {}
+    for run in runs:
+        label = bn_label(run.attrs)
+        settings = tuple((k, _setting(run, k)) for k in keys)
+        cond = found.setdefault((label, settings), Condition(label, settings))
+        seed = int(run.attrs.get("seed", 0))
+        if seed in cond.runs:
+            cond.repeats += 1
+        else:
+            cond.runs[seed] = run
+    return list(found.values())
+
+
+def _setting(run: RunData, key: str) -> Any:
+    value = run.attrs.get(key)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# ----------------------------------------------------------------------------- per-run numbers
+
+Window = tuple[int, int | None]  # records with first <= step < end (end None: to the last record)
+
+
+def _in(steps: np.ndarray, window: Window) -> np.ndarray:
+    first, end = window
+    return (steps >= first) & (steps < end) if end is not None else steps >= first
+
+
+def _records(run: RunData, section: str, quantity: str, window: Window) -> np.ndarray | None:
+    steps, values = run.get(section, STEP), run.get(section, quantity)
+    if steps is None or values is None or len(steps) == 0:
+        return None
+    picked = values[_in(steps, window)]
+    return picked if len(picked) else None
+
+
+def _mean(values: np.ndarray | None) -> float | None:
+    if values is None or not np.isfinite(values).any():
+        return None
+    return float(np.nanmean(values))
+
+
+def _input_layers(run: RunData) -> list[int]:
+    """Columns of the moments records that are a non-linearity's input: the BN layers where the
+    model has them, else every conv/linear layer but the last (the output)."""
+    names, kinds = moment_layers(run), layer_kinds(run)
+    norms = [j for j, n in enumerate(names) if kinds.get(n) == "norm"]
+    if norms:
+        return norms
+    weighted = [j for j, n in enumerate(names) if kinds.get(n) in ("conv", "linear")]
+    return weighted[:-1] if len(weighted) > 1 else weighted
+
+
+def percentile_drift(run: RunData, window: Window) -> float | None:
+    """Mean absolute change of the 15/50/85th percentiles between consecutive records, over the
+    layers that feed a non-linearity (Ioffe & Szegedy Fig. 1's curves, as one number)."""
+    columns = _input_layers(run)
+    changes = []
+    for stat in ("p15", "p50", "p85"):
+        values = _records(run, MOMENTS, stat, window)
+        if values is None or len(values) < 2 or not columns:
+            return None
+        changes.append(np.abs(np.diff(values[:, columns], axis=0)))
+    return _mean(np.stack(changes))
+
+
+def _ics_mean(quantity: str) -> Callable[[RunData, Window], float | None]:
+    def reduce(run: RunData, window: Window) -> float | None:
+        values = _records(run, ICS, quantity, window)
+        kinds = layer_kinds(run)
+        columns = [j for j, n in enumerate(ics_layers(run)) if kinds.get(n, "conv") in ("conv", "linear")]
+        return _mean(values[:, columns]) if values is not None and columns else None
+
+    return reduce
+
+
+def _spread(quantity: str) -> Callable[[RunData, Window], float | None]:
+    def reduce(run: RunData, window: Window) -> float | None:
+        values = _records(run, LANDSCAPE, quantity, window)
+        return _mean(np.nanmax(values, axis=1) - np.nanmin(values, axis=1)) if values is not None else None
+
+    return reduce
+
+
+def effective_beta(run: RunData, window: Window) -> float | None:
+    return _mean(_records(run, LANDSCAPE, "beta_smoothness", window))
+
+
+def top_eigenvalue(run: RunData, window: Window) -> float | None:
+    top = _records(run, SPECTRUM, "top_k", window)
+    if top is not None:
+        return _mean(top[:, 0])
+    return _mean(_records(run, "hessian", "top_eigenvalue", window))
+
+
+def hessian_trace(run: RunData, window: Window) -> float | None:
+    return _mean(_records(run, SPECTRUM, "trace", window))
+
+
+def bulk_edge(nodes: np.ndarray, weights: np.ndarray, mass: float = 0.97) -> float:
+    """The eigenvalue below which ``mass`` of the density's weight lies (its probes pooled)."""
+    order = np.argsort(nodes, axis=None)
+    flat_nodes, flat_weights = nodes.reshape(-1)[order], weights.reshape(-1)[order]
+    cumulative = np.cumsum(flat_weights) / np.sum(flat_weights)
+    return float(flat_nodes[np.searchsorted(cumulative, mass)])
+
+
+def outlier_gap(run: RunData, window: Window) -> float | None:
+    """Top eigenvalue over the density's bulk edge, averaged over records: large when the
+    spectrum has isolated outliers (Ghorbani et al. Fig. 1)."""
+    top = _records(run, SPECTRUM, "top_k", window)
+    nodes = _records(run, SPECTRUM, "density_nodes", window)
+    weights = _records(run, SPECTRUM, "density_weights", window)
+    if top is None or nodes is None or weights is None:
+        return None
+    gaps = [t / edge for t, n, w in zip(top[:, 0], nodes, weights) if (edge := bulk_edge(n, w)) > 0]
+    return _mean(np.asarray(gaps)) if gaps else None
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """One number that bears on a claim: how a run reduces to it, and which way the claim expects BN
+    to move it (``lower``; ``not lower``: any result but a clear decrease agrees)."""
+
+    key: str
+    label: str
+    reduce: Callable[[RunData, Window], float | None]
+    ratio: bool  # compared as BN / no BN (positive quantities); else as the difference BN - no BN
+    expect: str
+    claim: str
+
+
+QUANTITIES = (
+    Quantity("moments.drift", "percentile drift", percentile_drift, True, "lower", IOFFE),
+    Quantity("ics.l2", "ICS (l2 of G - G')", _ics_mean("l2"), True, "not lower", SANTURKAR_ICS),
+    Quantity("ics.cosine", "ICS cosine of G, G'", _ics_mean("cosine"), False, "not higher", SANTURKAR_ICS),
+    Quantity("landscape.loss_variation", "loss variation", _spread("loss"), True, "lower", SANTURKAR_SMOOTH),
+    Quantity("landscape.gradient_predictiveness", "gradient change", _spread("grad_l2"), True, "lower", SANTURKAR_SMOOTH),
+    Quantity("landscape.effective_beta", "effective beta", effective_beta, True, "lower", SANTURKAR_SMOOTH),
+    Quantity("spectrum.outlier_gap", "outlier gap (top / bulk edge)", outlier_gap, True, "lower", GHORBANI),
+    Quantity("spectrum.top_eigenvalue", "top Hessian eigenvalue", top_eigenvalue, True, "lower", GHORBANI),
+    Quantity("spectrum.trace", "Hessian trace", hessian_trace, True, "lower", GHORBANI),
+)
+
+
+# ----------------------------------------------------------------------------- effects
+
+
+@dataclass(frozen=True)
+class Effect:
+    """BN's effect on one quantity over one window: a ratio (BN / no BN) or a difference, over paired seeds."""
+
+    interval: Interval
+    ratio: bool
+    window: Window
+
+    @property
+    def no_effect(self) -> float:
+        return 1.0 if self.ratio else 0.0
+
+    @property
+    def direction(self) -> str:
+        """``lower``, ``higher`` or ``no clear difference`` (the interval includes no effect, or 1 seed)."""
+        if not self.interval.excludes(self.no_effect):
+            return "no clear difference"
+        return "higher" if self.interval.mean > self.no_effect else "lower"
+
+    def agrees(self, expect: str) -> bool | None:
+        """Whether the effect agrees with the claim's expectation; None when it cannot tell."""
+        direction = self.direction
+        if expect == "lower":
+            return None if direction == "no clear difference" else direction == "lower"
+        return direction != expect.removeprefix("not ")
+
+
+def paired_effect(reference: Condition, treated: Condition, quantity: Quantity, window: Window) -> Effect | None:
+    """The effect over the seeds both conditions ran, or None when no pair has the quantity."""
+    values = []
+    for seed in sorted(set(reference.runs) & set(treated.runs)):
+        base, other = quantity.reduce(reference.runs[seed], window), quantity.reduce(treated.runs[seed], window)
+        if base is None or other is None:
+            continue
+        if quantity.ratio:
+            if base > 0 and other > 0:
+                values.append(other / base)
+        else:
+            values.append(other - base)
+    found = ratio_interval(values) if quantity.ratio else mean_interval(values)
+    return Effect(found, quantity.ratio, window) if found is not None else None
+
+
+def learning_window_end(*conds: Condition) -> int | None:
+    """The step where the first health flag of any run of ``conds`` began; None when all are healthy."""
+    starts = [health.first_flag_step(health.run_flags(run)) for cond in conds for run in cond.runs.values()]
+    return min((s for s in starts if s is not None), default=None)
+
+
+def partners(conds: Sequence[Condition]) -> list[tuple[Condition, Condition]]:
+    """(no BN, BN) pairs of conditions with the same settings: each BN condition with its no-BN partner."""
+    refs = [c for c in conds if c.label in NO_BN_LABELS]
+    return [(ref, cond) for cond in conds if cond.label not in NO_BN_LABELS for ref in refs if ref.settings == cond.settings]
+
+
+def _number(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _span(low: float | None, high: float | None) -> str:
+    return f" [{_number(low)}, {_number(high)}]" if low is not None and high is not None else ""
+
+
+def describe(effect: Effect, label: str) -> str:
+    """``lowered effective beta 3.1x [2.4, 3.9]``: a ratio below 1 reads as the factor it divides by;
+    an interval that includes no effect reads ``no clear difference in ... (0.8x [0.5, 1.3])``."""
+    i = effect.interval
+    if effect.direction == "no clear difference" and i.n > 1:
+        size = f"{_number(i.mean)}x" if effect.ratio else f"{i.mean:+.3g}"
+        return f"no clear difference in {label} ({size}{_span(i.low, i.high)})"
+    if effect.ratio:
+        if i.mean < 1:
+            low, high = (1 / i.high, 1 / i.low) if i.low and i.high else (None, None)
+            return f"lowered {label} {_number(1 / i.mean)}x{_span(low, high)}"
+        return f"raised {label} {_number(i.mean)}x{_span(i.low, i.high)}"
+    if i.mean < 0:
+        return (
+            f"lowered {label} by {_number(-i.mean)}{_span(-i.high if i.high is not None else None, -i.low if i.low is not None else None)}"
+        )
+    return f"raised {label} by {_number(i.mean)}{_span(i.low, i.high)}"
+
+
+def window_text(window: Window) -> str:
+    first, end = window
+    return "the whole run" if end is None else f"steps {first}-{end - 1}"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """BN's effect on one quantity for one pair of conditions, over the whole run and the learning window."""
+
+    quantity: Quantity
+    reference: Condition
+    treated: Condition
+    whole: Effect
+    learning: Effect | None  # None: a flag at the first record left no learning window
+    window_end: int | None  # where the learning window ends (None: no flag, it is the whole run)
+
+    @property
+    def decisive(self) -> Effect:
+        """The effect to read: over the learning window when a flag cut it short, else the whole run."""
+        return self.learning if self.learning is not None else self.whole
+
+    @property
+    def agrees(self) -> bool | None:
+        return self.decisive.agrees(self.quantity.expect) if self.window_end != 0 else None
+
+    @property
+    def verdict(self) -> str:
+        if self.window_end == 0:
+            return f"{self.treated.label} vs {self.reference.label}: no step before the first health flag; see Health"
+        effect = self.decisive
+        seeds = effect.interval.n
+        count = f"{seeds} seeds" if seeds > 1 else "1 seed: no interval"
+        return f"{self.treated.label} {describe(effect, self.quantity.label)} over {window_text(effect.window)}, {count}"
+
+    def as_dict(self) -> dict[str, Any]:
+        def effect(e: Effect | None) -> dict[str, Any] | None:
+            if e is None:
+                return None
+            i = e.interval
+            return {"kind": "ratio" if e.ratio else "difference", "value": i.mean, "low": i.low, "high": i.high,
+                    "seeds": i.n, "direction": e.direction, "first_step": e.window[0], "end_step": e.window[1]}  # fmt: skip
+
+        return {
+            "quantity": self.quantity.key, "label": self.quantity.label, "claim": self.quantity.claim,
+            "expect": self.quantity.expect, "reference": self.reference.name, "treated": self.treated.name,
+            "whole_run": effect(self.whole), "learning_window": effect(self.learning), "window_end": self.window_end,
+            "verdict": self.verdict, "agrees": self.agrees,
+        }  # fmt: skip
+
+
+def findings(runs: Sequence[RunData]) -> list[Finding]:
+    """Every finding the runs support: each quantity recorded by both sides of each (no BN, BN) pair."""
+    found = []
+    for reference, treated in partners(conditions(runs)):
+        end = learning_window_end(reference, treated)
+        for quantity in QUANTITIES:
+            whole = paired_effect(reference, treated, quantity, (0, None))
+            if whole is None:
+                continue
+            learning = paired_effect(reference, treated, quantity, (0, end)) if end is not None else whole
+            found.append(Finding(quantity, reference, treated, whole, learning, end))
+    return found
