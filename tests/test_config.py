@@ -19,6 +19,7 @@ from bnprobe.config import (
     expand_variants,
     flag_overrides,
     load_config,
+    load_config_text,
     parse_assignments,
 )
 from bnprobe.errors import ConfigError
@@ -65,7 +66,7 @@ def test_set_assignments_reach_every_key(tmp_path: Path) -> None:
         ("steps: ten\n", "steps: expected an integer"),
         ("bn: sometimes\n", "bn: 'sometimes' is not one of keep, insert, strip, noisy"),
         ("variants: {colour: [red]}\n", "cannot vary 'colour'"),
-        ("variants: {qqqqqq: [1]}\n", "cannot vary 'qqqqqq'; valid keys: bn, lr, optimizer,"),
+        ("variants: {qqqqqq: [1]}\n", "cannot vary 'qqqqqq'; valid keys: bn, seed, lr, optimizer,"),
         ("bn: [keep, insert]\n", "list them under variants (variants: {bn: [keep, insert]})"),
         ("lr: [0.1\n", "invalid YAML"),
         ("- a\n- b\n", "expected a mapping"),
@@ -211,3 +212,14 @@ def test_enums_compare_and_dump_as_their_strings(tmp_path: Path) -> None:
     assert LAYER_KINDS == tuple(LayerKind) == ("conv", "linear", "norm", "other")
     assert IcsMethod("naive") == "naive" and [m.value for m in IcsMethod] == ["fast", "naive"]
     assert load_config(write(tmp_path, "probes: {kinds: [conv, norm]}\n")).to_dict()["probes"]["kinds"] == ["conv", "norm"]
+
+
+def test_seed_is_a_variant_axis_of_replicates() -> None:
+    cfg = load_config_text("variants: {bn: [keep, insert], seed: [0, 1]}\n", "test")
+    runs = expand_variants(cfg)
+    assert [(name, c.bn.value, c.seed) for name, c in runs] == [
+        ("keep-seed0", "keep", 0),
+        ("keep-seed1", "keep", 1),
+        ("insert-seed0", "insert", 0),
+        ("insert-seed1", "insert", 1),
+    ]
