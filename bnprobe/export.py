@@ -4,6 +4,11 @@ Columns, in this order:
 
 ========  ======================================================================================
 variant   the run group's name (``/runs/<variant>``)
+bn        what the model held: ``no BN``, ``BN``, ``noisy BN``, ``BN stripped``, ``BN folded``
+settings  one column each: ``bn_mode`` (the surgery mode), ``seed``, ``lr``, ``optimizer``,
+          ``momentum``, ``weight_decay``, ``batch_size``, ``bn_targets``, ``keep_bias``,
+          ``nesterov``, ``model`` (the run's settings, so that replicates and conditions group
+          by column; missing where an older file did not store one)
 section   ``train``, ``moments``, ``ics``, ``landscape``, ``hessian``, ``spectrum`` (or any other recorded one)
 step      the training step of the record
 layer     layer name (moments, ICS, per-block Hessian values); ``λ1``, ``λ2``, ... for the spectrum's
@@ -35,10 +40,21 @@ from typing import Any, BinaryIO, TextIO
 import numpy as np
 
 from .errors import BnprobeError, ConfigError
+from .findings import bn_label
 from .store import BIN, BLOCK, CHANNEL, ETA, LAYER, RANK, Recorded, RunData, atomic_output, check_output_path, load_columns
 
 FORMATS = ("csv", "json", "npz", "parquet")
-COLUMNS = ("variant", "section", "step", "layer", "quantity", "channel", "eta", "bin", "value")
+#: the run settings each row carries: column -> (run attribute, kind)
+SETTINGS = {
+    "bn_mode": ("bn", "text"), "seed": ("seed", "int"), "lr": ("lr", "float"), "optimizer": ("optimizer", "text"),
+    "momentum": ("momentum", "float"), "weight_decay": ("weight_decay", "float"), "batch_size": ("batch_size", "int"),
+    "bn_targets": ("bn_targets", "text"), "keep_bias": ("keep_bias", "text"), "nesterov": ("nesterov", "text"),
+    "model": ("model", "text"),
+}  # fmt: skip
+COLUMNS = ("variant", "bn", *SETTINGS, "section", "step", "layer", "quantity", "channel", "eta", "bin", "value")
+_MISSING_INT = ("channel", "bin", *(c for c, (_, kind) in SETTINGS.items() if kind == "int"))  # -1 where missing
+_MISSING_FLOAT = ("eta", *(c for c, (_, kind) in SETTINGS.items() if kind == "float"))  # NaN where missing
+_NUMBERS = ("step", "value", *_MISSING_INT, *_MISSING_FLOAT)
 #: the column that tells positions along each axis apart (record is the ``step`` column)
 _COLUMN_OF_AXIS = {LAYER: "layer", BLOCK: "layer", RANK: "layer", CHANNEL: "channel", ETA: "eta", BIN: "bin"}
 
@@ -54,6 +70,8 @@ def _block(run: RunData, rec: Recorded) -> dict[str, np.ndarray] | None:
     size = idx.shape[1]
     cols: dict[str, np.ndarray] = {
         "variant": np.full(size, run.name, dtype=object),
+        "bn": np.full(size, bn_label(run.attrs), dtype=object),
+        **{col: np.full(size, _setting(run, attr, kind), dtype=_DTYPES[kind]) for col, (attr, kind) in SETTINGS.items()},
         "section": np.full(size, rec.section, dtype=object),
         "step": np.asarray(rec.steps[:n], dtype=np.int64)[idx[0]],
         "layer": np.full(size, rec.fixed.get(LAYER, ""), dtype=object),
@@ -76,6 +94,19 @@ def _block(run: RunData, rec: Recorded) -> dict[str, np.ndarray] | None:
     return cols
 
 
+_DTYPES = {"text": object, "int": np.int64, "float": np.float64}
+
+
+def _setting(run: RunData, attr: str, kind: str) -> Any:
+    """A run attribute as its column holds it; the column's missing value where the run has none."""
+    value = run.attrs.get(attr)
+    if kind == "text":
+        return "" if value is None else str(value).lower() if isinstance(value, (bool, np.bool_)) else str(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return -1 if kind == "int" else np.nan
+    return int(value) if kind == "int" else float(value)
+
+
 def tidy_table(path: str | Path, variant: str | None = None) -> dict[str, np.ndarray]:
     """The tidy table of a bnprobe file as columns (see the module docstring for missing values).
 
@@ -85,18 +116,15 @@ def tidy_table(path: str | Path, variant: str | None = None) -> dict[str, np.nda
     blocks = [b for c in columns for rec in c.run.records() if (b := _block(c.run, rec)) is not None]
     if not blocks:
         return {
-            c: np.zeros(
-                0, dtype=object if c in ("variant", "section", "layer", "quantity") else np.float64 if c in ("eta", "value") else np.int64
-            )
-            for c in COLUMNS
+            c: np.zeros(0, dtype=np.float64 if c in ("value", *_MISSING_FLOAT) else np.int64 if c in _NUMBERS else object) for c in COLUMNS
         }
     return {c: np.concatenate([b[c] for b in blocks]) for c in COLUMNS}
 
 
 def _missing_to_none(col: str, values: np.ndarray) -> list[Any]:
-    if col in ("channel", "bin"):
+    if col in _MISSING_INT:
         return [None if v < 0 else int(v) for v in values.tolist()]
-    if col in ("eta", "value"):
+    if col in ("value", *_MISSING_FLOAT):
         return [v if math.isfinite(v) else None for v in values.tolist()]
     if col == "step":
         return [int(v) for v in values.tolist()]
@@ -105,9 +133,9 @@ def _missing_to_none(col: str, values: np.ndarray) -> list[Any]:
 
 def _write_csv(table: dict[str, np.ndarray], fh: TextIO) -> None:
     def cell(col: str, v: Any) -> str:
-        if col in ("channel", "bin"):
+        if col in _MISSING_INT:
             return "" if v < 0 else str(v)
-        if col == "eta":
+        if col in _MISSING_FLOAT:
             return "" if math.isnan(v) else repr(v)
         if col == "value":
             return repr(v)  # shortest exact round trip; "nan"/"inf" as Python and pandas read them
@@ -137,10 +165,15 @@ def _write_parquet(table: dict[str, np.ndarray], out: Path) -> None:
         import pyarrow.parquet as pq  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
         raise BnprobeError("parquet export needs pyarrow: pip install 'bnprobe[parquet]'") from None
-    types = {"step": pa.int64(), "channel": pa.int64(), "bin": pa.int64(), "eta": pa.float64(), "value": pa.float64()}
+    types = {
+        "step": pa.int64(),
+        "value": pa.float64(),
+        **dict.fromkeys(_MISSING_INT, pa.int64()),
+        **dict.fromkeys(_MISSING_FLOAT, pa.float64()),
+    }
     arrays = {}
     for c in COLUMNS:
-        if c in ("channel", "bin", "eta"):
+        if c in (*_MISSING_INT, *_MISSING_FLOAT):
             arrays[c] = pa.array(_missing_to_none(c, table[c]), type=types[c])
         elif c in types:
             arrays[c] = pa.array(table[c], type=types[c])

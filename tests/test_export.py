@@ -15,7 +15,9 @@ from _fixtures import write_run_file
 
 from bnprobe import export as export_module
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
-from bnprobe.export import COLUMNS, export, tidy_table
+from bnprobe.export import COLUMNS, SETTINGS, export, tidy_table
+
+KEYS = ("variant", "section", "step", "layer", "quantity", "channel", "eta", "bin")  # what tells a row apart
 from bnprobe.store import AXES_ATTR, STATS, Store, read_file
 
 Key = tuple  # (variant, section, step, layer, quantity, channel, eta, bin); missing = None
@@ -154,7 +156,7 @@ def test_npz_equals_file(full_file: Path, tmp_path: Path) -> None:
             None if math.isnan(e) else float(e),
             None if b < 0 else int(b),
         )
-        for v, s, st, la, q, c, e, b in zip(*(cols[c] for c in COLUMNS[:-1]))
+        for v, s, st, la, q, c, e, b in zip(*(cols[c] for c in KEYS))
     ]
     _check(keys, cols["value"].tolist(), full_file)
 
@@ -165,7 +167,7 @@ def test_parquet_equals_file(full_file: Path, tmp_path: Path) -> None:
     out = export(full_file, "parquet", tmp_path / "t.parquet")
     table = pq.read_table(out).to_pydict()
     assert list(table) == list(COLUMNS)
-    keys = list(zip(*(table[c] for c in COLUMNS[:-1])))
+    keys = list(zip(*(table[c] for c in KEYS)))
     _check(keys, table["value"], full_file)
 
 
@@ -276,8 +278,9 @@ def test_parquet_without_pyarrow_is_one_line(full_file: Path, tmp_path: Path, mo
 
 
 def _tables_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    return all(a[c].dtype == b[c].dtype and a[c].tolist() == b[c].tolist() for c in COLUMNS if c not in ("eta", "value")) and all(
-        np.array_equal(a[c], b[c], equal_nan=True) for c in ("eta", "value")
+    floats = [c for c in COLUMNS if a[c].dtype == np.float64]
+    return all(a[c].dtype == b[c].dtype and a[c].tolist() == b[c].tolist() for c in COLUMNS if c not in floats) and all(
+        np.array_equal(a[c], b[c], equal_nan=True) for c in floats
     )
 
 
@@ -335,3 +338,24 @@ def test_the_spectrum_exports_its_top_k_by_rank_and_leaves_the_density_out(tmp_p
     np.testing.assert_array_equal(table["value"][top], data["spectrum/top_k"].reshape(-1))
     assert not set(table["quantity"][rows]) & {"density_nodes", "density_weights"}
     assert {"trace", "trace_stderr", "block_top_eigenvalue", "block_trace"} <= set(table["quantity"][rows])
+
+
+def test_every_row_carries_its_runs_settings(full_file: Path) -> None:
+    """The settings columns hold each run's attributes, read here with h5py; bn is the BN label."""
+    table = tidy_table(full_file)
+    with h5py.File(full_file, "r") as h5:
+        attrs = {name: dict(group.attrs) for name, group in h5["runs"].items()}
+    for name, run_attrs in attrs.items():
+        rows = table["variant"] == name
+        assert rows.any()
+        for column, (attr, kind) in SETTINGS.items():
+            values = set(table[column][rows].tolist())
+            stored = run_attrs.get(attr)
+            if stored is None:
+                assert values == ({""} if kind == "text" else {-1} if kind == "int" else values), column
+                continue
+            expected = str(stored.decode() if isinstance(stored, bytes) else stored) if kind == "text" else stored
+            assert values == {expected} or (kind == "text" and values == {str(expected).lower()}), (column, values, expected)
+        # this file stores no count of BN layers: the label is what the mode alone says
+        mode = run_attrs["bn"]
+        assert set(table["bn"][rows].tolist()) == {{"insert": "BN", "noisy": "noisy BN"}.get(mode, mode)}
