@@ -118,12 +118,11 @@ def _as_double(obj: object) -> object:
 def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], example_input: object) -> None:
     """The safety net behind :func:`_fold_blocker`: the folds, done on a float64 copy, must leave its
     eval output on ``example_input`` unchanged (to 1e-4, relative); a difference is a use of a folded
-    layer's output the dataflow pass did not see (a data-dependent branch). float64, because an
-    untrained deep model amplifies float32 rounding of the folded weights (6e-8) beyond that
-    tolerance (EfficientNetV2 with random statistics: 3e-3), and float64 rounding up to 1e-7
-    (EfficientNet with statistics from a few small batches); a model that does not run in float64
-    is checked in its own dtype. A model whose own rounding noise is larger still passes when the
-    difference is within 10x that noise (:func:`_rounding_noise`)."""
+    layer's output the dataflow pass did not see (a data-dependent branch). float64, because a deep
+    model (untrained, or with statistics from a few small batches) can amplify float32 rounding of the
+    folded weights beyond that tolerance; a model that does not run in float64 is checked in its own
+    dtype. A model whose own rounding noise is larger still passes when the difference is within 10x
+    that noise (:func:`_rounding_noise`)."""
     x = _as_double(example_input)
     dtype: torch.dtype | None = torch.float64
     try:
@@ -151,8 +150,8 @@ def _relative_change(outputs: list[torch.Tensor], reference: list[torch.Tensor])
 
 def _rounding_noise(model: nn.Module, x: object, dtype: torch.dtype | None, reference: list[torch.Tensor]) -> float:
     """How far the eval output moves when every weight moves by one rounding step (relative): no
-    check can tell a fold from rounding below that. A chaotic model (an untrained EfficientNetV2 at
-    28 px moves by 100% in float64) would otherwise be refused for an exact fold."""
+    check can tell a fold from rounding below that. A chaotic model (an untrained EfficientNetV2 on
+    small images, even in float64) would otherwise be refused for an exact fold."""
     twin = copy.deepcopy(model)
     twin = twin.to(dtype) if dtype is not None else twin
     g = torch.Generator().manual_seed(0)

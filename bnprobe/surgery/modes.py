@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TypeAlias
 
 import torch
 from torch import nn
@@ -66,6 +67,9 @@ def _add_noise(model: nn.Module, flow: _Flow, seeds: _Seeds) -> list[Change]:
     return changes
 
 
+_Fold: TypeAlias = "tuple[str, nn.Module, str, str, nn.Module]"  # BN name, BN, feeder name, plan note, stand-in
+
+
 def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: object) -> tuple[nn.Module, list[Change]]:
     """Every BN out; the layer that fed it gets a zero bias (strip) or the BN folded in (fold).
 
@@ -75,8 +79,8 @@ def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: object) -> 
     that the dataflow did not see (e.g. a data-dependent branch), and is an error.
     """
     bns = {n: m for n, m in model.named_modules() if is_batchnorm(m)}
-    changes = []
-    folds: list[tuple[str, nn.Module, str, str, nn.Module]] = []
+    changes: list[Change] = []
+    folds: list[_Fold] = []
     for name in flow.ordered(list(bns)):
         bn = bns[name]
         feeder, why = _feeder(model, flow, name, bn)
@@ -87,20 +91,32 @@ def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: object) -> 
             folds.append((name, bn, feeder, becomes, replacement))
             continue
         not_folded = f"not folded: {blocker}; " if fold else ""
-        if feeder is None:
-            changes.append(Change(Action.REMOVED, name, "", f"{not_folded or why + '; '}nothing re-biased{becomes}"))
-        else:
-            changes.append(Change(Action.REMOVED, name, feeder, f"{not_folded}{type(bn).__name__}({_num_features(bn)}){becomes}"))
-            layer = _feeder_layer(model, feeder)
-            if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros(_channels(layer), device=layer.weight.device, dtype=layer.weight.dtype))
-                changes.append(Change(Action.REBIASED, feeder, name, f"zero-initialised bias ({_channels(layer)})"))
+        note = (not_folded or why + "; ") if feeder is None else not_folded  # without a feeder, say why
+        changes += _remove(model, name, bn, feeder, note, becomes)
         model = _replace(model, bn, replacement.train(bn.training))
     if folds:
-        _check_folds(model, [(name, feeder, replacement) for name, _, feeder, _, replacement in folds], example_input)
-        for name, bn, feeder, becomes, replacement in folds:
-            _scale_into(_feeder_layer(model, feeder), *_bn_affine(bn))
-            model = _replace(model, bn, replacement.train(bn.training))
-            changes.append(Change(Action.FOLDED, name, feeder, f"running statistics and affine folded into {feeder}{becomes}"))
+        model = _fold_all(model, folds, example_input, changes)
         changes.sort(key=lambda c: flow.index.get(c.module if c.action is not Action.REBIASED else c.related, math.inf))
     return model, changes
+
+
+def _remove(model: nn.Module, name: str, bn: nn.Module, feeder: str | None, note: str, becomes: str) -> list[Change]:
+    """The rows of a BN stripped without folding; its feeder, if any, gets a zero bias where it had none."""
+    if feeder is None:
+        return [Change(Action.REMOVED, name, "", f"{note}nothing re-biased{becomes}")]
+    changes = [Change(Action.REMOVED, name, feeder, f"{note}{type(bn).__name__}({_num_features(bn)}){becomes}")]
+    layer = _feeder_layer(model, feeder)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros(_channels(layer), device=layer.weight.device, dtype=layer.weight.dtype))
+        changes.append(Change(Action.REBIASED, feeder, name, f"zero-initialised bias ({_channels(layer)})"))
+    return changes
+
+
+def _fold_all(model: nn.Module, folds: list[_Fold], example_input: object, changes: list[Change]) -> nn.Module:
+    """Check the folds together (:func:`_check_folds`), then fold each BN into its feeder; appends their rows to ``changes``."""
+    _check_folds(model, [(name, feeder, replacement) for name, _, feeder, _, replacement in folds], example_input)
+    for name, bn, feeder, becomes, replacement in folds:
+        _scale_into(_feeder_layer(model, feeder), *_bn_affine(bn))
+        model = _replace(model, bn, replacement.train(bn.training))
+        changes.append(Change(Action.FOLDED, name, feeder, f"running statistics and affine folded into {feeder}{becomes}"))
+    return model
