@@ -77,7 +77,9 @@ def test_config_is_upstream_of_everything() -> None:
 def test_models_surgery_and_probes_know_no_trainer_and_no_view() -> None:
     downstream = {"bnprobe.trainer", "bnprobe.recorder", "bnprobe.cli", *VIEWS}
     upstream = [
-        m for m in FILES if m.startswith("bnprobe.probes.") or m.split(".")[-1] in ("surgery", "layers", "passes", "models", "data")
+        m
+        for m in FILES
+        if m.startswith(("bnprobe.probes.", "bnprobe.surgery.")) or m.split(".")[-1] in ("surgery", "layers", "passes", "models", "data")
     ]
     for module in upstream:
         assert not (_internal(module) & downstream), module

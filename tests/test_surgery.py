@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+import bnprobe.surgery.noisy
 from bnprobe import rng
 from bnprobe.config import BnMode, BnTargets, NoiseConfig
 from bnprobe.errors import SurgeryError
@@ -799,6 +801,21 @@ def test_strip_removes_noisy_bns_too() -> None:
     assert norms(model) == [] and rng.module_generators(model) == {}
     assert list(model.bnact._modules) == ["drop", "act"] and isinstance(model.bn3, nn.Identity)
     assert len([c for c in plan.changes if c.action == "removed"]) == 6
+
+
+def test_a_pickled_noisy_bn_loads_from_its_module_and_from_the_package_path() -> None:
+    """Modules pickled when the noisy classes lived in ``bnprobe.surgery`` name them by that path; the
+    package re-exports them, so those pickles load, as do ones naming ``bnprobe.surgery.noisy``."""
+    assert bnprobe.surgery.NoisyBatchNorm2d is bnprobe.surgery.noisy.NoisyBatchNorm2d
+    bn = NoisyBatchNorm2d(4, seed=3)
+    new = pickle.dumps(bn, protocol=2)  # protocol 2 names a class as text: "bnprobe.surgery.noisy\nNoisyBatchNorm2d\n"
+    old = new.replace(b"bnprobe.surgery.noisy\n", b"bnprobe.surgery\n")
+    assert old != new
+    for blob in (new, old):
+        loaded = pickle.loads(blob)
+        assert type(loaded) is NoisyBatchNorm2d and loaded.noise_seed == 3
+        assert torch.equal(loaded.generator.get_state(), bn.generator.get_state())
+        assert torch.equal(loaded.running_var, bn.running_var)
 
 
 # ----------------------------------------------------------------------------- variants and plan

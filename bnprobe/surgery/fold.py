@@ -1,0 +1,163 @@
+"""Folding a BN into the conv/linear that feeds it: when that is exact, the fold itself, and its check."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from ..errors import SurgeryError
+from .dataflow import _describe, _feeder_layer, _Flow, _tensors
+from .edits import _replace
+from .kinds import _TARGETS, _channels, _Feeder, _tensor, is_batchnorm
+
+_FOLD_RTOL = 1e-4
+
+
+def _running_stats(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A BN's running mean and variance, or None when it keeps none (eval mode then uses the batch's)."""
+    mean, var = _tensor(bn, "running_mean"), _tensor(bn, "running_var")
+    return None if mean is None or var is None else (mean, var)
+
+
+def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BN as ``scale * x + shift`` per channel, in float64."""
+    stats = _running_stats(bn)
+    assert is_batchnorm(bn), f"{type(bn).__name__} is not a BatchNorm"
+    assert stats is not None, "only a BN with running statistics is folded (_fold_blocker)"
+    mean, var = stats[0].double(), stats[1].double()
+    weight, bias = _tensor(bn, "weight"), _tensor(bn, "bias")
+    gamma = weight.double() if weight is not None else torch.ones_like(mean)
+    beta = bias.double() if bias is not None else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return scale, beta - mean * scale
+
+
+def _scale_into(layer: _Feeder, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Make ``layer`` compute ``scale * layer(x) + shift`` per output channel (float64 arithmetic, then its dtype)."""
+    with torch.no_grad():
+        w = layer.weight
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd):  # weight: (in, out / groups, *kernel)
+            g = layer.groups
+            grouped = w.double().view(g, w.shape[0] // g, *w.shape[1:])
+            folded = grouped * scale.view(g, 1, -1, *[1] * (w.dim() - 2))
+        else:  # weight: (out, ...)
+            folded = w.double() * scale.view(-1, *[1] * (w.dim() - 1))
+        w.copy_(folded.view_as(w))
+        bias = layer.bias.double() * scale + shift if layer.bias is not None else shift
+        if layer.bias is None:
+            layer.bias = nn.Parameter(bias.to(w.dtype))
+        else:
+            layer.bias.copy_(bias)
+
+
+_STOCK_FORWARDS = frozenset(
+    cls.forward for cls in (*_TARGETS["conv"], nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+)
+
+
+def _scales_with_its_weight(layer: _Feeder, shape: tuple[int, ...] | None) -> bool:
+    """Whether scaling ``layer``'s weight per output channel scales its output: true for torch's own
+    conv/linear forward; a subclass with its own (timm's weight-standardising ``StdConv2d`` undoes
+    any scale) is tried on a float64 copy with a random input of the shape it was called with."""
+    if type(layer).forward in _STOCK_FORWARDS:
+        return True
+    if shape is None:
+        return False
+    g = torch.Generator().manual_seed(0)
+    probe = copy.deepcopy(layer).double()
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(layer.weight.device)
+    channels = _channels(layer)
+    scale = (0.5 + torch.rand(channels, generator=g, dtype=torch.float64)).to(x.device)
+    shift = torch.randn(channels, generator=g, dtype=torch.float64).to(x.device)
+    with torch.no_grad():
+        expected = probe(x)
+        expected = expected * scale.view(-1, *[1] * (expected.dim() - 2)) + shift.view(-1, *[1] * (expected.dim() - 2))
+        _scale_into(probe, scale, shift)
+        return torch.allclose(probe(x), expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+
+
+def _fold_blocker(model: nn.Module, flow: _Flow, name: str, bn: nn.Module, feeder: str | None, why: str) -> str:
+    """Why folding ``name`` into ``feeder`` would not give the same eval-mode function ("" if it would)."""
+    if feeder is None:
+        return why
+    if _running_stats(bn) is None:
+        return "it keeps no running statistics (track_running_stats=False), so eval mode normalises by the batch"
+    others = flow.users.get(feeder, set()) - {name}
+    if others:
+        return f"{feeder}'s output is also used by {', '.join(sorted(map(_describe, others)))}"
+    if flow.calls[feeder] != 1 or flow.calls[name] != 1:
+        twice = feeder if flow.calls[feeder] != 1 else name
+        return f"{twice} runs {flow.calls[twice]} times per forward"
+    layer = _feeder_layer(model, feeder)
+    own = {id(p) for p in layer.parameters(recurse=False)}
+    sharer = next((n for n, m in model.named_modules() if m is not layer and any(id(p) in own for p in m.parameters(recurse=False))), None)
+    if sharer is not None:
+        return f"{feeder}'s parameters are shared with {sharer}"
+    if not _scales_with_its_weight(layer, flow.in_shape.get(feeder)):
+        return f"{feeder} ({type(layer).__name__}) does not scale its output with its weight"
+    return ""
+
+
+def _eval_output(model: nn.Module, example_input: object) -> list[torch.Tensor]:
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [t.double() for t in _tensors(model(example_input))]
+    finally:
+        model.train(training)
+
+
+def _as_double(obj: object) -> object:
+    return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, obj)
+
+
+def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], example_input: object) -> None:
+    """The safety net behind :func:`_fold_blocker`: the folds, done on a float64 copy, must leave its
+    eval output on ``example_input`` unchanged (to 1e-4, relative); a difference is a use of a folded
+    layer's output the dataflow pass did not see (a data-dependent branch). float64, because a deep
+    model (untrained, or with statistics from a few small batches) can amplify float32 rounding of the
+    folded weights beyond that tolerance; a model that does not run in float64 is checked in its own
+    dtype. A model whose own rounding noise is larger still passes when the difference is within 10x
+    that noise (:func:`_rounding_noise`)."""
+    x = _as_double(example_input)
+    dtype: torch.dtype | None = torch.float64
+    try:
+        twin = copy.deepcopy(model).double()
+        reference = _eval_output(twin, x)
+    except Exception:  # noqa: BLE001 - a forward that cannot run in float64: check in the model's dtype
+        x, dtype = example_input, None
+        twin = copy.deepcopy(model)
+        reference = _eval_output(twin, x)
+    for name, feeder, replacement in folds:
+        bn = twin.get_submodule(name)
+        _scale_into(_feeder_layer(twin, feeder), *_bn_affine(bn))
+        stand_in = copy.deepcopy(replacement)
+        twin = _replace(twin, bn, stand_in.to(dtype) if dtype is not None else stand_in)
+    worst = _relative_change(_eval_output(twin, x), reference)
+    if worst > _FOLD_RTOL and worst > 10 * _rounding_noise(model, x, dtype, reference):
+        raise SurgeryError(
+            f"folding BN changed {type(model).__name__}'s eval output by {worst:.1e} (relative): a folded layer's output is used in a way the dataflow pass did not see; strip without --fold"
+        )
+
+
+def _relative_change(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    return max(float((a - b).norm() / b.norm().clamp_min(1e-300)) for a, b in zip(outputs, reference))
+
+
+def _rounding_noise(model: nn.Module, x: object, dtype: torch.dtype | None, reference: list[torch.Tensor]) -> float:
+    """How far the eval output moves when every weight moves by one rounding step (relative): no
+    check can tell a fold from rounding below that. A chaotic model (an untrained EfficientNetV2 on
+    small images, even in float64) would otherwise be refused for an exact fold."""
+    twin = copy.deepcopy(model)
+    twin = twin.to(dtype) if dtype is not None else twin
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in twin.parameters():
+            if p.is_floating_point():
+                jitter = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device, p.dtype)
+                p.mul_(1 + torch.finfo(p.dtype).eps / 2 * jitter)  # unit roundoff
+    return _relative_change(_eval_output(twin, x), reference)
