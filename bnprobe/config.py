@@ -556,7 +556,18 @@ def config_for_train(path: str | Path | None, overrides: Mapping[str, Any]) -> C
     cfg = _resolved(raw, _fitting_options(raw, overrides))
     if overrides.get("bn") and "variants" not in overrides and cfg.variants.get("bn"):
         cfg = dataclasses.replace(cfg, variants={k: v for k, v in cfg.variants.items() if k != "bn"})
+    if "model" in overrides and "name" not in overrides:  # runs/quickstart.h5 would hold another model's runs
+        cfg = dataclasses.replace(cfg, name=f"{cfg.name}-{model_slug(cfg.model)}")
     return cfg
+
+
+def model_slug(spec: str) -> str:
+    """A model spec as a file-name part: ``torchvision:resnet18`` -> ``resnet18``,
+    ``models/net.py:make`` -> ``net-make``, ``pkg.mod:factory`` -> ``pkg.mod-factory``."""
+    source, _, factory = spec.rpartition(":")
+    if source in ("", "torchvision"):
+        return re.sub(r"[^\w.-]+", "-", factory or spec).strip("-") or "model"
+    return re.sub(r"[^\w.-]+", "-", f"{Path(source).stem if source.endswith('.py') else source}-{factory}").strip("-")
 
 
 def _measuring_ics(cfg: Config) -> Config:

@@ -223,3 +223,11 @@ def test_seed_is_a_variant_axis_of_replicates() -> None:
         ("insert-seed0", "insert", 0),
         ("insert-seed1", "insert", 1),
     ]
+
+
+def test_a_model_override_names_the_output_after_the_model() -> None:
+    assert config_for_train(None, {}).output_path == Path("runs/quickstart.h5")
+    assert config_for_train(None, {"model": "torchvision:resnet18"}).output_path == Path("runs/quickstart-resnet18.h5")
+    assert config_for_train(None, {"model": "models/my net.py:make"}).output_path == Path("runs/quickstart-my-net-make.h5")
+    assert config_for_train(None, {"model": "mlp", "name": "mine"}).output_path == Path("runs/mine.h5")
+    assert config_for_train(None, {"model": "mlp", "output": "out.h5"}).output_path == Path("out.h5")
