@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import BnprobeError, ConfigError
 from .quadrature import density as slq_density
-from .report import RECORD_HINTS, align_layers
+from .report.content import RECORD_HINTS, align_layers
 from .store import (
     ICS,
     LANDSCAPE,
