@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import BnprobeError, ConfigError
 from .quadrature import density as slq_density
-from .report import RECORD_HINTS, align_layers
+from .report.content import RECORD_HINTS, align_layers
 from .store import (
     ICS,
     LANDSCAPE,
@@ -109,6 +109,13 @@ def _recorded(c: Column, section: str, quantity: str) -> np.ndarray:
     return records if quantity == STEP else _finite(records)
 
 
+def _points(steps: np.ndarray, size: float = 3) -> dict[str, Any]:
+    """Line style of a series over steps: a marker on each record when records are steps apart
+    (a bare line between two records reads as data between them) or when there is only one."""
+    gaps = np.diff(np.asarray(steps, dtype=np.float64))
+    return {"marker": "o", "markersize": size} if gaps.size == 0 or bool((gaps > 1).any()) else {}
+
+
 def _maybe_log(ax: Any, arrays: Sequence[np.ndarray]) -> None:
     """Log scale when all values are positive and span more than two decades."""
     vals = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays]) if arrays else np.zeros(0)
@@ -144,9 +151,10 @@ def _moments(plt: Any, columns: list[Column], layer: str | None) -> Any:
         p15, p50, p85 = (p[:n, j] for p in records)
         steps = steps[:n]
         ax.fill_between(steps, p15, p85, color=color, alpha=0.15, linewidth=0)
-        ax.plot(steps, p50, color=color, linewidth=2, label=f"{_name(c)}, layer {name}" + (f" ({kind})" if kind else "") + ": 50th")
-        ax.plot(steps, p15, color=color, linewidth=1, linestyle="--", label=f"{_name(c)}: 15th and 85th")
-        ax.plot(steps, p85, color=color, linewidth=1, linestyle="--")
+        label = f"{_name(c)}, layer {name}" + (f" ({kind})" if kind else "") + ": 50th"
+        ax.plot(steps, p50, color=color, linewidth=2, **_points(steps), label=label)
+        ax.plot(steps, p15, color=color, linewidth=1, linestyle="--", **_points(steps, 2), label=f"{_name(c)}: 15th and 85th")
+        ax.plot(steps, p85, color=color, linewidth=1, linestyle="--", **_points(steps, 2))
     drawn_names = list(dict.fromkeys(name for _, name in picks if name is not None))
     if layer is None:
         where = "the last hidden layer (the layer before the output layer)"
@@ -203,7 +211,7 @@ def _ics(plt: Any, columns: list[Column], layer: str | None) -> Any:
                     continue
                 n = min(len(steps), len(records))
                 y = _finite(records[:n, j])
-                axes[r][col].plot(steps[:n], y, color=color, linestyle="-", marker="o", markersize=3, linewidth=1.5, label=_name(c))
+                axes[r][col].plot(steps[:n], y, color=color, linestyle="-", linewidth=1.5, **_points(steps[:n]), label=_name(c))
                 if col == 0:
                     l2s.append(y)
         axes[r][0].set_ylabel(f"layer {name}\n‖G − G′‖₂")
@@ -240,12 +248,12 @@ def _landscape(plt: Any, columns: list[Column]) -> Any:
             lo = np.nanmin(np.where(np.isfinite(arr), arr, np.nan), axis=1) if arr.ndim == 2 else arr
             hi = np.nanmax(np.where(np.isfinite(arr), arr, np.nan), axis=1) if arr.ndim == 2 else arr
             ax.fill_between(steps[:n], lo, hi, color=color, alpha=0.35, linewidth=0, label=_name(c))
-            ax.plot(steps[:n], lo, color=color, linewidth=0.8)
-            ax.plot(steps[:n], hi, color=color, linewidth=0.8)
+            ax.plot(steps[:n], lo, color=color, linewidth=0.8, **_points(steps[:n], 2))
+            ax.plot(steps[:n], hi, color=color, linewidth=0.8, **_points(steps[:n], 2))
         beta, eta = c.run.get(LANDSCAPE, "beta_smoothness"), c.run.get(LANDSCAPE, "eta")
         if beta is not None:
             n = min(len(steps), len(beta))
-            axes[2].plot(steps[:n], _finite(beta)[:n], color=color, marker="o", markersize=3, linewidth=1.5, label=_name(c))
+            axes[2].plot(steps[:n], _finite(beta)[:n], color=color, linewidth=1.5, **_points(steps[:n]), label=_name(c))
         if eta is not None and len(eta):
             eta_text.append(f"{float(np.min(eta)):.3g}–{float(np.max(eta)):.3g}")
     axes[0].set_title("Loss landscape: L(w − ηg) over η")
@@ -279,10 +287,10 @@ def _training(plt: Any, columns: list[Column]) -> Any:
         if records is not None:
             loss = _finite(records)[: len(steps)]
             losses.append(loss)
-            axes[0].plot(steps[: len(loss)], loss, color=color, linewidth=1.2, label=_name(c))
+            axes[0].plot(steps[: len(loss)], loss, color=color, linewidth=1.2, **_points(steps[: len(loss)]), label=_name(c))
         if has_acc and accuracy is not None:
             acc = _finite(accuracy)[: len(steps)]
-            axes[1].plot(steps[: len(acc)], 100 * acc, color=color, linewidth=1.2, label=_name(c))
+            axes[1].plot(steps[: len(acc)], 100 * acc, color=color, linewidth=1.2, **_points(steps[: len(acc)]), label=_name(c))
     _maybe_log(axes[0], losses)
     axes[0].set_title("Training loss")
     axes[0].set_ylabel("loss (per batch)")
@@ -305,9 +313,9 @@ def _hessian(plt: Any, columns: list[Column]) -> Any:
         steps, top = _recorded(c, SPECTRUM, STEP), _recorded(c, SPECTRUM, "top_k")
         axes[0].semilogy(grid, np.maximum(density, 1e-12), color=color, linewidth=1.2, label=f"{_name(c)} (step {int(steps[-1])})")
         n = min(len(steps), len(top))
-        axes[1].plot(steps[:n], top[:n, 0], color=color, marker="o", markersize=3, linewidth=1.5, label=f"{_name(c)} λ1")
+        axes[1].plot(steps[:n], top[:n, 0], color=color, linewidth=1.5, **_points(steps[:n]), label=f"{_name(c)} λ1")
         for j in range(1, top.shape[1]):
-            axes[1].plot(steps[:n], top[:n, j], color=color, linewidth=0.8, alpha=0.5)
+            axes[1].plot(steps[:n], top[:n, j], color=color, linewidth=0.8, alpha=0.5, **_points(steps[:n], 2))
     axes[0].set_title("Eigenvalue density (last record)")
     axes[0].set_xlabel("eigenvalue")
     axes[0].set_ylabel("density (log scale)")

@@ -13,7 +13,7 @@ import pytest
 import bnprobe
 
 PACKAGE = Path(bnprobe.__file__).parent
-VIEWS = ("bnprobe.report", "bnprobe.export", "bnprobe.plot")
+VIEWS = ("bnprobe.report", "bnprobe.report.content", "bnprobe.report.render", "bnprobe.export", "bnprobe.plot")
 
 
 def _module_name(path: Path) -> str:

@@ -273,3 +273,14 @@ def test_hessian_draws_the_last_density_and_the_top_eigenvalues_of_the_file(tmp_
     assert density.sum() * step == pytest.approx(1.0, rel=1e-6)  # a density on its grid (PyHessian's normalisation)
     mean = (grid * density).sum() * step
     assert mean == pytest.approx(float((weights * nodes).sum(axis=1).mean()), rel=1e-3, abs=1e-3)  # the quadrature's mean
+
+
+@pytest.mark.parametrize("kind", ["moments", "ics", "landscape", "hessian", "training"])
+def test_records_steps_apart_are_marked_and_every_step_is_a_plain_line(full_file: Path, tmp_path: Path, drawn: list, kind: str) -> None:
+    """A line between sparse records would suggest data between them: each record gets a marker."""
+    plot([full_file], tmp_path / "p.png", kind=kind)
+    over_steps = [ax for ax in drawn[0].axes if ax.get_xlabel() == "training step"]
+    lines = [line for ax in over_steps for line in ax.get_lines() if line.get_transform() == ax.transData]  # not the axhline
+    assert lines
+    marked = {line.get_marker() not in ("None", "", " ", None) for line in lines}
+    assert marked == ({False} if kind == "training" else {True})  # the fixture logs every step, records every 5th
