@@ -40,6 +40,8 @@ def bn_label(attrs: dict[str, Any]) -> str:
         if changed:
             return "BN folded" if attrs.get("fold") else "BN stripped"
         return "no BN"
+    if mode is None:
+        return "BN unknown"
     if count is None:  # files written before the count: the mode is all there is
         return {"insert": "BN"}.get(str(mode), str(mode))
     return "BN" if int(count) > 0 else "no BN"
@@ -329,7 +331,12 @@ class Finding:
         effect = self.decisive
         seeds = effect.interval.n
         count = f"{seeds} seeds" if seeds > 1 else "1 seed: no interval"
-        return f"{self.treated.label} {describe(effect, self.quantity.label)} over {window_text(effect.window)}, {count}"
+        subject = (
+            self.treated.label
+            if effect.direction != "no clear difference" or seeds < 2
+            else f"{self.treated.label} vs {self.reference.label}:"
+        )
+        return f"{subject} {describe(effect, self.quantity.label)} over {window_text(effect.window)}, {count}"
 
     def as_dict(self) -> dict[str, Any]:
         def effect(e: Effect | None) -> dict[str, Any] | None:

@@ -13,7 +13,18 @@ import pytest
 import bnprobe
 
 PACKAGE = Path(bnprobe.__file__).parent
-VIEWS = ("bnprobe.report", "bnprobe.report.content", "bnprobe.report.render", "bnprobe.export", "bnprobe.plot")
+VIEWS = (
+    "bnprobe.report",
+    "bnprobe.report.content",
+    "bnprobe.report.render",
+    "bnprobe.report.conclusions",
+    "bnprobe.report.render_conclusions",
+    "bnprobe.export",
+    "bnprobe.plot",
+    "bnprobe.findings",
+    "bnprobe.health",
+    "bnprobe.stats",
+)
 
 
 def _module_name(path: Path) -> str:

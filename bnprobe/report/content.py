@@ -39,6 +39,7 @@ from ..store import (
     matches,
     moment_layers,
 )
+from .conclusions import Conclusions, build_conclusions
 
 #: statistics ``--stat`` accepts: the recorded ones plus ``std`` (square root of ``var``).
 STAT_CHOICES = (*STATS, "std")
@@ -161,6 +162,7 @@ class FileReport(TypedDict):
 
 
 class Report(TypedDict):
+    conclusions: Conclusions
     stat: str
     layers: str | None
     variant: str | None
@@ -418,7 +420,8 @@ def build_report(
         names = merge_order([*moment_layers(c.run), *(ics_layers(c.run) if c.run.has(ICS) else [])] for c in columns)
         if not any(matches(n, patterns) for n in names):
             raise ConfigError(f"--layers {layers!r} matches no layer; layers: {listing(names)}")
-    report: Report = {"stat": stat, "layers": layers, "variant": variant, "files": []}
+    conclusions = build_conclusions([(c.label, c.run) for c in columns])
+    report: Report = {"conclusions": conclusions, "stat": stat, "layers": layers, "variant": variant, "files": []}
     for f in files:
         report["files"].append(
             {

@@ -31,6 +31,7 @@ from .content import (
     align_layers,
     merge_order,
 )
+from .render_conclusions import draw_conclusions
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 
@@ -369,6 +370,8 @@ def render_report(report: Report, console: Console) -> None:
     Sections without data are skipped with a dim hint saying how to record them.
     """
     page = _Page(console, [(run["label"], run) for f in report["files"] for run in f["runs"].values()])
+    if page.cols:
+        draw_conclusions(console, report["conclusions"])
     _draw_files(page, report)
     if not page.cols:
         return
