@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .probes.moments import moment_stats
     from .probes.spectrum import hessian_trace, spectral_density, top_eigenvalues
     from .recorder import Recorder
-    from .store import read_file
+    from .store.reader import read_file
     from .surgery import apply_bn
     from .trainer import run_experiment
 
@@ -42,7 +42,7 @@ _EXPORTS = {
     "hessian_trace": "bnprobe.probes.spectrum",
     "spectral_density": "bnprobe.probes.spectrum",
     "run_experiment": "bnprobe.trainer",
-    "read_file": "bnprobe.store",
+    "read_file": "bnprobe.store.reader",
 }
 __all__ = [
     "Recorder",

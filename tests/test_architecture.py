@@ -70,13 +70,17 @@ def test_views_read_only_the_store(view: str) -> None:
     assert _internal(view) <= {"bnprobe", "bnprobe.store", "bnprobe.errors", "bnprobe.config", "bnprobe.quadrature", *VIEWS}
 
 
-def test_the_store_knows_no_model() -> None:
-    assert _internal("bnprobe.store") <= {"bnprobe", "bnprobe.errors", "bnprobe.config"}
-    assert "torch" not in _imports(FILES["bnprobe.store"], top_level_only=True)  # only checkpoints need it
+STORE = {m for m in FILES if m == "bnprobe.store" or m.startswith("bnprobe.store.")}
+
+
+@pytest.mark.parametrize("module", sorted(STORE))
+def test_the_store_knows_no_model(module: str) -> None:
+    assert _internal(module) <= {"bnprobe", "bnprobe.errors", "bnprobe.config", *STORE}
+    assert "torch" not in _imports(FILES[module], top_level_only=True)  # only checkpoints need it
 
 
 def test_only_the_store_touches_hdf5_and_only_the_cli_typer() -> None:
-    assert {m for m in FILES if _uses(m, "h5py")} == {"bnprobe.store"}
+    assert {m for m in FILES if _uses(m, "h5py")} <= STORE
     assert {m for m in FILES if _uses(m, "typer")} == {"bnprobe.cli"}
     assert {m for m in FILES if "bnprobe.cli" in _internal(m)} == {"bnprobe.__main__"}  # `python -m bnprobe`, `torchrun -m bnprobe`
 

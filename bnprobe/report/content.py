@@ -31,7 +31,7 @@ from ..store import (
     TRAIN,
     Column,
     RunData,
-    hessian_blocks,
+    hessian_block_labels,
     ics_layers,
     layer_kinds,
     listing,
@@ -361,7 +361,7 @@ def _hessian(run: RunData) -> Hessian | None:
         "converged": bool(converged) if converged is not None else None,
         "bn_mode": _plain(attrs.get("bn_mode")),
         "samples": _plain(attrs.get("samples")),
-        "blocks": {name: num(v) for name, v in zip(hessian_blocks(run), blocks)} if blocks is not None else {},
+        "blocks": {name: num(v) for name, v in zip(hessian_block_labels(run), blocks)} if blocks is not None else {},
     }
 
 

@@ -1,0 +1,102 @@
+"""The HDF5 writer and reader: the only package that imports h5py, and the one that knows the layout.
+
+:mod:`.layout` is the layout as a table, :mod:`.writer` writes files, :mod:`.reader` reads them
+back, :mod:`.columns` puts the runs of several files side by side. Everything else imports from
+here. Reading needs no torch: it is imported only to write the file's ``torch_version`` and to
+save or load a checkpoint.
+"""
+
+from __future__ import annotations
+
+from .columns import Column, hessian_block_labels, ics_layers, layer_kinds, listing, load_columns, matches, moment_layers
+from .layout import (
+    AXES_ATTR,
+    BIN,
+    BLOCK,
+    CHANNEL,
+    ETA,
+    FORMAT_VERSION,
+    HESSIAN,
+    ICS,
+    ICS_FIELDS,
+    LANDSCAPE,
+    LAYER,
+    LAYOUT,
+    MOMENTS,
+    NODE,
+    PER_CHANNEL,
+    PROBE,
+    RANK,
+    RECORD,
+    SECTIONS,
+    SPECTRUM,
+    STATS,
+    STEP,
+    TRAIN,
+    TRAIN_FIELDS,
+    DatasetSpec,
+    LayerLike,
+    LayerRow,
+    Status,
+    axes_for,
+    spec_of,
+)
+from .reader import FileData, Recorded, RunData, load_checkpoint, read_arrays, read_file, strings
+from .writer import RunWriter, Store, atomic_output, check_output_path, partial_path
+
+#: the old name of :func:`hessian_block_labels`, kept for callers
+hessian_blocks = hessian_block_labels
+
+__all__ = [
+    "AXES_ATTR",
+    "BIN",
+    "BLOCK",
+    "CHANNEL",
+    "ETA",
+    "FORMAT_VERSION",
+    "HESSIAN",
+    "ICS",
+    "ICS_FIELDS",
+    "LANDSCAPE",
+    "LAYER",
+    "LAYOUT",
+    "MOMENTS",
+    "NODE",
+    "PER_CHANNEL",
+    "PROBE",
+    "RANK",
+    "RECORD",
+    "SECTIONS",
+    "SPECTRUM",
+    "STATS",
+    "STEP",
+    "TRAIN",
+    "TRAIN_FIELDS",
+    "Column",
+    "DatasetSpec",
+    "FileData",
+    "LayerLike",
+    "LayerRow",
+    "Recorded",
+    "RunData",
+    "RunWriter",
+    "Status",
+    "Store",
+    "atomic_output",
+    "axes_for",
+    "check_output_path",
+    "hessian_block_labels",
+    "hessian_blocks",
+    "ics_layers",
+    "layer_kinds",
+    "listing",
+    "load_checkpoint",
+    "load_columns",
+    "matches",
+    "moment_layers",
+    "partial_path",
+    "read_arrays",
+    "read_file",
+    "spec_of",
+    "strings",
+]

@@ -1,0 +1,367 @@
+"""Writing bnprobe files: the experiment file (:class:`Store`), one run's records
+(:class:`RunWriter`), and the all-or-nothing outputs of the export and plot commands.
+
+Records are buffered in memory and appended to resizable, chunked datasets on
+:meth:`RunWriter.flush`, followed by an HDF5 flush, so a run killed at any point leaves a file
+that opens and holds everything up to the last flush, with the run's ``status`` attribute saying
+what happened. Each dataset gets its axis labels as an ``axes`` attribute when it is created.
+``torch`` is imported only to write the file's ``torch_version`` and to save a checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import io
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from ..errors import StoreError, clip
+from .layout import _LAYER_DTYPE, AXES_ATTR, FORMAT_VERSION, STEP, TRAIN, LayerLike, Status, spec_of
+from .reader import _checkpoint, read_file
+
+_TRAIN_STEPS = f"{TRAIN}/{STEP}"  # a run has records once this has a row
+
+
+def check_output_path(path: Path, force: bool = False, create_parent: bool = False, inputs: Sequence[str | Path] = ()) -> bool:
+    """Refuse an output that would replace a user's file (without ``force``), one of the ``inputs``
+    it is made from (even with ``force``), or cannot be written (a name too long for the file
+    system, a NUL byte in it). Returns whether it made the parent directory (``create_parent``),
+    which whoever discards the output then removes too."""
+    where = clip(str(path))
+    made_parent = False
+    try:
+        if path.exists() and any(path.samefile(p) for p in inputs if Path(p).exists()):
+            raise StoreError(f"{where} is the file being read; choose another --output")
+        if create_parent and not path.parent.exists() and path.parent.parent.is_dir():
+            path.parent.mkdir()
+            made_parent = True
+        if path.is_dir():
+            raise StoreError(f"{where} is a directory, not an output file")
+        if path.exists() and not force:
+            raise StoreError(f"{where} already exists; choose another --output or pass --force to replace it")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise StoreError(f"output directory {clip(str(parent))} does not exist; create it first")
+        if not os.access(parent, os.W_OK):
+            raise StoreError(f"output directory {clip(str(parent))} is not writable")
+        # The temporary name is the longest name written: one too long fails here, before any writing.
+        os.stat(partial_path(path), follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        if made_parent:
+            path.parent.rmdir()
+        raise StoreError(f"cannot write {where}: {getattr(e, 'strerror', None) or e}") from None
+    return made_parent
+
+
+def partial_path(path: Path) -> Path:
+    """The temporary name (``.NAME.partial``, beside it) an output is written under before it replaces ``path``."""
+    return path.with_name(f".{path.name}.partial")
+
+
+@contextmanager
+def atomic_output(out: Path) -> Iterator[Path]:
+    """All or nothing: the block writes the path it is given (a temporary file beside ``out``), which
+    then replaces ``out``; on any error the temporary file is removed and ``out`` stays as it was.
+    An ``OSError`` becomes a one-line :class:`StoreError`."""
+    tmp = partial_path(out)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except OSError as e:
+        raise StoreError(f"cannot write {out}: {e.strerror or e}") from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class Store:
+    """An experiment file being written. Create with :meth:`create`, add runs with :meth:`run`.
+
+    With ``force`` an existing file is replaced only once the new one holds its first flush: the
+    new file is written under a temporary name and renamed over the old one then.
+    """
+
+    def __init__(
+        self, h5: h5py.File, path: Path, pending_rename: Path | None, created: bool = False, made_parent: bool = False, keeps: bool = True
+    ) -> None:
+        self._h5 = h5
+        self.keeps = keeps  # False: records and checkpoints are dropped at the flush (see scratch)
+        self.path = path
+        self._pending_rename = pending_rename
+        self._created = created  # a file this store made (not one it appends to): it may discard it
+        self._made_parent = made_parent  # ... and the directory it made for it
+        self.writers: dict[str, RunWriter] = {}
+
+    @classmethod
+    def create(
+        cls, path: str | Path, config_yaml: str = "", force: bool = False, create_parent: bool = False, inputs: Sequence[str | Path] = ()
+    ) -> Store:
+        """Start a new experiment file; refuses to touch an existing one unless ``force``, and
+        ``inputs`` (files it is made from) even then.
+
+        ``create_parent`` makes a missing parent directory (one level: the default ``runs/``).
+        """
+        path = Path(path)
+        made_parent = check_output_path(path, force, create_parent, inputs)
+        target = partial_path(path) if path.exists() else path
+        try:
+            # locking=False: readers (report on a live run) must not need the writer's lock
+            h5 = h5py.File(target, "w" if target != path else "x", locking=False, track_order=True)
+        except (OSError, FileExistsError) as e:
+            if made_parent:
+                path.parent.rmdir()
+            raise StoreError(f"cannot create {path}: {e}") from e
+        h5.attrs.update(
+            {
+                "format_version": FORMAT_VERSION,
+                "bnprobe_version": __version__,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "torch_version": _torch_version(),
+                "config": config_yaml,
+            }
+        )
+        h5.flush()  # with force, the old file is replaced at the first flush holding records, not now
+        return cls(h5, path, target if target != path else None, created=True, made_parent=made_parent)
+
+    @classmethod
+    def scratch(cls) -> Store:
+        """A store that keeps nothing (records and checkpoints are dropped at each flush; the rest
+        lives in memory): what the processes other than rank 0 of a torchrun run write to, so
+        that they run rank 0's code and leave no file."""
+        h5 = h5py.File(io.BytesIO(), "w", track_order=True)
+        h5.attrs["format_version"] = FORMAT_VERSION
+        return cls(h5, Path("<memory>"), None, keeps=False)
+
+    @classmethod
+    def append_to(cls, path: str | Path) -> Store:
+        """Open an existing bnprobe file to add runs or records (checked first)."""
+        path = Path(path)
+        read_file(path, load=False)
+        try:
+            return cls(h5py.File(path, "r+", locking=False), path, None)
+        except OSError as e:
+            raise StoreError(f"cannot open {path} for writing: {e}") from e
+
+    def run(self, name: str, attrs: Mapping[str, Any]) -> RunWriter:
+        """The writer for run group ``/runs/<name>``, created with ``attrs`` and status ``running``."""
+        if "/" in name or not name:
+            raise StoreError(f"invalid run name {name!r}")
+        runs = self._h5["runs"] if "runs" in self._h5 else self._h5.create_group("runs", track_order=True)
+        if name in runs:
+            group = runs[name]
+        else:
+            group = runs.create_group(name, track_order=True)
+            group.attrs.update({k: _attr(v) for k, v in attrs.items()})
+            group.attrs["status"] = Status.RUNNING.value
+        writer = RunWriter(self, group)
+        writer.write_seconds = float(group.attrs.get("write_seconds", 0.0))  # a resumed run goes on counting
+        self.writers[name] = writer
+        return writer
+
+    def run_names(self) -> list[str]:
+        return list(self._h5.get("runs", {}))
+
+    def checkpoint(self, run: str) -> tuple[dict[str, Any], int] | None:
+        """The checkpoint of ``run`` and its step, or None when it has none."""
+        if "checkpoint" not in self._h5.get(f"runs/{run}", {}):
+            return None
+        return _checkpoint(self._h5, self.path, run)
+
+    def has_records(self) -> bool:
+        """Whether any run has logged a training step (flushed or still buffered)."""
+        if any(w.has_pending_steps() for w in self.writers.values()):
+            return True
+        runs = self._h5.get("runs")
+        return runs is not None and any(_TRAIN_STEPS in g and g[_TRAIN_STEPS].shape[0] > 0 for g in runs.values())
+
+    def flush(self) -> None:
+        self._h5.flush()
+        if self._pending_rename is not None and self.has_records():
+            self._commit()
+
+    def _commit(self) -> None:
+        if self._pending_rename is not None:
+            os.replace(self._pending_rename, self.path)
+            self._pending_rename = None
+
+    def close(self) -> None:
+        if not self._h5.id.valid:
+            return
+        for writer in self.writers.values():
+            writer.flush()
+        self._h5.flush()
+        self._commit()
+        self._h5.close()
+
+    def discard(self) -> None:
+        """Close and delete the file this store created (an existing file it would replace stays)."""
+        if self._h5.id.valid:
+            self._h5.close()
+        if self._created:
+            (self._pending_rename or self.path).unlink(missing_ok=True)
+            self._pending_rename = None
+        if self._made_parent and not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        # A run that fails before its first step (a user error found late, Ctrl-C at start-up)
+        # leaves no file behind, and with --force the user's old file untouched.
+        if exc_type is not None and self._created and not self.has_records():
+            self.discard()
+        else:
+            self.close()
+
+
+def _torch_version() -> str:
+    import torch  # the writer's torch (already loaded where runs are written); reading never needs it
+
+    return str(torch.__version__)
+
+
+def _attr(value: Any) -> Any:
+    """An HDF5-storable attribute value (None as "", str subclasses and enums as their text)."""
+    if value is None:
+        return ""
+    if isinstance(value, enum.Enum):
+        return _attr(value.value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+        return [str(v) for v in value]
+    return value
+
+
+class RunWriter:
+    """Buffers one run's records and appends them to ``/runs/<name>/<section>/<dataset>`` on
+    :meth:`flush` (its owner, the Recorder, decides when: every N records or S seconds)."""
+
+    def __init__(self, store: Store, group: h5py.Group) -> None:
+        self._store = store
+        self._group = group
+        self._pending: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.write_seconds = 0.0  # time spent writing HDF5, so runs can report the store's overhead
+
+    @property
+    def name(self) -> str:
+        return str(self._group.name).rsplit("/", 1)[-1]
+
+    def set_layers(self, layers: Sequence[LayerLike]) -> None:
+        """Write the layers table (name, kind, param_count, output shape, order)."""
+        rows = np.array(
+            [(lay.name, lay.kind, lay.param_count, "x".join(map(str, lay.output_shape)), lay.order) for lay in layers], dtype=_LAYER_DTYPE
+        )
+        if "layers" in self._group:
+            del self._group["layers"]
+        self._group.create_dataset("layers", data=rows)
+
+    def set_attrs(self, **attrs: Any) -> None:
+        self._group.attrs.update({k: _attr(v) for k, v in attrs.items()})
+
+    def set_status(self, status: Status | str, **extra: Any) -> None:
+        """Set ``status`` (a :class:`Status` or its text), flush, and make it durable."""
+        try:
+            status = Status(status)
+        except ValueError:
+            raise ValueError(f"status must be one of {tuple(s.value for s in Status)}") from None
+        self.flush()
+        self.set_attrs(status=status, **extra)
+        self._store.flush()
+
+    def write_constant(self, path: str, values: Any, **attrs: Any) -> None:
+        """A dataset written once (e.g. ``landscape/eta``), replaced if present."""
+        if path in self._group:
+            del self._group[path]
+        data = np.asarray(values)
+        if data.dtype.kind == "U":
+            data = data.astype(h5py.string_dtype())
+        ds = self._group.create_dataset(path, data=data)
+        _label_axes(ds, path)
+        ds.attrs.update({k: _attr(v) for k, v in attrs.items()})
+
+    def append(self, section: str, step: int, values: Mapping[str, Any]) -> None:
+        """One record at ``step``: ``section/step`` gets the step, ``section/<key>`` each value (any shape)."""
+        self._pending[f"{section}/{STEP}"].append(np.asarray(step, dtype=np.int64))
+        for key, value in values.items():
+            self._pending[f"{section}/{key}"].append(np.asarray(value))
+
+    def has_pending_steps(self) -> bool:
+        return bool(self._pending.get(_TRAIN_STEPS))
+
+    def flush(self) -> None:
+        """Append buffered records to their datasets and flush the file to disk."""
+        if not self._store.keeps:
+            self._pending.clear()
+            return
+        t0 = time.perf_counter()
+        for path, rows in self._pending.items():
+            block = np.stack(rows)
+            if path not in self._group:
+                chunk_rows = max(1, min(1024, (1 << 16) // max(1, block[0].nbytes)))
+                ds = self._group.create_dataset(path, data=block, maxshape=(None, *block.shape[1:]), chunks=(chunk_rows, *block.shape[1:]))
+                _label_axes(ds, path)
+            else:
+                ds = self._group[path]
+                if ds.shape[1:] != block.shape[1:]:
+                    raise StoreError(f"{path}: record shape {block.shape[1:]} does not match {ds.shape[1:]}")
+                start = ds.shape[0]
+                ds.resize(start + len(block), axis=0)
+                ds[start:] = block
+        self._pending.clear()
+        self._store.flush()
+        self.write_seconds += time.perf_counter() - t0
+
+    def truncate(self, next_step: int) -> None:
+        """Drop records at steps >= ``next_step`` (those after the checkpoint a resume starts from)."""
+        self.flush()
+
+        def visit(_rel: str, obj: Any) -> None:
+            if isinstance(obj, h5py.Group) and isinstance(obj.get(STEP), h5py.Dataset):
+                keep = int(np.searchsorted(obj[STEP][()], next_step))
+                for ds in obj.values():
+                    if isinstance(ds, h5py.Dataset) and ds.maxshape and ds.maxshape[0] is None:
+                        ds.resize(min(keep, ds.shape[0]), axis=0)
+
+        self._group.visititems(visit)
+        self._store.flush()
+
+    def set_dataset_attrs(self, path: str, **attrs: Any) -> None:
+        """Attributes of a recorded dataset (e.g. the BN mode and sample size of ``hessian/top_eigenvalue``)."""
+        self.flush()
+        if self._store.keeps:
+            self._group[path].attrs.update({k: _attr(v) for k, v in attrs.items()})
+
+    def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
+        """Store a ``torch.save`` blob (model, optimizer, RNG states) as ``checkpoint``."""
+        if not self._store.keeps:
+            return
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(dict(state), buffer)
+        if "checkpoint" in self._group:
+            del self._group["checkpoint"]
+        ds = self._group.create_dataset("checkpoint", data=np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+        ds.attrs["step"] = step
+        self.flush()
+
+
+def _label_axes(ds: h5py.Dataset, path: str) -> None:
+    """Write the axis labels :data:`LAYOUT` gives a new dataset as its ``axes`` attribute."""
+    spec = spec_of(path)
+    if spec is not None and len(spec.axes) == ds.ndim:
+        ds.attrs[AXES_ATTR] = list(spec.axes)
