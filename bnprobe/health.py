@@ -8,6 +8,7 @@ batch raises nothing.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -139,6 +140,15 @@ def _dead_layers(run: RunData) -> list[Flag]:
             why = "max <= 0" if top[i, j] <= 0 else "variance 0"
             flags.append(Flag(DEAD, int(steps[i]), f"{name}: {why}"))
     return flags
+
+
+#: the datasets the flags are computed from
+INPUTS = (f"{TRAIN}/{STEP}", f"{TRAIN}/loss", f"{TRAIN}/accuracy", f"{MOMENTS}/{STEP}", f"{MOMENTS}/max", f"{MOMENTS}/var")
+
+
+def flags_json(flags: list[Flag]) -> str:
+    """The flags as the JSON text stored in a run's ``health`` attribute."""
+    return json.dumps([f.as_dict() for f in flags])
 
 
 def first_flag_step(flags: list[Flag]) -> int | None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed, rng
+from . import distributed, health, rng
 from .config import BnMode, Config, OptimizerName, expand_variants
 from .data import DataBundle, batches, load_data
 from .errors import BnprobeError, ConfigError, ModelError, PeerStopped, StoreError, described, first_line
@@ -280,6 +280,9 @@ class _Run:
         if save:
             self.writer.save_checkpoint(self.checkpoint(steps), steps)
         extra = {k: v for k, v in extra.items() if v is not None}
+        recorded = self.writer.read_back(health.INPUTS)
+        recorded.attrs["status"] = str(status)  # a diverged run's flag reads it
+        extra["health"] = health.flags_json(health.run_flags(recorded))
         self.writer.set_status(status, steps=steps, seconds=self.rec.elapsed(), write_seconds=self.writer.write_seconds, **extra)
 
 

@@ -198,8 +198,7 @@ def read_file(path: str | Path, load: bool = True) -> FileData:
             attrs = {k: _decode(v) for k, v in h5.attrs.items()}
             runs: dict[str, RunData] = {}
             for name, group in h5.get("runs", {}).items():
-                layers = [_layer_row(row) for row in group["layers"][()]] if "layers" in group else []
-                run = RunData(name, {k: _decode(v) for k, v in group.attrs.items()}, layers)
+                run = run_header(name, group)
                 if load:
                     _load_datasets(group, run)
                 runs[name] = run
@@ -208,6 +207,12 @@ def read_file(path: str | Path, load: bool = True) -> FileData:
             detail = str(e.args[0]) if e.args else type(e).__name__  # KeyError's str() adds quotes
             raise StoreError(f"{path} is damaged and cannot be read: {detail.splitlines()[0][:160]}") from e
     return FileData(path, attrs, runs)
+
+
+def run_header(name: str, group: h5py.Group) -> RunData:
+    """A run group's attributes and layers table, without its datasets."""
+    layers = [_layer_row(row) for row in group["layers"][()]] if "layers" in group else []
+    return RunData(name, {k: _decode(v) for k, v in group.attrs.items()}, layers)
 
 
 def _layer_row(row: np.void) -> LayerRow:

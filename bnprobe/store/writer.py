@@ -27,7 +27,7 @@ import numpy as np
 from .. import __version__
 from ..errors import StoreError, clip
 from .layout import _LAYER_DTYPE, AXES_ATTR, FORMAT_VERSION, STEP, TRAIN, LayerLike, Status, spec_of
-from .reader import _checkpoint, read_file
+from .reader import RunData, _checkpoint, read_file, run_header
 
 _TRAIN_STEPS = f"{TRAIN}/{STEP}"  # a run has records once this has a row
 
@@ -271,6 +271,16 @@ class RunWriter:
 
     def set_attrs(self, **attrs: Any) -> None:
         self._group.attrs.update({k: _attr(v) for k, v in attrs.items()})
+
+    def read_back(self, paths: Sequence[str]) -> RunData:
+        """The run as flushed so far, with only the datasets ``paths`` (checks made on the records at
+        the end of a run, such as its health flags, need a few of them, not every record)."""
+        self.flush()
+        run = run_header(self.name, self._group)
+        for path in paths:
+            if path in self._group and isinstance(self._group[path], h5py.Dataset):
+                run.data[path] = self._group[path][()]
+        return run
 
     def set_status(self, status: Status | str, **extra: Any) -> None:
         """Set ``status`` (a :class:`Status` or its text), flush, and make it durable."""
