@@ -70,7 +70,8 @@ def run_flags(run: RunData) -> list[Flag]:
     flags: list[Flag] = []
     if run.attrs.get("status") == DIVERGED:
         steps = run.get(TRAIN, STEP)
-        flags.append(Flag(DIVERGED, int(steps[-1]) + 1 if steps is not None and len(steps) else 0, "non-finite loss"))
+        at = run.attrs.get("diverged_step", int(steps[-1]) if steps is not None and len(steps) else 0)
+        flags.append(Flag(DIVERGED, int(at), "non-finite loss"))
     flags += _training_flags(run)
     flags += _dead_layers(run)
     return sorted(flags, key=lambda f: (f.step, f.kind))

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
 from bnprobe import findings, health
+from bnprobe.config import load_config_text
+from bnprobe.errors import ModelError
+from bnprobe.trainer import run_experiment
 from bnprobe.stats import mean_interval, ratio_interval, t975
 from bnprobe.store import RunData
 
@@ -87,7 +94,9 @@ def test_dead_layer_needs_a_relu_for_max_below_zero() -> None:
 
 def test_diverged_flag() -> None:
     flags = health.run_flags(_run("r", np.array([2.0, 2.0, np.inf]), status="diverged"))
-    assert [(f.kind, f.step) for f in flags] == [(health.DIVERGED, 3)]
+    assert [(f.kind, f.step) for f in flags] == [(health.DIVERGED, 2)]  # no diverged_step stored: the last step
+    flags = health.run_flags(_run("r", np.array([2.0, 2.0, np.inf]), status="diverged", diverged_step=7))
+    assert [(f.kind, f.step) for f in flags] == [(health.DIVERGED, 7)]
 
 
 def test_bn_labels_come_from_what_the_model_holds() -> None:
@@ -169,3 +178,58 @@ def test_no_clear_difference_when_the_interval_includes_one() -> None:
     [found] = findings.findings(runs)
     assert found.whole.direction == "no clear difference"
     assert "no clear difference in effective beta" in found.verdict and found.agrees is None
+
+
+def _train(tmp_path: Path, text: str) -> dict[str, list[dict[str, object]]]:
+    cfg = load_config_text(text + f"output: {tmp_path / 'run.h5'}\n", "test")
+    with contextlib.suppress(ModelError):  # a diverged variant ends the command with an error, its records kept
+        run_experiment(cfg)
+    with h5py.File(tmp_path / "run.h5", "r") as h5:
+        return {name: json.loads(group.attrs["health"]) for name, group in h5["runs"].items()}
+
+
+def test_a_run_that_fits_its_data_stores_the_flag(tmp_path: Path) -> None:
+    """The prototype images: BN fits them in a few dozen steps, the plain VGG does not."""
+    flags = _train(
+        tmp_path,
+        "model: vgg\nmodel_options: {width: 0.25}\ndata: synthetic:cifar10\ndata_options: {n: 512}\n"
+        "steps: 60\nbatch_size: 64\nlr: 0.1\nprobes: {record_every: 20}\nvariants: {bn: [keep, insert]}\n",
+    )
+    assert flags["keep"] == []
+    [fitted] = flags["insert"]
+    assert fitted["kind"] == health.FITTED and 19 <= int(fitted["step"]) < 60  # type: ignore[call-overload]
+
+
+_DEAD = """
+import torch
+from torch import nn
+
+def make(num_classes, input_shape, bias=-50.0):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, num_classes))
+    with torch.no_grad():
+        net[1].bias.fill_(bias)
+    return net
+"""
+
+
+@pytest.mark.parametrize(("bias", "dead"), [(-50.0, True), (0.0, False)])
+def test_a_layer_whose_relu_is_off_everywhere_is_flagged_dead(tmp_path: Path, bias: float, dead: bool) -> None:
+    (tmp_path / "net.py").write_text(_DEAD)
+    flags = _train(
+        tmp_path,
+        f"model: {tmp_path / 'net.py'}:make\nmodel_options: {{bias: {bias}}}\ndata: synthetic:mnist\ndata_options: {{n: 256}}\n"
+        "steps: 10\nbatch_size: 32\nlr: 0.01\nprobes: {record_every: 5}\n",
+    )
+    found = [(f["kind"], f["step"], str(f["detail"]).split(":")[0]) for f in flags["keep"]]
+    assert found == ([(health.DEAD, 0, "1")] if dead else [])
+
+
+def test_a_run_that_diverges_is_flagged_at_its_step(tmp_path: Path) -> None:
+    flags = _train(
+        tmp_path,
+        "model: mlp\nmodel_options: {activation: relu}\ndata: synthetic:mnist\ndata_options: {n: 512}\nsteps: 40\nbatch_size: 64\nlr: 3.0\n",
+    )
+    [(name, [flag])] = flags.items()
+    assert flag["kind"] == health.DIVERGED
+    with h5py.File(tmp_path / "run.h5", "r") as h5:
+        assert flag["step"] == int(h5["runs"][name].attrs["diverged_step"])
