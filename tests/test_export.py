@@ -16,9 +16,9 @@ from _fixtures import write_run_file
 from bnprobe import export as export_module
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
 from bnprobe.export import COLUMNS, SETTINGS, export, tidy_table
+from bnprobe.store import AXES_ATTR, STATS, Store, read_file
 
 KEYS = ("variant", "section", "step", "layer", "quantity", "channel", "eta", "bin")  # what tells a row apart
-from bnprobe.store import AXES_ATTR, STATS, Store, read_file
 
 Key = tuple  # (variant, section, step, layer, quantity, channel, eta, bin); missing = None
 
