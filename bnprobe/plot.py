@@ -12,6 +12,9 @@ Kinds:
   L(w - eta g) and of the gradient predictiveness ||grad L(w) - grad L(w - eta g)||_2, over
   steps, and the effective beta-smoothness (Santurkar et al., Fig. 4 style).
 - ``training``: loss and accuracy over steps.
+
+Runs that differ only in their seed are replicates of one condition: in ``training`` and ``landscape``
+each is drawn faint and their mean (over the steps they share) bold, one colour per condition.
 - ``hessian``: the Hessian eigenvalue density of each variant's last spectrum record (stochastic
   Lanczos quadrature, Gaussian-broadened, log scale, as PyHessian and Ghorbani et al. 2019 draw
   it) and the top eigenvalues over steps.
@@ -24,12 +27,14 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import BnprobeError, ConfigError
+from .findings import conditions
 from .quadrature import density as slq_density
 from .report.content import RECORD_HINTS, align_layers
 from .store import (
@@ -121,6 +126,59 @@ def _maybe_log(ax: Any, arrays: Sequence[np.ndarray]) -> None:
     vals = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays]) if arrays else np.zeros(0)
     if vals.size and vals.min() > 0 and vals.max() / vals.min() > 100:
         ax.set_yscale("log")
+
+
+@dataclass
+class _Group:
+    """Runs drawn as one: a condition's replicates (seeds), faint, with their mean bold."""
+
+    label: str
+    color: Any
+    columns: list[Column]
+
+
+def _groups(columns: list[Column]) -> list[_Group]:
+    """One group per condition (the same settings but the seed) when some condition has several
+    seeds; else one per run, as before."""
+    conds = conditions([c.run for c in columns])
+    if all(len(cond.runs) + cond.repeats <= 1 for cond in conds):
+        return [_Group(_name(c), color, [c]) for c, color in zip(columns, _colors(len(columns)))]
+    of_run = {id(run): cond for cond in conds for run in cond.runs.values()}
+    groups: dict[int, _Group] = {}
+    for c in columns:
+        cond = of_run.get(id(c.run))
+        if cond is None:
+            continue  # a repeat of a seed already drawn
+        seeds = len(cond.runs)
+        groups.setdefault(id(cond), _Group(f"{cond.name} ({seeds} seed{'s' if seeds > 1 else ''})", None, [])).columns.append(c)
+    found = list(groups.values())
+    for group, color in zip(found, _colors(len(found))):
+        group.color = color
+    return found
+
+
+Series = tuple[np.ndarray, np.ndarray]  # steps, values
+
+
+def _replicates(ax: Any, group: _Group, series: Sequence[Series], width: float = 1.2, label: bool = True) -> Series | None:
+    """Draw a group's series: a single one as a line; several faint, and their mean over the steps
+    they share bold. Returns what was drawn bold (the mean, or the single series)."""
+    series = [(s, v) for s, v in series if len(v)]
+    if not series:
+        return None
+    name = group.label if label else None
+    if len(series) == 1:
+        steps, values = series[0]
+        ax.plot(steps, values, color=group.color, linewidth=width, **_points(steps), label=name)
+        return series[0]
+    for steps, values in series:
+        ax.plot(steps, values, color=group.color, linewidth=0.7, alpha=0.3)
+    shared = series[0][0]
+    for steps, _ in series[1:]:
+        shared = np.intersect1d(shared, steps)
+    mean = np.mean([v[np.searchsorted(s, shared)] for s, v in series], axis=0)
+    ax.plot(shared, mean, color=group.color, linewidth=width + 0.8, **_points(shared), label=name)
+    return shared, mean
 
 
 # ----------------------------------------------------------------------------- kinds
@@ -233,29 +291,39 @@ def _ics(plt: Any, columns: list[Column], layer: str | None) -> Any:
     return fig
 
 
+def _band(c: Column, quantity: str) -> tuple[Series, Series] | None:
+    """The min and max over step sizes of a landscape record, per record."""
+    steps, records = _recorded(c, LANDSCAPE, STEP), c.run.get(LANDSCAPE, quantity)
+    if records is None:
+        return None
+    arr = _finite(records)
+    n = min(len(steps), len(arr))
+    arr = np.where(np.isfinite(arr[:n]), arr[:n], np.nan)
+    lo, hi = (np.nanmin(arr, axis=1), np.nanmax(arr, axis=1)) if arr.ndim == 2 else (arr, arr)
+    return (steps[:n], lo), (steps[:n], hi)
+
+
+def _beta(c: Column) -> Series:
+    steps, beta = _recorded(c, LANDSCAPE, STEP), _recorded(c, LANDSCAPE, "beta_smoothness")
+    n = min(len(steps), len(beta))
+    return steps[:n], beta[:n]
+
+
 def _landscape(plt: Any, columns: list[Column]) -> Any:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.4), constrained_layout=True)
     eta_text = []
-    for c, color in zip(columns, _colors(len(columns))):
-        steps = _recorded(c, LANDSCAPE, STEP)
+    for group in _groups(columns):
         for ax, quantity in zip(axes[:2], ("loss", "grad_l2")):
-            records = c.run.get(LANDSCAPE, quantity)
-            if records is None:
-                continue
-            arr = _finite(records)
-            n = min(len(steps), len(arr))
-            arr = arr[:n]
-            lo = np.nanmin(np.where(np.isfinite(arr), arr, np.nan), axis=1) if arr.ndim == 2 else arr
-            hi = np.nanmax(np.where(np.isfinite(arr), arr, np.nan), axis=1) if arr.ndim == 2 else arr
-            ax.fill_between(steps[:n], lo, hi, color=color, alpha=0.35, linewidth=0, label=_name(c))
-            ax.plot(steps[:n], lo, color=color, linewidth=0.8, **_points(steps[:n], 2))
-            ax.plot(steps[:n], hi, color=color, linewidth=0.8, **_points(steps[:n], 2))
-        beta, eta = c.run.get(LANDSCAPE, "beta_smoothness"), c.run.get(LANDSCAPE, "eta")
-        if beta is not None:
-            n = min(len(steps), len(beta))
-            axes[2].plot(steps[:n], _finite(beta)[:n], color=color, linewidth=1.5, **_points(steps[:n]), label=_name(c))
-        if eta is not None and len(eta):
-            eta_text.append(f"{float(np.min(eta)):.3g}–{float(np.max(eta)):.3g}")
+            bands = [band for c in group.columns if (band := _band(c, quantity)) is not None]
+            low = _replicates(ax, group, [lo for lo, _ in bands], 0.8, label=False)
+            high = _replicates(ax, group, [hi for _, hi in bands], 0.8, label=False)
+            if low is not None and high is not None and len(low[0]) == len(high[0]):
+                ax.fill_between(low[0], low[1], high[1], color=group.color, alpha=0.3, linewidth=0, label=group.label)
+        _replicates(axes[2], group, [_beta(c) for c in group.columns if c.run.get(LANDSCAPE, "beta_smoothness") is not None], 1.5)
+        for c in group.columns:
+            eta = c.run.get(LANDSCAPE, "eta")
+            if eta is not None and len(eta):
+                eta_text.append(f"{float(np.min(eta)):.3g}–{float(np.max(eta)):.3g}")
     axes[0].set_title("Loss landscape: L(w − ηg) over η")
     axes[0].set_ylabel("loss (range over η)")
     axes[1].set_title("Gradient predictiveness over η")
@@ -277,20 +345,15 @@ def _over_steps(axes: Any) -> None:
 
 
 def _training(plt: Any, columns: list[Column]) -> Any:
-    accuracies = [c.run.get(TRAIN, "accuracy") for c in columns]
-    has_acc = any(acc is not None and np.isfinite(_finite(acc)).any() for acc in accuracies)
+    has_acc = any((acc := c.run.get(TRAIN, "accuracy")) is not None and np.isfinite(_finite(acc)).any() for c in columns)
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12 if has_acc else 7, 4.4), squeeze=False, constrained_layout=True)
     axes = axes[0]
     losses = []
-    for c, color, accuracy in zip(columns, _colors(len(columns)), accuracies):
-        steps, records = _recorded(c, TRAIN, STEP), c.run.get(TRAIN, "loss")
-        if records is not None:
-            loss = _finite(records)[: len(steps)]
-            losses.append(loss)
-            axes[0].plot(steps[: len(loss)], loss, color=color, linewidth=1.2, **_points(steps[: len(loss)]), label=_name(c))
-        if has_acc and accuracy is not None:
-            acc = _finite(accuracy)[: len(steps)]
-            axes[1].plot(steps[: len(acc)], 100 * acc, color=color, linewidth=1.2, **_points(steps[: len(acc)]), label=_name(c))
+    for group in _groups(columns):
+        losses += [v for _, v in _train_series(group, "loss")]
+        _replicates(axes[0], group, _train_series(group, "loss"))
+        if has_acc:
+            _replicates(axes[1], group, [(s, 100 * v) for s, v in _train_series(group, "accuracy")])
     _maybe_log(axes[0], losses)
     axes[0].set_title("Training loss")
     axes[0].set_ylabel("loss (per batch)")
@@ -299,6 +362,16 @@ def _training(plt: Any, columns: list[Column]) -> Any:
         axes[1].set_ylabel("accuracy (%, per batch)")
     _over_steps(axes)
     return fig
+
+
+def _train_series(group: _Group, quantity: str) -> list[Series]:
+    found = []
+    for c in group.columns:
+        steps, records = _recorded(c, TRAIN, STEP), c.run.get(TRAIN, quantity)
+        if records is not None:
+            values = _finite(records)[: len(steps)]
+            found.append((steps[: len(values)], values))
+    return found
 
 
 def _hessian(plt: Any, columns: list[Column]) -> Any:

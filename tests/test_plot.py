@@ -13,7 +13,7 @@ from _fixtures import write_run_file
 
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
 from bnprobe.plot import KINDS, plot
-from bnprobe.store import read_file
+from bnprobe.store import Column, RunData, read_file
 
 pytest.importorskip("matplotlib")
 from matplotlib.colors import to_rgba
@@ -37,7 +37,8 @@ def test_svg_pdf_and_two_files(full_file: Path, tmp_path: Path) -> None:
     other = write_run_file(tmp_path / "other.h5", variants=("keep",), steps=20, seed=2)
     svg = plot([full_file, other], tmp_path / "t.svg", kind="training")
     text = svg.read_text()
-    assert "<svg" in text and "other:keep" in text and "full:insert" in text
+    # two files are grouped by condition, not by file: keep runs seed 0 in one and seed 2 in the other
+    assert "<svg" in text and "keep (2 seeds)" in text and "BN (1 seed)" in text and "other:keep" not in text
     pdf = plot([full_file], tmp_path / "m.pdf", kind="moments", layer="fc2")
     assert pdf.read_bytes().startswith(b"%PDF")
 
@@ -284,3 +285,39 @@ def test_records_steps_apart_are_marked_and_every_step_is_a_plain_line(full_file
     assert lines
     marked = {line.get_marker() not in ("None", "", " ", None) for line in lines}
     assert marked == ({False} if kind == "training" else {True})  # the fixture logs every step, records every 5th
+
+
+def _seed_column(seed: int, bn: bool, loss: list[float]) -> Column:
+    attrs = {"bn": "insert" if bn else "keep", "bn_layers": 2 if bn else 0, "seed": seed, "status": "finished"}
+    run = RunData(f"{'bn' if bn else 'plain'}-seed{seed}", attrs, [])
+    run.data["train/step"] = np.arange(len(loss))
+    run.data["train/loss"] = np.asarray(loss)
+    return Column(run.name, Path("f.h5"), run)
+
+
+def test_replicates_are_faint_and_their_mean_bold() -> None:
+    """Two seeds of one condition: two faint lines, then the mean over the steps both have, labelled
+    with the condition and its seed count; a condition of one seed is one plain line."""
+    import matplotlib.pyplot as plt
+
+    from bnprobe.plot import _groups, _replicates, _train_series
+
+    columns = [_seed_column(0, False, [3.0, 2.0, 1.0]), _seed_column(1, False, [1.0, 2.0]), _seed_column(0, True, [1.0, 0.5, 0.2])]
+    groups = _groups(columns)
+    assert [(g.label, [c.run.name for c in g.columns]) for g in groups] == [
+        ("no BN (2 seeds)", ["plain-seed0", "plain-seed1"]),
+        ("BN (1 seed)", ["bn-seed0"]),
+    ]
+    fig, ax = plt.subplots()
+    try:
+        for group in groups:
+            _replicates(ax, group, _train_series(group, "loss"))
+        faint, faint2, mean, single = ax.get_lines()
+        assert faint.get_alpha() == faint2.get_alpha() == 0.3 and faint.get_label().startswith("_")
+        assert mean.get_xdata().tolist() == [0, 1] and mean.get_ydata().tolist() == [2.0, 2.0]
+        assert mean.get_label() == "no BN (2 seeds)" and mean.get_linewidth() > faint.get_linewidth()
+        assert single.get_ydata().tolist() == [1.0, 0.5, 0.2] and single.get_label() == "BN (1 seed)"
+    finally:
+        plt.close(fig)
+    # without replicates, one group per run, labelled by its column
+    assert [g.label for g in _groups(columns[:1] + columns[2:])] == ["plain-seed0", "bn-seed0"]
