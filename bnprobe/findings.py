@@ -204,6 +204,7 @@ class Quantity:
 QUANTITIES = (
     Quantity("moments.drift", "percentile drift", percentile_drift, True, "lower", IOFFE),
     Quantity("ics.l2", "ICS (l2 of G - G')", _ics_mean("l2"), True, "not lower", SANTURKAR_ICS),
+    Quantity("ics.rel_diff", "relative ICS (‖G - G'‖ / ‖G‖)", _ics_mean("rel_diff"), True, "not lower", SANTURKAR_ICS),
     Quantity("ics.cosine", "ICS cosine of G, G'", _ics_mean("cosine"), False, "not higher", SANTURKAR_ICS),
     Quantity("landscape.loss_variation", "loss variation", _spread("loss"), True, "lower", SANTURKAR_SMOOTH),
     Quantity("landscape.gradient_predictiveness", "gradient change", _spread("grad_l2"), True, "lower", SANTURKAR_SMOOTH),
