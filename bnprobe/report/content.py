@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import layer_patterns
 from ..errors import ConfigError
+from ..findings import bn_label
 from ..store import (
     BLOCK,
     HESSIAN,
@@ -54,6 +55,7 @@ Plain: TypeAlias = "str | int | float | list[Plain] | None"  # an attribute, JSO
 class Summary(TypedDict):
     model: Plain
     bn: Plain
+    bn_label: str  # what the model held: "no BN", "BN", "noisy BN", ...
     data: Plain
     seed: Plain
     device: Plain
@@ -241,6 +243,7 @@ def _summary(run: RunData) -> Summary:
     return {
         "model": _plain(a.get("model", "")),
         "bn": _plain(a.get("bn", "")),
+        "bn_label": bn_label(a),
         "data": _plain(a.get("data", "")),
         "seed": _plain(a.get("seed")),
         "device": _device(a),

@@ -177,7 +177,7 @@ def _draw_files(page: _Page, report: Report) -> None:
 
 _SUMMARY_ROWS: list[tuple[str, Callable[[Summary], str]]] = [
     ("model", lambda s: str(s["model"] or "—")),
-    ("bn mode", lambda s: str(s["bn"] or "—")),
+    ("BN", lambda s: f"{s['bn_label']} ({s['bn']})" if s["bn"] and s["bn_label"] != s["bn"] else str(s["bn"] or "—")),
     ("data", lambda s: str(s["data"] or "—")),
     ("status", lambda s: str(s["status"]) + (f" at {s['diverged_step']}" if s.get("diverged_step") is not None else "")),
     ("steps", lambda s: fmt(s["steps"])),
