@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+_NUMBER = re.compile(r"^$|^n/a$|^[<>~=+-]*\d")
 
 HEADER = """# Benchmark results
 
@@ -43,20 +44,25 @@ class Table:
     rows: list[Sequence[str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def numeric(self) -> list[bool]:
+        """Per column: right-aligned, as numbers are (every cell a number, maybe after < > or ~, or empty)."""
+        return [i > 0 and all(_NUMBER.match(row[i]) for row in self.rows) for i in range(len(self.header))]
+
     def text(self) -> str:
-        """Aligned columns for the console: the first left-aligned, the others right-aligned."""
+        """Aligned columns for the console: numbers right-aligned, text left-aligned."""
         cells = [list(self.header), *(list(r) for r in self.rows)]
         widths = [max(len(row[i]) for row in cells) for i in range(len(self.header))]
+        right = self.numeric()
         lines = [self.title] if self.title else []
         for row in cells:
-            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+            lines.append("  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip())
         return "\n".join([*lines, *self.notes])
 
     def markdown(self) -> str:
         def line(cells: Sequence[str]) -> str:
             return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-        rule = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(self.header))) + "|"
+        rule = "|" + "|".join("---:" if r else ":---" for r in self.numeric()) + "|"
         parts = [f"**{self.title}**\n"] if self.title else []
         parts += [line(self.header), rule, *(line(r) for r in self.rows)]
         if self.notes:
@@ -107,6 +113,7 @@ def section(benchmark: str, command: str, table_markdown: str, when: datetime.da
             f"- command: `{command}`",
             "",
             table_markdown.strip(),
+            "",
             f"<!-- /bench:{benchmark} -->",
         ]
     )
