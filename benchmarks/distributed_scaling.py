@@ -1,5 +1,5 @@
 """Steps per second of one process against two (torchrun, gloo, CPU) on the same global batch,
-with moments recorded every step and ICS every 10th step (issue 13), and the cost of reducing the
+with moments recorded every step and ICS every 10th step, and the cost of reducing the
 moments across the processes as a share of the step (target: under 2%).
 
 Each configuration trains VGG (``--width``, batch ``--batch``, ``--steps`` steps) with
@@ -11,7 +11,8 @@ plus the check that every process recorded the same layers and shapes) is timed 
 two-process run, and so are the all-reduces of gradients and losses and the broadcast of rank 0's
 buffers (for a view of what data parallelism itself costs here).
 
-    python benchmarks/distributed_scaling.py [--width 0.5] [--batch 128] [--steps 40] [--threads 2] [--json]
+    python benchmarks/distributed_scaling.py [--width 0.5] [--batch 128] [--steps 40] [--threads 2] [--json] [--no-record]
+    python benchmarks/distributed_scaling.py --width 0.125 --batch 16 --steps 14 --warmup 4 --no-record   # a quick check
 """
 
 from __future__ import annotations
@@ -108,7 +109,26 @@ def _shared(args: argparse.Namespace) -> list[str]:
     return ["--width", str(args.width), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
 
 
+def table(rows: dict[str, dict[str, float]], args: argparse.Namespace) -> Any:
+    """Steps/s per configuration, and the 2-process run's reduction and communication costs as notes."""
+    from _results import Table  # benchmarks/ is sys.path[0] when run as a script
+
+    two = rows["2 processes, 1 thread each"]
+    share = two["reduce_seconds"] / two["step_seconds"]
+    return Table(
+        f"vgg width {args.width}, global batch {args.batch}, moments every step, ICS every 10th; {args.steps - args.warmup} timed steps",
+        ["configuration", "steps/s"],
+        [[name, f"{r['steps_per_second']:.2f}"] for name, r in rows.items()],
+        [
+            f"moment reduction in the 2-process run: {1000 * two['reduce_seconds']:.2f} ms per step = {share:.2%} of the step (target < 2%)",
+            f"gradient/loss all-reduces {1000 * two['average_seconds']:.2f} ms per step, buffer broadcast {1000 * two['buffer_seconds']:.2f} ms",
+        ],
+    )
+
+
 def main() -> None:
+    from _results import add_record_flag, finish  # benchmarks/ is sys.path[0] when run as a script
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=128)
@@ -118,6 +138,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--worker-threads", type=int, default=1, help=argparse.SUPPRESS)
+    add_record_flag(parser)
     args = parser.parse_args()
     if args.worker_out:
         _worker(args)
@@ -129,19 +150,10 @@ def main() -> None:
             "2 processes, 1 thread each": _launch(2, 1, args, Path(tmp)),
         }
     two = rows["2 processes, 1 thread each"]
-    share = two["reduce_seconds"] / two["step_seconds"]
-    if args.json:
-        print(json.dumps({"rows": rows, "moment_reduction_share": share}, indent=2))
-        return
-    print(f"vgg width {args.width}, global batch {args.batch}, moments every step, ICS every 10th; {args.steps - args.warmup} timed steps")
-    for name, r in rows.items():
-        print(f"  {name:<28} {r['steps_per_second']:6.2f} steps/s")
-    print(
-        f"  moment reduction in the 2-process run: {1000 * two['reduce_seconds']:.2f} ms per step = {100 * share:.2f}% of the step (target < 2%)"
-    )
-    print(
-        f"  gradient/loss all-reduces {1000 * two['average_seconds']:.2f} ms per step, buffer broadcast {1000 * two['buffer_seconds']:.2f} ms"
-    )
+    share = two["reduce_seconds"] / two["step_seconds"]  # in --json only: the table's note has it
+    out = table(rows, args)
+    print(json.dumps({"rows": rows, "moment_reduction_share": share}, indent=2) if args.json else out.text())
+    finish("distributed_scaling", [out], args.no_record)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Cost of the Hessian spectrum (issue 14) against PyHessian's methods, re-implemented here, measured in one run.
+"""Cost of the Hessian spectrum against PyHessian's methods, re-implemented here, measured in one run.
 
 Same model and batch for both (VGG-11 with BN inserted, ``--width``, batch 64, BN in train mode for
 both, after a few SGD steps), each including its own forward and first-order backward:
@@ -11,9 +11,10 @@ both, after a few SGD steps), each including its own forward and first-order bac
   the same accuracy" is the time until its estimate first came within 1e-3 of the reference (at
   most ``--most`` products; its own rule's time and error are shown too). Each seed times the two
   methods back to back, in alternating order, so that a machine slowing down or speeding up
-  during the run weighs on both alike. PyHessian's cost depends much on its random start (w0.25,
-  12 seeds: 21 to 87 products to 1e-3, mean 53, median 43.5; the first 2 seeds average 34.5), so
-  take several seeds (``--repeats``, default 6). Target: at most 0.3x PyHessian's time. Rows and ratios:
+  during the run weighs on both alike. PyHessian's cost depends much on its random start (its
+  products to 1e-3 vary several-fold from seed to seed, and a couple of seeds can sit far from
+  the mean), so take several seeds (``--repeats``, default 6). Target: at most 0.3x PyHessian's
+  time. Rows and ratios:
 
   - "PyHessian power, its own rule" / "to 1e-3 true": products, and the time from its forward to
     the product where its rule stops / where it is first within 1e-3 (its forward and first-order
@@ -28,7 +29,7 @@ both, after a few SGD steps), each including its own forward and first-order bac
     previous step's Ritz vector (as the probe records during training), beside PyHessian to 1e-3
     of that step's reference (another seed each step); means per step.
   - "time ratio at the same accuracy": bnprobe's own-rule time / PyHessian's "to 1e-3 true" time
-    (the issue's target; warm: the warm runs' time over their paired PyHessian runs'). "both credited
+    (the target; warm: the warm runs' time over their paired PyHessian runs'). "both credited
     alike": the two "to 1e-3 true" rows' ratio. "against PyHessian's own rule": bnprobe's
     own-rule time / PyHessian's own-rule time (PyHessian less accurate there).
 - **trace at equal standard error**: PyHessian's Hutchinson (Rademacher vectors, stops when the
@@ -36,7 +37,7 @@ both, after a few SGD steps), each including its own forward and first-order bac
   many vectors (the same estimator, so the same standard error); each timed twice, the faster
   run counts. Target: no slower.
 
-    python benchmarks/hessian_spectrum.py [--width 0.5] [--repeats 6] [--most 200] [--threads 2] [--json]
+    python benchmarks/hessian_spectrum.py [--width 0.5] [--repeats 6] [--most 200] [--threads 2] [--json] [--no-record]
 """
 
 from __future__ import annotations
@@ -294,48 +295,67 @@ def bench_trace(width: float, repeats: int) -> dict[str, Any]:
     }
 
 
+def top_table(top: dict[str, Any], meta: dict[str, Any], most: int) -> Any:
+    """The top-eigenvalue comparison as a ``_results.Table``."""
+    from _results import Table  # benchmarks/ is sys.path[0] when run as a script
+
+    py, ours, warm = top["pyhessian"], top["bnprobe"], top["bnprobe_warm"]
+    rows = [
+        ["PyHessian power, its own rule", f"{py['own_rule_hvps']:.1f}", f"{py['own_rule_s']:.2f}", f"{py['own_rule_max_rel_error']:.1e}"]
+    ]
+    if py["true_1e-3_reached"]:
+        rows.append(["PyHessian power, to 1e-3 true", f"{py['true_1e-3_hvps']:.1f}", f"{py['true_1e-3_s']:.2f}", "<=1e-3"])
+    else:  # counted as --most products: PyHessian's real cost is higher, the ratios below lower
+        rows.append(["PyHessian power, to 1e-3 true", f">{most}", f">{py['true_1e-3_s']:.2f}", "not reached"])
+    rows += [
+        ["bnprobe Lanczos (cold)", f"{ours['hvps']:.1f}", f"{ours['s']:.2f}", f"{ours['max_rel_error']:.1e}"],
+        ["bnprobe Lanczos, to 1e-3 true", f"{ours['true_1e-3_hvps']:.1f}", f"{ours['true_1e-3_s']:.2f}", "<=1e-3"],
+        ["bnprobe Lanczos (warm, per step)", f"{warm['hvps']:.1f}", f"{warm['s']:.2f}", f"{warm['max_rel_error']:.1e}"],
+        ["PyHessian, to 1e-3 true, same steps", "", f"{top['pyhessian_warm_steps_s']:.2f}", ""],
+    ]
+    notes = [
+        f"time ratio at the same accuracy {top['time_ratio_same_accuracy']:.2f}x (warm {top['warm_time_ratio_same_accuracy']:.2f}x; "
+        f"target <= 0.3x); against PyHessian's own, looser, rule {top['time_ratio_own_rules']:.2f}x",
+        f"per product: PyHessian {py['per_product_s']:.3f} s, bnprobe {ours['per_product_s']:.3f} s; both credited alike "
+        f"(products to 1e-3 true x per-product time) {top['time_ratio_both_credited_alike']:.2f}x",
+    ]
+    title = f"Top Hessian eigenvalue, tol 1e-3 (vgg w{meta['width']} +BN, batch 64, train mode, CPU, {meta['threads']} threads)"
+    return Table(title, ["method", "HVPs", "seconds", "max rel err"], rows, notes)
+
+
+def trace_table(trace: dict[str, Any]) -> Any:
+    """The trace comparison as a ``_results.Table``."""
+    from _results import Table
+
+    return Table(
+        f"Trace, Hutchinson at equal standard error ({trace['vectors']:.0f} Rademacher vectors, PyHessian's stopping rule)",
+        ["method", "seconds", "trace", "+- s.e."],
+        [
+            [label, f"{trace[label]['s']:.2f}", f"{trace[label]['trace']:.4g}", f"{trace[label]['stderr']:.2g}"]
+            for label in ("pyhessian", "bnprobe")
+        ],
+        [f"time ratio {trace['time_ratio']:.2f}x (target <= 1x)"],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    from _results import add_record_flag, finish
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=float, default=0.5, help="VGG-11 width (0.5: the half-width VGG)")
     ap.add_argument("--repeats", type=int, default=6, help="random starts / vector sets per method")
     ap.add_argument("--most", type=int, default=200, help="power iterations at most while waiting for 1e-3 true accuracy")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", action="store_true")
+    add_record_flag(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     top, trace = bench_top(args.width, args.repeats, args.most), bench_trace(args.width, args.repeats)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "width": args.width, "repeats": args.repeats}
-    if args.json:
-        print(json.dumps({"meta": meta, "top": top, "trace": trace}, indent=2))
-        return 0
-    py, ours, warm = top["pyhessian"], top["bnprobe"], top["bnprobe_warm"]
-    print(f"Top Hessian eigenvalue, tol 1e-3 (vgg w{args.width} +BN, batch 64, train mode, CPU, {meta['threads']} threads)")
-    print(f"{'method':<34}{'HVPs':>7}{'seconds':>9}{'max rel err':>13}")
-    print(f"{'PyHessian power, its own rule':<34}{py['own_rule_hvps']:>7.1f}{py['own_rule_s']:>9.2f}{py['own_rule_max_rel_error']:>13.1e}")
-    if py["true_1e-3_reached"]:
-        print(f"{'PyHessian power, to 1e-3 true':<34}{py['true_1e-3_hvps']:>7.1f}{py['true_1e-3_s']:>9.2f}{'<=1e-3':>13}")
-    else:  # counted as --most products: PyHessian's real cost is higher, the ratios below lower
-        print(
-            f"{'PyHessian power, to 1e-3 true':<34}{'>' + str(args.most):>7}{'>' + format(py['true_1e-3_s'], '.2f'):>9}{'not reached':>13}"
-        )
-    print(f"{'bnprobe Lanczos (cold)':<34}{ours['hvps']:>7.1f}{ours['s']:>9.2f}{ours['max_rel_error']:>13.1e}")
-    print(f"{'bnprobe Lanczos, to 1e-3 true':<34}{ours['true_1e-3_hvps']:>7.1f}{ours['true_1e-3_s']:>9.2f}{'<=1e-3':>13}")
-    print(f"{'bnprobe Lanczos (warm, per step)':<34}{warm['hvps']:>7.1f}{warm['s']:>9.2f}{warm['max_rel_error']:>13.1e}")
-    print(f"{'PyHessian, to 1e-3 true, same steps':<34}{'':>7}{top['pyhessian_warm_steps_s']:>9.2f}")
-    print(
-        f"time ratio at the same accuracy {top['time_ratio_same_accuracy']:.2f}x (warm {top['warm_time_ratio_same_accuracy']:.2f}x; "
-        f"target <= 0.3x); against PyHessian's own, looser, rule {top['time_ratio_own_rules']:.2f}x"
-    )
-    print(
-        f"per product: PyHessian {py['per_product_s']:.3f} s, bnprobe {ours['per_product_s']:.3f} s; both credited alike "
-        f"(products to 1e-3 true x per-product time) {top['time_ratio_both_credited_alike']:.2f}x"
-    )
-    print(f"\nTrace, Hutchinson at equal standard error ({trace['vectors']:.0f} Rademacher vectors, PyHessian's stopping rule)")
-    for label in ("pyhessian", "bnprobe"):
-        e = trace[label]
-        print(f"{label:<30}{e['s']:>9.2f} s  trace {e['trace']:.4g} +- {e['stderr']:.2g}")
-    print(f"time ratio {trace['time_ratio']:.2f}x (target <= 1x)")
+    out = [top_table(top, meta, args.most), trace_table(trace)]
+    print(json.dumps({"meta": meta, "top": top, "trace": trace}, indent=2) if args.json else "\n\n".join(t.text() for t in out))
+    finish("hessian_spectrum", out, args.no_record)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Cost of one ICS-measured training step, as a ratio to a plain training step (DESIGN 1.4, 5).
+"""Cost of one ICS-measured training step, as a ratio to a plain training step.
 
 For each model: a plain SGD step, ``gradient_shift(method="naive")`` (one extra forward and full
 backward per layer) and ``gradient_shift(method="fast")``, timed in one run, interleaved, each from
@@ -10,8 +10,9 @@ cosine, ||G|| and ||G'|| of all layers.
     python benchmarks/ics_cost.py            # the table
     python benchmarks/ics_cost.py --json     # machine-readable
     python benchmarks/ics_cost.py --cases vgg dln --repeats 3
+    python benchmarks/ics_cost.py --cases dln --repeats 1 --no-record   # a quick check that it runs
 
-Target (issue 5): fast at most half the naive cost on every model, identical numbers.
+Target: fast at most half the naive cost on every model, identical numbers.
 """
 
 from __future__ import annotations
@@ -123,7 +124,30 @@ def bench(name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn:
     }
 
 
+def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Any:
+    """The rows as a ``_results.Table``."""
+    from _results import Table  # benchmarks/ is sys.path[0] when run as a script; tests load scripts by path
+
+    title = f"ICS cost per measured step, ratio to a plain SGD step (CPU, {meta['threads']} threads, best of {meta['repeats']})"
+    header = ["model", "layers", "plain ms", "naive", "fast", "fast/naive", "max rel diff"]
+    cells = [
+        [
+            r["model"],
+            str(r["layers"]),
+            f"{r['plain_ms']:.1f}",
+            f"{r['naive_x']:.1f}x",
+            f"{r['fast_x']:.1f}x",
+            f"{r['fast_over_naive']:.2f}",
+            f"{r['max_rel_diff']:.1e}",
+        ]
+        for r in rows
+    ]
+    return Table(title, header, cells)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from _results import add_record_flag, finish
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--cases", nargs="+", default=["vgg", "vgg_bn", "dln", "dln_bn", "resnet18"], choices=["vgg", "vgg_bn", "dln", "dln_bn", "resnet18"]
@@ -131,20 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_record_flag(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [bench(*case, repeats=args.repeats) for case in cases(args.cases)]
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats}
-    if args.json:
-        print(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    else:
-        print(f"ICS cost per measured step, ratio to a plain SGD step (CPU, {meta['threads']} threads, best of {args.repeats})")
-        print(f"{'model':<22}{'layers':>7}{'plain ms':>10}{'naive':>8}{'fast':>8}{'fast/naive':>12}{'max rel diff':>14}")
-        for r in rows:
-            print(
-                f"{r['model']:<22}{r['layers']:>7}{r['plain_ms']:>10.1f}{r['naive_x']:>7.1f}x{r['fast_x']:>7.1f}x{r['fast_over_naive']:>12.2f}{r['max_rel_diff']:>14.1e}"
-            )
+    out = table(rows, meta)
+    print(json.dumps({"meta": meta, "rows": rows}, indent=2) if args.json else out.text())
+    finish("ics_cost", [out], args.no_record)
     ok = all(r["fast_over_naive"] <= 0.5 and r["max_rel_diff"] < 1e-4 for r in rows)
     return 0 if ok else 1
 

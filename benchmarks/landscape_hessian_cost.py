@@ -1,9 +1,9 @@
-"""Cost of the landscape scan and of the top Hessian eigenvalue (DESIGN 1.5, 5), measured in one run.
+"""Cost of the landscape scan and of the top Hessian eigenvalue, measured in one run.
 
 Landscape (VGG-11 half width, batch 64, m step sizes): ``bnprobe.landscape`` against
 
 - a naive re-computation (deep-copy the model per step size, set the weights, forward + backward),
-- ``torch.func.vmap`` over the m step sizes (the batching the DESIGN target has in mind), on the
+- ``torch.func.vmap`` over the m step sizes (the obvious way to batch them), on the
   model without BN (vmap cannot batch BN's in-place running statistics),
 
 each as a ratio to one plain forward + backward pass. Target: under m naive passes.
@@ -14,7 +14,7 @@ iterations) against bnprobe's (the same rule, warm-started from the previous ste
 Reported: Hessian-vector products and seconds in total, and the largest relative difference of the
 eigenvalues. Target: half PyHessian's time at the same accuracy.
 
-    python benchmarks/landscape_hessian_cost.py [--json] [--m 8] [--steps 6] [--threads 2]
+    python benchmarks/landscape_hessian_cost.py [--json] [--m 8] [--steps 6] [--threads 2] [--no-record]
 """
 
 from __future__ import annotations
@@ -154,34 +154,58 @@ def bench_hessian(steps: int) -> dict[str, Any]:
     }
 
 
+def tables(scan: dict[str, Any], hess: dict[str, Any], meta: dict[str, Any]) -> list[Any]:
+    """The landscape and Hessian results as ``_results.Table``s."""
+    from _results import Table  # benchmarks/ is sys.path[0] when run as a script
+
+    landscape_rows = [
+        [
+            label,
+            f"{e['pass_ms']:.1f}",
+            f"{e['bnprobe_passes']:.1f}",
+            f"{e['naive_passes']:.1f}",
+            f"{e['vmap_passes']:.1f}" if "vmap_passes" in e else "n/a",
+        ]
+        for label, e in scan.items()
+        if label != "m"
+    ]
+    scan_table = Table(
+        f"Landscape scan, m = {scan['m']} step sizes, cost in plain forward+backward passes (CPU, {meta['threads']} threads)",
+        ["model", "pass ms", "bnprobe", "naive", "vmap"],
+        landscape_rows,
+        [f"vmap and bnprobe agree to {scan['vgg w0.5 b64']['vmap_max_rel_diff']:.1e} (relative)"],
+    )
+    hessian_table = Table(
+        f"Top Hessian eigenvalue over {hess['steps']} consecutive steps (vgg w0.25 b64, tol 1e-3)",
+        ["method", "HVPs", "seconds"],
+        [
+            ["PyHessian (cold start)", str(hess["pyhessian_hvps"]), f"{hess['pyhessian_s']:.2f}"],
+            ["bnprobe (warm start)", str(hess["bnprobe_hvps"]), f"{hess['bnprobe_s']:.2f}"],
+        ],
+        [f"time ratio {hess['time_ratio']:.2f}, largest relative eigenvalue difference {hess['max_rel_diff']:.1e}"],
+    )
+    return [scan_table, hessian_table]
+
+
 def main(argv: list[str] | None = None) -> int:
+    from _results import add_record_flag, finish
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=8, help="step sizes in the landscape scan")
     ap.add_argument("--steps", type=int, default=6, help="consecutive steps with a Hessian measurement")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", action="store_true")
+    add_record_flag(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     scan = bench_landscape(args.m, args.repeats)
     hess = bench_hessian(args.steps)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats}
-    if args.json:
-        print(json.dumps({"meta": meta, "landscape": scan, "hessian": hess}, indent=2))
-    else:
-        print(f"Landscape scan, m = {scan['m']} step sizes, cost in plain forward+backward passes (CPU, {meta['threads']} threads)")
-        print(f"{'model':<20}{'pass ms':>9}{'bnprobe':>9}{'naive':>9}{'vmap':>9}")
-        for label, e in scan.items():
-            if label != "m":
-                vm = f"{e['vmap_passes']:>9.1f}" if "vmap_passes" in e else f"{'n/a':>9}"
-                print(f"{label:<20}{e['pass_ms']:>9.1f}{e['bnprobe_passes']:>9.1f}{e['naive_passes']:>9.1f}{vm}")
-        print(f"vmap and bnprobe agree to {scan['vgg w0.5 b64']['vmap_max_rel_diff']:.1e} (relative)")
-        print(f"\nTop Hessian eigenvalue over {hess['steps']} consecutive steps (vgg w0.25 b64, tol 1e-3)")
-        print(f"{'method':<26}{'HVPs':>6}{'seconds':>9}")
-        print(f"{'PyHessian (cold start)':<26}{hess['pyhessian_hvps']:>6}{hess['pyhessian_s']:>9.2f}")
-        print(f"{'bnprobe (warm start)':<26}{hess['bnprobe_hvps']:>6}{hess['bnprobe_s']:>9.2f}")
-        print(f"time ratio {hess['time_ratio']:.2f}, largest relative eigenvalue difference {hess['max_rel_diff']:.1e}")
+    out = tables(scan, hess, meta)
+    print(json.dumps({"meta": meta, "landscape": scan, "hessian": hess}, indent=2) if args.json else "\n\n".join(t.text() for t in out))
+    finish("landscape_hessian_cost", out, args.no_record)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Every torchvision classification model and a fixed timm sample through bnprobe (issue 11).
+"""Every torchvision classification model and a fixed timm sample through bnprobe.
 
 For each model, at the smallest input it accepts (batch 2, 10 classes, random init), the checks:
 
@@ -23,6 +23,8 @@ Each cell is ``ok``, ``refused`` (a one-line bnprobe error: the model genuinely 
     python benchmarks/model_zoo.py                         # torchvision and timm
     python benchmarks/model_zoo.py --source torchvision --limit 5
     python benchmarks/model_zoo.py --include 'resnet*' --include 'dens*' --checks fold hessian
+
+The summary and every cell that is not ``ok`` go to benchmarks/RESULTS.md (``--no-record``: not).
 """
 
 from __future__ import annotations
@@ -253,7 +255,7 @@ def trained_looking_bn(model: nn.Module, size: int, seed: int = 1) -> None:
     """BN as after training: running statistics of the model's own activations (two batches in
     train mode), and a random affine. Random statistics instead would leave activations
     unnormalised and the untrained model so ill-conditioned that float32 rounding of the folded
-    weights alone moves its output by over 1e-4 (EfficientNetV2: 3e-3)."""
+    weights alone moves its output by over 1e-4 (EfficientNetV2 among them)."""
     bns = [m for m in model.modules() if is_batchnorm(m)]
     momenta = {m: getattr(m, "momentum", None) for m in bns}
     g = torch.Generator().manual_seed(seed)
@@ -406,7 +408,23 @@ def check_model(case: Case, checks: tuple[str, ...] = CHECKS, max_params: float 
 # ----------------------------------------------------------------------------- table
 
 
+def tables(counts: dict[str, Counter[str]], problems: list[tuple[str, str, Cell]]) -> list[Any]:
+    """The summary (per check: ok / refused / FAIL / skipped) and every cell that is not ok, as ``_results.Table``s."""
+    from _results import Table  # benchmarks/ is sys.path[0] when run as a script; tests load this module by path
+
+    statuses = ("ok", "refused", "FAIL", "skipped")
+    rows = [[check, *(str(counts[check][k]) for k in statuses)] for check in CHECKS if sum(counts[check].values())]
+    if not problems:
+        return [Table("summary", ["check", *statuses], rows, ["every check ok"])]
+    not_ok = Table(
+        "every cell that is not ok", ["model", "check", "result"], [[model, check, str(cell)] for model, check, cell in problems]
+    )
+    return [Table("summary", ["check", *statuses], rows), not_ok]
+
+
 def main(argv: list[str] | None = None) -> int:
+    from _results import add_record_flag, finish
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=("all", "torchvision", "timm"), default="all")
     parser.add_argument("--timm", dest="source", action="store_const", const="timm", help="only the timm sample")
@@ -414,12 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="at most this many models")
     parser.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS))
     parser.add_argument("--max-params", type=float, default=0, help="skip the checks of larger models (0: none skipped)")
+    add_record_flag(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     selected = cases(args.source, args.include, args.limit)
     checks = tuple(c for c in CHECKS if c in args.checks)
     counts: dict[str, Counter[str]] = {c: Counter() for c in CHECKS}
-    problems: list[str] = []
+    problems: list[tuple[str, str, Cell]] = []
     print(f"{len(selected)} models; checks: {', '.join(checks)}", flush=True)
     for case in selected:
         start = time.perf_counter()
@@ -427,19 +446,14 @@ def main(argv: list[str] | None = None) -> int:
         for check, cell in row.items():
             counts[check][cell.status] += 1
             if cell.status != "ok":
-                problems.append(f"{case.id:45s} {check:9s} {cell}")
+                problems.append((case.id, check, cell))
         cells = "  ".join(f"{c}={row[c].status}" for c in CHECKS if c in row)
         print(f"{case.id:45s} {time.perf_counter() - start:6.1f}s  {cells}", flush=True)
         for check, cell in row.items():
             print(f"    {check:9s} {cell}", flush=True)
-    print("\nsummary (ok / refused / FAIL / skipped)")
-    for check in CHECKS:
-        c = counts[check]
-        if sum(c.values()):
-            print(f"  {check:9s} {c['ok']:4d} {c['refused']:4d} {c['FAIL']:4d} {c['skipped']:4d}")
-    print("\nevery row that is not ok:" if problems else "\nevery check ok")
-    for line in problems:
-        print("  " + line)
+    out = tables(counts, problems)
+    print("\n" + "\n\n".join(t.text() for t in out))
+    finish("model_zoo", out, args.no_record)
     return 1 if any(c["FAIL"] for c in counts.values()) else 0
 
 

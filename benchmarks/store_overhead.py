@@ -1,10 +1,11 @@
-"""Share of a run's time spent writing HDF5 (DESIGN section 5: under 1% for 1,000 steps, 50 layers).
+"""Share of a run's time spent writing HDF5 (target: under 1% for 1,000 steps, 50 layers).
 
 Trains the built-in deep linear network with 50 layers for 1,000 steps with moments recorded
 every ``record_every`` steps (default 10, also try 1) and reads back the run's ``write_seconds``
 (time inside HDF5 writes, checkpoint included) against its ``seconds``.
 
-    python benchmarks/store_overhead.py [--steps 1000] [--depth 50] [--record-every 10] [--json]
+    python benchmarks/store_overhead.py [--steps 1000] [--depth 50] [--record-every 10] [--json] [--no-record]
+    python benchmarks/store_overhead.py --steps 50 --no-record   # a quick check that it runs
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from bnprobe.trainer import run_experiment
 
 
 def main() -> None:
+    from _results import Table, add_record_flag, finish  # benchmarks/ is sys.path[0] when run as a script
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--depth", type=int, default=50)
     parser.add_argument("--record-every", type=int, default=10)
     parser.add_argument("--json", action="store_true")
+    add_record_flag(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "store.h5"
@@ -54,12 +58,13 @@ def main() -> None:
         "write_seconds": write,
         "share": write / seconds,
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(
-            f"{args.steps} steps, {layers} layers, record_every {args.record_every}: HDF5 writes {write:.3f} s of {seconds:.2f} s = {100 * write / seconds:.2f}%"
-        )
+    out = Table(
+        "HDF5 writes against the whole run (dln, batch 64)",
+        ["steps", "layers", "record_every", "HDF5 writes s", "run s", "share"],
+        [[str(args.steps), str(layers), str(args.record_every), f"{write:.3f}", f"{seconds:.2f}", f"{write / seconds:.2%}"]],
+    )
+    print(json.dumps(result, indent=2) if args.json else out.text())
+    finish("store_overhead", [out], args.no_record)
 
 
 if __name__ == "__main__":

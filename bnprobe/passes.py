@@ -2,7 +2,7 @@
 
 Layer discovery, the surgery planning pass, the output check and every measurement pass (ICS,
 landscape, Hessian) run the user's model on a real batch. Such a pass must change nothing the
-training run sees (DESIGN 1.4, 1.8):
+training run sees:
 
 - BatchNorm's running statistics: ``track_running_stats`` is switched off on train-mode norm
   layers (train-mode BN then normalises with batch statistics and updates nothing);

@@ -1,4 +1,4 @@
-"""``Recorder``: the probes as a context manager around any training loop (DESIGN 1.7).
+"""``Recorder``: the probes as a context manager around any training loop.
 
     with bnprobe.Recorder(model, "run.h5", layers="features.*", record_every=10) as rec:
         for x, y in loader:
@@ -6,7 +6,7 @@
             rec.step(loss=loss)
 
 Moments flow in through forward hooks while the model is in train mode; ``rec.step()`` closes the
-step. Layer order is the order of first calls in the first recorded forward pass (DESIGN 1.1).
+step. Layer order is the order of first calls in the first recorded forward pass.
 Device tensors are kept until a flush, so the probes never synchronise per layer per step.
 """
 

@@ -8,11 +8,11 @@ model's forward with a few functions swapped for equal formulas:
   attention) for formulas that have a (finite) double backward where torch's has none;
 - ``batch_norm`` (batch statistics, float32/64) for one whose backward's own derivative is written
   out (:class:`_BatchNormBackward`): 9 elementwise passes and 5 sums per layer and product, where
-  torch's composite runs about 40 elementwise ops and 30 sums, half of a product's time on VGG-11
-  with BN (a product is 14-20% faster there, CPU). Forward and first-order backward are torch's kernels.
+  torch's composite runs about 40 elementwise ops and 30 sums, a large share of a product's time on
+  VGG-11 with BN, so products through BN get faster. Forward and first-order backward are torch's kernels.
 
-Same values and the same first and second derivatives (to rounding: 4e-15 relative in float64;
-third derivatives through BN are refused).
+Same values and the same first and second derivatives (to rounding; third derivatives through BN
+are refused).
 :func:`refusing_what_has_no_double_backward` names the module whose op torch cannot differentiate
 twice, where nothing here replaces it.
 """
@@ -145,7 +145,7 @@ class _BatchNormBackward(torch.autograd.Function):
                + p s (g - mean(g) - x_hat G / m)
 
     (x enters through x_hat and s: d x_hat_i / d x_j = s (delta_ij - 1/m - x_hat_i x_hat_j / m),
-    d s / d x_j = -s^2 x_hat_j / m). Checked against torch's double backward to 4e-15 in float64.
+    d s / d x_j = -s^2 x_hat_j / m). The tests check it against torch's double backward in float64.
     """
 
     @staticmethod

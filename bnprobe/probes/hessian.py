@@ -1,4 +1,4 @@
-"""Top Hessian eigenvalue by power iteration on Hessian-vector products (DESIGN 1.5, 1.8).
+"""Top Hessian eigenvalue by power iteration on Hessian-vector products.
 
 PyHessian's method, with three differences:
 
@@ -12,10 +12,9 @@ PyHessian's method, with three differences:
 - **Warm start and stated stopping rule**: ``init`` (the previous call's ``vector``) starts the
   iteration near the answer; it stops when the Rayleigh quotient's relative change between two
   iterations is below ``tol`` (or after ``max_iter`` Hessian-vector products). That change is not
-  the error: with tol 1e-3 on the benchmark's vgg, 9 of 16 consecutive SGD steps ended more than
-  1e-3 from the top eigenvalue (up to 7%), warm or cold, as PyHessian's own runs do (2e-2). The
-  ``residual`` says how far off it may be; :func:`bnprobe.probes.spectrum.top_eigenvalues` stops
-  on an error bound instead.
+  the error: on the benchmark's vgg, runs often end farther than ``tol`` from the top eigenvalue,
+  warm or cold, as PyHessian's own runs do. The ``residual`` says how far off it may be;
+  :func:`bnprobe.probes.spectrum.top_eigenvalues` stops on an error bound instead.
 
 Power iteration converges to the eigenvalue of **largest magnitude**. Near a minimum that is the top
 (most positive) eigenvalue; when the most negative eigenvalue is larger in magnitude, that negative
@@ -122,8 +121,8 @@ def hvp_function(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor
     Hutchinson, SLQ) runs on it, and a block's ``grads``/``ps`` give that diagonal block's product.
 
     One vector per call: batching several through one double backward (``is_grads_batched``) is
-    no faster on CPU once BN's double backward is cheap (:mod:`.double_backward`; VGG with and
-    without BN, ResNet-18, ViT-Tiny: one at a time was as fast or up to 17% faster)."""
+    no faster on CPU once BN's double backward is cheap (:mod:`.double_backward`; on VGG with and
+    without BN, ResNet-18 and ViT-Tiny one at a time was as fast or faster)."""
     sizes = [p.numel() for p in ps]
     ref = ps[0]
     live = [k for k, g in enumerate(grads) if g is not None]
@@ -280,7 +279,7 @@ def hessian_blocks(
 @dataclass
 class HessianProbe:
     """Top Hessian eigenvalue every ``interval`` steps, warm-started from the previous eigenvector;
-    with ``blocks``, also that of each probed layer's own diagonal block (DESIGN 1.5, 4)."""
+    with ``blocks``, also that of each probed layer's own diagonal block."""
 
     interval: int
     tol: float

@@ -1,4 +1,4 @@
-"""Activation moments (DESIGN 1.3): statistics of each probed layer's output, computed on the
+"""Activation moments: statistics of each probed layer's output, computed on the
 device in float32 or wider, with no host synchronisation until the recorder flushes.
 
 Conventions (the tests check them against numpy):
@@ -38,13 +38,12 @@ def _subsample(flat: torch.Tensor, samples: int, generator: torch.Generator | No
 
 class Workspace:
     """Scratch tensors reused from one call to the next. On CPU fresh temporaries cost more in page
-    faults than the arithmetic done in them (the eager statistics of 8M floats: 40-56 ms with fresh
-    ones, 17-19 ms with reused ones), so the Recorder keeps one of these for all its layers.
+    faults than the arithmetic done in them, so the Recorder keeps one of these for all its layers.
 
-    With ``compiled``, the reductions run as one ``torch.compile``d kernel instead (8M floats: about
-    4 ms against 17-19 ms; compiling takes ~20 s once on 2 CPU cores, so it pays in long runs: vgg's
-    record step at batch 128 takes 18 ms against 52 ms, which makes up for it after 600). Where
-    compiling fails (no C++ compiler, an unsupported device) it warns once and stays eager.
+    With ``compiled``, the reductions run as one ``torch.compile``d kernel instead: faster per
+    record step, but compiling takes a while once, so it pays in long runs that record often
+    (benchmarks/RESULTS.md has the figures). Where compiling fails (no C++ compiler, an
+    unsupported device) it warns once and stays eager.
     """
 
     def __init__(self, compiled: bool = False) -> None:
@@ -102,7 +101,7 @@ def _fused_moments(flat: torch.Tensor) -> torch.Tensor:
     """``[mean, var, m3, m4, min, max, zero fraction]`` per row of ``flat`` as plain formulas:
     ``torch.compile`` fuses them into two passes over the data and no temporary. The compiled
     reductions add in one accumulator per vector lane, so they sum in float64: in float32 the
-    kurtosis of an 8M-element activation came out 2e-4 off (2e-7 in float64, for 20% more time)."""
+    kurtosis of a large activation came out visibly off, for a modest extra cost in float64."""
     n = flat.shape[1]
     wide = flat.to(_accumulator(flat))
     mean = wide.sum(dim=1) / n
@@ -135,14 +134,15 @@ def _eager_moments(flat: torch.Tensor, workspace: Workspace | None) -> torch.Ten
     rounds it. Each block's sums of c, c^2, c^3 and c^4 (c the centred values, squares and
     products in reused memory) are added in float64, and the mean's rounding d = sum(c) / n is
     taken out there: m2 = s2 - d^2, m3 = s3 - 3 d s2 + 2 d^3, m4 = s4 - 4 d s3 + 6 d^2 s2 - 3 d^4
-    (s_k the mean of c^k). Without that, data at 10,000 +- 1 had its skewness 3e-3 off, and a
-    constant channel a variance of 2e-16, skewness -1 and kurtosis -2; with it, the constant's
-    offset c is a few units in its last place, whose powers float32 holds exactly: moments of 0.
+    (s_k the mean of c^k). Without that, data far from zero with a small spread had a visibly
+    wrong skewness, and a constant channel a tiny nonzero variance with skewness and kurtosis
+    far from 0; with it, the constant's offset c is a few units in its last place, whose powers
+    float32 holds exactly: moments of 0.
 
     The sums are torch's (cascaded): a BLAS dot product, which saves a temporary, put the kurtosis
-    of an 8M-element activation 1.5e-2 off. Blocks pay for the extra passes: in training, vgg's
-    record step at batch 128 takes 52-54 ms against 50-52 ms for the old, inaccurate passes over
-    whole activations, and its per-channel statistics 196 ms against 253 ms."""
+    of a large activation far off. Blocks that stay in cache pay for the extra passes: a record
+    step costs about what the old, inaccurate passes over whole activations did, and per-channel
+    statistics less."""
     rows, n = flat.shape
     block = _CPU_BLOCK if flat.device.type == "cpu" else flat.numel()
     shift = flat.sum(dim=1) / n
@@ -222,7 +222,7 @@ def finish(part: Partial) -> torch.Tensor:
 def finish_all(parts: Sequence[Partial]) -> list[torch.Tensor]:
     """:func:`finish` of each of ``parts``, those with subsamples of one size together: one
     quantile (a sort per row) and one set of formulas for all of them instead of one per layer
-    (9 layers of vgg: 1.8 ms instead of 4 ms; deeper models save more)."""
+    (the deeper the model, the more it saves)."""
     out: dict[int, torch.Tensor] = {}
     groups: dict[tuple[object, ...], list[int]] = {}
     for i, part in enumerate(parts):

@@ -1,4 +1,4 @@
-"""Hessian spectrum: top-k eigenvalues, trace and eigenvalue density, per model and per layer block (issue 14).
+"""Hessian spectrum: top-k eigenvalues, trace and eigenvalue density, per model and per layer block.
 
 PyHessian's three quantities, on the Hessian-vector products of :mod:`bnprobe.probes.hessian` (one
 forward and one first-order backward per call, graph kept; BN mode explicit, ``train`` by default;
@@ -162,9 +162,8 @@ def _top_converged(k: int, tol: float) -> Stop:
     ``gap`` estimates the distance from theta's eigenvalue to the next one: the distance to each
     other Ritz value less that value's own residual (it stands for an eigenvalue somewhere within
     it), the smallest of these, at least 0 (then the bound is r). With the bare distance between
-    Ritz values, an unresolved near-degenerate pair passed: one of 8 cold top-3 runs on the vgg
-    reported 3e-3 for tol 1e-3; with the residuals none did, at 9% more products (top-1: 13
-    instead of 12 cold at width 0.25, 6 as before at width 0.5)."""
+    Ritz values, an unresolved near-degenerate pair passed with an error above tol; with the
+    residuals none did, for a few more products."""
 
     def done(values: torch.Tensor, residuals: torch.Tensor) -> bool:
         if len(values) < k:
@@ -199,13 +198,12 @@ def lanczos_start(
     (rows summed: a warm start) or, without, a random one from ``seed``.
 
     The gradient lies mostly in the top eigenvectors' span (Gur-Ari, Roberts & Dyer 2018). Cold, it
-    saves products (tol 1e-3, six seeds, vgg +BN of the benchmark: width 0.25 13 products for every
-    seed, 9-17 from a random vector alone; width 0.5 6 instead of 6-12), and the random half keeps
-    every eigenvector in reach. Warm, it keeps the start from being (nearly) an eigenvector whose
-    eigenvalue has since fallen below the top: from the previous vector alone, Lanczos stopped at
-    such an eigenvalue, up to 7% low, in 5 of 12 SGD steps on that vgg; with the gradient, in none
-    of 44. (Top-k with k > 1 is another matter: see :class:`SpectrumProbe`.) With no usable gradient
-    (zero, not finite) the start is the unit vector alone."""
+    saves products, and makes their number depend less on the seed; the random half keeps every
+    eigenvector in reach. Warm, it keeps the start from being (nearly) an eigenvector whose
+    eigenvalue has since fallen below the top: from the previous vector alone, Lanczos sometimes
+    stopped at such an eigenvalue, well below the top; with the gradient it did not. (Top-k with
+    k > 1 is another matter: see :class:`SpectrumProbe`.) With no usable gradient (zero, not
+    finite) the start is the unit vector alone."""
     n = sum(p.numel() for p in ps)
     if init is not None and init.numel() % n:
         raise ValueError(f"init has {init.numel()} entries, not a multiple of the parameters' {n}")
@@ -473,13 +471,12 @@ def record_seed(seed: int, step: int) -> int:
 @dataclass
 class SpectrumProbe:
     """Top-k eigenvalues, trace and SLQ density every ``interval`` steps; with ``blocks``, also each
-    probed layer's block top eigenvalue and trace (issue 14).
+    probed layer's block top eigenvalue and trace.
 
     The top eigenvalue (k = 1, and each block's) starts warm, from the previous record's vector
-    (plus the gradient, :func:`lanczos_start`): 7.1 products per record instead of 8.0 cold, none
-    of 16 records off by more than tol on the benchmark's vgg. Top-k starts cold: warm starts
-    (all previous vectors, the top one, either plus a random vector) missed an eigenvalue newly
-    risen into the top 3 in 1 or 2 of 12 records (up to 13% off) and saved under 2 of 20 products."""
+    (plus the gradient, :func:`lanczos_start`): fewer products per record than a cold start, at the
+    same accuracy. Top-k starts cold: warm starts (all previous vectors, the top one, either plus a
+    random vector) sometimes missed an eigenvalue newly risen into the top k, and saved few products."""
 
     interval: int
     k: int
