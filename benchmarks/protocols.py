@@ -115,9 +115,9 @@ def main() -> None:
     table = findings_table(outcomes) + "\n\n" + training_table(outcomes)
     print(table)
     if not args.no_record:
-        from _results import record
+        from _results import command_line, record
 
-        record("protocols" + ("-" + "-".join(names) if args.only else ""), table)
+        print(f"recorded in {record('protocols' + ('-' + '-'.join(names) if args.only else ''), command_line(), table)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
