@@ -86,7 +86,10 @@ def test_only_the_store_touches_hdf5_and_only_the_cli_typer() -> None:
 
 
 def test_config_is_upstream_of_everything() -> None:
-    assert _internal("bnprobe.config") <= {"bnprobe.errors"} and not _uses("bnprobe.config", "torch")
+    """The config, with the probes' sections of it (probe_config, kept out of the probes package,
+    whose modules need torch), imports nothing of bnprobe but its errors, and no torch."""
+    assert _internal("bnprobe.config") <= {"bnprobe.errors", "bnprobe.probe_config"} and not _uses("bnprobe.config", "torch")
+    assert _internal("bnprobe.probe_config") <= {"bnprobe.errors"} and not _uses("bnprobe.probe_config", "torch")
 
 
 def test_models_surgery_and_probes_know_no_trainer_and_no_view() -> None:
