@@ -1,4 +1,4 @@
-"""The import graph flows one way (DESIGN 3): config -> model + surgery -> trainer (probes) ->
+"""The import graph flows one way: config -> model + surgery -> trainer (probes) ->
 store -> report/export/plot. Checked on the source, so a new import that breaks it fails here."""
 
 from __future__ import annotations
@@ -125,3 +125,14 @@ def test_the_views_import_neither_torch_nor_the_probes() -> None:
     code = "import sys, bnprobe.report, bnprobe.export, bnprobe.plot; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('bnprobe.probes')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_each_registered_probe_reads_its_own_config_section() -> None:
+    """A probe's registry entry names the dataclass of ``cfg.probes.<name>``; every section but the
+    moments (recorded by the trainer's hooks, not a registered probe) belongs to one probe."""
+    from bnprobe.probe_config import SECTIONS, ProbeConfig
+    from bnprobe.probes import REGISTRY
+
+    defaults = ProbeConfig()
+    assert {name: type(getattr(defaults, name)) for name in REGISTRY} == {name: entry.section for name, entry in REGISTRY.items()}
+    assert set(SECTIONS) == {*REGISTRY, "moments"}

@@ -1,4 +1,4 @@
-"""Gradient-shift internal covariate shift (DESIGN 1.4; Santurkar et al. 2018, Definition 2.1).
+"""Gradient-shift internal covariate shift (Santurkar et al. 2018, Definition 2.1).
 
 At a measured step with batch (x, y), for each probed layer i with weights W_i (all of the layer's
 own trainable parameters, weight and bias, flattened and concatenated):

@@ -1,4 +1,4 @@
-"""The loss landscape along the gradient (DESIGN 1.5; Santurkar et al. 2018, Sec. 3, Fig. 4).
+"""The loss landscape along the gradient (Santurkar et al. 2018, Sec. 3, Fig. 4).
 
 At parameters w with gradient g = grad L(w) on one batch, for every step size eta of a grid:
 
@@ -33,7 +33,7 @@ from ..passes import leave_no_trace
 from .base import Record, StepBatch, every
 from .ics import ParamSlots
 
-#: The paper's scan ranges, as multiples of the learning rate (DESIGN 1.5).
+#: The paper's scan ranges, as multiples of the learning rate.
 ETA_RANGES = {"vgg": (0.5, 4.0), "dln": (0.01, 30.0)}
 
 
