@@ -436,16 +436,17 @@ def _resolved(raw: dict[str, Any], overrides: Mapping[str, Any], ics_every: int 
     resolved (ICS, when off, at ``ics_every``) and validated. A ``stored`` config (one a run file
     holds) is read quietly, older key names included, and a ``fold`` its bn never used is dropped."""
     given, moved = _moved(raw, {key: value for key, value in overrides.items() if value is not None})
-    if moved and not stored:
-        names = ", ".join(f"{old} is now {new}" for old, new in dict(moved).items())
-        warnings.warn(f"older config keys, read under their new names: {names}", RenamedKeyWarning, stacklevel=3)
     for key, value in given.items():
         set_dotted(raw, key, value)
     cfg = _build(Config, raw, "")
     cfg = dataclasses.replace(cfg, probes=resolve_schedules(cfg.probes, ics_every))
     if stored and "fold" not in given and BnMode.STRIP not in cfg.variants.get("bn", (cfg.bn,)):
         cfg = dataclasses.replace(cfg, fold=False)  # older versions accepted fold with any bn, and ignored it
-    return _validate(cfg)
+    cfg = _validate(cfg)
+    if moved and not stored:  # once the config holds: an error is the one line a broken config gets
+        names = ", ".join(f"{old} is now {new}" for old, new in dict(moved).items())
+        warnings.warn(f"older config keys, read under their new names: {names}", RenamedKeyWarning, stacklevel=3)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
