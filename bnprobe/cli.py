@@ -11,10 +11,11 @@ import json
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 from rich.console import Console, JustifyMethod
@@ -22,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from typer.core import TyperGroup
 
-from .config import bn_overrides, check_continuable, config_for_ics, config_for_train, flag_overrides, load_config, parse_assignments
+from .config import RenamedKeyWarning, bn_overrides, check_continuable, config_for_ics, config_for_train, load_config, parse_assignments
 from .errors import BnprobeError, PeerStopped, clip
 
 if TYPE_CHECKING:  # the trainer (and torch) load only when a command runs
@@ -70,6 +71,26 @@ def format_known_exception(e: BaseException) -> str | None:
     return None
 
 
+@contextmanager
+def _hints_as_lines() -> Iterator[None]:
+    """A config's hint (:class:`RenamedKeyWarning`: an older key, read under its new name) as one line
+    on stderr, ``bnprobe: warning: ...``, each time; other warnings as Python shows them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RenamedKeyWarning)
+        python_shows = warnings.showwarning
+
+        def show(
+            message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None, line: str | None = None
+        ) -> None:
+            if issubclass(category, RenamedKeyWarning):
+                _tell(f"bnprobe: warning: {message}")
+            else:
+                python_shows(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 class _Bnprobe(TyperGroup):
     """The root command. Its ``main``, which the console script and typer's CliRunner both call, is
     the one place where exceptions become messages and exit codes."""
@@ -85,10 +106,12 @@ class _Bnprobe(TyperGroup):
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args) or ["--help"]  # `bnprobe` alone: the help, exit 0
         if not standalone_mode:
-            return super().main(argv, prog_name, complete_var, False, windows_expand_args, **extra)
+            with _hints_as_lines():
+                return super().main(argv, prog_name, complete_var, False, windows_expand_args, **extra)
         _state["debug"] = os.environ.get("BNPROBE_DEBUG", "") not in ("", "0")  # --debug sets it again, per invocation
         try:
-            result = super().main(argv, prog_name, complete_var, False, windows_expand_args, **extra)
+            with _hints_as_lines():
+                result = super().main(argv, prog_name, complete_var, False, windows_expand_args, **extra)
         except Exception as e:
             line = format_known_exception(e)
             if line is None or (_state["debug"] and isinstance(e, BnprobeError)):
@@ -157,11 +180,11 @@ HessianBlocksOpt = Annotated[
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Any config key as KEY=VALUE (YAML value), e.g. probes.hessian_tol=1e-4; repeatable.", show_default=False),
+    typer.Option("--set", help="Any config key as KEY=VALUE (YAML value), e.g. probes.hessian.tol=1e-4; repeatable.", show_default=False),
 ]
 SpectrumOpt = Annotated[
     bool | None,
-    typer.Option("--spectrum/--no-spectrum", help="Hessian spectrum: top-k, trace, density (probes.spectrum_*).", show_default=False),
+    typer.Option("--spectrum/--no-spectrum", help="Hessian spectrum: top-k, trace, density (probes.spectrum.*).", show_default=False),
 ]
 LrOpt = Annotated[float | None, typer.Option(help="Learning rate.")]
 BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b")]
@@ -169,9 +192,45 @@ SeedOpt = Annotated[int | None, typer.Option()]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N]")]
 
 
-def _flag(key: str) -> str:
-    """How a dotted config key was given as its own option: ``probes.ics_every`` is ``--ics-every``."""
-    return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+# The config key each option sets, by the option's parameter name: the one place where flags meet
+# config keys (``--bn``, which may list variants, goes through ``bn_overrides``).
+FLAG_KEYS = {
+    "model": "model",
+    "data": "data",
+    "bn_targets": "bn_targets",
+    "keep_bias": "keep_bias",
+    "fold": "fold",
+    "optimizer": "optimizer",
+    "lr": "lr",
+    "momentum": "momentum",
+    "nesterov": "nesterov",
+    "weight_decay": "weight_decay",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "device": "device",
+    "output": "output",
+    "name": "name",
+    "checkpoint_every": "checkpoint_every",
+    "flush_every": "flush_every",
+    "flush_seconds": "flush_seconds",
+    "layers": "probes.layers",
+    "kinds": "probes.kinds",
+    "record_every": "probes.moments.every",
+    "per_channel": "probes.moments.per_channel",
+    "histogram_bins": "probes.moments.histogram_bins",
+    "ics_every": "probes.ics.every",
+    "landscape": "probes.landscape.enabled",
+    "hessian": "probes.hessian.enabled",
+    "hessian_blocks": "probes.hessian.blocks",
+    "spectrum": "probes.spectrum.enabled",
+}
+_FLAG_OF = {key: "--" + name.replace("_", "-") for name, key in FLAG_KEYS.items()} | {"bn": "--bn", "variants.bn": "--bn"}
+
+
+def flag_overrides(**given: Any) -> dict[str, Any]:
+    """The options given (None: not given, the config decides) as dotted config keys, through :data:`FLAG_KEYS`."""
+    return {FLAG_KEYS[name]: value for name, value in given.items() if value is not None}
 
 
 def _progress() -> Progress:
@@ -382,9 +441,14 @@ def train(
     print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
 ) -> None:
     """Train briefly and record activation moments (and ICS/landscape when asked)."""
-    # first statement: locals() are the parameters, named like config keys but for these
-    options = {k: v for k, v in locals().items() if k not in ("config", "bn", "force", "resume", "assignments", "print_config")}
-    overrides = flag_overrides(options) | bn_overrides(bn) | parse_assignments(assignments or [])
+    flags = flag_overrides(
+        model=model, data=data, bn_targets=bn_targets, keep_bias=keep_bias, fold=fold, optimizer=optimizer, lr=lr, momentum=momentum,
+        nesterov=nesterov, weight_decay=weight_decay, steps=steps, batch_size=batch_size, seed=seed, device=device, output=output,
+        name=name, layers=layers, kinds=kinds, record_every=record_every, per_channel=per_channel, histogram_bins=histogram_bins,
+        ics_every=ics_every, landscape=landscape, hessian=hessian, hessian_blocks=hessian_blocks, spectrum=spectrum,
+        checkpoint_every=checkpoint_every, flush_every=flush_every, flush_seconds=flush_seconds,
+    )  # fmt: skip
+    overrides = flags | bn_overrides(bn) | parse_assignments(assignments or [])
     if resume is not None:
         if overrides or config is not None or force or print_config:
             raise BnprobeError(f"--resume continues {resume} with the config stored in it; drop the other options and arguments")
@@ -430,13 +494,15 @@ def measure_ics(
     print_config: Annotated[bool, typer.Option("--print-config", help="Show the resolved config and exit.")] = False,
 ) -> None:
     """Santurkar et al.'s protocol: gradient-shift ICS (and the loss landscape) while training."""
-    # first statement: locals() are the parameters, named like config keys but for these
-    flags = flag_overrides({k: v for k, v in locals().items() if k not in ("target", "bn", "force", "assignments", "print_config")})
+    flags = flag_overrides(
+        ics_every=ics_every, layers=layers, landscape=landscape, hessian=hessian, hessian_blocks=hessian_blocks, spectrum=spectrum,
+        model=model, data=data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device, output=output,
+    )  # fmt: skip
     flags |= bn_overrides(bn)
     sets = parse_assignments(assignments or [])
     overrides = flags | sets
     if target is not None and target.suffix in (".h5", ".hdf5"):
-        check_continuable(overrides, str(target), {key: _flag(key) for key in flags} | {key: f"--set {key}" for key in sets})
+        check_continuable(overrides, str(target), {key: _FLAG_OF[key] for key in flags} | {key: f"--set {key}" for key in sets})
         _measure_from_run(target, overrides, Path(output) if output else target.with_name(f"{target.stem}-ics.h5"), force)
         return
     cfg = config_for_ics(target, overrides)
@@ -505,7 +571,7 @@ def inspect(
     fold: FoldOpt = None,
 ) -> None:
     """Show the BatchNorm surgery plan for a model (what is inserted, removed, re-biased) without training."""
-    overrides = flag_overrides(locals())  # first statement: locals() are the parameters, named like config keys
+    overrides = flag_overrides(model=model, data=data, bn_targets=bn_targets, keep_bias=keep_bias, fold=fold) | bn_overrides([bn])
     from .trainer import inspect_model
 
     plan = inspect_model(load_config(None, overrides))

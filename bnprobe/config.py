@@ -17,6 +17,7 @@ import re
 import string
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,20 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, closest, did_you_mean, shown, usable_path
+from .probe_config import (
+    LAYER_KINDS,
+    RENAMED,
+    HessianBnMode,
+    IcsMethod,
+    LayerKind,
+    ProbeConfig,
+    layer_patterns,
+    moved_into_sections,
+    renamed,
+    resolve_schedules,
+)
+
+__all__ = ["LAYER_KINDS", "HessianBnMode", "IcsMethod", "LayerKind", "ProbeConfig", "layer_patterns"]  # their home is probe_config
 
 
 class BnMode(str, enum.Enum):
@@ -39,43 +54,6 @@ class BnTargets(str, enum.Enum):
     CONV = "conv"
     LINEAR = "linear"
     ALL = "all"
-
-
-class LayerKind(str, enum.Enum):
-    """What ``probes.kinds`` may name: the classes of :func:`bnprobe.layers.layer_kind`."""
-
-    CONV = "conv"
-    LINEAR = "linear"
-    NORM = "norm"
-    OTHER = "other"
-
-
-LAYER_KINDS = tuple(kind.value for kind in LayerKind)  # ``probes.kinds`` holds these plain strings (messages show them as such)
-
-
-class IcsMethod(str, enum.Enum):
-    """How :func:`bnprobe.probes.ics.gradient_shift` computes ``G'``: ``fast`` (shared prefixes, backward
-    wrt one layer) or ``naive`` (the reference); both give the same numbers."""
-
-    FAST = "fast"
-    NAIVE = "naive"
-
-
-def layer_patterns(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Layer (or variant) globs as one tuple, however they were given: ``None`` is every layer,
-    a string may hold several comma-separated globs (``"fc*,conv1"``), a sequence is taken as is."""
-    if value is None:
-        return ("*",)
-    items = value.split(",") if isinstance(value, str) else value
-    return tuple(p.strip() for p in items if p.strip())
-
-
-class HessianBnMode(str, enum.Enum):
-    """How norm layers run in the Hessian's passes: ``train`` (batch statistics, the function training
-    sees; running statistics stay still) or ``eval`` (running statistics, PyHessian's choice)."""
-
-    TRAIN = "train"
-    EVAL = "eval"
 
 
 class OptimizerName(str, enum.Enum):
@@ -101,40 +79,6 @@ class NoiseConfig:
     sigma_range: tuple[float, float] = (1.0, 1.25)
     mean_spread: float = 0.1
     scale_std: float = 0.1
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """What is measured and how often (DESIGN 1.3 to 1.5)."""
-
-    layers: tuple[str, ...] = ("*",)
-    kinds: tuple[str, ...] = ()
-    record_every: int = 10
-    per_channel: bool = False
-    histogram_bins: int = 0
-    histogram_range: tuple[float, float] = (-10.0, 10.0)
-    percentile_samples: int = 16384
-    compiled_moments: bool = False
-    ics_every: int = 0
-    landscape: bool = False
-    landscape_every: int = 0
-    etas: tuple[float, ...] = ()
-    hessian: bool = False
-    hessian_every: int = 0
-    hessian_tol: float = 1e-3
-    hessian_max_iter: int = 100
-    hessian_blocks: bool = False
-    hessian_bn_mode: HessianBnMode = HessianBnMode.TRAIN  # BN in the Hessian and the spectrum: batch statistics, or running ones
-    spectrum: bool = False
-    spectrum_every: int = 0
-    spectrum_k: int = 1
-    spectrum_tol: float = 1e-3
-    spectrum_max_iter: int = 100
-    spectrum_trace_samples: int = 20
-    spectrum_density_probes: int = 1
-    spectrum_density_steps: int = 90
-    spectrum_blocks: bool = False
-    spectrum_block_density: bool = False
 
 
 @dataclass(frozen=True)
@@ -183,7 +127,6 @@ class Config:
 
 
 VARIANT_KEYS = ("bn", "seed", "lr", "optimizer", "momentum", "weight_decay", "batch_size", "bn_targets", "keep_bias", "nesterov", "model")
-_SECTIONS: dict[str, type] = {"probes": ProbeConfig, "noise": NoiseConfig}
 
 
 def _plain(value: Any) -> Any:
@@ -198,7 +141,6 @@ def _plain(value: Any) -> Any:
 
 _INT64 = 2**63  # integers are stored as HDF5 int64 attributes; seeds go to torch.manual_seed
 MAX_VARIANTS = 100  # runs in one experiment: each one's model is built up front
-MAX_HISTOGRAM_BINS = 10_000  # records x layers x bins floats are buffered until a flush
 _DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:\d+)?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -215,8 +157,11 @@ _ALIASES = {
 }
 
 
-def _closest(key: str, valid: Sequence[str]) -> str:
-    """The hint for an unknown key: our name for another tool's (``learning_rate``: ``lr``), else the closest key."""
+def _closest(key: str, valid: Sequence[str], where: str) -> str:
+    """The hint for an unknown key: our name for another tool's (``learning_rate``: ``lr``), the new
+    name of an older flat probe key close to it (``probes.record_evry``: ``moments.every``), else the closest key."""
+    if where == "probes" and (old := closest(key, RENAMED, cutoff=0.8)):
+        return did_you_mean(RENAMED[old[0]], [RENAMED[old[0]]])
     alias = closest(key, _ALIASES, cutoff=0.8)
     ours = _ALIASES[alias[0]] if alias else ""
     if ours in valid:
@@ -287,11 +232,11 @@ def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ConfigError(f"unknown key {shown(path)}{_closest(str(key)[:100], names)}")
+            raise ConfigError(f"unknown key {shown(path)}{_closest(str(key)[:100], names, where)}")
         if cls is ProbeConfig and key == "layers" and isinstance(value, str):
             value = layer_patterns(value)  # "features.*,fc" holds two globs, as on report's --layers
-        if key in _SECTIONS:
-            kwargs[key] = _build(_SECTIONS[key], value or {}, path)
+        if dataclasses.is_dataclass(hints[key]):  # a section: noise, probes, each probe's
+            kwargs[key] = _build(hints[key], value or {}, path)
         elif key == "variants":
             kwargs[key] = _variants(value or {})
         elif not where and key in VARIANT_KEYS and isinstance(value, list) and typing.get_origin(hints[key]) is not tuple:
@@ -312,7 +257,7 @@ def _variants(raw: Any) -> dict[str, tuple[Any, ...]]:
     out: dict[str, tuple[Any, ...]] = {}
     for key, values in raw.items():
         if key not in VARIANT_KEYS:
-            raise ConfigError(f"variants: cannot vary {shown(key)}{_closest(str(key)[:100], VARIANT_KEYS)}")
+            raise ConfigError(f"variants: cannot vary {shown(key)}{_closest(str(key)[:100], VARIANT_KEYS, 'variants')}")
         items = values if isinstance(values, (list, tuple)) else [values]
         if not items:
             raise ConfigError(f"variants.{key}: give at least one value")
@@ -342,7 +287,7 @@ def _ordered(pair: tuple[float, float]) -> bool:
 
 
 def _validate(cfg: Config) -> Config:
-    unknown_kinds = [k for k in cfg.probes.kinds if k not in LAYER_KINDS]
+    """Checks across a config's keys; each section checks its own values when built."""
     checks = [
         (cfg.lr > 0, "lr must be positive"),
         (cfg.steps > 0, "steps must be at least 1"),
@@ -353,35 +298,10 @@ def _validate(cfg: Config) -> Config:
         (cfg.flush_seconds > 0, "flush_seconds must be positive"),
         (cfg.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: at the end only)"),
         (not cfg.nesterov or cfg.momentum > 0, "nesterov needs momentum > 0"),
-        (cfg.probes.record_every > 0, "probes.record_every must be at least 1"),
-        (cfg.probes.histogram_bins >= 0, "probes.histogram_bins must be >= 0"),
-        (cfg.probes.histogram_range[0] < cfg.probes.histogram_range[1], "probes.histogram_range must be (low, high) with low < high"),
         (
-            not unknown_kinds,
-            f"probes.kinds: unknown layer kind {shown(unknown_kinds[0]) if unknown_kinds else ''}; choose from {', '.join(LAYER_KINDS)}",
+            not cfg.fold or BnMode.STRIP in cfg.variants.get("bn", (cfg.bn,)),
+            f"fold: true folds BN into the layer before it, which only bn: strip does (bn is {_plain(cfg.bn)}); drop fold or use bn: strip",
         ),
-        (cfg.probes.percentile_samples > 0, "probes.percentile_samples must be at least 1"),
-        (cfg.probes.ics_every >= 0, "probes.ics_every must be >= 0 (0: off)"),
-        (all(e > 0 for e in cfg.probes.etas), "probes.etas must all be positive"),
-        (cfg.probes.hessian_tol > 0, "probes.hessian_tol must be positive"),
-        (cfg.probes.hessian_max_iter > 0, "probes.hessian_max_iter must be at least 1"),
-        (cfg.probes.hessian_every >= 0, "probes.hessian_every must be >= 0 (0: with ics_every, else record_every)"),
-        (cfg.probes.spectrum_every >= 0, "probes.spectrum_every must be >= 0 (0: with hessian_every, else ics_every, else record_every)"),
-        (cfg.probes.spectrum_k >= 1, "probes.spectrum_k must be at least 1"),
-        (cfg.probes.spectrum_tol > 0, "probes.spectrum_tol must be positive"),
-        (cfg.probes.spectrum_max_iter >= cfg.probes.spectrum_k, "probes.spectrum_max_iter must be at least probes.spectrum_k"),
-        (
-            cfg.probes.spectrum_trace_samples != 1 and cfg.probes.spectrum_trace_samples >= 0,
-            "probes.spectrum_trace_samples must be 0 (off) or at least 2 (for its standard error)",
-        ),
-        (cfg.probes.spectrum_density_probes >= 0, "probes.spectrum_density_probes must be >= 0 (0: off)"),
-        (cfg.probes.spectrum_density_steps >= 1, "probes.spectrum_density_steps must be at least 1"),
-        (
-            not cfg.probes.spectrum_block_density or (cfg.probes.spectrum_blocks and cfg.probes.spectrum_density_probes > 0),
-            "probes.spectrum_block_density needs probes.spectrum_blocks: true and spectrum_density_probes >= 1",
-        ),
-        (cfg.probes.landscape_every >= 0, "probes.landscape_every must be >= 0 (0: with ics_every, else record_every)"),
-        (cfg.probes.histogram_bins <= MAX_HISTOGRAM_BINS, f"probes.histogram_bins must be at most {MAX_HISTOGRAM_BINS}"),
         (cfg.dist_timeout > 0, "dist_timeout must be positive (seconds)"),
         (0 <= cfg.seed < _INT64, f"seed must be between 0 and {_INT64 - 1}"),
         (_DEVICE.fullmatch(cfg.device) is not None, f"device must be auto, cpu, cuda[:N] or mps, not {shown(cfg.device)}"),
@@ -491,12 +411,42 @@ def _from_file(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _resolved(raw: dict[str, Any], overrides: Mapping[str, Any]) -> Config:
-    """``raw`` with ``overrides`` (dotted keys; None means not given) applied, built and validated."""
+class RenamedKeyWarning(FutureWarning):
+    """A config used an older key name; it was read under its new one, which the message names."""
+
+
+def _moved(raw: dict[str, Any], overrides: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Older flat probe keys in ``raw`` (``probes: {ics_every: 5}``) and ``overrides`` (``probes.ics_every``)
+    under their new names, the overrides returned; and the (old, new) keys that moved."""
+    moved: list[tuple[str, str]] = []
+    if isinstance(raw.get("probes"), Mapping):
+        raw["probes"], moved = moved_into_sections(raw["probes"])
+    current: dict[str, Any] = {}
     for key, value in overrides.items():
-        if value is not None:
-            set_dotted(raw, key, value)
-    return _validate(_build(Config, raw, ""))
+        head, _, rest = key.partition(".")
+        new = f"probes.{renamed(rest, value)}" if head == "probes" and renamed(rest, value) else key
+        if new != key:
+            moved.append((key, new))
+        current[new] = value
+    return current, moved
+
+
+def _resolved(raw: dict[str, Any], overrides: Mapping[str, Any], ics_every: int = 0, stored: bool = False) -> Config:
+    """``raw`` with ``overrides`` (dotted keys; None means not given) applied, built, its schedules
+    resolved (ICS, when off, at ``ics_every``) and validated. A ``stored`` config (one a run file
+    holds) is read quietly, older key names included, and a ``fold`` its bn never used is dropped."""
+    given, moved = _moved(raw, {key: value for key, value in overrides.items() if value is not None})
+    for key, value in given.items():
+        set_dotted(raw, key, value)
+    cfg = _build(Config, raw, "")
+    cfg = dataclasses.replace(cfg, probes=resolve_schedules(cfg.probes, ics_every))
+    if stored and "fold" not in given and BnMode.STRIP not in cfg.variants.get("bn", (cfg.bn,)):
+        cfg = dataclasses.replace(cfg, fold=False)  # older versions accepted fold with any bn, and ignored it
+    cfg = _validate(cfg)
+    if moved and not stored:  # once the config holds: an error is the one line a broken config gets
+        names = ", ".join(f"{old} is now {new}" for old, new in dict(moved).items())
+        warnings.warn(f"older config keys, read under their new names: {names}", RenamedKeyWarning, stacklevel=3)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -504,8 +454,9 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     return _resolved(_from_file(path) if path is not None else {}, overrides or {})
 
 
-def load_config_text(text: object, source: str, overrides: Mapping[str, Any] | None = None) -> Config:
-    """A config stored as YAML text (the ``config`` attribute of a bnprobe file), then ``overrides``."""
+def load_config_text(text: object, source: str, overrides: Mapping[str, Any] | None = None, ics_every: int = 0) -> Config:
+    """A config stored as YAML text (the ``config`` attribute of a bnprobe file), then ``overrides``;
+    ICS, when off, at ``ics_every``."""
     if not isinstance(text, str):
         raise ConfigError(f"{source} holds no config")
     try:
@@ -514,7 +465,7 @@ def load_config_text(text: object, source: str, overrides: Mapping[str, Any] | N
         raise ConfigError(f"the config stored in {source} is not valid YAML") from e
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{source} holds no config")
-    return _resolved(raw, overrides or {})
+    return _resolved(raw, overrides or {}, ics_every, stored=True)
 
 
 # ----------------------------------------------------------------------------- what the commands run
@@ -522,13 +473,6 @@ def load_config_text(text: object, source: str, overrides: Mapping[str, Any] | N
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"  # `bnprobe train` with no config
 MEASURE_ICS_EVERY = 10  # measure-ics measures ICS: every this many steps when the config has it off
 FIXED_WHEN_CONTINUING = ("model", "model_options", "data", "data_options", "bn", "variants", "seed")  # what a checkpoint's weights fit
-
-
-def flag_overrides(flags: Mapping[str, Any]) -> dict[str, Any]:
-    """Command-line options named like config keys as dotted overrides: a probe option (``ics_every``)
-    is ``probes.ics_every``; ``None`` means 'not given' and leaves the config alone."""
-    probe_keys = {f.name for f in dataclasses.fields(ProbeConfig)}
-    return {f"probes.{key}" if key in probe_keys else key: value for key, value in flags.items() if value is not None}
 
 
 def bn_overrides(modes: Sequence[str] | None) -> dict[str, Any]:
@@ -549,11 +493,12 @@ def _fitting_options(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
     return reset | dict(overrides)
 
 
-def config_for_train(path: str | Path | None, overrides: Mapping[str, Any]) -> Config:
+def config_for_train(path: str | Path | None, overrides: Mapping[str, Any], ics_every: int = 0) -> Config:
     """``bnprobe train``'s config: ``path`` (default: the built-in quickstart) with ``overrides``. A new
-    model or data drops the file's options for the old one; a single ``bn`` drops the file's bn variants."""
+    model or data drops the file's options for the old one; a single ``bn`` drops the file's bn variants.
+    ICS, when off, is measured every ``ics_every`` steps (0: not)."""
     raw = _from_file(DEFAULT_CONFIG if path is None else path)
-    cfg = _resolved(raw, _fitting_options(raw, overrides))
+    cfg = _resolved(raw, _fitting_options(raw, overrides), ics_every)
     if overrides.get("bn") and "variants" not in overrides and cfg.variants.get("bn"):
         cfg = dataclasses.replace(cfg, variants={k: v for k, v in cfg.variants.items() if k != "bn"})
     if "model" in overrides and "name" not in overrides:  # runs/quickstart.h5 would hold another model's runs
@@ -570,16 +515,9 @@ def model_slug(spec: str) -> str:
     return re.sub(r"[^\w.-]+", "-", f"{Path(source).stem if source.endswith('.py') else source}-{factory}").strip("-")
 
 
-def _measuring_ics(cfg: Config) -> Config:
-    """``cfg`` with ICS on: every :data:`MEASURE_ICS_EVERY` steps unless it says how often."""
-    if cfg.probes.ics_every:
-        return cfg
-    return dataclasses.replace(cfg, probes=dataclasses.replace(cfg.probes, ics_every=MEASURE_ICS_EVERY))
-
-
 def config_for_ics(path: str | Path | None, overrides: Mapping[str, Any]) -> Config:
     """``bnprobe measure-ics CONFIG``: the config ``train`` would run, with ICS measured."""
-    return _measuring_ics(config_for_train(path, overrides))
+    return config_for_train(path, overrides, MEASURE_ICS_EVERY)
 
 
 def check_continuable(overrides: Mapping[str, Any], source: str, labels: Mapping[str, str] | None = None) -> None:
@@ -601,7 +539,7 @@ def config_for_measure(text: object, source: str, overrides: Mapping[str, Any]) 
     further: int | None = None if given is None else _coerce("steps", given, int)
     if further is not None and further < 1:
         raise ConfigError("steps must be at least 1 (the number of further steps)")
-    return _measuring_ics(load_config_text(text, source, rest)), further
+    return load_config_text(text, source, rest, MEASURE_ICS_EVERY), further
 
 
 def variant_name(choice: Mapping[str, Any]) -> str:
@@ -621,5 +559,6 @@ def expand_variants(cfg: Config) -> list[tuple[str, Config]]:
     runs = []
     for values in itertools.product(*(cfg.variants[k] for k in keys)):
         choice = dict(zip(keys, values))
-        runs.append((variant_name(choice), _validate(dataclasses.replace(cfg, **choice, variants={}))))
+        fold = cfg.fold and choice.get("bn", cfg.bn) is BnMode.STRIP  # folding is for the strip runs among the variants
+        runs.append((variant_name(choice), _validate(dataclasses.replace(cfg, **choice, variants={}, fold=fold))))
     return runs

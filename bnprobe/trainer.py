@@ -319,11 +319,11 @@ def _start(
     start = _resume(name, model, optimizer, probes, writer, checkpoint) if checkpoint is not None else 0
     if checkpoint is None:  # dropout and other global draws start from the seed: a variant trains alike alone or after others
         torch.manual_seed(cfg.seed)
-    p = cfg.probes
+    p, m = cfg.probes, cfg.probes.moments
     rec = Recorder(
-        model, writer, layers=p.layers, kinds=p.kinds or None, record_every=p.record_every, per_channel=p.per_channel,
-        histogram_bins=p.histogram_bins, histogram_range=p.histogram_range, percentile_samples=p.percentile_samples,
-        compiled_moments=p.compiled_moments,
+        model, writer, layers=p.layers, kinds=p.kinds or None, record_every=m.every, per_channel=m.per_channel,
+        histogram_bins=m.histogram_bins, histogram_range=m.histogram_range, percentile_samples=m.percentile_samples,
+        compiled_moments=m.compiled,
         seed=cfg.seed, flush_every=cfg.flush_every, flush_seconds=cfg.flush_seconds, start_step=start, require_match=False,
         generator_state=checkpoint.get("rng_recorder") if checkpoint else None,
         start_seconds=float(checkpoint.get("seconds", 0.0)) if checkpoint else 0.0, across_processes=True,

@@ -20,6 +20,6 @@ def tiny_config(tmp_path: Path) -> Path:
     p = tmp_path / "tiny.yaml"
     p.write_text(
         "name: tiny\nmodel: vgg\nmodel_options: {width: 0.125}\ndata: synthetic:cifar10\ndata_options: {n: 128}\n"
-        "steps: 6\nbatch_size: 16\nlr: 0.05\nprobes: {record_every: 2}\n"
+        "steps: 6\nbatch_size: 16\nlr: 0.05\nprobes: {moments: {every: 2}}\n"
     )
     return p

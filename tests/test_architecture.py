@@ -1,4 +1,4 @@
-"""The import graph flows one way (DESIGN 3): config -> model + surgery -> trainer (probes) ->
+"""The import graph flows one way: config -> model + surgery -> trainer (probes) ->
 store -> report/export/plot. Checked on the source, so a new import that breaks it fails here."""
 
 from __future__ import annotations
@@ -86,7 +86,10 @@ def test_only_the_store_touches_hdf5_and_only_the_cli_typer() -> None:
 
 
 def test_config_is_upstream_of_everything() -> None:
-    assert _internal("bnprobe.config") <= {"bnprobe.errors"} and not _uses("bnprobe.config", "torch")
+    """The config, with the probes' sections of it (probe_config, kept out of the probes package,
+    whose modules need torch), imports nothing of bnprobe but its errors, and no torch."""
+    assert _internal("bnprobe.config") <= {"bnprobe.errors", "bnprobe.probe_config"} and not _uses("bnprobe.config", "torch")
+    assert _internal("bnprobe.probe_config") <= {"bnprobe.errors"} and not _uses("bnprobe.probe_config", "torch")
 
 
 def test_models_surgery_and_probes_know_no_trainer_and_no_view() -> None:
@@ -122,3 +125,14 @@ def test_the_views_import_neither_torch_nor_the_probes() -> None:
     code = "import sys, bnprobe.report, bnprobe.export, bnprobe.plot; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('bnprobe.probes')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_each_registered_probe_reads_its_own_config_section() -> None:
+    """A probe's registry entry names the dataclass of ``cfg.probes.<name>``; every section but the
+    moments (recorded by the trainer's hooks, not a registered probe) belongs to one probe."""
+    from bnprobe.probe_config import SECTIONS, ProbeConfig
+    from bnprobe.probes import REGISTRY
+
+    defaults = ProbeConfig()
+    assert {name: type(getattr(defaults, name)) for name in REGISTRY} == {name: entry.section for name, entry in REGISTRY.items()}
+    assert set(SECTIONS) == {*REGISTRY, "moments"}

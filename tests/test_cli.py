@@ -1,5 +1,6 @@
 """The CLI through typer's CliRunner: exit codes, one-line errors, real files."""
 
+import functools
 import sys
 from pathlib import Path
 
@@ -40,10 +41,43 @@ def test_cli_flags_win_over_the_config(in_tmp: Path, tiny_config: Path) -> None:
     assert result.exit_code == 0
     assert "steps: 3" in result.output and "lr: 0.2" in result.output
     assert not (in_tmp / "runs").exists()
-    assert "  spectrum: false" in result.output
+    assert "  spectrum:\n    enabled: false" in result.output
     for command in ("train", "measure-ics"):
         shown = runner.invoke(app, [command, str(tiny_config), "--spectrum", "--print-config"]).output
-        assert "  spectrum: true" in shown, command
+        assert "  spectrum:\n    enabled: true" in shown, command
+
+
+def test_print_config_shows_the_intervals_that_run(in_tmp: Path, tiny_config: Path) -> None:
+    """The Hessian follows ICS (measure-ics: every 10 unless told), else the moments (every 2 here)."""
+    trained = runner.invoke(app, ["train", str(tiny_config), "--hessian", "--print-config"]).output
+    assert "  hessian:\n    enabled: true\n    every: 2\n" in trained
+    measured = runner.invoke(app, ["measure-ics", str(tiny_config), "--hessian", "--print-config"]).output
+    assert "  ics:\n    every: 10\n" in measured and "  hessian:\n    enabled: true\n    every: 10\n" in measured
+
+
+def test_an_older_key_is_read_with_a_one_line_hint(in_tmp: Path, tiny_config: Path) -> None:
+    result = runner.invoke(app, ["train", str(tiny_config), "--set", "probes.hessian_tol=1e-4", "--print-config"])
+    assert result.exit_code == 0 and "    tol: 0.0001\n" in result.stdout
+    assert (
+        result.stderr == "bnprobe: warning: older config keys, read under their new names: probes.hessian_tol is now probes.hessian.tol\n"
+    )
+
+
+def test_every_option_that_sets_a_config_key_is_in_the_flag_table() -> None:
+    """FLAG_KEYS is the one map from options to config keys: each command's config options are in it, and
+    each key it names exists (a key that does not would be an unknown-key error at the first use)."""
+    import typer.main
+
+    from bnprobe.cli import FLAG_KEYS
+    from bnprobe.config import load_config
+
+    not_keys = {"config", "target", "bn", "force", "resume", "assignments", "print_config"}
+    for command in ("train", "measure-ics", "inspect"):
+        click_command = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+        assert {p.name for p in click_command.params} - not_keys <= set(FLAG_KEYS), command
+    cfg = load_config(None, {})
+    for key in FLAG_KEYS.values():
+        functools.reduce(getattr, key.split("."), cfg)  # an AttributeError for a key the config lacks
 
 
 def test_existing_output_is_refused(in_tmp: Path, tiny_config: Path) -> None:
@@ -169,6 +203,8 @@ def test_inspect_prints_the_plan(in_tmp: Path) -> None:
     assert bad.exit_code == 2 and "did you mean 'vgg'" in bad.output
     folded = runner.invoke(app, ["inspect", "vgg", "--bn", "strip", "--fold"], env={"COLUMNS": "100"})
     assert folded.exit_code == 0 and "bnprobe inspect vgg --bn strip --fold" in folded.output
+    refused = runner.invoke(app, ["inspect", "vgg", "--fold"])  # --bn insert: nothing to fold
+    assert refused.exit_code == 2 and refused.stderr.startswith("bnprobe: error: fold: true folds BN into the layer before it")
 
 
 def test_report_and_export_through_the_cli(in_tmp: Path, tiny_config: Path) -> None:

@@ -17,12 +17,12 @@ from bnprobe.config import (
     config_for_measure,
     config_for_train,
     expand_variants,
-    flag_overrides,
     load_config,
     load_config_text,
     parse_assignments,
 )
 from bnprobe.errors import ConfigError
+from bnprobe.probe_config import RENAMED, ProbeConfig
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -32,25 +32,27 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults_and_file_and_override_precedence(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, "lr: 0.3\nsteps: 7\nprobes: {record_every: 2}\n"), {"lr": 0.01, "probes.per_channel": True})
-    assert cfg.lr == 0.01 and cfg.steps == 7 and cfg.probes.record_every == 2 and cfg.probes.per_channel
+    cfg = load_config(
+        write(tmp_path, "lr: 0.3\nsteps: 7\nprobes: {moments: {every: 2}}\n"), {"lr": 0.01, "probes.moments.per_channel": True}
+    )
+    assert cfg.lr == 0.01 and cfg.steps == 7 and cfg.probes.moments.every == 2 and cfg.probes.moments.per_channel
     assert cfg.name == "c"  # from the file name
     assert cfg.output_path == Path("runs/c.h5")
 
 
 def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
     """YAML 1.1 reads ``1e-4`` as a string; a float field takes it as the number it means."""
-    cfg = load_config(write(tmp_path, "lr: 1e-4\nprobes: {hessian_tol: 1E-6}\n"))
-    assert cfg.lr == 1e-4 and cfg.probes.hessian_tol == 1e-6
+    cfg = load_config(write(tmp_path, "lr: 1e-4\nprobes: {hessian: {tol: 1E-6}}\n"))
+    assert cfg.lr == 1e-4 and cfg.probes.hessian.tol == 1e-6
     with pytest.raises(ConfigError, match="lr: expected a number"):
         load_config(write(tmp_path, "lr: fast\n"))
 
 
 def test_set_assignments_reach_every_key(tmp_path: Path) -> None:
-    sets = parse_assignments(["probes.hessian_tol=1e-5", "variants.lr=[0.1, 0.01]", "model_options={width: 0.5}", "name = x"])
-    assert sets == {"probes.hessian_tol": "1e-5", "variants.lr": [0.1, 0.01], "model_options": {"width": 0.5}, "name": "x"}
+    sets = parse_assignments(["probes.hessian.tol=1e-5", "variants.lr=[0.1, 0.01]", "model_options={width: 0.5}", "name = x"])
+    assert sets == {"probes.hessian.tol": "1e-5", "variants.lr": [0.1, 0.01], "model_options": {"width": 0.5}, "name": "x"}
     cfg = load_config(write(tmp_path, "lr: 0.3\n"), sets)
-    assert cfg.probes.hessian_tol == 1e-5 and cfg.variants["lr"] == (0.1, 0.01) and dict(cfg.model_options) == {"width": 0.5}
+    assert cfg.probes.hessian.tol == 1e-5 and cfg.variants["lr"] == (0.1, 0.01) and dict(cfg.model_options) == {"width": 0.5}
     for bad in ("lr", "=3", "lr=", "lr=[1"):
         with pytest.raises(ConfigError, match="--set"):
             parse_assignments([bad])
@@ -60,7 +62,10 @@ def test_set_assignments_reach_every_key(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("lerning_rate: 0.1\n", "unknown key 'lerning_rate'; did you mean 'lr'"),
-        ("probes: {record_evry: 3}\n", "unknown key 'probes.record_evry'; did you mean 'record_every'"),
+        ("probes: {record_evry: 3}\n", "unknown key 'probes.record_evry'; did you mean 'moments.every'"),
+        ("probes: {hessian: {tool: 3}}\n", "unknown key 'probes.hessian.tool'; did you mean 'tol'"),
+        ("probes: {spectrum: {k: 5, max_iter: 3}}\n", "probes.spectrum.max_iter must be at least probes.spectrum.k"),
+        ("probes: {moments: {every: 0}}\n", "probes.moments.every must be at least 1"),
         ("lr: -1\n", "lr must be positive"),
         ("steps: 0\n", "steps must be at least 1"),
         ("steps: ten\n", "steps: expected an integer"),
@@ -167,24 +172,19 @@ def test_one_bn_mode_replaces_the_files_bn_variants(tmp_path: Path) -> None:
     assert bn_overrides(None) == {} and bn_overrides([]) == {}
 
 
-def test_flag_overrides_put_probe_options_under_probes() -> None:
-    flags = {"lr": 0.1, "ics_every": 3, "layers": ["a*"], "seed": None, "hessian_blocks": False}
-    assert flag_overrides(flags) == {"lr": 0.1, "probes.ics_every": 3, "probes.layers": ["a*"], "probes.hessian_blocks": False}
-
-
 def test_measure_ics_measures_ics(tmp_path: Path) -> None:
     path = write(tmp_path, "steps: 5\n")
-    assert config_for_ics(path, {}).probes.ics_every == 10
-    assert config_for_ics(path, {"probes.ics_every": 3}).probes.ics_every == 3
-    assert config_for_ics(path, {"probes.ics_every": 0}).probes.ics_every == 10
+    assert config_for_ics(path, {}).probes.ics.every == 10
+    assert config_for_ics(path, {"probes.ics.every": 3}).probes.ics.every == 3
+    assert config_for_ics(path, {"probes.ics.every": 0}).probes.ics.every == 10
 
 
 def test_continuing_a_run_file_counts_further_steps() -> None:
-    stored = "name: r\nsteps: 6\nprobes: {ics_every: 4}\n"
+    stored = "name: r\nsteps: 6\nprobes: {ics: {every: 4}}\n"
     cfg, further = config_for_measure(stored, "r.h5", {"steps": 3, "lr": 0.5})
-    assert (cfg.steps, further, cfg.lr, cfg.probes.ics_every) == (6, 3, 0.5, 4)
+    assert (cfg.steps, further, cfg.lr, cfg.probes.ics.every) == (6, 3, 0.5, 4)
     cfg, further = config_for_measure("name: r\n", "r.h5", {})
-    assert further is None and cfg.probes.ics_every == 10
+    assert further is None and cfg.probes.ics.every == 10
     for steps, message in (
         (0, r"steps must be at least 1 \(the number of further steps\)"),
         ("abc", "steps: expected an integer, got 'abc'"),
@@ -200,7 +200,7 @@ def test_continuing_refuses_what_the_weights_fit() -> None:
         config_for_measure("name: r\n", "r.h5", {"seed": 3, "lr": 0.1, "model_options.width": 2})
     with pytest.raises(ConfigError, match=r"^--bn and --set data cannot change when continuing r\.h5"):
         check_continuable({"variants.bn": ["keep", "strip"], "lr": 1.0, "data": "x"}, "r.h5", {"variants.bn": "--bn", "data": "--set data"})
-    check_continuable({"lr": 0.1, "steps": 3, "probes.ics_every": 2, "output": "o.h5"}, "r.h5")
+    check_continuable({"lr": 0.1, "steps": 3, "probes.ics.every": 2, "output": "o.h5"}, "r.h5")
 
 
 def test_layers_given_as_one_string_are_comma_separated_globs(tmp_path: Path) -> None:
@@ -231,3 +231,53 @@ def test_a_model_override_names_the_output_after_the_model() -> None:
     assert config_for_train(None, {"model": "models/my net.py:make"}).output_path == Path("runs/quickstart-my-net-make.h5")
     assert config_for_train(None, {"model": "mlp", "name": "mine"}).output_path == Path("runs/mine.h5")
     assert config_for_train(None, {"model": "mlp", "output": "out.h5"}).output_path == Path("out.h5")
+
+
+def test_older_flat_probe_keys_load_into_their_sections_with_a_hint(tmp_path: Path) -> None:
+    old = "probes: {record_every: 5, ics_every: 4, landscape: true, etas: [1, 2], hessian: true, hessian_tol: 1.0e-4, compiled_moments: true}\n"
+    with pytest.warns(
+        FutureWarning, match=r"probes\.landscape is now probes\.landscape\.enabled.*probes\.hessian_tol is now probes\.hessian\.tol"
+    ):
+        cfg = load_config(write(tmp_path, old), {"probes.spectrum_k": 3, "probes.spectrum": True})
+    p = cfg.probes
+    assert (p.moments.every, p.moments.compiled, p.ics.every, p.landscape.enabled, p.landscape.etas) == (5, True, 4, True, (1.0, 2.0))
+    assert (p.hessian.enabled, p.hessian.tol, p.spectrum.enabled, p.spectrum.k) == (True, 1e-4, True, 3)
+    assert all(new.split(".")[0] in ProbeConfig.__dataclass_fields__ for new in RENAMED.values())
+    with pytest.raises(ConfigError, match=r"probes\.ics_every and probes\.ics\.every both given; keep probes\.ics\.every"):
+        load_config(write(tmp_path, "probes: {ics_every: 4, ics: {every: 2}}\n"))
+    assert load_config(write(tmp_path, "probes: {ics_every: 4}\n"), {"probes.ics.every": 2}).probes.ics.every == 2  # flags after the file
+
+
+def test_a_stored_flat_config_loads_quietly(recwarn: pytest.WarningsRecorder) -> None:
+    """Files written by older versions hold every probe key flat; continuing them needs no hint."""
+    cfg = load_config_text("name: r\nbn: keep\nfold: true\nprobes: {hessian: true, hessian_every: 0, record_every: 3}\n", "r.h5")
+    assert cfg.probes.hessian.every == 3 and not cfg.fold  # that fold did nothing there
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
+@pytest.mark.parametrize(
+    ("probes", "ics_every", "expected"),
+    [
+        ("{moments: {every: 7}, hessian: {enabled: true}, spectrum: {enabled: true}, landscape: {enabled: true}}", 0, (7, 7, 7, 0)),
+        ("{ics: {every: 4}, hessian: {enabled: true}, spectrum: {enabled: true}, landscape: {enabled: true}}", 0, (4, 4, 4, 4)),
+        ("{hessian: {every: 6}, spectrum: {enabled: true}, landscape: {enabled: true}}", 0, (6, 6, 10, 0)),
+        ("{hessian: {enabled: true}, spectrum: {enabled: true, every: 9}}", 10, (10, 9, 0, 10)),
+        ("{hessian: {enabled: true}, landscape: {enabled: true, every: 2}}", 10, (10, 0, 2, 10)),
+    ],
+)
+def test_schedules_are_resolved_once_when_loading(tmp_path: Path, probes: str, ics_every: int, expected: tuple[int, ...]) -> None:
+    """An enabled probe's every: 0 runs with the probe it follows (spectrum: hessian, then ICS, then the
+    moments; hessian and landscape: ICS, then the moments), and the config says so."""
+    path = write(tmp_path, f"probes: {probes}\n")
+    cfg = config_for_ics(path, {}) if ics_every else load_config(path)
+    p = cfg.probes
+    assert (p.hessian.every, p.spectrum.every, p.landscape.every, p.ics.every) == expected
+    assert load_config_text(cfg.to_yaml(), "r.h5").probes == p  # what a run file stores is what runs
+
+
+def test_fold_needs_bn_strip(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^fold: true folds BN into the layer before it, which only bn: strip does \(bn is keep\)"):
+        load_config(write(tmp_path, "fold: true\n"))
+    assert load_config(write(tmp_path, "fold: true\nbn: strip\n")).fold
+    runs = expand_variants(load_config(write(tmp_path, "fold: true\nvariants: {bn: [keep, strip]}\n")))
+    assert [(name, c.fold) for name, c in runs] == [("keep", False), ("strip", True)]

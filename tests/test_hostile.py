@@ -29,7 +29,7 @@ runner = CliRunner()
 
 TINY = (
     "name: tiny\nmodel: vgg\nmodel_options: {width: 0.125}\ndata: synthetic:cifar10\ndata_options: {n: 64}\n"
-    "steps: 4\nbatch_size: 16\nlr: 0.05\nprobes: {record_every: 2}\n"
+    "steps: 4\nbatch_size: 16\nlr: 0.05\nprobes: {moments: {every: 2}}\n"
 )
 
 

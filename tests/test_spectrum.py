@@ -422,13 +422,18 @@ def test_the_probe_starts_the_top_eigenvalue_warm_and_top_k_cold(k: int) -> None
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("spectrum_k", 0, "probes.spectrum_k must be at least 1"),
-        ("spectrum_trace_samples", 1, "spectrum_trace_samples must be 0 .off. or at least 2"),
-        ("hessian_bn_mode", "frozen", "probes.hessian_bn_mode: 'frozen' is not one of train, eval"),
-        ("spectrum_max_iter", 0, "spectrum_max_iter must be at least probes.spectrum_k"),
-        ("spectrum_density_steps", 0, "spectrum_density_steps must be at least 1"),
-        ("spectrum_tol", 0, "spectrum_tol must be positive"),
-        ("spectrum_block_density", True, "spectrum_block_density needs probes.spectrum_blocks: true and spectrum_density_probes >= 1"),
+        ("spectrum.k", 0, "probes.spectrum.k must be at least 1"),
+        ("spectrum.trace_samples", 1, "spectrum.trace_samples must be 0 .off. or at least 2"),
+        ("hessian.bn_mode", "frozen", "probes.hessian.bn_mode: 'frozen' is not one of train, eval"),
+        ("spectrum.max_iter", 0, "spectrum.max_iter must be at least probes.spectrum.k"),
+        ("spectrum.density_steps", 0, "spectrum.density_steps must be at least 1"),
+        ("spectrum.tol", 0, "spectrum.tol must be positive"),
+        (
+            "spectrum.block_density",
+            True,
+            "spectrum.block_density needs probes.spectrum.blocks: true and probes.spectrum.density_probes >= 1",
+        ),
+        ("spectrum_k", 0, "probes.spectrum.k must be at least 1"),  # the older flat key reaches the same check
     ],
 )
 def test_config_keys_are_checked(key: str, value: object, message: str) -> None:

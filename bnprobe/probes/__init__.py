@@ -3,15 +3,21 @@
 Moments flow through the :class:`~bnprobe.Recorder`'s hooks on the training forward itself. The
 probes here need extra passes on the current batch (:mod:`bnprobe.passes`: they leave no trace),
 run in registry order, and the one that ``performs_step`` (ICS) runs last, so the others measure
-at the weights before the step. A new probe is one module with a factory plus one line here.
+at the weights before the step.
+
+Each entry names the probe's factory and its section of the config (``cfg.probes.<name>``, a
+dataclass of :mod:`bnprobe.probe_config`, which stays free of torch so that configs load without
+it). A new probe is one module (its factory, its records), its section there, and one line here.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
 from ..errors import ConfigError
+from ..probe_config import HessianConfig, IcsConfig, LandscapeConfig, SpectrumConfig
 from ..store import RunWriter
 from . import hessian, ics, landscape, spectrum
 from .base import Probe, ProbeFactory, StepBatch, every
@@ -20,6 +26,7 @@ __all__ = [
     "REGISTRY",
     "Probe",
     "ProbeFactory",
+    "Registered",
     "StepBatch",
     "every",
     "load_probe_states",
@@ -29,17 +36,26 @@ __all__ = [
     "track",
 ]
 
-REGISTRY: dict[str, ProbeFactory] = {
-    "landscape": landscape.probe_from_config,
-    "hessian": hessian.probe_from_config,
-    "spectrum": spectrum.probe_from_config,
-    "ics": ics.probe_from_config,
+
+@dataclass(frozen=True)
+class Registered:
+    """A probe as the trainer knows it: how to build it, and the config section it reads."""
+
+    factory: ProbeFactory
+    section: type  # the dataclass of ``cfg.probes.<name>``
+
+
+REGISTRY: dict[str, Registered] = {
+    "landscape": Registered(landscape.probe_from_config, LandscapeConfig),
+    "hessian": Registered(hessian.probe_from_config, HessianConfig),
+    "spectrum": Registered(spectrum.probe_from_config, SpectrumConfig),
+    "ics": Registered(ics.probe_from_config, IcsConfig),
 }
 
 
 def scheduled_probes(cfg: Config, layer_names: list[str]) -> list[Probe]:
     """The probes ``cfg`` asks for, in the order they run at a step (the step-performing one last)."""
-    probes = [p for factory in REGISTRY.values() if (p := factory(cfg, layer_names)) is not None]
+    probes = [p for entry in REGISTRY.values() if (p := entry.factory(cfg, layer_names)) is not None]
     stepping = [p.name for p in probes if p.performs_step]
     if len(stepping) > 1:
         raise ConfigError(f"probes {', '.join(stepping)} each perform the optimizer step; enable one of them")

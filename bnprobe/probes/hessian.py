@@ -328,9 +328,8 @@ class HessianProbe:
 
 
 def probe_from_config(cfg: Config, layers: list[str]) -> HessianProbe | None:
-    p = cfg.probes
-    if not p.hessian:
+    h = cfg.probes.hessian
+    if not h.enabled:
         return None
-    blocks = list(layers) if p.hessian_blocks and layers else None
-    every = p.hessian_every or p.ics_every or p.record_every
-    return HessianProbe(every, p.hessian_tol, p.hessian_max_iter, cfg.batch_size, blocks, p.hessian_bn_mode.value)
+    blocks = list(layers) if h.blocks and layers else None
+    return HessianProbe(h.every, h.tol, h.max_iter, cfg.batch_size, blocks, h.bn_mode.value)

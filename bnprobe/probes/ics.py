@@ -596,4 +596,5 @@ class ICSProbe:
 
 
 def probe_from_config(cfg: Config, layers: list[str]) -> ICSProbe | None:
-    return ICSProbe(list(layers), cfg.probes.ics_every) if cfg.probes.ics_every > 0 and layers else None
+    ics = cfg.probes.ics
+    return ICSProbe(list(layers), ics.every, ics.method) if ics.every > 0 and layers else None

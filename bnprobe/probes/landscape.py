@@ -168,9 +168,9 @@ class LandscapeProbe:
 
 
 def probe_from_config(cfg: Config, layers: list[str]) -> LandscapeProbe | None:
-    """The scan's grid: ``probes.etas`` (multiples of the learning rate) or the paper's for the model."""
-    p = cfg.probes
-    if not p.landscape:
+    """The scan's grid: ``probes.landscape.etas`` (multiples of the learning rate) or the paper's for the model."""
+    p = cfg.probes.landscape
+    if not p.enabled:
         return None
     etas = tuple(e * cfg.lr for e in p.etas) if p.etas else tuple(default_etas(cfg.lr, cfg.model))
-    return LandscapeProbe(etas, p.landscape_every or p.ics_every or p.record_every)
+    return LandscapeProbe(etas, p.every)

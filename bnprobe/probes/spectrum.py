@@ -571,20 +571,20 @@ class SpectrumProbe:
 
 
 def probe_from_config(cfg: Config, layers: list[str]) -> SpectrumProbe | None:
-    p = cfg.probes
-    if not p.spectrum:
+    s = cfg.probes.spectrum
+    if not s.enabled:
         return None
     return SpectrumProbe(
-        interval=p.spectrum_every or p.hessian_every or p.ics_every or p.record_every,
-        k=p.spectrum_k,
-        tol=p.spectrum_tol,
-        max_iter=p.spectrum_max_iter,
-        trace_samples=p.spectrum_trace_samples,
-        density_probes=p.spectrum_density_probes,
-        density_steps=p.spectrum_density_steps,
-        bn_mode=p.hessian_bn_mode.value,
+        interval=s.every,
+        k=s.k,
+        tol=s.tol,
+        max_iter=s.max_iter,
+        trace_samples=s.trace_samples,
+        density_probes=s.density_probes,
+        density_steps=s.density_steps,
+        bn_mode=cfg.probes.hessian.bn_mode.value,
         samples=cfg.batch_size,
-        blocks=list(layers) if p.spectrum_blocks and layers else None,
+        blocks=list(layers) if s.blocks and layers else None,
         seed=cfg.seed,
-        block_density=p.spectrum_block_density,
+        block_density=s.block_density,
     )
