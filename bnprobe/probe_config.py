@@ -183,6 +183,23 @@ class SpectrumConfig:
 
 
 @dataclass(frozen=True)
+class HeldoutConfig:
+    """Loss and accuracy on the data's held-out split, in eval mode (where the data has one)."""
+
+    FOLLOWS: ClassVar[str | None] = "moments"
+
+    enabled: bool = True
+    every: int = 0
+    batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        _check(
+            (self.every >= 0, "probes.heldout.every must be >= 0 (0: with probes.moments.every)"),
+            (self.batch_size > 0, "probes.heldout.batch_size must be at least 1"),
+        )
+
+
+@dataclass(frozen=True)
 class ProbeConfig:
     """What is measured and how often: the layers every probe looks at, then one section per probe."""
 
@@ -193,6 +210,7 @@ class ProbeConfig:
     landscape: LandscapeConfig = field(default_factory=LandscapeConfig)
     hessian: HessianConfig = field(default_factory=HessianConfig)
     spectrum: SpectrumConfig = field(default_factory=SpectrumConfig)
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
 
     def __post_init__(self) -> None:
         unknown = [k for k in self.kinds if k not in LAYER_KINDS]

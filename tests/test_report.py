@@ -19,7 +19,7 @@ from rich.console import Console
 
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
 from bnprobe.report import _SECTIONS, SPARK_BLOCKS, STAT_CHOICES, align_layers, build_report, fmt, render_report, sparkline
-from bnprobe.store import SECTIONS, STATS, TRAIN, Store, load_columns, read_file, strings
+from bnprobe.store import HELDOUT, SECTIONS, STATS, TRAIN, Store, load_columns, read_file, strings
 
 GOLDEN = Path(__file__).parent / "golden" / "report_80.txt"
 
@@ -358,8 +358,9 @@ def test_files_with_the_same_name_get_distinct_labels(tmp_path: Path) -> None:
     assert [c.label for c in columns] == ["run#1:keep", "run#2:keep"]
 
 
-def test_every_section_but_train_has_a_renderer() -> None:
-    assert [s.key for s in _SECTIONS] == [s for s in SECTIONS if s != TRAIN]
+def test_every_section_but_train_and_heldout_has_a_renderer() -> None:
+    """Training and held-out records are shown in the runs table, not in sections of their own."""
+    assert [s.key for s in _SECTIONS] == [s for s in SECTIONS if s not in (TRAIN, HELDOUT)]
 
 
 # ----------------------------------------------------------------------------- start-up

@@ -17,9 +17,9 @@ from typing import Any
 
 from ..config import Config
 from ..errors import ConfigError
-from ..probe_config import HessianConfig, IcsConfig, LandscapeConfig, SpectrumConfig
+from ..probe_config import HeldoutConfig, HessianConfig, IcsConfig, LandscapeConfig, SpectrumConfig
 from ..store import RunWriter
-from . import hessian, ics, landscape, spectrum
+from . import heldout, hessian, ics, landscape, spectrum
 from .base import Probe, ProbeFactory, StepBatch, every
 
 __all__ = [
@@ -49,6 +49,7 @@ REGISTRY: dict[str, Registered] = {
     "landscape": Registered(landscape.probe_from_config, LandscapeConfig),
     "hessian": Registered(hessian.probe_from_config, HessianConfig),
     "spectrum": Registered(spectrum.probe_from_config, SpectrumConfig),
+    "heldout": Registered(heldout.probe_from_config, HeldoutConfig),
     "ics": Registered(ics.probe_from_config, IcsConfig),
 }
 
@@ -73,7 +74,10 @@ def track(probe: Probe, batch: StepBatch, writer: RunWriter) -> None:
     """If ``probe`` is due at this step, compute it and append its record to its section."""
     if not probe.due(batch.step):
         return
-    writer.append(probe.name, batch.step, probe.compute(batch))
+    record = probe.compute(batch)
+    if not record:  # nothing to measure here (no held-out split): no record, no section
+        return
+    writer.append(probe.name, batch.step, record)
     for path, attrs in probe.dataset_attrs.items():
         writer.set_dataset_attrs(path, **attrs)
 

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..config import Config
 
@@ -28,8 +29,9 @@ def every(interval: int) -> Schedule:
 
 @dataclass
 class StepBatch:
-    """One training step as a probe sees it. The probe that performs the step sets ``loss`` and
-    ``output`` (detached); when none does, the trainer takes a plain step and sets them."""
+    """One training step as a probe sees it (and the held-out split, where the data has one). The
+    probe that performs the step sets ``loss`` and ``output`` (detached); when none does, the
+    trainer takes a plain step and sets them."""
 
     step: int
     model: nn.Module
@@ -39,6 +41,7 @@ class StepBatch:
     optimizer: torch.optim.Optimizer
     loss: torch.Tensor | None = None
     output: Any = None
+    heldout: Dataset[Any] | None = None  # the data's held-out split, for probes that evaluate on it
 
 
 class Probe(Protocol):

@@ -15,7 +15,7 @@ import numpy as np
 from ..findings import Condition, conditions, findings
 from ..health import run_flags
 from ..stats import mean_interval
-from ..store import TRAIN, RunData
+from ..store import HELDOUT, TRAIN, RunData
 
 
 class IntervalData(TypedDict):
@@ -33,6 +33,7 @@ class ConditionData(TypedDict):
     repeats: int
     final_loss: IntervalData | None
     final_accuracy: IntervalData | None
+    heldout_accuracy: IntervalData | None
     seconds: IntervalData | None
 
 
@@ -65,6 +66,11 @@ def _final(run: RunData, quantity: str) -> float | None:
     return float(np.nanmean(values[-FINAL_STEPS:]))
 
 
+def _last(run: RunData, section: str, quantity: str) -> float | None:
+    value = run.last(section, quantity)
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
 def _seconds(run: RunData) -> float | None:
     value = run.attrs.get("seconds")
     return float(value) if isinstance(value, (int, float, np.integer, np.floating)) else None
@@ -80,6 +86,7 @@ def _condition(cond: Condition) -> ConditionData:
         "repeats": cond.repeats,
         "final_loss": _interval([_final(r, "loss") for r in runs]),
         "final_accuracy": _interval([_final(r, "accuracy") for r in runs]),
+        "heldout_accuracy": _interval([_last(r, HELDOUT, "accuracy") for r in runs]),
         "seconds": _interval([_seconds(r) for r in runs]),
     }
 

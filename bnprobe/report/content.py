@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..findings import bn_label
 from ..store import (
     BLOCK,
+    HELDOUT,
     HESSIAN,
     ICS,
     LANDSCAPE,
@@ -65,6 +66,8 @@ class Summary(TypedDict):
     last_step: Number
     final_loss: Number
     final_accuracy: Number
+    heldout_loss: Number  # the last held-out record, eval mode
+    heldout_accuracy: Number
     seconds: Number
     diverged_step: Number
     error: Plain  # why a failed run stopped
@@ -253,6 +256,8 @@ def _summary(run: RunData) -> Summary:
         "last_step": num(last_step),
         "final_loss": num(run.last(TRAIN, "loss")),
         "final_accuracy": num(run.last(TRAIN, "accuracy")),
+        "heldout_loss": num(run.last(HELDOUT, "loss")),
+        "heldout_accuracy": num(run.last(HELDOUT, "accuracy")),
         "seconds": num(seconds),
         "diverged_step": num(a.get("diverged_step")),
         "error": _plain(a.get("error")),
@@ -444,6 +449,7 @@ def build_report(
 #: how to get each section's data, for hints and errors
 RECORD_HINTS = {
     TRAIN: "run bnprobe train",
+    HELDOUT: "train on data with a held-out split (synthetic:shapes); probes.heldout.enabled",
     MOMENTS: "run bnprobe train; moments are recorded every probes.record_every steps",
     ICS: "run bnprobe measure-ics, or set probes.ics_every",
     LANDSCAPE: "run bnprobe measure-ics with probes.landscape: true",

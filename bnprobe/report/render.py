@@ -183,13 +183,17 @@ _SUMMARY_ROWS: list[tuple[str, Callable[[Summary], str]]] = [
     ("steps", lambda s: fmt(s["steps"])),
     ("final loss", lambda s: fmt(s["final_loss"], 4)),
     ("final acc.", lambda s: "—" if s["final_accuracy"] is None else f"{100 * s['final_accuracy']:.1f} %"),
+    ("held-out loss", lambda s: fmt(s["heldout_loss"], 4)),
+    ("held-out acc.", lambda s: "—" if s["heldout_accuracy"] is None else f"{100 * s['heldout_accuracy']:.1f} %"),
     ("time", lambda s: "—" if s["seconds"] is None else f"{s['seconds']:.1f} s"),
     ("seed, device", lambda s: f"{fmt(s['seed'])}, {s['device'] or '—'}"),
 ]
 
 
 def _draw_summary(page: _Page, having: Cols) -> None:
-    page.row_tables("Runs", [(label, run["summary"]) for label, run in having], _SUMMARY_ROWS, (14, 14))
+    held_out = any(run["summary"]["heldout_loss"] is not None for _, run in having)
+    rows = [row for row in _SUMMARY_ROWS if held_out or not row[0].startswith("held-out")]
+    page.row_tables("Runs", [(label, run["summary"]) for label, run in having], rows, (14, 14))
     for label, run in having:
         status = run["summary"]["status"]
         if status == Status.RUNNING:

@@ -67,11 +67,13 @@ def draw_conditions(console: Console, conclusions: Conclusions) -> None:
         return
     t = Table(title="Conditions (mean [95% interval] over seeds)", title_justify="left", title_style="bold", box=box.SIMPLE_HEAD)
     t.add_column("condition", overflow="fold", style="bold")
-    for name in ("seeds", "final loss", "final acc. %", "time s (mean)"):
+    held_out = any(c["heldout_accuracy"] for c in conds)
+    for name in ("seeds", "final loss", "final acc. %", *(["held-out acc. %"] if held_out else []), "time s (mean)"):
         t.add_column(name, overflow="fold")
     for cond in conds:
+        held = [_interval(cond["heldout_accuracy"], 3, 100.0)] if held_out else []
         t.add_row(_name(cond), str(len(cond["seeds"])), _interval(cond["final_loss"]),
-                  _interval(cond["final_accuracy"], 3, 100.0), _mean(cond["seconds"]))  # fmt: skip
+                  _interval(cond["final_accuracy"], 3, 100.0), *held, _mean(cond["seconds"]))  # fmt: skip
     console.print(t)
     for cond in conds:
         if cond["repeats"]:

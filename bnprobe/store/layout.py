@@ -38,7 +38,8 @@ ICS: Final = "ics"
 LANDSCAPE: Final = "landscape"
 HESSIAN: Final = "hessian"
 SPECTRUM: Final = "spectrum"
-SECTIONS = (TRAIN, MOMENTS, ICS, LANDSCAPE, HESSIAN, SPECTRUM)
+HELDOUT: Final = "heldout"
+SECTIONS = (TRAIN, HELDOUT, MOMENTS, ICS, LANDSCAPE, HESSIAN, SPECTRUM)
 STEP: Final = "step"  # in every record group: the training step of each record (1-D integers)
 PER_CHANNEL: Final = "per_channel"  # moments/per_channel/<layer>/<stat>: one group per layer
 
@@ -93,6 +94,7 @@ _PC = f"{MOMENTS}/{PER_CHANNEL}/*"
 LAYOUT: tuple[DatasetSpec, ...] = (
     DatasetSpec(f"*/{STEP}", (RECORD,)),
     *(DatasetSpec(f"{TRAIN}/{q}", (RECORD,), nan_is_unrecorded=True) for q in TRAIN_FIELDS),
+    *(DatasetSpec(f"{HELDOUT}/{q}", (RECORD,), nan_is_unrecorded=True) for q in ("loss", "accuracy")),
     DatasetSpec(f"{TRAIN}/*", (RECORD,), nan_is_unrecorded=True),
     *(DatasetSpec(f"{MOMENTS}/{s}", (RECORD, LAYER)) for s in STATS),
     DatasetSpec(f"{MOMENTS}/histogram", (RECORD, LAYER, BIN)),
