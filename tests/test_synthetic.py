@@ -3,6 +3,8 @@ read-out of the pixels (the class is a shape, not a position, colour or mean ima
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -100,7 +102,7 @@ def test_load_data_bundles_both_splits() -> None:
         ({"sise": 3}, r"^data 'synthetic:shapes' has no option 'sise'; did you mean 'size'\?$"),
     ],
 )
-def test_option_errors_are_one_clear_line(options: dict[str, object], message: str) -> None:
+def test_option_errors_are_one_clear_line(options: dict[str, Any], message: str) -> None:
     with pytest.raises(DataError, match=message):
         load_data("synthetic:shapes", **options)
 
