@@ -25,16 +25,16 @@ from torch import Tensor
 
 CLASSES = ("disc", "ring", "square", "triangle", "plus", "bars", "star", "ellipse", "ell", "half-disc")
 CHUNK = 1024  # images rendered at once: bounds the memory of the per-pixel intermediates
-SCALE = (0.28, 0.5)  # object radius, in half-image widths
-CLUTTER = 0.12  # amplitude of the low-frequency background blotches
-GRADIENT = 0.25  # amplitude of the background's linear ramp, per channel
-STROKES = 3  # distractor strokes per image (each present with probability STROKE_P)
+SCALE = (0.35, 0.6)  # object radius, in half-image widths
+CLUTTER = 0.08  # amplitude of the low-frequency background blotches
+GRADIENT = 0.15  # amplitude of the background's linear ramp, per channel
+STROKES = 2  # distractor strokes per image (each present with probability STROKE_P)
 STROKE_P = 0.7
 
 Split = tuple[Tensor, Tensor]
 
 
-def shapes(n: int, size: int = 32, channels: int = 3, seed: int = 0, noise: float = 0.1, test: int = 0) -> tuple[Split, Split]:
+def shapes(n: int, size: int = 32, channels: int = 3, seed: int = 0, noise: float = 0.05, test: int = 0) -> tuple[Split, Split]:
     """``n`` training and ``test`` held-out images ``(N, channels, size, size)`` with labels 0-9.
 
     The held-out split is drawn after the training split from the same generator, so the
@@ -76,7 +76,7 @@ def _colours(m: int, channels: int, g: torch.Generator) -> tuple[Tensor, Tensor]
     base = torch.rand(m, channels, generator=g)
     direction = torch.randn(m, channels, generator=g)
     direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    other = base + (0.35 + 0.35 * torch.rand(m, 1, generator=g)) * direction
+    other = base + (0.45 + 0.35 * torch.rand(m, 1, generator=g)) * direction
     other = torch.where(other < 0, -other, other)  # reflect back into [0, 1] (steps are < 1)
     other = torch.where(other > 1, 2 - other, other)
     swap = torch.rand(m, 1, generator=g) < 0.5
