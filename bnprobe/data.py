@@ -1,8 +1,14 @@
 """Data sources: built-in synthetic sets (no download), torchvision sets and ImageFolder from local
 files, and arrays from .npz / .h5 files. Every source yields a :class:`DataBundle`.
 
-Specs: ``synthetic:cifar10``, ``synthetic:mnist``, ``synthetic:linear``, ``torchvision:CIFAR10:ROOT``
-(any torchvision classification set), ``imagefolder:DIR``, ``npz:FILE``, ``h5:FILE``.
+Specs: ``synthetic:cifar10``, ``synthetic:mnist``, ``synthetic:linear``, ``synthetic:shapes``,
+``torchvision:CIFAR10:ROOT`` (any torchvision classification set), ``imagefolder:DIR``, ``npz:FILE``,
+``h5:FILE``.
+
+``synthetic:shapes`` (:mod:`bnprobe.synthetic`) is the built-in task with visual structure: ten
+classes of drawn shapes at random position, scale, rotation and colour over a cluttered
+background, with a held-out split (``DataBundle.test``). ``synthetic:cifar10`` / ``mnist`` are a
+smooth prototype per class plus noise: quick to fit, good for smoke tests and overhead timing.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, TensorDataset
 
 from .errors import DataError, did_you_mean, first_line, shown, usable_path
+from .synthetic import shapes
 
 SYNTHETIC_SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28)}
 MAX_SYNTHETIC_VALUES = 2**28  # numbers a built-in set may hold: 1 GiB of float32
@@ -47,6 +54,7 @@ class DataBundle:
     num_outputs: int  # classes for classification, target dimension for regression
     task: Task  # a plain "classification" / "regression" is taken too, and becomes the member
     spec: str
+    test: Dataset[Any] | None = None  # a held-out split from the same distribution, where the source has one
 
     def __post_init__(self) -> None:
         self.task = Task(self.task)  # the boundary: a plain string becomes the member, a wrong one a ValueError
@@ -74,7 +82,7 @@ def load_data(spec: str, seed: int = 0, **options: Any) -> DataBundle:
     if kind not in loaders or not rest:
         hint = did_you_mean(kind, loaders) if kind not in loaders else ""
         raise DataError(
-            f"unknown data spec {shown(spec)}; use synthetic:cifar10|mnist|linear, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE or h5:FILE{hint}"
+            f"unknown data spec {shown(spec)}; use synthetic:cifar10|mnist|linear|shapes, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE or h5:FILE{hint}"
         )
     return loaders[kind](kind, rest, seed, dict(options))
 
@@ -121,13 +129,31 @@ def _synthetic(kind: str, name: str, seed: int, options: dict[str, Any]) -> Data
         dims = options.get("dim", 10) + (options.get("out_dim") or options.get("dim", 10))
         _number(spec, options, "n", 2, MAX_SYNTHETIC_VALUES // dims)
         return synthetic_linear(seed=seed, **options)
+    if name == "shapes":
+        return _shapes(spec, seed, options)
     if name not in SYNTHETIC_SHAPES:
-        raise DataError(f"unknown synthetic set {shown(name)}; choose from {', '.join([*SYNTHETIC_SHAPES, 'linear'])}")
+        raise DataError(f"unknown synthetic set {shown(name)}; choose from {', '.join([*SYNTHETIC_SHAPES, 'linear', 'shapes'])}")
     _reject_unknown(spec, options, ("n", "num_classes", "noise"))
     _number(spec, options, "n", 2, MAX_SYNTHETIC_VALUES // math.prod(SYNTHETIC_SHAPES[name]))
     _number(spec, options, "num_classes", 1, 10_000)
     _number(spec, options, "noise", 0, 10**6, integer=False)
     return synthetic_images(name, seed=seed, **options)
+
+
+def _shapes(spec: str, seed: int, options: dict[str, Any]) -> DataBundle:
+    """Validate the options (size and channels first: they bound how many images fit), then draw."""
+    _reject_unknown(spec, options, ("n", "test", "noise", "size", "channels"))
+    _number(spec, options, "size", 8, 512)
+    _number(spec, options, "channels", 1, 16)
+    _number(spec, options, "noise", 0, 10**6, integer=False)
+    size, channels = options.get("size", 32), options.get("channels", 3)
+    options = {"n": 8192, "test": 1024, **options}  # checked with the defaults: a large size may leave no room for them
+    room = MAX_SYNTHETIC_VALUES // (channels * size * size)
+    _number(spec, options, "n", 2, room)
+    _number(spec, options, "test", 0, room - options["n"])
+    (x, y), (xt, yt) = shapes(seed=seed, **options)
+    test = TensorDataset(xt, yt) if len(yt) else None
+    return DataBundle(TensorDataset(x, y), (channels, size, size), 10, Task.CLASSIFICATION, spec, test=test)
 
 
 def synthetic_images(name: str, seed: int = 0, n: int = 4096, num_classes: int = 10, noise: float = 3.0) -> DataBundle:
