@@ -360,7 +360,7 @@ def _train_steps(run: _Run, bundle: DataBundle, device: torch.device, progress: 
         # eval-mode measurements see one model, and a resumed run continues the uninterrupted one.
         distributed.broadcast_(run.model.buffers())
         distributed.seed_step(cfg.seed, step)
-        batch = StepBatch(step, run.model, run.loss_fn, x, y, run.optimizer, heldout=getattr(bundle, "test", None))
+        batch = StepBatch(step, run.model, run.loss_fn, x, y, run.optimizer, heldout=bundle.test)
         for probe in run.probes:  # the one that performs the step (ICS) comes last
             track(probe, batch, run.writer)
         if batch.loss is None:
