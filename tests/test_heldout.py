@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def test_evaluate_matches_a_hand_computation_in_eval_mode() -> None:
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     found = evaluate(model, nn.CrossEntropyLoss(), TensorDataset(x, y), batch_size=3)
     # the reference: the whole set at once, in eval mode (running statistics, no dropout)
-    reference = nn.Sequential(*model).eval()
+    reference = copy.deepcopy(model).eval()
     with torch.no_grad():
         out = reference(x)
     assert math.isclose(float(found["loss"]), float(nn.functional.cross_entropy(out, y)), rel_tol=1e-6)
