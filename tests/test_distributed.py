@@ -1,4 +1,4 @@
-"""torchrun runs (issue 13): shards, exact reductions, rank 0 writing, failures that stop every
+"""torchrun runs: shards, exact reductions, rank 0 writing, failures that stop every
 process. The end-to-end tests launch ``torchrun --standalone --nproc-per-node 2`` on CPU (gloo)
 and compare its file with a one-process run of the same global batch."""
 

@@ -1,4 +1,4 @@
-"""Hostile inputs (issue 11): each is one line on stderr (``bnprobe: error: ...``), exit code 2,
+"""Hostile inputs: each is one line on stderr (``bnprobe: error: ...``), exit code 2,
 no traceback, and nothing written (no new file, every existing file byte-equal).
 
 Each case is a set of files to lay out in an empty directory plus a command line. Most go through
