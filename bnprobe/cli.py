@@ -258,13 +258,15 @@ def _summary(results: list[VariantResult], path: Path) -> None:
     )
     for col, justify in columns:
         table.add_column(col, justify=justify)
+    from .store import Status
+
     for r in results:
         acc = "-" if r.final_accuracy != r.final_accuracy else f"{r.final_accuracy:.3f}"
         status = (
             f"{r.status} @ {r.diverged_step}"
             if r.diverged_step is not None
             else f"{r.status} @ {r.steps}"
-            if r.status == "failed"
+            if r.status == Status.FAILED
             else r.status
         )
         table.add_row(r.name, status, str(r.steps), f"{r.final_loss:.4f}", acc, f"{r.seconds:.1f}s")
@@ -356,14 +358,16 @@ def _with_progress(run: Callable[[ProgressFn], list[VariantResult]], path: Path)
 def _finish(results: list[VariantResult], path: Path) -> None:
     if not _follower():
         _summary(results, path)
-    failed = [r for r in results if r.status == "failed"]
+    from .store import Status
+
+    failed = [r for r in results if r.status == Status.FAILED]
     if failed:
         if _state["debug"]:
             _tell(failed[0].error_traceback.rstrip("\n"))
         more = f" ({len(failed) - 1} more failed; see `bnprobe report {path}`)" if len(failed) > 1 else ""
         _tell(f"bnprobe: error: variant {failed[0].name} failed: {failed[0].error}; its records up to then are kept{more}")
         raise typer.Exit(2)
-    if any(r.status == "diverged" for r in results):
+    if any(r.status == Status.DIVERGED for r in results):
         _tell("bnprobe: error: a variant diverged (non-finite loss); its records up to then are kept")
         raise typer.Exit(3)
 
