@@ -247,6 +247,8 @@ def _progress() -> Progress:
 
 
 def _summary(results: list[VariantResult], path: Path) -> None:
+    from .store import Status
+
     table = Table(title="bnprobe: run summary", title_justify="left")
     columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("variant", "left"),
@@ -258,8 +260,6 @@ def _summary(results: list[VariantResult], path: Path) -> None:
     )
     for col, justify in columns:
         table.add_column(col, justify=justify)
-    from .store import Status
-
     for r in results:
         acc = "-" if r.final_accuracy != r.final_accuracy else f"{r.final_accuracy:.3f}"
         status = (
@@ -356,10 +356,10 @@ def _with_progress(run: Callable[[ProgressFn], list[VariantResult]], path: Path)
 
 
 def _finish(results: list[VariantResult], path: Path) -> None:
-    if not _follower():
-        _summary(results, path)
     from .store import Status
 
+    if not _follower():
+        _summary(results, path)
     failed = [r for r in results if r.status == Status.FAILED]
     if failed:
         if _state["debug"]:
