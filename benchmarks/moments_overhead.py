@@ -1,7 +1,7 @@
 """Cost of the moment probes, as a ratio to a plain training step.
 
 Times SGD steps of the built-in ``vgg`` with no probes, with moments every step, and with
-``record_every=10``, eager and with ``probes.compiled_moments`` (one ``torch.compile``d kernel,
+``record_every=10``, eager and with ``probes.moments.compiled`` (one ``torch.compile``d kernel,
 compiled in a warm-up before the timing). Each setting has its own Recorder on one model, which
 all settings train in turns, step by step, in a new random order each round, so that a machine
 that slows down or speeds up during the run weighs on all alike, and so does whatever a step

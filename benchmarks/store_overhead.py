@@ -43,7 +43,7 @@ def main() -> None:
                 "lr": 1e-3,
                 "steps": args.steps,
                 "output": str(path),
-                "probes.record_every": args.record_every,
+                "probes.moments.every": args.record_every,
             },
         )
         run_experiment(cfg)

@@ -1,6 +1,6 @@
 """bnprobe: what batch normalization does to your network, measured.
 
-The public API (DESIGN 1.7). Names are imported on first use, so that ``bnprobe --help`` and
+The public API. Names are imported on first use, so that ``bnprobe --help`` and
 ``bnprobe report`` start without importing torch; type checkers see the real imports below.
 """
 

@@ -247,6 +247,8 @@ def _progress() -> Progress:
 
 
 def _summary(results: list[VariantResult], path: Path) -> None:
+    from .store import Status
+
     table = Table(title="bnprobe: run summary", title_justify="left")
     columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("variant", "left"),
@@ -264,7 +266,7 @@ def _summary(results: list[VariantResult], path: Path) -> None:
             f"{r.status} @ {r.diverged_step}"
             if r.diverged_step is not None
             else f"{r.status} @ {r.steps}"
-            if r.status == "failed"
+            if r.status == Status.FAILED
             else r.status
         )
         table.add_row(r.name, status, str(r.steps), f"{r.final_loss:.4f}", acc, f"{r.seconds:.1f}s")
@@ -354,16 +356,18 @@ def _with_progress(run: Callable[[ProgressFn], list[VariantResult]], path: Path)
 
 
 def _finish(results: list[VariantResult], path: Path) -> None:
+    from .store import Status
+
     if not _follower():
         _summary(results, path)
-    failed = [r for r in results if r.status == "failed"]
+    failed = [r for r in results if r.status == Status.FAILED]
     if failed:
         if _state["debug"]:
             _tell(failed[0].error_traceback.rstrip("\n"))
         more = f" ({len(failed) - 1} more failed; see `bnprobe report {path}`)" if len(failed) > 1 else ""
         _tell(f"bnprobe: error: variant {failed[0].name} failed: {failed[0].error}; its records up to then are kept{more}")
         raise typer.Exit(2)
-    if any(r.status == "diverged" for r in results):
+    if any(r.status == Status.DIVERGED for r in results):
         _tell("bnprobe: error: a variant diverged (non-finite loss); its records up to then are kept")
         raise typer.Exit(3)
 
@@ -425,11 +429,25 @@ def train(
     layers: Annotated[list[str] | None, typer.Option("--layers", help="Glob of layer names to probe; repeatable.")] = None,
     kinds: Annotated[list[str] | None, typer.Option("--kind", help="conv | linear | norm | other; repeatable.")] = None,
     record_every: Annotated[int | None, typer.Option(help="Record moments every N steps.")] = None,
-    per_channel: Annotated[bool | None, typer.Option("--per-channel/--no-per-channel", show_default=False)] = None,
+    per_channel: Annotated[
+        bool | None, typer.Option("--per-channel/--no-per-channel", help="Moments of each channel too.", show_default=False)
+    ] = None,
     histogram_bins: Annotated[int | None, typer.Option(help="Histogram bins (0: none).")] = None,
     ics_every: Annotated[int | None, typer.Option(help="Measure gradient-shift ICS every N steps (0: off).")] = None,
-    landscape: Annotated[bool | None, typer.Option("--landscape/--no-landscape", show_default=False)] = None,
-    hessian: Annotated[bool | None, typer.Option("--hessian/--no-hessian", show_default=False)] = None,
+    landscape: Annotated[
+        bool | None,
+        typer.Option(
+            "--landscape/--no-landscape",
+            help="Scan the loss landscape along the gradient (by default as often as ICS, else as the moments).",
+            show_default=False,
+        ),
+    ] = None,
+    hessian: Annotated[
+        bool | None,
+        typer.Option(
+            "--hessian/--no-hessian", help="Top Hessian eigenvalue (by default as often as ICS, else as the moments).", show_default=False
+        ),
+    ] = None,
     hessian_blocks: HessianBlocksOpt = None,
     spectrum: SpectrumOpt = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: at the end).")] = None,

@@ -1,4 +1,4 @@
-"""Which layers bnprobe probes, in the order the forward pass runs them (DESIGN 1.1).
+"""Which layers bnprobe probes, in the order the forward pass runs them.
 
 Registration order (``named_modules()``) is not execution order in real models, so the order
 comes from forward hooks on one real batch. A module called twice appears once, at its first call.

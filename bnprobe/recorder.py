@@ -26,7 +26,7 @@ from .config import layer_patterns
 from .layers import LayerInfo, has_own_parameters, layer_kind, select
 from .passes import measuring
 from .probes.moments import DEFAULT_SAMPLES, Partial, Workspace, finish_all, histogram, merged_across_processes, partial_moments
-from .store import STATS, RunWriter, Store
+from .store import STATS, RunWriter, Status, Store
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
@@ -161,7 +161,7 @@ class Recorder:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        self.close("finished" if exc_type is None else "interrupted")  # an exception stopped the user's loop early
+        self.close(Status.FINISHED if exc_type is None else Status.INTERRUPTED)  # an exception stopped the user's loop early
 
     # -------------------------------------------------------------- steps
 
@@ -266,7 +266,7 @@ class Recorder:
         self.writer.flush()
         self._last_flush = time.perf_counter()
 
-    def close(self, status: str = "finished") -> None:
+    def close(self, status: Status | str = Status.FINISHED) -> None:
         """Remove the hooks, flush, and close the file if this recorder opened it (marking the run
         ``status`` unless its owner already set one)."""
         for h in self._handles:
@@ -274,7 +274,7 @@ class Recorder:
         self._handles = []
         self.flush()
         if self._owned_store is not None:
-            if self.writer._group.attrs.get("status") == "running":
+            if self.writer._group.attrs.get("status") == Status.RUNNING:
                 self.writer.set_status(status, steps=self.step_index)
             self._owned_store.close()
             self._owned_store = None

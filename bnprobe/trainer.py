@@ -32,7 +32,7 @@ from .passes import leave_no_trace
 from .probes import Probe, StepBatch, load_probe_states, probe_states, scheduled_probes, track
 from .probes import start as start_probes
 from .recorder import Recorder
-from .store import RunWriter, Store
+from .store import RunWriter, Status, Store
 from .surgery import Action, BnPlan, apply_bn, is_batchnorm, synchronise_bn
 
 
@@ -41,7 +41,7 @@ class VariantResult:
     """How one variant ended, for the closing summary."""
 
     name: str
-    status: str
+    status: Status
     steps: int
     final_loss: float
     final_accuracy: float
@@ -212,15 +212,15 @@ def train_variant(
     device = resolve_device(cfg.device)
     model, plan = prepared if prepared is not None else prepare_model(cfg, bundle, device)
     run = _start(cfg, name, bundle, writer, model, plan, device, checkpoint)
-    status, diverged_step, failed_step, error, error_traceback = "finished", None, None, None, ""
+    status, diverged_step, failed_step, error, error_traceback = Status.FINISHED, None, None, None, ""
     try:
         with run.rec:
             status, diverged_step = _train_steps(run, bundle, device, progress)
     except KeyboardInterrupt:
-        run.finish("interrupted", save=True)
+        run.finish(Status.INTERRUPTED, save=True)
         raise
     except Exception as e:  # the run fails either way; the model's errors do not stop the others
-        status, failed_step = "failed", run.steps_done
+        status, failed_step = Status.FAILED, run.steps_done
         stopped = distributed.peer_stopped(e)  # under torchrun: a collective found another process gone
         if stopped is not None:
             run.finish(status, save=False, failed_step=failed_step, error=str(stopped))
@@ -233,7 +233,7 @@ def train_variant(
         if distributed.world_size() > 1:  # the other processes wait in a collective: this one stopping stops them
             run.finish(status, save=False, failed_step=failed_step, error=error)
             raise ModelError(f"variant {name} failed: {error}") from e
-    run.finish(status, save=status == "finished", diverged_step=diverged_step, failed_step=failed_step, error=error)
+    run.finish(status, save=status == Status.FINISHED, diverged_step=diverged_step, failed_step=failed_step, error=error)
     tail = slice(-10, None)
     return VariantResult(
         name,
@@ -272,7 +272,7 @@ class _Run:
     def checkpoint(self, next_step: int) -> dict[str, Any]:
         return checkpoint_state(self.model, self.optimizer, next_step, self.rec, self.probes)
 
-    def finish(self, status: str, save: bool, **extra: Any) -> None:
+    def finish(self, status: Status, save: bool, **extra: Any) -> None:
         """Flush, checkpoint when ``save``, and set the run's status with ``extra`` attributes
         (``diverged_step``; ``failed_step`` and ``error``); None values are left out."""
         steps = self.steps_done
@@ -328,7 +328,7 @@ def _start(
         generator_state=checkpoint.get("rng_recorder") if checkpoint else None,
         start_seconds=float(checkpoint.get("seconds", 0.0)) if checkpoint else 0.0, across_processes=True,
     )  # fmt: skip
-    writer.set_attrs(status="running")
+    writer.set_attrs(status=Status.RUNNING)
     return _Run(cfg, name, model, optimizer, bundle.loss_fn(), writer, rec, probes, start)
 
 
@@ -349,7 +349,7 @@ def _resume(
     return start
 
 
-def _train_steps(run: _Run, bundle: DataBundle, device: torch.device, progress: ProgressFn | None) -> tuple[str, int | None]:
+def _train_steps(run: _Run, bundle: DataBundle, device: torch.device, progress: ProgressFn | None) -> tuple[Status, int | None]:
     """The steps from ``run.start`` on; returns the status and, if the loss diverged, at which step."""
     cfg = run.cfg
     data = batches(bundle, cfg.batch_size, cfg.seed, start=run.start, shard=(distributed.rank(), distributed.world_size()))
@@ -371,13 +371,13 @@ def _train_steps(run: _Run, bundle: DataBundle, device: torch.device, progress: 
         run.losses.append(loss_value)
         run.accs.append(float(acc) if acc is not None else math.nan)
         if not math.isfinite(loss_value):
-            return "diverged", step
+            return Status.DIVERGED, step
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             run.rec.flush()
             run.writer.save_checkpoint(run.checkpoint(step + 1), step + 1)
         if progress is not None:
             progress(StepInfo(run.name, step + 1, cfg.steps, loss_value, (step + 1 - run.start) / (time.perf_counter() - t0)))
-    return "finished", None
+    return Status.FINISHED, None
 
 
 def _global_mean(loss: torch.Tensor, acc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -489,7 +489,7 @@ def _output(open_store: Callable[[], Store]) -> Store:
 def _unless_first(result: VariantResult, store: Store) -> VariantResult:
     """``result``, unless it failed before the new file holds any record: then the failure is an
     error like one found while building the model, and the file is discarded (nothing written)."""
-    if result.status == "failed" and not store.has_records():
+    if result.status == Status.FAILED and not store.has_records():
         raise ModelError(f"variant {result.name}: {result.error}")
     return result
 
@@ -504,7 +504,7 @@ def resume_experiment(path: Path, progress: ProgressFn | None = None) -> list[Va
     cfg = load_config_text(existing.attrs.get("config", ""), str(path))
     bundle = load_data(cfg.data, seed=cfg.seed, **dict(cfg.data_options))
     results = []
-    unfinished = {name: run for name, run in existing.runs.items() if run.attrs.get("status") not in ("finished", "diverged")}
+    unfinished = {name: run for name, run in existing.runs.items() if run.attrs.get("status") not in (Status.FINISHED, Status.DIVERGED)}
     with _process_group(cfg), _output(lambda: Store.append_to(path)) as store:
         for name, unfinished_run in unfinished.items():  # before any variant trains: one file, one number of processes
             _check_same_processes(path, name, int(unfinished_run.attrs.get("world_size", 1)))

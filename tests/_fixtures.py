@@ -1,6 +1,6 @@
 """Shared test material.
 
-``write_run_file`` lays out small bnprobe files as the trainer does (DESIGN section 4) with random
+``write_run_file`` lays out small bnprobe files as the trainer does (the layout of docs/hdf5-format.md) with random
 but deterministic numbers, for the report/export/plot tests, which read them back with h5py and
 compare. ``Noisy`` is a module with its own random stream, for the probes' replay tests.
 """

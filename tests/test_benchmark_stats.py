@@ -1,4 +1,4 @@
-"""The statistics ``benchmarks/moments_overhead.py`` reports its ratios with (issue 14)."""
+"""The statistics ``benchmarks/moments_overhead.py`` reports its ratios with."""
 
 from __future__ import annotations
 

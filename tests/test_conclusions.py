@@ -193,7 +193,7 @@ def test_a_run_that_fits_its_data_stores_the_flag(tmp_path: Path) -> None:
     flags = _train(
         tmp_path,
         "model: vgg\nmodel_options: {width: 0.25}\ndata: synthetic:cifar10\ndata_options: {n: 512}\n"
-        "steps: 60\nbatch_size: 64\nlr: 0.1\nprobes: {record_every: 20}\nvariants: {bn: [keep, insert]}\n",
+        "steps: 60\nbatch_size: 64\nlr: 0.1\nprobes: {moments: {every: 20}}\nvariants: {bn: [keep, insert]}\n",
     )
     assert flags["keep"] == []
     [fitted] = flags["insert"]
@@ -218,7 +218,7 @@ def test_a_layer_whose_relu_is_off_everywhere_is_flagged_dead(tmp_path: Path, bi
     flags = _train(
         tmp_path,
         f"model: {tmp_path / 'net.py'}:make\nmodel_options: {{bias: {bias}}}\ndata: synthetic:mnist\ndata_options: {{n: 256}}\n"
-        "steps: 10\nbatch_size: 32\nlr: 0.01\nprobes: {record_every: 5}\n",
+        "steps: 10\nbatch_size: 32\nlr: 0.01\nprobes: {moments: {every: 5}}\n",
     )
     found = [(f["kind"], f["step"], str(f["detail"]).split(":")[0]) for f in flags["keep"]]
     assert found == ([(health.DEAD, 0, "1")] if dead else [])

@@ -1,4 +1,4 @@
-"""torchrun runs (issue 13): shards, exact reductions, rank 0 writing, failures that stop every
+"""torchrun runs: shards, exact reductions, rank 0 writing, failures that stop every
 process. The end-to-end tests launch ``torchrun --standalone --nproc-per-node 2`` on CPU (gloo)
 and compare its file with a one-process run of the same global batch."""
 
@@ -458,8 +458,12 @@ lr: 0.1
 device: cpu
 checkpoint_every: 3
 dist_timeout: 60
-probes: {record_every: 1, per_channel: true, histogram_bins: 8, percentile_samples: 100000, ics_every: 3, landscape: true,
-         hessian: true, hessian_blocks: true, spectrum: true, spectrum_every: 4, spectrum_trace_samples: 3}
+probes:
+  moments: {every: 1, per_channel: true, histogram_bins: 8, percentile_samples: 100000}
+  ics: {every: 3}
+  landscape: {enabled: true}
+  hessian: {enabled: true, blocks: true}
+  spectrum: {enabled: true, every: 4, trace_samples: 3}
 """
 
 
@@ -525,7 +529,7 @@ def test_one_failing_process_stops_the_others_and_the_run_resumes(runs: Path) ->
     resumed run ends where the uninterrupted one did. With BN and an eval-mode Hessian, which reads
     the running statistics (every process holds rank 0's, so the resumed run's are the same), and
     with dropout (each process's masks come from the step)."""
-    bn = ["--set", "bn=insert", "--set", "probes.hessian_bn_mode=eval"]
+    bn = ["--set", "bn=insert", "--set", "probes.hessian.bn_mode=eval"]
     dropout = {"BNPROBE_TEST_DROPOUT": "1"}
     full_run = _bnprobe(["train", "d.yaml", "--set", "output=bn.h5", *bn], runs, 2, dropout)
     assert full_run.returncode == 0, full_run.stderr[-3000:]

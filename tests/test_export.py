@@ -33,7 +33,7 @@ def _names(values: np.ndarray) -> list[str]:
 
 
 def expected_rows(path: Path) -> dict[Key, float]:
-    """Every number of the file, keyed like a tidy row, straight from h5py (the layout of DESIGN 4)."""
+    """Every number of the file, keyed like a tidy row, straight from h5py (the layout of docs/hdf5-format.md)."""
     rows: dict[Key, float] = {}
 
     def put(key: Key, value: float) -> None:

@@ -151,7 +151,7 @@ def test_bn_mode_and_no_trace() -> None:
 
 
 def test_trainer_records_model_and_block_eigenvalues(in_tmp: Path) -> None:
-    """``probes.hessian_blocks``: ``hessian/block_*`` rows, one column per probed layer, equal to
+    """``probes.hessian.blocks``: ``hessian/block_*`` rows, one column per probed layer, equal to
     eigvalsh of that layer's block of the full Hessian at the weights the step started from."""
     from bnprobe.config import load_config
     from bnprobe.data import batches, load_data
@@ -167,12 +167,12 @@ def test_trainer_records_model_and_block_eigenvalues(in_tmp: Path) -> None:
         "batch_size": 16,
         "lr": 0.05,
         "output": "h.h5",
-        "probes.record_every": 1,
-        "probes.hessian": True,
-        "probes.hessian_every": 1,
-        "probes.hessian_blocks": True,
-        "probes.hessian_tol": 1e-9,
-        "probes.hessian_max_iter": 5000,
+        "probes.moments.every": 1,
+        "probes.hessian.enabled": True,
+        "probes.hessian.every": 1,
+        "probes.hessian.blocks": True,
+        "probes.hessian.tol": 1e-9,
+        "probes.hessian.max_iter": 5000,
     }
     cfg = load_config(None, overrides)
     run_experiment(cfg)
@@ -338,7 +338,7 @@ def test_a_model_that_is_not_twice_differentiable_is_refused_naming_the_module()
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_the_probe_measures_in_the_configured_bn_mode(mode: str) -> None:
-    """``probes.hessian_bn_mode`` reaches the Hessian probe: its record equals
+    """``probes.hessian.bn_mode`` reaches the Hessian probe: its record equals
     top_hessian_eigenvalue in that mode and its attributes say which."""
     from bnprobe.config import load_config
     from bnprobe.probes import StepBatch
@@ -348,7 +348,7 @@ def test_the_probe_measures_in_the_configured_bn_mode(mode: str) -> None:
     x, y = data()
     model(x)  # running statistics away from their initial values: the two modes differ
     cfg = load_config(
-        None, {"probes.hessian": True, "probes.hessian_bn_mode": mode, "probes.hessian_tol": 1e-9, "probes.hessian_max_iter": 3000}
+        None, {"probes.hessian.enabled": True, "probes.hessian.bn_mode": mode, "probes.hessian.tol": 1e-9, "probes.hessian.max_iter": 3000}
     )
     probe = probe_from_config(cfg, [])
     assert probe is not None

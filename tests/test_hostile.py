@@ -1,4 +1,4 @@
-"""Hostile inputs (issue 11): each is one line on stderr (``bnprobe: error: ...``), exit code 2,
+"""Hostile inputs: each is one line on stderr (``bnprobe: error: ...``), exit code 2,
 no traceback, and nothing written (no new file, every existing file byte-equal).
 
 Each case is a set of files to lay out in an empty directory plus a command line. Most go through
@@ -160,14 +160,14 @@ CASES = [
     Case("momentum-inf", ["train", "c.yaml"], config("momentum: .inf")),
     Case("batch-size-1e9", ["train", "c.yaml"], config("batch_size: 1e9")),
     Case("batch-size-huge", ["train", "c.yaml"], config(f"batch_size: {2**40}")),
-    Case("etas-negative", ["train", "c.yaml"], config("probes: {etas: [-1]}")),
-    Case("record-every-0", ["train", "c.yaml"], config("probes: {record_every: 0}")),
-    Case("histogram-bins-huge", ["train", "c.yaml"], config("probes: {histogram_bins: 1000000000}")),
-    Case("histogram-range-inf", ["train", "c.yaml"], config("probes: {histogram_bins: 4, histogram_range: [0, .inf]}")),
-    Case("percentile-samples-negative", ["train", "c.yaml"], config("probes: {percentile_samples: -1}")),
-    Case("hessian-max-iter-0", ["train", "c.yaml"], config("probes: {hessian: true, hessian_max_iter: 0}")),
-    Case("hessian-every-negative", ["train", "c.yaml"], config("probes: {hessian: true, hessian_every: -1}")),
-    Case("landscape-every-negative", ["train", "c.yaml"], config("probes: {landscape: true, landscape_every: -2}")),
+    Case("etas-negative", ["train", "c.yaml"], config("probes: {landscape: {etas: [-1]}}")),
+    Case("record-every-0", ["train", "c.yaml"], config("probes: {moments: {every: 0}}")),
+    Case("histogram-bins-huge", ["train", "c.yaml"], config("probes: {moments: {histogram_bins: 1000000000}}")),
+    Case("histogram-range-inf", ["train", "c.yaml"], config("probes: {moments: {histogram_bins: 4, histogram_range: [0, .inf]}}")),
+    Case("percentile-samples-negative", ["train", "c.yaml"], config("probes: {moments: {percentile_samples: -1}}")),
+    Case("hessian-max-iter-0", ["train", "c.yaml"], config("probes: {hessian: {enabled: true, max_iter: 0}}")),
+    Case("hessian-every-negative", ["train", "c.yaml"], config("probes: {hessian: {enabled: true, every: -1}}")),
+    Case("landscape-every-negative", ["train", "c.yaml"], config("probes: {landscape: {enabled: true, every: -2}}")),
     Case("unknown-kind", ["train", "c.yaml"], config("probes: {kinds: [bogus]}")),
     Case("noise-loud", ["train", "c.yaml"], config("bn: noisy\nnoise: loud")),
     Case("noise-range-string", ["train", "c.yaml"], config("bn: noisy\nnoise: {mu_range: [a, b]}")),
@@ -519,7 +519,7 @@ def test_a_model_failing_mid_run_fails_its_variant_only(exc: str, msg: str, in_t
     (in_tmp / "fragile.py").write_text(FRAGILE.replace("{exc}", exc).replace("{msg}", msg))
     (in_tmp / "c.yaml").write_text(
         "name: f\nmodel: fragile.py:make\ndata: synthetic:linear\ndata_options: {n: 64, dim: 4}\n"
-        "steps: 5\nbatch_size: 16\nprobes: {record_every: 1}\nvariants: {lr: [0.1, 0.05]}\n"
+        "steps: 5\nbatch_size: 16\nprobes: {moments: {every: 1}}\nvariants: {lr: [0.1, 0.05]}\n"
     )
     result = runner.invoke(app, ["train", "c.yaml"])
     assert "Traceback" not in result.output and result.exit_code == 2, result.output

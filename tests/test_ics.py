@@ -1,4 +1,4 @@
-"""Gradient-shift ICS (DESIGN 1.4): the definition against a literal deep-copy reference, fast ==
+"""Gradient-shift ICS: the definition against a literal deep-copy reference, fast ==
 naive on every model family, and "no trace" (bit-identical to a plain step)."""
 
 from __future__ import annotations
@@ -594,7 +594,7 @@ def test_fast_shares_the_updated_prefix() -> None:
 
 
 def test_dln_direction() -> None:
-    """Santurkar et al.'s deep linear network (DESIGN 1.6): with full-batch GD, cos(G, G') stays
+    """Santurkar et al.'s deep linear network: with full-batch GD, cos(G, G') stays
     near 1 without BN and is clearly lower with BN after every hidden layer (Glorot init, so the
     25-layer product carries signal and the step is not vanishingly small)."""
     from bnprobe.data import synthetic_linear

@@ -1,4 +1,4 @@
-"""Loss landscape along the gradient (DESIGN 1.5) against a naive deep-copy re-computation."""
+"""Loss landscape along the gradient against a naive deep-copy re-computation."""
 
 from __future__ import annotations
 

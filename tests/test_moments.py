@@ -181,7 +181,7 @@ def test_signed_values_with_exact_zeros(per_channel: bool) -> None:
 
 def test_training_records_the_steps_it_took(in_tmp: Path) -> None:
     """bnprobe train's numbers against the same training written out by hand: per step the batch
-    loss, accuracy and lr, and every record_every steps the moments of each layer's output."""
+    loss, accuracy and lr, and every probes.moments.every steps the moments of each layer's output."""
     from torch import nn
 
     from bnprobe.config import load_config
@@ -198,7 +198,7 @@ def test_training_records_the_steps_it_took(in_tmp: Path) -> None:
         "batch_size": 16,
         "lr": 0.1,
         "momentum": 0.9,
-        "probes.record_every": 2,
+        "probes.moments.every": 2,
         "output": "r.h5",
     }
     cfg = load_config(None, overrides)

@@ -68,9 +68,9 @@ def test_interrupted_and_regression_runs(tmp_path: Path) -> None:
     ("kind", "message"),
     [
         ("ics", "no ICS recorded in {path}; run bnprobe measure-ics"),
-        ("landscape", "no landscape recorded in {path}; run bnprobe measure-ics with probes.landscape: true"),
+        ("landscape", "no landscape recorded in {path}; run bnprobe measure-ics with probes.landscape.enabled: true"),
         ("moments", "no moments recorded in {path}; run bnprobe train"),
-        ("hessian", "no Hessian spectrum recorded in {path}; set probes.spectrum: true"),
+        ("hessian", "no Hessian spectrum recorded in {path}; set probes.spectrum.enabled: true"),
     ],
 )
 def test_missing_section_is_one_line(tmp_path: Path, kind: str, message: str) -> None:

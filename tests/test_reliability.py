@@ -24,24 +24,24 @@ runner = CliRunner()
 # Every stateful thing a resume must carry over: noisy-BN draws, ICS steps, the Hessian warm start.
 _ALL_PROBES = {
     "bn": "noisy",
-    "probes.ics_every": 3,
-    "probes.landscape": True,
-    "probes.hessian": True,
-    "probes.hessian_max_iter": 4,
-    "probes.hessian_tol": 1e-9,
+    "probes.ics.every": 3,
+    "probes.landscape.enabled": True,
+    "probes.hessian.enabled": True,
+    "probes.hessian.max_iter": 4,
+    "probes.hessian.tol": 1e-9,
 }
 
 
 @pytest.mark.parametrize("extra", [{}, _ALL_PROBES], ids=["moments", "noisy-ics-landscape-hessian"])
 def test_interrupt_then_resume_equals_an_uninterrupted_run(in_tmp: Path, tiny_config: Path, extra: dict) -> None:
-    cfg = load_config(tiny_config, {"steps": 9, "probes.record_every": 2, "checkpoint_every": 2, "output": "full.h5", **extra})
+    cfg = load_config(tiny_config, {"steps": 9, "probes.moments.every": 2, "checkpoint_every": 2, "output": "full.h5", **extra})
     run_experiment(cfg)
 
     def stop_at_5(info: StepInfo) -> None:
         if info.step == 5:
             raise KeyboardInterrupt("stopped by the test at step 5")
 
-    cut = load_config(tiny_config, {"steps": 9, "probes.record_every": 2, "checkpoint_every": 2, "output": "cut.h5", **extra})
+    cut = load_config(tiny_config, {"steps": 9, "probes.moments.every": 2, "checkpoint_every": 2, "output": "cut.h5", **extra})
     with pytest.raises(KeyboardInterrupt, match="stopped by the test at step 5"):
         run_experiment(cut, progress=stop_at_5)
     variant = cfg.bn.value
@@ -108,7 +108,7 @@ def test_signals_leave_a_readable_file(tmp_path: Path, tiny_config: Path, sig: i
     steps = run.data["train/step"]
     assert len(steps) >= 4 and steps.tolist() == list(range(len(steps)))  # every step up to the stop, in order
     assert np.isfinite(run.data["train/loss"]).all() and len(run.data["train/loss"]) == len(steps)
-    assert run.data["moments/step"].tolist() == list(range(0, len(steps), 2))  # record_every 2: none lost
+    assert run.data["moments/step"].tolist() == list(range(0, len(steps), 2))  # moments every 2 steps: none lost
     assert all(np.isfinite(run.data[f"moments/{s}"]).all() for s in ("mean", "var", "p50"))
     if sig != signal.SIGKILL:
         assert "interrupted; what was recorded is in run.h5" in err

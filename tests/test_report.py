@@ -341,7 +341,7 @@ def test_an_unconverged_hessian_is_flagged(tmp_path: Path) -> None:
     with h5py.File(path, "r+") as f:
         f["runs/keep/hessian/converged"][-1] = False
     text = _text(build_report([path]))
-    assert re.search(r"converged +NO", text) and "not converged: raise probes.hessian_max_iter" in text
+    assert re.search(r"converged +NO", text) and "not converged: raise probes.hessian.max_iter" in text
 
 
 def test_files_with_the_same_name_get_distinct_labels(tmp_path: Path) -> None:

@@ -345,9 +345,9 @@ def test_every_pass_leaves_no_trace() -> None:
 DLN = (
     "name: s\nmodel: dln\nmodel_options: {{depth: 3, width: 4}}\ndata: synthetic:linear\ndata_options: {{n: 64, dim: 4}}\n"
     "steps: {steps}\nbatch_size: 16\nlr: 0.05\nseed: 1\n"
-    "probes: {{record_every: 2, spectrum: true, spectrum_k: 2, spectrum_tol: 1.0e-9, spectrum_max_iter: 200,\n"
-    "  spectrum_trace_samples: 300, spectrum_density_probes: 2, spectrum_density_steps: 5, spectrum_blocks: true,\n"
-    "  spectrum_block_density: true}}\n"
+    "probes:\n  moments: {{every: 2}}\n"
+    "  spectrum: {{enabled: true, k: 2, tol: 1.0e-9, max_iter: 200, trace_samples: 300, density_probes: 2, density_steps: 5,\n"
+    "    blocks: true, block_density: true}}\n"
 )
 
 
@@ -386,7 +386,7 @@ def test_a_resumed_run_records_the_spectrum_of_an_uninterrupted_one(in_tmp: Path
     from bnprobe.store import read_file
     from bnprobe.trainer import StepInfo, resume_experiment, run_experiment
 
-    Path("s.yaml").write_text(DLN.format(steps=7).replace("spectrum_tol: 1.0e-9", "spectrum_tol: 1.0e-2"))
+    Path("s.yaml").write_text(DLN.format(steps=7).replace("tol: 1.0e-9", "tol: 1.0e-2"))
     run_experiment(load_config("s.yaml", {"checkpoint_every": 2, "output": "full.h5"}))
 
     def stop_at_5(info: StepInfo) -> None:

@@ -47,7 +47,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert run.layers[0]["output_shape"] == "2x3"
     np.testing.assert_array_equal(run.data["moments/step"], np.arange(5))
     np.testing.assert_array_equal(run.data["moments/mean"][:, 1], -np.arange(5))
-    with h5py.File(path) as f:  # resizable and chunked, as DESIGN 4 says
+    with h5py.File(path) as f:  # resizable and chunked, so records can be appended
         ds = f["runs/keep/moments/mean"]
         assert ds.maxshape == (None, 2) and ds.chunks is not None
     state, step = load_checkpoint(path, "keep")

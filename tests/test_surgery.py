@@ -1,4 +1,4 @@
-"""BatchNorm surgery (DESIGN 1.2): insert, strip, fold and noisy BN, paired by dataflow."""
+"""BatchNorm surgery: insert, strip, fold and noisy BN, paired by dataflow."""
 
 from __future__ import annotations
 

@@ -450,11 +450,11 @@ def build_report(
 RECORD_HINTS = {
     TRAIN: "run bnprobe train",
     HELDOUT: "train on data with a held-out split (synthetic:shapes); probes.heldout.enabled",
-    MOMENTS: "run bnprobe train; moments are recorded every probes.record_every steps",
-    ICS: "run bnprobe measure-ics, or set probes.ics_every",
-    LANDSCAPE: "run bnprobe measure-ics with probes.landscape: true",
-    HESSIAN: "set probes.hessian: true",
-    SPECTRUM: "set probes.spectrum: true",
+    MOMENTS: "run bnprobe train; moments are recorded every probes.moments.every steps",
+    ICS: "run bnprobe measure-ics, or set probes.ics.every",
+    LANDSCAPE: "run bnprobe measure-ics with probes.landscape.enabled: true",
+    HESSIAN: "set probes.hessian.enabled: true",
+    SPECTRUM: "set probes.spectrum.enabled: true",
 }
 
 

@@ -310,7 +310,7 @@ def _draw_hessian(page: _Page, _report: Report, having: Cols) -> None:
         captions.append("λ LAYER: top eigenvalue of that layer's own block of the Hessian")
     page.row_tables("Top Hessian eigenvalue (last record)", contents, rows, (14, 14), captions)
     if any(hess["converged"] is False for _, hess in contents):
-        page.note("not converged: raise probes.hessian_max_iter or loosen probes.hessian_tol (--set probes.hessian_max_iter=300)")
+        page.note("not converged: raise probes.hessian.max_iter or loosen probes.hessian.tol (--set probes.hessian.max_iter=300)")
 
 
 def _spectrum_rows(contents: Sequence[tuple[str, Spectrum]]) -> list[tuple[str, Callable[[Spectrum], Any]]]:
@@ -342,7 +342,7 @@ def _draw_spectrum(page: _Page, _report: Report, having: Cols) -> None:
         captions.append("λ1 / tr LAYER: top eigenvalue and trace of that layer's own block of the Hessian")
     page.row_tables("Hessian spectrum (last record)", contents, _spectrum_rows(contents), (14, 14), captions)
     if any(spec["converged"] is False for _, spec in contents):
-        page.note("not converged: raise probes.spectrum_max_iter or loosen probes.spectrum_tol")
+        page.note("not converged: raise probes.spectrum.max_iter or loosen probes.spectrum.tol")
 
 
 SectionKey = Literal["moments", "ics", "landscape", "hessian", "spectrum"]
