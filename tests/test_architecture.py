@@ -87,8 +87,11 @@ def test_only_the_store_touches_hdf5_and_only_the_cli_typer() -> None:
 
 def test_config_is_upstream_of_everything() -> None:
     """The config, with the probes' sections of it (probe_config, kept out of the probes package,
-    whose modules need torch), imports nothing of bnprobe but its errors, and no torch."""
-    assert _internal("bnprobe.config") <= {"bnprobe.errors", "bnprobe.probe_config"} and not _uses("bnprobe.config", "torch")
+    whose modules need torch) and its reading (config_reading), imports nothing of bnprobe but its
+    errors, and no torch."""
+    assert _internal("bnprobe.config") <= {"bnprobe.errors", "bnprobe.probe_config", "bnprobe.config_reading"}
+    assert _internal("bnprobe.config_reading") <= {"bnprobe.errors", "bnprobe.probe_config"}
+    assert not _uses("bnprobe.config", "torch") and not _uses("bnprobe.config_reading", "torch")
     assert _internal("bnprobe.probe_config") <= {"bnprobe.errors"} and not _uses("bnprobe.probe_config", "torch")
 
 
