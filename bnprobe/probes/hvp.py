@@ -123,7 +123,7 @@ def lanczos_start(
     eigenvector in reach. Warm, it keeps the start from being (nearly) an eigenvector whose
     eigenvalue has since fallen below the top: from the previous vector alone, Lanczos sometimes
     stopped at such an eigenvalue, well below the top; with the gradient it did not. (Top-k with
-    k > 1 is another matter: see :class:`SpectrumProbe`.) With no usable gradient (zero, not
+    k > 1 is another matter: see :class:`~bnprobe.probes.spectrum.SpectrumProbe`.) With no usable gradient (zero, not
     finite) the start is the unit vector alone."""
     n = sum(p.numel() for p in ps)
     if init is not None and init.numel() % n:

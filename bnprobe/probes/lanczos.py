@@ -169,7 +169,8 @@ class TopEigen(NamedTuple):
 
 
 def top_k(hvp: MatVec, ref: torch.Tensor, n: int, k: int, tol: float, max_iter: int, start: torch.Tensor, seed: int) -> TopEigen:
-    """Lanczos from ``start`` (:func:`lanczos_start`'s) until :func:`top_converged`."""
+    """The k largest eigenvalues: Lanczos from ``start`` (:func:`bnprobe.probes.hvp.lanczos_start`'s)
+    until :func:`top_converged` holds."""
     if k < 1 or tol <= 0 or max_iter < 1:
         raise ConfigError(f"Lanczos needs k >= 1, tol > 0 and max_iter >= 1, got k={k}, tol={tol}, max_iter={max_iter}")
     k = min(k, n)
