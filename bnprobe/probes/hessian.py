@@ -40,13 +40,15 @@ from ..config import Config
 from ..errors import ConfigError
 from .base import Record, StepBatch, every
 from .double_backward import refusing_what_has_no_double_backward
-from .hvp import FirstOrderPass, batch_size_of, first_order, hvp_function, layer_blocks
+from .hvp import HVP, FirstOrderPass, batch_size_of, first_order, hvp_function, layer_blocks
 from .lanczos import start_vector
 from .params import select_params
 
-__all__ = [
+__all__ = [  # HVP's building blocks live in hvp (and lanczos, params); they are read from here too
+    "HVP",
     "HessianProbe",
     "HessianResult",
+    "batch_size_of",
     "first_order",
     "hessian_blocks",
     "hvp_function",
