@@ -1,6 +1,6 @@
 """The ``bnprobe`` command line: parse, call the library, print. No logic lives here.
 
-Known errors (:data:`CLI_ERRORS`: the library's :class:`bnprobe.errors.BnprobeError`, usage errors)
+Known errors (:data:`~bnprobe.cli_output.CLI_ERRORS`: the library's :class:`bnprobe.errors.BnprobeError`, usage errors)
 become one line on stderr, ``bnprobe: error: ...``, and exit code 2; ``--debug`` or
 ``BNPROBE_DEBUG=1`` shows the library's tracebacks. Anything else is a bug and shows its traceback.
 """
@@ -9,86 +9,30 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console, JustifyMethod
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.console import JustifyMethod
 from rich.table import Table
 from typer.core import TyperGroup
 
-from .config import RenamedKeyWarning, bn_overrides, check_continuable, config_for_ics, config_for_train, load_config, parse_assignments
-from .errors import BnprobeError, PeerStopped, clip
+from .cli_output import CLI_ERRORS as CLI_ERRORS  # re-exported: its home is cli_output
+from .cli_output import Terminated as Terminated
+from .cli_output import err, follower, format_known_exception, hints_as_lines, out, rank, tell, with_progress
+from .config import bn_overrides, check_continuable, config_for_ics, config_for_train, load_config, parse_assignments
+from .errors import BnprobeError, PeerStopped
 
 if TYPE_CHECKING:  # the trainer (and torch) load only when a command runs
     from .config import Config
-    from .trainer import ProgressFn, StepInfo, VariantResult
+    from .trainer import VariantResult
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
 _state = {"debug": False}
 
 
 # ----------------------------------------------------------------------------- errors
-
-
-def _error_line(e: BnprobeError) -> str:
-    message = " ".join(str(e).split())  # one line, whatever a library put in the message
-    return f"bnprobe: error: {clip(message, 500)}"
-
-
-def _usage_line(e: typer.TyperException) -> str:
-    ctx = getattr(e, "ctx", None)  # a usage error knows the command it is about
-    where = ctx.command_path if ctx is not None else "bnprobe"
-    return f"bnprobe: error: {e.format_message()} (see `{where} --help`)"
-
-
-def _abort_line(_e: typer.Abort) -> str:
-    return "bnprobe: aborted"
-
-
-# Known exceptions and the one stderr line each becomes; the exit code is the exception's own
-# ``exit_code`` (2 for BnprobeError and click's usage errors), else 1. Subclasses before parents:
-# the first entry that matches is used.
-CLI_ERRORS: dict[type[Exception], Callable[[Any], str]] = {
-    BnprobeError: _error_line,
-    typer.TyperException: _usage_line,
-    typer.Abort: _abort_line,
-}
-
-
-def format_known_exception(e: BaseException) -> str | None:
-    """The one stderr line for a known exception; None for anything else (a bug, which shows its traceback)."""
-    for kind, line in CLI_ERRORS.items():
-        if isinstance(e, kind):
-            return line(e)
-    return None
-
-
-@contextmanager
-def _hints_as_lines() -> Iterator[None]:
-    """A config's hint (:class:`RenamedKeyWarning`: an older key, read under its new name) as one line
-    on stderr, ``bnprobe: warning: ...``, each time; other warnings as Python shows them."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", RenamedKeyWarning)
-        python_shows = warnings.showwarning
-
-        def show(
-            message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None, line: str | None = None
-        ) -> None:
-            if issubclass(category, RenamedKeyWarning):
-                _tell(f"bnprobe: warning: {message}")
-            else:
-                python_shows(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = show
-        yield
 
 
 class _Bnprobe(TyperGroup):
@@ -106,18 +50,18 @@ class _Bnprobe(TyperGroup):
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args) or ["--help"]  # `bnprobe` alone: the help, exit 0
         if not standalone_mode:
-            with _hints_as_lines():
+            with hints_as_lines():
                 return super().main(argv, prog_name, complete_var, False, windows_expand_args, **extra)
         _state["debug"] = os.environ.get("BNPROBE_DEBUG", "") not in ("", "0")  # --debug sets it again, per invocation
         try:
-            with _hints_as_lines():
+            with hints_as_lines():
                 result = super().main(argv, prog_name, complete_var, False, windows_expand_args, **extra)
         except Exception as e:
             line = format_known_exception(e)
             if line is None or (_state["debug"] and isinstance(e, BnprobeError)):
                 raise
-            if _follower():  # another process of a torchrun run: its own errors, named; rank 0 says that it stopped
-                line = None if isinstance(e, PeerStopped) else line.replace("bnprobe: error:", f"bnprobe: error (process {_rank()}):", 1)
+            if follower():  # another process of a torchrun run: its own errors, named; rank 0 says that it stopped
+                line = None if isinstance(e, PeerStopped) else line.replace("bnprobe: error:", f"bnprobe: error (process {rank()}):", 1)
             if line is not None:
                 typer.echo(line, err=True)
             sys.exit(int(getattr(e, "exit_code", 1)))
@@ -138,20 +82,6 @@ app = typer.Typer(
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also BNPROBE_DEBUG=1).")] = False) -> None:
     if debug:
         _state["debug"] = True
-
-
-def _rank() -> str:
-    """This process's rank under torchrun ("0" otherwise), from its environment: no torch import."""
-    return os.environ.get("RANK", "0")
-
-
-def _follower() -> bool:
-    """A process of a torchrun run other than rank 0: it prints no progress or summary (rank 0 does)."""
-    return _rank() != "0"
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, delivered as an interrupt so runs flush and mark themselves ``interrupted``."""
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -233,19 +163,6 @@ def flag_overrides(**given: Any) -> dict[str, Any]:
     return {FLAG_KEYS[name]: value for name, value in given.items() if value is not None}
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description:<10}"),
-        BarColumn(bar_width=20),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[rate]:.1f} steps/s"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=False,
-    )
-
-
 def _summary(results: list[VariantResult], path: Path) -> None:
     from .store import Status
 
@@ -276,128 +193,43 @@ def _summary(results: list[VariantResult], path: Path) -> None:
     out.print(f"[dim]* mean of the last {steps}.[/dim] Wrote [bold]{path}[/bold]; see `bnprobe report {path}`.")
 
 
-class _StopRequests:
-    """SIGINT/SIGTERM while steps run stop the run at the next step boundary, where nothing is
-    half-written. An interrupt raised at an arbitrary bytecode can land in a weakref callback or a
-    ``__del__``, where Python prints "Exception ignored" and goes on, so the run would never stop.
-    Before the first step, or on a second signal, the interrupt is raised at once."""
-
-    def __init__(self) -> None:
-        self.pending: int | None = None
-        self.stepping = False
-
-    def on_signal(self, sig: int, _frame: Any) -> None:
-        again = self.pending is not None
-        self.pending = sig
-        if again or not self.stepping:
-            raise self._exception(sig)
-
-    def check(self) -> None:
-        """Raise the pending interrupt, if any; called once a step is recorded. Under torchrun a
-        signal any process got stops every process at this same step; one that arrives while this
-        process waits for the others' vote stays pending for the next step's."""
-        from .distributed import agreed_signal
-
-        self.stepping = True
-        agreed = agreed_signal(self.pending)
-        if agreed is not None:
-            self.pending = agreed
-            raise self._exception(agreed)
-
-    @staticmethod
-    def _exception(sig: int) -> KeyboardInterrupt:
-        return Terminated() if sig == signal.SIGTERM else KeyboardInterrupt()
-
-
-@contextmanager
-def _interrupts(path_hint: str, started: Callable[[], bool], stops: _StopRequests) -> Iterator[None]:
-    """SIGINT and SIGTERM end the command with 130 / 143 after the current step (see
-    :class:`_StopRequests`); ``started()`` tells whether a step was recorded (before that, no file
-    is left behind)."""
-    previous = signal.signal(signal.SIGTERM, stops.on_signal)
-    previous_int = signal.signal(signal.SIGINT, stops.on_signal)  # even when started with SIGINT ignored
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        if started():
-            _tell(f"bnprobe: interrupted; what was recorded is in {path_hint} (status: interrupted)")
-        else:
-            _tell("bnprobe: interrupted before the first step; nothing was written")
-        raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)
-
-
-def _with_progress(run: Callable[[ProgressFn], list[VariantResult]], path: Path) -> list[VariantResult]:
-    """Call ``run(on_step)`` with a live progress bar per variant; interrupts end it cleanly."""
-    progress = _progress()
-    tasks: dict[str, TaskID] = {}
-    stops = _StopRequests()
-
-    def on_step(info: StepInfo) -> None:
-        if _follower():
-            stops.check()
-            return
-        if not tasks:
-            progress.start()
-        if info.variant not in tasks:
-            tasks[info.variant] = progress.add_task(info.variant, total=info.steps, loss=float("nan"), rate=0.0)
-        progress.update(tasks[info.variant], completed=info.step, loss=info.loss, rate=info.steps_per_second)
-        stops.check()
-
-    with _interrupts(str(path), lambda: bool(tasks), stops):
-        try:
-            results = run(on_step)
-        finally:
-            if tasks:  # stopping a bar that never started would print a stray blank line
-                progress.stop()
-    return results
-
-
 def _finish(results: list[VariantResult], path: Path) -> None:
     from .store import Status
 
-    if not _follower():
+    if not follower():
         _summary(results, path)
     failed = [r for r in results if r.status == Status.FAILED]
     if failed:
         if _state["debug"]:
-            _tell(failed[0].error_traceback.rstrip("\n"))
+            tell(failed[0].error_traceback.rstrip("\n"))
         more = f" ({len(failed) - 1} more failed; see `bnprobe report {path}`)" if len(failed) > 1 else ""
-        _tell(f"bnprobe: error: variant {failed[0].name} failed: {failed[0].error}; its records up to then are kept{more}")
+        tell(f"bnprobe: error: variant {failed[0].name} failed: {failed[0].error}; its records up to then are kept{more}")
         raise typer.Exit(2)
     if any(r.status == Status.DIVERGED for r in results):
-        _tell("bnprobe: error: a variant diverged (non-finite loss); its records up to then are kept")
+        tell("bnprobe: error: a variant diverged (non-finite loss); its records up to then are kept")
         raise typer.Exit(3)
-
-
-def _tell(line: str) -> None:
-    """A line on stderr, from rank 0 only under torchrun."""
-    if not _follower():
-        typer.echo(line, err=True)
 
 
 def _train(cfg: Config, force: bool) -> None:
     from .trainer import run_experiment
 
-    results = _with_progress(lambda on_step: run_experiment(cfg, force=force, progress=on_step)[1], cfg.output_path)
+    results = with_progress(lambda on_step: run_experiment(cfg, force=force, progress=on_step)[1], cfg.output_path)
     _finish(results, cfg.output_path)
 
 
 def _measure_from_run(path: Path, overrides: dict[str, Any], output: Path, force: bool) -> None:
     from .trainer import measure_from_run
 
-    results = _with_progress(lambda on_step: measure_from_run(path, overrides, output, force, on_step), output)
+    results = with_progress(lambda on_step: measure_from_run(path, overrides, output, force, on_step), output)
     _finish(results, output)
 
 
 def _resume(path: Path) -> None:
     from .trainer import resume_experiment
 
-    results = _with_progress(lambda on_step: resume_experiment(path, progress=on_step), path)
+    results = with_progress(lambda on_step: resume_experiment(path, progress=on_step), path)
     if not results:
-        if not _follower():
+        if not follower():
             out.print(f"Nothing to resume: every variant in {path} has finished.")
         return
     _finish(results, path)

@@ -8,14 +8,12 @@ weights; ``seed: [0, 1, 2]`` makes replicates, which reports average with a 95% 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import itertools
 import math
 import re
 import string
-import types
 import typing
 import warnings
 from collections.abc import Mapping, Sequence
@@ -25,10 +23,10 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, closest, did_you_mean, shown, usable_path
+from .config_reading import INT64, coerce, key_hint, parse_assignments, parse_yaml, read_yaml, set_dotted
+from .errors import ConfigError, shown
 from .probe_config import (
     LAYER_KINDS,
-    RENAMED,
     HessianBnMode,
     IcsMethod,
     LayerKind,
@@ -39,7 +37,19 @@ from .probe_config import (
     resolve_schedules,
 )
 
-__all__ = ["LAYER_KINDS", "HessianBnMode", "IcsMethod", "LayerKind", "ProbeConfig", "layer_patterns"]  # their home is probe_config
+# Their home is probe_config (the probes' sections) or config_reading (YAML and coercion); they are read from here too.
+__all__ = [
+    "LAYER_KINDS",
+    "HessianBnMode",
+    "IcsMethod",
+    "LayerKind",
+    "ProbeConfig",
+    "layer_patterns",
+    "parse_assignments",
+    "parse_yaml",
+    "read_yaml",
+    "set_dotted",
+]
 
 
 class BnMode(str, enum.Enum):
@@ -139,88 +149,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-_INT64 = 2**63  # integers are stored as HDF5 int64 attributes; seeds go to torch.manual_seed
 MAX_VARIANTS = 100  # runs in one experiment: each one's model is built up front
 _DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:\d+)?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-# Names users carry over from other tools, so that the hint points at ours.
-_ALIASES = {
-    "learning_rate": "lr",
-    "epochs": "steps",
-    "iterations": "steps",
-    "batch": "batch_size",
-    "wd": "weight_decay",
-    "optim": "optimizer",
-    "batchnorm": "bn",
-    "norm": "bn",
-}
-
-
-def _closest(key: str, valid: Sequence[str], where: str) -> str:
-    """The hint for an unknown key: our name for another tool's (``learning_rate``: ``lr``), the new
-    name of an older flat probe key close to it (``probes.record_evry``: ``moments.every``), else the closest key."""
-    if where == "probes" and (old := closest(key, RENAMED, cutoff=0.8)):
-        return did_you_mean(RENAMED[old[0]], [RENAMED[old[0]]])
-    alias = closest(key, _ALIASES, cutoff=0.8)
-    ours = _ALIASES[alias[0]] if alias else ""
-    if ours in valid:
-        return did_you_mean(ours, [ours])
-    return did_you_mean(key, valid, cutoff=0.4, otherwise=f"; valid keys: {', '.join(valid)}")
-
-
-def _coerce(where: str, value: Any, hint: Any) -> Any:
-    """Check and convert one value to its field type; raise ConfigError naming ``where``."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        present = [a for a in typing.get_args(hint) if a is not type(None)]
-        return None if value is None else _coerce(where, value, present[0])
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        try:
-            return hint(str(value).lower())
-        except ValueError:
-            choices = ", ".join(m.value for m in hint)
-            raise ConfigError(f"{where}: {shown(value)} is not one of {choices}") from None
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {shown(value)}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {shown(value)}")
-        if not -_INT64 <= value < _INT64:
-            raise ConfigError(f"{where}: {shown(value)} is out of range (at most {_INT64 - 1})")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {shown(value)}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {value}")
-        return value
-    if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {shown(value)}")
-        return str(value)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        items: Sequence[Any] = value if isinstance(value, (list, tuple)) else [value]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(f"{where}[{i}]", v, args[0]) for i, v in enumerate(items))
-        if len(items) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {shown(value)}")
-        return tuple(_coerce(f"{where}[{i}]", v, a) for i, (v, a) in enumerate(zip(items, args)))
-    if origin in (Mapping, dict) or hint is Mapping:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {shown(value)}")
-        bad = next((k for k in value if not isinstance(k, str)), None)
-        if bad is not None:  # they become keyword arguments of a model factory or data loader
-            raise ConfigError(f"{where}: option names must be strings, got {shown(bad)}")
-        return dict(value)
-    return value
 
 
 def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
@@ -232,7 +163,7 @@ def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ConfigError(f"unknown key {shown(path)}{_closest(str(key)[:100], names, where)}")
+            raise ConfigError(f"unknown key {shown(path)}{key_hint(str(key)[:100], names, where)}")
         if cls is ProbeConfig and key == "layers" and isinstance(value, str):
             value = layer_patterns(value)  # "features.*,fc" holds two globs, as on report's --layers
         if dataclasses.is_dataclass(hints[key]):  # a section: noise, probes, each probe's
@@ -242,7 +173,7 @@ def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
         elif not where and key in VARIANT_KEYS and isinstance(value, list) and typing.get_origin(hints[key]) is not tuple:
             raise ConfigError(f"{key}: one value here; to run several, list them under variants (variants: {{{key}: {_flow(value)}}})")
         else:
-            kwargs[key] = _coerce(path, value, hints[key])
+            kwargs[key] = coerce(path, value, hints[key])
     return cls(**kwargs)
 
 
@@ -257,11 +188,11 @@ def _variants(raw: Any) -> dict[str, tuple[Any, ...]]:
     out: dict[str, tuple[Any, ...]] = {}
     for key, values in raw.items():
         if key not in VARIANT_KEYS:
-            raise ConfigError(f"variants: cannot vary {shown(key)}{_closest(str(key)[:100], VARIANT_KEYS, 'variants')}")
+            raise ConfigError(f"variants: cannot vary {shown(key)}{key_hint(str(key)[:100], VARIANT_KEYS, 'variants')}")
         items = values if isinstance(values, (list, tuple)) else [values]
         if not items:
             raise ConfigError(f"variants.{key}: give at least one value")
-        out[key] = tuple(_coerce(f"variants.{key}", v, hints[key]) for v in items)
+        out[key] = tuple(coerce(f"variants.{key}", v, hints[key]) for v in items)
         if math.prod(len(v) for v in out.values()) > MAX_VARIANTS:
             raise ConfigError(
                 f"variants: more than {MAX_VARIANTS} runs (every variant's model is built before the first step); split the experiment"
@@ -303,7 +234,7 @@ def _validate(cfg: Config) -> Config:
             f"fold: true folds BN into the layer before it, which only bn: strip does (bn is {_plain(cfg.bn)}); drop fold or use bn: strip",
         ),
         (cfg.dist_timeout > 0, "dist_timeout must be positive (seconds)"),
-        (0 <= cfg.seed < _INT64, f"seed must be between 0 and {_INT64 - 1}"),
+        (0 <= cfg.seed < INT64, f"seed must be between 0 and {INT64 - 1}"),
         (_DEVICE.fullmatch(cfg.device) is not None, f"device must be auto, cpu, cuda[:N] or mps, not {shown(cfg.device)}"),
         (
             bool(cfg.name) and "/" not in cfg.name and not _CONTROL.search(cfg.name),
@@ -326,82 +257,6 @@ def _validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(message)
     return cfg
-
-
-def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``raw['probes']['layers'] = value`` for ``dotted='probes.layers'`` (CLI overrides)."""
-    parts = dotted.split(".")
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"cannot set {dotted}: {part} is not a section")
-    node[parts[-1]] = value
-
-
-class _Loader(yaml.SafeLoader):
-    """The safe loader without aliases: nine nested lists of nine aliases each ("billion laughs")
-    are a few lines of YAML that expand to 9**9 values, and configs have no need for them."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]  # types-PyYAML leaves Parser.peek_event unannotated
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported in bnprobe configs; write the value out", mark)
-        return super().compose_node(parent, index)
-
-
-def parse_yaml(text: str) -> Any:
-    """YAML text to Python values with :class:`_Loader`; every failure is a :class:`yaml.YAMLError`
-    (nesting too deep for the recursive parser, an integer too long to convert, included)."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
-    except RecursionError:
-        raise yaml.YAMLError("nested too deeply") from None
-    except ValueError as e:  # int() of a number with thousands of digits
-        raise yaml.YAMLError(str(e).split(";")[0][:120]) from None
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML config with the safe loader; one-line errors for missing or invalid files."""
-    p = usable_path(path, ConfigError)
-    if p.is_dir():
-        raise ConfigError(f"config {p} is a directory; give a YAML file")
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    if p.suffix in (".h5", ".hdf5"):
-        raise ConfigError(f"{p} is a run file, not a config; to continue it: bnprobe train --resume {p}")
-    try:
-        raw = parse_yaml(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"cannot read config {p}: {e.strerror}") from e
-    except UnicodeDecodeError:
-        raise ConfigError(f"config {p} is not a UTF-8 text file; give a YAML config") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"invalid YAML in {p}{where}: {problem}") from e
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: expected a mapping of keys to values at the top level")
-    return raw
-
-
-def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
-    """``["probes.hessian_tol=1e-4", "variants.lr=[0.1, 0.01]"]`` -> dotted keys to YAML-parsed values:
-    the CLI's ``--set``, which reaches every config key, including those without a flag of their own."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip() or not text.strip():
-            raise ConfigError(f"--set needs KEY=VALUE (e.g. --set probes.hessian_tol=1e-4), got {shown(item)}")
-        try:
-            out[key.strip()] = parse_yaml(text)
-        except yaml.YAMLError as e:
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"--set {key.strip()[:60]}: {shown(text)} is not a valid YAML value ({problem})") from None
-    return out
 
 
 def _from_file(path: str | Path) -> dict[str, Any]:
@@ -536,7 +391,7 @@ def config_for_measure(text: object, source: str, overrides: Mapping[str, Any]) 
     check_continuable(overrides, source)
     rest = dict(overrides)
     given = rest.pop("steps", None)
-    further: int | None = None if given is None else _coerce("steps", given, int)
+    further: int | None = None if given is None else coerce("steps", given, int)
     if further is not None and further < 1:
         raise ConfigError("steps must be at least 1 (the number of further steps)")
     return load_config_text(text, source, rest, MEASURE_ICS_EVERY), further

@@ -2,12 +2,15 @@
 
 Registration order (``named_modules()``) is not execution order in real models, so the order
 comes from forward hooks on one real batch. A module called twice appears once, at its first call.
+:func:`first_calls` is the one place that order is taken: :func:`execution_order` runs a forward for
+it, ICS and the Hessian probes record it during a forward they run anyway.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,29 +52,44 @@ class LayerInfo:
     order: int
 
 
-def execution_order(
-    model: nn.Module, example_input: Any, modules: Iterable[tuple[str, nn.Module]] | None = None
-) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
-    """Names, modules and output shapes in the order of their first call on ``example_input``."""
-    candidates = list(modules if modules is not None else model.named_modules())
-    seen: dict[int, tuple[str, nn.Module, tuple[int, ...]]] = {}
+def parameter_holders(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every module with parameters of its own, by name, in registration order: the candidate layers."""
+    return [(n, m) for n, m in model.named_modules() if has_own_parameters(m)]
+
+
+FirstCall = tuple[str, nn.Module, tuple[int, ...]]  # name, module, output shape (() when not a tensor)
+
+
+@contextmanager
+def first_calls(model: nn.Module, modules: Iterable[tuple[str, nn.Module]] | None = None) -> Iterator[list[FirstCall]]:
+    """Records ``modules`` (default: :func:`parameter_holders`) in the order their first call ends,
+    during whatever forward passes run inside the block; each appears once."""
+    candidates = list(modules if modules is not None else parameter_holders(model))
+    order: list[FirstCall] = []
+    seen: set[int] = set()
 
     def make_hook(name: str) -> Any:
         def hook(module: nn.Module, _inp: Any, out: Any) -> None:
             if id(module) not in seen:
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
-                seen[id(module)] = (name, module, shape)
+                seen.add(id(module))
+                order.append((name, module, tuple(out.shape) if isinstance(out, torch.Tensor) else ()))
 
         return hook
 
     handles = [m.register_forward_hook(make_hook(n)) for n, m in candidates]
     try:
-        with leave_no_trace(model), torch.no_grad():
-            model(example_input)
+        yield order
     finally:
         for h in handles:
             h.remove()
-    return list(seen.values())
+
+
+def execution_order(model: nn.Module, example_input: Any, modules: Iterable[tuple[str, nn.Module]] | None = None) -> list[FirstCall]:
+    """Names, modules and output shapes in the order of their first call on ``example_input``
+    (default: every module), from one forward that leaves no trace."""
+    with first_calls(model, modules if modules is not None else model.named_modules()) as order, leave_no_trace(model), torch.no_grad():
+        model(example_input)
+    return order
 
 
 def select(names_kinds: Sequence[tuple[str, str]], patterns: Sequence[str] = ("*",), kinds: Sequence[str] | None = None) -> list[int]:
@@ -98,8 +116,7 @@ def probed_layers(
     Modules with parameters that never run in the forward pass are left out: they have no
     activations and no gradient. No match is an error unless ``require`` is false.
     """
-    owners = [(n, m) for n, m in model.named_modules() if has_own_parameters(m)]
-    ordered = execution_order(model, example_input, owners)
+    ordered = execution_order(model, example_input, parameter_holders(model))
     keep = set(select([(n, layer_kind(m)) for n, m, _ in ordered], patterns, kinds))
     result: list[tuple[LayerInfo, nn.Module]] = []
     for i, (name, module, shape) in enumerate(ordered):

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import distributed
 from .config import layer_patterns
-from .layers import LayerInfo, has_own_parameters, layer_kind, select
+from .layers import LayerInfo, layer_kind, parameter_holders, select
 from .passes import measuring
 from .probes.moments import DEFAULT_SAMPLES, Partial, Workspace, finish_all, histogram, merged_across_processes, partial_moments
 from .store import STATS, RunWriter, Status, Store
@@ -35,6 +35,21 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     return None
+
+
+def _candidates(model: nn.Module, layers: str | Sequence[str], kinds: Sequence[str] | None, require: bool) -> list[tuple[str, nn.Module]]:
+    """The layers to hook: those with parameters of their own that ``layers`` / ``kinds`` select.
+
+    Their order is fixed later, by the first recorded training forward itself (the Recorder runs
+    no forward of its own, unlike :func:`bnprobe.layers.execution_order`)."""
+    patterns = layer_patterns(layers)
+    owners = parameter_holders(model)
+    picked = select([(n, layer_kind(m)) for n, m in owners], patterns, kinds)
+    if not picked and require:
+        from .errors import ConfigError
+
+        raise ConfigError(f"no layer with parameters matches layers={list(patterns)!r}" + (f", kinds={list(kinds)!r}" if kinds else ""))
+    return [owners[i] for i in picked]
 
 
 class Recorder:
@@ -75,22 +90,9 @@ class Recorder:
         across_processes: bool = False,
     ) -> None:
         self.model = model
-        patterns = layer_patterns(layers)
-        owners = [(n, m) for n, m in model.named_modules() if has_own_parameters(m)]
-        picked = select([(n, layer_kind(m)) for n, m in owners], patterns, kinds)
-        self._candidates = [owners[i] for i in picked]
-        if not self._candidates and require_match:
-            from .errors import ConfigError
-
-            raise ConfigError(f"no layer with parameters matches layers={list(patterns)!r}" + (f", kinds={list(kinds)!r}" if kinds else ""))
+        self._candidates = _candidates(model, layers, kinds, require_match)
         self.processes = distributed.world_size() if across_processes else 1
-        self._owned_store: Store | None = None
-        if isinstance(output, RunWriter):
-            self.writer = output
-        else:  # under torch.distributed only rank 0 writes the file; the others write to memory
-            main = self.processes == 1 or distributed.is_main()
-            self._owned_store = Store.create(output, force=force) if main else Store.scratch()
-            self.writer = self._owned_store.run(run, {"model": type(model).__name__})
+        self._owned_store, self.writer = self._open(output, force, run)
         self.record_every = record_every
         self.per_channel = per_channel
         self.histogram_bins = histogram_bins
@@ -113,6 +115,14 @@ class Recorder:
         self._handles: list[Any] = []
         self._t0 = time.perf_counter() - start_seconds  # a resumed run's clock goes on from its checkpoint
         self.layers: list[LayerInfo] = []
+
+    def _open(self, output: str | Path | RunWriter, force: bool, run: str) -> tuple[Store | None, RunWriter]:
+        """The store this recorder owns (None when given a writer of someone else's) and the run's writer."""
+        if isinstance(output, RunWriter):
+            return None, output
+        main = self.processes == 1 or distributed.is_main()  # under torch.distributed only rank 0 writes the file
+        store = Store.create(output, force=force) if main else Store.scratch()  # the others write to memory
+        return store, store.run(run, {"model": type(self.model).__name__})
 
     def elapsed(self) -> float:
         """Seconds of this run so far, including those before a resume."""

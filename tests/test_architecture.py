@@ -81,19 +81,23 @@ def test_the_store_knows_no_model(module: str) -> None:
 
 def test_only_the_store_touches_hdf5_and_only_the_cli_typer() -> None:
     assert {m for m in FILES if _uses(m, "h5py")} <= STORE
-    assert {m for m in FILES if _uses(m, "typer")} == {"bnprobe.cli"}
+    assert {m for m in FILES if _uses(m, "typer")} == {"bnprobe.cli", "bnprobe.cli_output"}
     assert {m for m in FILES if "bnprobe.cli" in _internal(m)} == {"bnprobe.__main__"}  # `python -m bnprobe`, `torchrun -m bnprobe`
+    assert {m for m in FILES if "bnprobe.cli_output" in _internal(m)} == {"bnprobe.cli"}  # the CLI's printing, its alone
 
 
 def test_config_is_upstream_of_everything() -> None:
     """The config, with the probes' sections of it (probe_config, kept out of the probes package,
-    whose modules need torch), imports nothing of bnprobe but its errors, and no torch."""
-    assert _internal("bnprobe.config") <= {"bnprobe.errors", "bnprobe.probe_config"} and not _uses("bnprobe.config", "torch")
+    whose modules need torch) and its reading (config_reading), imports nothing of bnprobe but its
+    errors, and no torch."""
+    assert _internal("bnprobe.config") <= {"bnprobe.errors", "bnprobe.probe_config", "bnprobe.config_reading"}
+    assert _internal("bnprobe.config_reading") <= {"bnprobe.errors", "bnprobe.probe_config"}
+    assert not _uses("bnprobe.config", "torch") and not _uses("bnprobe.config_reading", "torch")
     assert _internal("bnprobe.probe_config") <= {"bnprobe.errors"} and not _uses("bnprobe.probe_config", "torch")
 
 
 def test_models_surgery_and_probes_know_no_trainer_and_no_view() -> None:
-    downstream = {"bnprobe.trainer", "bnprobe.recorder", "bnprobe.cli", *VIEWS}
+    downstream = {"bnprobe.trainer", "bnprobe.recorder", "bnprobe.cli", "bnprobe.cli_output", *VIEWS}
     upstream = [
         m
         for m in FILES

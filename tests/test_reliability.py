@@ -183,13 +183,13 @@ def test_a_signal_inside_a_weakref_callback_still_stops_the_run(
 
 
 def test_a_signal_waits_for_the_step_but_a_second_one_stops_at_once() -> None:
-    from bnprobe.cli import Terminated, _StopRequests
+    from bnprobe.cli_output import StopRequests, Terminated
 
     # the interrupts carry no message (match "^$"); the type tells SIGINT from SIGTERM (a subclass)
     with pytest.raises(KeyboardInterrupt, match=r"^$") as first:  # before the first step nothing is half-written
-        _StopRequests().on_signal(signal.SIGINT, None)
+        StopRequests().on_signal(signal.SIGINT, None)
     assert first.type is KeyboardInterrupt
-    stops = _StopRequests()
+    stops = StopRequests()
     stops.check()
     stops.on_signal(signal.SIGTERM, None)  # during steps: remembered, raised at the boundary
     with pytest.raises(Terminated, match=r"^$"):
@@ -203,9 +203,9 @@ def test_a_signal_during_the_processes_vote_waits_for_the_next_step(monkeypatch:
     """Under torchrun a process waits in the vote on stopping (an all-reduce) while a slower peer
     finishes its step: a signal arriving then is kept for the next vote, not overwritten by this one's result."""
     import bnprobe.distributed
-    from bnprobe.cli import Terminated, _StopRequests
+    from bnprobe.cli_output import StopRequests, Terminated
 
-    stops = _StopRequests()
+    stops = StopRequests()
     stops.check()
 
     def vote_interrupted_by_a_signal(pending: int | None) -> int | None:

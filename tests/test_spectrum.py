@@ -17,10 +17,8 @@ from typer.testing import CliRunner
 from bnprobe.config import load_config
 from bnprobe.errors import ConfigError
 from bnprobe.probes.hessian import first_order, hvp_function, start_vector
+from bnprobe.probes.lanczos import _orthogonalised, top_converged, top_k
 from bnprobe.probes.spectrum import (
-    _orthogonalised,
-    _top_converged,
-    _top_k,
     block_spectra,
     hessian_trace,
     lanczos,
@@ -142,7 +140,7 @@ def test_top_eigenvalues_start_from_the_gradient() -> None:
     grads, _ = first_order(model, LOSS, x, y, ps, "train")
     cold = top_eigenvalues(model, LOSS, x, y, k=1, tol=1e-6, seed=3)
     start = lanczos_start(grads, ps, 3)
-    same = _top_k(hvp_function(grads, ps), ps[0], len(start), 1, 1e-6, 100, start, 3)
+    same = top_k(hvp_function(grads, ps), ps[0], len(start), 1, 1e-6, 100, start, 3)
     assert torch.equal(cold.values, same.values) and cold.iterations == same.iterations
     assert cold.converged and float(cold.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(full_hessian(model, x, y))[-1]), rel=1e-6)
 
@@ -152,18 +150,18 @@ def test_the_stopping_bound_counts_a_neighbours_residual_in_the_gap() -> None:
     values = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     tol = 1e-3  # the top value may be off by 3e-3
     # r = 0.05: r**2 / 1 = 2.5e-3 passes when the neighbour at 2 is converged...
-    assert _top_converged(1, tol)(values, torch.tensor([0.0, 0.0, 0.05], dtype=torch.float64))
+    assert top_converged(1, tol)(values, torch.tensor([0.0, 0.0, 0.05], dtype=torch.float64))
     # ...not when its residual 0.5 says the eigenvalue it stands for may be at 2.5: 2.5e-3 / 0.5 = 5e-3
-    assert not _top_converged(1, tol)(values, torch.tensor([0.0, 0.5, 0.05], dtype=torch.float64))
+    assert not top_converged(1, tol)(values, torch.tensor([0.0, 0.5, 0.05], dtype=torch.float64))
     # a neighbour whose residual reaches theta leaves r alone: 0.05 > 3e-3
-    assert not _top_converged(1, tol)(values, torch.tensor([0.0, 1.5, 0.05], dtype=torch.float64))
-    assert _top_converged(1, tol)(values, torch.tensor([0.0, 1.5, 0.002], dtype=torch.float64))
-    assert _top_converged(1, tol)(values[2:], torch.tensor([0.002], dtype=torch.float64))  # one value: r alone
-    assert not _top_converged(1, tol)(values[2:], torch.tensor([0.05], dtype=torch.float64))
+    assert not top_converged(1, tol)(values, torch.tensor([0.0, 1.5, 0.05], dtype=torch.float64))
+    assert top_converged(1, tol)(values, torch.tensor([0.0, 1.5, 0.002], dtype=torch.float64))
+    assert top_converged(1, tol)(values[2:], torch.tensor([0.002], dtype=torch.float64))  # one value: r alone
+    assert not top_converged(1, tol)(values[2:], torch.tensor([0.05], dtype=torch.float64))
     # k = 2: the second value's nearest is the first (gap 1 - 0.05) and the third (1 - 0.0)
-    assert _top_converged(2, tol)(values, torch.tensor([0.05, 0.04, 0.05], dtype=torch.float64))
-    assert not _top_converged(2, tol)(values, torch.tensor([0.9, 0.04, 0.05], dtype=torch.float64))
-    assert _top_converged(1, tol)(torch.tensor([3.0, 3.0], dtype=torch.float64), torch.tensor([0.0, 0.0], dtype=torch.float64))
+    assert top_converged(2, tol)(values, torch.tensor([0.05, 0.04, 0.05], dtype=torch.float64))
+    assert not top_converged(2, tol)(values, torch.tensor([0.9, 0.04, 0.05], dtype=torch.float64))
+    assert top_converged(1, tol)(torch.tensor([3.0, 3.0], dtype=torch.float64), torch.tensor([0.0, 0.0], dtype=torch.float64))
 
 
 def test_a_warm_start_at_an_eigenvector_no_longer_on_top_still_finds_the_top() -> None:

@@ -1,7 +1,7 @@
 """Forwards made twice differentiable, and their double backward cheap, for the Hessian's passes.
 
 Every Hessian-vector product here is a double backward through the graph of one first-order
-backward (:func:`bnprobe.probes.hessian.first_order`). :class:`TwiceDifferentiable` runs the
+backward (:func:`bnprobe.probes.hvp.first_order`). :class:`TwiceDifferentiable` runs the
 model's forward with a few functions swapped for equal formulas:
 
 - ``hardsigmoid`` (MobileNetV3, GhostNet, LCNet squeeze-excite) and ``normalize`` (Swin V2's cosine

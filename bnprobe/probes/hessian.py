@@ -6,7 +6,7 @@ PyHessian's method, with three differences:
   sees; PyHessian silently switches to eval mode). Running statistics never move (BN's
   ``track_running_stats`` is off during the pass) and other modules keep their mode. With dropout in
   train mode, the one forward fixes one mask (replayed from the current RNG state, which is put back).
-- **One forward, one first-order backward** (``create_graph=True``) per call; each iteration is one
+- **One forward, one first-order backward** (``create_graph=True``, :mod:`.hvp`) per call; each iteration is one
   double-backward through that retained graph (BN's made cheap: :mod:`.double_backward`). Per-layer
   blocks share the same first-order graph.
 - **Warm start and stated stopping rule**: ``init`` (the previous call's ``vector``) starts the
@@ -26,7 +26,6 @@ from batch to batch, so record ``samples`` with it. Nothing is changed: paramete
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,16 +35,29 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .. import distributed
-from ..config import Config, layer_patterns
+from ..config import Config
 from ..errors import ConfigError
-from ..layers import layer_kind, no_layer_matches, select
-from ..passes import BN_MODES, leave_no_trace
 from .base import Record, StepBatch, every
-from .double_backward import TwiceDifferentiable, refusing_what_has_no_double_backward
-from .ics import record_first_calls
+from .double_backward import refusing_what_has_no_double_backward
+from .hvp import HVP, FirstOrderPass, batch_size_of, first_order, hvp_function, layer_blocks
+from .lanczos import start_vector
+from .params import select_params
+
+__all__ = [  # HVP's building blocks live in hvp (and lanczos, params); they are read from here too
+    "HVP",
+    "HessianProbe",
+    "HessianResult",
+    "batch_size_of",
+    "first_order",
+    "hessian_blocks",
+    "hvp_function",
+    "layer_blocks",
+    "probe_from_config",
+    "select_params",
+    "start_vector",
+    "top_hessian_eigenvalue",
+]
 
 
 class HessianResult(NamedTuple):
@@ -58,94 +70,6 @@ class HessianResult(NamedTuple):
     converged: bool = True
     bn_mode: str = "train"
     samples: int = 0
-
-
-def _check_bn_mode(mode: str) -> None:
-    if mode not in BN_MODES:
-        raise ConfigError(f"unknown BN mode {mode!r} for the Hessian; choose from {', '.join(BN_MODES)}")
-
-
-def select_params(model: nn.Module, params: Iterable[torch.Tensor | str] | None) -> list[tuple[str, torch.Tensor]]:
-    """Trainable parameters: all, given ones, or those whose name or owning module matches a glob."""
-    named: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if params is None:
-        return named
-    wanted = list(params)
-    ids = {id(w) for w in wanted if isinstance(w, torch.Tensor)}
-    patterns = [w for w in wanted if isinstance(w, str)]
-    canonical = {id(p): n for n, p in named}
-    chosen = []
-    seen: set[int] = set()
-    for mod_name, m in model.named_modules():
-        for pn, p in m.named_parameters(recurse=False):
-            full = f"{mod_name}.{pn}" if mod_name else pn
-            if id(p) not in canonical or id(p) in seen:
-                continue
-            if id(p) in ids or any(fnmatch.fnmatchcase(full, q) or fnmatch.fnmatchcase(mod_name, q) for q in patterns):
-                seen.add(id(p))
-                chosen.append((canonical[id(p)], p))
-    if not chosen:
-        raise ConfigError("the Hessian block selects no trainable parameter")
-    return chosen
-
-
-def batch_size_of(x: Any) -> int:
-    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
-
-
-def first_order(
-    model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: Any, y: Any, ps: list[torch.Tensor], bn_mode: str
-) -> tuple[list[torch.Tensor | None], list[nn.Module]]:
-    """grad L wrt ``ps`` with its graph kept (for double backward; None where L does not depend on
-    p), and the modules with own parameters in the order their first call ended."""
-    _check_bn_mode(bn_mode)
-    # attention on the math backend: the fused CPU kernels have no double backward
-    with (
-        record_first_calls(model) as order,
-        leave_no_trace(model, bn_mode),
-        TwiceDifferentiable(),
-        sdpa_kernel([SDPBackend.MATH]),
-    ):
-        loss = loss_fn(model(x), y)
-    grads = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
-    return [g if g is not None and g.requires_grad else None for g in grads], order
-
-
-HVP = Callable[[torch.Tensor], torch.Tensor]
-"""A Hessian-vector product on flat vectors (the parameters' entries concatenated in order)."""
-
-
-def hvp_function(grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor]) -> HVP:
-    """``v -> H v`` for the Hessian of the loss wrt ``ps`` (one double backward through the graph of
-    ``grads``, kept for the next call): every spectral method here (power iteration, Lanczos,
-    Hutchinson, SLQ) runs on it, and a block's ``grads``/``ps`` give that diagonal block's product.
-
-    One vector per call: batching several through one double backward (``is_grads_batched``) is
-    no faster on CPU once BN's double backward is cheap (:mod:`.double_backward`; on VGG with and
-    without BN, ResNet-18 and ViT-Tiny one at a time was as fast or faster)."""
-    sizes = [p.numel() for p in ps]
-    ref = ps[0]
-    live = [k for k, g in enumerate(grads) if g is not None]
-    live_grads = [g for g in grads if g is not None]
-
-    def hvp(v: torch.Tensor) -> torch.Tensor:
-        if not live:
-            return torch.zeros_like(v)
-        parts = v.split(sizes)
-        out = torch.autograd.grad(
-            live_grads,
-            [ps[k] for k in live],
-            grad_outputs=[parts[k].view_as(ps[k]) for k in live],
-            retain_graph=True,
-            allow_unused=True,
-        )
-        products: dict[int, torch.Tensor | None] = dict(zip(live, out))
-        flat = [ref.new_zeros(s) if (h := products.get(k)) is None else h.reshape(-1) for k, s in enumerate(sizes)]
-        product = torch.cat(flat)  # zeros only where the loss does not depend on a parameter
-        distributed.average_([product])  # under torchrun: the global batch's Hessian times v
-        return product
-
-    return hvp
 
 
 def _power_iteration(
@@ -181,17 +105,34 @@ def _power_iteration(
     return eigenvalue, iterations, residual, v.detach(), converged
 
 
-def start_vector(init: torch.Tensor | Sequence[torch.Tensor] | None, n: int, ref: torch.Tensor, seed: int) -> torch.Tensor:
-    """The unit start vector: ``init`` (a warm start) when usable, else random from ``seed``."""
-    v: torch.Tensor | None = None
-    if init is not None:
-        v = init.detach().reshape(-1) if isinstance(init, torch.Tensor) else torch.cat([t.detach().reshape(-1) for t in init])
-        if v.numel() != n:
-            raise ValueError(f"init has {v.numel()} entries, the parameters have {n}")
-        v = v.to(device=ref.device, dtype=ref.dtype)
-    if v is None or not torch.isfinite(v).all() or float(v.norm()) == 0:
-        v = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=ref.dtype).to(ref.device)
-    return v.div(v.norm())
+def _check(tol: float, max_iter: int) -> None:
+    if tol <= 0 or max_iter < 1:
+        raise ConfigError(f"power iteration needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
+
+
+def _top(
+    model: nn.Module, x: Any, p: FirstOrderPass, ks: Sequence[int], tol: float, max_iter: int, init: Any, seed: int, bn_mode: str
+) -> HessianResult:
+    """Power iteration on the diagonal block of ``p``'s parameters ``ks``, from ``init``."""
+    with refusing_what_has_no_double_backward(model, x):
+        lam, its, res, v, ok = _power_iteration([p.grads[k] for k in ks], [p.ps[k] for k in ks], tol, max_iter, init, seed)
+    return HessianResult(lam, its, res, v, ok, bn_mode, batch_size_of(x))
+
+
+def _block_tops(
+    model: nn.Module,
+    x: Any,
+    p: FirstOrderPass,
+    layers: Sequence[str] | str | None,
+    kinds: Sequence[str] | None,
+    tol: float,
+    max_iter: int,
+    init: Mapping[str, torch.Tensor],
+    seed: int,
+) -> dict[str, HessianResult]:
+    """The selected layers' blocks of ``p`` (every trainable parameter's pass), in forward order."""
+    chosen = layer_blocks(model, p.order, p.ps, layers, kinds)
+    return {name: _top(model, x, p, ks, tol, max_iter, init.get(name), seed, p.bn_mode) for name, ks in chosen}
 
 
 def top_hessian_eigenvalue(
@@ -213,35 +154,10 @@ def top_hessian_eigenvalue(
     trainable parameter. ``init``: a start vector (flat, or one tensor per parameter), e.g. the
     previous result's ``vector``; otherwise a random one from ``seed`` (the global RNG is untouched).
     """
-    if tol <= 0 or max_iter < 1:
-        raise ConfigError(f"power iteration needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
-    named = select_params(model, params)
-    ps = [p for _, p in named]
-    grads, _ = first_order(model, loss_fn, x, y, ps, bn_mode)
-    with refusing_what_has_no_double_backward(model, x):
-        lam, its, res, v, ok = _power_iteration(grads, ps, tol, max_iter, init, seed)
-    return HessianResult(lam, its, res, v, ok, bn_mode, batch_size_of(x))
-
-
-def layer_blocks(
-    model: nn.Module,
-    order: Sequence[nn.Module],
-    ps: Sequence[torch.Tensor],
-    layers: Sequence[str] | str | None,
-    kinds: Sequence[str] | None,
-) -> list[tuple[str, list[int]]]:
-    """The selected layers' diagonal blocks in forward ``order``: each layer's name and the indices
-    into ``ps`` of its own parameters (layers without one left out); ``layers`` / ``kinds`` select as for ICS."""
-    index = {id(p): k for k, p in enumerate(ps)}
-    names = {id(m): n for n, m in model.named_modules()}
-    blocks = [(names[id(m)], [index[id(p)] for p in m.parameters(recurse=False) if id(p) in index]) for m in order]
-    blocks = [(n, list(dict.fromkeys(ks))) for n, ks in blocks if ks]
-    patterns = layer_patterns(layers)
-    kinds_of = {names[id(m)]: layer_kind(m) for m in order}
-    picked = select([(n, kinds_of[n]) for n, _ in blocks], patterns, kinds)
-    if not picked:
-        raise no_layer_matches(patterns, kinds)
-    return [blocks[j] for j in picked]
+    _check(tol, max_iter)
+    ps = [w for _, w in select_params(model, params)]
+    p = FirstOrderPass.of(model, loss_fn, x, y, bn_mode, ps)
+    return _top(model, x, p, range(len(ps)), tol, max_iter, init, seed, bn_mode)
 
 
 def hessian_blocks(
@@ -262,24 +178,16 @@ def hessian_blocks(
     One forward and one first-order backward serve every block. Layers are in forward order;
     ``layers`` / ``kinds`` select them as for ICS; ``init`` maps layer names to start vectors.
     """
-    if tol <= 0 or max_iter < 1:
-        raise ConfigError(f"power iteration needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
-    ps: list[torch.Tensor] = [p for n, p in model.named_parameters() if p.requires_grad]
-    grads, order = first_order(model, loss_fn, x, y, ps, bn_mode)
-    out = {}
-    for name, ks in layer_blocks(model, order, ps, layers, kinds):
-        with refusing_what_has_no_double_backward(model, x):
-            lam, its, res, v, ok = _power_iteration(
-                [grads[k] for k in ks], [ps[k] for k in ks], tol, max_iter, (init or {}).get(name), seed
-            )
-        out[name] = HessianResult(lam, its, res, v, ok, bn_mode, batch_size_of(x))
-    return out
+    _check(tol, max_iter)
+    p = FirstOrderPass.of(model, loss_fn, x, y, bn_mode)
+    return _block_tops(model, x, p, layers, kinds, tol, max_iter, init or {}, seed)
 
 
 @dataclass
 class HessianProbe:
     """Top Hessian eigenvalue every ``interval`` steps, warm-started from the previous eigenvector;
-    with ``blocks``, also that of each probed layer's own diagonal block."""
+    with ``blocks``, also that of each probed layer's own diagonal block (on the same first-order
+    pass: it gives every block's products, as :func:`hessian_blocks`'s own would)."""
 
     interval: int
     tol: float
@@ -304,15 +212,16 @@ class HessianProbe:
         return every(self.interval)(step)
 
     def compute(self, batch: StepBatch) -> Record:
-        model, loss_fn, x, y = batch.model, batch.loss_fn, batch.x, batch.y
-        r = top_hessian_eigenvalue(model, loss_fn, x, y, tol=self.tol, max_iter=self.max_iter, init=self._vector, bn_mode=self.bn_mode)
+        """The whole model's and the blocks' eigenvalues, all on one first-order pass."""
+        model, x = batch.model, batch.x
+        _check(self.tol, self.max_iter)
+        p = FirstOrderPass.of(model, batch.loss_fn, x, batch.y, self.bn_mode)
+        r = _top(model, x, p, range(len(p.ps)), self.tol, self.max_iter, self._vector, 0, self.bn_mode)
         self._vector = r.vector
         row: Record = {"top_eigenvalue": r.eigenvalue, "iterations": r.iterations, "residual": r.residual, "converged": r.converged}
         if self.blocks:
             exact = [glob.escape(n) for n in self.blocks]
-            per = hessian_blocks(
-                model, loss_fn, x, y, layers=exact, tol=self.tol, max_iter=self.max_iter, init=self._block_vectors, bn_mode=self.bn_mode
-            )
+            per = _block_tops(model, x, p, exact, None, self.tol, self.max_iter, self._block_vectors, 0)
             self._block_vectors = {n: b.vector for n, b in per.items()}
             nan = float("nan")  # a block with no trainable parameter
             for key, attr in (("top_eigenvalue", "eigenvalue"), ("iterations", "iterations"), ("residual", "residual")):

@@ -62,23 +62,24 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from .. import distributed
 from ..config import Config, IcsMethod, layer_patterns
 from ..errors import ConfigError
-from ..layers import has_own_parameters, layer_kind, no_layer_matches, select
+from ..layers import first_calls, layer_kind, no_layer_matches, select
 from ..passes import Buffers, Trace, leave_no_trace
-from ..rng import RngState, Streams
+from ..rng import Streams
 from ..store import ICS_FIELDS as FIELDS
 from .base import Record, StepBatch, every
+from .ics_cache import CallCache
+from .params import ParamSlots
 
 
 class ICS(NamedTuple):
@@ -162,25 +163,6 @@ class _Layers:
         self.reach = {id(m): max([i] + [j for n in self.own[i] for j in holders[n]]) if self.own[i] else -1 for i, m in enumerate(called)}
 
 
-@contextmanager
-def record_first_calls(model: nn.Module) -> Iterator[list[nn.Module]]:
-    """Modules with own parameters, in the order their first call ends (as layers.probed_layers)."""
-    order: list[nn.Module] = []
-    seen: set[int] = set()
-
-    def hook(module: nn.Module, _inp: Any, _out: Any) -> None:
-        if id(module) not in seen:
-            seen.add(id(module))
-            order.append(module)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if has_own_parameters(m)]
-    try:
-        yield order
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _measured(layers: _Layers, patterns: Sequence[str] | str | None, kinds: Sequence[str] | None) -> list[int]:
     globs = layer_patterns(patterns)
     chosen = sorted(select(list(zip(layers.names, layers.kinds)), globs, kinds))
@@ -232,13 +214,13 @@ def gradient_shift(
 
     # ---- the real step, exactly as a plain one (plus a hook recording the forward order)
     optimizer.zero_grad()
-    with record_first_calls(model) as called:
+    with first_calls(model) as calls:
         output = model(x)
     loss = loss_fn(output, y)
     loss.backward()
     distributed.average_gradients_(model.parameters())  # under torchrun: the global batch's G
 
-    plan = _Layers(model, called)
+    plan = _Layers(model, [m for _, m, _ in calls])
     distributed.check_same_everywhere(plan.names, "the layers an ICS step called")  # each layer's passes are collectives
     selected = _measured(plan, layers, kinds)
     measured = [i for i in selected if plan.own[i]]  # frozen layers: NaN rows, no passes
@@ -341,154 +323,6 @@ def _naive(
 # ----------------------------------------------------------------------------- fast path
 
 
-_OFF, _RECORD, _REPLAY = 0, 1, 2
-
-
-class _CallCache:
-    """Records every module call of a no-grad forward with updated weights and serves the calls
-    that only depend on updated weights back to later passes without running them.
-
-    Calls are numbered in the order they start; ``end[c]`` is one past the last call nested in c.
-    ``reach[c]`` is the latest layer whose parameters may have been read by the time call c ends
-    (the modules of every call started by then, its open ancestors and the root included). Call c
-    is served in the pass for layer i iff ``reach[c] < i``: everything it depends on then holds
-    W^{t+1}, exactly as in the recording pass. A model whose modules cannot be patched (scripted
-    modules) is run uncached.
-    """
-
-    def __init__(self, model: nn.Module, plan: _Layers, horizon: int, streams: Streams) -> None:
-        self.model = model
-        self.plan = plan
-        self.horizon = horizon  # no measured layer beyond this: later calls are never served
-        self.streams = streams
-        self.mode = _OFF
-        self.seq: list[nn.Module] = []
-        self.end: list[int] = []
-        self.reach: list[int] = []
-        self.out: list[Any] = []
-        self.flat: list[list[torch.Tensor]] = []
-        self.rng_after: list[RngState | None] = []
-        self.pos = 0
-        self.limit = -1
-        self.synced = True
-        self.served: list[int] = []
-        self.disabled = False
-        self._running = self._reach_of(model)
-        self._memo: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _reach_of(self, m: nn.Module) -> int:
-        if id(m) in self.plan.reach:
-            return self.plan.reach[id(m)]
-        # parameters outside every ordered layer: treat as "never before anything"
-        return 1 << 30 if any(p.requires_grad for p in m.parameters(recurse=False)) else -1
-
-    @contextmanager
-    def installed(self) -> Iterator[_CallCache]:
-        patched: list[tuple[nn.Module, bool, Any]] = []
-        try:
-            try:
-                for m in self.model.modules():
-                    if m is self.model:
-                        continue
-                    had = "forward" in m.__dict__
-                    wrapped = self._wrap(m, m.forward)
-                    patched.append((m, had, m.__dict__.get("forward")))
-                    object.__setattr__(m, "forward", wrapped)
-            except (AttributeError, TypeError, RuntimeError):
-                self.disabled = True
-            yield self
-        finally:
-            self.mode = _OFF
-            for m, had, fwd in patched:
-                if had:
-                    object.__setattr__(m, "forward", fwd)
-                else:
-                    object.__delattr__(m, "forward")
-
-    def _clone(self, out: Any) -> Any:
-        def one(t: Any) -> Any:
-            if not isinstance(t, torch.Tensor):
-                return t
-            key = (id(t), t._version)
-            hit = self._memo.get(key)
-            if hit is None:
-                hit = (t, t.detach().clone())
-                self._memo[key] = hit
-            return hit[1]
-
-        return tree_map(one, out)
-
-    def _wrap(self, m: nn.Module, fwd: Callable[..., Any]) -> Callable[..., Any]:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if self.mode == _RECORD:
-                pos = len(self.seq)
-                self.seq.append(m)
-                self.end.append(-1)
-                self.reach.append(-1)
-                self.out.append(None)
-                self.flat.append([])
-                self.rng_after.append(None)
-                self._running = max(self._running, self._reach_of(m))
-                before = self.streams.capture()
-                result = fwd(*args, **kwargs)
-                self.end[pos] = len(self.seq)
-                self.reach[pos] = self._running
-                if self._running < self.horizon:
-                    self.out[pos] = self._clone(result)
-                    self.flat[pos] = [t for t in tree_flatten(self.out[pos])[0] if isinstance(t, torch.Tensor)]
-                    after = self.streams.capture()
-                    if not before.same(after):
-                        self.rng_after[pos] = after
-                return result
-            if self.mode == _REPLAY and self.synced:
-                pos = self.pos
-                if pos >= len(self.seq) or self.seq[pos] is not m:
-                    self.synced = False  # the calls no longer line up: run the rest uncached
-                    return fwd(*args, **kwargs)
-                if self.reach[pos] < self.limit and self.out[pos] is not None:
-                    self.pos = self.end[pos]
-                    drawn = self.rng_after[pos]
-                    if drawn is not None:
-                        self.streams.restore(drawn)
-                    self.served.append(pos)
-                    return self.out[pos]
-                self.pos += 1
-            return fwd(*args, **kwargs)
-
-        return forward
-
-    def record(self, x: Any) -> None:
-        if self.disabled:
-            return
-        self.mode = _RECORD
-        try:
-            with torch.no_grad():
-                self.model(x)
-        finally:
-            self.mode = _OFF
-            self._memo.clear()
-
-    @contextmanager
-    def replay(self, layer: int) -> Iterator[None]:
-        self.mode, self.pos, self.limit, self.synced, self.served = _REPLAY, 0, layer, not self.disabled, []
-        try:
-            yield
-        finally:
-            self.mode = _OFF
-
-    def drop_mutated(self) -> None:
-        """A recorded output that an in-place op changed is no longer the recorded value: forget it.
-
-        Only served outputs can change, but one clone can back several calls: drop every call
-        whose output holds a changed tensor.
-        """
-        changed = {id(t) for pos in self.served for t in self.flat[pos] if t._version != 0}
-        if changed:
-            for pos, ts in enumerate(self.flat):
-                if self.out[pos] is not None and any(id(t) in changed for t in ts):
-                    self.out[pos] = None
-
-
 def _fast(
     model: nn.Module,
     loss_fn: Callable[[Any, Any], torch.Tensor],
@@ -511,7 +345,7 @@ def _fast(
             todo.append(i)
     if not todo:
         return shifted
-    cache = _CallCache(model, plan, max(todo), trace.streams)
+    cache = CallCache(model, plan.reach, max(todo), trace.streams)
     slots = ParamSlots(model)
     with cache.installed():
         reset()
@@ -527,37 +361,6 @@ def _fast(
             shifted[i] = _global_grads(loss, leaves)
             cache.drop_mutated()
     return shifted
-
-
-class ParamSlots:
-    """Every place a parameter is registered (module, attribute, canonical name), tied ones included.
-
-    ``swapped({canonical name: tensor})`` puts tensors in place of those parameters for the block.
-
-    Swapping tensors into these slots is what ``torch.func.functional_call`` does, minus its
-    per-call bookkeeping (which dominates on small models).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        canonical = {id(p): n for n, p in model.named_parameters()}
-        self.slots = [
-            (m, attr, canonical[id(p)])
-            for m in model.modules()
-            for attr, p in m._parameters.items()
-            if p is not None and id(p) in canonical
-        ]
-
-    @contextmanager
-    def swapped(self, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
-        saved = [(m, attr, m._parameters[attr]) for m, attr, n in self.slots if n in values]
-        try:
-            for m, attr, n in self.slots:
-                if n in values:
-                    m._parameters[attr] = values[n]  # type: ignore[assignment]
-            yield
-        finally:
-            for m, attr, p in saved:
-                m._parameters[attr] = p
 
 
 # ----------------------------------------------------------------------------- the trainer's probe

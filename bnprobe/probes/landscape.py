@@ -31,7 +31,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..passes import leave_no_trace
 from .base import Record, StepBatch, every
-from .ics import ParamSlots
+from .params import ParamSlots
 
 #: The paper's scan ranges, as multiples of the learning rate.
 ETA_RANGES = {"vgg": (0.5, 4.0), "dln": (0.01, 30.0)}

@@ -1,6 +1,6 @@
 """Hessian spectrum: top-k eigenvalues, trace and eigenvalue density, per model and per layer block.
 
-PyHessian's three quantities, on the Hessian-vector products of :mod:`bnprobe.probes.hessian` (one
+PyHessian's three quantities, on the Hessian-vector products of :mod:`bnprobe.probes.hvp` (one
 forward and one first-order backward per call, graph kept; BN mode explicit, ``train`` by default;
 nothing changed: parameters, buffers, ``.grad`` and RNG streams are as before):
 
@@ -20,6 +20,8 @@ nothing changed: parameters, buffers, ``.grad`` and RNG streams are as before):
   (Ritz values) and weights (squared first components of the tridiagonal's eigenvectors, summing
   to 1); :func:`bnprobe.quadrature.density` broadens them with Gaussians on a grid.
 
+The numerics (Lanczos, its stopping rule, Hutchinson, SLQ) are in :mod:`bnprobe.probes.lanczos`.
+
 Random vectors come from a generator seeded with ``seed`` (reproducible; the global RNG is untouched).
 """
 
@@ -35,194 +37,33 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed
 from ..config import Config
 from ..errors import ConfigError
 from .base import Record, StepBatch, every
 from .double_backward import refusing_what_has_no_double_backward
-from .hessian import (
-    HVP,
-    batch_size_of,
-    first_order,
-    hvp_function,
-    layer_blocks,
-    select_params,
-    start_vector,
-)
+from .hvp import FirstOrderPass, batch_size_of, first_order, hvp_function, lanczos_start, layer_blocks
+from .lanczos import LanczosResult, TopEigen, lanczos, mean_stderr, quadratic_forms, rademacher, slq, top_k
+from .params import select_params
+
+__all__ = [
+    "BlockSpectrum",
+    "DensityResult",
+    "LanczosResult",
+    "SpectrumProbe",
+    "TopEigen",
+    "TraceResult",
+    "block_spectra",
+    "hessian_trace",
+    "lanczos",
+    "lanczos_start",
+    "probe_from_config",
+    "rademacher",
+    "record_seed",
+    "spectral_density",
+    "top_eigenvalues",
+]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-Stop = Callable[[torch.Tensor, torch.Tensor], bool]  # (Ritz values ascending, their residuals) -> done
-
-
-class LanczosResult(NamedTuple):
-    """m Lanczos steps: the tridiagonal's eigen-decomposition and the orthonormal basis."""
-
-    values: torch.Tensor  # Ritz values, ascending, float64 [m]
-    eigvecs: torch.Tensor  # eigenvectors of the tridiagonal T (columns), float64 [m, m]
-    residuals: torch.Tensor  # ||H y_i - theta_i y_i|| = beta_m |s_{m,i}| (exact arithmetic), float64 [m]
-    basis: torch.Tensor  # Lanczos vectors (rows), orthonormal, dtype and device of the products [m, n]
-    steps: int  # Hessian-vector products used
-
-    @property
-    def weights(self) -> torch.Tensor:
-        """Gauss quadrature weights of the start vector: squared first components, summing to 1."""
-        return self.eigvecs[0].square()
-
-    def ritz_vectors(self, count: int) -> torch.Tensor:
-        """The ``count`` Ritz vectors of the largest Ritz values, largest first [count, n]."""
-        s = self.eigvecs[:, -count:].flip(1).to(self.basis.dtype).to(self.basis.device)
-        return (s.T @ self.basis).detach()
-
-
-_DGKS = 1 / math.sqrt(2)  # a pass that leaves less than this of w's norm is repeated
-
-
-def _orthogonalised(w: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``w`` less its projection on the rows of ``basis``, and its norm. A second pass only where
-    the first cut ``w``'s norm below 1/sqrt(2) of what it was, the case where one pass can leave it
-    visibly non-orthogonal (Daniel, Gragg, Kaufman & Stewart 1976; "twice is enough", Kahan/Parlett)."""
-    before = float(w.norm())
-    for _ in range(2):
-        w = w - torch.mv(basis.T, torch.mv(basis, w))
-        after = float(w.norm())
-        if after > _DGKS * before:
-            break
-        before = after
-    return w, after
-
-
-def _tridiagonal_eigh(alpha: list[float], beta: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eigenvalues, eigenvectors and residual norms of the Ritz pairs of T = tridiag(beta[:-1], alpha, beta[:-1])."""
-    t = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-    off = torch.tensor(beta[:-1], dtype=torch.float64)
-    t += torch.diag(off, 1) + torch.diag(off, -1)
-    values, vectors = torch.linalg.eigh(t)
-    return values, vectors, beta[-1] * vectors[-1].abs()
-
-
-def lanczos(
-    hvp: HVP,
-    n: int,
-    k_steps: int,
-    init: torch.Tensor | None = None,
-    seed: int = 0,
-    *,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = None,
-    restart: bool = True,
-    stop: Stop | None = None,
-) -> LanczosResult:
-    """At most ``k_steps`` (and n) Lanczos steps on ``hvp`` from ``init`` (flat), else
-    a random unit vector from ``seed``; every new vector is reorthogonalised against all before.
-
-    The recurrence (alpha, beta) is kept in float64, the basis (steps x n entries) in ``dtype``.
-    On breakdown (beta ~ 0: an invariant subspace was found, its Ritz values are exact) it goes on
-    from a random vector orthogonal to the basis with ``restart`` (beta = 0 there), else it stops.
-    ``stop(values, residuals)`` ends it early.
-    """
-    if k_steps < 1 or n < 1:
-        raise ConfigError(f"Lanczos needs k_steps >= 1 and n >= 1, got k_steps={k_steps}, n={n}")
-    cap = min(k_steps, n)
-    ref = torch.empty(0, dtype=dtype, device=device)
-    restarts = torch.Generator().manual_seed(seed + 1)
-    basis = torch.empty(min(cap, 16), n, dtype=dtype, device=device)  # grows: memory follows the steps taken; rows past j unread
-    q = start_vector(init, n, ref, seed)
-    alpha: list[float] = []
-    beta: list[float] = []  # beta[j] couples vectors j and j+1; the last one is the residual factor
-    eps = torch.finfo(dtype).eps
-    for j in range(cap):
-        if j == len(basis):
-            basis = torch.cat([basis, torch.empty(min(cap, 2 * j) - j, n, dtype=dtype, device=device)])
-        basis[j] = q
-        w = hvp(q)
-        scale = float(w.norm())
-        alpha.append(float(torch.dot(q, w)))
-        w = torch.sub(w, q, alpha=alpha[-1])  # a new tensor: the caller's product is left as it was
-        if j:
-            w.sub_(basis[j - 1], alpha=beta[-1])
-        w, norm = _orthogonalised(w, basis[: j + 1])
-        beta.append(norm)
-        if j + 1 == cap or (stop is not None and stop(*_tridiagonal_eigh(alpha, beta)[::2])):
-            break
-        if beta[-1] > 100 * eps * scale:
-            q = w / beta[-1]
-            continue
-        beta[-1] = 0.0  # breakdown: the Krylov space is invariant
-        fresh, norm = _orthogonalised(torch.randn(n, generator=restarts, dtype=dtype).to(ref.device), basis[: j + 1])
-        if not restart or norm == 0.0:
-            break
-        q = fresh / norm
-    values, vectors, residuals = _tridiagonal_eigh(alpha, beta)
-    return LanczosResult(values, vectors, residuals, basis[: len(alpha)], len(alpha))
-
-
-def _top_converged(k: int, tol: float) -> Stop:
-    """Done when each of the k largest Ritz values has error bound min(r, r**2/gap) <= tol * |theta|.
-
-    ``gap`` estimates the distance from theta's eigenvalue to the next one: the distance to each
-    other Ritz value less that value's own residual (it stands for an eigenvalue somewhere within
-    it), the smallest of these, at least 0 (then the bound is r). With the bare distance between
-    Ritz values, an unresolved near-degenerate pair passed with an error above tol; with the
-    residuals none did, for a few more products."""
-
-    def done(values: torch.Tensor, residuals: torch.Tensor) -> bool:
-        if len(values) < k:
-            return False
-        top, res = values[-k:], residuals[-k:]
-        gaps = (top[:, None] - values[None, :]).abs() - residuals[None, :]
-        gaps[:, -k:].fill_diagonal_(math.inf)  # each value's distance to itself
-        gap = gaps.min(1).values.clamp_min(0)
-        known = (gap > 0) & gap.isfinite()  # no other value, or one whose residual reaches theta: no gap known
-        bound = torch.where(known, torch.minimum(res, res.square() / gap), res)
-        return bool((bound <= tol * top.abs()).all())
-
-    return done
-
-
-class TopEigen(NamedTuple):
-    """The k largest (algebraic) Hessian eigenvalues, largest first, and how they were found."""
-
-    values: torch.Tensor  # float64 [k], descending
-    residuals: torch.Tensor  # ||H v - theta v|| per value from the recurrence, float64 [k]
-    vectors: torch.Tensor  # [k, n] unit Ritz vectors, detached: pass as ``init`` next time
-    iterations: int  # Hessian-vector products used
-    converged: bool
-    bn_mode: str = "train"
-    samples: int = 0  # batch size
-
-
-def lanczos_start(
-    grads: Sequence[torch.Tensor | None], ps: Sequence[torch.Tensor], seed: int, init: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Lanczos's start vector: the unit gradient plus a unit vector, the previous result's ``init``
-    (rows summed: a warm start) or, without, a random one from ``seed``.
-
-    The gradient lies mostly in the top eigenvectors' span (Gur-Ari, Roberts & Dyer 2018). Cold, it
-    saves products, and makes their number depend less on the seed; the random half keeps every
-    eigenvector in reach. Warm, it keeps the start from being (nearly) an eigenvector whose
-    eigenvalue has since fallen below the top: from the previous vector alone, Lanczos sometimes
-    stopped at such an eigenvalue, well below the top; with the gradient it did not. (Top-k with
-    k > 1 is another matter: see :class:`SpectrumProbe`.) With no usable gradient (zero, not
-    finite) the start is the unit vector alone."""
-    n = sum(p.numel() for p in ps)
-    if init is not None and init.numel() % n:
-        raise ValueError(f"init has {init.numel()} entries, not a multiple of the parameters' {n}")
-    v = start_vector(None if init is None else init.reshape(-1, n).sum(0), n, ps[0], seed)
-    g = torch.cat([p.new_zeros(p.numel()) if t is None else t.detach().reshape(-1) for t, p in zip(grads, ps)]).to(v.dtype)
-    distributed.average_([g])  # under torchrun: the global batch's gradient, so every process starts alike
-    norm = float(g.norm())
-    return v + g / norm if math.isfinite(norm) and norm > 0 else v
-
-
-def _top_k(hvp: HVP, ref: torch.Tensor, n: int, k: int, tol: float, max_iter: int, start: torch.Tensor, seed: int) -> TopEigen:
-    """Lanczos from ``start`` (:func:`lanczos_start`'s) until :func:`_top_converged`."""
-    if k < 1 or tol <= 0 or max_iter < 1:
-        raise ConfigError(f"Lanczos needs k >= 1, tol > 0 and max_iter >= 1, got k={k}, tol={tol}, max_iter={max_iter}")
-    k = min(k, n)
-    done = _top_converged(k, tol)
-    r = lanczos(hvp, n, max_iter, start, seed, dtype=ref.dtype, device=ref.device, stop=done)
-    converged = done(r.values, r.residuals) or r.steps == n
-    return TopEigen(r.values[-k:].flip(0), r.residuals[-k:].flip(0), r.ritz_vectors(k), r.steps, converged)
 
 
 def top_eigenvalues(
@@ -249,31 +90,11 @@ def top_eigenvalues(
     n = sum(p.numel() for p in ps)
     start = lanczos_start(grads, ps, seed, init)
     with refusing_what_has_no_double_backward(model, x):
-        top = _top_k(hvp_function(grads, ps), ps[0], n, k, tol, max_iter, start, seed)
+        top = top_k(hvp_function(grads, ps), ps[0], n, k, tol, max_iter, start, seed)
     return top._replace(bn_mode=bn_mode, samples=batch_size_of(x))
 
 
 # ----------------------------------------------------------------------------- trace
-
-
-def rademacher(n: int, generator: torch.Generator, ref: torch.Tensor) -> torch.Tensor:
-    """n independent signs (+1 or -1 with probability 1/2) in ``ref``'s dtype and device."""
-    signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.int8) * 2 - 1
-    return signs.to(dtype=ref.dtype, device=ref.device)
-
-
-def _quadratic_forms(hvp: HVP, ps: Sequence[torch.Tensor], samples: int, seed: int) -> torch.Tensor:
-    """v'Hv split by parameter, for ``samples`` Rademacher v: float64 [samples, parameters].
-
-    A row's sum is Hutchinson's sample of tr(H); the sum over a block's parameters is an unbiased
-    sample of that diagonal block's trace (its cross terms with other blocks have mean zero)."""
-    sizes = [p.numel() for p in ps]
-    generator = torch.Generator().manual_seed(seed)
-    forms = []
-    for _ in range(samples):
-        v = rademacher(sum(sizes), generator, ps[0])
-        forms.append(torch.stack([part.sum() for part in (v * hvp(v)).split(sizes)]))
-    return torch.stack(forms).double().cpu()
 
 
 class TraceResult(NamedTuple):
@@ -284,13 +105,6 @@ class TraceResult(NamedTuple):
     samples: int  # Rademacher vectors (Hessian-vector products)
     bn_mode: str = "train"
     batch: int = 0
-
-
-def _estimate(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard error (sample std / sqrt(m), NaN for m = 1) of the m samples along dim 0."""
-    m = values.shape[0]
-    stderr = values.std(0) / math.sqrt(m) if m > 1 else torch.full_like(values[0], math.nan)
-    return values.mean(0), stderr
 
 
 def hessian_trace(
@@ -309,8 +123,8 @@ def hessian_trace(
     ps = [p for _, p in select_params(model, params)]
     grads, _ = first_order(model, loss_fn, x, y, ps, bn_mode)
     with refusing_what_has_no_double_backward(model, x):
-        forms = _quadratic_forms(hvp_function(grads, ps), ps, samples, seed)
-    trace, stderr = _estimate(forms.sum(1))
+        forms = quadratic_forms(hvp_function(grads, ps), ps, samples, seed)
+    trace, stderr = mean_stderr(forms.sum(1))
     return TraceResult(float(trace), float(stderr), samples, bn_mode, batch_size_of(x))
 
 
@@ -330,19 +144,6 @@ class DensityResult(NamedTuple):
     batch: int = 0
 
 
-def _slq(hvp: HVP, ref: torch.Tensor, n: int, probes: int, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if probes < 1 or steps < 1:
-        raise ConfigError(f"the density needs probes >= 1 and steps >= 1, got probes={probes}, steps={steps}")
-    generator = torch.Generator().manual_seed(seed)
-    nodes = torch.zeros(probes, steps, dtype=torch.float64)
-    weights = torch.zeros(probes, steps, dtype=torch.float64)
-    for i in range(probes):
-        v = rademacher(n, generator, ref)
-        r = lanczos(hvp, n, steps, v, seed, dtype=ref.dtype, device=ref.device, restart=False)
-        nodes[i, : r.steps], weights[i, : r.steps] = r.values, r.weights
-    return nodes, weights
-
-
 def spectral_density(
     model: nn.Module,
     loss_fn: LossFn,
@@ -359,7 +160,7 @@ def spectral_density(
     grads, _ = first_order(model, loss_fn, x, y, ps, bn_mode)
     n = sum(p.numel() for p in ps)
     with refusing_what_has_no_double_backward(model, x):
-        nodes, weights = _slq(hvp_function(grads, ps), ps[0], n, probes, steps, seed)
+        nodes, weights = slq(hvp_function(grads, ps), ps[0], n, probes, steps, seed)
     return DensityResult(nodes, weights, n, bn_mode, batch_size_of(x))
 
 
@@ -376,39 +177,8 @@ class BlockSpectrum(NamedTuple):
     weights: torch.Tensor | None = None
 
 
-@dataclass
-class _Pass:
-    """One forward and first-order backward (graph kept) that every product of a measurement runs on."""
-
-    ps: list[torch.Tensor]
-    grads: list[torch.Tensor | None]
-    order: list[nn.Module]
-
-    @classmethod
-    def of(cls, model: nn.Module, loss_fn: LossFn, x: Any, y: Any, bn_mode: str) -> _Pass:
-        ps: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
-        if not ps:
-            raise ConfigError("the Hessian needs a trainable parameter; the model has none")
-        grads, order = first_order(model, loss_fn, x, y, ps, bn_mode)
-        return cls(ps, grads, order)
-
-    @property
-    def n(self) -> int:
-        return sum(p.numel() for p in self.ps)
-
-    def block(self, ks: Sequence[int]) -> tuple[HVP, torch.Tensor, int]:
-        """The diagonal block of parameters ``ks``: its product, a reference tensor and its size."""
-        ps = [self.ps[k] for k in ks]
-        return hvp_function([self.grads[k] for k in ks], ps), ps[0], sum(p.numel() for p in ps)
-
-    def start(self, init: torch.Tensor | None, seed: int, ks: Sequence[int] | None = None) -> torch.Tensor:
-        """:func:`lanczos_start` on the block ``ks`` (every parameter without)."""
-        ks = range(len(self.ps)) if ks is None else ks
-        return lanczos_start([self.grads[k] for k in ks], [self.ps[k] for k in ks], seed, init)
-
-
 def _blocks(
-    p: _Pass,
+    p: FirstOrderPass,
     blocks: list[tuple[str, list[int]]],
     forms: torch.Tensor | None,
     tol: float,
@@ -422,9 +192,9 @@ def _blocks(
     out = {}
     for name, ks in blocks:
         hvp, ref, n = p.block(ks)
-        top = _top_k(hvp, ref, n, 1, tol, max_iter, p.start(init.get(name), seed, ks), seed)
-        trace, stderr = _estimate(forms[:, ks].sum(1)) if forms is not None else (torch.tensor(math.nan), torch.tensor(math.nan))
-        nodes, weights = _slq(hvp, ref, n, *density, seed) if density[0] > 0 else (None, None)
+        top = top_k(hvp, ref, n, 1, tol, max_iter, p.start(init.get(name), seed, ks), seed)
+        trace, stderr = mean_stderr(forms[:, ks].sum(1)) if forms is not None else (torch.tensor(math.nan), torch.tensor(math.nan))
+        nodes, weights = slq(hvp, ref, n, *density, seed) if density[0] > 0 else (None, None)
         out[name] = BlockSpectrum(top, float(trace), float(stderr), nodes, weights)
     return out
 
@@ -452,9 +222,9 @@ def block_spectra(
     cover every parameter). ``layers`` / ``kinds`` select as for ICS; ``init`` maps names to start vectors.
     ``density_probes`` > 0 adds each block's SLQ nodes and weights (``density_steps`` Lanczos steps).
     """
-    p = _Pass.of(model, loss_fn, x, y, bn_mode)
+    p = FirstOrderPass.of(model, loss_fn, x, y, bn_mode)
     with refusing_what_has_no_double_backward(model, x):
-        forms = _quadratic_forms(hvp_function(p.grads, p.ps), p.ps, samples, seed) if samples > 0 else None
+        forms = quadratic_forms(hvp_function(p.grads, p.ps), p.ps, samples, seed) if samples > 0 else None
         chosen = layer_blocks(model, p.order, p.ps, layers, kinds)
         out = _blocks(p, chosen, forms, tol, max_iter, init or {}, seed, (density_probes, density_steps))
     return {name: b._replace(top=b.top._replace(bn_mode=bn_mode, samples=batch_size_of(x))) for name, b in out.items()}
@@ -515,12 +285,12 @@ class SpectrumProbe:
 
     def compute(self, batch: StepBatch) -> Record:
         model, x = batch.model, batch.x
-        p = _Pass.of(model, batch.loss_fn, x, batch.y, self.bn_mode)
+        p = FirstOrderPass.of(model, batch.loss_fn, x, batch.y, self.bn_mode)
         self._parameters = p.n
         seed = record_seed(self.seed, batch.step)
         whole = hvp_function(p.grads, p.ps)
         with refusing_what_has_no_double_backward(model, x):
-            top = _top_k(whole, p.ps[0], p.n, self.k, self.tol, self.max_iter, p.start(self._vectors, seed), seed)
+            top = top_k(whole, p.ps[0], p.n, self.k, self.tol, self.max_iter, p.start(self._vectors, seed), seed)
             self._vectors = top.vectors if self.k == 1 else None  # top-k starts cold (class docstring): k model-sized vectors less to hold
             row: Record = {
                 "top_k": top.values.numpy(),
@@ -528,18 +298,18 @@ class SpectrumProbe:
                 "iterations": top.iterations,
                 "converged": top.converged,
             }
-            forms = _quadratic_forms(whole, p.ps, self.trace_samples, seed) if self.trace_samples else None
+            forms = quadratic_forms(whole, p.ps, self.trace_samples, seed) if self.trace_samples else None
             if forms is not None:
-                trace, stderr = _estimate(forms.sum(1))
+                trace, stderr = mean_stderr(forms.sum(1))
                 row |= {"trace": float(trace), "trace_stderr": float(stderr)}
             if self.density_probes:
-                nodes, weights = _slq(whole, p.ps[0], p.n, self.density_probes, self.density_steps, seed)
+                nodes, weights = slq(whole, p.ps[0], p.n, self.density_probes, self.density_steps, seed)
                 row |= {"density_nodes": nodes.numpy(), "density_weights": weights.numpy()}
             if self.blocks:
                 row |= self._block_row(p, model, forms, seed)
         return row
 
-    def _block_row(self, p: _Pass, model: nn.Module, forms: torch.Tensor | None, seed: int) -> Record:
+    def _block_row(self, p: FirstOrderPass, model: nn.Module, forms: torch.Tensor | None, seed: int) -> Record:
         assert self.blocks is not None
         chosen = layer_blocks(model, p.order, p.ps, [glob.escape(n) for n in self.blocks], None)
         density = (self.density_probes, self.density_steps) if self.block_density else (0, 0)

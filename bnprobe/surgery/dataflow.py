@@ -151,7 +151,11 @@ def _dataflow(model: nn.Module, example_input: object) -> _Flow:
 
 
 def _hooked_forward(model: nn.Module, example_input: object) -> _Flow:
-    """The dataflow as forward hooks and the op tape see it, from one side-effect-free forward."""
+    """The dataflow as forward hooks and the op tape see it, from one side-effect-free forward.
+
+    Its call order (``flow.index``) is not :func:`bnprobe.layers.execution_order`'s on purpose: it
+    orders the atomic modules (leaves and whole BNs, with parameters or not, and a BN's children),
+    taken by the same hooks, in the same pass, that pair each module with its input's producer."""
     atomic, inside = _atomic(model)
     flow = _Flow()
     producer = {id(t): "input" for t in _tensors(example_input)}
