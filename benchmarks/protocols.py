@@ -65,7 +65,7 @@ def findings_table(outcomes: list[Outcome]) -> str:
     for o in outcomes:
         for f in o.found:
             verdict = f.verdict.split(" over ")[0]
-            window = window_text(f.decisive.window)
+            window = window_text(f.decisive.window) if f.decisive is not None else f.window.why
             lines.append(f"| {o.name} | {f.quantity.claim} | {f.quantity.label} | {verdict} | {window} | {_holds(f)} | {o.seconds:.0f} s |")
     return "\n".join(lines)
 

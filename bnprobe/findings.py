@@ -3,8 +3,10 @@
 Runs are grouped into *conditions* (the same settings but the seed); a condition whose model holds
 BN is compared with its partner without BN of the same other settings (lr, optimizer, model, data,
 ...), paired by seed. Each quantity is reduced per run to one number over a window of steps: the
-whole run, and the *learning window*, which ends where the first health flag of any compared run
-begins (after it, records describe a collapsed, dead or fitted network, not BN's effect).
+whole run, and the *learning window*, in which every compared run is learning: it starts once the
+last of them has left its chance plateau (before, an unlearned network's flat landscape is
+compared with a learning one's) and ends where the first health flag of any of them begins (after
+it, records describe a collapsed, dead or fitted network, not BN's effect).
 """
 
 from __future__ import annotations
@@ -261,10 +263,28 @@ def paired_effect(reference: Condition, treated: Condition, quantity: Quantity, 
     return Effect(found, quantity.ratio, window) if found is not None else None
 
 
-def learning_window_end(*conds: Condition) -> int | None:
-    """The step where the first health flag of any run of ``conds`` began; None when all are healthy."""
-    starts = [health.first_flag_step(health.run_flags(run)) for cond in conds for run in cond.runs.values()]
-    return min((s for s in starts if s is not None), default=None)
+@dataclass(frozen=True)
+class LearningWindow:
+    """Where every compared run is learning: from the step the last of them left its chance
+    plateau to the step the first health flag of any of them began. ``window`` is None when
+    there is no such step; ``why`` then says which end closed it."""
+
+    window: Window | None
+    why: str = ""
+
+
+def learning_window(*conds: Condition) -> LearningWindow:
+    """The learning window of the runs of ``conds`` (see :class:`LearningWindow`)."""
+    runs = [run for cond in conds for run in cond.runs.values()]
+    starts = [health.learning_start(run) for run in runs]
+    if any(s is None for s in starts):
+        return LearningWindow(None, "a run never left its chance level")
+    first = max((s for s in starts if s is not None), default=0)
+    ends = [health.first_flag_step(health.run_flags(run)) for run in runs]
+    end = min((e for e in ends if e is not None), default=None)
+    if end is not None and end <= first:
+        return LearningWindow(None, f"a health flag at step {end}, before every run had left its chance level (step {first})")
+    return LearningWindow((first, end))
 
 
 def partners(conds: Sequence[Condition]) -> list[tuple[Condition, Condition]]:
@@ -302,7 +322,9 @@ def describe(effect: Effect, label: str) -> str:
 
 def window_text(window: Window) -> str:
     first, end = window
-    return "the whole run" if end is None else f"steps {first}-{end - 1}"
+    if end is None:
+        return "the whole run" if first == 0 else f"steps {first}-end"
+    return f"steps {first}-{end - 1}"
 
 
 @dataclass(frozen=True)
@@ -313,23 +335,24 @@ class Finding:
     reference: Condition
     treated: Condition
     whole: Effect
-    learning: Effect | None  # None: a flag at the first record left no learning window
-    window_end: int | None  # where the learning window ends (None: no flag, it is the whole run)
+    learning: Effect | None  # None: no learning window (``window.why`` says why), or no record in it
+    window: LearningWindow
 
     @property
-    def decisive(self) -> Effect:
-        """The effect to read: over the learning window when a flag cut it short, else the whole run."""
-        return self.learning if self.learning is not None else self.whole
+    def decisive(self) -> Effect | None:
+        """The effect to read: over the learning window (the whole run when nothing cut it short)."""
+        return self.learning
 
     @property
     def agrees(self) -> bool | None:
-        return self.decisive.agrees(self.quantity.expect) if self.window_end != 0 else None
+        return self.learning.agrees(self.quantity.expect) if self.learning is not None else None
 
     @property
     def verdict(self) -> str:
-        if self.window_end == 0:
-            return f"{self.treated.label} vs {self.reference.label}: no step before the first health flag; see Health"
-        effect = self.decisive
+        effect = self.learning
+        if effect is None:
+            why = self.window.why or "no record in the learning window"
+            return f"{self.treated.label} vs {self.reference.label}, {self.quantity.label}: no learning window ({why}); see Health"
         seeds = effect.interval.n
         count = f"{seeds} seeds" if seeds > 1 else "1 seed: no interval"
         subject = (
@@ -347,11 +370,13 @@ class Finding:
             return {"kind": "ratio" if e.ratio else "difference", "value": i.mean, "low": i.low, "high": i.high,
                     "seeds": i.n, "direction": e.direction, "first_step": e.window[0], "end_step": e.window[1]}  # fmt: skip
 
+        window = self.window.window
         return {
             "quantity": self.quantity.key, "label": self.quantity.label, "claim": self.quantity.claim,
             "expect": self.quantity.expect, "reference": self.reference.name, "treated": self.treated.name,
-            "whole_run": effect(self.whole), "learning_window": effect(self.learning), "window_end": self.window_end,
-            "verdict": self.verdict, "agrees": self.agrees,
+            "whole_run": effect(self.whole), "learning_window": effect(self.learning),
+            "window": None if window is None else {"first_step": window[0], "end_step": window[1]},
+            "window_note": self.window.why, "verdict": self.verdict, "agrees": self.agrees,
         }  # fmt: skip
 
 
@@ -359,11 +384,16 @@ def findings(runs: Sequence[RunData]) -> list[Finding]:
     """Every finding the runs support: each quantity recorded by both sides of each (no BN, BN) pair."""
     found = []
     for reference, treated in partners(conditions(runs)):
-        end = learning_window_end(reference, treated)
+        window = learning_window(reference, treated)
         for quantity in QUANTITIES:
             whole = paired_effect(reference, treated, quantity, (0, None))
             if whole is None:
                 continue
-            learning = paired_effect(reference, treated, quantity, (0, end)) if end is not None else whole
-            found.append(Finding(quantity, reference, treated, whole, learning, end))
+            if window.window is None:
+                learning = None
+            elif window.window == (0, None):
+                learning = whole
+            else:
+                learning = paired_effect(reference, treated, quantity, window.window)
+            found.append(Finding(quantity, reference, treated, whole, learning, window))
     return found

@@ -143,6 +143,25 @@ def _dead_layers(run: RunData) -> list[Flag]:
     return flags
 
 
+PLATEAU = 0.9  # a classification run has left its chance plateau once its 20-step mean loss is below 0.9 ln K
+
+
+def learning_start(run: RunData) -> int | None:
+    """The first step whose 20-step mean training loss is below 0.9 ln K (K classes): the run has
+    left its chance plateau. 0 for a regression run or one without K; None if it never left."""
+    chance = chance_loss(run)
+    steps, loss = run.get(TRAIN, STEP), run.get(TRAIN, "loss")
+    if chance is None or steps is None or loss is None or len(loss) == 0:
+        return 0
+    finite = np.isfinite(loss)
+    values = loss[finite].astype(np.float64)
+    means = trailing_mean(values)
+    head = min(WINDOW - 1, len(values))  # before a full window: the mean so far (a start is not a flag)
+    means[:head] = np.cumsum(values[:head]) / np.arange(1, head + 1)
+    below = np.flatnonzero(means < PLATEAU * chance)
+    return int(steps[finite][below[0]]) if len(below) else None
+
+
 #: the datasets the flags are computed from
 INPUTS = (f"{TRAIN}/{STEP}", f"{TRAIN}/loss", f"{TRAIN}/accuracy", f"{MOMENTS}/{STEP}", f"{MOMENTS}/max", f"{MOMENTS}/var")
 

@@ -110,7 +110,7 @@ def test_bn_labels_come_from_what_the_model_holds() -> None:
 
 
 def _landscape_run(seed: int, bn: bool, beta: list[float], lr: float = 0.1) -> RunData:
-    run = _run(f"{'bn' if bn else 'plain'}-{seed}", np.linspace(2.3, 1.0, 100), seed=seed, bn="insert" if bn else "keep",
+    run = _run(f"{'bn' if bn else 'plain'}-{seed}", np.linspace(2.0, 1.0, 100), seed=seed, bn="insert" if bn else "keep",
                bn_layers=4 if bn else 0, lr=lr)  # fmt: skip
     run.data["landscape/step"] = np.arange(0, 100, 100 // len(beta))
     run.data["landscape/beta_smoothness"] = np.asarray(beta)
@@ -145,7 +145,7 @@ def test_findings_ratio_paired_by_seed_matches_a_hand_computation() -> None:
     half = t975(2) * sd / math.sqrt(3)
     i = found.whole.interval
     assert (i.mean, i.low, i.high) == pytest.approx((math.exp(mean), math.exp(mean - half), math.exp(mean + half)))
-    assert found.window_end is None and found.learning is found.whole
+    assert found.window.window == (0, None) and found.learning is found.whole
     assert found.whole.direction == "lower" and found.agrees is True
     assert found.verdict.startswith(f"BN lowered effective beta {1 / math.exp(mean):.3g}x [")
     assert found.verdict.endswith("over the whole run, 3 seeds")
@@ -156,13 +156,13 @@ def test_learning_window_ends_at_the_first_flag_of_any_compared_run() -> None:
     acc = np.concatenate([np.full(50, 0.5), np.full(50, 1.0)])
     runs[3].data["train/accuracy"] = acc  # BN seed 1 fits: 20-step mean accuracy >= 0.99 from step 69
     [found] = findings.findings(runs)
-    assert found.window_end == 69
+    assert found.window.window == (0, 69)
     assert found.learning is not None and found.learning.window == (0, 69)
     assert found.learning.interval.mean == pytest.approx(0.5)  # records 0, 25, 50: 1 / 2 in both seeds
     assert "steps 0-68" in found.verdict
     runs[3].data["train/accuracy"] = np.ones(100)  # fitted from step 19; records 0 only
     [found] = findings.findings(runs)
-    assert found.window_end == 19 and found.learning is not None and found.learning.interval.n == 2
+    assert found.window.window == (0, 19) and found.learning is not None and found.learning.interval.n == 2
     assert found.whole.interval.mean == pytest.approx((1.0 * 3 + 9.0) / (2.0 * 3 + 1.0))
 
 
@@ -233,3 +233,21 @@ def test_a_run_that_diverges_is_flagged_at_its_step(tmp_path: Path) -> None:
     assert flag["kind"] == health.DIVERGED
     with h5py.File(tmp_path / "run.h5", "r") as h5:
         assert flag["step"] == int(h5["runs"][name].attrs["diverged_step"])
+
+
+def test_learning_window_starts_when_every_run_has_left_chance() -> None:
+    """A run on its chance plateau (ln 10) until step 40 moves the window's start there; one that
+    never leaves it leaves no window, and the verdict says why."""
+    runs = [_landscape_run(s, bn, [1.0, 1.0, 1.0, 1.0] if bn else [4.0, 4.0, 2.0, 2.0]) for bn in (False, True) for s in (0, 1)]
+    chance = math.log(10)
+    runs[0].data["train/loss"] = np.concatenate([np.full(40, chance), np.full(60, 1.0)])
+    # the 20-step mean, ln 10 - k (ln 10 - 1) / 20 with k steps at 1.0, is below 0.9 ln 10 from k = 4: step 43
+    assert health.learning_start(runs[0]) == 43 and health.learning_start(runs[2]) == 0
+    [found] = findings.findings(runs)
+    assert found.window.window == (43, None)
+    assert found.learning is not None and found.learning.interval.mean == pytest.approx(0.5)  # records 50 and 75
+    assert "over steps 43-end" in found.verdict
+    runs[0].data["train/loss"] = np.full(100, chance)
+    [found] = findings.findings(runs)
+    assert found.learning is None and found.agrees is None
+    assert "no learning window (a run never left its chance level)" in found.verdict

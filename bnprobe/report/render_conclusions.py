@@ -28,10 +28,14 @@ def draw_findings(console: Console, conclusions: Conclusions) -> None:
         text.append(f"\n{f['claim']}: {_AGREES[f['agrees']]}", style="dim")
         grid.add_row(Text(mark, style=style), text)
     console.print(grid)
-    ends = {f["window_end"] for f in found if f["window_end"] is not None}
-    if ends:
+    if any(f["window"] != {"first_step": 0, "end_step": None} for f in found):
         console.print(
-            Text("  A health flag ended the learning window (see Health); whole-run numbers are in --json.", style="dim"), overflow="fold"
+            Text(
+                "  Learning window: from the step every compared run had left its chance level to the first health flag"
+                " of any of them; whole-run numbers are in --json.",
+                style="dim",
+            ),
+            overflow="fold",
         )
 
 
