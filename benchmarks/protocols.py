@@ -10,6 +10,8 @@ learning at the end (its loss over the last fifth of the run still falling).
     python benchmarks/protocols.py                       # all four (long: tens of minutes on 2 cores)
     python benchmarks/protocols.py --only santurkar-dln  # one
     python benchmarks/protocols.py --no-record           # print only, leave RESULTS.md as it is
+    python benchmarks/protocols.py --from runs           # table runs/<protocol>.h5 made earlier with the
+                                                         # shipped configs (wall time: the runs' own seconds)
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ def run_protocol(name: str, workdir: Path) -> Outcome:
         print(f"{name}: {e}", file=sys.stderr)
     seconds = time.perf_counter() - start
     runs = list(read_file(cfg.output_path).runs.values())
+    return Outcome(name, seconds, runs, findings(runs))
+
+
+def read_protocol(name: str, directory: Path) -> Outcome:
+    """A protocol run earlier into ``directory/<name>.h5``; its time is the sum of its runs' seconds."""
+    runs = list(read_file(directory / f"{name}.h5").runs.values())
+    seconds = sum(float(r.attrs.get("seconds", 0.0)) for r in runs)
     return Outcome(name, seconds, runs, findings(runs))
 
 
@@ -105,13 +114,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=sorted(PROTOCOLS), help="run these protocols only")
     parser.add_argument("--no-record", action="store_true", help="do not write benchmarks/RESULTS.md")
+    parser.add_argument("--from", dest="source", type=Path, help="read <protocol>.h5 files from this directory instead of running")
     args = parser.parse_args()
     names = args.only or list(PROTOCOLS)
-    with tempfile.TemporaryDirectory() as tmp:
-        outcomes = []
-        for name in names:
-            outcomes.append(run_protocol(name, Path(tmp)))
-            print(f"{name}: {outcomes[-1].seconds:.0f} s", file=sys.stderr)
+    outcomes = []
+    if args.source is not None:
+        outcomes = [read_protocol(name, args.source) for name in names]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in names:
+                outcomes.append(run_protocol(name, Path(tmp)))
+                print(f"{name}: {outcomes[-1].seconds:.0f} s", file=sys.stderr)
     table = findings_table(outcomes) + "\n\n" + training_table(outcomes)
     print(table)
     if not args.no_record:
