@@ -3,7 +3,7 @@ with moments recorded every step and ICS every 10th step, and the cost of reduci
 moments across the processes as a share of the step (target: under 2%).
 
 Each configuration trains VGG (``--width``, batch ``--batch``, ``--steps`` steps) with
-``bnprobe.trainer.run_experiment`` in fresh processes: one process with 1 thread, one process with
+``bnprobe.experiment.run_experiment`` in fresh processes: one process with 1 thread, one process with
 ``--threads`` threads (the same cores as two processes of 1 thread each), and two processes of 1
 thread each under ``torchrun --standalone``. Steps/s is taken from the run's own clock after
 ``--warmup`` steps. The moment reduction (``merged_across_processes``: one all-gather and the merge,
@@ -35,8 +35,8 @@ def _worker(args: argparse.Namespace) -> None:
     import bnprobe.recorder
     from bnprobe import distributed
     from bnprobe.config import load_config
+    from bnprobe.experiment import run_experiment
     from bnprobe.store import read_file
-    from bnprobe.trainer import run_experiment
 
     torch.set_num_threads(args.worker_threads)
     spent = {"moments": 0.0, "records": 0, "layout": 0.0, "averages": 0.0, "buffers": 0.0}

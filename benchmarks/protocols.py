@@ -27,10 +27,10 @@ import numpy as np
 
 from bnprobe.config import config_for_ics, config_for_train
 from bnprobe.errors import ModelError
+from bnprobe.experiment import run_experiment
 from bnprobe.findings import Finding, bn_label, findings, window_text
 from bnprobe.health import trailing_mean
 from bnprobe.store import TRAIN, RunData, read_file
-from bnprobe.trainer import run_experiment
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 #: protocol -> the command its config header gives

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from bnprobe.config import load_config
+from bnprobe.experiment import run_experiment
 from bnprobe.store import read_file
-from bnprobe.trainer import run_experiment
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .config import load_config
     from .data import load_data
+    from .experiment import run_experiment
     from .models import build_model, list_models
     from .passes import leave_no_trace
     from .probes.hessian import top_hessian_eigenvalue
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
     from .recorder import Recorder
     from .store.reader import read_file
     from .surgery import apply_bn
-    from .trainer import run_experiment
 
 __version__ = "0.1.0"
 
@@ -41,7 +41,7 @@ _EXPORTS = {
     "top_eigenvalues": "bnprobe.probes.spectrum",
     "hessian_trace": "bnprobe.probes.spectrum",
     "spectral_density": "bnprobe.probes.spectrum",
-    "run_experiment": "bnprobe.trainer",
+    "run_experiment": "bnprobe.experiment",
     "read_file": "bnprobe.store.reader",
 }
 __all__ = [

@@ -211,21 +211,21 @@ def _finish(results: list[VariantResult], path: Path) -> None:
 
 
 def _train(cfg: Config, force: bool) -> None:
-    from .trainer import run_experiment
+    from .experiment import run_experiment
 
     results = with_progress(lambda on_step: run_experiment(cfg, force=force, progress=on_step)[1], cfg.output_path)
     _finish(results, cfg.output_path)
 
 
 def _measure_from_run(path: Path, overrides: dict[str, Any], output: Path, force: bool) -> None:
-    from .trainer import measure_from_run
+    from .experiment import measure_from_run
 
     results = with_progress(lambda on_step: measure_from_run(path, overrides, output, force, on_step), output)
     _finish(results, output)
 
 
 def _resume(path: Path) -> None:
-    from .trainer import resume_experiment
+    from .experiment import resume_experiment
 
     results = with_progress(lambda on_step: resume_experiment(path, progress=on_step), path)
     if not results:

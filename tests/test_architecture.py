@@ -1,4 +1,4 @@
-"""The import graph flows one way: config -> model + surgery -> trainer (probes) ->
+"""The import graph flows one way: config -> model + surgery -> trainer (probes) -> experiment ->
 store -> report/export/plot. Checked on the source, so a new import that breaks it fails here."""
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def test_config_is_upstream_of_everything() -> None:
 
 
 def test_models_surgery_and_probes_know_no_trainer_and_no_view() -> None:
-    downstream = {"bnprobe.trainer", "bnprobe.recorder", "bnprobe.cli", "bnprobe.cli_output", *VIEWS}
+    downstream = {"bnprobe.trainer", "bnprobe.experiment", "bnprobe.recorder", "bnprobe.cli", "bnprobe.cli_output", *VIEWS}
     upstream = [
         m
         for m in FILES

@@ -14,9 +14,9 @@ import pytest
 from bnprobe import findings, health
 from bnprobe.config import load_config_text
 from bnprobe.errors import ModelError
+from bnprobe.experiment import run_experiment
 from bnprobe.stats import mean_interval, ratio_interval, t975
 from bnprobe.store import RunData
-from bnprobe.trainer import run_experiment
 
 
 def test_t975_matches_published_quantiles() -> None:

@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from bnprobe.config import load_config_text
+from bnprobe.experiment import run_experiment
 from bnprobe.probes.heldout import evaluate
 from bnprobe.store import HELDOUT, read_file
-from bnprobe.trainer import run_experiment
 
 
 def test_evaluate_matches_a_hand_computation_in_eval_mode() -> None:

@@ -155,8 +155,9 @@ def test_trainer_records_model_and_block_eigenvalues(in_tmp: Path) -> None:
     eigvalsh of that layer's block of the full Hessian at the weights the step started from."""
     from bnprobe.config import load_config
     from bnprobe.data import batches, load_data
+    from bnprobe.experiment import run_experiment
     from bnprobe.store import read_file, strings
-    from bnprobe.trainer import prepare_model, run_experiment
+    from bnprobe.trainer import prepare_model
 
     overrides = {
         "model": "dln",

@@ -81,7 +81,7 @@ def _checkpoint(f: h5py.File, state: dict) -> None:
 def run_with_checkpoint(path: Path) -> None:
     """A finished run of the tiny config, with its checkpoint."""
     from bnprobe.config import load_config_text
-    from bnprobe.trainer import run_experiment
+    from bnprobe.experiment import run_experiment
 
     run_experiment(load_config_text(TINY, "TINY", {"output": str(path), "steps": 2}))
 

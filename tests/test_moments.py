@@ -186,9 +186,9 @@ def test_training_records_the_steps_it_took(in_tmp: Path) -> None:
 
     from bnprobe.config import load_config
     from bnprobe.data import batches, load_data
+    from bnprobe.experiment import run_experiment
     from bnprobe.models import build_model
     from bnprobe.store import read_file
-    from bnprobe.trainer import run_experiment
 
     overrides = {
         "model": "mlp",

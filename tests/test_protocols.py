@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from bnprobe.config import config_for_ics, config_for_train
+from bnprobe.experiment import run_experiment
 from bnprobe.findings import findings
 from bnprobe.store import read_file
-from bnprobe.trainer import run_experiment
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

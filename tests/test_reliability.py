@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from bnprobe.cli import app
 from bnprobe.config import load_config
+from bnprobe.experiment import resume_experiment, run_experiment
 from bnprobe.store import read_file
-from bnprobe.trainer import StepInfo, resume_experiment, run_experiment
+from bnprobe.trainer import StepInfo
 
 runner = CliRunner()
 

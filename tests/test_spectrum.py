@@ -381,8 +381,9 @@ def test_train_records_the_spectrum_section(in_tmp: Path) -> None:
 
 
 def test_a_resumed_run_records_the_spectrum_of_an_uninterrupted_one(in_tmp: Path) -> None:
+    from bnprobe.experiment import resume_experiment, run_experiment
     from bnprobe.store import read_file
-    from bnprobe.trainer import StepInfo, resume_experiment, run_experiment
+    from bnprobe.trainer import StepInfo
 
     Path("s.yaml").write_text(DLN.format(steps=7).replace("tol: 1.0e-9", "tol: 1.0e-2"))
     run_experiment(load_config("s.yaml", {"checkpoint_every": 2, "output": "full.h5"}))
