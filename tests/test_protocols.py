@@ -34,5 +34,5 @@ def test_deep_linear_network_bn_does_not_reduce_ics(tmp_path: Path) -> None:
 
 def test_ioffe_bn_stabilises_the_input_percentiles(tmp_path: Path) -> None:
     """Ioffe & Szegedy Fig. 1: the percentiles of a hidden layer's input drift less with BN."""
-    agrees = _verdicts(tmp_path, "ioffe-mnist", False, steps=300)
+    agrees = _verdicts(tmp_path, "ioffe-mnist", False, steps=700)  # the runs without BN leave chance near step 550
     assert agrees["moments.drift"] is True
