@@ -29,14 +29,18 @@ def draw_findings(console: Console, conclusions: Conclusions) -> None:
         grid.add_row(Text(mark, style=style), text)
     console.print(grid)
     if any(f["window"] != {"first_step": 0, "end_step": None} for f in found):
-        console.print(
+        note = Table.grid(padding=(0, 1))
+        note.add_column(width=3)
+        note.add_column(overflow="fold")
+        note.add_row(
+            "",
             Text(
-                "  Learning window: from the step every compared run had left its chance level to the first health flag"
+                "Learning window: from the step every compared run had left its chance level to the first health flag"
                 " of any of them; whole-run numbers are in --json.",
                 style="dim",
             ),
-            overflow="fold",
         )
+        console.print(note)
 
 
 def draw_health(console: Console, conclusions: Conclusions) -> None:
