@@ -13,34 +13,32 @@ _MARKS = {True: ("✓", "green"), False: ("✗", "bold red"), None: ("·", "yell
 _AGREES = {True: "agrees", False: "CONTRADICTS the claim", None: "cannot tell"}
 
 
+def _marked_list(console: Console, title: str, rows: list[tuple[Text, Text]]) -> None:
+    """``title``, then each (mark, text) row with the text's wrapped lines indented past the mark."""
+    console.print(Text(title, style="bold"))
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(width=3, justify="right")
+    grid.add_column(overflow="fold")
+    for mark, text in rows:
+        grid.add_row(mark, text)
+    console.print(grid)
+
+
 def draw_findings(console: Console, conclusions: Conclusions) -> None:
     found = conclusions["findings"]
     if not found:
         console.print(Text("Findings: none (needs runs with and without BN, with the same other settings)", style="dim"))
         return
-    console.print(Text("Findings", style="bold"))
-    grid = Table.grid(padding=(0, 1))
-    grid.add_column(width=3, justify="right")
-    grid.add_column(overflow="fold")
+    rows = []
     for f in found:
         mark, style = _MARKS[f["agrees"]]
         text = Text(f["verdict"])
         text.append(f"\n{f['claim']}: {_AGREES[f['agrees']]}", style="dim")
-        grid.add_row(Text(mark, style=style), text)
-    console.print(grid)
+        rows.append((Text(mark, style=style), text))
     if any(f["window"] != {"first_step": 0, "end_step": None} for f in found):
-        note = Table.grid(padding=(0, 1))
-        note.add_column(width=3)
-        note.add_column(overflow="fold")
-        note.add_row(
-            "",
-            Text(
-                "Learning window: from the step every compared run had left its chance level to the first health flag"
-                " of any of them; whole-run numbers are in --json.",
-                style="dim",
-            ),
-        )
-        console.print(note)
+        window = "Learning window: from the step every compared run had left its chance level to the first health flag of any of them; whole-run numbers are in --json."
+        rows.append((Text(""), Text(window, style="dim")))
+    _marked_list(console, "Findings", rows)
 
 
 def draw_health(console: Console, conclusions: Conclusions) -> None:
@@ -48,16 +46,13 @@ def draw_health(console: Console, conclusions: Conclusions) -> None:
     if not flags:
         console.print(Text("Health: no flags (no collapse, dead layer, early fit or divergence)", style="dim"))
         return
-    console.print(Text("Health", style="bold"))
-    grid = Table.grid(padding=(0, 1))
-    grid.add_column(width=3, justify="right")
-    grid.add_column(overflow="fold")
+    rows = []
     for flag in flags:
         text = Text(f"{flag['run']}: ", style="bold yellow")
         text.append(f"{flag['kind']} from step {flag['step']} ({flag['detail']})")
         text.append(f"\n{flag['meaning']}", style="dim")
-        grid.add_row(Text("!", style="bold yellow"), text)
-    console.print(grid)
+        rows.append((Text("!", style="bold yellow"), text))
+    _marked_list(console, "Health", rows)
 
 
 def _interval(value: IntervalData | None, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
