@@ -22,7 +22,10 @@ from .stats import Interval, mean_interval, ratio_interval
 from .store import ICS, LANDSCAPE, MOMENTS, SPECTRUM, STEP, RunData, ics_layers, layer_kinds, moment_layers
 
 #: settings that make two runs different conditions (the seed makes replicates, not conditions)
-CONDITION_KEYS = ("lr", "optimizer", "momentum", "weight_decay", "batch_size", "nesterov", "model", "data")
+CONDITION_KEYS = (
+    "lr", "optimizer", "momentum", "weight_decay", "batch_size", "nesterov", "model", "model_options", "data", "data_options",
+    "planned_steps",
+)  # fmt: skip
 BN_KEYS = ("bn", "bn_targets", "keep_bias")
 NO_BN_LABELS = ("no BN", "BN stripped", "BN folded")
 

@@ -10,6 +10,7 @@ variants (one config, one HDF5 file, torchrun's processes) is :mod:`bnprobe.expe
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 import traceback
@@ -305,7 +306,8 @@ def _start(
     layer_infos = probed_layers(model, x0.to(device), cfg.probes.layers, cfg.probes.kinds or None, require=False)
     writer.set_attrs(
         bn=cfg.bn.value, model=cfg.model, data=bundle.spec, seed=cfg.seed, device=str(device), optimizer=cfg.optimizer.value,
-        lr=cfg.lr, batch_size=cfg.batch_size, planned_steps=cfg.steps, task=bundle.task, num_outputs=bundle.num_outputs,
+        lr=cfg.lr, batch_size=cfg.batch_size, planned_steps=cfg.steps, model_options=json.dumps(dict(cfg.model_options), sort_keys=True),
+        data_options=json.dumps(dict(cfg.data_options), sort_keys=True), task=bundle.task, num_outputs=bundle.num_outputs,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, bn_targets=cfg.bn_targets.value,
         keep_bias=cfg.keep_bias, fold=cfg.fold, bn_layers=sum(1 for m in model.modules() if is_batchnorm(m)),
         bn_removed=sum(1 for c in plan.changes if c.action is Action.REMOVED) if plan is not None else 0,

@@ -251,3 +251,11 @@ def test_learning_window_starts_when_every_run_has_left_chance() -> None:
     [found] = findings.findings(runs)
     assert found.learning is None and found.agrees is None
     assert "no learning window (a run never left its chance level)" in found.verdict
+
+
+def test_runs_on_other_data_options_or_lengths_are_other_conditions() -> None:
+    runs = [_landscape_run(0, False, [1.0]), _landscape_run(0, False, [1.0]), _landscape_run(0, False, [1.0])]
+    runs[1].attrs["data_options"] = '{"noise": 6.0}'
+    runs[2].attrs["planned_steps"] = 50
+    conds = findings.conditions(runs)
+    assert len(conds) == 3 and all(c.repeats == 0 for c in conds)
