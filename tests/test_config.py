@@ -11,6 +11,7 @@ from bnprobe.config import (
     BnMode,
     IcsMethod,
     LayerKind,
+    RenamedKeyWarning,
     bn_overrides,
     check_continuable,
     config_for_ics,
@@ -245,7 +246,10 @@ def test_older_flat_probe_keys_load_into_their_sections_with_a_hint(tmp_path: Pa
     assert all(new.split(".")[0] in ProbeConfig.__dataclass_fields__ for new in RENAMED.values())
     with pytest.raises(ConfigError, match=r"probes\.ics_every and probes\.ics\.every both given; keep probes\.ics\.every"):
         load_config(write(tmp_path, "probes: {ics_every: 4, ics: {every: 2}}\n"))
-    assert load_config(write(tmp_path, "probes: {ics_every: 4}\n"), {"probes.ics.every": 2}).probes.ics.every == 2  # flags after the file
+    with pytest.warns(RenamedKeyWarning, match="probes.ics_every is now probes.ics.every"):
+        assert (
+            load_config(write(tmp_path, "probes: {ics_every: 4}\n"), {"probes.ics.every": 2}).probes.ics.every == 2
+        )  # flags after the file
 
 
 def test_a_stored_flat_config_loads_quietly(recwarn: pytest.WarningsRecorder) -> None:
