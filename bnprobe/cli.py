@@ -116,6 +116,23 @@ SpectrumOpt = Annotated[
     bool | None,
     typer.Option("--spectrum/--no-spectrum", help="Hessian spectrum: top-k, trace, density (probes.spectrum.*).", show_default=False),
 ]
+PerChannelOpt = Annotated[
+    bool | None, typer.Option("--per-channel/--no-per-channel", help="Moments of each channel too.", show_default=False)
+]
+LandscapeOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--landscape/--no-landscape",
+        help="Scan the loss landscape along the gradient (by default as often as ICS, else as the moments).",
+        show_default=False,
+    ),
+]
+HessianOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--hessian/--no-hessian", help="Top Hessian eigenvalue (by default as often as ICS, else as the moments).", show_default=False
+    ),
+]
 LrOpt = Annotated[float | None, typer.Option(help="Learning rate.")]
 BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b")]
 SeedOpt = Annotated[int | None, typer.Option()]
@@ -261,25 +278,11 @@ def train(
     layers: Annotated[list[str] | None, typer.Option("--layers", help="Glob of layer names to probe; repeatable.")] = None,
     kinds: Annotated[list[str] | None, typer.Option("--kind", help="conv | linear | norm | other; repeatable.")] = None,
     record_every: Annotated[int | None, typer.Option(help="Record moments every N steps.")] = None,
-    per_channel: Annotated[
-        bool | None, typer.Option("--per-channel/--no-per-channel", help="Moments of each channel too.", show_default=False)
-    ] = None,
+    per_channel: PerChannelOpt = None,
     histogram_bins: Annotated[int | None, typer.Option(help="Histogram bins (0: none).")] = None,
     ics_every: Annotated[int | None, typer.Option(help="Measure gradient-shift ICS every N steps (0: off).")] = None,
-    landscape: Annotated[
-        bool | None,
-        typer.Option(
-            "--landscape/--no-landscape",
-            help="Scan the loss landscape along the gradient (by default as often as ICS, else as the moments).",
-            show_default=False,
-        ),
-    ] = None,
-    hessian: Annotated[
-        bool | None,
-        typer.Option(
-            "--hessian/--no-hessian", help="Top Hessian eigenvalue (by default as often as ICS, else as the moments).", show_default=False
-        ),
-    ] = None,
+    landscape: LandscapeOpt = None,
+    hessian: HessianOpt = None,
     hessian_blocks: HessianBlocksOpt = None,
     spectrum: SpectrumOpt = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: at the end).")] = None,
