@@ -19,7 +19,7 @@ import numpy as np
 
 from . import health
 from .stats import Interval, mean_interval, ratio_interval
-from .store import ICS, LANDSCAPE, MOMENTS, SPECTRUM, STEP, RunData, ics_layers, layer_kinds, moment_layers
+from .store import HESSIAN, ICS, LANDSCAPE, MOMENTS, SPECTRUM, STEP, RunData, ics_layers, layer_kinds, moment_layers
 
 #: settings that make two runs different conditions (the seed makes replicates, not conditions)
 CONDITION_KEYS = (
@@ -166,7 +166,7 @@ def top_eigenvalue(run: RunData, window: Window) -> float | None:
     top = _records(run, SPECTRUM, "top_k", window)
     if top is not None:
         return _mean(top[:, 0])
-    return _mean(_records(run, "hessian", "top_eigenvalue", window))
+    return _mean(_records(run, HESSIAN, "top_eigenvalue", window))
 
 
 def hessian_trace(run: RunData, window: Window) -> float | None:
@@ -174,11 +174,16 @@ def hessian_trace(run: RunData, window: Window) -> float | None:
 
 
 def bulk_edge(nodes: np.ndarray, weights: np.ndarray, mass: float = 0.97) -> float:
-    """The eigenvalue below which ``mass`` of the density's weight lies (its probes pooled)."""
-    order = np.argsort(nodes, axis=None)
-    flat_nodes, flat_weights = nodes.reshape(-1)[order], weights.reshape(-1)[order]
-    cumulative = np.cumsum(flat_weights) / np.sum(flat_weights)
-    return float(flat_nodes[np.searchsorted(cumulative, mass)])
+    """The eigenvalue below which ``mass`` of the density's weight lies (its probes pooled; nodes a
+    short Lanczos run left unfilled, NaN, are no part of it)."""
+    flat_nodes, flat_weights = nodes.reshape(-1), weights.reshape(-1)
+    kept = np.isfinite(flat_nodes) & np.isfinite(flat_weights)
+    flat_nodes, flat_weights = flat_nodes[kept], flat_weights[kept]
+    if not len(flat_nodes):
+        return float("nan")
+    order = np.argsort(flat_nodes)
+    cumulative = np.cumsum(flat_weights[order]) / np.sum(flat_weights)
+    return float(flat_nodes[order][min(int(np.searchsorted(cumulative, mass)), len(order) - 1)])
 
 
 def outlier_gap(run: RunData, window: Window) -> float | None:

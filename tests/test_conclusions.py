@@ -259,3 +259,62 @@ def test_runs_on_other_data_options_or_lengths_are_other_conditions() -> None:
     runs[2].attrs["planned_steps"] = 50
     conds = findings.conditions(runs)
     assert len(conds) == 3 and all(c.repeats == 0 for c in conds)
+
+
+def _recorded_run(**data: np.ndarray) -> RunData:
+    run = _run("r", np.linspace(2.0, 1.0, 30))
+    run.data.update(data)
+    return run
+
+
+def test_percentile_drift_by_hand() -> None:
+    """Three records of two layers (the second feeds no non-linearity: the output): the mean
+    absolute change of p15/p50/p85 of the first layer between consecutive records."""
+    run = _recorded_run(**{"moments/step": np.array([0, 10, 20])})
+    run.layers = [{"name": n, "kind": "linear", "param_count": 1, "output_shape": "1", "order": i} for i, n in enumerate(["h", "out"])]
+    run.data["moments/p15"] = np.array([[0.0, 9.0], [1.0, 9.0], [3.0, 0.0]])
+    run.data["moments/p50"] = np.array([[0.0, 9.0], [0.0, 9.0], [0.0, 0.0]])
+    run.data["moments/p85"] = np.array([[2.0, 9.0], [2.0, 9.0], [5.0, 0.0]])
+    # changes of h: p15 1, 2; p50 0, 0; p85 0, 3 -> mean 1
+    assert findings.percentile_drift(run, (0, None)) == pytest.approx(1.0)
+    assert findings.percentile_drift(run, (0, 20)) == pytest.approx((1 + 0 + 0) / 3)
+    run.layers.append({"name": "h_bn", "kind": "norm", "param_count": 1, "output_shape": "1", "order": 2})
+    run.layers[1]["order"] = 3
+    for q in ("p15", "p50", "p85"):  # with a BN layer, only the BN layers' inputs count
+        run.data[f"moments/{q}"] = np.concatenate([run.data[f"moments/{q}"], np.array([[0.0], [0.5], [0.5]])], axis=1)
+    run.layers = sorted(run.layers, key=lambda lay: lay["order"])
+    run.data["moments/p15"] = run.data["moments/p15"][:, [0, 2, 1]]
+    run.data["moments/p50"] = run.data["moments/p50"][:, [0, 2, 1]]
+    run.data["moments/p85"] = run.data["moments/p85"][:, [0, 2, 1]]
+    assert findings.percentile_drift(run, (0, None)) == pytest.approx((0.5 + 0 + 0.5 + 0 + 0.5 + 0) / 6)
+
+
+def test_landscape_spreads_and_ics_means_by_hand() -> None:
+    run = _recorded_run(**{
+        "landscape/step": np.array([0, 10]),
+        "landscape/loss": np.array([[1.0, 3.0, 2.0], [1.0, 1.5, 1.0]]),
+        "ics/step": np.array([0, 10]),
+        "ics/layer": np.array([b"a", b"bn"]),
+        "ics/l2": np.array([[1.0, 100.0], [3.0, 100.0]]),
+    })  # fmt: skip
+    run.layers = [
+        {"name": "a", "kind": "conv", "param_count": 1, "output_shape": "1", "order": 0},
+        {"name": "bn", "kind": "norm", "param_count": 1, "output_shape": "1", "order": 1},
+    ]
+    loss_variation = next(q for q in findings.QUANTITIES if q.key == "landscape.loss_variation")
+    assert loss_variation.reduce(run, (0, None)) == pytest.approx((2.0 + 0.5) / 2)
+    ics_l2 = next(q for q in findings.QUANTITIES if q.key == "ics.l2")
+    assert ics_l2.reduce(run, (0, None)) == pytest.approx(2.0)  # the norm layer's own ICS is left out
+
+
+def test_outlier_gap_by_hand() -> None:
+    """One record, two probes of three nodes: the weights sorted by node reach 97% at node 2.0
+    (0.6 + 0.37 of 1.0); the top eigenvalue 10 is five times that edge. Unfilled nodes are NaN."""
+    nodes = np.array([[[1.0, 2.0, np.nan], [0.5, 10.0, np.nan]]])
+    weights = np.array([[[0.3, 0.37, np.nan], [0.3, 0.03, np.nan]]])
+    assert findings.bulk_edge(nodes[0], weights[0]) == 2.0
+    run = _recorded_run(**{
+        "spectrum/step": np.array([0]), "spectrum/top_k": np.array([[10.0]]),
+        "spectrum/density_nodes": nodes, "spectrum/density_weights": weights,
+    })  # fmt: skip
+    assert findings.outlier_gap(run, (0, None)) == pytest.approx(5.0)
