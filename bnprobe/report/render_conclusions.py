@@ -55,23 +55,24 @@ def draw_health(console: Console, conclusions: Conclusions) -> None:
     _marked_list(console, "Health", rows)
 
 
-def _interval(value: IntervalData | None, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
+def _interval(value: IntervalData | None, digits: int = 3, scale: float = 1.0) -> str:
+    """``mean ± half-width`` (a t interval is symmetric), or the mean alone for one seed."""
     if value is None:
         return "—"
-    mean = f"{value['mean'] * scale:.{digits}g}{unit}"
+    mean = f"{value['mean'] * scale:.{digits}g}"
     if value["low"] is None or value["high"] is None:
         return mean
-    return f"{mean} [{value['low'] * scale:.{digits}g}, {value['high'] * scale:.{digits}g}]"
+    return f"{mean} ± {(value['high'] - value['low']) * scale / 2:.2g}"
 
 
 def draw_conditions(console: Console, conclusions: Conclusions) -> None:
     conds = conclusions["conditions"]
     if not conds:
         return
-    t = Table(title="Conditions (mean [95% interval] over seeds)", title_justify="left", title_style="bold", box=box.SIMPLE_HEAD)
+    t = Table(title="Conditions (mean ± 95% interval over seeds)", title_justify="left", title_style="bold", box=box.SIMPLE_HEAD)
     t.add_column("condition", overflow="fold", style="bold")
     held_out = any(c["heldout_accuracy"] for c in conds)
-    for name in ("seeds", "final loss", "final acc. %", *(["held-out acc. %"] if held_out else []), "time s (mean)"):
+    for name in ("seeds", "final loss", "final acc. %", *(["held-out acc. %"] if held_out else []), "time s"):
         t.add_column(name, overflow="fold")
     for cond in conds:
         held = [_interval(cond["heldout_accuracy"], 3, 100.0)] if held_out else []
