@@ -24,7 +24,9 @@ def test_evaluate_matches_a_hand_computation_in_eval_mode() -> None:
     model[1].eval()  # a module the user froze stays frozen
     x, y = torch.randn(10, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    stream = torch.get_rng_state()
     found = evaluate(model, nn.CrossEntropyLoss(), TensorDataset(x, y), batch_size=3)
+    assert torch.equal(torch.get_rng_state(), stream)  # the loader's seed draw leaves no trace
     # the reference: the whole set at once, in eval mode (running statistics, no dropout)
     reference = copy.deepcopy(model).eval()
     with torch.no_grad():

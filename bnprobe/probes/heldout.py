@@ -1,9 +1,10 @@
 """Held-out loss and accuracy: generalisation, and the gap between BN's train and eval modes.
 
 At a due step the model is evaluated in eval mode (BN uses its running statistics, dropout is
-off) on the data's held-out split, before the step's update. Eval mode moves no buffer and draws
-no random number, and every module's own mode is restored afterwards, so training continues
-exactly as without the probe.
+off) on the data's held-out split, before the step's update. The pass runs under
+:func:`~bnprobe.passes.leave_no_trace` (no buffer or random stream moves; the data loader draws its
+seed from the global stream) and every module's own mode is restored afterwards, so training
+continues exactly as without the probe.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
+from ..passes import leave_no_trace
 from .base import Record, StepBatch, every
 
 
@@ -52,7 +54,7 @@ def evaluate(model: nn.Module, loss_fn: Any, data: Dataset[Any], batch_size: int
     classification = True
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), leave_no_trace(model):  # the loader draws its seed from the global stream
             for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
                 x, y = x.to(device), y.to(device)
                 out = model(x)
