@@ -40,10 +40,6 @@ class Interval:
     high: float | None
     n: int
 
-    @property
-    def has_interval(self) -> bool:
-        return self.low is not None and self.high is not None
-
     def excludes(self, value: float) -> bool:
         """True when the interval lies wholly on one side of ``value`` (a clear effect)."""
         return self.low is not None and self.high is not None and (self.low > value or self.high < value)

@@ -34,7 +34,7 @@ def test_mean_interval_by_hand() -> None:
     half = 4.3027 / math.sqrt(3)
     assert (found.mean, found.low, found.high, found.n) == pytest.approx((2.0, 2 - half, 2 + half, 3))
     one = mean_interval([5.0, float("nan")])
-    assert one is not None and one.n == 1 and one.low is None and not one.has_interval
+    assert one is not None and one.n == 1 and one.low is None and one.high is None
     assert mean_interval([]) is None
 
 
