@@ -35,6 +35,7 @@ import numpy as np
 
 from .errors import BnprobeError, ConfigError
 from .findings import conditions
+from .measurements import PLOT_KINDS
 from .quadrature import density as slq_density
 from .report.content import RECORD_HINTS, align_layers
 from .store import (
@@ -54,10 +55,8 @@ from .store import (
     moment_layers,
 )
 
-KINDS = ("moments", "ics", "landscape", "training", "hessian")
+KINDS = tuple(PLOT_KINDS)  # a kind draws one measurement's records
 FORMATS = ("png", "svg", "pdf")
-_SECTION = {"moments": MOMENTS, "ics": ICS, "landscape": LANDSCAPE, "training": TRAIN, "hessian": SPECTRUM}
-_WHAT = {"moments": "moments", "ics": "ICS", "landscape": "landscape", "training": "training records", "hessian": "Hessian spectrum"}
 
 
 def _pyplot() -> Any:
@@ -80,11 +79,11 @@ def _check_out(out: Path, force: bool) -> str:
 
 
 def _with_section(columns: list[Column], kind: str, paths: Sequence[str | Path]) -> list[Column]:
-    section = _SECTION[kind]
-    have = [c for c in columns if c.run.has(section)]
+    drawn = PLOT_KINDS[kind]
+    have = [c for c in columns if c.run.has(drawn.name)]
     if not have:
         where = ", ".join(str(p) for p in paths)
-        raise BnprobeError(f"no {_WHAT[kind]} recorded in {where}; {RECORD_HINTS[section]}")
+        raise BnprobeError(f"no {drawn.what} recorded in {where}; {drawn.hint}")
     return have
 
 

@@ -1,11 +1,10 @@
 """The ``probes`` section of a config: which layers are probed, and one sub-section per probe.
 
 Each probe's section is a small frozen dataclass that checks its own values when built. They live
-here, not in the probe modules, because those import torch (and importing any module of
-:mod:`bnprobe.probes` runs its ``__init__``, which imports them all), while loading or printing a
-config must not. :data:`bnprobe.probes.REGISTRY` names each probe's section next to its factory. A
-new probe is its module, its section class plus one field of :class:`ProbeConfig` here, and one
-registry line.
+here, not in the probe modules, because those import torch, while loading or printing a config
+must not. :data:`bnprobe.measurements.MEASUREMENTS` names each section beside its probe's factory
+and datasets: a new probe is its module, its section class plus one field of :class:`ProbeConfig`
+here, and one entry there.
 
 Schedules: a probe's ``every: 0`` means "as often as the probe it ``FOLLOWS``" (the Hessian and
 the landscape follow ICS, the spectrum follows the Hessian, and ICS, when it is off, the moments).

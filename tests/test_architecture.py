@@ -67,15 +67,23 @@ def _uses(module: str, prefix: str) -> bool:
 @pytest.mark.parametrize("view", VIEWS)
 def test_views_read_only_the_store(view: str) -> None:
     assert not _uses(view, "torch") and not _uses(view, "bnprobe.probes") and not _uses(view, "h5py")
-    assert _internal(view) <= {"bnprobe", "bnprobe.store", "bnprobe.errors", "bnprobe.config", "bnprobe.quadrature", *VIEWS}
+    assert _internal(view) <= {"bnprobe", "bnprobe.store", "bnprobe.errors", "bnprobe.config", "bnprobe.quadrature", *SCHEMA, *VIEWS}
 
 
 STORE = {m for m in FILES if m == "bnprobe.store" or m.startswith("bnprobe.store.")}
+#: what every part may know: the measurements' table and their config sections (neither imports torch or h5py)
+SCHEMA = ("bnprobe.measurements", "bnprobe.probe_config")
+
+
+@pytest.mark.parametrize("module", SCHEMA)
+def test_the_measurements_table_is_free_of_torch_and_h5py(module: str) -> None:
+    assert not _uses(module, "torch") and not _uses(module, "h5py") and not _uses(module, "numpy")
+    assert _internal(module) <= {"bnprobe", "bnprobe.errors", *SCHEMA}
 
 
 @pytest.mark.parametrize("module", sorted(STORE))
 def test_the_store_knows_no_model(module: str) -> None:
-    assert _internal(module) <= {"bnprobe", "bnprobe.errors", "bnprobe.config", *STORE}
+    assert _internal(module) <= {"bnprobe", "bnprobe.errors", "bnprobe.config", *SCHEMA, *STORE}
     assert "torch" not in _imports(FILES[module], top_level_only=True)  # only checkpoints need it
 
 
@@ -134,9 +142,27 @@ def test_the_views_import_neither_torch_nor_the_probes() -> None:
 def test_each_registered_probe_reads_its_own_config_section() -> None:
     """A probe's registry entry names the dataclass of ``cfg.probes.<name>``; every section but the
     moments (recorded by the trainer's hooks, not a registered probe) belongs to one probe."""
+    from bnprobe.measurements import MEASUREMENTS
     from bnprobe.probe_config import SECTIONS, ProbeConfig
     from bnprobe.probes import REGISTRY
 
     defaults = ProbeConfig()
     assert {name: type(getattr(defaults, name)) for name in REGISTRY} == {name: entry.section for name, entry in REGISTRY.items()}
     assert set(SECTIONS) == {*REGISTRY, "moments"}
+    assert {m.name: m.config for m in MEASUREMENTS if m.config} == {name: type(getattr(defaults, name)) for name in SECTIONS}
+
+
+def test_every_measurement_is_complete_and_owns_its_datasets() -> None:
+    """Each entry of the measurements table names its datasets inside its own section, a title, a
+    hint and (for a probe) a factory that exists; every plot kind and report section is an entry."""
+    from bnprobe.measurements import MEASUREMENTS, PLOT_KINDS
+    from bnprobe.plot import KINDS
+    from bnprobe.report import _SECTIONS
+    from bnprobe.store import LAYOUT
+
+    for m in MEASUREMENTS:
+        assert m.title and m.what and m.hint and m.layout, m.name
+        assert all(spec.section == m.name for spec in m.layout), m.name
+        assert (m.config is not None) == bool(m.probe) or m.name == "moments", m.name
+    assert {spec.section for spec in LAYOUT} == {"*", *(m.name for m in MEASUREMENTS)}
+    assert set(KINDS) == set(PLOT_KINDS) and {s.key for s in _SECTIONS} <= {m.name for m in MEASUREMENTS}

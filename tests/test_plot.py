@@ -83,7 +83,7 @@ def test_missing_section_is_one_line(tmp_path: Path, kind: str, message: str) ->
 
 
 def test_bad_options(full_file: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="choose from moments, ics, landscape, training, hessian"):
+    with pytest.raises(ConfigError, match="choose from training, moments, ics, landscape, hessian"):
         plot([full_file], tmp_path / "x.png", kind="spectrum")
     with pytest.raises(ConfigError, match=r"\.png, \.svg or \.pdf"):
         plot([full_file], tmp_path / "x.jpeg")

@@ -5,21 +5,23 @@ probes here need extra passes on the current batch (:mod:`bnprobe.passes`: they 
 run in registry order, and the one that ``performs_step`` (ICS) runs last, so the others measure
 at the weights before the step.
 
-Each entry names the probe's factory and its section of the config (``cfg.probes.<name>``, a
-dataclass of :mod:`bnprobe.probe_config`, which stays free of torch so that configs load without
-it). A new probe is one module (its factory, its records), its section there, and one line here.
+:data:`REGISTRY` is gathered from :data:`bnprobe.measurements.MEASUREMENTS`, which names each
+probe's factory by import path beside its config section (``cfg.probes.<name>``, a dataclass of
+:mod:`bnprobe.probe_config`, free of torch so that configs load without it), its datasets and how
+the report and plot show it. A new probe is one module here (its factory, its records), its
+config section and one :class:`~bnprobe.measurements.Measurement` entry.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..config import Config
 from ..errors import ConfigError
-from ..probe_config import HeldoutConfig, HessianConfig, IcsConfig, LandscapeConfig, SpectrumConfig
+from ..measurements import MEASUREMENTS
 from ..store import RunWriter
-from . import heldout, hessian, ics, landscape, spectrum
 from .base import Probe, ProbeFactory, StepBatch, every
 
 __all__ = [
@@ -45,13 +47,13 @@ class Registered:
     section: type  # the dataclass of ``cfg.probes.<name>``
 
 
-REGISTRY: dict[str, Registered] = {
-    "landscape": Registered(landscape.probe_from_config, LandscapeConfig),
-    "hessian": Registered(hessian.probe_from_config, HessianConfig),
-    "spectrum": Registered(spectrum.probe_from_config, SpectrumConfig),
-    "heldout": Registered(heldout.probe_from_config, HeldoutConfig),
-    "ics": Registered(ics.probe_from_config, IcsConfig),
-}
+def _factory(path: str) -> ProbeFactory:
+    """The factory ``"module:function"`` names."""
+    module, _, name = path.partition(":")
+    return cast(ProbeFactory, getattr(importlib.import_module(module), name))
+
+
+REGISTRY: dict[str, Registered] = {m.name: Registered(_factory(m.probe), m.config) for m in MEASUREMENTS if m.probe and m.config}
 
 
 def scheduled_probes(cfg: Config, layer_names: list[str]) -> list[Probe]:

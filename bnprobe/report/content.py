@@ -20,6 +20,7 @@ import numpy as np
 from ..config import layer_patterns
 from ..errors import ConfigError
 from ..findings import bn_label
+from ..measurements import MEASUREMENTS
 from ..store import (
     BLOCK,
     HELDOUT,
@@ -447,15 +448,7 @@ def build_report(
 # column/layout knowledge shared with plot, not report knowledge: it belongs with the store's columns
 
 #: how to get each section's data, for hints and errors
-RECORD_HINTS = {
-    TRAIN: "run bnprobe train",
-    HELDOUT: "train on data with a held-out split (synthetic:shapes); probes.heldout.enabled",
-    MOMENTS: "run bnprobe train; moments are recorded every probes.moments.every steps",
-    ICS: "run bnprobe measure-ics, or set probes.ics.every",
-    LANDSCAPE: "run bnprobe measure-ics with probes.landscape.enabled: true",
-    HESSIAN: "set probes.hessian.enabled: true",
-    SPECTRUM: "set probes.spectrum.enabled: true",
-}
+RECORD_HINTS = {m.name: m.hint for m in MEASUREMENTS}
 
 
 def merge_order(lists: Iterable[Sequence[str]]) -> list[str]:

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..measurements import BY_NAME
 from ..store import HESSIAN, ICS, LANDSCAPE, MOMENTS, SPECTRUM, TRAIN, Status
 from .content import (
     RECORD_HINTS,
@@ -350,20 +351,27 @@ SectionKey = Literal["moments", "ics", "landscape", "hessian", "spectrum"]
 
 @dataclass(frozen=True)
 class _Section:
-    """A section of the report: where its content is, what to call it, and how to draw it."""
+    """A section of the report: where its content is, what the registry calls it, and how to draw it."""
 
     key: SectionKey
-    title: str  # in the hint when no run has it
-    what: str  # in the note for a run without it
     draw: Callable[[_Page, Report, Cols], None]
 
+    @property
+    def title(self) -> str:  # in the hint when no run has it
+        return BY_NAME[self.key].title
 
+    @property
+    def what(self) -> str:  # in the note for a run without it
+        return BY_NAME[self.key].what
+
+
+#: the sections with a table of their own, in the registry's order (training and held-out records are in the summary)
 _SECTIONS = (
-    _Section(MOMENTS, "Activation moments", "moments", _draw_moments),
-    _Section(ICS, "Gradient-shift ICS", "ICS", _draw_ics),
-    _Section(LANDSCAPE, "Loss landscape", "landscape", _draw_landscape),
-    _Section(HESSIAN, "Top Hessian eigenvalue", "Hessian eigenvalue", _draw_hessian),
-    _Section(SPECTRUM, "Hessian spectrum", "Hessian spectrum", _draw_spectrum),
+    _Section(MOMENTS, _draw_moments),
+    _Section(ICS, _draw_ics),
+    _Section(LANDSCAPE, _draw_landscape),
+    _Section(HESSIAN, _draw_hessian),
+    _Section(SPECTRUM, _draw_spectrum),
 )
 
 

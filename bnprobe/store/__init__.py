@@ -8,21 +8,17 @@ save or load a checkpoint.
 
 from __future__ import annotations
 
-from .columns import Column, hessian_block_labels, ics_layers, layer_kinds, listing, load_columns, matches, moment_layers
-from .layout import (
-    AXES_ATTR,
+from ..measurements import (
     BIN,
     BLOCK,
     CHANNEL,
     ETA,
-    FORMAT_VERSION,
     HELDOUT,
     HESSIAN,
     ICS,
     ICS_FIELDS,
     LANDSCAPE,
     LAYER,
-    LAYOUT,
     MOMENTS,
     NODE,
     PER_CHANNEL,
@@ -36,12 +32,9 @@ from .layout import (
     TRAIN,
     TRAIN_FIELDS,
     DatasetSpec,
-    LayerLike,
-    LayerRow,
-    Status,
-    axes_for,
-    spec_of,
 )
+from .columns import Column, hessian_block_labels, ics_layers, layer_kinds, listing, load_columns, matches, moment_layers
+from .layout import AXES_ATTR, FORMAT_VERSION, LAYOUT, LayerLike, LayerRow, Status, axes_for, spec_of
 from .reader import FileData, Recorded, RunData, load_checkpoint, read_arrays, read_file, strings
 from .writer import RunWriter, Store, atomic_output, check_output_path, partial_path
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import layer_patterns
 from ..errors import ConfigError
-from .layout import BLOCK, HESSIAN, ICS, LAYER, MOMENTS
+from ..measurements import BLOCK, HESSIAN, ICS, LAYER, MOMENTS
 from .reader import FileData, RunData, read_file
 
 

@@ -2,7 +2,8 @@
 
 One file per experiment, one group per variant under ``/runs``, one group per section (``train``,
 ``moments``, ...) in a run. :data:`LAYOUT` lists every dataset of a run with the label of each of
-its axes, in the order readers list them; a run's ``status`` attribute is a :class:`Status`.
+its axes, in the order readers list them, gathered from :data:`bnprobe.measurements.MEASUREMENTS`;
+a run's ``status`` attribute is a :class:`Status`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,21 @@ from __future__ import annotations
 import enum
 import fnmatch
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Final, Protocol, TypedDict
 
 import h5py
 import numpy as np
+
+from ..measurements import (
+    BLOCK,
+    CHANNEL,
+    LAYER,
+    MEASUREMENTS,
+    RANK,
+    RECORD,
+    STEP,
+    DatasetSpec,
+)
 
 FORMAT_VERSION = 1
 
@@ -32,101 +43,12 @@ class Status(str, enum.Enum):
         return self.value
 
 
-TRAIN: Final = "train"
-MOMENTS: Final = "moments"
-ICS: Final = "ics"
-LANDSCAPE: Final = "landscape"
-HESSIAN: Final = "hessian"
-SPECTRUM: Final = "spectrum"
-HELDOUT: Final = "heldout"
-SECTIONS = (TRAIN, HELDOUT, MOMENTS, ICS, LANDSCAPE, HESSIAN, SPECTRUM)
-STEP: Final = "step"  # in every record group: the training step of each record (1-D integers)
-PER_CHANNEL: Final = "per_channel"  # moments/per_channel/<layer>/<stat>: one group per layer
-
-#: axis labels: ``record`` is always the first axis of a record dataset
-RECORD: Final = "record"
-LAYER: Final = "layer"
-CHANNEL: Final = "channel"
-BIN: Final = "bin"
-ETA: Final = "eta"
-BLOCK: Final = "block"
-RANK: Final = "rank"  # the k-th largest eigenvalue
-PROBE: Final = "probe"  # a probe vector of stochastic Lanczos quadrature
-NODE: Final = "node"  # a node of one probe's Gauss quadrature
 AXES_ATTR: Final = "axes"
 
-#: the activation statistics of ``moments`` (bnprobe.probes.moments computes them in this order)
-STATS = ("mean", "var", "skewness", "kurtosis", "min", "max", "zero_fraction", "p15", "p50", "p85")
-#: the gradient-shift quantities of ``ics`` (bnprobe.probes.ics.ICS fields)
-ICS_FIELDS = ("l2", "cosine", "grad_norm", "grad_norm_shifted", "rel_diff")
-TRAIN_FIELDS = ("loss", "accuracy", "lr", "seconds")
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One dataset of a run group (``path`` relative to it; a glob stands for a family) and the
-    label of each of its axes.
-
-    ``text``: strings, the names along an axis (``ics/layer``). ``nan_is_unrecorded``: a record
-    series that is NaN throughout was not measured (a regression run's accuracy, an unset lr).
-    ``group_axis``: what the dataset's group is named after (per-channel moments: the layer).
-    """
-
-    path: str
-    axes: tuple[str, ...]
-    text: bool = False
-    nan_is_unrecorded: bool = False
-    group_axis: str = ""
-
-    @property
-    def section(self) -> str:
-        return self.path.split("/", 1)[0]
-
-    @property
-    def is_record(self) -> bool:
-        """Records (``[record, ...]``) rather than a constant written once (the names or values along an axis)."""
-        return self.axes[:1] == (RECORD,)
-
-
-_PC = f"{MOMENTS}/{PER_CHANNEL}/*"
-#: The layout as a table. The first entry a path matches is its entry; within a record group,
-#: readers (the export) list datasets in this order, then by name.
-LAYOUT: tuple[DatasetSpec, ...] = (
-    DatasetSpec(f"*/{STEP}", (RECORD,)),
-    *(DatasetSpec(f"{TRAIN}/{q}", (RECORD,), nan_is_unrecorded=True) for q in TRAIN_FIELDS),
-    *(DatasetSpec(f"{HELDOUT}/{q}", (RECORD,), nan_is_unrecorded=True) for q in ("loss", "accuracy")),
-    DatasetSpec(f"{TRAIN}/*", (RECORD,), nan_is_unrecorded=True),
-    *(DatasetSpec(f"{MOMENTS}/{s}", (RECORD, LAYER)) for s in STATS),
-    DatasetSpec(f"{MOMENTS}/histogram", (RECORD, LAYER, BIN)),
-    *(DatasetSpec(f"{_PC}/{s}", (RECORD, CHANNEL), group_axis=LAYER) for s in STATS),
-    DatasetSpec(f"{_PC}/*", (RECORD, CHANNEL), group_axis=LAYER),
-    DatasetSpec(f"{MOMENTS}/*", (RECORD, LAYER)),
-    DatasetSpec(f"{ICS}/layer", (LAYER,), text=True),
-    *(DatasetSpec(f"{ICS}/{q}", (RECORD, LAYER)) for q in ICS_FIELDS),
-    DatasetSpec(f"{ICS}/*", (RECORD, LAYER)),
-    DatasetSpec(f"{LANDSCAPE}/eta", (ETA,)),
-    DatasetSpec(f"{LANDSCAPE}/loss", (RECORD, ETA)),
-    DatasetSpec(f"{LANDSCAPE}/grad_l2", (RECORD, ETA)),
-    *(DatasetSpec(f"{LANDSCAPE}/{q}", (RECORD,)) for q in ("beta_smoothness", "loss_at_w", "loss_max", "loss_min")),
-    DatasetSpec(f"{LANDSCAPE}/*", (RECORD,)),
-    DatasetSpec(f"{HESSIAN}/block", (BLOCK,), text=True),
-    *(DatasetSpec(f"{HESSIAN}/{q}", (RECORD,)) for q in ("top_eigenvalue", "iterations", "residual")),
-    *(DatasetSpec(f"{HESSIAN}/block_{q}", (RECORD, BLOCK)) for q in ("iterations", "residual", "top_eigenvalue")),
-    DatasetSpec(f"{HESSIAN}/converged", (RECORD,)),
-    DatasetSpec(f"{HESSIAN}/block_*", (RECORD, BLOCK)),
-    DatasetSpec(f"{HESSIAN}/*", (RECORD,)),
-    DatasetSpec(f"{SPECTRUM}/block", (BLOCK,), text=True),
-    DatasetSpec(f"{SPECTRUM}/top_k", (RECORD, RANK)),
-    DatasetSpec(f"{SPECTRUM}/top_k_residual", (RECORD, RANK)),
-    *(DatasetSpec(f"{SPECTRUM}/{q}", (RECORD,)) for q in ("trace", "trace_stderr", "iterations", "converged")),
-    DatasetSpec(f"{SPECTRUM}/density_nodes", (RECORD, PROBE, NODE)),
-    DatasetSpec(f"{SPECTRUM}/density_weights", (RECORD, PROBE, NODE)),
-    *(DatasetSpec(f"{SPECTRUM}/block_{q}", (RECORD, BLOCK)) for q in ("top_eigenvalue", "iterations", "residual", "trace", "trace_stderr")),
-    DatasetSpec(f"{SPECTRUM}/block_density_nodes", (RECORD, BLOCK, PROBE, NODE)),
-    DatasetSpec(f"{SPECTRUM}/block_density_weights", (RECORD, BLOCK, PROBE, NODE)),
-    DatasetSpec(f"{SPECTRUM}/block_*", (RECORD, BLOCK)),
-    DatasetSpec(f"{SPECTRUM}/*", (RECORD,)),
-)
+#: The layout as a table: every dataset of every measurement (first the step axis every record group
+#: has). The first entry a path matches is its entry; within a record group, readers (the export)
+#: list datasets in this order, then by name.
+LAYOUT: tuple[DatasetSpec, ...] = (DatasetSpec(f"*/{STEP}", (RECORD,)), *(spec for m in MEASUREMENTS for spec in m.layout))
 _RANK = {spec: i for i, spec in enumerate(LAYOUT)}
 _NAMED = frozenset(s.path for s in LAYOUT if "*" not in s.path)
 #: names along an axis that has no (fitting) list of names, numbered from _FIRST (λ1 is the largest eigenvalue)

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError, first_line, usable_path
+from ..measurements import LAYER, MOMENTS, PER_CHANNEL, RECORD, SECTIONS, STEP
 from .layout import (
     _FIRST,
     _LAYER_FIELDS,
@@ -24,13 +25,7 @@ from .layout import (
     _PLACEHOLDER,
     _RANK,
     AXES_ATTR,
-    LAYER,
     LAYOUT,
-    MOMENTS,
-    PER_CHANNEL,
-    RECORD,
-    SECTIONS,
-    STEP,
     LayerRow,
     _names_spec,
     _plural,

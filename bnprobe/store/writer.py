@@ -26,7 +26,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import StoreError, clip
-from .layout import _LAYER_DTYPE, AXES_ATTR, FORMAT_VERSION, STEP, TRAIN, LayerLike, Status, spec_of
+from ..measurements import STEP, TRAIN
+from .layout import _LAYER_DTYPE, AXES_ATTR, FORMAT_VERSION, LayerLike, Status, spec_of
 from .reader import RunData, _checkpoint, read_file, run_header
 
 _TRAIN_STEPS = f"{TRAIN}/{STEP}"  # a run has records once this has a row
