@@ -388,10 +388,12 @@ class Finding:
         }  # fmt: skip
 
 
-def findings(runs: Sequence[RunData]) -> list[Finding]:
-    """Every finding the runs support: each quantity recorded by both sides of each (no BN, BN) pair."""
+def findings(runs: Sequence[RunData], conds: Sequence[Condition] | None = None) -> list[Finding]:
+    """Every finding the runs support: each quantity recorded by both sides of each (no BN, BN) pair.
+
+    ``conds``: the runs' :func:`conditions`, where the caller has them already."""
     found = []
-    for reference, treated in partners(conditions(runs)):
+    for reference, treated in partners(conditions(runs) if conds is None else conds):
         window = learning_window(reference, treated)
         for quantity in QUANTITIES:
             whole = paired_effect(reference, treated, quantity, (0, None))

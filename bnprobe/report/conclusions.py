@@ -8,7 +8,7 @@ results averaged over seeds. The per-run, per-layer tables follow in the rest of
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import numpy as np
 
@@ -94,13 +94,10 @@ def _condition(cond: Condition) -> ConditionData:
 def build_conclusions(runs: Sequence[tuple[str, RunData]]) -> Conclusions:
     """Findings, health flags and conditions of ``runs`` (each with the label the report shows it by)."""
     data = [run for _, run in runs]
-    flags: list[HealthData] = [
-        {"run": label, "kind": f.kind, "step": f.step, "detail": f.detail, "meaning": f.meaning}
-        for label, run in runs
-        for f in run_flags(run)
-    ]
+    conds = conditions(data)
+    flags = [cast(HealthData, {"run": label, **f.as_dict()}) for label, run in runs for f in run_flags(run)]
     return {
-        "findings": [f.as_dict() for f in findings(data)],
+        "findings": [f.as_dict() for f in findings(data, conds)],
         "health": flags,
-        "conditions": [_condition(c) for c in conditions(data)],
+        "conditions": [_condition(c) for c in conds],
     }
