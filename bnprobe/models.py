@@ -7,15 +7,17 @@ is executed only because the user named it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import importlib
 import importlib.util
 import inspect
+import io
 import itertools
 import math
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -157,6 +159,29 @@ def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, in
 # ----------------------------------------------------------------------------- loaders
 
 
+@contextlib.contextmanager
+def user_code(what: str) -> Iterator[None]:
+    """Run the user's code (importing a model file, calling its factory): a ``sys.exit`` there
+    (``argparse`` at import, a factory's ``sys.exit("no GPU found")``) is a :class:`ModelError`
+    naming ``what`` and what it said, not the end of bnprobe with the user's usage line or exit
+    status. What it writes to stderr meanwhile is held, and passed on unless it exited."""
+    held = io.StringIO()
+    exited: SystemExit | None = None
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except SystemExit as e:
+        exited = e
+    finally:
+        if exited is None:
+            sys.stderr.write(held.getvalue())
+    if exited is not None:
+        said = [line for line in held.getvalue().splitlines() if line.strip()]
+        code = exited.code
+        reason = said[-1] if said else code if isinstance(code, str) else f"exit status {0 if code is None else code}"
+        raise ModelError(f"{what} called sys.exit: {reason}") from exited
+
+
 def build_model(spec: str, num_classes: int, input_shape: tuple[int, ...], **options: Any) -> nn.Module:
     """Build a model from a spec: a built-in name, ``torchvision:NAME``, or ``file.py:factory`` / ``pkg.mod:factory``.
 
@@ -164,7 +189,8 @@ def build_model(spec: str, num_classes: int, input_shape: tuple[int, ...], **opt
     naming the spec; ``--debug`` shows the traceback.
     """
     try:
-        return _build(spec, num_classes, input_shape, options)
+        with user_code(f"model {spec!r}"):
+            return _build(spec, num_classes, input_shape, options)
     except BnprobeError:
         raise
     except Exception as e:  # whatever the factory raised, said in one line

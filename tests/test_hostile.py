@@ -431,6 +431,23 @@ CASES += [
 ]
 
 
+def user_model(body: str, spec: str = "m.py:make") -> dict[str, Setup]:
+    """The tiny config training ``spec`` from ``m.py``, which holds ``body`` after torch's imports."""
+    return {**config(f"model: {spec}\nmodel_options: {{}}"), "m.py": "import sys\nimport torch\nfrom torch import nn\n" + body}
+
+
+LINEAR = "nn.Sequential(nn.Flatten(), nn.Linear(3072, num_classes))"
+CASES += [
+    # --- the user's model or its factory cannot train, or ends the process
+    Case("model-integer-logits", ["train", "c.yaml"], user_model(f"class M(nn.Module):\n    def __init__(self, num_classes):\n        super().__init__()\n        self.net = {LINEAR}\n    def forward(self, x):\n        return self.net(x).long()\n", "m.py:M")),
+    Case("model-forward-no-grad", ["train", "c.yaml"], user_model(f"class M(nn.Module):\n    def __init__(self, num_classes):\n        super().__init__()\n        self.net = {LINEAR}\n    def forward(self, x):\n        with torch.no_grad():\n            return self.net(x)\n", "m.py:M")),
+    Case("model-all-frozen", ["train", "c.yaml"], user_model(f"def make(num_classes):\n    return {LINEAR}.requires_grad_(False)\n")),
+    Case("model-argparse-at-import", ["train", "c.yaml"], user_model("import argparse\nargparse.ArgumentParser().parse_args()\ndef make():\n    pass\n")),
+    Case("model-factory-exits-message", ["train", "c.yaml"], user_model('def make():\n    sys.exit("no GPU found")\n')),
+    Case("model-factory-exits-3", ["train", "c.yaml"], user_model("def make():\n    sys.exit(3)\n")),
+]  # fmt: skip
+
+
 def lay_out(root: Path, files: dict[str, Setup]) -> None:
     for name, setup in files.items():
         path = root / name
@@ -472,6 +489,7 @@ def test_hostile_input_is_one_line_and_writes_nothing(case: Case, in_tmp: Path) 
 SUBPROCESS = {
     c.id: c for c in CASES if c.id in ("alias-bomb-steps", "n-huge", "device-cuda-x", "torchvision-fakedata", "report-runs-dataset")
 }
+SUBPROCESS["model-argparse-at-import"] = next(c for c in CASES if c.id == "model-argparse-at-import")
 SUBPROCESS["non-utf8-path"] = Case("non-utf8-path", ["train", os.fsdecode(b"\xff\xfe.yaml")], {})
 SUBPROCESS["seed-flag-huge"] = Case("seed-flag-huge", ["train", "c.yaml", "--seed", str(2**64)], config(""))
 
@@ -500,8 +518,8 @@ class Fragile(nn.Module):
         self.fail = fail
         self.calls = 0
     def forward(self, x):
-        self.calls += torch.is_grad_enabled()  # training steps; bnprobe's checks run without gradients
-        if self.fail and self.calls > 2:
+        self.calls += torch.is_grad_enabled()  # training steps, after bnprobe's one check with gradients (that the output reaches a parameter)
+        if self.fail and self.calls > 3:
             raise {exc}("{msg}")
         return self.lin(x)
 def make(num_classes):
