@@ -15,8 +15,10 @@ import inspect
 import io
 import itertools
 import math
+import pickle
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BnprobeError, ModelError, described, did_you_mean, shown
+from .errors import BnprobeError, ModelError, described, did_you_mean, first_line, shown
 
 ModelFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelFactory] = {}
@@ -253,15 +255,23 @@ def _torchvision_model(name: str, num_classes: int, input_shape: tuple[int, ...]
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a local state dict (never from a hub) with ``weights_only=True``."""
+    """Load a local state dict (never from a hub) with ``weights_only=True``. A file that holds
+    more than tensors (a pickle with code) is refused in one line: torch's own warnings and its
+    advice to load with ``weights_only=False`` are not shown."""
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"weights file {p} does not exist")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(p, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
+    except pickle.UnpicklingError as e:
+        raise ModelError(
+            f"cannot load weights from {p}: not a state dict that torch loads with weights_only=True (it may hold code)"
+        ) from e
     except Exception as e:  # any failure here is a bad file, reported in one line
-        raise ModelError(f"cannot load weights from {p}: {str(e).splitlines()[0]}") from e
+        raise ModelError(f"cannot load weights from {p}: {first_line(e)}") from e
 
 
 def _user_model(spec: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any]) -> object:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Callable
@@ -436,6 +437,14 @@ def user_model(body: str, spec: str = "m.py:make") -> dict[str, Setup]:
     return {**config(f"model: {spec}\nmodel_options: {{}}"), "m.py": "import sys\nimport torch\nfrom torch import nn\n" + body}
 
 
+class _Code:
+    """Pickles as a call of ``print``: what a weights file with code holds (in protocol 4, torch
+    warns about the protocol too)."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return print, ("ran code from a weights file",)
+
+
 LINEAR = "nn.Sequential(nn.Flatten(), nn.Linear(3072, num_classes))"
 CASES += [
     # --- the user's model or its factory cannot train, or ends the process
@@ -444,6 +453,11 @@ CASES += [
     Case("model-all-frozen", ["train", "c.yaml"], user_model(f"def make(num_classes):\n    return {LINEAR}.requires_grad_(False)\n")),
     Case("model-argparse-at-import", ["train", "c.yaml"], user_model("import argparse\nargparse.ArgumentParser().parse_args()\ndef make():\n    pass\n")),
     Case("model-factory-exits-message", ["train", "c.yaml"], user_model('def make():\n    sys.exit("no GPU found")\n')),
+    Case(
+        "model-weights-with-code",
+        ["train", "c.yaml"],
+        {**config("model: torchvision:resnet18\nmodel_options: {weights_file: w.pt}"), "w.pt": lambda p: p.write_bytes(pickle.dumps(_Code(), protocol=4))},
+    ),
     Case("model-factory-exits-3", ["train", "c.yaml"], user_model("def make():\n    sys.exit(3)\n")),
 ]  # fmt: skip
 
@@ -489,7 +503,7 @@ def test_hostile_input_is_one_line_and_writes_nothing(case: Case, in_tmp: Path) 
 SUBPROCESS = {
     c.id: c for c in CASES if c.id in ("alias-bomb-steps", "n-huge", "device-cuda-x", "torchvision-fakedata", "report-runs-dataset")
 }
-SUBPROCESS["model-argparse-at-import"] = next(c for c in CASES if c.id == "model-argparse-at-import")
+SUBPROCESS |= {c.id: c for c in CASES if c.id in ("model-argparse-at-import", "model-weights-with-code")}
 SUBPROCESS["non-utf8-path"] = Case("non-utf8-path", ["train", os.fsdecode(b"\xff\xfe.yaml")], {})
 SUBPROCESS["seed-flag-huge"] = Case("seed-flag-huge", ["train", "c.yaml", "--seed", str(2**64)], config(""))
 
