@@ -458,6 +458,11 @@ CASES += [
         ["train", "c.yaml"],
         {**config("model: torchvision:resnet18\nmodel_options: {weights_file: w.pt}"), "w.pt": lambda p: p.write_bytes(pickle.dumps(_Code(), protocol=4))},
     ),
+    Case(
+        "variants-model-files-one-name",
+        ["train", "c.yaml"],
+        {**config("model_options: {}\nvariants: {model: [vgg, a/m.py:make, b/m.py:make]}"), "a/m.py": user_model(f"def make(num_classes):\n    return {LINEAR}\n")["m.py"], "b/m.py": user_model(f"def make(num_classes):\n    return {LINEAR}\n")["m.py"]},
+    ),
     Case("model-factory-exits-3", ["train", "c.yaml"], user_model("def make():\n    sys.exit(3)\n")),
 ]  # fmt: skip
 
