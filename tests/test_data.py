@@ -1,5 +1,6 @@
 """Data sources: deterministic synthetic sets, array files, clear errors, shared batch order."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,38 @@ def test_npz_and_h5_arrays(tmp_path: Path) -> None:
     with h5py.File(tmp_path / "d.h5", "w") as f:
         f["x"], f["y"] = x, np.arange(20) % 4
     assert load_data(f"h5:{tmp_path / 'd.h5'}").num_outputs == 4
+
+
+def test_h5_data_reads_only_its_named_arrays(tmp_path: Path) -> None:
+    """Another dataset of the file, however large, is not read (this one would be 364 TiB)."""
+    import h5py
+
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["inputs"], f["y"] = np.zeros((8, 3), dtype=np.float32), np.arange(8) % 2
+        f.create_dataset("huge", shape=(10**7, 10**7), dtype="f4")
+    assert len(load_data(f"h5:{tmp_path / 'd.h5'}", x_key="inputs")) == 8
+    with pytest.raises(DataError, match=r"has no array 'x' \(found: huge, inputs, y\)"):
+        load_data(f"h5:{tmp_path / 'd.h5'}")
+
+
+@pytest.mark.parametrize(
+    ("kind", "x", "y", "message"),
+    [
+        ("npz", np.where(np.arange(24).reshape(8, 3) == 7, np.nan, 0.0), np.arange(8) % 2, "array 'x' holds NaN at index [2, 1]"),
+        ("h5", np.zeros((8, 3)), np.r_[np.zeros(5), -np.inf, 0, 0], "array 'y' holds -inf at index [5]"),
+    ],
+)
+def test_non_finite_data_is_refused_at_load(tmp_path: Path, kind: str, x: np.ndarray, y: np.ndarray, message: str) -> None:
+    import h5py
+
+    path = tmp_path / f"d.{kind}"
+    if kind == "npz":
+        np.savez(path, x=x, y=y)
+    else:
+        with h5py.File(path, "w") as f:
+            f["x"], f["y"] = x, y
+    with pytest.raises(DataError, match=re.escape(message) + "; bnprobe trains on finite numbers only$"):
+        load_data(f"{kind}:{path}")
 
 
 @pytest.mark.parametrize(

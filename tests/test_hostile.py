@@ -459,6 +459,11 @@ CASES += [
         {**config("model: torchvision:resnet18\nmodel_options: {weights_file: w.pt}"), "w.pt": lambda p: p.write_bytes(pickle.dumps(_Code(), protocol=4))},
     ),
     Case(
+        "npz-nan",
+        ["train", "c.yaml"],
+        {**config("data: npz:a.npz\ndata_options: {}"), "a.npz": lambda p: np.savez(p, x=np.full((8, 3), np.nan), y=np.arange(8) % 2)},
+    ),
+    Case(
         "variants-model-files-one-name",
         ["train", "c.yaml"],
         {**config("model_options: {}\nvariants: {model: [vgg, a/m.py:make, b/m.py:make]}"), "a/m.py": user_model(f"def make(num_classes):\n    return {LINEAR}\n")["m.py"], "b/m.py": user_model(f"def make(num_classes):\n    return {LINEAR}\n")["m.py"]},

@@ -8,7 +8,7 @@ written before that attribute). Reading needs no torch, except to load a checkpo
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -308,11 +308,14 @@ def _checkpoint(h5: h5py.File, path: Path, run: str) -> tuple[dict[str, Any], in
         raise StoreError(f"the checkpoint of run {run!r} in {path} is corrupted: {first_line(e)}") from e
 
 
-def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
-    """Top-level datasets of a plain HDF5 data file (for ``h5:FILE`` data)."""
+def read_arrays(path: str | Path, names: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The top-level datasets ``names`` of a plain HDF5 data file (for ``h5:FILE`` data), those
+    present, and the names of all its top-level datasets. Only the named ones are read: the file
+    may hold others of any size."""
     try:
         with h5py.File(path, "r", locking=False) as h5:
-            return {k: v[()] for k, v in h5.items() if isinstance(v, h5py.Dataset)}
+            found = [k for k, v in h5.items() if isinstance(v, h5py.Dataset)]
+            return {k: h5[k][()] for k in names if k in found}, found
     except OSError as e:
         from ..errors import DataError
 
