@@ -35,8 +35,11 @@ TINY = (
 
 
 def config(extra: str) -> dict[str, str]:
-    """The tiny config with ``extra`` lines appended (a repeated key replaces the earlier one)."""
-    return {"c.yaml": TINY + extra + "\n"}
+    """The tiny config with ``extra`` lines appended; a top-level key of ``extra`` replaces the tiny
+    config's (a key given twice is an error of its own)."""
+    given = {line.split(":", 1)[0] for line in extra.splitlines() if ":" in line and not line.startswith((" ", "-"))}
+    kept = "".join(line + "\n" for line in TINY.splitlines() if line.split(":", 1)[0] not in given)
+    return {"c.yaml": kept + extra + "\n"}
 
 
 def bomb() -> str:
@@ -145,6 +148,8 @@ CASES = [
     Case("yaml-list", ["train", "c.yaml"], {"c.yaml": "- a\n- b\n"}),
     Case("yaml-binary", ["train", "c.yaml"], {"c.yaml": bytes(range(256))}),
     Case("yaml-nul", ["train", "c.yaml"], {"c.yaml": "name: a\x00b\n"}),
+    Case("yaml-duplicate-key", ["train", "c.yaml"], {"c.yaml": TINY + "steps: 5\n"}),
+    Case("yaml-duplicate-nested-key", ["train", "c.yaml", "--set", "data_options={n: 8, n: 16}"], config("")),
     Case("yaml-unhashable-key", ["train", "c.yaml"], config("probes: {[1]: 2}")),
     Case("huge-string-value", ["train", "c.yaml"], config("steps: " + "9" * 5000 + "x")),
     Case("int-too-long-to-parse", ["train", "c.yaml"], config("steps: " + "9" * 5000)),
@@ -583,7 +588,7 @@ def test_a_model_failing_mid_run_fails_its_variant_only(exc: str, msg: str, in_t
 
 def test_unreadable_data_mid_run_fails_the_variant(in_tmp: Path) -> None:
     image_folder(in_tmp / "imgs", (4, 4, 4, 0))  # the fourth image is no image: read at step 1
-    (in_tmp / "c.yaml").write_text(TINY + "data: imagefolder:imgs\ndata_options: {}\nbatch_size: 2\n")
+    (in_tmp / "c.yaml").write_text(config("data: imagefolder:imgs\ndata_options: {}\nbatch_size: 2")["c.yaml"])
     result = runner.invoke(app, ["train", "c.yaml"])
     assert "Traceback" not in result.output and result.exit_code == 2, result.output
     assert result.stderr.splitlines()[-1].startswith(
