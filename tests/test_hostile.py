@@ -400,6 +400,9 @@ CASES = [
     ),
     # --- resume / measure-ics on wrong files
     Case("resume-text", ["train", "--resume", "x.h5"], {"x.h5": "not hdf5"}),
+    Case(
+        "resume-format-newer", ["train", "--resume", "run.h5"], {"run.h5": broken(lambda f: f.attrs.__setitem__("format_version", "2.1"))}
+    ),
     Case("resume-zero-bytes", ["train", "--resume", "x.h5"], {"x.h5": b""}),
     Case("resume-runs-dataset", ["train", "--resume", "run.h5"], {"run.h5": broken(lambda f: _replace(f, "runs"))}),
     Case("measure-ics-run-dataset", ["measure-ics", "run.h5", "-o", "out.h5"], {"run.h5": broken(lambda f: _replace(f, "runs/keep"))}),
@@ -423,6 +426,8 @@ BAD_FILES: dict[str, Setup] = {
     "layers-group": broken(lambda f: (f.__delitem__("runs/keep/layers"), f.create_group("runs/keep/layers"))),
     "strings-as-values": broken(lambda f: _replace(f, "runs/keep/train/loss", np.array([b"a"] * 6))),
     "moments-1d": broken(lambda f: _replace(f, "runs/keep/moments/mean", np.zeros(3, dtype=np.float32))),
+    "format-version-newer": broken(lambda f: f.attrs.__setitem__("format_version", 999)),
+    "format-version-text": broken(lambda f: f.attrs.__setitem__("format_version", "two")),
     "ics-1d": broken(lambda f: _replace(f, "runs/keep/ics/l2", np.zeros(3, dtype=np.float32))),
 }
 for kind, setup in BAD_FILES.items():

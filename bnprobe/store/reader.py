@@ -24,6 +24,7 @@ from .layout import (
     _PLACEHOLDER,
     _RANK,
     AXES_ATTR,
+    FORMAT_VERSION,
     LAYER,
     LAYOUT,
     MOMENTS,
@@ -194,6 +195,7 @@ def read_file(path: str | Path, load: bool = True) -> FileData:
         try:
             if "format_version" not in h5.attrs:
                 raise StoreError(f"{path} is an HDF5 file but not a bnprobe file (no format_version)")
+            _check_version(h5.attrs["format_version"], path)
             _check_layout(h5, path)
             attrs = {k: _decode(v) for k, v in h5.attrs.items()}
             runs: dict[str, RunData] = {}
@@ -207,6 +209,17 @@ def read_file(path: str | Path, load: bool = True) -> FileData:
             detail = str(e.args[0]) if e.args else type(e).__name__  # KeyError's str() adds quotes
             raise StoreError(f"{path} is damaged and cannot be read: {detail.splitlines()[0][:160]}") from e
     return FileData(path, attrs, runs)
+
+
+def _check_version(stored: Any, path: Path) -> None:
+    """A file of a newer major format version (``2``, ``2.1``) is refused: this bnprobe would
+    misread what it does not know, or write into it and break it."""
+    try:
+        major = int(str(_decode(stored)).split(".")[0])
+    except ValueError:
+        raise StoreError(f"{path} has a format_version bnprobe cannot read: {str(_decode(stored))[:40]!r}") from None
+    if major > FORMAT_VERSION:
+        raise StoreError(f"{path} has format version {major}, newer than this bnprobe reads ({FORMAT_VERSION}); upgrade bnprobe to read it")
 
 
 def run_header(name: str, group: h5py.Group) -> RunData:
