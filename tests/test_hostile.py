@@ -409,6 +409,7 @@ CASES = [
     # --- export with a bad output
     Case("export-name-too-long", ["export", "run.h5", "-o", "e" * 300 + ".csv"], GOOD),
     Case("export-output-dir", ["export", "run.h5", "-o", "d"], {**GOOD, "d/.keep": ""}),
+    Case("export-npz-to-stdout", ["export", "run.h5", "-f", "npz", "-o", "-"], GOOD),
     Case("plot-bad-suffix", ["plot", "run.h5", "-o", "fig.jpg2"], GOOD),
 ]
 
