@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,11 +231,46 @@ def _imagefolder(kind: str, root: str, seed: int, options: dict[str, Any]) -> Da
     steps: list[Any] = []
     if options.get("image_size"):
         steps += [transforms.Resize(options["image_size"]), transforms.CenterCrop(options["image_size"])]
+
+    class ImageFolder(datasets.ImageFolder):  # type: ignore[misc]  # torchvision ships no types: its classes are Any
+        make_dataset = staticmethod(_samples_once)
+
     try:
-        ds = datasets.ImageFolder(root, transform=transforms.Compose([*steps, transforms.ToTensor()]))
+        ds = ImageFolder(root, transform=transforms.Compose([*steps, transforms.ToTensor()]))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"image folder {root}: {first_line(e)}") from e
     return _classification_bundle(ds, spec)
+
+
+def _samples_once(
+    directory: str | os.PathLike[str],
+    class_to_idx: dict[str, int],
+    extensions: tuple[str, ...] | None = None,
+    is_valid_file: Callable[[str], bool] | None = None,
+    allow_empty: bool = False,
+) -> list[tuple[str, int]]:
+    """ImageFolder's ``(file, class)`` samples, in its order, with every directory entered once:
+    torchvision follows symbolic links without remembering where it has been, so a link to a
+    folder above repeats its images as deep as the OS allows, and two such links without end."""
+    from torchvision.datasets.folder import has_file_allowed_extension
+
+    valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions or ()))
+    seen: set[str] = set()
+    samples: list[tuple[str, int]] = []
+    for name, index in sorted(class_to_idx.items()):
+        found: list[tuple[str, list[str]]] = []
+        for folder, subfolders, files in os.walk(os.path.join(directory, name), followlinks=True):
+            if os.path.realpath(folder) in seen:
+                subfolders.clear()  # been here: a loop, or a link to a folder already counted
+                continue
+            seen.add(os.path.realpath(folder))
+            found.append((folder, files))
+        samples += [(path, index) for folder, files in sorted(found) for f in sorted(files) if valid(path := os.path.join(folder, f))]
+    filled = {index for _, index in samples}
+    empty = [name for name, index in class_to_idx.items() if index not in filled]
+    if empty and not allow_empty:
+        raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(empty))}")
+    return samples
 
 
 def _classification_bundle(ds: Any, spec: str) -> DataBundle:

@@ -207,6 +207,22 @@ def test_imagefolder(tmp_path: Path) -> None:
     assert x.shape == (4, 3, 8, 8)
 
 
+def test_imagefolder_counts_each_image_once_through_symbolic_links(tmp_path: Path) -> None:
+    """A link to a folder above (a loop) is not followed round; the order of the samples is torchvision's."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    for folder in ("cat", "cat/young", "cat/young-ones", "dog"):
+        (tmp_path / folder).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((4, 4, 3), i * 40, dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
+    plain = [(Path(p).relative_to(tmp_path), c) for p, c in ImageFolder(str(tmp_path)).samples]
+    assert [(Path(p).relative_to(tmp_path), c) for p, c in load_data(f"imagefolder:{tmp_path}").train.samples] == plain
+    (tmp_path / "dog" / "up").symlink_to(tmp_path)
+    data = load_data(f"imagefolder:{tmp_path}")
+    assert len(data) == 8 and data.num_outputs == 2
+
+
 def test_h5_reader_is_the_store(tmp_path: Path) -> None:
     # a bnprobe file has no top-level x: the error lists what is there
     Store.create(tmp_path / "run.h5").close()
