@@ -128,6 +128,24 @@ def test_h5_data_reads_only_its_named_arrays(tmp_path: Path) -> None:
         load_data(f"h5:{tmp_path / 'd.h5'}")
 
 
+def test_large_h5_arrays_are_mapped_from_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the layout allows (contiguous, uncompressed), a large array is read as used; others are read whole."""
+    import h5py
+
+    from bnprobe.store import reader
+
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["x"], f["y"] = x, np.arange(16) % 2
+        f.create_dataset("x_chunked", data=x, chunks=(4, 3), compression="gzip")
+    monkeypatch.setattr(reader, "LAZY_BYTES", 0)
+    arrays, _ = reader.read_arrays(tmp_path / "d.h5", ("x", "x_chunked"))
+    assert isinstance(arrays["x"], np.memmap) and not isinstance(arrays["x_chunked"], np.memmap)
+    for key in ("x", "x_chunked"):
+        data = load_data(f"h5:{tmp_path / 'd.h5'}", x_key=key)
+        assert isinstance(data.train, TensorDataset) and np.array_equal(data.train.tensors[0].numpy(), x)
+
+
 @pytest.mark.parametrize(
     ("kind", "x", "y", "message"),
     [

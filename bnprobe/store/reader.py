@@ -321,15 +321,38 @@ def _checkpoint(h5: h5py.File, path: Path, run: str) -> tuple[dict[str, Any], in
         raise StoreError(f"the checkpoint of run {run!r} in {path} is corrupted: {first_line(e)}") from e
 
 
+LAZY_BYTES = 2**30  # a data array this large is mapped from its file (read as used) where its layout allows
+
+
 def read_arrays(path: str | Path, names: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
     """The top-level datasets ``names`` of a plain HDF5 data file (for ``h5:FILE`` data), those
     present, and the names of all its top-level datasets. Only the named ones are read: the file
-    may hold others of any size."""
+    may hold others of any size. One of :data:`LAZY_BYTES` or more, stored contiguous and
+    uncompressed, is mapped from the file (copy-on-write) rather than read into memory."""
     try:
         with h5py.File(path, "r", locking=False) as h5:
             found = [k for k, v in h5.items() if isinstance(v, h5py.Dataset)]
-            return {k: h5[k][()] for k in names if k in found}, found
+            return {k: _mapped(h5[k], Path(path)) for k in names if k in found}, found
     except OSError as e:
         from ..errors import DataError
 
         raise DataError(f"{path} is not a readable HDF5 file") from e
+
+
+def _mapped(dataset: h5py.Dataset, path: Path) -> np.ndarray:
+    """``dataset``'s values: mapped from the file when large and laid out as one plain block of
+    numbers (see :func:`read_arrays`), else read."""
+    offset = dataset.id.get_offset()  # None where the data is chunked, compressed or never written
+    plain = dataset.dtype.kind in "biuf" and dataset.dtype.isnative and dataset.chunks is None and offset is not None
+    if dataset.nbytes < LAZY_BYTES or not plain:
+        try:
+            values: np.ndarray = dataset[()]
+        except MemoryError:
+            from ..errors import DataError
+
+            raise DataError(
+                f"{path}: array {dataset.name.lstrip('/')!r} ({dataset.nbytes / 2**30:.1f} GiB) does not fit in memory; "
+                "store it contiguous and uncompressed (h5py's chunks=None) to have it read from the file as used"
+            ) from None
+        return values
+    return np.memmap(path, dtype=dataset.dtype, mode="c", offset=offset, shape=dataset.shape)
