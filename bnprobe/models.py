@@ -162,7 +162,7 @@ def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, in
 
 
 @contextlib.contextmanager
-def user_code(what: str) -> Iterator[None]:
+def _user_code(what: str) -> Iterator[None]:
     """Run the user's code (importing a model file, calling its factory): a ``sys.exit`` there
     (``argparse`` at import, a factory's ``sys.exit("no GPU found")``) is a :class:`ModelError`
     naming ``what`` and what it said, not the end of bnprobe with the user's usage line or exit
@@ -191,7 +191,7 @@ def build_model(spec: str, num_classes: int, input_shape: tuple[int, ...], **opt
     naming the spec; ``--debug`` shows the traceback.
     """
     try:
-        with user_code(f"model {spec!r}"):
+        with _user_code(f"model {spec!r}"):
             return _build(spec, num_classes, input_shape, options)
     except BnprobeError:
         raise
