@@ -387,7 +387,9 @@ def report(
 def export(
     path: Annotated[Path, typer.Argument(help="bnprobe .h5 file.", show_default=False, metavar="RUN.h5")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="csv | json | npz | parquet")] = "csv",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file (default: next to the input).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output file (default: next to the input; -: standard output, csv/json).")
+    ] = None,
     variant: Annotated[str | None, typer.Option("--variant", help="Comma-separated variant names or globs.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
 ) -> None:
@@ -395,7 +397,8 @@ def export(
     from .export import export as export_table
 
     written = export_table(path, fmt, output or path.with_suffix(f".{fmt}"), force=force, variant=variant)
-    err.print(f"Wrote {written}")
+    if str(written) != "-":  # standard output holds the table alone
+        err.print(f"Wrote {written}")
 
 
 @app.command()

@@ -398,11 +398,14 @@ def config_for_measure(text: object, source: str, overrides: Mapping[str, Any]) 
 
 
 def variant_name(choice: Mapping[str, Any]) -> str:
-    """``bn=insert, lr=0.1`` -> ``insert-lr0.1``: the bn value bare, other keys prefixed."""
+    """``bn=insert, lr=0.1`` -> ``insert-lr0.1``: the bn value bare, other keys prefixed. A model
+    file's path (``./m.py:make``) is named as in the file name, ``m-make``: a run's name holds no '/'."""
     parts = []
     for key, value in choice.items():
-        text = _plain(value)
-        parts.append(str(text) if key == "bn" else f"{key}{text}")
+        text = str(_plain(value))
+        if key == "model" and ("/" in text or "\\" in text):
+            text = model_slug(text)
+        parts.append(text if key == "bn" else f"{key}{text}")
     return "-".join(parts) if parts else "default"
 
 
@@ -416,4 +419,10 @@ def expand_variants(cfg: Config) -> list[tuple[str, Config]]:
         choice = dict(zip(keys, values))
         fold = cfg.fold and choice.get("bn", cfg.bn) is BnMode.STRIP  # folding is for the strip runs among the variants
         runs.append((variant_name(choice), _validate(dataclasses.replace(cfg, **choice, variants={}, fold=fold))))
+    names = [name for name, _ in runs]
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:  # checked before the first variant trains: both would write to one group of the file
+        raise ConfigError(
+            f"variants: two runs would be named {shown(twice)} (model files of one name and factory); rename one of the files"
+        )
     return runs

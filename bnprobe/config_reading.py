@@ -113,13 +113,24 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 class _Loader(yaml.SafeLoader):
     """The safe loader without aliases: nine nested lists of nine aliases each ("billion laughs")
-    are a few lines of YAML that expand to 9**9 values, and configs have no need for them."""
+    are a few lines of YAML that expand to 9**9 values, and configs have no need for them. A key
+    given twice in one mapping is an error: YAML's last-wins would drop the first silently."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]  # types-PyYAML leaves Parser.peek_event unannotated
             raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported in bnprobe configs; write the value out", mark)
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):  # other keys are refused as unhashable by the base class
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {shown(key)} is given twice", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def parse_yaml(text: str) -> Any:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,11 +231,46 @@ def _imagefolder(kind: str, root: str, seed: int, options: dict[str, Any]) -> Da
     steps: list[Any] = []
     if options.get("image_size"):
         steps += [transforms.Resize(options["image_size"]), transforms.CenterCrop(options["image_size"])]
+
+    class ImageFolder(datasets.ImageFolder):  # type: ignore[misc]  # torchvision ships no types: its classes are Any
+        make_dataset = staticmethod(_samples_once)
+
     try:
-        ds = datasets.ImageFolder(root, transform=transforms.Compose([*steps, transforms.ToTensor()]))
+        ds = ImageFolder(root, transform=transforms.Compose([*steps, transforms.ToTensor()]))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"image folder {root}: {first_line(e)}") from e
     return _classification_bundle(ds, spec)
+
+
+def _samples_once(
+    directory: str | os.PathLike[str],
+    class_to_idx: dict[str, int],
+    extensions: tuple[str, ...] | None = None,
+    is_valid_file: Callable[[str], bool] | None = None,
+    allow_empty: bool = False,
+) -> list[tuple[str, int]]:
+    """ImageFolder's ``(file, class)`` samples, in its order, with every directory entered once:
+    torchvision follows symbolic links without remembering where it has been, so a link to a
+    folder above repeats its images as deep as the OS allows, and two such links without end."""
+    from torchvision.datasets.folder import has_file_allowed_extension
+
+    valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions or ()))
+    seen: set[str] = set()
+    samples: list[tuple[str, int]] = []
+    for name, index in sorted(class_to_idx.items()):
+        found: list[tuple[str, list[str]]] = []
+        for folder, subfolders, files in os.walk(os.path.join(directory, name), followlinks=True):
+            if os.path.realpath(folder) in seen:
+                subfolders.clear()  # been here: a loop, or a link to a folder already counted
+                continue
+            seen.add(os.path.realpath(folder))
+            found.append((folder, files))
+        samples += [(path, index) for folder, files in sorted(found) for f in sorted(files) if valid(path := os.path.join(folder, f))]
+    filled = {index for _, index in samples}
+    empty = [name for name, index in class_to_idx.items() if index not in filled]
+    if empty and not allow_empty:
+        raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(empty))}")
+    return samples
 
 
 def _classification_bundle(ds: Any, spec: str) -> DataBundle:
@@ -257,28 +293,14 @@ def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBun
     x_key, y_key = options.get("x_key", "x"), options.get("y_key", "y")
     if not usable_path(path, DataError).is_file():
         raise DataError(f"data file {path} does not exist")
-    if kind == "npz":
-        try:
-            loaded = np.load(path, allow_pickle=False)
-            if not isinstance(loaded, np.lib.npyio.NpzFile):
-                raise DataError(f"{path} is a single .npy array, not an .npz archive; save x and y with np.savez")
-            with loaded as f:
-                arrays = {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise DataError(f"{path} is not a readable .npz file: {first_line(e)}") from e
-    else:
-        from .store import read_arrays
-
-        arrays = read_arrays(path)
-    missing = [k for k in (x_key, y_key) if k not in arrays]
-    if missing:
-        raise DataError(
-            f"{path} has no array {missing[0]!r} (found: {', '.join(sorted(arrays)) or 'none'}); set data_options.x_key / y_key"
-        )
-    x_np, y_np = np.asarray(arrays[x_key]), np.asarray(arrays[y_key])
+    x_np, y_np = _named_arrays(kind, path, x_key, y_key)
     for key, arr in ((x_key, x_np), (y_key, y_np)):
         if arr.dtype.kind not in "biuf" or arr.ndim == 0:
             raise DataError(f"{path}: array {key!r} holds {arr.dtype} {'scalars' if arr.ndim else 'a scalar'}, not numbers per sample")
+        bad = first_non_finite(arr)
+        if bad is not None:
+            value = "NaN" if np.isnan(arr[bad]) else "inf" if arr[bad] > 0 else "-inf"
+            raise DataError(f"{path}: array {key!r} holds {value} at index {list(bad)}; bnprobe trains on finite numbers only")
     if len(x_np) == 0:
         raise DataError(f"{path}: array {x_key!r} holds no samples")
     x = torch.as_tensor(x_np, dtype=torch.float32)
@@ -293,6 +315,44 @@ def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBun
     if y.ndim == 1:
         y = y[:, None]
     return DataBundle(TensorDataset(x, y), tuple(x.shape[1:]), int(y.shape[1]), Task.REGRESSION, spec)
+
+
+def _named_arrays(kind: str, path: str, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays ``x_key`` and ``y_key`` of an .npz or .h5 file; the file's other arrays are not read."""
+    keys = (x_key, y_key)
+    if kind == "npz":
+        try:
+            loaded = np.load(path, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise DataError(f"{path} is a single .npy array, not an .npz archive; save x and y with np.savez")
+            with loaded as f:
+                found = list(f.files)
+                arrays = {k: f[k] for k in keys if k in found}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"{path} is not a readable .npz file: {first_line(e)}") from e
+    else:
+        from .store import read_arrays
+
+        arrays, found = read_arrays(path, keys)
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise DataError(f"{path} has no array {missing[0]!r} (found: {', '.join(sorted(found)) or 'none'}); set data_options.x_key / y_key")
+    return np.asarray(arrays[x_key]), np.asarray(arrays[y_key])
+
+
+def first_non_finite(arr: np.ndarray, block_values: int = 2**24) -> tuple[int, ...] | None:
+    """The index of the first NaN or infinity in ``arr`` (in C order), or None. Checked at load, as
+    a diverged loss would otherwise be the first sign of it; in blocks of samples, so the check
+    needs little memory beyond the array's own."""
+    if arr.dtype.kind != "f":
+        return None
+    rows = max(1, block_values // max(1, math.prod(arr.shape[1:])))
+    for start in range(0, len(arr), rows):
+        bad = ~np.isfinite(arr[start : start + rows])
+        if bad.any():
+            first = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            return (start + int(first[0]), *(int(i) for i in first[1:]))
+    return None
 
 
 # ----------------------------------------------------------------------------- batches

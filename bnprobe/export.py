@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -187,11 +188,17 @@ def export(path: str | Path, fmt: str, out: str | Path, force: bool = False, var
 
     Refuses to replace an existing ``out`` unless ``force`` (:class:`StoreError`); the file is
     written under a temporary name and renamed, so a failed export leaves nothing half-written.
+    ``out`` ``-`` is standard output, for the text formats (csv, json) only.
     ``variant`` (comma-separated run names or globs) restricts the table to those runs.
     """
     fmt = str(fmt).lower().lstrip(".")
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if str(out) == "-":
+        if fmt not in ("csv", "json"):
+            raise ConfigError(f"{fmt} is a binary format: give a file name for it (-o - writes csv or json to standard output)")
+        (_write_csv if fmt == "csv" else _write_json)(tidy_table(path, variant), sys.stdout)
+        return Path("-")
     out = Path(out)
     check_output_path(out, force, inputs=[path])
     if fmt == "parquet":

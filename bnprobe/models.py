@@ -7,15 +7,19 @@ is executed only because the user named it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import importlib
 import importlib.util
 import inspect
+import io
 import itertools
 import math
+import pickle
 import re
 import sys
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BnprobeError, ModelError, described, did_you_mean, shown
+from .errors import BnprobeError, ModelError, described, did_you_mean, first_line, shown
 
 ModelFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelFactory] = {}
@@ -157,6 +161,29 @@ def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, in
 # ----------------------------------------------------------------------------- loaders
 
 
+@contextlib.contextmanager
+def _user_code(what: str) -> Iterator[None]:
+    """Run the user's code (importing a model file, calling its factory): a ``sys.exit`` there
+    (``argparse`` at import, a factory's ``sys.exit("no GPU found")``) is a :class:`ModelError`
+    naming ``what`` and what it said, not the end of bnprobe with the user's usage line or exit
+    status. What it writes to stderr meanwhile is held, and passed on unless it exited."""
+    held = io.StringIO()
+    exited: SystemExit | None = None
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except SystemExit as e:
+        exited = e
+    finally:
+        if exited is None:
+            sys.stderr.write(held.getvalue())
+    if exited is not None:
+        said = [line for line in held.getvalue().splitlines() if line.strip()]
+        code = exited.code
+        reason = said[-1] if said else code if isinstance(code, str) else f"exit status {0 if code is None else code}"
+        raise ModelError(f"{what} called sys.exit: {reason}") from exited
+
+
 def build_model(spec: str, num_classes: int, input_shape: tuple[int, ...], **options: Any) -> nn.Module:
     """Build a model from a spec: a built-in name, ``torchvision:NAME``, or ``file.py:factory`` / ``pkg.mod:factory``.
 
@@ -164,7 +191,8 @@ def build_model(spec: str, num_classes: int, input_shape: tuple[int, ...], **opt
     naming the spec; ``--debug`` shows the traceback.
     """
     try:
-        return _build(spec, num_classes, input_shape, options)
+        with _user_code(f"model {spec!r}"):
+            return _build(spec, num_classes, input_shape, options)
     except BnprobeError:
         raise
     except Exception as e:  # whatever the factory raised, said in one line
@@ -227,15 +255,23 @@ def _torchvision_model(name: str, num_classes: int, input_shape: tuple[int, ...]
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a local state dict (never from a hub) with ``weights_only=True``."""
+    """Load a local state dict (never from a hub) with ``weights_only=True``. A file that holds
+    more than tensors (a pickle with code) is refused in one line: torch's own warnings and its
+    advice to load with ``weights_only=False`` are not shown."""
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"weights file {p} does not exist")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(p, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
+    except pickle.UnpicklingError as e:
+        raise ModelError(
+            f"cannot load weights from {p}: not a state dict that torch loads with weights_only=True (it may hold code)"
+        ) from e
     except Exception as e:  # any failure here is a bad file, reported in one line
-        raise ModelError(f"cannot load weights from {p}: {str(e).splitlines()[0]}") from e
+        raise ModelError(f"cannot load weights from {p}: {first_line(e)}") from e
 
 
 def _user_model(spec: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any]) -> object:

@@ -115,6 +115,7 @@ def prepare_model(cfg: Config, bundle: DataBundle, device: torch.device | None =
     plan = None
     if cfg.bn is not BnMode.KEEP or cfg.fold:
         model, plan = _surgery(cfg, model, x)
+    _check_trainable(model, x)
     if cfg.sync_bn:
         _synchronised(model, device)
     model = model if device is None else model.to(device)
@@ -142,6 +143,17 @@ def _checked_model(cfg: Config, bundle: DataBundle) -> tuple[nn.Module, torch.Te
     return model, x
 
 
+def _check_trainable(model: nn.Module, x: torch.Tensor) -> None:
+    """The output must reach a trainable parameter, or the first ``backward`` fails (checked after
+    the surgery: BN inserted into a frozen model trains)."""
+    with leave_no_trace(model), torch.enable_grad():
+        trainable = model(x).requires_grad
+    if not trainable:
+        raise ModelError(
+            "the model's output depends on no trainable parameter (all frozen, or its forward runs under torch.no_grad()); nothing would train"
+        )
+
+
 def _surgery(cfg: Config, model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, BnPlan]:
     c = cfg
     return apply_bn(model, c.bn.value, x, targets=c.bn_targets.value, keep_bias=c.keep_bias, fold=c.fold, noise=c.noise, seed=c.seed)
@@ -156,13 +168,15 @@ def _build_seeded(cfg: Config, bundle: DataBundle) -> nn.Module:
 
 
 def _check_output(model: nn.Module, bundle: DataBundle, x: torch.Tensor, y: torch.Tensor) -> None:
-    """The loss must fit the model's output to the data's targets: a tuple, or 3 logits for 10
-    classes, would otherwise fail in the first training step (or, for labels the example batch
-    lacks, much later). Checked by a forward that changes nothing."""
+    """The loss must fit the model's output to the data's targets: a tuple, integer logits, or 3
+    logits for 10 classes, would otherwise fail in the first training step (or, for labels the
+    example batch lacks, much later). Checked by a forward that changes nothing."""
     with leave_no_trace(model), torch.no_grad():
         out = model(x)
     if not isinstance(out, torch.Tensor):
         raise ModelError(f"the model returns a {type(out).__name__}, not a tensor (bnprobe trains on one output)")
+    if not out.is_floating_point():
+        raise ModelError(f"the model's output is of dtype {str(out.dtype).removeprefix('torch.')}; the loss needs floating-point outputs")
     if bundle.task == "classification":
         fits, wanted = out.ndim == 2 and out.shape[1] >= bundle.num_outputs, f"(batch, {bundle.num_outputs}) logits"
     else:

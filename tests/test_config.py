@@ -226,6 +226,22 @@ def test_seed_is_a_variant_axis_of_replicates() -> None:
     ]
 
 
+def test_a_key_given_twice_is_refused_naming_it_and_its_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape("(line 4, column 3): key 'moments' is given twice")):
+        load_config(write(tmp_path, "probes:\n  moments: {every: 2}\n  layers: ['*']\n  moments: {every: 4}\n"))
+    with pytest.raises(ConfigError, match=re.escape("(line 3, column 1): key 'lr' is given twice")):
+        load_config(write(tmp_path, "lr: 0.1\nsteps: 3\nlr: 0.2\n"))
+
+
+def test_model_variants_from_files_are_named_without_their_folders() -> None:
+    """A run's name is a group of the file and holds no '/'; names that would collide are refused
+    before anything trains."""
+    cfg = load_config_text("variants: {model: [mlp, ./m.py:make, torchvision:resnet18]}\n", "test")
+    assert [name for name, _ in expand_variants(cfg)] == ["modelmlp", "modelm-make", "modeltorchvision:resnet18"]
+    with pytest.raises(ConfigError, match="two runs would be named 'modelm-make'"):
+        expand_variants(load_config_text("variants: {model: [a/m.py:make, b/m.py:make]}\n", "test"))
+
+
 def test_a_model_override_names_the_output_after_the_model() -> None:
     assert config_for_train(None, {}).output_path == Path("runs/quickstart.h5")
     assert config_for_train(None, {"model": "torchvision:resnet18"}).output_path == Path("runs/quickstart-resnet18.h5")

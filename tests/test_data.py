@@ -1,5 +1,6 @@
 """Data sources: deterministic synthetic sets, array files, clear errors, shared batch order."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,56 @@ def test_npz_and_h5_arrays(tmp_path: Path) -> None:
     assert load_data(f"h5:{tmp_path / 'd.h5'}").num_outputs == 4
 
 
+def test_h5_data_reads_only_its_named_arrays(tmp_path: Path) -> None:
+    """Another dataset of the file, however large, is not read (this one would be 364 TiB)."""
+    import h5py
+
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["inputs"], f["y"] = np.zeros((8, 3), dtype=np.float32), np.arange(8) % 2
+        f.create_dataset("huge", shape=(10**7, 10**7), dtype="f4")
+    assert len(load_data(f"h5:{tmp_path / 'd.h5'}", x_key="inputs")) == 8
+    with pytest.raises(DataError, match=r"has no array 'x' \(found: huge, inputs, y\)"):
+        load_data(f"h5:{tmp_path / 'd.h5'}")
+
+
+def test_large_h5_arrays_are_mapped_from_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the layout allows (contiguous, uncompressed), a large array is read as used; others are read whole."""
+    import h5py
+
+    from bnprobe.store import reader
+
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["x"], f["y"] = x, np.arange(16) % 2
+        f.create_dataset("x_chunked", data=x, chunks=(4, 3), compression="gzip")
+    monkeypatch.setattr(reader, "LAZY_BYTES", 0)
+    arrays, _ = reader.read_arrays(tmp_path / "d.h5", ("x", "x_chunked"))
+    assert isinstance(arrays["x"], np.memmap) and not isinstance(arrays["x_chunked"], np.memmap)
+    for key in ("x", "x_chunked"):
+        data = load_data(f"h5:{tmp_path / 'd.h5'}", x_key=key)
+        assert isinstance(data.train, TensorDataset) and np.array_equal(data.train.tensors[0].numpy(), x)
+
+
+@pytest.mark.parametrize(
+    ("kind", "x", "y", "message"),
+    [
+        ("npz", np.where(np.arange(24).reshape(8, 3) == 7, np.nan, 0.0), np.arange(8) % 2, "array 'x' holds NaN at index [2, 1]"),
+        ("h5", np.zeros((8, 3)), np.r_[np.zeros(5), -np.inf, 0, 0], "array 'y' holds -inf at index [5]"),
+    ],
+)
+def test_non_finite_data_is_refused_at_load(tmp_path: Path, kind: str, x: np.ndarray, y: np.ndarray, message: str) -> None:
+    import h5py
+
+    path = tmp_path / f"d.{kind}"
+    if kind == "npz":
+        np.savez(path, x=x, y=y)
+    else:
+        with h5py.File(path, "w") as f:
+            f["x"], f["y"] = x, y
+    with pytest.raises(DataError, match=re.escape(message) + "; bnprobe trains on finite numbers only$"):
+        load_data(f"{kind}:{path}")
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -172,6 +223,22 @@ def test_imagefolder(tmp_path: Path) -> None:
     assert data.num_outputs == 2 and data.input_shape == (3, 8, 8)
     x, _y = next(batches(data, 4, seed=0))
     assert x.shape == (4, 3, 8, 8)
+
+
+def test_imagefolder_counts_each_image_once_through_symbolic_links(tmp_path: Path) -> None:
+    """A link to a folder above (a loop) is not followed round; the order of the samples is torchvision's."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    for folder in ("cat", "cat/young", "cat/young-ones", "dog"):
+        (tmp_path / folder).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((4, 4, 3), i * 40, dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
+    plain = [(Path(p).relative_to(tmp_path), c) for p, c in ImageFolder(str(tmp_path)).samples]
+    assert [(Path(p).relative_to(tmp_path), c) for p, c in load_data(f"imagefolder:{tmp_path}").train.samples] == plain
+    (tmp_path / "dog" / "up").symlink_to(tmp_path)
+    data = load_data(f"imagefolder:{tmp_path}")
+    assert len(data) == 8 and data.num_outputs == 2
 
 
 def test_h5_reader_is_the_store(tmp_path: Path) -> None:

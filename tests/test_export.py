@@ -253,6 +253,26 @@ def test_refuses_to_overwrite_unless_forced(full_file: Path, tmp_path: Path) -> 
         export(full_file, "csv", tmp_path)
 
 
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_output_dash_is_standard_output(full_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """``-o -`` writes the table alone to stdout (no file named '-', no "Wrote" line), as the file would hold it."""
+    from typer.testing import CliRunner
+
+    from bnprobe.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["export", str(full_file), "-f", fmt, "-o", "-"])
+    assert result.exit_code == 0 and result.stderr == "", result.output
+    assert list(tmp_path.iterdir()) == []
+    assert result.stdout == export(full_file, fmt, tmp_path / f"t.{fmt}").read_text()
+
+
+def test_binary_formats_to_standard_output_are_refused(full_file: Path) -> None:
+    for fmt in ("npz", "parquet"):
+        with pytest.raises(ConfigError, match=f"^{fmt} is a binary format: give a file name"):
+            export(full_file, fmt, "-")
+
+
 def test_bad_format_and_bad_files(full_file: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="choose from csv, json, npz, parquet"):
         export(full_file, "xlsx", tmp_path / "t.xlsx")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Callable
@@ -34,8 +35,11 @@ TINY = (
 
 
 def config(extra: str) -> dict[str, str]:
-    """The tiny config with ``extra`` lines appended (a repeated key replaces the earlier one)."""
-    return {"c.yaml": TINY + extra + "\n"}
+    """The tiny config with ``extra`` lines appended; a top-level key of ``extra`` replaces the tiny
+    config's (a key given twice is an error of its own)."""
+    given = {line.split(":", 1)[0] for line in extra.splitlines() if ":" in line and not line.startswith((" ", "-"))}
+    kept = "".join(line + "\n" for line in TINY.splitlines() if line.split(":", 1)[0] not in given)
+    return {"c.yaml": kept + extra + "\n"}
 
 
 def bomb() -> str:
@@ -144,6 +148,8 @@ CASES = [
     Case("yaml-list", ["train", "c.yaml"], {"c.yaml": "- a\n- b\n"}),
     Case("yaml-binary", ["train", "c.yaml"], {"c.yaml": bytes(range(256))}),
     Case("yaml-nul", ["train", "c.yaml"], {"c.yaml": "name: a\x00b\n"}),
+    Case("yaml-duplicate-key", ["train", "c.yaml"], {"c.yaml": TINY + "steps: 5\n"}),
+    Case("yaml-duplicate-nested-key", ["train", "c.yaml", "--set", "data_options={n: 8, n: 16}"], config("")),
     Case("yaml-unhashable-key", ["train", "c.yaml"], config("probes: {[1]: 2}")),
     Case("huge-string-value", ["train", "c.yaml"], config("steps: " + "9" * 5000 + "x")),
     Case("int-too-long-to-parse", ["train", "c.yaml"], config("steps: " + "9" * 5000)),
@@ -394,12 +400,16 @@ CASES = [
     ),
     # --- resume / measure-ics on wrong files
     Case("resume-text", ["train", "--resume", "x.h5"], {"x.h5": "not hdf5"}),
+    Case(
+        "resume-format-newer", ["train", "--resume", "run.h5"], {"run.h5": broken(lambda f: f.attrs.__setitem__("format_version", "2.1"))}
+    ),
     Case("resume-zero-bytes", ["train", "--resume", "x.h5"], {"x.h5": b""}),
     Case("resume-runs-dataset", ["train", "--resume", "run.h5"], {"run.h5": broken(lambda f: _replace(f, "runs"))}),
     Case("measure-ics-run-dataset", ["measure-ics", "run.h5", "-o", "out.h5"], {"run.h5": broken(lambda f: _replace(f, "runs/keep"))}),
     # --- export with a bad output
     Case("export-name-too-long", ["export", "run.h5", "-o", "e" * 300 + ".csv"], GOOD),
     Case("export-output-dir", ["export", "run.h5", "-o", "d"], {**GOOD, "d/.keep": ""}),
+    Case("export-npz-to-stdout", ["export", "run.h5", "-f", "npz", "-o", "-"], GOOD),
     Case("plot-bad-suffix", ["plot", "run.h5", "-o", "fig.jpg2"], GOOD),
 ]
 
@@ -417,6 +427,8 @@ BAD_FILES: dict[str, Setup] = {
     "layers-group": broken(lambda f: (f.__delitem__("runs/keep/layers"), f.create_group("runs/keep/layers"))),
     "strings-as-values": broken(lambda f: _replace(f, "runs/keep/train/loss", np.array([b"a"] * 6))),
     "moments-1d": broken(lambda f: _replace(f, "runs/keep/moments/mean", np.zeros(3, dtype=np.float32))),
+    "format-version-newer": broken(lambda f: f.attrs.__setitem__("format_version", 999)),
+    "format-version-text": broken(lambda f: f.attrs.__setitem__("format_version", "two")),
     "ics-1d": broken(lambda f: _replace(f, "runs/keep/ics/l2", np.zeros(3, dtype=np.float32))),
 }
 for kind, setup in BAD_FILES.items():
@@ -429,6 +441,46 @@ CASES += [
     Case(f"{cmd}-directory", [cmd, "d", *extra], {"d/.keep": ""})
     for cmd, extra in (("report", []), ("export", ["-o", "o.csv"]), ("plot", ["-o", "f.png"]))
 ]
+
+
+def user_model(body: str, spec: str = "m.py:make") -> dict[str, Setup]:
+    """The tiny config training ``spec`` from ``m.py``, which holds ``body`` after torch's imports."""
+    return {**config(f"model: {spec}\nmodel_options: {{}}"), "m.py": "import sys\nimport torch\nfrom torch import nn\n" + body}
+
+
+class _Code:
+    """Pickles as a call of ``print``: what a weights file with code holds (in protocol 4, torch
+    warns about the protocol too)."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return print, ("ran code from a weights file",)
+
+
+LINEAR = "nn.Sequential(nn.Flatten(), nn.Linear(3072, num_classes))"
+CASES += [
+    # --- the user's model or its factory cannot train, or ends the process
+    Case("model-integer-logits", ["train", "c.yaml"], user_model(f"class M(nn.Module):\n    def __init__(self, num_classes):\n        super().__init__()\n        self.net = {LINEAR}\n    def forward(self, x):\n        return self.net(x).long()\n", "m.py:M")),
+    Case("model-forward-no-grad", ["train", "c.yaml"], user_model(f"class M(nn.Module):\n    def __init__(self, num_classes):\n        super().__init__()\n        self.net = {LINEAR}\n    def forward(self, x):\n        with torch.no_grad():\n            return self.net(x)\n", "m.py:M")),
+    Case("model-all-frozen", ["train", "c.yaml"], user_model(f"def make(num_classes):\n    return {LINEAR}.requires_grad_(False)\n")),
+    Case("model-argparse-at-import", ["train", "c.yaml"], user_model("import argparse\nargparse.ArgumentParser().parse_args()\ndef make():\n    pass\n")),
+    Case("model-factory-exits-message", ["train", "c.yaml"], user_model('def make():\n    sys.exit("no GPU found")\n')),
+    Case(
+        "model-weights-with-code",
+        ["train", "c.yaml"],
+        {**config("model: torchvision:resnet18\nmodel_options: {weights_file: w.pt}"), "w.pt": lambda p: p.write_bytes(pickle.dumps(_Code(), protocol=4))},
+    ),
+    Case(
+        "npz-nan",
+        ["train", "c.yaml"],
+        {**config("data: npz:a.npz\ndata_options: {}"), "a.npz": lambda p: np.savez(p, x=np.full((8, 3), np.nan), y=np.arange(8) % 2)},
+    ),
+    Case(
+        "variants-model-files-one-name",
+        ["train", "c.yaml"],
+        {**config("model_options: {}\nvariants: {model: [vgg, a/m.py:make, b/m.py:make]}"), "a/m.py": user_model(f"def make(num_classes):\n    return {LINEAR}\n")["m.py"], "b/m.py": user_model(f"def make(num_classes):\n    return {LINEAR}\n")["m.py"]},
+    ),
+    Case("model-factory-exits-3", ["train", "c.yaml"], user_model("def make():\n    sys.exit(3)\n")),
+]  # fmt: skip
 
 
 def lay_out(root: Path, files: dict[str, Setup]) -> None:
@@ -472,6 +524,7 @@ def test_hostile_input_is_one_line_and_writes_nothing(case: Case, in_tmp: Path) 
 SUBPROCESS = {
     c.id: c for c in CASES if c.id in ("alias-bomb-steps", "n-huge", "device-cuda-x", "torchvision-fakedata", "report-runs-dataset")
 }
+SUBPROCESS |= {c.id: c for c in CASES if c.id in ("model-argparse-at-import", "model-weights-with-code")}
 SUBPROCESS["non-utf8-path"] = Case("non-utf8-path", ["train", os.fsdecode(b"\xff\xfe.yaml")], {})
 SUBPROCESS["seed-flag-huge"] = Case("seed-flag-huge", ["train", "c.yaml", "--seed", str(2**64)], config(""))
 
@@ -500,8 +553,8 @@ class Fragile(nn.Module):
         self.fail = fail
         self.calls = 0
     def forward(self, x):
-        self.calls += torch.is_grad_enabled()  # training steps; bnprobe's checks run without gradients
-        if self.fail and self.calls > 2:
+        self.calls += torch.is_grad_enabled()  # training steps, after bnprobe's one check with gradients (that the output reaches a parameter)
+        if self.fail and self.calls > 3:
             raise {exc}("{msg}")
         return self.lin(x)
 def make(num_classes):
@@ -541,7 +594,7 @@ def test_a_model_failing_mid_run_fails_its_variant_only(exc: str, msg: str, in_t
 
 def test_unreadable_data_mid_run_fails_the_variant(in_tmp: Path) -> None:
     image_folder(in_tmp / "imgs", (4, 4, 4, 0))  # the fourth image is no image: read at step 1
-    (in_tmp / "c.yaml").write_text(TINY + "data: imagefolder:imgs\ndata_options: {}\nbatch_size: 2\n")
+    (in_tmp / "c.yaml").write_text(config("data: imagefolder:imgs\ndata_options: {}\nbatch_size: 2")["c.yaml"])
     result = runner.invoke(app, ["train", "c.yaml"])
     assert "Traceback" not in result.output and result.exit_code == 2, result.output
     assert result.stderr.splitlines()[-1].startswith(

@@ -8,7 +8,7 @@ written before that attribute). Reading needs no torch, except to load a checkpo
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from .layout import (
     _PLACEHOLDER,
     _RANK,
     AXES_ATTR,
+    FORMAT_VERSION,
     LAYOUT,
     LayerRow,
     _names_spec,
@@ -189,6 +190,7 @@ def read_file(path: str | Path, load: bool = True) -> FileData:
         try:
             if "format_version" not in h5.attrs:
                 raise StoreError(f"{path} is an HDF5 file but not a bnprobe file (no format_version)")
+            _check_version(h5.attrs["format_version"], path)
             _check_layout(h5, path)
             attrs = {k: _decode(v) for k, v in h5.attrs.items()}
             runs: dict[str, RunData] = {}
@@ -202,6 +204,17 @@ def read_file(path: str | Path, load: bool = True) -> FileData:
             detail = str(e.args[0]) if e.args else type(e).__name__  # KeyError's str() adds quotes
             raise StoreError(f"{path} is damaged and cannot be read: {detail.splitlines()[0][:160]}") from e
     return FileData(path, attrs, runs)
+
+
+def _check_version(stored: Any, path: Path) -> None:
+    """A file of a newer major format version (``2``, ``2.1``) is refused: this bnprobe would
+    misread what it does not know, or write into it and break it."""
+    try:
+        major = int(str(_decode(stored)).split(".")[0])
+    except ValueError:
+        raise StoreError(f"{path} has a format_version bnprobe cannot read: {str(_decode(stored))[:40]!r}") from None
+    if major > FORMAT_VERSION:
+        raise StoreError(f"{path} has format version {major}, newer than this bnprobe reads ({FORMAT_VERSION}); upgrade bnprobe to read it")
 
 
 def run_header(name: str, group: h5py.Group) -> RunData:
@@ -303,12 +316,38 @@ def _checkpoint(h5: h5py.File, path: Path, run: str) -> tuple[dict[str, Any], in
         raise StoreError(f"the checkpoint of run {run!r} in {path} is corrupted: {first_line(e)}") from e
 
 
-def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
-    """Top-level datasets of a plain HDF5 data file (for ``h5:FILE`` data)."""
+LAZY_BYTES = 2**30  # a data array this large is mapped from its file (read as used) where its layout allows
+
+
+def read_arrays(path: str | Path, names: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The top-level datasets ``names`` of a plain HDF5 data file (for ``h5:FILE`` data), those
+    present, and the names of all its top-level datasets. Only the named ones are read: the file
+    may hold others of any size. One of :data:`LAZY_BYTES` or more, stored contiguous and
+    uncompressed, is mapped from the file (copy-on-write) rather than read into memory."""
     try:
         with h5py.File(path, "r", locking=False) as h5:
-            return {k: v[()] for k, v in h5.items() if isinstance(v, h5py.Dataset)}
+            found = [k for k, v in h5.items() if isinstance(v, h5py.Dataset)]
+            return {k: _mapped(h5[k], Path(path)) for k in names if k in found}, found
     except OSError as e:
         from ..errors import DataError
 
         raise DataError(f"{path} is not a readable HDF5 file") from e
+
+
+def _mapped(dataset: h5py.Dataset, path: Path) -> np.ndarray:
+    """``dataset``'s values: mapped from the file when large and laid out as one plain block of
+    numbers (see :func:`read_arrays`), else read."""
+    offset = dataset.id.get_offset()  # None where the data is chunked, compressed or never written
+    plain = dataset.dtype.kind in "biuf" and dataset.dtype.isnative and dataset.chunks is None and offset is not None
+    if dataset.nbytes < LAZY_BYTES or not plain:
+        try:
+            values: np.ndarray = dataset[()]
+        except MemoryError:
+            from ..errors import DataError
+
+            raise DataError(
+                f"{path}: array {dataset.name.lstrip('/')!r} ({dataset.nbytes / 2**30:.1f} GiB) does not fit in memory; "
+                "store it contiguous and uncompressed (h5py's chunks=None) to have it read from the file as used"
+            ) from None
+        return values
+    return np.memmap(path, dtype=dataset.dtype, mode="c", offset=offset, shape=dataset.shape)
