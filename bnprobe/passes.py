@@ -9,6 +9,9 @@ training run sees:
 - every other buffer a forward updates in place (spectral norm's ``_u``/``_v``, InstanceNorm's
   running statistics, user EMA buffers): put back on exit, written only where it changed;
 - every random stream (global CPU/CUDA, noisy BN's own generators): put back on exit;
+- the backward of a pass: :func:`gradients` refuses a model whose forward reruns in it (activation
+  checkpointing recomputes outside these contexts, with the model's own weights, BN mode and
+  running statistics, so a measurement through it would be silently wrong);
 - the Recorder: :func:`measuring` is true inside, so its hooks skip these calls. It is a
   :class:`~contextvars.ContextVar`, not a global counter, so nested passes and threads are exact.
 
@@ -18,7 +21,7 @@ Hessian's explicit BN mode) and restores each layer's own mode after.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .rng import RngState, Streams
 
 BN_MODES = ("train", "eval")
@@ -127,3 +130,42 @@ def leave_no_trace(model: nn.Module, bn_mode: str | None = None) -> Iterator[Tra
             for m, flag in flags:
                 m.track_running_stats = flag
             trace.reset()
+
+
+_CHECKPOINTED = "runs its forward again during backward (activation checkpointing, torch.utils.checkpoint)"
+_REFUSED = "bnprobe's measurement passes cannot hold there; measure the model without checkpointing"
+
+
+@contextmanager
+def refusing_recomputation(model: nn.Module) -> Iterator[None]:
+    """Stop a backward run in the block at the first module forward inside it, with one line.
+
+    Activation checkpointing (``torch.utils.checkpoint``) reruns its block's forward in backward,
+    after a pass's swapped weights, BN switches and replayed random streams are gone: gradients of
+    the wrong model (or torch's ``CheckpointError``). A pre-hook on every module sees the rerun."""
+    names = {m: n for n, m in model.named_modules()}
+
+    def refuse(module: nn.Module, _args: object) -> None:
+        raise ModelError(f"{names.get(module) or type(module).__name__!r} {_CHECKPOINTED}: {_REFUSED}")
+
+    handles = [m.register_forward_pre_hook(refuse) for m in names]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def gradients(
+    model: nn.Module, loss: torch.Tensor, inputs: Sequence[torch.Tensor], create_graph: bool = False
+) -> tuple[torch.Tensor | None, ...]:
+    """d ``loss`` / d ``inputs`` (None where it does not depend on one) for a pass's backward, under
+    :func:`refusing_recomputation`; torch's own refusal of reentrant checkpointing in ``grad``
+    becomes the same one line."""
+    with refusing_recomputation(model):
+        try:
+            return torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
+        except RuntimeError as e:
+            if "torch.utils.checkpoint" in str(e):
+                raise ModelError(f"{type(model).__name__} {_CHECKPOINTED}: {_REFUSED}") from None
+            raise

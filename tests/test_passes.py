@@ -13,13 +13,16 @@ import pytest
 import torch
 from _fixtures import Noisy
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from bnprobe.data import load_data
+from bnprobe.errors import ModelError
 from bnprobe.layers import execution_order, probed_layers
 from bnprobe.passes import leave_no_trace, measuring
 from bnprobe.probes.hessian import hessian_blocks, top_hessian_eigenvalue
 from bnprobe.probes.ics import gradient_shift
 from bnprobe.probes.landscape import landscape
+from bnprobe.probes.spectrum import top_eigenvalues
 from bnprobe.surgery import apply_bn
 from bnprobe.trainer import _check_output
 
@@ -124,3 +127,34 @@ def test_measuring_is_per_context_and_nests() -> None:
     with pytest.raises(RuntimeError, match="inside"), leave_no_trace(model):
         raise RuntimeError("inside")
     assert not measuring()
+
+
+class Checkpointed(nn.Module):
+    """A BN block under activation checkpointing: its forward reruns in backward, outside any pass."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.pre, self.block, self.head = nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU()), nn.Linear(8, 3)
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(checkpoint(self.block, self.pre(x), use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize(
+    "measure",
+    [
+        lambda m, x, y: gradient_shift(m, CE, x, y, torch.optim.SGD(m.parameters(), lr=0.5), method="naive"),
+        lambda m, x, y: gradient_shift(m, CE, x, y, torch.optim.SGD(m.parameters(), lr=0.5), method="fast"),
+        lambda m, x, y: top_eigenvalues(m, CE, x, y, k=1),
+        lambda m, x, y: landscape(m, CE, x, y, [0.1]),
+    ],
+    ids=["ics-naive", "ics-fast", "top-eigenvalues", "landscape"],
+)
+def test_activation_checkpointing_is_refused_not_measured_wrong(measure: Callable[..., object], reentrant: bool) -> None:
+    """The rerun would see the model's own weights and BN switches, not the pass's: wrong numbers."""
+    torch.manual_seed(0)
+    model, x, y = Checkpointed(reentrant), torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with pytest.raises(ModelError, match=r"runs its forward again during backward \(activation checkpointing"):
+        measure(model, x, y)
