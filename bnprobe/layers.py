@@ -25,13 +25,32 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d
 _NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
+def is_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm by what it is, not by its class: torch's (``_BatchNorm`` and its subclasses), or
+    any other module that holds ``running_mean`` and ``running_var`` buffers of one length and an
+    ``eps`` to normalise with them (torchvision's ``FrozenBatchNorm2d``, timm's
+    ``FrozenBatchNormAct2d``, a hand-written one). InstanceNorm holds the same buffers when it
+    tracks running statistics but normalises each sample alone: not a BatchNorm."""
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return isinstance(module, nn.modules.batchnorm._BatchNorm)
+    buffers = dict(module.named_buffers(recurse=False))
+    mean, var = buffers.get("running_mean"), buffers.get("running_var")
+    return (
+        mean is not None
+        and var is not None
+        and mean.dim() == 1
+        and mean.shape == var.shape
+        and isinstance(getattr(module, "eps", None), float)
+    )
+
+
 def layer_kind(module: nn.Module) -> str:
     """Classify a module as conv, linear, norm or other (by type, subclasses included)."""
     if isinstance(module, _CONV):
         return "conv"
     if isinstance(module, nn.Linear):
         return "linear"
-    if isinstance(module, _NORM) or type(module).__name__ == "FrozenBatchNorm2d":
+    if isinstance(module, _NORM) or is_batchnorm(module):
         return "norm"
     return "other"
 

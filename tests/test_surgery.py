@@ -859,3 +859,35 @@ def test_bad_arguments_and_failing_models_are_one_line_errors() -> None:
     with pytest.raises(SurgeryError, match="Linear fails on the example input: mat1 and mat2") as info:
         apply_bn(nn.Linear(2, 2), "strip", torch.randn(2, 3))
     assert "\n" not in str(info.value)
+
+
+def frozen_bn_net() -> nn.Module:
+    """Two frozen BNs of other libraries, neither a torch BatchNorm subclass."""
+    from timm.layers import FrozenBatchNormAct2d
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        FrozenBatchNormAct2d(8),
+        nn.Conv2d(8, 8, 3),
+        FrozenBatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+    randomise_bn(model)
+    return model
+
+
+def test_a_bn_is_recognised_by_what_it_holds_not_its_class() -> None:
+    """timm's FrozenBatchNormAct2d was not a BN: strip said "no change", insert added a BN after it."""
+    model = frozen_bn_net()
+    assert not is_batchnorm(nn.InstanceNorm2d(4, track_running_stats=True))  # same buffers, per-sample statistics
+    stripped, plan = apply_bn(model, "strip", IMAGES)
+    assert [(c.action, c.module) for c in plan.changes if c.action is Action.REMOVED] == [(Action.REMOVED, "1"), (Action.REMOVED, "3")]
+    assert not any(is_batchnorm(m) for m in stripped.modules())
+    assert [type(m) for m in stripped[1].children()] == [nn.Identity, nn.ReLU]  # the activation it held stays
+    folded, _ = apply_bn(model, "strip", IMAGES, fold=True)
+    torch.testing.assert_close(folded.eval()(IMAGES), model.eval()(IMAGES))
+    _, plan = apply_bn(model, "insert", IMAGES)
+    assert {(c.action, c.related) for c in plan.changes} == {(Action.KEPT, "0"), (Action.KEPT, "2")}

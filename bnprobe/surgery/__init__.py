@@ -53,9 +53,10 @@ from torch import nn
 
 from ..config import BnMode, BnTargets, NoiseConfig
 from ..errors import SurgeryError
+from ..layers import is_batchnorm
 from .dataflow import _dataflow
 from .edits import FreshCopy, WithBatchNorm
-from .kinds import BatchNorm, is_batchnorm
+from .kinds import BatchNorm
 from .modes import _add_noise, _insert, _strip
 from .noisy import (
     NOISY_BN,

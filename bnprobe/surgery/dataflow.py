@@ -19,8 +19,9 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import SurgeryError
+from ..layers import is_batchnorm
 from ..passes import leave_no_trace
-from .kinds import _FEEDERS, _channel_rank, _channels, _Feeder, _num_features, is_batchnorm
+from .kinds import _FEEDERS, _channel_rank, _channels, _Feeder, _num_features
 
 
 @dataclass

@@ -9,9 +9,10 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..errors import SurgeryError
+from ..layers import is_batchnorm
 from .dataflow import _describe, _feeder_layer, _Flow, _tensors
 from .edits import _replace
-from .kinds import _TARGETS, _channels, _Feeder, _tensor, is_batchnorm
+from .kinds import _TARGETS, _channels, _Feeder, _tensor
 
 _FOLD_RTOL = 1e-4
 
@@ -31,7 +32,9 @@ def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     weight, bias = _tensor(bn, "weight"), _tensor(bn, "bias")
     gamma = weight.double() if weight is not None else torch.ones_like(mean)
     beta = bias.double() if bias is not None else torch.zeros_like(mean)
-    scale = gamma / torch.sqrt(var + bn.eps)
+    eps = bn.eps
+    assert isinstance(eps, float), "is_batchnorm checked it"
+    scale = gamma / torch.sqrt(var + eps)
     return scale, beta - mean * scale
 
 

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from ..config import BnTargets
+from ..layers import is_batchnorm
 from .dataflow import _feeder, _feeder_layer, _Flow
 from .edits import _new_bn, _norm_tail, _place_after, _replace, _slots, _stand_in
 from .fold import _bn_affine, _check_folds, _fold_blocker, _scale_into
-from .kinds import _TARGETS, _channels, _num_features, is_batchnorm
+from .kinds import _TARGETS, _channels, _num_features
 from .noisy import NoisyNorm, _make_noisy, _Seeds
 from .plan import Action, Change
 
