@@ -6,8 +6,9 @@ training run sees:
 
 - BatchNorm's running statistics: ``track_running_stats`` is switched off on train-mode norm
   layers (train-mode BN then normalises with batch statistics and updates nothing);
-- every other buffer a forward updates in place (spectral norm's ``_u``/``_v``, InstanceNorm's
-  running statistics, user EMA buffers): put back on exit, written only where it changed;
+- every buffer a forward updates in place (spectral norm's ``_u``/``_v``, InstanceNorm's running
+  statistics, user EMA buffers, a BN's statistics that other code passes to ``F.batch_norm``):
+  put back on exit, written only where it changed;
 - every random stream (global CPU/CUDA, noisy BN's own generators): put back on exit;
 - the backward of a pass: :func:`gradients` refuses a model whose forward reruns in it (activation
   checkpointing recomputes outside these contexts, with the model's own weights, BN mode and
@@ -42,15 +43,14 @@ def measuring() -> bool:
 
 
 class Buffers:
-    """The buffers outside BatchNorm, which a forward may update in place. BN's own are left out:
-    switching ``track_running_stats`` off keeps them still."""
+    """The buffers a forward may update in place. BN's are among them: switching
+    ``track_running_stats`` off keeps a BN's own forward from moving them, but not other code that
+    hands them to ``F.batch_norm`` in training mode (a parent reading its child BN's statistics)."""
 
     def __init__(self, model: nn.Module) -> None:
         seen: set[int] = set()
         self.tensors: list[torch.Tensor] = []
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                continue
             for b in m.buffers(recurse=False):
                 if id(b) not in seen:
                     seen.add(id(b))

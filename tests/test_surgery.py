@@ -891,3 +891,31 @@ def test_a_bn_is_recognised_by_what_it_holds_not_its_class() -> None:
     torch.testing.assert_close(folded.eval()(IMAGES), model.eval()(IMAGES))
     _, plan = apply_bn(model, "insert", IMAGES)
     assert {(c.action, c.related) for c in plan.changes} == {(Action.KEPT, "0"), (Action.KEPT, "2")}
+
+
+class ReadsItsBn(nn.Module):
+    """A parent that normalises with its child BN's tensors itself (``F.batch_norm``): the BN's own forward never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.batch_norm(self.conv(x), self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias, self.training)
+        return self.head(x.relu().mean((2, 3)))
+
+
+def test_a_bn_read_by_other_code_is_kept_with_the_reason_and_its_statistics_stay() -> None:
+    """Strip put an Identity there ('Identity' object has no attribute 'running_mean'); insert added a BN
+    after the conv; the planning pass moved the running statistics."""
+    model = ReadsItsBn().train()
+    before = model.bn.running_mean.clone()
+    stripped, plan = apply_bn(model, "strip", IMAGES)
+    assert [(c.action, c.module, c.detail) for c in plan.changes] == [
+        (Action.KEPT, "bn", "not stripped: code outside its forward reads its tensors (batch_norm)")
+    ]
+    stripped(IMAGES)
+    _, plan = apply_bn(model, "insert", IMAGES)
+    assert [(c.action, c.related) for c in plan.changes] == [(Action.KEPT, "conv")]
+    probed_layers(model, IMAGES)
+    assert torch.equal(model.bn.running_mean, before)

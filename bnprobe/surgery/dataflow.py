@@ -37,6 +37,7 @@ class _Flow:
     users: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # what each module's output goes to
     outputs: set[str] = field(default_factory=set)  # modules whose output is a model output
     mutated: set[str] = field(default_factory=set)  # modules whose output is changed in place afterwards (an in-place ReLU after a BN)
+    read_outside: dict[str, str] = field(default_factory=dict)  # BN -> an outside op reading its tensors (F.batch_norm)
 
     def ordered(self, names: list[str]) -> list[str]:
         """Called modules first, in forward order, then the others as given."""
@@ -119,10 +120,11 @@ class _OpTape(TorchFunctionMode):
     changed in place (``relu_``) before its BN, would look like it fed the BN alone.
     """
 
-    def __init__(self, producer: dict[int, str], users: dict[str, set[str]], alive: list[torch.Tensor]) -> None:
+    def __init__(self, producer: dict[int, str], users: dict[str, set[str]], alive: list[torch.Tensor], held: dict[int, str]) -> None:
         super().__init__()
-        self.producer, self.users, self.alive = producer, users, alive
+        self.producer, self.users, self.alive, self.held = producer, users, alive, held
         self.mutated: set[str] = set()  # modules/ops whose output something changed in place later
+        self.read_outside: dict[str, str] = {}  # BN -> the first op outside any module that read its tensors
         self.depth = 0  # > 0 inside an atomic module, whose own ops are the module's
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -131,6 +133,8 @@ class _OpTape(TorchFunctionMode):
         outs = list(_tensors(args[:1] if name == "op:__setitem__" else out))  # setitem writes into its first argument
         if self.depth == 0 and outs:  # an op that returns no tensor (x.shape, x.size()) reads no values
             inputs = {id(t) for t in _tensors((args, kwargs))}
+            for i in inputs & self.held.keys():
+                self.read_outside.setdefault(self.held[i], name)
             for i in inputs & self.producer.keys():
                 self.users[self.producer[i]].add(name)
             self.mutated |= {self.producer[id(t)] for t in outs if id(t) in inputs and id(t) in self.producer}
@@ -161,7 +165,8 @@ def _hooked_forward(model: nn.Module, example_input: object) -> _Flow:
     flow = _Flow()
     producer = {id(t): "input" for t in _tensors(example_input)}
     alive: list[torch.Tensor] = []  # keeps every tensor seen alive, so no id is reused during the pass
-    tape = _OpTape(producer, flow.users, alive)
+    held = {id(t): n for m, n in atomic.items() if is_batchnorm(m) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+    tape = _OpTape(producer, flow.users, alive, held)
 
     def enter(_m: nn.Module, _args: tuple[object, ...]) -> None:
         tape.depth += 1
@@ -180,7 +185,7 @@ def _hooked_forward(model: nn.Module, example_input: object) -> _Flow:
     flow.outputs = {producer.get(id(t), "op:?") for t in _tensors(result)}
     for name in flow.outputs:
         flow.users[name].add("output")
-    flow.mutated = tape.mutated
+    flow.mutated, flow.read_outside = tape.mutated, tape.read_outside
     return flow
 
 
