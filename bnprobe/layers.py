@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import LAYER_KINDS as KINDS
 from .errors import ConfigError
-from .passes import leave_no_trace
+from .passes import leave_no_trace, refuse_scripted
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -83,6 +83,7 @@ FirstCall = tuple[str, nn.Module, tuple[int, ...]]  # name, module, output shape
 def first_calls(model: nn.Module, modules: Iterable[tuple[str, nn.Module]] | None = None) -> Iterator[list[FirstCall]]:
     """Records ``modules`` (default: :func:`parameter_holders`) in the order their first call ends,
     during whatever forward passes run inside the block; each appears once."""
+    refuse_scripted(model)
     candidates = list(modules if modules is not None else parameter_holders(model))
     order: list[FirstCall] = []
     seen: set[int] = set()
@@ -165,6 +166,7 @@ def relu_fed_layers(model: nn.Module, example_input: Any, names: Sequence[str]) 
     """Those of ``names`` whose output goes straight into a ReLU module (the same tensor object):
     for them, an output that is never positive means every unit downstream is off (a dead layer).
     A ReLU called as a function is not seen, so such a layer is never called dead on this ground."""
+    refuse_scripted(model)
     wanted = dict(model.named_modules())
     outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor held, so that its id is not reused
     fed: list[str] = []

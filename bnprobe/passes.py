@@ -132,6 +132,17 @@ def leave_no_trace(model: nn.Module, bn_mode: str | None = None) -> Iterator[Tra
             trace.reset()
 
 
+def refuse_scripted(model: nn.Module) -> None:
+    """Refuse, by name, a TorchScript module inside ``model``: bnprobe sees a model through module
+    hooks, which TorchScript modules do not take ("register_forward_hook is not supported")."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            raise ModelError(
+                f"{name or type(model).__name__} is a TorchScript module (torch.jit.script), which takes no hooks: "
+                "bnprobe cannot see inside it; pass the module before scripting"
+            )
+
+
 _CHECKPOINTED = "runs its forward again during backward (activation checkpointing, torch.utils.checkpoint)"
 _REFUSED = "bnprobe's measurement passes cannot hold there; measure the model without checkpointing"
 
@@ -143,6 +154,7 @@ def refusing_recomputation(model: nn.Module) -> Iterator[None]:
     Activation checkpointing (``torch.utils.checkpoint``) reruns its block's forward in backward,
     after a pass's swapped weights, BN switches and replayed random streams are gone: gradients of
     the wrong model (or torch's ``CheckpointError``). A pre-hook on every module sees the rerun."""
+    refuse_scripted(model)
     names = {m: n for n, m in model.named_modules()}
 
     def refuse(module: nn.Module, _args: object) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from bnprobe.probes.hessian import hessian_blocks, top_hessian_eigenvalue
 from bnprobe.probes.ics import gradient_shift
 from bnprobe.probes.landscape import landscape
 from bnprobe.probes.spectrum import top_eigenvalues
+from bnprobe.recorder import Recorder
 from bnprobe.surgery import apply_bn
 from bnprobe.trainer import _check_output
 
@@ -158,3 +161,31 @@ def test_activation_checkpointing_is_refused_not_measured_wrong(measure: Callabl
     model, x, y = Checkpointed(reentrant), torch.randn(16, 4), torch.randint(0, 3, (16,))
     with pytest.raises(ModelError, match=r"runs its forward again during backward \(activation checkpointing"):
         measure(model, x, y)
+
+
+def scripted() -> nn.Module:
+    """A TorchScript submodule, which takes no hooks."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, and still in models people bring
+        block = torch.jit.script(nn.Sequential(nn.Linear(4, 8), nn.ReLU()))
+    return nn.Sequential(nn.Linear(4, 4), block, nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda m, x, y, tmp: probed_layers(m, x),
+        lambda m, x, y, tmp: apply_bn(m, "strip", x),
+        lambda m, x, y, tmp: gradient_shift(m, CE, x, y, torch.optim.SGD(m.parameters(), lr=0.1)),
+        lambda m, x, y, tmp: landscape(m, CE, x, y, [0.1]),
+        lambda m, x, y, tmp: top_eigenvalues(m, CE, x, y, k=1),
+        lambda m, x, y, tmp: Recorder(m, tmp / "run.h5"),
+    ],
+    ids=["layers", "surgery", "ics", "landscape", "hessian", "recorder"],
+)
+def test_a_scripted_submodule_is_refused_by_name(use: Callable[..., object], tmp_path: Path) -> None:
+    """Every entry point failed with torch's "register_forward_pre_hook is not supported on ScriptModules"."""
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(ModelError, match=r"^1 is a TorchScript module \(torch.jit.script\), which takes no hooks"):
+        use(scripted(), x, y, tmp_path)
+    assert not (tmp_path / "run.h5").exists()

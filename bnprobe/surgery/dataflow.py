@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import SurgeryError
 from ..layers import is_batchnorm
-from ..passes import leave_no_trace
+from ..passes import leave_no_trace, refuse_scripted
 from .kinds import _FEEDERS, _channel_rank, _channels, _Feeder, _num_features
 
 
@@ -161,6 +161,7 @@ def _hooked_forward(model: nn.Module, example_input: object) -> _Flow:
     Its call order (``flow.index``) is not :func:`bnprobe.layers.execution_order`'s on purpose: it
     orders the atomic modules (leaves and whole BNs, with parameters or not, and a BN's children),
     taken by the same hooks, in the same pass, that pair each module with its input's producer."""
+    refuse_scripted(model)
     atomic, inside = _atomic(model)
     flow = _Flow()
     producer = {id(t): "input" for t in _tensors(example_input)}
