@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import LAYER_KINDS as KINDS
 from .errors import ConfigError
-from .passes import leave_no_trace, refuse_scripted
+from .passes import leave_no_trace, materialise, refuse_scripted
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -107,6 +107,7 @@ def first_calls(model: nn.Module, modules: Iterable[tuple[str, nn.Module]] | Non
 def execution_order(model: nn.Module, example_input: Any, modules: Iterable[tuple[str, nn.Module]] | None = None) -> list[FirstCall]:
     """Names, modules and output shapes in the order of their first call on ``example_input``
     (default: every module), from one forward that leaves no trace."""
+    materialise(model, example_input)
     with first_calls(model, modules if modules is not None else model.named_modules()) as order, leave_no_trace(model), torch.no_grad():
         model(example_input)
     return order

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .errors import ConfigError, ModelError
 from .rng import RngState, Streams
@@ -130,6 +131,25 @@ def leave_no_trace(model: nn.Module, bn_mode: str | None = None) -> Iterator[Tra
             for m, flag in flags:
                 m.track_running_stats = flag
             trace.reset()
+
+
+def materialise(model: nn.Module, example_input: object) -> None:
+    """Give lazy modules (``LazyConv2d``, ``LazyBatchNorm2d``) their tensors with one plain forward
+    before anything copies the model or runs a pass on it (a deep copy of an uninitialised parameter
+    fails, and a lazy BN's first call must not be one with its statistics switched off). It runs in
+    eval mode without gradients, random streams put back: nothing but the lazy tensors changes."""
+    if not any(isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules()):
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    streams = Streams(model)
+    state = streams.capture()
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    finally:
+        streams.restore(state)
+        for m, was in modes:
+            m.training = was
 
 
 def refuse_scripted(model: nn.Module) -> None:

@@ -189,3 +189,17 @@ def test_a_scripted_submodule_is_refused_by_name(use: Callable[..., object], tmp
     with pytest.raises(ModelError, match=r"^1 is a TorchScript module \(torch.jit.script\), which takes no hooks"):
         use(scripted(), x, y, tmp_path)
     assert not (tmp_path / "run.h5").exists()
+
+
+def test_lazy_modules_are_materialised_by_one_plain_forward_first() -> None:
+    """A deep copy of a lazy parameter failed (surgery), and so did the no-trace pass of layer discovery."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(10)
+    ).train()
+    x, stream = torch.randn(2, 3, 8, 8), torch.get_rng_state()
+    assert [info.name for info, _ in probed_layers(model, x)] == ["0", "1", "5"]
+    _, plan = apply_bn(model, "strip", x)
+    assert [c.module for c in plan.changes] == ["1"]
+    assert model.training and model[1].num_batches_tracked == 0 and not model[1].running_mean.any()
+    assert torch.equal(torch.get_rng_state(), stream)  # the lazy weights drew nothing the run will see
