@@ -49,28 +49,39 @@ class Buffers:
     hands them to ``F.batch_norm`` in training mode (a parent reading its child BN's statistics)."""
 
     def __init__(self, model: nn.Module) -> None:
-        seen: set[int] = set()
-        self.tensors: list[torch.Tensor] = []
+        where: dict[int, list[tuple[nn.Module, str]]] = {}  # each buffer tensor's (module, name) slots, aliases together
         for m in model.modules():
-            for b in m.buffers(recurse=False):
-                if id(b) not in seen:
-                    seen.add(id(b))
-                    self.tensors.append(b)
+            for name, b in m.named_buffers(recurse=False):
+                where.setdefault(id(b), []).append((m, name))
+        self.slots = list(where.values())
+
+    def current(self) -> list[torch.Tensor]:
+        """The tensors the slots hold now: a forward may have put new ones there (``self.n = self.n + 1``)."""
+        return [getattr(m, name) for (m, name), *_ in self.slots]
 
     def snap(self) -> list[torch.Tensor]:
-        return [b.clone() for b in self.tensors]
+        return [b.clone() for b in self.current()]
 
     def set(self, values: list[torch.Tensor]) -> None:
         """Write back only the buffers that differ (one host sync for all): a copy bumps a buffer's
         version, and an index buffer saved by autograd (LeViT's attention-bias indices) would then
-        break a later backward through the pass's graph (the Hessian's double backward)."""
-        if not self.tensors:
+        break a later backward through the pass's graph (the Hessian's double backward). A buffer
+        the forward resized (a fake-quant observer's ``min_val``, empty until the first call) or
+        replaced is replaced by a copy of its value: a copy into it cannot restore its shape."""
+        now = self.current()
+        if not now:
             return
         with torch.no_grad():
-            device = self.tensors[0].device
-            differs = torch.stack([(b != v).any().to(device) for b, v in zip(self.tensors, values)]).tolist()
-            for b, v, changed in zip(self.tensors, values, differs):
-                if changed:
+            device = now[0].device
+            kept = [i for i, (b, v) in enumerate(zip(now, values)) if b.shape == v.shape and b.dtype == v.dtype]
+            differs = torch.stack([(now[i] != values[i]).any().to(device) for i in kept]).tolist() if kept else []
+            changed = dict(zip(kept, differs))
+            for i, (slots, b, v) in enumerate(zip(self.slots, now, values)):
+                if i not in changed:
+                    fresh = v.clone()
+                    for m, name in slots:
+                        setattr(m, name, fresh)
+                elif changed[i]:
                     b.copy_(v)
 
 

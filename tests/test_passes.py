@@ -203,3 +203,29 @@ def test_lazy_modules_are_materialised_by_one_plain_forward_first() -> None:
     assert [c.module for c in plan.changes] == ["1"]
     assert model.training and model[1].num_batches_tracked == 0 and not model[1].running_mean.any()
     assert torch.equal(torch.get_rng_state(), stream)  # the lazy weights drew nothing the run will see
+
+
+class Observer(nn.Module):
+    """A fake-quant observer's habits: a buffer empty until the first call, which resizes it, and a
+    counter the forward replaces with a new tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("min_val", torch.tensor([]))
+        self.register_buffer("calls", torch.tensor(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.min_val.resize_(x.shape[1]).copy_(x.detach().amin(0))
+        self.calls = self.calls + 1
+        return x
+
+
+def test_a_buffer_the_forward_resizes_or_replaces_is_put_back() -> None:
+    """Copying into the resized buffer failed ("fails on the example input"); a replaced one kept its new value."""
+    model = nn.Sequential(nn.Linear(4, 4), Observer(), nn.Linear(4, 3))
+    x = torch.randn(8, 4)
+    for _ in range(2):  # the second pass starts from the buffers the first put back
+        assert [info.name for info, _ in probed_layers(model, x)] == ["0", "2"]
+        assert model[1].min_val.shape == (0,) and model[1].calls == 0
+    apply_bn(model, "insert", x)
+    assert model[1].min_val.shape == (0,) and model[1].calls == 0
