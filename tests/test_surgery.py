@@ -919,3 +919,29 @@ def test_a_bn_read_by_other_code_is_kept_with_the_reason_and_its_statistics_stay
     assert [(c.action, c.related) for c in plan.changes] == [(Action.KEPT, "conv")]
     probed_layers(model, IMAGES)
     assert torch.equal(model.bn.running_mean, before)
+
+
+def test_a_conv_with_a_parametrized_weight_is_one_layer_for_the_dataflow() -> None:
+    """weight_norm's parametrization made the conv a non-leaf: insert skipped it, strip re-biased
+    nothing and fold declined ("rank-None output"). Weight norm folds exactly; spectral norm would
+    renormalise the folded weight, so that BN is stripped with the reason."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    def net(wrap: Any, bn: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            wrap(nn.Conv2d(3, 4, 3, bias=False)), *[nn.BatchNorm2d(4)] * bn, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 10)
+        )
+        randomise_bn(model)
+        return model
+
+    _, plan = apply_bn(net(weight_norm, False), "insert", IMAGES)
+    assert [(c.action, c.module, c.related) for c in plan.changes] == [(Action.INSERTED, "0_bn", "0")]
+    _, plan = apply_bn(net(weight_norm, True), "strip", IMAGES)
+    assert [(c.action, c.module) for c in plan.changes] == [(Action.REMOVED, "1"), (Action.REBIASED, "0")]
+    model = net(weight_norm, True)
+    folded, plan = apply_bn(model, "strip", IMAGES, fold=True)
+    assert [(c.action, c.related) for c in plan.changes] == [(Action.FOLDED, "0")]
+    torch.testing.assert_close(folded.eval()(IMAGES), model.eval()(IMAGES))
+    _, plan = apply_bn(net(spectral_norm, True), "strip", IMAGES, fold=True)
+    assert "not folded: 0's weight or bias is computed by _SpectralNorm" in plan.changes[0].detail

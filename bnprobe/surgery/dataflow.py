@@ -56,15 +56,17 @@ def _tensors(obj: object) -> Iterator[torch.Tensor]:
 
 
 def _atomic(model: nn.Module) -> tuple[dict[nn.Module, str], dict[nn.Module, str]]:
-    """Modules treated as units (leaves, and every BN whole), and the children inside BNs."""
+    """Modules treated as units (leaves, and every BN and conv/linear whole), and the children inside
+    those: a BN's activation, a conv's weight parametrization (``weight_norm``)."""
     atomic: dict[nn.Module, str] = {}
     inside: dict[nn.Module, str] = {}
     for name, m in model.named_modules():
         if m in inside:
             continue
-        if is_batchnorm(m):
+        whole = is_batchnorm(m) or isinstance(m, _FEEDERS)
+        if whole:
             inside.update({c: f"{name}.{n}" for n, c in m.named_modules() if c is not m})
-        if is_batchnorm(m) or not any(True for _ in m.children()):
+        if whole or not any(True for _ in m.children()):
             atomic[m] = name
     return atomic, inside
 
