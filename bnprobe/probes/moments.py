@@ -97,16 +97,21 @@ def _accumulator(flat: torch.Tensor) -> torch.dtype:
     return flat.dtype if flat.device.type == "mps" else torch.float64
 
 
+def _reach(lo: torch.Tensor, hi: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest distance of a value from ``shift``, in the accumulator's dtype."""
+    wide = _accumulator(lo)
+    return torch.maximum(hi.to(wide) - shift.to(wide), shift.to(wide) - lo.to(wide))
+
+
 def _scale(lo: torch.Tensor, hi: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Per row, a power of two that values less ``shift`` are divided by before their powers are
     taken, so that fourth powers neither overflow nor underflow (an activation at 1e9 had kurtosis
-    inf): 1 where the largest distance from ``shift`` is within 2^-16..2^16 (no need), else the
-    power of two just above it (never so small that its inverse overflows ``lo``'s dtype).
-    Dividing by a power of two rounds nothing."""
-    wide = _accumulator(lo)
-    reach = torch.maximum(hi.to(wide) - shift.to(wide), shift.to(wide) - lo.to(wide))
+    inf): 1 where :func:`_reach` is within 2^-16..2^16 (no need), else the power of two just above
+    it (never so small that its inverse overflows ``lo``'s dtype). Dividing by a power of two
+    rounds nothing."""
+    reach = _reach(lo, hi, shift)
     exponent = torch.frexp(reach).exponent
-    smallest = int(torch.frexp(torch.tensor(torch.finfo(lo.dtype).tiny)).exponent) + 1
+    smallest = math.frexp(torch.finfo(lo.dtype).tiny)[1] + 1
     return torch.ldexp(torch.ones_like(reach), torch.where(exponent.abs() <= 16, 0, exponent.clamp(min=smallest)))
 
 
@@ -128,12 +133,15 @@ def _fused_moments(flat: torch.Tensor) -> torch.Tensor:
     """``[mean, var, skewness, excess kurtosis, min, max, zero fraction]`` per row of ``flat`` as
     plain formulas: ``torch.compile`` fuses them into a few passes over the data and no temporary.
     The compiled reductions add in one accumulator per vector lane, so they sum in float64: in
-    float32 the kurtosis of a large activation came out visibly off, for a modest extra cost."""
+    float32 the kurtosis of a large activation came out visibly off, for a modest extra cost.
+    Values are divided by :func:`_reach` before their powers are taken (inductor cannot compile
+    ``frexp``; in float64 the division's rounding is far below float32's)."""
     n = flat.shape[1]
     wide = flat.to(_accumulator(flat))
     lo, hi = flat.amin(1), flat.amax(1)
     mean = wide.sum(dim=1) / n
-    scale = _scale(lo, hi, mean).to(wide.dtype)
+    reach = _reach(lo, hi, mean)
+    scale = torch.where(reach > 0, reach, torch.ones_like(reach))
     centred = (wide - mean[:, None]) / scale[:, None]
     sq = centred * centred
     zeros = (flat == 0).sum(dim=1).to(flat.dtype) / n
