@@ -19,10 +19,29 @@ from torch import nn
 
 from .config import LAYER_KINDS as KINDS
 from .errors import ConfigError
-from .passes import leave_no_trace
+from .passes import leave_no_trace, materialise, refuse_scripted
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm by what it is, not by its class: torch's (``_BatchNorm`` and its subclasses), or
+    any other module that holds ``running_mean`` and ``running_var`` buffers of one length and an
+    ``eps`` to normalise with them (torchvision's ``FrozenBatchNorm2d``, timm's
+    ``FrozenBatchNormAct2d``, a hand-written one). InstanceNorm holds the same buffers when it
+    tracks running statistics but normalises each sample alone: not a BatchNorm."""
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return isinstance(module, nn.modules.batchnorm._BatchNorm)
+    buffers = dict(module.named_buffers(recurse=False))
+    mean, var = buffers.get("running_mean"), buffers.get("running_var")
+    return (
+        mean is not None
+        and var is not None
+        and mean.dim() == 1
+        and mean.shape == var.shape
+        and isinstance(getattr(module, "eps", None), float)
+    )
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -31,7 +50,7 @@ def layer_kind(module: nn.Module) -> str:
         return "conv"
     if isinstance(module, nn.Linear):
         return "linear"
-    if isinstance(module, _NORM) or type(module).__name__ == "FrozenBatchNorm2d":
+    if isinstance(module, _NORM) or is_batchnorm(module):
         return "norm"
     return "other"
 
@@ -64,6 +83,7 @@ FirstCall = tuple[str, nn.Module, tuple[int, ...]]  # name, module, output shape
 def first_calls(model: nn.Module, modules: Iterable[tuple[str, nn.Module]] | None = None) -> Iterator[list[FirstCall]]:
     """Records ``modules`` (default: :func:`parameter_holders`) in the order their first call ends,
     during whatever forward passes run inside the block; each appears once."""
+    refuse_scripted(model)
     candidates = list(modules if modules is not None else parameter_holders(model))
     order: list[FirstCall] = []
     seen: set[int] = set()
@@ -87,6 +107,7 @@ def first_calls(model: nn.Module, modules: Iterable[tuple[str, nn.Module]] | Non
 def execution_order(model: nn.Module, example_input: Any, modules: Iterable[tuple[str, nn.Module]] | None = None) -> list[FirstCall]:
     """Names, modules and output shapes in the order of their first call on ``example_input``
     (default: every module), from one forward that leaves no trace."""
+    materialise(model, example_input)
     with first_calls(model, modules if modules is not None else model.named_modules()) as order, leave_no_trace(model), torch.no_grad():
         model(example_input)
     return order
@@ -146,6 +167,7 @@ def relu_fed_layers(model: nn.Module, example_input: Any, names: Sequence[str]) 
     """Those of ``names`` whose output goes straight into a ReLU module (the same tensor object):
     for them, an output that is never positive means every unit downstream is off (a dead layer).
     A ReLU called as a function is not seen, so such a layer is never called dead on this ground."""
+    refuse_scripted(model)
     wanted = dict(model.named_modules())
     outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor held, so that its id is not reused
     fed: list[str] = []

@@ -24,7 +24,7 @@ from torch import nn
 from . import distributed
 from .config import layer_patterns
 from .layers import LayerInfo, layer_kind, parameter_holders, select
-from .passes import measuring
+from .passes import measuring, refuse_scripted
 from .probes.moments import DEFAULT_SAMPLES, Partial, Workspace, finish_all, histogram, merged_across_processes, partial_moments
 from .store import STATS, RunWriter, Status, Store
 
@@ -89,6 +89,7 @@ class Recorder:
         require_match: bool = True,
         across_processes: bool = False,
     ) -> None:
+        refuse_scripted(model)  # before any file is made
         self.model = model
         self._candidates = _candidates(model, layers, kinds, require_match)
         self.processes = distributed.world_size() if across_processes else 1

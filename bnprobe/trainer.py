@@ -29,7 +29,7 @@ from .data import DataBundle, batches, load_data
 from .errors import BnprobeError, ConfigError, ModelError, StoreError, described, first_line
 from .layers import probed_layers, relu_fed_layers
 from .models import build_model
-from .passes import leave_no_trace
+from .passes import leave_no_trace, refuse_scripted
 from .probes import Probe, StepBatch, load_probe_states, probe_states, scheduled_probes, track
 from .probes import start as start_probes
 from .recorder import Recorder
@@ -92,6 +92,7 @@ def make_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
 @contextmanager
 def _naming_failures(model: nn.Module) -> Iterator[None]:
     """Turn a shape error in the first forward into a one-line error naming the failing layer."""
+    refuse_scripted(model)
     entered: list[str] = []
     handles = [m.register_forward_pre_hook(lambda _m, _i, n=n: entered.append(n)) for n, m in model.named_modules() if n]
     try:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -361,3 +362,23 @@ def test_the_probe_measures_in_the_configured_bn_mode(mode: str) -> None:
     assert record["top_eigenvalue"] == pytest.approx(expected[mode], rel=1e-6)
     assert expected["train"] != pytest.approx(expected["eval"], rel=1e-3)
     assert probe.dataset_attrs["hessian/top_eigenvalue"]["bn_mode"] == mode
+
+
+class RoiHead(nn.Module):
+    """A detection head's pooling: torchvision's roi_align, whose backward has no backward of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.conv(x.view(-1, 1, 2, 2))
+        boxes = [torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=x.dtype)] * len(x)
+        return self.head(torchvision.ops.roi_align(features, boxes, 2).flatten(1))
+
+
+def test_torchvisions_words_for_an_op_without_double_backward_are_recognised() -> None:
+    """ "double backwards on roi_align not supported" came out as a raw RuntimeError."""
+    x, y = data()
+    with pytest.raises(ModelError, match=r"^no Hessian for this model: RoiHead runs roi_align, which PyTorch cannot differentiate twice$"):
+        top_hessian_eigenvalue(RoiHead().double(), nn.CrossEntropyLoss(), x, y, max_iter=3)

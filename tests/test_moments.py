@@ -93,6 +93,21 @@ def test_data_far_from_zero_keeps_its_skewness(per_channel: bool) -> None:
     assert_float64_close(x, per_channel, {"mean": (1e-7, 0.0), "var": (1e-6, 0.0), "skewness": (0.0, 1e-5), "kurtosis": (1e-6, 1e-5)})
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("size", [1e9, 1e15, 1e-20])
+def test_any_finite_activation_has_finite_skewness_and_kurtosis(per_channel: bool, size: float) -> None:
+    """Fourth powers of activations at 1e9 overflowed float32 (kurtosis inf, float64 says 0.19), and
+    those at 1e-20 underflowed: the eager and the fused formulas agree with float64 at any size."""
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(11)).exp() * size  # skewed
+    ref = moment_stats(x.double(), per_channel)
+    flat = x.transpose(0, 1).reshape(3, -1) if per_channel else x.reshape(1, -1)
+    fused = moments._fused_moments(flat)  # what the compiled kernel computes, run eagerly
+    for got in (moment_stats(x, per_channel), moment_stats(x, per_channel, workspace=Workspace()), fused if per_channel else fused[:, 0]):
+        for name in ("skewness", "kurtosis"):
+            i = STATS.index(name)
+            torch.testing.assert_close(got[i].double(), ref[i], rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_a_constant_channel_has_no_spread() -> None:
     """A dead ReLU's channel after a conv bias is one value that float32 cannot hold exactly as a
     sum: variance, skewness and kurtosis exactly 0 (rounding gave 2e-16, -1 and -2), mean the value."""
@@ -102,7 +117,7 @@ def test_a_constant_channel_has_no_spread() -> None:
         got = moment_stats(x, per_channel=True, workspace=workspace)[:, 1]
         assert got[STATS.index("mean")] == x[0, 1, 0, 0]
         assert [got[STATS.index(k)].item() for k in ("var", "skewness", "kurtosis")] == [0.0, 0.0, 0.0]
-        assert partial_moments(x, True, workspace=workspace).raw[1:4, 1].tolist() == [0.0, 0.0, 0.0]  # m2, m3, m4 themselves
+        assert partial_moments(x, True, workspace=workspace).raw[1:4, 1].tolist() == [0.0, 0.0, 0.0]  # as merged across processes
 
 
 @pytest.mark.parametrize("shape", [(5, 3, 4), (2, 7), (40,), (9, 2, 3, 1)])

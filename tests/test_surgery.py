@@ -859,3 +859,89 @@ def test_bad_arguments_and_failing_models_are_one_line_errors() -> None:
     with pytest.raises(SurgeryError, match="Linear fails on the example input: mat1 and mat2") as info:
         apply_bn(nn.Linear(2, 2), "strip", torch.randn(2, 3))
     assert "\n" not in str(info.value)
+
+
+def frozen_bn_net() -> nn.Module:
+    """Two frozen BNs of other libraries, neither a torch BatchNorm subclass."""
+    from timm.layers import FrozenBatchNormAct2d
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        FrozenBatchNormAct2d(8),
+        nn.Conv2d(8, 8, 3),
+        FrozenBatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+    randomise_bn(model)
+    return model
+
+
+def test_a_bn_is_recognised_by_what_it_holds_not_its_class() -> None:
+    """timm's FrozenBatchNormAct2d was not a BN: strip said "no change", insert added a BN after it."""
+    model = frozen_bn_net()
+    assert not is_batchnorm(nn.InstanceNorm2d(4, track_running_stats=True))  # same buffers, per-sample statistics
+    stripped, plan = apply_bn(model, "strip", IMAGES)
+    assert [(c.action, c.module) for c in plan.changes if c.action is Action.REMOVED] == [(Action.REMOVED, "1"), (Action.REMOVED, "3")]
+    assert not any(is_batchnorm(m) for m in stripped.modules())
+    assert [type(m) for m in stripped[1].children()] == [nn.Identity, nn.ReLU]  # the activation it held stays
+    folded, _ = apply_bn(model, "strip", IMAGES, fold=True)
+    torch.testing.assert_close(folded.eval()(IMAGES), model.eval()(IMAGES))
+    _, plan = apply_bn(model, "insert", IMAGES)
+    assert {(c.action, c.related) for c in plan.changes} == {(Action.KEPT, "0"), (Action.KEPT, "2")}
+
+
+class ReadsItsBn(nn.Module):
+    """A parent that normalises with its child BN's tensors itself (``F.batch_norm``): the BN's own forward never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.batch_norm(self.conv(x), self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias, self.training)
+        return self.head(x.relu().mean((2, 3)))
+
+
+def test_a_bn_read_by_other_code_is_kept_with_the_reason_and_its_statistics_stay() -> None:
+    """Strip put an Identity there ('Identity' object has no attribute 'running_mean'); insert added a BN
+    after the conv; the planning pass moved the running statistics."""
+    model = ReadsItsBn().train()
+    before = model.bn.running_mean.clone()
+    stripped, plan = apply_bn(model, "strip", IMAGES)
+    assert [(c.action, c.module, c.detail) for c in plan.changes] == [
+        (Action.KEPT, "bn", "not stripped: code outside its forward reads its tensors (batch_norm)")
+    ]
+    stripped(IMAGES)
+    _, plan = apply_bn(model, "insert", IMAGES)
+    assert [(c.action, c.related) for c in plan.changes] == [(Action.KEPT, "conv")]
+    probed_layers(model, IMAGES)
+    assert torch.equal(model.bn.running_mean, before)
+
+
+def test_a_conv_with_a_parametrized_weight_is_one_layer_for_the_dataflow() -> None:
+    """weight_norm's parametrization made the conv a non-leaf: insert skipped it, strip re-biased
+    nothing and fold declined ("rank-None output"). Weight norm folds exactly; spectral norm would
+    renormalise the folded weight, so that BN is stripped with the reason."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    def net(wrap: Any, bn: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            wrap(nn.Conv2d(3, 4, 3, bias=False)), *[nn.BatchNorm2d(4)] * bn, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 10)
+        )
+        randomise_bn(model)
+        return model
+
+    _, plan = apply_bn(net(weight_norm, False), "insert", IMAGES)
+    assert [(c.action, c.module, c.related) for c in plan.changes] == [(Action.INSERTED, "0_bn", "0")]
+    _, plan = apply_bn(net(weight_norm, True), "strip", IMAGES)
+    assert [(c.action, c.module) for c in plan.changes] == [(Action.REMOVED, "1"), (Action.REBIASED, "0")]
+    model = net(weight_norm, True)
+    folded, plan = apply_bn(model, "strip", IMAGES, fold=True)
+    assert [(c.action, c.related) for c in plan.changes] == [(Action.FOLDED, "0")]
+    torch.testing.assert_close(folded.eval()(IMAGES), model.eval()(IMAGES))
+    _, plan = apply_bn(net(spectral_norm, True), "strip", IMAGES, fold=True)
+    assert "not folded: 0's weight or bias is computed by _SpectralNorm" in plan.changes[0].detail

@@ -183,7 +183,9 @@ class _BatchNormBackward(torch.autograd.Function):
         return d_g, d_x, d_w, None, None, None
 
 
-_NO_DOUBLE_BACKWARD = re.compile(r"derivative for (?:aten::)?(\w+?)(?:_backward)? is not implemented")
+_NO_DOUBLE_BACKWARD = re.compile(  # autograd's words, and torchvision's for its ops (roi_align, deform_conv2d)
+    r"derivative for (?:aten::)?(\w+?)(?:_backward)? is not implemented|double backwards on (\w+) not supported"
+)
 
 
 def _not_twice_differentiable(model: nn.Module, x: Any, error: RuntimeError) -> ModelError | None:
@@ -193,7 +195,7 @@ def _not_twice_differentiable(model: nn.Module, x: Any, error: RuntimeError) -> 
     match = _NO_DOUBLE_BACKWARD.search(str(error))
     if match is None:
         return None
-    op = match.group(1)
+    op = match.group(1) or match.group(2)
     stack: list[str] = []
     found: list[str] = []
 

@@ -23,7 +23,7 @@ from .. import distributed
 from ..config import layer_patterns
 from ..errors import ConfigError
 from ..layers import first_calls, layer_kind, no_layer_matches, select
-from ..passes import BN_MODES, leave_no_trace
+from ..passes import BN_MODES, gradients, leave_no_trace
 from .double_backward import TwiceDifferentiable
 from .lanczos import MatVec, start_vector
 
@@ -51,7 +51,7 @@ def first_order(
         sdpa_kernel([SDPBackend.MATH]),
     ):
         loss = loss_fn(model(x), y)
-    grads = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
+    grads = gradients(model, loss, ps, create_graph=True)
     return [g if g is not None and g.requires_grad else None for g in grads], [m for _, m, _ in calls]
 
 

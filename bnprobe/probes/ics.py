@@ -74,7 +74,7 @@ from .. import distributed
 from ..config import Config, IcsMethod, layer_patterns
 from ..errors import ConfigError
 from ..layers import first_calls, layer_kind, no_layer_matches, select
-from ..passes import Buffers, Trace, leave_no_trace
+from ..passes import Buffers, Trace, gradients, leave_no_trace, refusing_recomputation
 from ..rng import Streams
 from ..store import ICS_FIELDS as FIELDS
 from .base import Record, StepBatch, every
@@ -217,7 +217,8 @@ def gradient_shift(
     with first_calls(model) as calls:
         output = model(x)
     loss = loss_fn(output, y)
-    loss.backward()
+    with refusing_recomputation(model):  # the extra passes could not rerun checkpointed blocks as measured
+        loss.backward()
     distributed.average_gradients_(model.parameters())  # under torchrun: the global batch's G
 
     plan = _Layers(model, [m for _, m, _ in calls])
@@ -271,11 +272,11 @@ def _grad_or_zero(p: torch.Tensor) -> torch.Tensor:
     return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
 
 
-def _global_grads(loss: torch.Tensor, leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _global_grads(model: nn.Module, loss: torch.Tensor, leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """d loss / d ``leaves``, zero where the loss does not depend on one (or on none: a replayed pass
     whose layer's parameters this batch leaves unused), and under torchrun the global batch's
     (each process's averaged: every process sends every leaf's, so the sizes agree)."""
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
+    grads = gradients(model, loss, leaves) if loss.requires_grad else [None] * len(leaves)
     full = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, leaves)]
     distributed.average_(full)
     return full
@@ -315,7 +316,7 @@ def _naive(
         loss = loss_fn(torch.func.functional_call(model, leaves, (x,)), y)
         names = [n for n in leaves if n in trainable]
         wrt = [leaves[n] for n in names]
-        grads = dict(zip(names, _global_grads(loss, wrt)))
+        grads = dict(zip(names, _global_grads(model, loss, wrt)))
         shifted[i] = [grads[n] for n in plan.own[i]]
     return shifted
 
@@ -358,7 +359,7 @@ def _fast(
             reset()
             with cache.replay(i), slots.swapped(params):
                 loss = loss_fn(model(x), y)
-            shifted[i] = _global_grads(loss, leaves)
+            shifted[i] = _global_grads(model, loss, leaves)
             cache.drop_mutated()
     return shifted
 

@@ -29,7 +29,7 @@ from torch import nn
 from .. import distributed
 from ..config import Config
 from ..errors import ConfigError
-from ..passes import leave_no_trace
+from ..passes import gradients, leave_no_trace
 from .base import Record, StepBatch, every
 from .params import ParamSlots
 
@@ -102,7 +102,7 @@ def landscape(
         trace.reset()  # stateful buffers (spectral norm) and random streams start each evaluation alike
         with slots.swapped(dict(zip(names, leaves))):
             loss = loss_fn(model(x), y)
-        grads = [g if g is not None else torch.zeros_like(v) for g, v in zip(torch.autograd.grad(loss, leaves, allow_unused=True), leaves)]
+        grads = [g if g is not None else torch.zeros_like(v) for g, v in zip(gradients(model, loss, leaves), leaves)]
         value = loss.detach().clone() if distributed.world_size() > 1 else loss.detach()
         distributed.average_([value, *grads])  # under torchrun: the global batch's loss and gradient
         return value, grads

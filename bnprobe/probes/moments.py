@@ -97,19 +97,57 @@ def _accumulator(flat: torch.Tensor) -> torch.dtype:
     return flat.dtype if flat.device.type == "mps" else torch.float64
 
 
+def _reach(lo: torch.Tensor, hi: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest distance of a value from ``shift``, in the accumulator's dtype."""
+    wide = _accumulator(lo)
+    return torch.maximum(hi.to(wide) - shift.to(wide), shift.to(wide) - lo.to(wide))
+
+
+def _scale(lo: torch.Tensor, hi: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Per row, a power of two that values less ``shift`` are divided by before their powers are
+    taken, so that fourth powers neither overflow nor underflow (an activation at 1e9 had kurtosis
+    inf): 1 where :func:`_reach` is within 2^-16..2^16 (no need), else the power of two just above
+    it (never so small that its inverse overflows ``lo``'s dtype). Dividing by a power of two
+    rounds nothing."""
+    reach = _reach(lo, hi, shift)
+    exponent = torch.frexp(reach).exponent
+    smallest = math.frexp(torch.finfo(lo.dtype).tiny)[1] + 1
+    return torch.ldexp(torch.ones_like(reach), torch.where(exponent.abs() <= 16, 0, exponent.clamp(min=smallest)))
+
+
+def _standardised(d: torch.Tensor, s2: torch.Tensor, s3: torch.Tensor, s4: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Variance (of the scaled values), skewness and excess kurtosis from the means s_k of c^k, c
+    the scaled values less a shift that is d off their mean: m2 = s2 - d^2, m3 = s3 - 3 d s2 + 2 d^3,
+    m4 = s4 - 4 d s3 + 6 d^2 s2 - 3 d^4. Skewness and kurtosis are 0 where the variance is."""
+    m2 = s2 - d * d
+    m3 = s3 - 3 * d * s2 + 2 * d**3
+    m4 = s4 - 4 * d * s3 + 6 * d * d * s2 - 3 * d**4
+    spread = m2 > 0
+    safe = torch.where(spread, m2, torch.ones_like(m2))
+    skew = torch.where(spread, m3 / (safe * safe.sqrt()), torch.zeros_like(m2))  # pow(1.5)'s last bit depends on the position
+    kurt = torch.where(spread, m4 / (safe * safe) - 3.0, torch.zeros_like(m2))
+    return m2, skew, kurt
+
+
 def _fused_moments(flat: torch.Tensor) -> torch.Tensor:
-    """``[mean, var, m3, m4, min, max, zero fraction]`` per row of ``flat`` as plain formulas:
-    ``torch.compile`` fuses them into two passes over the data and no temporary. The compiled
-    reductions add in one accumulator per vector lane, so they sum in float64: in float32 the
-    kurtosis of a large activation came out visibly off, for a modest extra cost in float64."""
+    """``[mean, var, skewness, excess kurtosis, min, max, zero fraction]`` per row of ``flat`` as
+    plain formulas: ``torch.compile`` fuses them into a few passes over the data and no temporary.
+    The compiled reductions add in one accumulator per vector lane, so they sum in float64: in
+    float32 the kurtosis of a large activation came out visibly off, for a modest extra cost.
+    Values are divided by :func:`_reach` before their powers are taken (inductor cannot compile
+    ``frexp``; in float64 the division's rounding is far below float32's)."""
     n = flat.shape[1]
     wide = flat.to(_accumulator(flat))
+    lo, hi = flat.amin(1), flat.amax(1)
     mean = wide.sum(dim=1) / n
-    centred = wide - mean[:, None]
+    reach = _reach(lo, hi, mean)
+    scale = torch.where(reach > 0, reach, torch.ones_like(reach))
+    centred = (wide - mean[:, None]) / scale[:, None]
     sq = centred * centred
     zeros = (flat == 0).sum(dim=1).to(flat.dtype) / n
-    moments = torch.stack([mean, sq.sum(dim=1) / n, (sq * centred).sum(dim=1) / n, (sq * sq).sum(dim=1) / n]).to(flat.dtype)
-    return torch.cat([moments, torch.stack([flat.amin(1), flat.amax(1), zeros])])
+    m2, skew, kurt = _standardised(torch.zeros_like(mean), sq.sum(dim=1) / n, (sq * centred).sum(dim=1) / n, (sq * sq).sum(dim=1) / n)
+    moments = torch.stack([mean, m2 * scale * scale, skew, kurt]).to(flat.dtype)
+    return torch.cat([moments, torch.stack([lo, hi, zeros])])
 
 
 _CPU_BLOCK = 1 << 18  # elements per block of the eager path on CPU: 1 MB of float32 per temporary
@@ -129,12 +167,11 @@ def _blocks(rows: int, n: int, block: int) -> Iterator[tuple[int, int, int, int]
 
 
 def _eager_moments(flat: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
-    """What :func:`_fused_moments` gives, eagerly: after the means, one pass in blocks that stay in
-    the CPU's cache (one block elsewhere), with values centred on the mean as ``flat``'s dtype
-    rounds it. Each block's sums of c, c^2, c^3 and c^4 (c the centred values, squares and
-    products in reused memory) are added in float64, and the mean's rounding d = sum(c) / n is
-    taken out there: m2 = s2 - d^2, m3 = s3 - 3 d s2 + 2 d^3, m4 = s4 - 4 d s3 + 6 d^2 s2 - 3 d^4
-    (s_k the mean of c^k). Without that, data far from zero with a small spread had a visibly
+    """What :func:`_fused_moments` gives, eagerly: after the means and extremes, one pass in blocks
+    that stay in the CPU's cache (one block elsewhere), with values centred on the mean as
+    ``flat``'s dtype rounds it and scaled by :func:`_scale`. Each block's sums of c, c^2, c^3 and
+    c^4 (c the centred values, squares and products in reused memory) are added in float64, and the
+    mean's rounding d = sum(c) / n is taken out there (:func:`_standardised`). Without that, data far from zero with a small spread had a visibly
     wrong skewness, and a constant channel a tiny nonzero variance with skewness and kurtosis
     far from 0; with it, the constant's offset c is a few units in its last place, whose powers
     float32 holds exactly: moments of 0.
@@ -146,32 +183,36 @@ def _eager_moments(flat: torch.Tensor, workspace: Workspace | None) -> torch.Ten
     rows, n = flat.shape
     block = _CPU_BLOCK if flat.device.type == "cpu" else flat.numel()
     shift = flat.sum(dim=1) / n
+    if rows == 1:  # a whole-tensor reduction is several times faster than a dim=1 one on CPU
+        lo, hi = (extreme.reshape(1) for extreme in torch.aminmax(flat))
+    else:
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+    scale = _scale(lo, hi, shift)
+    inverse = (1 / scale).to(flat.dtype)[:, None]
+    rescale = flat.device.type != "cpu" or bool((scale != 1).any())  # on CPU asking costs nothing, a pass does
     sums = torch.zeros(5, rows, dtype=_accumulator(flat), device=flat.device)  # of c, c^2, c^3, c^4 and zeros
     for r0, r1, c0, c1 in _blocks(rows, n, block):
         part = flat[r0:r1, c0:c1]
         centred = torch.sub(part, shift[r0:r1, None], out=_scratch(workspace, 0, part))
+        if rescale:
+            centred.mul_(inverse[r0:r1])
         sq = torch.mul(centred, centred, out=_scratch(workspace, 1, part))
         product = _scratch(workspace, 2, part)
         cubes, fourths = torch.mul(sq, centred, out=product).sum(1), torch.mul(sq, sq, out=product).sum(1)
         sums[:4, r0:r1] += torch.stack([centred.sum(1), sq.sum(1), cubes, fourths])
         is_zero = torch.logical_not(part, out=_scratch(workspace, 2, part, torch.bool))  # twice as fast as eq(part, 0)
         sums[4, r0:r1] += torch.count_nonzero(is_zero, dim=1)  # exact: integer counts
-    if rows == 1:  # a whole-tensor reduction is several times faster than a dim=1 one on CPU
-        lo, hi = (extreme.reshape(1) for extreme in torch.aminmax(flat))
-    else:
-        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
     d, s2, s3, s4, zeros = sums / n
-    m2 = s2 - d * d
-    m3 = s3 - 3 * d * s2 + 2 * d**3
-    m4 = s4 - 4 * d * s3 + 6 * d * d * s2 - 3 * d**4
-    return torch.stack([shift + d, m2, m3, m4, lo.to(d.dtype), hi.to(d.dtype), zeros]).to(flat.dtype)
+    wide = scale.to(d.dtype)
+    m2, skew, kurt = _standardised(d, s2, s3, s4)
+    return torch.stack([shift + d * wide, m2 * wide * wide, skew, kurt, lo.to(d.dtype), hi.to(d.dtype), zeros]).to(flat.dtype)
 
 
 class Partial(NamedTuple):
     """One shard's statistics before the ones that do not merge (skewness, kurtosis, percentiles):
     what processes exchange so that the merged statistics are the global batch's."""
 
-    raw: torch.Tensor  # [7] or [7, rows]: mean, var, m3, m4, min, max, zero fraction (central moments)
+    raw: torch.Tensor  # [7] or [7, rows]: mean, var, skewness, excess kurtosis, min, max, zero fraction
     sample: torch.Tensor  # [s] or [rows, s]: the percentile subsample (owned, not a view of scratch memory)
     n: int  # elements per row
 
@@ -206,14 +247,10 @@ def partial_moments(
 
 
 def finish(part: Partial) -> torch.Tensor:
-    """``STATS`` from a :class:`Partial`: skewness and excess kurtosis from the central moments,
-    percentiles of the subsample."""
-    mean, var, m3, m4, lo, hi, zeros = part.raw
+    """``STATS`` from a :class:`Partial`: its moments, and percentiles of the subsample."""
+    mean, var, skew, kurt, lo, hi, zeros = part.raw
     if part.n == 0:
         return torch.full((len(STATS), *mean.shape), float("nan"), dtype=mean.dtype, device=mean.device)
-    safe_var = torch.where(var > 0, var, torch.ones_like(var))
-    skew = torch.where(var > 0, m3 / (safe_var * safe_var.sqrt()), torch.zeros_like(var))  # pow(1.5)'s last bit depends on the position
-    kurt = torch.where(var > 0, m4 / (safe_var * safe_var) - 3.0, torch.zeros_like(var))
     q = torch.tensor(QUANTILES, dtype=part.sample.dtype).to(part.sample.device, non_blocking=True)
     pct = torch.quantile(part.sample, q, dim=-1)
     return torch.stack([mean, var, skew, kurt, lo, hi, zeros, pct[0], pct[1], pct[2]])
@@ -241,19 +278,22 @@ def finish_all(parts: Sequence[Partial]) -> list[torch.Tensor]:
 
 def _merged_raw(raw: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """``raw`` [shards, 7, K] of shards with ``n`` [shards, K] elements each, as one [7, K]: with
-    means mu_r and central moments M_k,r = n_r m_k,r about them, around the global mean mu
+    means mu_r and central moments M_k,r = n_r m_k,r about them (from variance, skewness and
+    kurtosis), around the global mean mu
     (d = mu_r - mu): M2 = sum M2_r + n_r d^2, M3 = sum M3_r + 3 d M2_r + n_r d^3,
     M4 = sum M4_r + 4 d M3_r + 6 d^2 M2_r + n_r d^4 (Chan et al. 1979, Pebay 2008), in float64.
     Min and max are the extremes, zero fractions count-weighted."""
     total = n.sum(0)
-    mean_r, m2_r, m3_r, m4_r = raw[:, 0], n * raw[:, 1], n * raw[:, 2], n * raw[:, 3]
+    var_r = raw[:, 1]
+    mean_r, m2_r, m3_r, m4_r = raw[:, 0], n * var_r, n * raw[:, 2] * var_r**1.5, n * (raw[:, 3] + 3) * var_r**2
     mean = (n * mean_r).sum(0) / total
     d = mean_r - mean
     m2 = (m2_r + n * d**2).sum(0)
     m3 = (m3_r + 3 * d * m2_r + n * d**3).sum(0)
     m4 = (m4_r + 4 * d * m3_r + 6 * d**2 * m2_r + n * d**4).sum(0)
     zeros = (n * raw[:, 6]).sum(0) / total
-    return torch.stack([mean, m2 / total, m3 / total, m4 / total, raw[:, 4].amin(0), raw[:, 5].amax(0), zeros])
+    m2, skew, kurt = _standardised(torch.zeros_like(total), m2 / total, m3 / total, m4 / total)
+    return torch.stack([mean, m2, skew, kurt, raw[:, 4].amin(0), raw[:, 5].amax(0), zeros])
 
 
 def merged_across_processes(parts: Sequence[Partial]) -> list[Partial]:

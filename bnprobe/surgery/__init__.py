@@ -53,9 +53,11 @@ from torch import nn
 
 from ..config import BnMode, BnTargets, NoiseConfig
 from ..errors import SurgeryError
+from ..layers import is_batchnorm
+from ..passes import materialise
 from .dataflow import _dataflow
 from .edits import FreshCopy, WithBatchNorm
-from .kinds import BatchNorm, is_batchnorm
+from .kinds import BatchNorm
 from .modes import _add_noise, _insert, _strip
 from .noisy import (
     NOISY_BN,
@@ -125,6 +127,7 @@ def apply_bn(
     """
     bn_mode = _as_enum(BnMode, mode, "BN mode")
     bn_targets = _as_enum(BnTargets, targets, "BN targets")
+    materialise(model, example_input)
     model = copy.deepcopy(model)
     before = _param_count(model)
     if bn_mode is BnMode.KEEP:

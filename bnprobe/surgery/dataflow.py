@@ -19,8 +19,9 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import SurgeryError
-from ..passes import leave_no_trace
-from .kinds import _FEEDERS, _channel_rank, _channels, _Feeder, _num_features, is_batchnorm
+from ..layers import is_batchnorm
+from ..passes import leave_no_trace, refuse_scripted
+from .kinds import _FEEDERS, _channel_rank, _channels, _Feeder, _num_features
 
 
 @dataclass
@@ -36,6 +37,7 @@ class _Flow:
     users: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # what each module's output goes to
     outputs: set[str] = field(default_factory=set)  # modules whose output is a model output
     mutated: set[str] = field(default_factory=set)  # modules whose output is changed in place afterwards (an in-place ReLU after a BN)
+    read_outside: dict[str, str] = field(default_factory=dict)  # BN -> an outside op reading its tensors (F.batch_norm)
 
     def ordered(self, names: list[str]) -> list[str]:
         """Called modules first, in forward order, then the others as given."""
@@ -54,15 +56,17 @@ def _tensors(obj: object) -> Iterator[torch.Tensor]:
 
 
 def _atomic(model: nn.Module) -> tuple[dict[nn.Module, str], dict[nn.Module, str]]:
-    """Modules treated as units (leaves, and every BN whole), and the children inside BNs."""
+    """Modules treated as units (leaves, and every BN and conv/linear whole), and the children inside
+    those: a BN's activation, a conv's weight parametrization (``weight_norm``)."""
     atomic: dict[nn.Module, str] = {}
     inside: dict[nn.Module, str] = {}
     for name, m in model.named_modules():
         if m in inside:
             continue
-        if is_batchnorm(m):
+        whole = is_batchnorm(m) or isinstance(m, _FEEDERS)
+        if whole:
             inside.update({c: f"{name}.{n}" for n, c in m.named_modules() if c is not m})
-        if is_batchnorm(m) or not any(True for _ in m.children()):
+        if whole or not any(True for _ in m.children()):
             atomic[m] = name
     return atomic, inside
 
@@ -118,10 +122,11 @@ class _OpTape(TorchFunctionMode):
     changed in place (``relu_``) before its BN, would look like it fed the BN alone.
     """
 
-    def __init__(self, producer: dict[int, str], users: dict[str, set[str]], alive: list[torch.Tensor]) -> None:
+    def __init__(self, producer: dict[int, str], users: dict[str, set[str]], alive: list[torch.Tensor], held: dict[int, str]) -> None:
         super().__init__()
-        self.producer, self.users, self.alive = producer, users, alive
+        self.producer, self.users, self.alive, self.held = producer, users, alive, held
         self.mutated: set[str] = set()  # modules/ops whose output something changed in place later
+        self.read_outside: dict[str, str] = {}  # BN -> the first op outside any module that read its tensors
         self.depth = 0  # > 0 inside an atomic module, whose own ops are the module's
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -130,6 +135,8 @@ class _OpTape(TorchFunctionMode):
         outs = list(_tensors(args[:1] if name == "op:__setitem__" else out))  # setitem writes into its first argument
         if self.depth == 0 and outs:  # an op that returns no tensor (x.shape, x.size()) reads no values
             inputs = {id(t) for t in _tensors((args, kwargs))}
+            for i in inputs & self.held.keys():
+                self.read_outside.setdefault(self.held[i], name)
             for i in inputs & self.producer.keys():
                 self.users[self.producer[i]].add(name)
             self.mutated |= {self.producer[id(t)] for t in outs if id(t) in inputs and id(t) in self.producer}
@@ -156,11 +163,13 @@ def _hooked_forward(model: nn.Module, example_input: object) -> _Flow:
     Its call order (``flow.index``) is not :func:`bnprobe.layers.execution_order`'s on purpose: it
     orders the atomic modules (leaves and whole BNs, with parameters or not, and a BN's children),
     taken by the same hooks, in the same pass, that pair each module with its input's producer."""
+    refuse_scripted(model)
     atomic, inside = _atomic(model)
     flow = _Flow()
     producer = {id(t): "input" for t in _tensors(example_input)}
     alive: list[torch.Tensor] = []  # keeps every tensor seen alive, so no id is reused during the pass
-    tape = _OpTape(producer, flow.users, alive)
+    held = {id(t): n for m, n in atomic.items() if is_batchnorm(m) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+    tape = _OpTape(producer, flow.users, alive, held)
 
     def enter(_m: nn.Module, _args: tuple[object, ...]) -> None:
         tape.depth += 1
@@ -179,7 +188,7 @@ def _hooked_forward(model: nn.Module, example_input: object) -> _Flow:
     flow.outputs = {producer.get(id(t), "op:?") for t in _tensors(result)}
     for name in flow.outputs:
         flow.users[name].add("output")
-    flow.mutated = tape.mutated
+    flow.mutated, flow.read_outside = tape.mutated, tape.read_outside
     return flow
 
 

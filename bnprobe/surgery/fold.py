@@ -6,12 +6,14 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_map
 
 from ..errors import SurgeryError
+from ..layers import is_batchnorm
 from .dataflow import _describe, _feeder_layer, _Flow, _tensors
 from .edits import _replace
-from .kinds import _TARGETS, _channels, _Feeder, _tensor, is_batchnorm
+from .kinds import _TARGETS, _channels, _Feeder, _tensor
 
 _FOLD_RTOL = 1e-4
 
@@ -31,7 +33,9 @@ def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     weight, bias = _tensor(bn, "weight"), _tensor(bn, "bias")
     gamma = weight.double() if weight is not None else torch.ones_like(mean)
     beta = bias.double() if bias is not None else torch.zeros_like(mean)
-    scale = gamma / torch.sqrt(var + bn.eps)
+    eps = bn.eps
+    assert isinstance(eps, float), "is_batchnorm checked it"
+    scale = gamma / torch.sqrt(var + eps)
     return scale, beta - mean * scale
 
 
@@ -45,7 +49,10 @@ def _scale_into(layer: _Feeder, scale: torch.Tensor, shift: torch.Tensor) -> Non
             folded = grouped * scale.view(g, 1, -1, *[1] * (w.dim() - 2))
         else:  # weight: (out, ...)
             folded = w.double() * scale.view(-1, *[1] * (w.dim() - 1))
-        w.copy_(folded.view_as(w))
+        if parametrize.is_parametrized(layer, "weight"):  # the stored tensors from the folded weight (weight_norm's g and v)
+            layer.weight = folded.view_as(w).to(w.dtype)
+        else:
+            w.copy_(folded.view_as(w))
         bias = layer.bias.double() * scale + shift if layer.bias is not None else shift
         if layer.bias is None:
             layer.bias = nn.Parameter(bias.to(w.dtype))
@@ -96,9 +103,19 @@ def _fold_blocker(model: nn.Module, flow: _Flow, name: str, bn: nn.Module, feede
     sharer = next((n for n, m in model.named_modules() if m is not layer and any(id(p) in own for p in m.parameters(recurse=False))), None)
     if sharer is not None:
         return f"{feeder}'s parameters are shared with {sharer}"
+    other = [p for p in _parametrizations(layer) if p != "_WeightNorm"]
+    if other:
+        return f"{feeder}'s weight or bias is computed by {', '.join(other)}, which a scaled weight need not fit"
     if not _scales_with_its_weight(layer, flow.in_shape.get(feeder)):
         return f"{feeder} ({type(layer).__name__}) does not scale its output with its weight"
     return ""
+
+
+def _parametrizations(layer: nn.Module) -> list[str]:
+    """The class names of the parametrizations computing ``layer``'s weight and bias, in order."""
+    parts = layer.parametrizations if parametrize.is_parametrized(layer) else nn.ModuleDict()
+    assert isinstance(parts, nn.ModuleDict)
+    return [type(p).__name__ for name in ("weight", "bias") if name in parts for p in parts[name].children()]
 
 
 def _eval_output(model: nn.Module, example_input: object) -> list[torch.Tensor]:

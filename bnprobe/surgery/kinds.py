@@ -1,23 +1,20 @@
 """The module types BN surgery works with: BatchNorms, and the conv/linear layers a BN can follow.
 
-What counts as a BN (:func:`is_batchnorm`), which layers insert targets, which BN class goes after
+What counts as a BN (:func:`bnprobe.layers.is_batchnorm`), which layers insert targets, which BN class goes after
 which layer, and the channel counts and ranks that pair a BN with the layer feeding it.
 """
 
 from __future__ import annotations
 
-from typing import TypeAlias, TypeGuard
+from typing import TypeAlias
 
 import torch
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from ..errors import SurgeryError
 
 _Feeder: TypeAlias = "nn.modules.conv._ConvNd | nn.Linear"  # a layer a BN can be paired with, folded into or inserted after
-BatchNorm: TypeAlias = "nn.modules.batchnorm._BatchNorm | FrozenBatchNorm2d"  # what is_batchnorm accepts
-
-_BN = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
+BatchNorm: TypeAlias = nn.Module  # what is_batchnorm accepts: recognised by what it holds, not by its class
 _TARGETS: dict[str, tuple[type[_Feeder], ...]] = {"conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "linear": (nn.Linear,)}
 _FEEDERS = (nn.modules.conv._ConvNd, nn.Linear)
 _BN_FOR: dict[type[_Feeder], type[nn.modules.batchnorm._BatchNorm]] = {
@@ -28,11 +25,6 @@ _BN_FOR: dict[type[_Feeder], type[nn.modules.batchnorm._BatchNorm]] = {
 }
 
 
-def is_batchnorm(module: nn.Module) -> TypeGuard[BatchNorm]:
-    """Any BatchNorm, subclasses and SyncBatchNorm/FrozenBatchNorm2d included (not Group/LayerNorm)."""
-    return isinstance(module, _BN)
-
-
 def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
     """``module.<name>`` when it is a tensor (a parameter or buffer), else None: a BN's ``weight`` and
     ``bias`` are None without ``affine``, its running statistics without ``track_running_stats``."""
@@ -41,7 +33,7 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
 
 
 def _num_features(bn: nn.Module) -> int:
-    """FrozenBatchNorm2d has no ``num_features``; its buffers tell."""
+    """A frozen BN has no ``num_features``; its buffers tell."""
     features = getattr(bn, "num_features", None)
     if features is not None:
         return int(features)

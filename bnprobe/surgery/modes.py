@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from ..config import BnTargets
+from ..layers import is_batchnorm
 from .dataflow import _feeder, _feeder_layer, _Flow
 from .edits import _new_bn, _norm_tail, _place_after, _replace, _slots, _stand_in
 from .fold import _bn_affine, _check_folds, _fold_blocker, _scale_into
-from .kinds import _TARGETS, _channels, _num_features, is_batchnorm
+from .kinds import _TARGETS, _channels, _num_features
 from .noisy import NoisyNorm, _make_noisy, _Seeds
 from .plan import Action, Change
 
@@ -32,7 +33,7 @@ def _insert(model: nn.Module, flow: _Flow, targets: BnTargets, keep_bias: bool, 
         layer = layers[name]
         if name in flow.outputs:
             continue
-        followers = sorted(u for u in flow.users.get(name, ()) if u in modules and is_batchnorm(modules[u]))
+        followers = sorted(u for u in flow.users.get(name, ()) if u == "op:batch_norm" or (u in modules and is_batchnorm(modules[u])))
         if followers:
             changes.append(Change(Action.KEPT, followers[0], name, "already followed by a BatchNorm"))
             continue
@@ -83,6 +84,10 @@ def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: object) -> 
     folds: list[_Fold] = []
     for name in flow.ordered(list(bns)):
         bn = bns[name]
+        if name in flow.read_outside:  # that code would find its stand-in, not the BN's tensors
+            reader = flow.read_outside[name].removeprefix("op:")
+            changes.append(Change(Action.KEPT, name, "", f"not stripped: code outside its forward reads its tensors ({reader})"))
+            continue
         feeder, why = _feeder(model, flow, name, bn)
         replacement, becomes = _stand_in(flow, name, bn, feeder)
         blocker = _fold_blocker(model, flow, name, bn, feeder, why) if fold else ""
