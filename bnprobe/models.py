@@ -253,6 +253,23 @@ def _timm_model(name: str, num_classes: int, input_shape: tuple[int, ...], optio
     return model
 
 
+def refuse_detection(model: nn.Module, spec: str) -> None:
+    """A torchvision detection model trains on box targets and returns a dict of losses (in eval
+    mode, a list of boxes), which bnprobe's commands, made for one tensor in and one out, cannot
+    give or take. The Python API can, through a module that wraps it and returns a scalar loss."""
+    if "torchvision.models.detection" not in sys.modules:
+        return
+    from torchvision.models.detection import FCOS, RetinaNet
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+    from torchvision.models.detection.ssd import SSD
+
+    if isinstance(model, (GeneralizedRCNN, RetinaNet, FCOS, SSD)):
+        raise ModelError(
+            f"{spec} is a detection model ({type(model).__name__}): it trains on box targets and returns a dict of losses, "
+            'which bnprobe\'s commands cannot give or take; use the Python API with a module that wraps it and returns a scalar loss (docs/api.md, "Detection models")'
+        )
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local state dict (never from a hub) with ``weights_only=True``."""
     p = Path(path)

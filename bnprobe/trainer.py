@@ -28,7 +28,7 @@ from .config import BnMode, Config, OptimizerName
 from .data import DataBundle, batches, load_data
 from .errors import BnprobeError, ConfigError, ModelError, StoreError, described, first_line
 from .layers import probed_layers, relu_fed_layers
-from .models import build_model
+from .models import build_model, refuse_detection
 from .passes import leave_no_trace
 from .probes import Probe, StepBatch, load_probe_states, probe_states, scheduled_probes, track
 from .probes import start as start_probes
@@ -132,13 +132,16 @@ def _synchronised(model: nn.Module, device: torch.device | None) -> None:
     synchronise_bn(model)
 
 
-def _checked_model(cfg: Config, bundle: DataBundle) -> tuple[nn.Module, torch.Tensor]:
-    """The model, built from the seed and checked on an example batch, and that batch's inputs."""
+def _checked_model(cfg: Config, bundle: DataBundle, trains: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    """The model, built from the seed and checked on an example batch, and that batch's inputs. The
+    loss is checked against its output only when it ``trains``: a surgery plan needs no logits."""
     model = _build_seeded(cfg, bundle)
+    refuse_detection(model, cfg.model)
     x, y = bundle.example_batch(2)
     with _naming_failures(model):
         probed_layers(model, x)
-        _check_output(model, bundle, x, y)
+        if trains:
+            _check_output(model, bundle, x, y)
     return model, x
 
 
@@ -440,5 +443,5 @@ def inspect_model(cfg: Config) -> BnPlan:
         data = "synthetic:linear"  # the deep linear network takes vectors
     if data.startswith("synthetic:"):
         options["n"] = 8
-    model, x = _checked_model(cfg, load_data(data, seed=cfg.seed, **options))
+    model, x = _checked_model(cfg, load_data(data, seed=cfg.seed, **options), trains=False)
     return _surgery(cfg, model, x)[1]

@@ -112,3 +112,13 @@ def test_torchvision_segmentation_backbone_is_randomly_initialised_too(monkeypat
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_download)
     model = build_model("torchvision:lraspp_mobilenet_v3_large", 3, (3, 32, 32))
     assert model(torch.randn(2, 3, 32, 32))["out"].shape == (2, 3, 32, 32)
+
+
+@pytest.mark.slow
+def test_the_documented_detection_route_plans_and_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example of docs/api.md, "Detection models", runs as written."""
+    text = (Path(__file__).parents[1] / "docs" / "api.md").read_text()
+    code = text.split("## Detection models", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/api.md", "exec"), {"__name__": "example"})
+    assert (tmp_path / "detector.h5").is_file()
