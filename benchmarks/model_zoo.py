@@ -1,4 +1,4 @@
-"""Every torchvision classification model and a fixed timm sample through bnprobe.
+"""Every torchvision classification and segmentation model and a fixed timm sample through bnprobe.
 
 For each model, at the smallest input it accepts (batch 2, 10 classes, random init), the checks:
 
@@ -168,9 +168,11 @@ class Case:
 
 
 def torchvision_names() -> list[str]:
+    """The classification models, then the segmentation ones (detection models need box targets: bnprobe refuses them)."""
     import torchvision
 
-    return list(torchvision.models.list_models(module=torchvision.models))
+    modules = (torchvision.models, torchvision.models.segmentation)
+    return [name for module in modules for name in torchvision.models.list_models(module=module)]
 
 
 def timm_available() -> bool:
@@ -217,9 +219,14 @@ def cases(source: str = "all", include: list[str] | None = None, limit: int = 0)
 
 
 def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on the logits (the first output of models that return several in training)."""
+    """Cross-entropy on the logits (the first output of models that return several in training); a
+    segmentation model's per-pixel logits (its dict's ``"out"``) against its image's label at every pixel."""
     if isinstance(out, (tuple, list)):
         return sum(F.cross_entropy(o, y) for o in out) / len(out)
+    if isinstance(out, dict):
+        out = out["out"]
+    if out.ndim == 4:
+        return F.cross_entropy(out, y[:, None, None].expand(-1, *out.shape[2:]))
     return F.cross_entropy(out, y)
 
 
@@ -281,8 +288,8 @@ def trained_looking_bn(model: nn.Module, size: int, seed: int = 1) -> None:
 
 def _relative(a: Any, b: Any) -> float:
     """Largest relative (norm-wise) difference between two outputs (tensors or tuples of them)."""
-    ta = [a] if isinstance(a, torch.Tensor) else list(a)
-    tb = [b] if isinstance(b, torch.Tensor) else list(b)
+    ta = [a] if isinstance(a, torch.Tensor) else list(a.values() if isinstance(a, dict) else a)
+    tb = [b] if isinstance(b, torch.Tensor) else list(b.values() if isinstance(b, dict) else b)
     return max(float((p.double() - q.double()).norm() / q.double().norm().clamp_min(1e-30)) for p, q in zip(ta, tb))
 
 

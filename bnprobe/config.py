@@ -286,11 +286,16 @@ def _moved(raw: dict[str, Any], overrides: Mapping[str, Any]) -> tuple[dict[str,
     return current, moved
 
 
+_OPTION_KEYS = ("model_options.", "data_options.")
+
+
 def _resolved(raw: dict[str, Any], overrides: Mapping[str, Any], ics_every: int = 0, stored: bool = False) -> Config:
-    """``raw`` with ``overrides`` (dotted keys; None means not given) applied, built, its schedules
-    resolved (ICS, when off, at ``ics_every``) and validated. A ``stored`` config (one a run file
-    holds) is read quietly, older key names included, and a ``fold`` its bn never used is dropped."""
-    given, moved = _moved(raw, {key: value for key, value in overrides.items() if value is not None})
+    """``raw`` with ``overrides`` (dotted keys; None means not given, except under ``model_options`` and
+    ``data_options``, where it is a value the factory gets: ``weights_backbone=None``) applied, built, its
+    schedules resolved (ICS, when off, at ``ics_every``) and validated. A ``stored`` config (one a run
+    file holds) is read quietly, older key names included, and a ``fold`` its bn never used is dropped."""
+    kept = {key: value for key, value in overrides.items() if value is not None or key.startswith(_OPTION_KEYS)}
+    given, moved = _moved(raw, kept)
     for key, value in given.items():
         set_dotted(raw, key, value)
     cfg = _build(Config, raw, "")

@@ -1,13 +1,14 @@
 """Data sources: built-in synthetic sets (no download), torchvision sets and ImageFolder from local
 files, and arrays from .npz / .h5 files. Every source yields a :class:`DataBundle`.
 
-Specs: ``synthetic:cifar10``, ``synthetic:mnist``, ``synthetic:linear``, ``synthetic:shapes``,
+Specs: ``synthetic:cifar10``, ``synthetic:mnist``, ``synthetic:linear``, ``synthetic:shapes``, ``synthetic:segmentation``,
 ``torchvision:CIFAR10:ROOT`` (any torchvision classification set), ``imagefolder:DIR``, ``npz:FILE``,
 ``h5:FILE``.
 
 ``synthetic:shapes`` (:mod:`bnprobe.synthetic`) is the built-in task with visual structure: ten
 classes of drawn shapes at random position, scale, rotation and colour over a cluttered
-background, with a held-out split (``DataBundle.test``). ``synthetic:cifar10`` / ``mnist`` are a
+background, with a held-out split (``DataBundle.test``); ``synthetic:segmentation`` is the same
+images with a class per pixel (background or shape). ``synthetic:cifar10`` / ``mnist`` are a
 smooth prototype per class plus noise: quick to fit, good for smoke tests and overhead timing.
 """
 
@@ -17,7 +18,7 @@ import enum
 import math
 import os
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ class Task(str, enum.Enum):
 
     CLASSIFICATION = "classification"  # integer class labels: cross-entropy, accuracy
     REGRESSION = "regression"  # real-valued target vectors: mean squared error
+    SEGMENTATION = "segmentation"  # a class label per pixel: per-pixel cross-entropy, pixel accuracy
 
     def __str__(self) -> str:
         return self.value
@@ -64,7 +66,9 @@ class DataBundle:
         return len(self.train)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; every set loaded here has one
 
     def loss_fn(self) -> torch.nn.Module:
-        """Cross-entropy for classification, mean squared error for regression."""
+        """Cross-entropy for classification, per pixel for segmentation, mean squared error for regression."""
+        if self.task is Task.SEGMENTATION:
+            return PixelCrossEntropy()
         return torch.nn.CrossEntropyLoss() if self.task is Task.CLASSIFICATION else torch.nn.MSELoss()
 
     def example_batch(self, size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +80,24 @@ class DataBundle:
             raise DataError(f"{self.spec}: cannot read its first {size} samples: {first_line(e)}") from e
 
 
+def pixel_logits(output: object) -> torch.Tensor:
+    """A segmentation model's per-pixel logits ``(N, C, H, W)``: the output itself, or its ``"out"``
+    as torchvision's segmentation models return them (``"aux"``, when asked for, is left out)."""
+    logits = output.get("out") if isinstance(output, Mapping) else output
+    if not isinstance(logits, torch.Tensor):
+        raise DataError(
+            f"a segmentation model must return per-pixel logits, as a tensor or under 'out' of a dict; got {type(output).__name__}"
+        )
+    return logits
+
+
+class PixelCrossEntropy(torch.nn.CrossEntropyLoss):
+    """Cross-entropy per pixel on :func:`pixel_logits` of the model's output."""
+
+    def forward(self, input: object, target: torch.Tensor) -> torch.Tensor:
+        return super().forward(pixel_logits(input), target)
+
+
 def load_data(spec: str, seed: int = 0, **options: Any) -> DataBundle:
     """Load the data set named by ``spec``; ``options`` are source-specific (e.g. ``n``, ``x_key``)."""
     kind, _, rest = spec.partition(":")
@@ -83,7 +105,7 @@ def load_data(spec: str, seed: int = 0, **options: Any) -> DataBundle:
     if kind not in loaders or not rest:
         hint = did_you_mean(kind, loaders) if kind not in loaders else ""
         raise DataError(
-            f"unknown data spec {shown(spec)}; use synthetic:cifar10|mnist|linear|shapes, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE or h5:FILE{hint}"
+            f"unknown data spec {shown(spec)}; use synthetic:cifar10|mnist|linear|shapes|segmentation, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE or h5:FILE{hint}"
         )
     return loaders[kind](kind, rest, seed, dict(options))
 
@@ -130,10 +152,11 @@ def _synthetic(kind: str, name: str, seed: int, options: dict[str, Any]) -> Data
         dims = options.get("dim", 10) + (options.get("out_dim") or options.get("dim", 10))
         _number(spec, options, "n", 2, MAX_SYNTHETIC_VALUES // dims)
         return synthetic_linear(seed=seed, **options)
-    if name == "shapes":
-        return _shapes(spec, seed, options)
+    if name in ("shapes", "segmentation"):
+        return _shapes(spec, seed, options, masks=name == "segmentation")
     if name not in SYNTHETIC_SHAPES:
-        raise DataError(f"unknown synthetic set {shown(name)}; choose from {', '.join([*SYNTHETIC_SHAPES, 'linear', 'shapes'])}")
+        names = [*SYNTHETIC_SHAPES, "linear", "shapes", "segmentation"]
+        raise DataError(f"unknown synthetic set {shown(name)}; choose from {', '.join(names)}")
     _reject_unknown(spec, options, ("n", "num_classes", "noise"))
     _number(spec, options, "n", 2, MAX_SYNTHETIC_VALUES // math.prod(SYNTHETIC_SHAPES[name]))
     _number(spec, options, "num_classes", 1, 10_000)
@@ -141,20 +164,22 @@ def _synthetic(kind: str, name: str, seed: int, options: dict[str, Any]) -> Data
     return synthetic_images(name, seed=seed, **options)
 
 
-def _shapes(spec: str, seed: int, options: dict[str, Any]) -> DataBundle:
-    """Validate the options (size and channels first: they bound how many images fit), then draw."""
+def _shapes(spec: str, seed: int, options: dict[str, Any], masks: bool) -> DataBundle:
+    """Validate the options (size and channels first: they bound how many images fit), then draw;
+    with ``masks``, the segmentation set (11 classes: the background and the 10 shapes)."""
     _reject_unknown(spec, options, ("n", "test", "noise", "size", "channels"))
     _number(spec, options, "size", 8, 512)
     _number(spec, options, "channels", 1, 16)
     _number(spec, options, "noise", 0, 10**6, integer=False)
     size, channels = options.get("size", 32), options.get("channels", 3)
     options = {"n": 8192, "test": 1024, **options}  # checked with the defaults: a large size may leave no room for them
-    room = MAX_SYNTHETIC_VALUES // (channels * size * size)
+    room = MAX_SYNTHETIC_VALUES // ((channels + 2 * masks) * size * size)  # an int64 mask takes two float32s' room
     _number(spec, options, "n", 2, room)
     _number(spec, options, "test", 0, room - options["n"])
-    (x, y), (xt, yt) = shapes(seed=seed, **options)
+    (x, y), (xt, yt) = shapes(seed=seed, masks=masks, **options)
     test = TensorDataset(xt, yt) if len(yt) else None
-    return DataBundle(TensorDataset(x, y), (channels, size, size), 10, Task.CLASSIFICATION, spec, test=test)
+    task, classes = (Task.SEGMENTATION, 11) if masks else (Task.CLASSIFICATION, 10)
+    return DataBundle(TensorDataset(x, y), (channels, size, size), classes, task, spec, test=test)
 
 
 def synthetic_images(name: str, seed: int = 0, n: int = 4096, num_classes: int = 10, noise: float = 3.0) -> DataBundle:

@@ -1,4 +1,4 @@
-"""Model registry and loaders: built-in models, ``torchvision:NAME`` and user factories.
+"""Model registry and loaders: built-in models, ``torchvision:NAME``, ``timm:NAME`` and user factories.
 
 Built-ins adapt to the data's input shape and number of outputs, so one name works on every
 data source. User models are ``path/to/file.py:factory`` or ``package.module:factory``; the file
@@ -185,7 +185,7 @@ def _user_code(what: str) -> Iterator[None]:
 
 
 def build_model(spec: str, num_classes: int, input_shape: tuple[int, ...], **options: Any) -> nn.Module:
-    """Build a model from a spec: a built-in name, ``torchvision:NAME``, or ``file.py:factory`` / ``pkg.mod:factory``.
+    """Build a model from a spec: a built-in name, ``torchvision:NAME``, ``timm:NAME``, or ``file.py:factory`` / ``pkg.mod:factory``.
 
     A factory that raises (bad options, a bug in a user's file) is a one-line :class:`ModelError`
     naming the spec; ``--debug`` shows the traceback.
@@ -204,12 +204,16 @@ def _build(spec: str, num_classes: int, input_shape: tuple[int, ...], options: d
     model: object
     if spec.startswith("torchvision:"):
         model = _torchvision_model(spec.split(":", 1)[1], num_classes, input_shape, options)
+    elif spec.startswith("timm:"):
+        model = _timm_model(spec.split(":", 1)[1], num_classes, input_shape, options)
     elif ":" in spec:
         model = _user_model(spec, num_classes, input_shape, options)
     else:
         key = spec.lower()
         if key not in _REGISTRY:
-            raise ModelError(_unknown(spec, list(_REGISTRY)) + " (or use torchvision:NAME, file.py:factory, package.module:factory)")
+            raise ModelError(
+                _unknown(spec, list(_REGISTRY)) + " (or use torchvision:NAME, timm:NAME, file.py:factory, package.module:factory)"
+            )
         factory = _REGISTRY[key]
         _check_options(spec, factory, options)
         model = factory(num_classes, input_shape, **options)
@@ -242,6 +246,8 @@ def _torchvision_model(name: str, num_classes: int, input_shape: tuple[int, ...]
         raise ModelError(_unknown(name, available).replace("unknown model", "unknown torchvision model"))
     weights_file = options.pop("weights_file", None)
     kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes, **options}
+    if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name.lower())).parameters:
+        kwargs.setdefault("weights_backbone", None)  # segmentation and detection builders: random init throughout
     if name.lower().startswith(("inception", "googlenet")):
         kwargs.setdefault("aux_logits", False)
         kwargs.setdefault("init_weights", True)
@@ -252,6 +258,44 @@ def _torchvision_model(name: str, num_classes: int, input_shape: tuple[int, ...]
     if weights_file:
         load_weights(model, weights_file)
     return model
+
+
+def _timm_model(name: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any]) -> nn.Module:
+    """``timm.create_model(NAME)``, randomly initialised; image data with other than 3 channels sets ``in_chans``."""
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(f"timm:{name} needs timm, which is not installed (pip install timm)") from None
+    if not timm.is_model(name):
+        raise ModelError(_unknown(name, timm.list_models()).replace("unknown model", "unknown timm model"))
+    weights_file = options.pop("weights_file", None)
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": num_classes, **options}
+    if len(input_shape) == 3 and input_shape[0] != 3:
+        kwargs.setdefault("in_chans", input_shape[0])
+    try:
+        model: nn.Module = timm.create_model(name, **kwargs)
+    except TypeError as e:
+        raise ModelError(f"timm:{name}: {e}") from e
+    if weights_file:
+        load_weights(model, weights_file)
+    return model
+
+
+def refuse_detection(model: nn.Module, spec: str) -> None:
+    """A torchvision detection model trains on box targets and returns a dict of losses (in eval
+    mode, a list of boxes), which bnprobe's commands, made for one tensor in and one out, cannot
+    give or take. The Python API can, through a module that wraps it and returns a scalar loss."""
+    if "torchvision.models.detection" not in sys.modules:
+        return
+    from torchvision.models.detection import FCOS, RetinaNet
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+    from torchvision.models.detection.ssd import SSD
+
+    if isinstance(model, (GeneralizedRCNN, RetinaNet, FCOS, SSD)):
+        raise ModelError(
+            f"{spec} is a detection model ({type(model).__name__}): it trains on box targets and returns a dict of losses, "
+            'which bnprobe\'s commands cannot give or take; use the Python API with a module that wraps it and returns a scalar loss (docs/api.md, "Detection models")'
+        )
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:

@@ -33,32 +33,40 @@ STROKE_P = 0.7
 Split = tuple[Tensor, Tensor]
 
 
-def shapes(n: int, size: int = 32, channels: int = 3, seed: int = 0, noise: float = 0.05, test: int = 0) -> tuple[Split, Split]:
-    """``n`` training and ``test`` held-out images ``(N, channels, size, size)`` with labels 0-9.
+def shapes(
+    n: int, size: int = 32, channels: int = 3, seed: int = 0, noise: float = 0.05, test: int = 0, masks: bool = False
+) -> tuple[Split, Split]:
+    """``n`` training and ``test`` held-out images ``(N, channels, size, size)`` with labels 0-9, or
+    with ``masks`` the same images with per-pixel labels ``(N, size, size)``: 0 for the background,
+    1 + the shape's class where it covers at least half the pixel.
 
     The held-out split is drawn after the training split from the same generator, so the
     training images do not depend on ``test``. Both are standardised with the training set's
     per-channel mean and standard deviation (what a user of a real data set would do).
     """
     g = torch.Generator().manual_seed(seed)
-    x, y = _split(n, size, channels, noise, g)
-    xt, yt = _split(test, size, channels, noise, g)
+    x, y = _split(n, size, channels, noise, g, masks)
+    xt, yt = _split(test, size, channels, noise, g, masks)
     mean = x.mean(dim=(0, 2, 3), keepdim=True)
     std = x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     return (x.sub_(mean).div_(std), y), (xt.sub_(mean).div_(std), yt)
 
 
-def _split(n: int, size: int, channels: int, noise: float, g: torch.Generator) -> Split:
-    """Exactly balanced labels in random order, then the images chunk by chunk."""
+def _split(n: int, size: int, channels: int, noise: float, g: torch.Generator, masks: bool) -> Split:
+    """Exactly balanced labels in random order, then the images (and masks) chunk by chunk."""
     y = torch.randperm(n, generator=g) % len(CLASSES)
     x = torch.empty(n, channels, size, size)
+    mask = torch.zeros(n, size, size, dtype=torch.long) if masks else None
     for start in range(0, n, CHUNK):
-        x[start : start + CHUNK] = _render(y[start : start + CHUNK], size, channels, noise, g)
-    return x, y
+        labels = y[start : start + CHUNK]
+        x[start : start + CHUNK], alpha = _render(labels, size, channels, noise, g)
+        if mask is not None:
+            mask[start : start + CHUNK] = torch.where(alpha[:, 0] >= 0.5, labels[:, None, None] + 1, 0)
+    return x, y if mask is None else mask
 
 
-def _render(y: Tensor, size: int, channels: int, noise: float, g: torch.Generator) -> Tensor:
-    """Background, strokes behind the object, the object, then pixel noise."""
+def _render(y: Tensor, size: int, channels: int, noise: float, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Background, strokes behind the object, the object, then pixel noise; and the object's coverage."""
     m = len(y)
     grid = (torch.arange(size) + 0.5) * (2.0 / size) - 1.0  # pixel centres in [-1, 1]
     back, front = _colours(m, channels, g)
@@ -66,7 +74,7 @@ def _render(y: Tensor, size: int, channels: int, noise: float, g: torch.Generato
     image = _strokes(image, grid, g)
     alpha = _object(y, grid, g)
     image = image * (1 - alpha) + front * alpha
-    return image + noise * torch.randn(image.shape, generator=g)
+    return image + noise * torch.randn(image.shape, generator=g), alpha
 
 
 def _colours(m: int, channels: int, g: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,7 @@ import json
 import math
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from . import distributed, health, rng
 from .config import BnMode, Config, OptimizerName
-from .data import DataBundle, batches, load_data
+from .data import DataBundle, Task, batches, load_data, pixel_logits
 from .errors import BnprobeError, ConfigError, ModelError, StoreError, described, first_line
 from .layers import probed_layers, relu_fed_layers
-from .models import build_model
+from .models import build_model, refuse_detection
 from .passes import leave_no_trace, refuse_scripted
 from .probes import Probe, StepBatch, load_probe_states, probe_states, scheduled_probes, track
 from .probes import start as start_probes
@@ -134,13 +135,16 @@ def _synchronised(model: nn.Module, device: torch.device | None) -> None:
     synchronise_bn(model)
 
 
-def _checked_model(cfg: Config, bundle: DataBundle) -> tuple[nn.Module, torch.Tensor]:
-    """The model, built from the seed and checked on an example batch, and that batch's inputs."""
+def _checked_model(cfg: Config, bundle: DataBundle, trains: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    """The model, built from the seed and checked on an example batch, and that batch's inputs. The
+    loss is checked against its output only when it ``trains``: a surgery plan needs no logits."""
     model = _build_seeded(cfg, bundle)
+    refuse_detection(model, cfg.model)
     x, y = bundle.example_batch(2)
     with _naming_failures(model):
         probed_layers(model, x)
-        _check_output(model, bundle, x, y)
+        if trains:
+            _check_output(model, bundle, x, y)
     return model, x
 
 
@@ -174,34 +178,40 @@ def _check_output(model: nn.Module, bundle: DataBundle, x: torch.Tensor, y: torc
     example batch lacks, much later). Checked by a forward that changes nothing."""
     with leave_no_trace(model), torch.no_grad():
         out = model(x)
+    if bundle.task is Task.SEGMENTATION and isinstance(out, Mapping) and isinstance(out.get("out"), torch.Tensor):
+        out = out["out"]  # torchvision's segmentation models
     if not isinstance(out, torch.Tensor):
         raise ModelError(f"the model returns a {type(out).__name__}, not a tensor (bnprobe trains on one output)")
     if not out.is_floating_point():
         raise ModelError(f"the model's output is of dtype {str(out.dtype).removeprefix('torch.')}; the loss needs floating-point outputs")
-    if bundle.task == "classification":
+    if bundle.task is Task.CLASSIFICATION:
         fits, wanted = out.ndim == 2 and out.shape[1] >= bundle.num_outputs, f"(batch, {bundle.num_outputs}) logits"
+    elif bundle.task is Task.SEGMENTATION:
+        fits = out.ndim == 4 and out.shape[1] >= bundle.num_outputs and out.shape[2:] == y.shape[1:]
+        wanted = f"(batch, {bundle.num_outputs}, {', '.join(map(str, y.shape[1:]))}) per-pixel logits"
     else:
         fits, wanted = out.shape == y.shape, f"{tuple(y.shape)} like the targets"
     if not fits:
         raise ModelError(f"the model's output has shape {tuple(out.shape)} on a batch of {len(x)}; {bundle.spec} needs {wanted}")
 
 
-def _accuracy(output: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor | None:
-    if task != "classification":
+def _accuracy(output: Any, y: torch.Tensor, task: Task) -> torch.Tensor | None:
+    """The share of samples (for segmentation: of pixels) whose largest logit is their label."""
+    if task is Task.REGRESSION:
         return None
-    return (output.argmax(dim=1) == y).float().mean()
+    return (pixel_logits(output).argmax(dim=1) == y).float().mean()
 
 
 def _plain_step(
     model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, Any]:
     optimizer.zero_grad(set_to_none=True)
     output = model(x)
     loss = loss_fn(output, y)
     loss.backward()
     distributed.average_gradients_(model.parameters())  # the global batch's gradient under torchrun
     optimizer.step()
-    return loss.detach(), output.detach()
+    return loss.detach(), tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output)  # a segmentation model's dict
 
 
 def train_variant(
@@ -455,5 +465,5 @@ def inspect_model(cfg: Config) -> BnPlan:
         data = "synthetic:linear"  # the deep linear network takes vectors
     if data.startswith("synthetic:"):
         options["n"] = 8
-    model, x = _checked_model(cfg, load_data(data, seed=cfg.seed, **options))
+    model, x = _checked_model(cfg, load_data(data, seed=cfg.seed, **options), trains=False)
     return _surgery(cfg, model, x)[1]

@@ -207,6 +207,31 @@ def test_inspect_prints_the_plan(in_tmp: Path) -> None:
     assert refused.exit_code == 2 and refused.stderr.startswith("bnprobe: error: fold: true folds BN into the layer before it")
 
 
+def test_inspect_shows_the_plan_of_a_model_whose_output_is_not_logits(in_tmp: Path) -> None:
+    """A surgery plan needs no logits: a segmentation-style model returning a dict is planned."""
+    Path("seg.py").write_text(
+        "import torch.nn as nn\n"
+        "class Seg(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 4, 3, padding=1)\n"
+        "    def forward(self, x):\n"
+        "        return {'out': self.conv(x).relu()}\n"
+        "def make():\n"
+        "    return Seg()\n"
+    )
+    result = runner.invoke(app, ["inspect", "seg.py:make", "--bn", "insert"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    assert "conv.bn" in result.output and "1 inserted" in result.output
+
+
+def test_a_detection_model_is_refused_in_one_line_naming_the_python_api_route(in_tmp: Path) -> None:
+    result = runner.invoke(app, ["inspect", "torchvision:ssdlite320_mobilenet_v3_large", "--bn", "strip"])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "is a detection model (SSD)" in result.stderr
+    assert 'a module that wraps it and returns a scalar loss (docs/api.md, "Detection models")' in result.stderr
+
+
 def test_report_and_export_through_the_cli(in_tmp: Path, tiny_config: Path) -> None:
     assert runner.invoke(app, ["train", str(tiny_config)]).exit_code == 0
     report = runner.invoke(app, ["report", "runs/tiny.h5", "--json"])

@@ -59,6 +59,14 @@ def test_set_assignments_reach_every_key(tmp_path: Path) -> None:
             parse_assignments([bad])
 
 
+def test_an_explicit_null_model_option_is_kept(tmp_path: Path) -> None:
+    """``--set model_options.weights_backbone=null`` is a value for the factory, not an option left out."""
+    path = write(tmp_path, "model: vgg\n")
+    cfg = config_for_train(path, {"lr": None} | parse_assignments(["model_options.weights_backbone=null"]))
+    assert dict(cfg.model_options) == {"weights_backbone": None}
+    assert cfg.lr == load_config(path).lr  # elsewhere None still means "not given"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

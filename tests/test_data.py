@@ -197,6 +197,16 @@ def test_spelling_hints(spec: str, options: dict[str, int], message: str) -> Non
         load_data(spec, **options)
 
 
+def test_segmentation_loss_is_per_pixel_cross_entropy_on_a_tensor_or_a_dict_out() -> None:
+    loss_fn = load_data("synthetic:segmentation", n=4, test=0, size=8).loss_fn()
+    logits, target = torch.randn(2, 11, 8, 8), torch.randint(11, (2, 8, 8))
+    expected = torch.nn.functional.cross_entropy(logits, target)
+    assert torch.equal(loss_fn(logits, target), expected)
+    assert torch.equal(loss_fn({"out": logits, "aux": torch.zeros(2, 11, 8, 8)}, target), expected)
+    with pytest.raises(DataError, match="per-pixel logits, as a tensor or under 'out' of a dict; got list"):
+        loss_fn([logits], target)
+
+
 def test_task_is_a_str_enum() -> None:
     """Built-in sets name their task by the member; a bundle given the plain word holds the member, which reads as the word."""
     assert load_data("synthetic:mnist", n=8).task is Task.CLASSIFICATION and load_data("synthetic:linear", n=8).task is Task.REGRESSION

@@ -1,9 +1,11 @@
 """Model registry and loaders: built-ins adapt to the data, user factories, one-line errors."""
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from bnprobe.errors import ModelError
@@ -85,3 +87,38 @@ def test_user_model_syntax_error_names_file_and_line(tmp_path: Path) -> None:
 def test_package_module_factory() -> None:
     model = build_model("torchvision.models:resnet18", 4, (3, 32, 32))
     assert model.fc.out_features == 4
+
+
+def test_timm_spec_builds_a_randomly_initialised_timm_model() -> None:
+    pytest.importorskip("timm")
+    model = build_model("timm:resnet18", 4, (1, 32, 32))  # other than 3 channels: in_chans from the data
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 4)
+    with pytest.raises(ModelError, match="unknown timm model 'resnet1'; did you mean 'resnet18'"):
+        build_model("timm:resnet1", 4, (3, 32, 32))
+
+
+def test_timm_spec_without_timm_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(ModelError, match=r"^timm:resnet18 needs timm, which is not installed \(pip install timm\)$"):
+        build_model("timm:resnet18", 4, (3, 32, 32))
+
+
+def test_torchvision_segmentation_backbone_is_randomly_initialised_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A builder's default ``weights_backbone`` would download ImageNet weights (offline: a bare URLError)."""
+
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tried to fetch weights")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_download)
+    model = build_model("torchvision:lraspp_mobilenet_v3_large", 3, (3, 32, 32))
+    assert model(torch.randn(2, 3, 32, 32))["out"].shape == (2, 3, 32, 32)
+
+
+@pytest.mark.slow
+def test_the_documented_detection_route_plans_and_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example of docs/api.md, "Detection models", runs as written."""
+    text = (Path(__file__).parents[1] / "docs" / "api.md").read_text()
+    code = text.split("## Detection models", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/api.md", "exec"), {"__name__": "example"})
+    assert (tmp_path / "detector.h5").is_file()

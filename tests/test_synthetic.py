@@ -50,6 +50,20 @@ def test_training_images_do_not_depend_on_the_test_split() -> None:
     assert torch.equal(x0, x1) and torch.equal(y0, y1) and len(xt) == 30
 
 
+def test_segmentation_masks_label_each_pixel_with_the_shape_it_shows() -> None:
+    """The same images as the classification set, and per pixel 0 (background) or 1 + the image's class."""
+    (x, y), (xt, yt) = shapes(20, size=24, test=4, seed=3)
+    (xm, mask), (xmt, maskt) = shapes(20, size=24, test=4, seed=3, masks=True)
+    assert torch.equal(x, xm) and torch.equal(xt, xmt)
+    assert mask.shape == (20, 24, 24) and maskt.shape == (4, 24, 24) and mask.dtype == torch.int64
+    for labels, masks in ((y, mask), (yt, maskt)):
+        for label, m in zip(labels, masks):
+            assert set(m.unique().tolist()) == {0, int(label) + 1}  # every object covers some pixels, never all
+    segmentation = load_data("synthetic:segmentation", n=8, test=2, size=16)
+    assert segmentation.task == "segmentation" and segmentation.num_outputs == 11 and segmentation.input_shape == (3, 16, 16)
+    assert segmentation.test is not None and segmentation.example_batch(2)[1].shape == (2, 16, 16)
+
+
 def test_standardised_by_the_training_set(sample: tuple[Split, Split]) -> None:
     (x, _), (xt, _) = sample
     assert x.mean(dim=(0, 2, 3)).abs().max() < 1e-4

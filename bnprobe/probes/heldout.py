@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
+from ..data import pixel_logits
 from ..passes import leave_no_trace
 from .base import Record, StepBatch, every
 
@@ -50,7 +51,7 @@ def evaluate(model: nn.Module, loss_fn: Any, data: Dataset[Any], batch_size: int
     """Mean loss and accuracy of ``model`` in eval mode over ``data``; every module's mode restored."""
     modes = [(m, m.training) for m in model.modules()]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss, correct, count = 0.0, 0.0, 0
     classification = True
     model.eval()
     try:
@@ -59,9 +60,9 @@ def evaluate(model: nn.Module, loss_fn: Any, data: Dataset[Any], batch_size: int
                 x, y = x.to(device), y.to(device)
                 out = model(x)
                 total_loss += float(loss_fn(out, y)) * len(y)
-                classification = classification and y.ndim == 1 and not torch.is_floating_point(y)
-                if classification:
-                    correct += int((out.argmax(dim=1) == y).sum())
+                classification = classification and not torch.is_floating_point(y)
+                if classification:  # per sample, the share of its labels right (of its pixels, for segmentation)
+                    correct += float((pixel_logits(out).argmax(dim=1) == y).view(len(y), -1).float().mean(1).sum())
                 count += len(y)
     finally:
         for module, mode in modes:

@@ -20,13 +20,16 @@ from .kinds import _BN_FOR, _channel_rank, _channels, _Feeder
 from .noisy import NOISY_BN, _Seeds
 
 
-def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
-    """Put ``new`` wherever ``old`` is registered (every alias); returns the root, which may be ``new``."""
-    if root is old:
-        return new
-    slots = [(parent, key) for parent in root.modules() for key, child in parent._modules.items() if child is old]
-    for parent, key in slots:
-        setattr(parent, key, new)
+def _replace(root: nn.Module, new_for: dict[nn.Module, nn.Module]) -> nn.Module:
+    """Put each new module wherever its old one is registered (every alias), in one pass over the
+    model (one pass per module would make strip quadratic in a model with hundreds of BNs); returns
+    the root, which may be new."""
+    if root in new_for:
+        return new_for[root]
+    for parent in list(root.modules()):
+        for key, child in list(parent._modules.items()):
+            if child is not None and child in new_for:
+                setattr(parent, key, new_for[child])
     return root
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
+from typing import TypeAlias
 
 import torch
 from torch import nn
@@ -86,8 +88,21 @@ def _scales_with_its_weight(layer: _Feeder, shape: tuple[int, ...] | None) -> bo
         return torch.allclose(probe(x), expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
 
 
-def _fold_blocker(model: nn.Module, flow: _Flow, name: str, bn: nn.Module, feeder: str | None, why: str) -> str:
-    """Why folding ``name`` into ``feeder`` would not give the same eval-mode function ("" if it would)."""
+_Owners: TypeAlias = "dict[int, list[tuple[str, nn.Module]]]"
+
+
+def _param_owners(model: nn.Module) -> _Owners:
+    """The modules that hold each parameter (by id) as their own, from one pass over the model."""
+    owners: _Owners = defaultdict(list)
+    for name, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)].append((name, m))
+    return owners
+
+
+def _fold_blocker(model: nn.Module, flow: _Flow, owners: _Owners, name: str, bn: nn.Module, feeder: str | None, why: str) -> str:
+    """Why folding ``name`` into ``feeder`` would not give the same eval-mode function ("" if it
+    would). ``owners`` is :func:`_param_owners` of the model, taken once for all its BNs."""
     if feeder is None:
         return why
     if _running_stats(bn) is None:
@@ -99,8 +114,7 @@ def _fold_blocker(model: nn.Module, flow: _Flow, name: str, bn: nn.Module, feede
         twice = feeder if flow.calls[feeder] != 1 else name
         return f"{twice} runs {flow.calls[twice]} times per forward"
     layer = _feeder_layer(model, feeder)
-    own = {id(p) for p in layer.parameters(recurse=False)}
-    sharer = next((n for n, m in model.named_modules() if m is not layer and any(id(p) in own for p in m.parameters(recurse=False))), None)
+    sharer = next((n for p in layer.parameters(recurse=False) for n, m in owners.get(id(p), []) if m is not layer), None)
     if sharer is not None:
         return f"{feeder}'s parameters are shared with {sharer}"
     other = [p for p in _parametrizations(layer) if p != "_WeightNorm"]
@@ -149,11 +163,13 @@ def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], exam
         x, dtype = example_input, None
         twin = copy.deepcopy(model)
         reference = _eval_output(twin, x)
+    stand_ins: dict[nn.Module, nn.Module] = {}
     for name, feeder, replacement in folds:
         bn = twin.get_submodule(name)
         _scale_into(_feeder_layer(twin, feeder), *_bn_affine(bn))
         stand_in = copy.deepcopy(replacement)
-        twin = _replace(twin, bn, stand_in.to(dtype) if dtype is not None else stand_in)
+        stand_ins[bn] = stand_in.to(dtype) if dtype is not None else stand_in
+    twin = _replace(twin, stand_ins)
     worst = _relative_change(_eval_output(twin, x), reference)
     if worst > _FOLD_RTOL and worst > 10 * _rounding_noise(model, x, dtype, reference):
         raise SurgeryError(

@@ -12,7 +12,7 @@ from ..config import BnTargets
 from ..layers import is_batchnorm
 from .dataflow import _feeder, _feeder_layer, _Flow
 from .edits import _new_bn, _norm_tail, _place_after, _replace, _slots, _stand_in
-from .fold import _bn_affine, _check_folds, _fold_blocker, _scale_into
+from .fold import _bn_affine, _check_folds, _fold_blocker, _param_owners, _scale_into
 from .kinds import _TARGETS, _channels, _num_features
 from .noisy import NoisyNorm, _make_noisy, _Seeds
 from .plan import Action, Change
@@ -80,8 +80,10 @@ def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: object) -> 
     that the dataflow did not see (e.g. a data-dependent branch), and is an error.
     """
     bns = {n: m for n, m in model.named_modules() if is_batchnorm(m)}
+    owners = _param_owners(model) if fold else {}
     changes: list[Change] = []
     folds: list[_Fold] = []
+    stripped: dict[nn.Module, nn.Module] = {}
     for name in flow.ordered(list(bns)):
         bn = bns[name]
         if name in flow.read_outside:  # that code would find its stand-in, not the BN's tensors
@@ -90,7 +92,7 @@ def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: object) -> 
             continue
         feeder, why = _feeder(model, flow, name, bn)
         replacement, becomes = _stand_in(flow, name, bn, feeder)
-        blocker = _fold_blocker(model, flow, name, bn, feeder, why) if fold else ""
+        blocker = _fold_blocker(model, flow, owners, name, bn, feeder, why) if fold else ""
         if fold and not blocker:
             assert feeder is not None
             folds.append((name, bn, feeder, becomes, replacement))
@@ -98,7 +100,8 @@ def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: object) -> 
         not_folded = f"not folded: {blocker}; " if fold else ""
         note = (not_folded or why + "; ") if feeder is None else not_folded  # without a feeder, say why
         changes += _remove(model, name, bn, feeder, note, becomes)
-        model = _replace(model, bn, replacement.train(bn.training))
+        stripped[bn] = replacement.train(bn.training)
+    model = _replace(model, stripped)
     if folds:
         model = _fold_all(model, folds, example_input, changes)
         changes.sort(key=lambda c: flow.index.get(c.module if c.action is not Action.REBIASED else c.related, math.inf))
@@ -120,8 +123,7 @@ def _remove(model: nn.Module, name: str, bn: nn.Module, feeder: str | None, note
 def _fold_all(model: nn.Module, folds: list[_Fold], example_input: object, changes: list[Change]) -> nn.Module:
     """Check the folds together (:func:`_check_folds`), then fold each BN into its feeder; appends their rows to ``changes``."""
     _check_folds(model, [(name, feeder, replacement) for name, _, feeder, _, replacement in folds], example_input)
-    for name, bn, feeder, becomes, replacement in folds:
+    for name, bn, feeder, becomes, _ in folds:
         _scale_into(_feeder_layer(model, feeder), *_bn_affine(bn))
-        model = _replace(model, bn, replacement.train(bn.training))
         changes.append(Change(Action.FOLDED, name, feeder, f"running statistics and affine folded into {feeder}{becomes}"))
-    return model
+    return _replace(model, {bn: replacement.train(bn.training) for _, bn, _, _, replacement in folds})
