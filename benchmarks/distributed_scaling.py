@@ -28,6 +28,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _settings(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The benchmark's run: the built-in VGG, moments every step and ICS every 10th, flushed once."""
+    return {
+        "model": "vgg",
+        "model_options": {"width": args.width},
+        "data": "synthetic:cifar10",
+        "data_options": {"n": args.batch * 8},
+        "batch_size": args.batch,
+        "steps": args.steps,
+        "device": "cpu",
+        "lr": 0.02,
+        "output": str(out.with_suffix(".h5")),
+        "probes.moments.every": 1,
+        "probes.ics.every": 10,
+        "flush_every": 10**6,
+        "flush_seconds": 1e9,
+    }
+
+
 def _worker(args: argparse.Namespace) -> None:
     """One process of a configuration: train, and write steps/s and the reduction's time (rank 0)."""
     import torch
@@ -56,25 +75,7 @@ def _worker(args: argparse.Namespace) -> None:
     distributed.average_ = timed(distributed.average_, "averages")  # type: ignore[assignment]
     distributed.broadcast_ = timed(distributed.broadcast_, "buffers")  # type: ignore[assignment]
     out = Path(args.worker_out)
-    cfg = load_config(
-        None,
-        {
-            "model": "vgg",
-            "model_options": {"width": args.width},
-            "data": "synthetic:cifar10",
-            "data_options": {"n": args.batch * 8},
-            "batch_size": args.batch,
-            "steps": args.steps,
-            "device": "cpu",
-            "lr": 0.02,
-            "output": str(out.with_suffix(".h5")),
-            "probes.moments.every": 1,
-            "probes.ics.every": 10,
-            "flush_every": 10**6,
-            "flush_seconds": 1e9,
-        },
-    )
-    run_experiment(cfg)
+    run_experiment(load_config(None, _settings(args, out)))
     if os.environ.get("RANK", "0") == "0":  # torchrun's rank: the process group is gone by now
         run = read_file(out.with_suffix(".h5")).runs["keep"]
         seconds = run.get("train", "seconds")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from . import distributed, health, rng
 from .config import BnMode, Config, OptimizerName
@@ -152,8 +152,8 @@ def _check_trainable(model: nn.Module, x: torch.Tensor) -> None:
     """The output must reach a trainable parameter, or the first ``backward`` fails (checked after
     the surgery: BN inserted into a frozen model trains)."""
     with leave_no_trace(model), torch.enable_grad():
-        trainable = model(x).requires_grad
-    if not trainable:
+        out = model(x)
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)):
         raise ModelError(
             "the model's output depends on no trainable parameter (all frozen, or its forward runs under torch.no_grad()); nothing would train"
         )

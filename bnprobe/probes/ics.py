@@ -231,7 +231,6 @@ def gradient_shift(
     if before_step is not None:
         before_step()
     optimizer.step()
-
     # ---- the extra passes
     new = {n: p.detach() for n, p in params.items()}
     shifted: dict[int, list[torch.Tensor]] = {}
