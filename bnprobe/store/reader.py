@@ -111,10 +111,6 @@ class Recorded:
     fixed: Mapping[str, str]
     data: Datasets = field(repr=False, compare=False)
 
-    @property
-    def values(self) -> np.ndarray:
-        return self.data[self.path]
-
     def read(self, start: int, stop: int) -> np.ndarray:
         return self.data.read(self.path, slice(start, stop))
 
