@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,11 +30,12 @@ from bnprobe.layers import LayerInfo
 from bnprobe.store import STATS, Store
 
 COMMANDS = ("startup", "report", "plot", "csv", "json", "npz", "parquet")
-#: runs argv[1:], its output thrown away, and prints its wall time, peak memory (KiB) and exit status
+#: runs argv[1:], its output thrown away, and prints its wall time, CPU time, peak memory (KiB) and exit status
 _HELPER = (
     "import resource, subprocess, sys, time; t = time.perf_counter(); "
     "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
-    "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc)"
+    "r = resource.getrusage(resource.RUSAGE_CHILDREN); "
+    "print(time.perf_counter() - t, r.ru_utime + r.ru_stime, r.ru_maxrss, rc)"
 )
 
 
@@ -63,17 +65,42 @@ def argv(command: str, path: Path, out: Path) -> list[str]:
     return [*cli, "export", str(path), "-f", command, "-o", str(out / f"table.{command}"), "--force"]
 
 
-def measure(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak resident memory (MiB) of ``command``, run as a child of a new process."""
+def measure(command: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak resident memory (MiB) of ``command``, run as a child of
+    a new process (CPU time says more than wall time on a busy machine)."""
     done = subprocess.run([sys.executable, "-c", _HELPER, *command], capture_output=True, text=True, check=True)
-    seconds, kib, rc = done.stdout.split()
+    seconds, cpu, kib, rc = done.stdout.split()
     if rc != "0":
         raise SystemExit(f"{' '.join(command)} failed (exit {rc}): {done.stderr.strip()}")
-    return float(seconds), int(kib) / 1024
+    return float(seconds), float(cpu), int(kib) / 1024
+
+
+Results = dict[str, dict[int, tuple[float, float, float]]]  # command -> records -> (s, CPU s, MiB)
+
+
+def table(layers: int, sizes: tuple[int, int], results: Results, file_mb: float) -> Any:
+    from _results import Table
+
+    small, full = sizes
+    rows = 10 * layers * full
+
+    def cells(r: tuple[float, float, float]) -> list[str]:
+        return [f"{r[0]:.2f}", f"{r[1]:.2f}", f"{r[2]:.0f}"]
+
+    return Table(
+        f"{layers} layers x {full:,} records: {rows:,} tidy rows, a {file_mb:.0f} MB file",
+        ["command", "s", "CPU s", "peak MiB", f"s at {small:,}", f"CPU s at {small:,}", f"peak MiB at {small:,}", "flat"],
+        [[c, *cells(r[full]), *cells(r[small]), f"{r[full][2] / r[small][2]:.2f}"] for c, r in results.items()],
+        [
+            "startup: `python -m bnprobe --help`, what every command pays; csv ... parquet: `bnprobe export -f FORMAT`; "
+            "plot: the moments figure. s: wall time, CPU s: user + system time (wall time on a shared machine is "
+            "mostly waiting). flat: peak memory at full size over that at a tenth of the records."
+        ],
+    )
 
 
 def main() -> None:
-    from _results import Table, add_record_flag, finish  # benchmarks/ is sys.path[0] when run as a script
+    from _results import add_record_flag, finish  # benchmarks/ is sys.path[0] when run as a script
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=200)
@@ -83,7 +110,7 @@ def main() -> None:
     add_record_flag(parser)
     args = parser.parse_args()
     sizes = (max(1, args.records // 10), args.records)
-    results: dict[str, dict[int, tuple[float, float]]] = {c: {} for c in args.only}
+    results: Results = {c: {} for c in args.only}
     with tempfile.TemporaryDirectory() as tmp:
         for records in sizes:
             path = build(Path(tmp) / f"run{records}.h5", args.layers, records)
@@ -91,41 +118,13 @@ def main() -> None:
                 results[command][records] = measure(argv(command, path, Path(tmp)))
                 print(f"{command} at {records} records: {results[command][records][0]:.2f} s", file=sys.stderr)
         file_mb = path.stat().st_size / 1e6
-    rows = 10 * args.layers * args.records
-    table = Table(
-        f"{args.layers} layers x {args.records:,} records: {rows:,} tidy rows, a {file_mb:.0f} MB file",
-        ["command", "s", "peak MiB", f"s at {sizes[0]:,}", f"peak MiB at {sizes[0]:,}", "flat"],
-        [
-            [
-                c,
-                f"{r[sizes[1]][0]:.2f}",
-                f"{r[sizes[1]][1]:.0f}",
-                f"{r[sizes[0]][0]:.2f}",
-                f"{r[sizes[0]][1]:.0f}",
-                f"{r[sizes[1]][1] / r[sizes[0]][1]:.2f}",
-            ]
-            for c, r in results.items()
-        ],
-        [
-            "startup: `python -m bnprobe --help`, what every command pays; csv ... parquet: `bnprobe export -f FORMAT`; "
-            "plot: the moments figure. flat: peak memory at full size over that at a tenth of the records."
-        ],
-    )
+    out = table(args.layers, sizes, results, file_mb)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "layers": args.layers,
-                    "records": args.records,
-                    "file_mb": file_mb,
-                    "results": {c: {str(k): v for k, v in r.items()} for c, r in results.items()},
-                },
-                indent=2,
-            )
-        )
+        found = {c: {str(k): v for k, v in r.items()} for c, r in results.items()}
+        print(json.dumps({"layers": args.layers, "records": args.records, "file_mb": file_mb, "results": found}, indent=2))
     else:
-        print(table.text())
-    finish("export_large", [table], args.no_record)
+        print(out.text())
+    finish("export_large", [out], args.no_record)
 
 
 if __name__ == "__main__":
