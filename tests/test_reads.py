@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from _fixtures import write_run_file
 
+from bnprobe.errors import StoreError
 from bnprobe.plot import KINDS, plot
 from bnprobe.report import build_report
+from bnprobe.store import read_file
 
 UNDRAWN = ("per_channel", "histogram")
 
@@ -54,3 +56,13 @@ def test_a_plot_reads_its_section(run_file: Path, reads: Counter[str], tmp_path:
     section = {"training": "train", "hessian": "spectrum"}.get(kind, kind)
     assert {p.split("/")[0] for p in reads} == {"layers", section}
     assert not [p for p in reads if any(u in p for u in UNDRAWN)]
+    if kind == "moments":  # one layer's percentiles: a number per record and run
+        assert reads["moments/p50"] == 2 * 8
+
+
+def test_a_file_gone_before_its_numbers_are_read_is_one_line(tmp_path: Path) -> None:
+    path = write_run_file(tmp_path / "f.h5", variants=("keep",))
+    run = read_file(path).runs["keep"]
+    path.rename(tmp_path / "elsewhere.h5")
+    with pytest.raises(StoreError, match=r"f\.h5 was moved or deleted while it was being read"):
+        run.get("train", "loss")

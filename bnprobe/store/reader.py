@@ -82,17 +82,20 @@ class Datasets(MutableMapping[str, np.ndarray]):
         value = self._arrays[key]
         return np.asarray(value).dtype if value is not None else self._meta[key][1]
 
-    def read(self, key: str, records: slice = slice(None)) -> np.ndarray:
-        """Records ``records`` of dataset ``key`` (all of it by default), without keeping them."""
+    def read(self, key: str, selection: slice | tuple[slice | int, ...] = slice(None)) -> np.ndarray:
+        """Part of dataset ``key`` (records ``[a:b]``, or ``[:, j]`` for a column; all of it by
+        default), read without keeping it."""
         value = self._arrays[key]
         if value is not None:
-            return value[records]
+            return value[selection]
         assert self._file is not None  # only datasets listed from a file are left unread
         try:
             with h5py.File(self._file, "r", locking=False) as h5:
                 ds = h5[self._group][key]
-                return np.asarray(ds[()] if records == slice(None) else ds[records])
+                return np.asarray(ds[()] if selection == slice(None) else ds[selection])
         except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
+            if not self._file.is_file():
+                raise StoreError(f"{self._file} was moved or deleted while it was being read") from e
             raise _damaged(self._file, e) from e
 
 
@@ -151,6 +154,12 @@ class RunData:
         path = _layout_path(section, quantity)
         n = self.data.shape(path)[0] if path in self.data else 0
         return self.data.read(path, slice(n - 1, n))[0] if n else None
+
+    def column(self, section: str, quantity: str, index: int) -> np.ndarray | None:
+        """Column ``index`` of ``<section>/<quantity>`` (one layer's records), only it read; None
+        when not recorded."""
+        path = _layout_path(section, quantity)
+        return self.data.read(path, (slice(None), index)) if path in self.data else None
 
     def attrs_of(self, section: str, quantity: str) -> dict[str, Any]:
         """Attributes of dataset ``<section>/<quantity>`` (the Hessian's BN mode and sample size)."""
