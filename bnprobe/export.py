@@ -27,14 +27,24 @@ column for its probe and node axes and is not in the table: read it with :func:`
 it is ``-1`` for ``channel``/``bin`` and NaN for ``eta``. A ``train`` quantity that is NaN
 throughout (accuracy of a regression run, an unrecorded lr) is left out. JSON is a list of
 records (``pandas.read_json(path)``); non-finite values are ``null`` there, as JSON has no NaN.
+
+The export streams: it reads a file's records a slice at a time and writes each slice's rows as
+it goes, so that its memory is bounded by :data:`CHUNK_ROWS` (and a Parquet row group), not by
+the file: a long run of a large network exports on the machine that recorded it.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import io
 import json
 import math
 import sys
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -55,47 +65,101 @@ SETTINGS = {
 COLUMNS = ("variant", "bn", *SETTINGS, "section", "step", "layer", "quantity", "channel", "eta", "bin", "value")
 _MISSING_INT = ("channel", "bin", *(c for c, (_, kind) in SETTINGS.items() if kind == "int"))  # -1 where missing
 _MISSING_FLOAT = ("eta", *(c for c, (_, kind) in SETTINGS.items() if kind == "float"))  # NaN where missing
-_NUMBERS = ("step", "value", *_MISSING_INT, *_MISSING_FLOAT)
+_FLOATS = ("value", *_MISSING_FLOAT)
+_DTYPE = {c: np.float64 if c in _FLOATS else np.int64 if c in ("step", *_MISSING_INT) else object for c in COLUMNS}
 #: the column that tells positions along each axis apart (record is the ``step`` column)
 _COLUMN_OF_AXIS = {LAYER: "layer", BLOCK: "layer", RANK: "layer", CHANNEL: "channel", ETA: "eta", BIN: "bin"}
+#: rows made at a time: what bounds the memory of an export, whatever the size of the file
+CHUNK_ROWS = 1 << 16
+#: rows per Parquet row group, held in memory until written: a quarter of pyarrow's default (which
+#: takes some 400 MB more, for files a tenth smaller); a table of one group is what ``write_table`` writes
+ROW_GROUP_ROWS = 1 << 18
 
 
-def _block(run: RunData, rec: Recorded) -> dict[str, np.ndarray] | None:
-    """One column block per record dataset: a row per number, each axis in its column (names or
-    values along it where the run has them, the index otherwise). None for an axis with no column."""
+@dataclass(frozen=True)
+class _Block:
+    """The rows of records ``[start, stop)`` of one dataset. A column is one value for every row
+    (``const``), a pattern repeated for each record (``inner``: one entry per position in a
+    record), ``step`` (one per record) or ``value`` (read only when asked for)."""
+
+    rec: Recorded
+    start: int
+    stop: int
+    const: dict[str, Any]
+    inner: dict[str, np.ndarray]
+
+    @property
+    def records(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def width(self) -> int:
+        return math.prod(self.rec.shape[1:])
+
+    @property
+    def rows(self) -> int:
+        return self.records * self.width
+
+    def steps(self) -> np.ndarray:
+        return np.asarray(self.rec.steps[self.start : self.stop], dtype=np.int64)
+
+    def values(self) -> np.ndarray:
+        return self.rec.read(self.start, self.stop).reshape(-1).astype(np.float64)
+
+    def column(self, col: str) -> np.ndarray:
+        """One column in full, one entry per row."""
+        if col == "value":
+            return self.values()
+        if col == "step":
+            return np.repeat(self.steps(), self.width)
+        if col in self.inner:
+            return np.tile(self.inner[col], self.records)
+        return np.full(self.rows, self.const[col], dtype=_DTYPE[col])
+
+
+def _blocks(run: RunData, rec: Recorded, rows: int) -> Iterator[_Block]:
+    """The rows of one record dataset, a few records at a time (at most ``rows`` rows, or one
+    record); each axis in its column (names or values along it where the run has them, the index
+    otherwise). Nothing for a dataset with an axis that has no column."""
     if any(axis not in _COLUMN_OF_AXIS for axis in rec.axes[1:]):
-        return None  # an axis this table has no column for
-    n = min(len(rec.steps), len(rec.values))
-    values = rec.values[:n]
-    idx = np.indices(values.shape).reshape(values.ndim, -1)
-    size = idx.shape[1]
-    cols: dict[str, np.ndarray] = {
-        "variant": np.full(size, run.name, dtype=object),
-        "bn": np.full(size, bn_label(run.attrs), dtype=object),
-        **{col: np.full(size, _setting(run, attr, kind), dtype=_DTYPES[kind]) for col, (attr, kind) in SETTINGS.items()},
-        "section": np.full(size, rec.section, dtype=object),
-        "step": np.asarray(rec.steps[:n], dtype=np.int64)[idx[0]],
-        "layer": np.full(size, rec.fixed.get(LAYER, ""), dtype=object),
-        "quantity": np.full(size, rec.quantity, dtype=object),
-        "channel": np.full(size, -1, dtype=np.int64),
-        "eta": np.full(size, np.nan, dtype=np.float64),
-        "bin": np.full(size, -1, dtype=np.int64),
-        "value": values.reshape(-1).astype(np.float64),
+        return
+    const: dict[str, Any] = {
+        "variant": run.name,
+        "bn": bn_label(run.attrs),
+        **{col: _setting(run, attr, kind) for col, (attr, kind) in SETTINGS.items()},
+        "section": rec.section,
+        "layer": rec.fixed.get(LAYER, ""),
+        "quantity": rec.quantity,
+        "channel": -1,
+        "eta": math.nan,
+        "bin": -1,
     }
-    for axis_index, axis in enumerate(rec.axes[1:], start=1):
+    inner = _inner_columns(run, rec)
+    const = {c: v for c, v in const.items() if c not in inner}
+    n, width = min(len(rec.steps), rec.shape[0]), math.prod(rec.shape[1:])
+    if width == 0:
+        return
+    per_chunk = max(1, rows // width)
+    for start in range(0, n, per_chunk):
+        yield _Block(rec, start, min(n, start + per_chunk), const, inner)
+
+
+def _inner_columns(run: RunData, rec: Recorded) -> dict[str, np.ndarray]:
+    """The columns that vary within a record: their entries for one record, position by position."""
+    shape = rec.shape[1:]
+    idx = np.indices(shape).reshape(len(shape), math.prod(shape))
+    inner: dict[str, np.ndarray] = {}
+    for axis_index, axis in enumerate(rec.axes[1:]):
         col, i, along = _COLUMN_OF_AXIS[axis], idx[axis_index], run.along(rec.section, axis)
         if isinstance(along, list):  # names; a column beyond them is its index
-            names = along + [f"#{k}" for k in range(len(along), values.shape[axis_index])]
-            cols[col] = np.asarray(names, dtype=object)[i]
+            names = along + [f"#{k}" for k in range(len(along), shape[axis_index])]
+            inner[col] = np.asarray(names, dtype=object)[i]
         elif along is not None:
-            if len(along) == values.shape[axis_index]:
-                cols[col] = along[i]
-        elif cols[col].dtype == np.int64:  # channels and bins are their index; a value without values is missing
-            cols[col] = i.astype(np.int64)
-    return cols
-
-
-_DTYPES = {"text": object, "int": np.int64, "float": np.float64}
+            if len(along) == shape[axis_index]:
+                inner[col] = along[i]
+        elif _DTYPE[col] == np.int64:  # channels and bins are their index; a value without values is missing
+            inner[col] = i.astype(np.int64)
+    return inner
 
 
 def _setting(run: RunData, attr: str, kind: str) -> Any:
@@ -108,83 +172,164 @@ def _setting(run: RunData, attr: str, kind: str) -> Any:
     return int(value) if kind == "int" else float(value)
 
 
+def _table_blocks(path: str | Path, variant: str | None) -> Callable[[], Iterator[_Block]]:
+    """The blocks of the tidy table of ``path``, to go through as often as a writer needs (the
+    files and runs are read once, here, so that a bad file or variant fails before any writing)."""
+    _, columns = load_columns([path], variant)
+    recorded = [(c.run, rec) for c in columns for rec in c.run.records()]
+    return lambda: chain.from_iterable(_blocks(run, rec, CHUNK_ROWS) for run, rec in recorded)
+
+
 def tidy_table(path: str | Path, variant: str | None = None) -> dict[str, np.ndarray]:
-    """The tidy table of a bnprobe file as columns (see the module docstring for missing values).
+    """The tidy table of a bnprobe file as columns, in memory (see the module docstring for
+    missing values; :func:`export` writes a table of any size without holding it).
 
     ``variant``: comma-separated run names or globs (:class:`ConfigError` when none matches).
     """
-    _, columns = load_columns([path], variant)
-    blocks = [b for c in columns for rec in c.run.records() if (b := _block(c.run, rec)) is not None]
-    if not blocks:
-        return {
-            c: np.zeros(0, dtype=np.float64 if c in ("value", *_MISSING_FLOAT) else np.int64 if c in _NUMBERS else object) for c in COLUMNS
-        }
-    return {c: np.concatenate([b[c] for b in blocks]) for c in COLUMNS}
+    blocks = list(_table_blocks(path, variant)())
+    return {c: np.concatenate([np.zeros(0, dtype=_DTYPE[c]), *(b.column(c) for b in blocks)]) for c in COLUMNS}
 
 
-def _missing_to_none(col: str, values: np.ndarray) -> list[Any]:
+@functools.lru_cache(maxsize=4096)
+def _csv_text(text: str) -> str:
+    """``text`` as :mod:`csv` writes it in a row: quoted where it holds a comma, quote or newline."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([text, ""])
+    return buf.getvalue()[:-2]
+
+
+def _csv_cell(col: str) -> Callable[[Any], str]:
     if col in _MISSING_INT:
-        return [None if v < 0 else int(v) for v in values.tolist()]
-    if col in ("value", *_MISSING_FLOAT):
-        return [v if math.isfinite(v) else None for v in values.tolist()]
+        return lambda v: "" if v < 0 else str(v)
+    if col in _MISSING_FLOAT:
+        return lambda v: "" if math.isnan(v) else repr(v)
+    if col in ("step", "value"):
+        return repr  # shortest exact round trip; "nan"/"inf" as Python and pandas read them
+    return _csv_text
+
+
+_json_text = functools.lru_cache(maxsize=4096)(json.dumps)
+
+
+def _json_cell(col: str) -> Callable[[Any], str]:
+    """A column's cells as ``"col": value``; the first opens a record, the last closes it."""
+    key = ("{" if col == COLUMNS[0] else "") + json.dumps(col) + ": "
+    end = "}" if col == COLUMNS[-1] else ""
+    if col in _MISSING_INT:
+        return lambda v: f"{key}null{end}" if v < 0 else f"{key}{v!r}{end}"
+    if col in _FLOATS:
+        return lambda v: f"{key}{v!r}{end}" if math.isfinite(v) else f"{key}null{end}"
     if col == "step":
-        return [int(v) for v in values.tolist()]
-    return [str(v) for v in values.tolist()]
+        return lambda v: f"{key}{v!r}{end}"
+    return lambda v: f"{key}{_json_text(str(v))}{end}"
 
 
-def _write_csv(table: dict[str, np.ndarray], fh: TextIO) -> None:
-    def cell(col: str, v: Any) -> str:
-        if col in _MISSING_INT:
-            return "" if v < 0 else str(v)
-        if col in _MISSING_FLOAT:
-            return "" if math.isnan(v) else repr(v)
-        if col == "value":
-            return repr(v)  # shortest exact round trip; "nan"/"inf" as Python and pandas read them
-        return str(v)
-
-    writer = csv.writer(fh, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    lists = {c: table[c].tolist() for c in COLUMNS}
-    for i in range(len(table["value"])):
-        writer.writerow([cell(c, lists[c][i]) for c in COLUMNS])
+def _cells(block: _Block, col: str, cell: Callable[[Any], str]) -> Iterable[str]:
+    """One column's cells, one per row: a constant or a record's pattern is formatted once."""
+    if col == "value":
+        return map(cell, block.values().tolist())
+    if col == "step":
+        return chain.from_iterable(repeat(cell(s), block.width) for s in block.steps().tolist())
+    if col in block.inner:
+        return [cell(v) for v in block.inner[col].tolist()] * block.records
+    return repeat(cell(block.const[col]), block.rows)
 
 
-def _write_json(table: dict[str, np.ndarray], fh: TextIO) -> None:
-    lists = {c: _missing_to_none(c, table[c]) for c in COLUMNS}
-    records = [dict(zip(COLUMNS, row)) for row in zip(*(lists[c] for c in COLUMNS))]
-    json.dump(records, fh, allow_nan=False)
+def _rows(block: _Block, cells: dict[str, Callable[[Any], str]], sep: str) -> Iterator[str]:
+    return map(sep.join, zip(*(_cells(block, c, cells[c]) for c in COLUMNS)))
 
 
-def _write_npz(table: dict[str, np.ndarray], fh: BinaryIO) -> None:
-    arrays: dict[str, Any] = {c: (table[c].astype(str) if table[c].dtype == object else table[c]) for c in COLUMNS}
-    np.savez_compressed(fh, **arrays)
+def _write_csv(blocks: Iterable[_Block], fh: TextIO) -> None:
+    cells = {c: _csv_cell(c) for c in COLUMNS}
+    csv.writer(fh, lineterminator="\n").writerow(COLUMNS)
+    for block in blocks:
+        fh.write("\n".join(_rows(block, cells, ",")) + "\n")
 
 
-def _write_parquet(table: dict[str, np.ndarray], out: Path) -> None:
+def _write_json(blocks: Iterable[_Block], fh: TextIO) -> None:
+    """A list of records, as ``json.dump`` writes it, a block at a time."""
+    cells = {c: _json_cell(c) for c in COLUMNS}
+    fh.write("[")
+    for i, block in enumerate(blocks):
+        fh.write((", " if i else "") + ", ".join(_rows(block, cells, ", ")))
+    fh.write("]")
+
+
+def _write_npz(blocks: Callable[[], Iterable[_Block]], fh: BinaryIO) -> None:
+    """One ``.npy`` member per column, as ``numpy.savez_compressed`` writes it, a block at a time
+    (text as fixed-width unicode, as wide as its longest entry, measured first)."""
+    rows, widths = 0, {c: 1 for c in COLUMNS if _DTYPE[c] is object}
+    for block in blocks():
+        rows += block.rows
+        for c in widths:
+            found = block.inner[c].tolist() if c in block.inner else [block.const[c]]
+            widths[c] = max(widths[c], *map(len, found))
+    with zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        for c in COLUMNS:
+            dtype = np.dtype(f"<U{widths[c]}") if c in widths else np.dtype(_DTYPE[c])
+            with zf.open(f"{c}.npy", "w", force_zip64=True) as member:
+                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows,)}
+                np.lib.format.write_array_header_1_0(member, header)
+                for block in blocks():
+                    member.write(block.column(c).astype(dtype).tobytes())
+
+
+def _pyarrow() -> tuple[Any, Any]:
     try:
         import pyarrow as pa  # type: ignore[import-untyped,unused-ignore]
         import pyarrow.parquet as pq  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
         raise BnprobeError("parquet export needs pyarrow: pip install 'bnprobe[parquet]'") from None
-    types = {
-        "step": pa.int64(),
-        "value": pa.float64(),
-        **dict.fromkeys(_MISSING_INT, pa.int64()),
-        **dict.fromkeys(_MISSING_FLOAT, pa.float64()),
-    }
-    arrays = {}
+    return pa, pq
+
+
+def _arrow(pa: Any, schema: Any, block: _Block) -> Any:
+    """A block as an Arrow table: missing values are null (``value`` keeps NaN as NaN)."""
+    arrays = []
     for c in COLUMNS:
-        if c in (*_MISSING_INT, *_MISSING_FLOAT):
-            arrays[c] = pa.array(_missing_to_none(c, table[c]), type=types[c])
-        elif c in types:
-            arrays[c] = pa.array(table[c], type=types[c])
+        kind = schema.field(c).type
+        if c in block.const:
+            v = block.const[c]
+            missing = (c in _MISSING_INT and v < 0) or (c in _MISSING_FLOAT and not math.isfinite(v))
+            same = _same_text(pa, v, block.rows) if isinstance(v, str) else pa.repeat(pa.scalar(v, kind), block.rows)
+            arrays.append(pa.nulls(block.rows, kind) if missing else same)
         else:
-            arrays[c] = pa.array(table[c].tolist(), type=pa.string())
-    pq.write_table(pa.table(arrays), out)
+            col = block.column(c)
+            mask = col < 0 if c in _MISSING_INT else ~np.isfinite(col) if c in _MISSING_FLOAT else None
+            arrays.append(pa.array(col, type=kind, mask=mask))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _same_text(pa: Any, text: str, rows: int) -> Any:
+    """``rows`` times ``text``, an Arrow string array built from its buffers (``pa.repeat`` of a
+    string takes about a microsecond a row, as long as all the rest of a Parquet export)."""
+    data = text.encode()
+    offsets = np.arange(rows + 1, dtype=np.int32) * len(data)
+    return pa.StringArray.from_buffers(rows, pa.py_buffer(offsets), pa.py_buffer(data * rows))
+
+
+def _write_parquet(blocks: Iterable[_Block], out: Path) -> None:
+    """Row groups of :data:`ROW_GROUP_ROWS` rows, each written as soon as it is full (a group is
+    made contiguous first, as ``write_table`` gets it: the pages come out the same)."""
+    pa, pq = _pyarrow()
+    types = {c: pa.float64() if _DTYPE[c] == np.float64 else pa.int64() if _DTYPE[c] == np.int64 else pa.string() for c in COLUMNS}
+    schema = pa.schema(list(types.items()))
+    with pq.ParquetWriter(out, schema) as writer:
+        pending, held, written = [], 0, False
+        for block in blocks:
+            pending.append(_arrow(pa, schema, block))
+            held += block.rows
+            while held >= ROW_GROUP_ROWS:
+                table = pa.concat_tables(pending).combine_chunks()
+                writer.write_table(table.slice(0, ROW_GROUP_ROWS))
+                pending, held, written = [table.slice(ROW_GROUP_ROWS)], held - ROW_GROUP_ROWS, True
+        if held or not written:
+            writer.write_table(pa.concat_tables(pending).combine_chunks() if pending else schema.empty_table())
 
 
 def export(path: str | Path, fmt: str, out: str | Path, force: bool = False, variant: str | None = None) -> Path:
-    """Write the tidy table of ``path`` to ``out`` as ``fmt`` (csv, json, npz or parquet).
+    """Write the tidy table of ``path`` to ``out`` as ``fmt`` (csv, json, npz or parquet), a
+    block of rows at a time.
 
     Refuses to replace an existing ``out`` unless ``force`` (:class:`StoreError`); the file is
     written under a temporary name and renamed, so a failed export leaves nothing half-written.
@@ -197,26 +342,23 @@ def export(path: str | Path, fmt: str, out: str | Path, force: bool = False, var
     if str(out) == "-":
         if fmt not in ("csv", "json"):
             raise ConfigError(f"{fmt} is a binary format: give a file name for it (-o - writes csv or json to standard output)")
-        (_write_csv if fmt == "csv" else _write_json)(tidy_table(path, variant), sys.stdout)
+        (_write_csv if fmt == "csv" else _write_json)(_table_blocks(path, variant)(), sys.stdout)
         return Path("-")
     out = Path(out)
     check_output_path(out, force, inputs=[path])
     if fmt == "parquet":
-        try:
-            import pyarrow  # type: ignore[import-untyped,unused-ignore]  # noqa: F401
-        except ImportError:
-            raise BnprobeError("parquet export needs pyarrow: pip install 'bnprobe[parquet]'") from None
-    table = tidy_table(path, variant)
+        _pyarrow()
+    blocks = _table_blocks(path, variant)
     with atomic_output(out) as tmp:
         if fmt == "csv":
             with open(tmp, "w", newline="", encoding="utf-8") as fh:
-                _write_csv(table, fh)
+                _write_csv(blocks(), fh)
         elif fmt == "json":
             with open(tmp, "w", encoding="utf-8") as fh:
-                _write_json(table, fh)
+                _write_json(blocks(), fh)
         elif fmt == "npz":
             with open(tmp, "wb") as fh:
-                _write_npz(table, fh)
+                _write_npz(blocks, fh)
         else:
-            _write_parquet(table, tmp)
+            _write_parquet(blocks(), tmp)
     return out

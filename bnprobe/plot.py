@@ -104,10 +104,10 @@ def _finite(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def _recorded(c: Column, section: str, quantity: str) -> np.ndarray:
-    """A dataset the columns drawn are known to have (``_with_section`` checked the section's steps);
-    floats, except the steps."""
-    records = c.run.get(section, quantity)
+def _recorded(c: Column, section: str, quantity: str, column: int | None = None) -> np.ndarray:
+    """A dataset the columns drawn are known to have (``_with_section`` checked the section's steps),
+    or its column ``column`` alone; floats, except the steps."""
+    records = c.run.get(section, quantity) if column is None else c.run.column(section, quantity, column)
     if records is None:
         raise BnprobeError(f"no {section} {quantity} recorded in {c.path} (run {c.run.name}); {RECORD_HINTS[section]}")
     return records if quantity == STEP else _finite(records)
@@ -203,9 +203,9 @@ def _moments(plt: Any, columns: list[Column], layer: str | None) -> Any:
             continue
         j = moment_layers(c.run).index(name)
         kind = layer_kinds(c.run).get(name, "")
-        steps, *records = (_recorded(c, MOMENTS, q) for q in (STEP, "p15", "p50", "p85"))
+        steps, *records = (_recorded(c, MOMENTS, q, None if q == STEP else j) for q in (STEP, "p15", "p50", "p85"))
         n = min(len(steps), *map(len, records))
-        p15, p50, p85 = (p[:n, j] for p in records)
+        p15, p50, p85 = (p[:n] for p in records)
         steps = steps[:n]
         ax.fill_between(steps, p15, p85, color=color, alpha=0.15, linewidth=0)
         label = f"{_name(c)}, layer {name}" + (f" ({kind})" if kind else "") + ": 50th"

@@ -297,7 +297,7 @@ def _moments(run: RunData, patterns: Sequence[str], stat: str) -> Moments | None
         "stat": stat,
         "layers": layers,
         "per_channel_layers": run.per_channel_layers(),
-        "histogram": run.get(MOMENTS, "histogram") is not None,
+        "histogram": run.holds(MOMENTS, "histogram"),
     }
 
 

@@ -1,5 +1,6 @@
 """Reading bnprobe files: a whole file (:func:`read_file`), checked against the layout first, as
-plain arrays and attributes; a run's checkpoint (:func:`load_checkpoint`); plain HDF5 data files.
+attributes and arrays read when first asked for; a run's checkpoint (:func:`load_checkpoint`);
+plain HDF5 data files.
 
 Readers take axis labels from a dataset's ``axes`` attribute, else from :data:`LAYOUT` (files
 written before that attribute). Reading needs no torch, except to load a checkpoint.
@@ -8,7 +9,7 @@ written before that attribute). Reading needs no torch, except to load a checkpo
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,17 +37,81 @@ from .layout import (
 )
 
 
+class Datasets(MutableMapping[str, np.ndarray]):
+    """A run's datasets by path in its group, each read from the file the first time it is asked
+    for and kept: a report reads what it draws, not every record of a long run. :meth:`read` reads
+    records of one without keeping them, so that an export holds one slice at a time."""
+
+    def __init__(self, file: Path | None = None, group: str = "", on_disk: Mapping[str, h5py.Dataset] | None = None) -> None:
+        self._file, self._group = file, group
+        self._arrays: dict[str, np.ndarray | None] = dict.fromkeys(on_disk or {})  # None: not read yet
+        self._meta = {k: (ds.shape, ds.dtype) for k, ds in (on_disk or {}).items()}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        value = self._arrays[key]
+        if value is None:
+            value = self._arrays[key] = self.read(key)
+        return value
+
+    def __setitem__(self, key: str, value: np.ndarray) -> None:
+        self._arrays[key] = value
+        self._meta.pop(key, None)
+
+    def __delitem__(self, key: str) -> None:
+        del self._arrays[key]
+        self._meta.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._arrays  # without reading it
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        value = self._arrays[key]
+        return np.shape(value) if value is not None else self._meta[key][0]
+
+    def dtype(self, key: str) -> np.dtype[Any]:
+        value = self._arrays[key]
+        return np.asarray(value).dtype if value is not None else self._meta[key][1]
+
+    def read(self, key: str, selection: slice | tuple[slice | int, ...] = slice(None)) -> np.ndarray:
+        """Part of dataset ``key`` (records ``[a:b]``, or ``[:, j]`` for a column; all of it by
+        default), read without keeping it."""
+        value = self._arrays[key]
+        if value is not None:
+            return value[selection]
+        assert self._file is not None  # only datasets listed from a file are left unread
+        try:
+            with h5py.File(self._file, "r", locking=False) as h5:
+                ds = h5[self._group][key]
+                return np.asarray(ds[()] if selection == slice(None) else ds[selection])
+        except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
+            if not self._file.is_file():
+                raise StoreError(f"{self._file} was moved or deleted while it was being read") from e
+            raise _damaged(self._file, e) from e
+
+
 @dataclass(frozen=True)
 class Recorded:
-    """One record dataset of a run: ``values`` is ``[record, ...]``, ``axes`` labels its axes
-    (``record`` first), ``fixed`` what its whole group is about (per-channel moments: the layer)."""
+    """One record dataset of a run (``path`` in its group) of ``shape`` ``[record, ...]``: ``axes``
+    labels its axes (``record`` first), ``fixed`` what its whole group is about (per-channel
+    moments: the layer). :meth:`read` reads some of its records."""
 
     section: str
     quantity: str
     steps: np.ndarray
-    values: np.ndarray
+    path: str
+    shape: tuple[int, ...]
     axes: tuple[str, ...]
     fixed: Mapping[str, str]
+    data: Datasets = field(repr=False, compare=False)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.data.read(self.path, slice(start, stop))
 
 
 @dataclass
@@ -60,7 +125,7 @@ class RunData:
     name: str
     attrs: dict[str, Any]
     layers: list[LayerRow]
-    data: dict[str, np.ndarray] = field(default_factory=dict)
+    data: Datasets = field(default_factory=Datasets)
     dataset_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -73,20 +138,28 @@ class RunData:
     def get(self, section: str, quantity: str) -> np.ndarray | None:
         """Dataset ``<section>/<quantity>`` (``STEP``: the steps of the records), None when not
         recorded; a name :data:`LAYOUT` does not list is a ``KeyError`` (a reader's typo)."""
-        path = f"{section}/{quantity}"
-        if path not in _NAMED and quantity != STEP:
-            raise KeyError(f"{path} is not a dataset of the layout")
+        path = _layout_path(section, quantity)
         return self.data.get(path)
 
+    def holds(self, section: str, quantity: str) -> bool:
+        """Whether the run has dataset ``<section>/<quantity>`` (nothing is read to tell)."""
+        return _layout_path(section, quantity) in self.data
+
     def last(self, section: str, quantity: str) -> Any:
-        """The last record of ``<section>/<quantity>``; None when there is none."""
-        arr = self.get(section, quantity)
-        return arr[-1] if arr is not None and len(arr) else None
+        """The last record of ``<section>/<quantity>`` (only it is read); None when there is none."""
+        path = _layout_path(section, quantity)
+        n = self.data.shape(path)[0] if path in self.data else 0
+        return self.data.read(path, slice(n - 1, n))[0] if n else None
+
+    def column(self, section: str, quantity: str, index: int) -> np.ndarray | None:
+        """Column ``index`` of ``<section>/<quantity>`` (one layer's records), only it read; None
+        when not recorded."""
+        path = _layout_path(section, quantity)
+        return self.data.read(path, (slice(None), index)) if path in self.data else None
 
     def attrs_of(self, section: str, quantity: str) -> dict[str, Any]:
         """Attributes of dataset ``<section>/<quantity>`` (the Hessian's BN mode and sample size)."""
-        self.get(section, quantity)
-        return self.dataset_attrs.get(f"{section}/{quantity}", {})
+        return self.dataset_attrs.get(_layout_path(section, quantity), {})
 
     def per_channel_layers(self) -> list[str]:
         """The layers with per-channel moments, sorted by name."""
@@ -96,7 +169,7 @@ class RunData:
     def axes(self, path: str) -> tuple[str, ...] | None:
         """Labels of the axes of dataset ``path``: its ``axes`` attribute, else :data:`LAYOUT`'s
         (files written before the attribute); None when neither fits its shape."""
-        ndim = np.ndim(self.data[path])
+        ndim = len(self.data.shape(path))
         stored = self.dataset_attrs.get(path, {}).get(AXES_ATTR)
         if isinstance(stored, list) and len(stored) == ndim and all(isinstance(a, str) for a in stored):
             return tuple(stored)
@@ -107,7 +180,7 @@ class RunData:
         list (``ics/layer``), else the layers table (a ``layer`` axis), else placeholders (``#0``,
         ``block0``), whichever has as many names as the records have columns."""
         own = _names_spec(section, axis)
-        width = next((np.shape(self.data[s.path])[s.axes.index(axis)] for s in _with_axis(section, axis) if s.path in self.data), None)
+        width = next((self.data.shape(s.path)[s.axes.index(axis)] for s in _with_axis(section, axis) if s.path in self.data), None)
         if width is None:  # nothing recorded: a section without its own list is about the layers table
             width = len(self.layers) if own is None and axis == LAYER else 0
         if own is not None and own.path in self.data:
@@ -133,20 +206,28 @@ class RunData:
         section, group (per-channel groups after their section), :data:`LAYOUT` entry and name.
         Series that :data:`LAYOUT` marks unrecorded when NaN throughout are left out."""
         found: list[tuple[tuple[int, str, int, str, int, str], Recorded]] = []
-        for path, values in self.data.items():
+        for path in self.data:
             group, _, quantity = path.rpartition("/")
             axes = self.axes(path) if quantity != STEP and f"{group}/{STEP}" in self.data else None
-            if axes is None or axes[0] != RECORD or values.dtype.kind not in "biuf":
+            kind, shape = self.data.dtype(path).kind, self.data.shape(path)
+            if axes is None or axes[0] != RECORD or kind not in "biuf":
                 continue
             spec = spec_of(path)
-            if spec is not None and spec.nan_is_unrecorded and values.ndim == 1 and values.dtype.kind == "f" and np.isnan(values).all():
+            if spec is not None and spec.nan_is_unrecorded and len(shape) == 1 and kind == "f" and np.isnan(self.data[path]).all():
                 continue
             section = group.split("/", 1)[0]
             rank = SECTIONS.index(section) if section in SECTIONS else len(SECTIONS)
             fixed = {spec.group_axis: group.rsplit("/", 1)[-1]} if spec is not None and spec.group_axis else {}
             key = (rank, section, group.count("/"), group, _RANK[spec] if spec is not None else len(LAYOUT), quantity)
-            found.append((key, Recorded(section, quantity, self.data[f"{group}/{STEP}"], values, axes, fixed)))
+            found.append((key, Recorded(section, quantity, self.data[f"{group}/{STEP}"], path, shape, axes, fixed, self.data)))
         return [rec for _, rec in sorted(found, key=lambda item: item[0])]
+
+
+def _layout_path(section: str, quantity: str) -> str:
+    path = f"{section}/{quantity}"
+    if path not in _NAMED and quantity != STEP:
+        raise KeyError(f"{path} is not a dataset of the layout")
+    return path
 
 
 @dataclass
@@ -176,7 +257,8 @@ def strings(values: Any) -> list[str]:
 
 
 def read_file(path: str | Path, load: bool = True) -> FileData:
-    """Read a bnprobe file (all runs, all datasets but checkpoints); one-line errors for bad files."""
+    """Read a bnprobe file (all runs, all datasets but checkpoints, each read when first asked for;
+    ``load=False``: headers only); one-line errors for bad files."""
     path = usable_path(path, StoreError)
     if path.is_dir():
         raise StoreError(f"{path} is a directory; give a bnprobe .h5 file")
@@ -197,12 +279,11 @@ def read_file(path: str | Path, load: bool = True) -> FileData:
             for name, group in h5.get("runs", {}).items():
                 run = run_header(name, group)
                 if load:
-                    _load_datasets(group, run)
+                    _list_datasets(path, group, run)
                 runs[name] = run
         except (KeyError, OSError, RuntimeError, ValueError, TypeError, UnicodeDecodeError) as e:
             # what h5py raises on a damaged file: bad checksums, unreadable objects, garbled types
-            detail = str(e.args[0]) if e.args else type(e).__name__  # KeyError's str() adds quotes
-            raise StoreError(f"{path} is damaged and cannot be read: {detail.splitlines()[0][:160]}") from e
+            raise _damaged(path, e) from e
     return FileData(path, attrs, runs)
 
 
@@ -215,6 +296,11 @@ def _check_version(stored: Any, path: Path) -> None:
         raise StoreError(f"{path} has a format_version bnprobe cannot read: {str(_decode(stored))[:40]!r}") from None
     if major > FORMAT_VERSION:
         raise StoreError(f"{path} has format version {major}, newer than this bnprobe reads ({FORMAT_VERSION}); upgrade bnprobe to read it")
+
+
+def _damaged(path: Path, e: Exception) -> StoreError:
+    detail = str(e.args[0]) if e.args else type(e).__name__  # KeyError's str() adds quotes
+    return StoreError(f"{path} is damaged and cannot be read: {detail.splitlines()[0][:160]}")
 
 
 def run_header(name: str, group: h5py.Group) -> RunData:
@@ -283,14 +369,18 @@ def _check_records(path: Path, rel: str, obj: Any) -> None:
         raise StoreError(f"{path}: {obj.name} is {obj.ndim}-D, not {_plural(spec.axes)}; {_NOT_OURS}")
 
 
-def _load_datasets(group: h5py.Group, run: RunData) -> None:
+def _list_datasets(path: Path, group: h5py.Group, run: RunData) -> None:
+    """The run's datasets (not their values) and their attributes."""
+    found: dict[str, h5py.Dataset] = {}
+
     def visit(rel: str, obj: Any) -> None:
         if isinstance(obj, h5py.Dataset) and rel not in ("layers", "checkpoint"):
-            run.data[rel] = obj[()]
+            found[rel] = obj
             if obj.attrs:
                 run.dataset_attrs[rel] = {k: _decode(v) for k, v in obj.attrs.items()}
 
     group.visititems(visit)
+    run.data = Datasets(path, group.name, found)
 
 
 def load_checkpoint(path: str | Path, run: str) -> tuple[dict[str, Any], int]:
