@@ -33,7 +33,7 @@ from .passes import leave_no_trace
 from .probes import Probe, StepBatch, load_probe_states, probe_states, scheduled_probes, track
 from .probes import start as start_probes
 from .recorder import Recorder
-from .store import RunWriter, Status
+from .store import RunWriter, Status, signals_deferred
 from .surgery import Action, BnPlan, apply_bn, is_batchnorm, synchronise_bn
 
 
@@ -218,7 +218,8 @@ def train_variant(
         with run.rec:
             status, diverged_step = _train_steps(run, bundle, device, progress)
     except KeyboardInterrupt:
-        run.finish(Status.INTERRUPTED, save=True)
+        with signals_deferred():  # a second Ctrl-C waits for the records, checkpoint and status to agree
+            run.finish(Status.INTERRUPTED, save=True)
         raise
     except Exception as e:  # the run fails either way; the model's errors do not stop the others
         status, failed_step = Status.FAILED, run.steps_done

@@ -9,6 +9,7 @@ save or load a checkpoint.
 from __future__ import annotations
 
 from .columns import Column, hessian_block_labels, ics_layers, layer_kinds, listing, load_columns, matches, moment_layers
+from .guard import OutputLock, atomic_output, check_output_path, partial_path, signals_deferred
 from .layout import (
     AXES_ATTR,
     BIN,
@@ -43,7 +44,7 @@ from .layout import (
     spec_of,
 )
 from .reader import FileData, Recorded, RunData, load_checkpoint, read_arrays, read_file, strings
-from .writer import RunWriter, Store, atomic_output, check_output_path, partial_path
+from .writer import RunWriter, Store
 
 #: the old name of :func:`hessian_block_labels`, kept for callers
 hessian_blocks = hessian_block_labels
@@ -79,6 +80,7 @@ __all__ = [
     "FileData",
     "LayerLike",
     "LayerRow",
+    "OutputLock",
     "Recorded",
     "RunData",
     "RunWriter",
@@ -99,6 +101,7 @@ __all__ = [
     "partial_path",
     "read_arrays",
     "read_file",
+    "signals_deferred",
     "spec_of",
     "strings",
 ]

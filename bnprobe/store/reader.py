@@ -7,6 +7,7 @@ written before that attribute). Reading needs no torch, except to load a checkpo
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -300,8 +301,11 @@ def _checkpoint(h5: h5py.File, path: Path, run: str) -> tuple[dict[str, Any], in
         raise StoreError(f"run {run!r} in {path} has no checkpoint")
     import torch  # only checkpoints need it: reading records does not
 
+    blob = group["checkpoint"][()].tobytes()
+    digest = group["checkpoint"].attrs.get("sha256")  # files written before checksums have none
+    if digest is not None and hashlib.sha256(blob).hexdigest() != _decode(digest):
+        raise StoreError(f"the checkpoint of run {run!r} in {path} is damaged (its SHA-256 does not match); it cannot be resumed")
     try:
-        blob = group["checkpoint"][()].tobytes()
         step = int(group["checkpoint"].attrs.get("step", 0))
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True), step
     except Exception as e:  # any failure to unpickle is a corrupted checkpoint
