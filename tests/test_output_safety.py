@@ -131,7 +131,40 @@ def test_the_lock_is_held_while_writing_and_gone_after(in_tmp: Path, tiny_config
     OutputLock.acquire("x.h5").release()
 
 
-# ----------------------------------------------------------------------------- damaged checkpoints
+# ----------------------------------------------------------------------------- resume checks first
+
+_MODEL = """
+from torch import nn
+
+
+def make(num_classes=10):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, {width}), nn.ReLU(), nn.Linear({width}, num_classes))
+"""
+
+
+@pytest.mark.parametrize(
+    ("edit", "killed", "error"),
+    [
+        (_MODEL.format(width=16), False, "the checkpoint of run 'keep' does not fit its model and config"),
+        ("def make(:\n", True, "syntax error in"),
+    ],
+    ids=["wider", "syntax-error-before-the-first-checkpoint"],
+)
+def test_resume_checks_the_model_and_checkpoint_before_touching_the_file(
+    in_tmp: Path, tiny_config: Path, edit: str, killed: bool, error: str
+) -> None:
+    (in_tmp / "m.py").write_text(_MODEL.format(width=8))
+    path = _interrupted_run(tiny_config, "x.h5", model="m.py:make")
+    if killed:  # as a run killed before its first checkpoint leaves it: records, no checkpoint, "running"
+        with h5py.File(path, "r+") as h5:
+            del h5["runs/keep/checkpoint"]
+            h5["runs/keep"].attrs["status"] = "running"
+    before = _digest(path)
+    (in_tmp / "m.py").write_text(edit)
+    result = runner.invoke(app, ["train", "--resume", "x.h5"])
+    assert result.exit_code == 2 and error in result.output, result.output
+    assert len(_error_lines(result.output)) == 1
+    assert _digest(path) == before
 
 
 def test_a_damaged_checkpoint_is_refused(in_tmp: Path, tiny_config: Path) -> None:

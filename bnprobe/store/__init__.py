@@ -43,7 +43,7 @@ from .layout import (
     axes_for,
     spec_of,
 )
-from .reader import FileData, Recorded, RunData, load_checkpoint, read_arrays, read_file, strings
+from .reader import FileData, Recorded, RunData, load_checkpoint, read_arrays, read_file, saved_checkpoint, strings
 from .writer import RunWriter, Store
 
 #: the old name of :func:`hessian_block_labels`, kept for callers
@@ -101,6 +101,7 @@ __all__ = [
     "partial_path",
     "read_arrays",
     "read_file",
+    "saved_checkpoint",
     "signals_deferred",
     "spec_of",
     "strings",

@@ -293,6 +293,13 @@ def load_checkpoint(path: str | Path, run: str) -> tuple[dict[str, Any], int]:
         return _checkpoint(h5, Path(path), run)
 
 
+def saved_checkpoint(path: str | Path, run: str) -> tuple[dict[str, Any], int] | None:
+    """Like :func:`load_checkpoint`, but None when ``run`` has no checkpoint (killed before its first)."""
+    read_file(path, load=False)
+    with h5py.File(path, "r", locking=False) as h5:
+        return _checkpoint(h5, Path(path), run) if "checkpoint" in h5.get(f"runs/{run}", {}) else None
+
+
 def _checkpoint(h5: h5py.File, path: Path, run: str) -> tuple[dict[str, Any], int]:
     group = h5.get(f"runs/{run}")
     if group is None:
