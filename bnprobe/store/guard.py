@@ -93,13 +93,24 @@ def free_bytes(directory: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+class NoRoomError(OSError):
+    """A write refused before it started: the file is as it was before."""
+
+
 def make_room(path: Path, needed: int) -> None:
     """Refuse a write of ``needed`` bytes (plus :data:`SPACE_MARGIN`) that the disk has no room for,
     before it starts: HDF5 cannot take back a write that fails half-way, which can leave a file
     that neither closes nor opens."""
     parent = path.parent if str(path.parent) else Path(".")
     if free_bytes(parent) < needed + SPACE_MARGIN:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise NoRoomError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def write_nowhere(fd: int) -> None:
+    """Point ``fd`` at /dev/null: what is still written through it succeeds and goes nowhere."""
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, fd)
+    os.close(null)
 
 
 def write_failure(e: BaseException) -> str:

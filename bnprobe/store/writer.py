@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import StoreError, clip
-from .guard import OutputLock, check_output_path, make_room, partial_path, signals_deferred, write_failure
+from .guard import NoRoomError, OutputLock, check_output_path, make_room, partial_path, signals_deferred, write_failure, write_nowhere
 from .layout import _LAYER_DTYPE, AXES_ATTR, FORMAT_VERSION, STEP, TRAIN, LayerLike, Status, spec_of
 from .reader import RunData, _checkpoint, read_file, run_header
 
@@ -147,6 +147,8 @@ class Store:
                 yield
         except (OSError, RuntimeError) as e:
             self.failure = f"cannot write {clip(str(self.path))}: {write_failure(e)}"
+            if not isinstance(e, NoRoomError):  # HDF5 met the full disk mid-write: close before it tries again
+                self._close_failed()
             raise StoreError(self.failure) from e
 
     def run(self, name: str, attrs: Mapping[str, Any]) -> RunWriter:
@@ -194,10 +196,8 @@ class Store:
             self._pending_rename = None
 
     def close(self) -> None:
-        if not self._h5.id.valid:
-            return
         try:
-            if self.failure is None:
+            if self.failure is None and self._h5.id.valid:
                 with signals_deferred():  # a second Ctrl-C does not cut the last flush short
                     for writer in self.writers.values():
                         writer.flush()
@@ -212,11 +212,16 @@ class Store:
     def _close_failed(self) -> None:
         """After a failed write: mark the runs still running ``failed`` and close, as far as the
         disk allows (the room kept by :func:`~.guard.make_room` is for this)."""
-        with contextlib.suppress(OSError, RuntimeError):
+        try:
             for writer in self.writers.values():
                 if writer._group.attrs.get("status") == Status.RUNNING.value:
                     writer._group.attrs.update({"status": Status.FAILED.value, "error": self.failure or ""})
             self._h5.flush()
+        except (OSError, RuntimeError):
+            # HDF5 keeps what it could not write and tries again at each dataset's release, at the
+            # close and at exit, printing tracebacks or crashing the process: those writes go to
+            # /dev/null. The file keeps what reached the disk.
+            write_nowhere(self._h5.id.get_vfd_handle())
         with contextlib.suppress(OSError, RuntimeError):
             self._h5.close()
 
@@ -394,6 +399,9 @@ class RunWriter:
                 start = ds.shape[0]
                 ds.resize(start + len(block), axis=0)
                 ds[start:] = block
+            # Written now, where a failure raises: HDF5 would otherwise write the chunks when the
+            # dataset is released, where a failure can only be printed.
+            ds.flush()
 
     def _room_for(self, path: str, block: np.ndarray) -> int:
         """Bytes the disk gives ``block`` appended to ``path``: the chunks it starts (HDF5 allocates
