@@ -8,11 +8,12 @@ every process trains its shard and rank 0 writes the file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -21,8 +22,11 @@ from .config import Config, expand_variants
 from .data import DataBundle, load_data
 from .errors import BnprobeError, ConfigError, ModelError, PeerStopped
 from .layers import no_layer_matches, probed_layers
-from .store import Status, Store
-from .trainer import ProgressFn, VariantResult, prepare_model, resolve_device, train_variant
+from .store import OutputLock, Status, Store
+from .surgery import BnPlan
+from .trainer import ProgressFn, VariantResult, check_checkpoint, prepare_model, resolve_device, train_variant
+
+_T = TypeVar("_T")
 
 
 def check_layer_selection(cfg: Config, bundle: DataBundle, models: list[nn.Module]) -> None:
@@ -65,19 +69,25 @@ def _process_group(cfg: Config) -> AbstractContextManager[None]:
 
 def _output(open_store: Callable[[], Store]) -> Store:
     """The store rank 0 writes (``open_store()``); the other processes of a torchrun run write to
-    memory, and stop quietly when rank 0 could not open its file (rank 0 says why)."""
+    memory."""
+    return _opened_by_rank0(open_store, Store.scratch)
+
+
+def _opened_by_rank0(open_: Callable[[], _T], others: Callable[[], _T]) -> _T:
+    """``open_()`` on rank 0 (the one process that writes the file), ``others()`` on the other
+    processes of a torchrun run, which stop quietly when rank 0 could not open it (rank 0 says why)."""
     if distributed.is_main():
         try:
-            store = open_store()
+            opened = open_()
         except BnprobeError as e:
             distributed.broadcast(str(e))
             raise
         distributed.broadcast(None)
-        return store
+        return opened
     problem = distributed.broadcast(None)
     if problem is not None:
         raise PeerStopped(f"rank 0 could not open the output: {problem}")
-    return Store.scratch()
+    return others()
 
 
 def _unless_first(result: VariantResult, store: Store) -> VariantResult:
@@ -90,7 +100,10 @@ def _unless_first(result: VariantResult, store: Store) -> VariantResult:
 
 def resume_experiment(path: Path, progress: ProgressFn | None = None) -> list[VariantResult]:
     """Continue the unfinished variants of ``path`` from their checkpoints (or from the start when
-    a run was killed before its first checkpoint), and run variants that never started."""
+    a run was killed before its first checkpoint), and run variants that never started.
+
+    No other process may write ``path`` meanwhile, and everything (config, data, every model, every
+    checkpoint and that it fits its model) is checked before the file is touched."""
     from .config import load_config_text
     from .store import read_file
 
@@ -98,23 +111,44 @@ def resume_experiment(path: Path, progress: ProgressFn | None = None) -> list[Va
     cfg = load_config_text(existing.attrs.get("config", ""), str(path))
     bundle = load_data(cfg.data, seed=cfg.seed, **dict(cfg.data_options))
     results = []
-    unfinished = {name: run for name, run in existing.runs.items() if run.attrs.get("status") not in (Status.FINISHED, Status.DIVERGED)}
-    with _process_group(cfg), _output(lambda: Store.append_to(path)) as store:
-        for name, unfinished_run in unfinished.items():  # before any variant trains: one file, one number of processes
-            _check_same_processes(path, name, int(unfinished_run.attrs.get("world_size", 1)))
-        for name, run_cfg in expand_variants(cfg):
-            started = name in existing.runs
-            if started and name not in unfinished:
-                continue
-            distributed.check_divisible(run_cfg.batch_size)
-            saved = distributed.broadcast(store.checkpoint(name) if started and distributed.is_main() else None)
-            checkpoint = saved[0] if isinstance(saved, tuple) else None
-            writer = store.run(name, {"variant": name})
-            if checkpoint is None:
-                writer.truncate(0)
-            prepared = prepare_model(run_cfg, bundle, resolve_device(run_cfg.device))
-            results.append(train_variant(run_cfg, name, bundle, writer, progress, prepared, checkpoint))
+    with _process_group(cfg):
+        lock = _opened_by_rank0(lambda: OutputLock.acquire(path), lambda: None)
+        with lock or contextlib.nullcontext():
+            plans = _resume_plans(path, cfg, bundle)
+            with _output(lambda: Store.append_to(path, lock)) as store:
+                for name, run_cfg, checkpoint, prepared in plans:
+                    writer = store.run(name, {"variant": name})
+                    if checkpoint is None:
+                        writer.truncate(0)
+                    results.append(train_variant(run_cfg, name, bundle, writer, progress, prepared, checkpoint))
     return results
+
+
+_Plan = tuple[str, Config, dict[str, Any] | None, tuple[nn.Module, BnPlan | None]]
+
+
+def _resume_plans(path: Path, cfg: Config, bundle: DataBundle) -> list[_Plan]:
+    """The variants of ``path`` to train, each with its checkpoint (None: from the start) and its
+    model, built and loaded from the checkpoint: every check a resume makes, with nothing written."""
+    from .store import read_file, saved_checkpoint
+
+    existing = read_file(path, load=False)  # again, now that no other process writes it
+    unfinished = {name: run for name, run in existing.runs.items() if run.attrs.get("status") not in (Status.FINISHED, Status.DIVERGED)}
+    for name, unfinished_run in unfinished.items():  # before any variant trains: one file, one number of processes
+        _check_same_processes(path, name, int(unfinished_run.attrs.get("world_size", 1)))
+    plans: list[_Plan] = []
+    for name, run_cfg in expand_variants(cfg):
+        started = name in existing.runs
+        if started and name not in unfinished:
+            continue
+        distributed.check_divisible(run_cfg.batch_size)
+        saved = distributed.broadcast(saved_checkpoint(path, name) if started and distributed.is_main() else None)
+        checkpoint = saved[0] if isinstance(saved, tuple) else None
+        prepared = prepare_model(run_cfg, bundle, resolve_device(run_cfg.device))
+        if checkpoint is not None:
+            check_checkpoint(run_cfg, name, prepared[0], checkpoint)
+        plans.append((name, run_cfg, checkpoint, prepared))
+    return plans
 
 
 def _check_same_processes(path: Path, name: str, trained_by: int) -> None:

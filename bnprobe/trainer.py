@@ -34,7 +34,7 @@ from .passes import leave_no_trace, refuse_scripted
 from .probes import Probe, StepBatch, load_probe_states, probe_states, scheduled_probes, track
 from .probes import start as start_probes
 from .recorder import Recorder
-from .store import RunWriter, Status
+from .store import RunWriter, Status, signals_deferred
 from .surgery import Action, BnPlan, apply_bn, is_batchnorm, synchronise_bn
 
 
@@ -243,7 +243,8 @@ def train_variant(
         with run.rec:
             status, diverged_step = _train_steps(run, bundle, device, progress)
     except KeyboardInterrupt:
-        run.finish(Status.INTERRUPTED, save=True)
+        with signals_deferred():  # a second Ctrl-C waits for the records, checkpoint and status to agree
+            run.finish(Status.INTERRUPTED, save=True)
         raise
     except Exception as e:  # the run fails either way; the model's errors do not stop the others
         status, failed_step = Status.FAILED, run.steps_done
@@ -363,17 +364,32 @@ def _resume(
     name: str, model: nn.Module, optimizer: torch.optim.Optimizer, probes: list[Probe], writer: RunWriter, checkpoint: dict[str, Any]
 ) -> int:
     """Load a checkpoint into the run; returns the step to continue from."""
-    try:
+    with _checkpoint_errors(name):
         start = int(checkpoint["next_step"])
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         rng.restore(model, rng.RngState(checkpoint["rng_cpu"], [], checkpoint["rng_modules"]))
         rng.restore_model_device_state(model, checkpoint.get("rng_cuda"))
         load_probe_states(probes, checkpoint.get("probes", {}))
-    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:  # a file edited or damaged
-        raise StoreError(f"the checkpoint of run {name!r} does not fit its model and config: {described(e)}") from e
     writer.truncate(start)
     return start
+
+
+def check_checkpoint(cfg: Config, name: str, model: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Refuse a checkpoint that no longer fits its model (a model file edited since: other shapes)
+    before a resume writes anything; loads it into ``model`` and an optimizer as the run will."""
+    with _checkpoint_errors(name):
+        int(checkpoint["next_step"])
+        model.load_state_dict(checkpoint["model"])
+        make_optimizer(cfg, model.parameters()).load_state_dict(checkpoint["optimizer"])
+
+
+@contextmanager
+def _checkpoint_errors(name: str) -> Iterator[None]:
+    try:
+        yield
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:  # a file edited or damaged
+        raise StoreError(f"the checkpoint of run {name!r} does not fit its model and config: {described(e)}") from e
 
 
 def _train_steps(run: _Run, bundle: DataBundle, device: torch.device, progress: ProgressFn | None) -> tuple[Status, int | None]:

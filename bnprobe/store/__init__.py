@@ -34,9 +34,10 @@ from ..measurements import (
     DatasetSpec,
 )
 from .columns import Column, hessian_block_labels, ics_layers, layer_kinds, listing, load_columns, matches, moment_layers
+from .guard import OutputLock, atomic_output, check_output_path, partial_path, signals_deferred
 from .layout import AXES_ATTR, FORMAT_VERSION, LAYOUT, LayerLike, LayerRow, Status, axes_for, spec_of
-from .reader import FileData, Recorded, RunData, load_checkpoint, read_arrays, read_file, strings
-from .writer import RunWriter, Store, atomic_output, check_output_path, partial_path
+from .reader import FileData, Recorded, RunData, load_checkpoint, read_arrays, read_file, saved_checkpoint, strings
+from .writer import RunWriter, Store
 
 #: the old name of :func:`hessian_block_labels`, kept for callers
 hessian_blocks = hessian_block_labels
@@ -72,6 +73,7 @@ __all__ = [
     "FileData",
     "LayerLike",
     "LayerRow",
+    "OutputLock",
     "Recorded",
     "RunData",
     "RunWriter",
@@ -92,6 +94,8 @@ __all__ = [
     "partial_path",
     "read_arrays",
     "read_file",
+    "saved_checkpoint",
+    "signals_deferred",
     "spec_of",
     "strings",
 ]

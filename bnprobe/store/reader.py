@@ -8,6 +8,7 @@ written before that attribute). Reading needs no torch, except to load a checkpo
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -390,6 +391,13 @@ def load_checkpoint(path: str | Path, run: str) -> tuple[dict[str, Any], int]:
         return _checkpoint(h5, Path(path), run)
 
 
+def saved_checkpoint(path: str | Path, run: str) -> tuple[dict[str, Any], int] | None:
+    """Like :func:`load_checkpoint`, but None when ``run`` has no checkpoint (killed before its first)."""
+    read_file(path, load=False)
+    with h5py.File(path, "r", locking=False) as h5:
+        return _checkpoint(h5, Path(path), run) if "checkpoint" in h5.get(f"runs/{run}", {}) else None
+
+
 def _checkpoint(h5: h5py.File, path: Path, run: str) -> tuple[dict[str, Any], int]:
     group = h5.get(f"runs/{run}")
     if group is None:
@@ -398,8 +406,11 @@ def _checkpoint(h5: h5py.File, path: Path, run: str) -> tuple[dict[str, Any], in
         raise StoreError(f"run {run!r} in {path} has no checkpoint")
     import torch  # only checkpoints need it: reading records does not
 
+    blob = group["checkpoint"][()].tobytes()
+    digest = group["checkpoint"].attrs.get("sha256")  # files written before checksums have none
+    if digest is not None and hashlib.sha256(blob).hexdigest() != _decode(digest):
+        raise StoreError(f"the checkpoint of run {run!r} in {path} is damaged (its SHA-256 does not match); it cannot be resumed")
     try:
-        blob = group["checkpoint"][()].tobytes()
         step = int(group["checkpoint"].attrs.get("step", 0))
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True), step
     except Exception as e:  # any failure to unpickle is a corrupted checkpoint
