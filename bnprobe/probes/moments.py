@@ -13,11 +13,13 @@ Conventions (the tests check them against numpy):
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .. import distributed
@@ -160,11 +162,17 @@ def _eager_moments(flat: torch.Tensor, workspace: Workspace | None) -> torch.Ten
         lo, hi = (extreme.reshape(1) for extreme in torch.aminmax(flat))
     else:
         lo, hi = flat.amin(dim=1), flat.amax(dim=1)
-    d, s2, s3, s4, zeros = sums / n
+    return _central(shift, sums / n, lo, hi).to(flat.dtype)
+
+
+def _central(shift: torch.Tensor, means: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The raw statistics from the means of c, c^2, c^3, c^4 and zeros (c the values less
+    ``shift``), the mean's rounding d = mean(c) taken out as :func:`_eager_moments` says."""
+    d, s2, s3, s4, zeros = means
     m2 = s2 - d * d
     m3 = s3 - 3 * d * s2 + 2 * d**3
     m4 = s4 - 4 * d * s3 + 6 * d * d * s2 - 3 * d**4
-    return torch.stack([shift + d, m2, m3, m4, lo.to(d.dtype), hi.to(d.dtype), zeros]).to(flat.dtype)
+    return torch.stack([shift + d, m2, m3, m4, lo.to(d.dtype), hi.to(d.dtype), zeros])
 
 
 class Partial(NamedTuple):
@@ -205,35 +213,144 @@ def partial_moments(
     return Partial(raw if rows else raw[:, 0], sample if rows else sample[0], n)
 
 
+SMALL = 1 << 16  # elements: up to this, a layer's own reductions cost less than their fixed cost, so it waits for partials_together
+_ROW = 256  # elements per row of partials_together's table: a layer wastes less than a row in padding
+
+
+class Deferred(NamedTuple):
+    """A small activation kept for :func:`partials_together`: an owned copy (the forward may
+    change its output in place after the hook) and its percentile subsample, drawn now, in the
+    order the layers run, so the subsample stream is the one computing each at once draws."""
+
+    data: torch.Tensor  # [n], 0 < n <= SMALL
+    sample: torch.Tensor
+
+
+def deferred_or_partial(
+    x: torch.Tensor, samples: int, generator: torch.Generator | None, workspace: Workspace | None = None
+) -> Partial | Deferred:
+    """Whole-tensor statistics of ``x``: a copy (one operation) to reduce later with the other
+    small layers', or, for a larger or empty ``x``, :func:`partial_moments` now."""
+    x = x.detach()
+    if not 0 < x.numel() <= SMALL:
+        return partial_moments(x, False, samples, generator, workspace)
+    data = x.reshape(-1).to(x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32, copy=True)
+    return Deferred(data, _subsample(data, samples, generator))
+
+
+@functools.lru_cache(maxsize=8)
+def _table_layout(lengths: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For layers of ``lengths`` laid out in rows of ``_ROW``, each padded to whole rows: each
+    row's layer, where padding is ([rows, _ROW]), each layer's padding and size (float64)."""
+    rows = [-(-n // _ROW) for n in lengths]
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(rows))
+    pads = torch.tensor([r * _ROW - n for r, n in zip(rows, lengths)], dtype=torch.float64)
+    used = torch.tensor([n - (r - 1) * _ROW for r, n in zip(rows, lengths)])[owner]  # elements in each layer's last row
+    last = torch.cat([torch.arange(r) == r - 1 for r in rows])
+    padding = last[:, None] & (torch.arange(_ROW)[None, :] >= used[:, None])
+    sizes = torch.tensor(lengths, dtype=torch.float64)
+    return owner.to(device), padding.to(device), pads.to(device), sizes.to(device)
+
+
+def _raw_together(datas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[7, layers]``: :func:`_eager_moments` of each of ``datas`` (1-D, one dtype and device),
+    for all at once: the layers in one table of rows, one reduction per row and statistic, the
+    rows' sums added into their layers' in float64. A few dozen operations, whatever the count of
+    layers; the padding is zeros, kept out of the sums and counts, and each row's first value
+    (the layer's own) in the extremes."""
+    lengths = tuple(d.numel() for d in datas)
+    owner, padding, pads, n = _table_layout(lengths, datas[0].device)
+    zeros = datas[0].new_zeros(_ROW)
+    x = torch.cat([piece for d in datas for piece in (d, zeros[: -d.numel() % _ROW])]).view(-1, _ROW)
+    acc = _accumulator(x)
+
+    def per_layer(rows: torch.Tensor) -> torch.Tensor:  # [rows, k] -> [k, layers]
+        return torch.zeros(len(lengths), rows.shape[1], dtype=acc, device=x.device).index_add_(0, owner, rows.to(acc)).t()
+
+    shift = (per_layer(x.sum(1)[:, None])[0] / n).to(x.dtype)
+    centred = torch.sub(x, shift[owner][:, None]).masked_fill_(padding, 0)
+    sq = centred * centred
+    is_zero = torch.count_nonzero(torch.logical_not(x), dim=1).to(x.dtype)
+    sums = per_layer(torch.stack([centred.sum(1), sq.sum(1), (sq * centred).sum(1), (sq * sq).sum(1), is_zero], dim=1))
+    sums[4] -= pads
+    filled = torch.where(padding, x[:, :1], x)
+    lo, hi = (
+        torch.empty(len(lengths), dtype=x.dtype, device=x.device).scatter_reduce_(0, owner, extreme, how, include_self=False)
+        for extreme, how in ((filled.amin(1), "amin"), (filled.amax(1), "amax"))
+    )
+    return _central(shift.to(acc), sums / n, lo, hi).to(x.dtype)
+
+
+def partials_together(items: Sequence[Deferred]) -> list[Partial]:
+    """The :class:`Partial` of each of ``items``, those of one dtype and device reduced together."""
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault((item.data.dtype, item.data.device), []).append(i)
+    out: dict[int, Partial] = {}
+    for members in groups.values():
+        raw = _raw_together([items[i].data for i in members])
+        for i, column in zip(members, raw.unbind(1)):
+            out[i] = Partial(column, items[i].sample, items[i].data.numel())
+    return [out[i] for i in range(len(items))]
+
+
 def finish(part: Partial) -> torch.Tensor:
     """``STATS`` from a :class:`Partial`: skewness and excess kurtosis from the central moments,
     percentiles of the subsample."""
-    mean, var, m3, m4, lo, hi, zeros = part.raw
     if part.n == 0:
-        return torch.full((len(STATS), *mean.shape), float("nan"), dtype=mean.dtype, device=mean.device)
+        return torch.full((len(STATS), *part.raw.shape[1:]), float("nan"), dtype=part.raw.dtype, device=part.raw.device)
+    return _finished(part.raw, torch.quantile(part.sample, _levels(part.sample), dim=-1))
+
+
+def _levels(sample: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(QUANTILES, dtype=sample.dtype).to(sample.device, non_blocking=True)
+
+
+def _finished(raw: torch.Tensor, pct: torch.Tensor) -> torch.Tensor:
+    mean, var, m3, m4, lo, hi, zeros = raw
     safe_var = torch.where(var > 0, var, torch.ones_like(var))
     skew = torch.where(var > 0, m3 / (safe_var * safe_var.sqrt()), torch.zeros_like(var))  # pow(1.5)'s last bit depends on the position
     kurt = torch.where(var > 0, m4 / (safe_var * safe_var) - 3.0, torch.zeros_like(var))
-    q = torch.tensor(QUANTILES, dtype=part.sample.dtype).to(part.sample.device, non_blocking=True)
-    pct = torch.quantile(part.sample, q, dim=-1)
     return torch.stack([mean, var, skew, kurt, lo, hi, zeros, pct[0], pct[1], pct[2]])
 
 
+def _quantiles(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[len(QUANTILES), len(rows)]``: ``torch.quantile`` of each row (1-D, of any lengths), to
+    the bit, from one sort of the rows padded with +inf (which sorts after every value but NaN):
+    the same ranks, neighbours and interpolation on each row's own length, and a row with a NaN
+    gets the last place, a NaN, as torch.quantile gives it."""
+    table = _sorted_rows(torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True, padding_value=float("inf")))
+    last = torch.tensor([r.numel() - 1 for r in rows], dtype=torch.float64).to(table.device, non_blocking=True)
+    ranks = (_levels(table).double()[None, :] * last[:, None]).masked_fill_(table.isnan().any(1, keepdim=True), table.shape[1] - 1)
+    below = ranks.long()
+    weights = (ranks - below).to(table.dtype)  # ranks in float64, as torch.quantile takes them
+    return table.gather(1, below).lerp_(table.gather(1, ranks.ceil().long()), weights).t()
+
+
+def _sorted_rows(table: torch.Tensor) -> torch.Tensor:
+    """Each row of ``table`` sorted, NaN last. On CPU by numpy, whose vectorised sort took a tenth
+    of torch's time on rows of a few hundred values and a third on rows of 16,384 (the values are
+    the same: sorting is exact)."""
+    if table.device.type == "cpu" and table.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(table.numpy(), axis=1))
+    return table.sort(dim=1).values
+
+
 def finish_all(parts: Sequence[Partial]) -> list[torch.Tensor]:
-    """:func:`finish` of each of ``parts``, those with subsamples of one size together: one
-    quantile (a sort per row) and one set of formulas for all of them instead of one per layer
-    (the deeper the model, the more it saves)."""
+    """:func:`finish` of each of ``parts``, to the bit, those of one dtype and device together: one
+    quantile (one sort) and one set of formulas for all of them instead of one per layer (the
+    deeper the model, the more it saves)."""
     out: dict[int, torch.Tensor] = {}
     groups: dict[tuple[object, ...], list[int]] = {}
     for i, part in enumerate(parts):
         if part.n == 0:
             out[i] = finish(part)
         else:
-            groups.setdefault((part.sample.shape[-1], part.sample.dtype, part.raw.dtype, part.raw.device), []).append(i)
+            groups.setdefault((part.sample.dtype, part.raw.dtype, part.raw.device), []).append(i)
     for members in groups.values():
         raws = [parts[i].raw.reshape(7, -1) for i in members]
-        samples = torch.cat([parts[i].sample.reshape(r.shape[1], -1) for i, r in zip(members, raws)])
-        stats = finish(Partial(torch.cat(raws, dim=1), samples, 1))
+        rows = [row for i, r in zip(members, raws) for row in parts[i].sample.reshape(r.shape[1], -1).unbind()]
+        stats = _finished(torch.cat(raws, dim=1), _quantiles(rows))
         for i, columns in zip(members, stats.split([r.shape[1] for r in raws], dim=1)):
             out[i] = columns.reshape(len(STATS), *parts[i].raw.shape[1:])
     return [out[i] for i in range(len(parts))]
