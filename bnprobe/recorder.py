@@ -154,17 +154,16 @@ class Recorder:
             tensor = _first_tensor(out)
             if tensor is None or not tensor.is_floating_point():
                 return
-            with torch.no_grad():
-                if self._generator is None or self._generator.device != tensor.device:
-                    self._generator = torch.Generator(device=tensor.device).manual_seed(self._seed)
-                    if self._generator_state is not None:
-                        self._generator.set_state(self._generator_state)
-                samples = max(1, self.samples // self.processes)  # the processes' subsamples make up one
-                self._current[name] = deferred_or_partial(tensor, samples, self._generator, self._workspace)
-                if self.per_channel and tensor.dim() >= 2:
-                    self._current_channel[name] = partial_moments(tensor, True, samples, self._generator, self._workspace)
-                if self.histogram_bins:
-                    self._current_hist[name] = histogram(tensor, self.histogram_bins, *self.histogram_range)
+            if self._generator is None or self._generator.device != tensor.device:
+                self._generator = torch.Generator(device=tensor.device).manual_seed(self._seed)
+                if self._generator_state is not None:
+                    self._generator.set_state(self._generator_state)
+            samples = max(1, self.samples // self.processes)  # the processes' subsamples make up one
+            self._current[name] = deferred_or_partial(tensor, samples, self._generator, self._workspace)  # these detach the output
+            if self.per_channel and tensor.dim() >= 2:
+                self._current_channel[name] = partial_moments(tensor, True, samples, self._generator, self._workspace)
+            if self.histogram_bins:
+                self._current_hist[name] = histogram(tensor, self.histogram_bins, *self.histogram_range)
 
         return hook
 

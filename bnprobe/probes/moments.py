@@ -14,6 +14,7 @@ Conventions (the tests check them against numpy):
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -238,45 +239,62 @@ def deferred_or_partial(
     return Deferred(data, _subsample(data, samples, generator))
 
 
+@functools.lru_cache(maxsize=16)
+def _padding_source(lengths: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
+    """For rows of ``lengths`` each padded to a multiple of ``width``: where each place takes its
+    value from in the rows concatenated with one fill value after them."""
+    total, starts = sum(lengths), itertools.accumulate(lengths, initial=0)
+    return torch.cat([torch.cat([torch.arange(s, s + n), torch.full((-n % width,), total)]) for s, n in zip(starts, lengths)]).to(device)
+
+
+def _padded(rows: Sequence[torch.Tensor], width: int, fill: float) -> torch.Tensor:
+    """``rows`` (1-D) each padded with ``fill`` to a multiple of ``width``, as ``[-1, width]``, by
+    two operations whatever their count (the padding's places are cached by the rows' lengths)."""
+    source = _padding_source(tuple(r.numel() for r in rows), width, rows[0].device)
+    return torch.cat([*rows, rows[0].new_full((1,), fill)]).index_select(0, source).view(-1, width)
+
+
 @functools.lru_cache(maxsize=8)
-def _table_layout(lengths: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _table_layout(
+    lengths: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For layers of ``lengths`` laid out in rows of ``_ROW``, each padded to whole rows: each
-    row's layer, where padding is ([rows, _ROW]), each layer's padding and size (float64)."""
+    row's layer, 1 at the values and 0 at the padding, 0 at the values and +inf at the padding
+    (both ``[rows, _ROW]``: multiplying and adding by them is fast, unlike a boolean mask), each
+    layer's padding and size (float64)."""
     rows = [-(-n // _ROW) for n in lengths]
     owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(rows))
     pads = torch.tensor([r * _ROW - n for r, n in zip(rows, lengths)], dtype=torch.float64)
     used = torch.tensor([n - (r - 1) * _ROW for r, n in zip(rows, lengths)])[owner]  # elements in each layer's last row
     last = torch.cat([torch.arange(r) == r - 1 for r in rows])
     padding = last[:, None] & (torch.arange(_ROW)[None, :] >= used[:, None])
+    keep, away = torch.logical_not(padding).to(dtype), torch.where(padding, float("inf"), 0.0).to(dtype)
     sizes = torch.tensor(lengths, dtype=torch.float64)
-    return owner.to(device), padding.to(device), pads.to(device), sizes.to(device)
+    return owner.to(device), keep.to(device), away.to(device), pads.to(device), sizes.to(device)
 
 
 def _raw_together(datas: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[7, layers]``: :func:`_eager_moments` of each of ``datas`` (1-D, one dtype and device),
     for all at once: the layers in one table of rows, one reduction per row and statistic, the
     rows' sums added into their layers' in float64. A few dozen operations, whatever the count of
-    layers; the padding is zeros, kept out of the sums and counts, and each row's first value
-    (the layer's own) in the extremes."""
+    layers; the padding is zeros, kept out of the sums, counts and extremes."""
     lengths = tuple(d.numel() for d in datas)
-    owner, padding, pads, n = _table_layout(lengths, datas[0].device)
-    zeros = datas[0].new_zeros(_ROW)
-    x = torch.cat([piece for d in datas for piece in (d, zeros[: -d.numel() % _ROW])]).view(-1, _ROW)
+    owner, keep, away, pads, n = _table_layout(lengths, datas[0].dtype, datas[0].device)
+    x = _padded(datas, _ROW, 0.0)
     acc = _accumulator(x)
 
     def per_layer(rows: torch.Tensor) -> torch.Tensor:  # [rows, k] -> [k, layers]
         return torch.zeros(len(lengths), rows.shape[1], dtype=acc, device=x.device).index_add_(0, owner, rows.to(acc)).t()
 
     shift = (per_layer(x.sum(1)[:, None])[0] / n).to(x.dtype)
-    centred = torch.sub(x, shift[owner][:, None]).masked_fill_(padding, 0)
+    centred = torch.sub(x, shift.index_select(0, owner)[:, None]).mul_(keep)
     sq = centred * centred
     is_zero = torch.count_nonzero(torch.logical_not(x), dim=1).to(x.dtype)
     sums = per_layer(torch.stack([centred.sum(1), sq.sum(1), (sq * centred).sum(1), (sq * sq).sum(1), is_zero], dim=1))
     sums[4] -= pads
-    filled = torch.where(padding, x[:, :1], x)
     lo, hi = (
         torch.empty(len(lengths), dtype=x.dtype, device=x.device).scatter_reduce_(0, owner, extreme, how, include_self=False)
-        for extreme, how in ((filled.amin(1), "amin"), (filled.amax(1), "amax"))
+        for extreme, how in (((x + away).amin(1), "amin"), ((x - away).amax(1), "amax"))
     )
     return _central(shift.to(acc), sums / n, lo, hi).to(x.dtype)
 
@@ -319,9 +337,9 @@ def _quantiles(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     the bit, from one sort of the rows padded with +inf (which sorts after every value but NaN):
     the same ranks, neighbours and interpolation on each row's own length, and a row with a NaN
     gets the last place, a NaN, as torch.quantile gives it."""
-    table = _sorted_rows(torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True, padding_value=float("inf")))
+    table = _sorted_rows(_padded(rows, max(r.numel() for r in rows), float("inf")))
     last = torch.tensor([r.numel() - 1 for r in rows], dtype=torch.float64).to(table.device, non_blocking=True)
-    ranks = (_levels(table).double()[None, :] * last[:, None]).masked_fill_(table.isnan().any(1, keepdim=True), table.shape[1] - 1)
+    ranks = (_levels(table).double()[None, :] * last[:, None]).masked_fill_(table[:, -1:].isnan(), table.shape[1] - 1)  # NaN sorts last
     below = ranks.long()
     weights = (ranks - below).to(table.dtype)  # ranks in float64, as torch.quantile takes them
     return table.gather(1, below).lerp_(table.gather(1, ranks.ceil().long()), weights).t()
@@ -347,12 +365,15 @@ def finish_all(parts: Sequence[Partial]) -> list[torch.Tensor]:
             out[i] = finish(part)
         else:
             groups.setdefault((part.sample.dtype, part.raw.dtype, part.raw.device), []).append(i)
-    for members in groups.values():
-        raws = [parts[i].raw.reshape(7, -1) for i in members]
-        rows = [row for i, r in zip(members, raws) for row in parts[i].sample.reshape(r.shape[1], -1).unbind()]
-        stats = _finished(torch.cat(raws, dim=1), _quantiles(rows))
-        for i, columns in zip(members, stats.split([r.shape[1] for r in raws], dim=1)):
-            out[i] = columns.reshape(len(STATS), *parts[i].raw.shape[1:])
+    for members in groups.values():  # a whole tensor's part is one column, a per-channel one a column per channel
+        rows = [row for i in members for row in ([parts[i].sample] if parts[i].raw.dim() == 1 else parts[i].sample.unbind())]
+        raws = [parts[i].raw for i in members]
+        stats = _finished(torch.stack(raws, 1) if all(r.dim() == 1 for r in raws) else torch.column_stack(raws), _quantiles(rows))
+        columns, start = stats.unbind(1), 0  # one operation for all, not one per part
+        for i in members:
+            width = math.prod(parts[i].raw.shape[1:])
+            out[i] = columns[start] if parts[i].raw.dim() == 1 else stats[:, start : start + width]
+            start += width
     return [out[i] for i in range(len(parts))]
 
 
