@@ -10,7 +10,9 @@ Each model runs ``--blocks`` rounds; a round times ``--steps`` steps of each set
 step, every 10th) in a new order, each probed setting with a fresh Recorder whose first, untimed
 steps fix the layer order. A setting's time is its fastest round's mean (the least disturbed by
 the other processes of a shared machine), its ratio that over plain's fastest, with a standard
-error from those rounds' step times. It runs one thread unless ``--threads`` says otherwise: on a
+error from those rounds' step times. Each step is timed by two clocks: the process's CPU time,
+which a busy machine's other processes leave nearly alone (one thread: it is the work the loop
+did), and the wall clock, which they do not. It runs one thread unless ``--threads`` says otherwise: on a
 shared machine a multi-threaded loop of small operations waits for whichever thread is descheduled
 (a 200-layer deep linear net's step took 0.3-3 s on 2 threads beside other work, 25 ms on 1). "per layer" is what a record step adds per probed layer,
 (every step - plain) / layers: on the deep linear nets, whose layers hold 640 values each, it is
@@ -43,6 +45,7 @@ from bnprobe.layers import parameter_holders
 from bnprobe.models import build_model
 
 SETTINGS = {"plain": None, "every step": 1, "every 10th": 10}  # label: record_every (None: no Recorder)
+CLOCKS = {"CPU": time.process_time, "wall": time.perf_counter}  # this process's CPU time, and the time that passed
 WARMUP = 2  # untimed steps before each round's timed ones; the Recorder's first fixes its layer order
 
 
@@ -79,17 +82,19 @@ def cases(vgg_batch: int) -> dict[str, Case]:
     return out
 
 
-def time_setting(model: nn.Module, x: torch.Tensor, y: torch.Tensor, record_every: int | None, steps: int, tmp: Path) -> list[float]:
-    """Seconds of each of ``steps`` SGD steps after ``WARMUP`` untimed ones, with a fresh Recorder
-    (closed after, untimed) unless ``record_every`` is None."""
+def time_setting(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, record_every: int | None, steps: int, tmp: Path
+) -> dict[str, list[float]]:
+    """Seconds of each of ``steps`` SGD steps after ``WARMUP`` untimed ones, by each clock, with a
+    fresh Recorder (closed after, untimed) unless ``record_every`` is None."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     recorder = None
     if record_every is not None:
         recorder = Recorder(model, tmp / f"{time.perf_counter_ns()}.h5", layers="*", record_every=record_every).__enter__()
-    times = []
+    times: dict[str, list[float]] = {k: [] for k in CLOCKS}
     for i in range(WARMUP + steps):
-        t0 = time.perf_counter()
+        start = {k: clock() for k, clock in CLOCKS.items()}
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -97,28 +102,31 @@ def time_setting(model: nn.Module, x: torch.Tensor, y: torch.Tensor, record_ever
         if recorder is not None:
             recorder.step(loss=loss.detach())
         if i >= WARMUP:
-            times.append(time.perf_counter() - t0)
+            for k, clock in CLOCKS.items():
+                times[k].append(clock() - start[k])
     if recorder is not None:
         recorder.close()
     return times
 
 
 def measure(case: Case, steps: int, blocks: int, tmp: Path) -> dict[str, Any]:
-    """Each setting's fastest round (mean and standard error per step) and the model's layer count."""
+    """By clock, each setting's fastest round (mean and standard error per step); the layer count."""
     torch.manual_seed(0)
     model = case.build()
     x = torch.randn(case.batch, *case.input_shape)
     y = torch.randint(0, 10, (case.batch,))
-    rounds: dict[str, list[list[float]]] = {k: [] for k in SETTINGS}
+    rounds: dict[str, list[dict[str, list[float]]]] = {k: [] for k in SETTINGS}
     for b in range(blocks):
         for label in random.Random(b).sample(list(SETTINGS), len(SETTINGS)):
             rounds[label].append(time_setting(model, x, y, SETTINGS[label], steps, tmp))
-    best = {k: min(v, key=statistics.fmean) for k, v in rounds.items()}
-    return {
-        "mean": {k: statistics.fmean(v) for k, v in best.items()},
-        "se": {k: statistics.stdev(v) / len(v) ** 0.5 for k, v in best.items()},
-        "layers": len(parameter_holders(model)),
-    }
+    out: dict[str, Any] = {"layers": len(parameter_holders(model))}
+    for clock in CLOCKS:
+        best = {k: min((r[clock] for r in v), key=statistics.fmean) for k, v in rounds.items()}
+        out[clock] = {
+            "mean": {k: statistics.fmean(v) for k, v in best.items()},
+            "se": {k: statistics.stdev(v) / len(v) ** 0.5 for k, v in best.items()},
+        }
+    return out
 
 
 def ratio(result: dict[str, Any], label: str) -> tuple[float, float]:
@@ -128,17 +136,18 @@ def ratio(result: dict[str, Any], label: str) -> tuple[float, float]:
     return r, r * ((result["se"][label] / a) ** 2 + (result["se"]["plain"] / b) ** 2) ** 0.5
 
 
-def table(results: dict[str, dict[str, Any]], steps: int, blocks: int) -> Any:
+def table(results: dict[str, dict[str, Any]], clock: str, steps: int, blocks: int) -> Any:
     from _results import Table  # benchmarks/ is sys.path[0] when run as a script
 
     rows: list[Sequence[str]] = []
-    for label, r in results.items():
+    for label, result in results.items():
+        r = result[clock]
         every, tenth = ratio(r, "every step"), ratio(r, "every 10th")
-        per_layer = (r["mean"]["every step"] - r["mean"]["plain"]) / r["layers"]
+        per_layer = (r["mean"]["every step"] - r["mean"]["plain"]) / result["layers"]
         rows.append(
             [
                 label,
-                str(r["layers"]),
+                str(result["layers"]),
                 f"{r['mean']['plain'] * 1000:.1f}",
                 f"{every[0]:.3f}x",
                 f"{every[1]:.3f}",
@@ -148,10 +157,30 @@ def table(results: dict[str, dict[str, Any]], steps: int, blocks: int) -> Any:
             ]
         )
     title = (
-        f"{torch.get_num_threads()} threads, {steps} steps per round, fastest of {blocks} rounds; "
+        f"{clock} time, {torch.get_num_threads()} threads, {steps} steps per round, fastest of {blocks} rounds; "
         "ratio to the same loop without the Recorder, +- standard error; per layer: µs a record step adds per probed layer"
     )
-    return Table(title, ["model", "layers", "plain ms/step", "every step", "+- s.e.", "every 10th", "+- s.e.", "per layer µs"], rows)
+    header = ["model", "layers", "plain ms/step", "every step", "+- s.e.", "every 10th", "+- s.e.", "per layer µs"]
+    return Table(title, header, rows, notes=marginal(results, clock))
+
+
+def marginal(results: dict[str, dict[str, Any]], clock: str) -> list[str]:
+    """What each further layer adds to a record step, from the shallowest and deepest linear nets
+    measured: the difference of their added times over that of their layer counts, without
+    whatever a record step costs once (its sort, its few dozen reductions, the file)."""
+    nets = [r for label, r in results.items() if label.startswith("dln")]
+    if len(nets) < 2:
+        return []
+    low, high = min(nets, key=lambda r: r["layers"]), max(nets, key=lambda r: r["layers"])
+
+    def added(r: dict[str, Any]) -> float:
+        return float(r[clock]["mean"]["every step"] - r[clock]["mean"]["plain"])
+
+    per_layer = (added(high) - added(low)) / (high["layers"] - low["layers"])
+    return [
+        "",
+        f"Each further layer of the deep linear nets adds {per_layer * 1e6:.0f} µs to a record step ({low['layers']} to {high['layers']} layers).",
+    ]
 
 
 def main() -> None:
@@ -173,9 +202,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             results[zoo[name].label] = measure(zoo[name], args.steps, args.blocks, Path(tmp))
-    out = table(results, args.steps, args.blocks)
-    print(out.text())
-    finish("moments_zoo", [out], args.no_record)
+    tables = [table(results, clock, args.steps, args.blocks) for clock in CLOCKS]
+    print("\n\n".join(t.text() for t in tables))
+    finish("moments_zoo", tables, args.no_record)
 
 
 if __name__ == "__main__":
