@@ -261,16 +261,17 @@ def _table_layout(
     """For layers of ``lengths`` laid out in rows of ``_ROW``, each padded to whole rows: each
     row's layer, 1 at the values and 0 at the padding, 0 at the values and +inf at the padding
     (both ``[rows, _ROW]``: multiplying and adding by them is fast, unlike a boolean mask), each
-    layer's padding and size (float64)."""
+    layer's padding and size (in the dtype sums are added in)."""
     rows = [-(-n // _ROW) for n in lengths]
     owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(rows))
     pads = torch.tensor([r * _ROW - n for r, n in zip(rows, lengths)], dtype=torch.float64)
     used = torch.tensor([n - (r - 1) * _ROW for r, n in zip(rows, lengths)])[owner]  # elements in each layer's last row
     last = torch.cat([torch.arange(r) == r - 1 for r in rows])
     padding = last[:, None] & (torch.arange(_ROW)[None, :] >= used[:, None])
-    keep, away = torch.logical_not(padding).to(dtype), torch.where(padding, float("inf"), 0.0).to(dtype)
-    sizes = torch.tensor(lengths, dtype=torch.float64)
-    return owner.to(device), keep.to(device), away.to(device), pads.to(device), sizes.to(device)
+    keep = torch.logical_not(padding).to(device=device, dtype=dtype)
+    away = torch.where(padding, float("inf"), 0.0).to(device=device, dtype=dtype)
+    sizes, acc = torch.tensor(lengths, dtype=torch.float64), _accumulator(keep)
+    return owner.to(device), keep, away, pads.to(acc).to(device), sizes.to(acc).to(device)
 
 
 def _raw_together(datas: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -338,8 +339,10 @@ def _quantiles(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     the same ranks, neighbours and interpolation on each row's own length, and a row with a NaN
     gets the last place, a NaN, as torch.quantile gives it."""
     table = _sorted_rows(_padded(rows, max(r.numel() for r in rows), float("inf")))
-    last = torch.tensor([r.numel() - 1 for r in rows], dtype=torch.float64).to(table.device, non_blocking=True)
-    ranks = (_levels(table).double()[None, :] * last[:, None]).masked_fill_(table[:, -1:].isnan(), table.shape[1] - 1)  # NaN sorts last
+    last = torch.tensor([r.numel() - 1 for r in rows], dtype=torch.float64).to(_accumulator(table)).to(table.device, non_blocking=True)
+    ranks = (_levels(table).to(last.dtype)[None, :] * last[:, None]).masked_fill_(
+        table[:, -1:].isnan(), table.shape[1] - 1
+    )  # NaN sorts last
     below = ranks.long()
     weights = (ranks - below).to(table.dtype)  # ranks in float64, as torch.quantile takes them
     return table.gather(1, below).lerp_(table.gather(1, ranks.ceil().long()), weights).t()
