@@ -73,7 +73,7 @@ class Recorder:
     runs the same layers: the moments are those of the global batch (merged across the processes)
     and only rank 0 writes ``output``; loss and accuracy are recorded as given (pass the global
     ones). ``compiled_moments``
-    computes the statistics with one ``torch.compile``d kernel (compiles once; see
+    computes each large layer's statistics with one ``torch.compile``d kernel (compiles once; see
     :class:`bnprobe.probes.moments.Workspace`).
     """
 

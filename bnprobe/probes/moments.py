@@ -43,7 +43,8 @@ class Workspace:
     """Scratch tensors reused from one call to the next. On CPU fresh temporaries cost more in page
     faults than the arithmetic done in them, so the Recorder keeps one of these for all its layers.
 
-    With ``compiled``, the reductions run as one ``torch.compile``d kernel instead: faster per
+    With ``compiled``, a layer's own reductions (those of a layer over ``SMALL`` values, or per
+    channel; the small ones are reduced together) run as one ``torch.compile``d kernel: faster per
     record step, but compiling takes a while once, so it pays in long runs that record often
     (benchmarks/RESULTS.md has the figures). Where compiling fails (no C++ compiler, an
     unsupported device) it warns once and stays eager.
