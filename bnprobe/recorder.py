@@ -117,7 +117,7 @@ class Recorder:
         self._generator_state = generator_state  # a resumed run continues the subsample stream
         self._seed = seed
         self._workspace = Workspace(compiled_moments)  # the statistics' temporaries, reused across layers and steps
-        self._order: list[tuple[str, nn.Module]] = []  # forward-execution order, fixed after the first step
+        self._order: list[tuple[str, nn.Module]] = []  # forward-execution order, fixed after the first record step
         self._current: dict[str, Partial | Deferred] = {}  # this step's statistics (or what they come from), by layer name
         self._current_channel: dict[str, Partial] = {}
         self._current_hist: dict[str, torch.Tensor] = {}
