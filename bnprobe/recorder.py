@@ -25,7 +25,18 @@ from . import distributed
 from .config import layer_patterns
 from .layers import LayerInfo, layer_kind, parameter_holders, select
 from .passes import measuring, refuse_scripted
-from .probes.moments import DEFAULT_SAMPLES, Partial, Workspace, finish_all, histogram, merged_across_processes, partial_moments
+from .probes.moments import (
+    DEFAULT_SAMPLES,
+    Deferred,
+    Partial,
+    Workspace,
+    deferred_or_partial,
+    finish_all,
+    histogram,
+    merged_across_processes,
+    partial_moments,
+    partials_together,
+)
 from .store import STATS, RunWriter, Status, Store
 
 
@@ -62,7 +73,7 @@ class Recorder:
     runs the same layers: the moments are those of the global batch (merged across the processes)
     and only rank 0 writes ``output``; loss and accuracy are recorded as given (pass the global
     ones). ``compiled_moments``
-    computes the statistics with one ``torch.compile``d kernel (compiles once; see
+    computes each large layer's statistics with one ``torch.compile``d kernel (compiles once; see
     :class:`bnprobe.probes.moments.Workspace`).
     """
 
@@ -107,8 +118,8 @@ class Recorder:
         self._generator_state = generator_state  # a resumed run continues the subsample stream
         self._seed = seed
         self._workspace = Workspace(compiled_moments)  # the statistics' temporaries, reused across layers and steps
-        self._order: list[tuple[str, nn.Module]] = []  # forward-execution order, fixed after the first step
-        self._current: dict[str, Partial | None] = {}  # this step's statistics, by layer name
+        self._order: list[tuple[str, nn.Module]] = []  # forward-execution order, fixed after the first record step
+        self._current: dict[str, Partial | Deferred] = {}  # this step's statistics (or what they come from), by layer name
         self._current_channel: dict[str, Partial] = {}
         self._current_hist: dict[str, torch.Tensor] = {}
         self._pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]] = []
@@ -141,24 +152,19 @@ class Recorder:
                 return
             if not self._order_fixed:
                 self._seen_shapes.setdefault(name, tuple(out.shape) if isinstance(out, torch.Tensor) else ())
-            if self.step_index % self.record_every != 0:
-                if not self._order_fixed:
-                    self._current[name] = None  # marks the first call for ordering
-                return
             tensor = _first_tensor(out)
             if tensor is None or not tensor.is_floating_point():
                 return
-            with torch.no_grad():
-                if self._generator is None or self._generator.device != tensor.device:
-                    self._generator = torch.Generator(device=tensor.device).manual_seed(self._seed)
-                    if self._generator_state is not None:
-                        self._generator.set_state(self._generator_state)
-                samples = max(1, self.samples // self.processes)  # the processes' subsamples make up one
-                self._current[name] = partial_moments(tensor, False, samples, self._generator, self._workspace)
-                if self.per_channel and tensor.dim() >= 2:
-                    self._current_channel[name] = partial_moments(tensor, True, samples, self._generator, self._workspace)
-                if self.histogram_bins:
-                    self._current_hist[name] = histogram(tensor, self.histogram_bins, *self.histogram_range)
+            if self._generator is None or self._generator.device != tensor.device:
+                self._generator = torch.Generator(device=tensor.device).manual_seed(self._seed)
+                if self._generator_state is not None:
+                    self._generator.set_state(self._generator_state)
+            samples = max(1, self.samples // self.processes)  # the processes' subsamples make up one
+            self._current[name] = deferred_or_partial(tensor, samples, self._generator, self._workspace)  # these detach the output
+            if self.per_channel and tensor.dim() >= 2:
+                self._current_channel[name] = partial_moments(tensor, True, samples, self._generator, self._workspace)
+            if self.histogram_bins:
+                self._current_hist[name] = histogram(tensor, self.histogram_bins, *self.histogram_range)
 
         return hook
 
@@ -166,10 +172,25 @@ class Recorder:
         self._order_fixed = False
         self._seen_shapes: dict[str, tuple[int, ...]] = {}
         self._shard_batch: int | None = None
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self._candidates]
-        if self.processes > 1:
-            self._handles.append(self.model.register_forward_pre_hook(self._see_batch))
+        self._hooks = [(m, self._hook(n)) for n, m in self._candidates]
+        self._arm()
         return self
+
+    def _arm(self) -> None:
+        """Hooks on the layers for a record step's forward, none otherwise: a module without hooks
+        takes torch's fast path, so the steps between records cost what a plain loop does."""
+        record = self.step_index % self.record_every == 0
+        if record and not self._handles:
+            self._handles = [m.register_forward_hook(hook) for m, hook in self._hooks]
+            if self.processes > 1:
+                self._handles.append(self.model.register_forward_pre_hook(self._see_batch))
+        elif not record:
+            self._disarm()
+
+    def _disarm(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         self.close(Status.FINISHED if exc_type is None else Status.INTERRUPTED)  # an exception stopped the user's loop early
@@ -213,7 +234,7 @@ class Recorder:
             self._fix_order()
         seconds = self.elapsed()
         self._train_rows.append((self.step_index, _detach(loss), _detach(accuracy), lr, seconds))
-        recorded = {n: s for n, s in self._current.items() if s is not None}
+        recorded = self._partials()
         record_step = self.step_index % self.record_every == 0
         if self.processes > 1 and record_step:  # every process, whatever it recorded: the merge's sizes must agree
             distributed.check_same_everywhere(self._layout(recorded), f"the layers recorded at step {self.step_index} or their shapes")
@@ -234,8 +255,15 @@ class Recorder:
             self._pending.append((self.step_index, table, channels, hist))
         self._current, self._current_channel, self._current_hist = {}, {}, {}
         self.step_index += 1
+        self._arm()
         if len(self._train_rows) >= self.flush_every or time.perf_counter() - self._last_flush >= self.flush_seconds:
             self.flush()
+
+    def _partials(self) -> dict[str, Partial]:
+        """This step's statistics by layer, the small layers' reduced together now."""
+        waiting = [(n, p) for n, p in self._current.items() if isinstance(p, Deferred)]
+        done = dict(zip((n for n, _ in waiting), partials_together([p for _, p in waiting])))
+        return {n: p if isinstance(p, Partial) else done[n] for n, p in self._current.items()}
 
     def _layout(self, recorded: dict[str, Partial]) -> object:
         """What must be alike in every process before their statistics are exchanged: the layer
@@ -280,9 +308,7 @@ class Recorder:
     def close(self, status: Status | str = Status.FINISHED) -> None:
         """Remove the hooks, flush, and close the file if this recorder opened it (marking the run
         ``status`` unless its owner already set one)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._disarm()
         self.flush()
         if self._owned_store is not None:
             if self.writer._group.attrs.get("status") == Status.RUNNING:

@@ -8,7 +8,18 @@ import pytest
 import torch
 
 from bnprobe.probes import moments
-from bnprobe.probes.moments import STATS, Workspace, finish, finish_all, histogram, moment_stats, partial_moments
+from bnprobe.probes.moments import (
+    STATS,
+    Deferred,
+    Workspace,
+    deferred_or_partial,
+    finish,
+    finish_all,
+    histogram,
+    moment_stats,
+    partial_moments,
+    partials_together,
+)
 
 
 def numpy_stats(a: np.ndarray) -> dict[str, float]:
@@ -154,6 +165,53 @@ def test_finishing_layers_together_gives_each_ones_bits() -> None:
         alone = finish(part)
         assert stats.shape == alone.shape and stats.dtype == alone.dtype
         assert torch.equal(stats.nan_to_num(), alone.nan_to_num()) and torch.equal(stats.isnan(), alone.isnan())
+
+
+def test_small_layers_reduced_together_give_each_ones_statistics() -> None:
+    """Small layers wait and are reduced in one table: each one's statistics must be those it
+    gets alone (to float32 rounding; its subsample the same values), whatever its neighbours:
+    sizes that do and do not fill the table's rows, a constant, data far from zero, exact zeros,
+    half and double precision, values whose fourth powers float32 cannot hold."""
+    g = torch.Generator().manual_seed(9)
+    tensors = [torch.randn(64, 10, generator=g) * 3 + 1, torch.relu(torch.randn(7, generator=g)), torch.full((300,), 2.5)]
+    tensors += [
+        torch.randn(2, 256, generator=g) * 1e-3 + 100,
+        torch.randn(5, 3, generator=g).double(),
+        torch.randn(40, 9, generator=g).half(),
+    ]
+    tensors += [torch.zeros(3, 3), torch.randn(1, generator=g), torch.relu(torch.randn(moments.SMALL, generator=g))]
+    tensors += [torch.randn(300, generator=g).exp() * size for size in (1e9, 1e-20)]  # fourth powers over- and underflow float32
+    items = [deferred_or_partial(x, 100, torch.Generator().manual_seed(i)) for i, x in enumerate(tensors)]
+    waiting = [item for item in items if isinstance(item, Deferred)]
+    assert len(waiting) == len(items)
+    for i, (x, got) in enumerate(zip(tensors, partials_together(waiting))):
+        alone = partial_moments(x, False, 100, torch.Generator().manual_seed(i))
+        assert got.n == alone.n and got.raw.dtype == alone.raw.dtype and torch.equal(got.sample, alone.sample)
+        torch.testing.assert_close(got.raw, alone.raw, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(finish(got), finish(alone), rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(finish(got)[:4]).all(), i
+    assert partials_together(waiting[2:3])[0].raw[1:4].tolist() == [0.0, 0.0, 0.0]  # a constant has no spread
+
+
+def test_a_large_or_empty_layer_gets_its_statistics_at_once() -> None:
+    for x in (torch.randn(moments.SMALL + 1), torch.empty(0, 4)):
+        assert not isinstance(deferred_or_partial(x, 100, None), Deferred)
+
+
+def test_quantiles_together_are_torch_quantiles_bits() -> None:
+    """One sort for rows of several lengths, padded: torch.quantile of each row, to the bit, with
+    infinities and NaN in them."""
+    g = torch.Generator().manual_seed(10)
+    rows = [torch.randn(k % 23 + 1, generator=g) * (k + 1) + k for k in range(40)]
+    rows += [
+        torch.tensor([1.0, float("inf"), -float("inf"), 2.0]),
+        torch.tensor([1.0, float("nan"), 3.0]),
+        torch.randn(500, generator=g).double(),
+    ]
+    for group in (rows[:-1], rows[-1:]):
+        got = moments._quantiles(group)
+        want = torch.stack([torch.quantile(r, torch.tensor(moments.QUANTILES, dtype=r.dtype)) for r in group], dim=1)
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
 
 
 def test_constant_tensor_has_zero_skew_and_kurtosis() -> None:

@@ -149,3 +149,18 @@ def test_an_empty_activation_has_nan_statistics(per_channel: bool) -> None:
     stats = moment_stats(torch.empty(0, 3, 2), per_channel=per_channel)
     assert stats.shape == ((len(STATS), 3) if per_channel else (len(STATS),))
     assert torch.isnan(stats).all()
+
+
+def test_steps_between_records_leave_the_model_without_hooks(tmp_path: Path) -> None:
+    """A module with no hooks runs torch's fast path: the Recorder's hooks are on the layers for
+    record steps' forwards only, and gone when it closes."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    hooked = []
+    with Recorder(model, tmp_path / "r.h5", record_every=3) as rec:
+        for _ in range(7):
+            hooked.append(all(len(m._forward_hooks) > 0 for m in model))
+            model(torch.randn(5, 3))
+            rec.step()
+    assert hooked == [True, False, False, True, False, False, True]
+    assert not any(m._forward_hooks for m in model)
+    assert list(read_file(tmp_path / "r.h5").runs["run"].data["moments/step"]) == [0, 3, 6]

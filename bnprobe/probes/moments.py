@@ -13,11 +13,14 @@ Conventions (the tests check them against numpy):
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .. import distributed
@@ -40,7 +43,8 @@ class Workspace:
     """Scratch tensors reused from one call to the next. On CPU fresh temporaries cost more in page
     faults than the arithmetic done in them, so the Recorder keeps one of these for all its layers.
 
-    With ``compiled``, the reductions run as one ``torch.compile``d kernel instead: faster per
+    With ``compiled``, a layer's own reductions (those of a layer over ``SMALL`` values, or per
+    channel; the small ones are reduced together) run as one ``torch.compile``d kernel: faster per
     record step, but compiling takes a while once, so it pays in long runs that record often
     (benchmarks/RESULTS.md has the figures). Where compiling fails (no C++ compiler, an
     unsupported device) it warns once and stays eager.
@@ -202,10 +206,17 @@ def _eager_moments(flat: torch.Tensor, workspace: Workspace | None) -> torch.Ten
         sums[:4, r0:r1] += torch.stack([centred.sum(1), sq.sum(1), cubes, fourths])
         is_zero = torch.logical_not(part, out=_scratch(workspace, 2, part, torch.bool))  # twice as fast as eq(part, 0)
         sums[4, r0:r1] += torch.count_nonzero(is_zero, dim=1)  # exact: integer counts
-    d, s2, s3, s4, zeros = sums / n
+    return _moments_from_sums(shift, scale, sums / n, lo, hi).to(flat.dtype)
+
+
+def _moments_from_sums(shift: torch.Tensor, scale: torch.Tensor, means: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``[mean, var, skewness, excess kurtosis, min, max, zero fraction]`` from the means of c, c^2,
+    c^3, c^4 and zeros (c the values less ``shift``, divided by ``scale``), the mean's rounding
+    d = mean(c) taken out as :func:`_standardised` says."""
+    d, s2, s3, s4, zeros = means
     wide = scale.to(d.dtype)
     m2, skew, kurt = _standardised(d, s2, s3, s4)
-    return torch.stack([shift + d * wide, m2 * wide * wide, skew, kurt, lo.to(d.dtype), hi.to(d.dtype), zeros]).to(flat.dtype)
+    return torch.stack([shift.to(d.dtype) + d * wide, m2 * wide * wide, skew, kurt, lo.to(d.dtype), hi.to(d.dtype), zeros])
 
 
 class Partial(NamedTuple):
@@ -246,33 +257,168 @@ def partial_moments(
     return Partial(raw if rows else raw[:, 0], sample if rows else sample[0], n)
 
 
+SMALL = 1 << 16  # elements: up to this, a layer's own reductions cost less than their fixed cost, so it waits for partials_together
+_ROW = 256  # elements per row of partials_together's table: a layer wastes less than a row in padding
+
+
+class Deferred(NamedTuple):
+    """A small activation kept for :func:`partials_together`: an owned copy (the forward may
+    change its output in place after the hook) and its percentile subsample, drawn now, in the
+    order the layers run, so the subsample stream is the one computing each at once draws."""
+
+    data: torch.Tensor  # [n], 0 < n <= SMALL
+    sample: torch.Tensor
+
+
+def deferred_or_partial(
+    x: torch.Tensor, samples: int, generator: torch.Generator | None, workspace: Workspace | None = None
+) -> Partial | Deferred:
+    """Whole-tensor statistics of ``x``: a copy (one operation) to reduce later with the other
+    small layers', or, for a larger or empty ``x``, :func:`partial_moments` now."""
+    x = x.detach()
+    if not 0 < x.numel() <= SMALL:
+        return partial_moments(x, False, samples, generator, workspace)
+    data = x.reshape(-1).to(x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32, copy=True)
+    return Deferred(data, _subsample(data, samples, generator))
+
+
+@functools.lru_cache(maxsize=16)
+def _padding_source(lengths: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
+    """For rows of ``lengths`` each padded to a multiple of ``width``: where each place takes its
+    value from in the rows concatenated with one fill value after them."""
+    total, starts = sum(lengths), itertools.accumulate(lengths, initial=0)
+    return torch.cat([torch.cat([torch.arange(s, s + n), torch.full((-n % width,), total)]) for s, n in zip(starts, lengths)]).to(device)
+
+
+def _padded(rows: Sequence[torch.Tensor], width: int, fill: float) -> torch.Tensor:
+    """``rows`` (1-D) each padded with ``fill`` to a multiple of ``width``, as ``[-1, width]``, by
+    two operations whatever their count (the padding's places are cached by the rows' lengths)."""
+    source = _padding_source(tuple(r.numel() for r in rows), width, rows[0].device)
+    return torch.cat([*rows, rows[0].new_full((1,), fill)]).index_select(0, source).view(-1, width)
+
+
+@functools.lru_cache(maxsize=8)
+def _table_layout(
+    lengths: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For layers of ``lengths`` laid out in rows of ``_ROW``, each padded to whole rows: each
+    row's layer, 1 at the values and 0 at the padding, 0 at the values and +inf at the padding
+    (both ``[rows, _ROW]``: multiplying and adding by them is fast, unlike a boolean mask), each
+    layer's padding and size (in the dtype sums are added in)."""
+    rows = [-(-n // _ROW) for n in lengths]
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(rows))
+    pads = torch.tensor([r * _ROW - n for r, n in zip(rows, lengths)], dtype=torch.float64)
+    used = torch.tensor([n - (r - 1) * _ROW for r, n in zip(rows, lengths)])[owner]  # elements in each layer's last row
+    last = torch.cat([torch.arange(r) == r - 1 for r in rows])
+    padding = last[:, None] & (torch.arange(_ROW)[None, :] >= used[:, None])
+    keep = torch.logical_not(padding).to(device=device, dtype=dtype)
+    away = torch.where(padding, float("inf"), 0.0).to(device=device, dtype=dtype)
+    sizes, acc = torch.tensor(lengths, dtype=torch.float64), _accumulator(keep)
+    return owner.to(device), keep, away, pads.to(acc).to(device), sizes.to(acc).to(device)
+
+
+def _raw_together(datas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[7, layers]``: :func:`_eager_moments` of each of ``datas`` (1-D, one dtype and device),
+    for all at once: the layers in one table of rows, one reduction per row and statistic, the
+    rows' sums added into their layers' in float64. A few dozen operations, whatever the count of
+    layers; the padding is zeros, kept out of the sums, counts and extremes."""
+    lengths = tuple(d.numel() for d in datas)
+    owner, keep, away, pads, n = _table_layout(lengths, datas[0].dtype, datas[0].device)
+    x = _padded(datas, _ROW, 0.0)
+    acc = _accumulator(x)
+
+    def per_layer(rows: torch.Tensor) -> torch.Tensor:  # [rows, k] -> [k, layers]
+        return torch.zeros(len(lengths), rows.shape[1], dtype=acc, device=x.device).index_add_(0, owner, rows.to(acc)).t()
+
+    shift = (per_layer(x.sum(1)[:, None])[0] / n).to(x.dtype)
+    lo, hi = (
+        torch.empty(len(lengths), dtype=x.dtype, device=x.device).scatter_reduce_(0, owner, extreme, how, include_self=False)
+        for extreme, how in (((x + away).amin(1), "amin"), ((x - away).amax(1), "amax"))
+    )
+    scale = _scale(lo, hi, shift)
+    centred = torch.sub(x, shift.index_select(0, owner)[:, None]).mul_(keep)
+    if x.device.type != "cpu" or bool((scale != 1).any()):  # as in _eager_moments: no pass where no layer needs it
+        centred.mul_((1 / scale).to(x.dtype).index_select(0, owner)[:, None])
+    sq = centred * centred
+    is_zero = torch.count_nonzero(torch.logical_not(x), dim=1).to(x.dtype)
+    sums = per_layer(torch.stack([centred.sum(1), sq.sum(1), (sq * centred).sum(1), (sq * sq).sum(1), is_zero], dim=1))
+    sums[4] -= pads
+    return _moments_from_sums(shift, scale, sums / n, lo, hi).to(x.dtype)
+
+
+def partials_together(items: Sequence[Deferred]) -> list[Partial]:
+    """The :class:`Partial` of each of ``items``, those of one dtype and device reduced together."""
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault((item.data.dtype, item.data.device), []).append(i)
+    out: dict[int, Partial] = {}
+    for members in groups.values():
+        raw = _raw_together([items[i].data for i in members])
+        for i, column in zip(members, raw.unbind(1)):
+            out[i] = Partial(column, items[i].sample, items[i].data.numel())
+    return [out[i] for i in range(len(items))]
+
+
 def finish(part: Partial) -> torch.Tensor:
     """``STATS`` from a :class:`Partial`: its moments, and percentiles of the subsample."""
-    mean, var, skew, kurt, lo, hi, zeros = part.raw
     if part.n == 0:
-        return torch.full((len(STATS), *mean.shape), float("nan"), dtype=mean.dtype, device=mean.device)
-    q = torch.tensor(QUANTILES, dtype=part.sample.dtype).to(part.sample.device, non_blocking=True)
-    pct = torch.quantile(part.sample, q, dim=-1)
+        return torch.full((len(STATS), *part.raw.shape[1:]), float("nan"), dtype=part.raw.dtype, device=part.raw.device)
+    return _finished(part.raw, torch.quantile(part.sample, _levels(part.sample), dim=-1))
+
+
+def _levels(sample: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(QUANTILES, dtype=sample.dtype).to(sample.device, non_blocking=True)
+
+
+def _finished(raw: torch.Tensor, pct: torch.Tensor) -> torch.Tensor:
+    mean, var, skew, kurt, lo, hi, zeros = raw
     return torch.stack([mean, var, skew, kurt, lo, hi, zeros, pct[0], pct[1], pct[2]])
 
 
+def _quantiles(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[len(QUANTILES), len(rows)]``: ``torch.quantile`` of each row (1-D, of any lengths), to
+    the bit, from one sort of the rows padded with +inf (which sorts after every value but NaN):
+    the same ranks, neighbours and interpolation on each row's own length, and a row with a NaN
+    gets the last place, a NaN, as torch.quantile gives it."""
+    table = _sorted_rows(_padded(rows, max(r.numel() for r in rows), float("inf")))
+    last = torch.tensor([r.numel() - 1 for r in rows], dtype=torch.float64).to(_accumulator(table)).to(table.device, non_blocking=True)
+    ranks = (_levels(table).to(last.dtype)[None, :] * last[:, None]).masked_fill_(
+        table[:, -1:].isnan(), table.shape[1] - 1
+    )  # NaN sorts last
+    below = ranks.long()
+    weights = (ranks - below).to(table.dtype)  # ranks in float64, as torch.quantile takes them
+    return table.gather(1, below).lerp_(table.gather(1, ranks.ceil().long()), weights).t()
+
+
+def _sorted_rows(table: torch.Tensor) -> torch.Tensor:
+    """Each row of ``table`` sorted, NaN last. On CPU by numpy, whose vectorised sort took a tenth
+    of torch's time on rows of a few hundred values and a third on rows of 16,384 (the values are
+    the same: sorting is exact)."""
+    if table.device.type == "cpu" and table.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(table.numpy(), axis=1))
+    return table.sort(dim=1).values
+
+
 def finish_all(parts: Sequence[Partial]) -> list[torch.Tensor]:
-    """:func:`finish` of each of ``parts``, those with subsamples of one size together: one
-    quantile (a sort per row) and one set of formulas for all of them instead of one per layer
-    (the deeper the model, the more it saves)."""
+    """:func:`finish` of each of ``parts``, to the bit, those of one dtype and device together: one
+    quantile (one sort) and one set of formulas for all of them instead of one per layer (the
+    deeper the model, the more it saves)."""
     out: dict[int, torch.Tensor] = {}
     groups: dict[tuple[object, ...], list[int]] = {}
     for i, part in enumerate(parts):
         if part.n == 0:
             out[i] = finish(part)
         else:
-            groups.setdefault((part.sample.shape[-1], part.sample.dtype, part.raw.dtype, part.raw.device), []).append(i)
-    for members in groups.values():
-        raws = [parts[i].raw.reshape(7, -1) for i in members]
-        samples = torch.cat([parts[i].sample.reshape(r.shape[1], -1) for i, r in zip(members, raws)])
-        stats = finish(Partial(torch.cat(raws, dim=1), samples, 1))
-        for i, columns in zip(members, stats.split([r.shape[1] for r in raws], dim=1)):
-            out[i] = columns.reshape(len(STATS), *parts[i].raw.shape[1:])
+            groups.setdefault((part.sample.dtype, part.raw.dtype, part.raw.device), []).append(i)
+    for members in groups.values():  # a whole tensor's part is one column, a per-channel one a column per channel
+        rows = [row for i in members for row in ([parts[i].sample] if parts[i].raw.dim() == 1 else parts[i].sample.unbind())]
+        raws = [parts[i].raw for i in members]
+        stats = _finished(torch.stack(raws, 1) if all(r.dim() == 1 for r in raws) else torch.column_stack(raws), _quantiles(rows))
+        columns, start = stats.unbind(1), 0  # one operation for all, not one per part
+        for i in members:
+            width = math.prod(parts[i].raw.shape[1:])
+            out[i] = columns[start] if parts[i].raw.dim() == 1 else stats[:, start : start + width]
+            start += width
     return [out[i] for i in range(len(parts))]
 
 
