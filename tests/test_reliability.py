@@ -109,7 +109,11 @@ def test_signals_leave_a_readable_file(tmp_path: Path, tiny_config: Path, sig: i
     steps = run.data["train/step"]
     assert len(steps) >= 4 and steps.tolist() == list(range(len(steps)))  # every step up to the stop, in order
     assert np.isfinite(run.data["train/loss"]).all() and len(run.data["train/loss"]) == len(steps)
-    assert run.data["moments/step"].tolist() == list(range(0, len(steps), 2))  # moments every 2 steps: none lost
+    moment_steps = run.data["moments/step"].tolist()
+    if sig == signal.SIGKILL:  # killed between two sections' writes of one flush: they may differ by that flush's records
+        assert moment_steps == list(range(0, len(moment_steps) * 2, 2)) and abs(len(moment_steps) * 2 - len(steps)) <= 2
+    else:
+        assert moment_steps == list(range(0, len(steps), 2))  # moments every 2 steps: none lost
     assert all(np.isfinite(run.data[f"moments/{s}"]).all() for s in ("mean", "var", "p50"))
     if sig != signal.SIGKILL:
         assert "interrupted; what was recorded is in run.h5" in err
