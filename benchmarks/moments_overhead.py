@@ -128,8 +128,8 @@ def table(result: dict[str, Any]) -> Any:
     return Table(title, ["setting", "ms/step", "ratio", "+- s.e.", "own"], rows)
 
 
-def main() -> None:
-    from _results import add_record_flag, finish
+def _arguments() -> argparse.Namespace:
+    from _results import add_record_flag
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -138,21 +138,17 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(PROBED), default=list(PROBED), help="probed settings to run (default: all)")
     parser.add_argument("--json", action="store_true")
     add_record_flag(parser)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    data = synthetic_images("cifar10", n=args.batch)
-    x, y = data.train[:]  # the whole TensorDataset: one fixed batch
-    torch.manual_seed(0)
-    model = build_model("vgg", 10, (3, 32, 32), width=args.width)
+
+def _timed_steps(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, settings: dict[str, tuple[int, bool] | None], steps: int
+) -> tuple[dict[str, list[float]], dict[str, ClockedRecorder]]:
+    """Each setting's step times over ``steps`` rounds (settings in a new random order each round,
+    on one model and optimizer), and the Recorders with their own time."""
     loss_fn = torch.nn.CrossEntropyLoss()
-    settings: dict[str, tuple[int, bool] | None] = {
-        "plain": None,
-        "plain again (control)": None,
-        **{label: setting for key, (label, setting) in PROBED.items() if key in args.only},
-    }
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     times: dict[str, list[float]] = {k: [] for k in settings}
-
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         recorders = {
             # Each Recorder's steps come len(settings) times further apart than in a run of its own,
@@ -184,14 +180,18 @@ def main() -> None:
                 step(name)
         for recorder in recorders.values():
             recorder.own_seconds = 0.0
-        for i in range(args.steps):
+        for i in range(steps):
             for name in random.Random(i).sample(names, len(names)):
                 times[name].append(step(name))
+    return times, recorders
 
+
+def _result(args: argparse.Namespace, times: dict[str, list[float]], recorders: dict[str, ClockedRecorder]) -> dict[str, Any]:
+    """The ratios to the mean of the two plain settings, with standard errors, and the implied every-10th ratios."""
     reference = [(a + b) / 2 for a, b in zip(times["plain"], times["plain again (control)"])]
     base = statistics.fmean(reference)
     ratios = {k: ratio_with_error(v, reference) for k, v in times.items()}
-    result = {
+    result: dict[str, Any] = {
         "model": f"vgg width {args.width}",
         "batch": args.batch,
         "threads": torch.get_num_threads(),
@@ -208,6 +208,24 @@ def main() -> None:
     }
     result["implied"] = {k: r for k, (r, _) in implied.items()}
     result["implied_standard_error"] = {k: e for k, (_, e) in implied.items()}
+    return result
+
+
+def main() -> None:
+    from _results import finish
+
+    args = _arguments()
+    data = synthetic_images("cifar10", n=args.batch)
+    x, y = data.train[:]  # the whole TensorDataset: one fixed batch
+    torch.manual_seed(0)
+    model = build_model("vgg", 10, (3, 32, 32), width=args.width)
+    settings: dict[str, tuple[int, bool] | None] = {
+        "plain": None,
+        "plain again (control)": None,
+        **{label: setting for key, (label, setting) in PROBED.items() if key in args.only},
+    }
+    times, recorders = _timed_steps(model, x, y, settings, args.steps)
+    result = _result(args, times, recorders)
     out = table(result)
     print(json.dumps(result, indent=2) if args.json else out.text())
     finish("moments_overhead", [out], args.no_record)
