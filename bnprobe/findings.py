@@ -285,8 +285,9 @@ def learning_window(*conds: Condition) -> LearningWindow:
     """The learning window of the runs of ``conds`` (see :class:`LearningWindow`)."""
     runs = [run for cond in conds for run in cond.runs.values()]
     starts = [health.learning_start(run) for run in runs]
-    if any(s is None for s in starts):
-        return LearningWindow(None, "a run never left its chance level")
+    stuck = [run.name for run, s in zip(runs, starts) if s is None]
+    if stuck:
+        return LearningWindow(None, f"{', '.join(stuck)} never left {'its' if len(stuck) == 1 else 'their'} chance level: train longer or raise lr")
     first = max((s for s in starts if s is not None), default=0)
     ends = [health.first_flag_step(health.run_flags(run)) for run in runs]
     end = min((e for e in ends if e is not None), default=None)
@@ -360,7 +361,8 @@ class Finding:
         effect = self.learning
         if effect is None:
             why = self.window.why or "no record in the learning window"
-            return f"{self.treated.label} vs {self.reference.label}, {self.quantity.label}: no learning window ({why}); see Health"
+            where = "; see Health" if "health flag" in why else ""
+            return f"{self.treated.label} vs {self.reference.label}, {self.quantity.label}: no learning window ({why}){where}"
         seeds = effect.interval.n
         count = f"{seeds} seeds" if seeds > 1 else "1 seed: no interval"
         subject = (
