@@ -287,7 +287,9 @@ def learning_window(*conds: Condition) -> LearningWindow:
     starts = [health.learning_start(run) for run in runs]
     stuck = [run.name for run, s in zip(runs, starts) if s is None]
     if stuck:
-        return LearningWindow(None, f"{', '.join(stuck)} never left {'its' if len(stuck) == 1 else 'their'} chance level: train longer or raise lr")
+        return LearningWindow(
+            None, f"{', '.join(stuck)} never left {'its' if len(stuck) == 1 else 'their'} chance level: train longer or raise lr"
+        )
     first = max((s for s in starts if s is not None), default=0)
     ends = [health.first_flag_step(health.run_flags(run)) for run in runs]
     end = min((e for e in ends if e is not None), default=None)
