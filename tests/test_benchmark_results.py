@@ -6,17 +6,13 @@ No benchmark runs here: the helper is fed tables by hand.
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from _benchmarks import load_benchmark
 
-_spec = importlib.util.spec_from_file_location("_results", Path(__file__).parents[1] / "benchmarks" / "_results.py")
-assert _spec is not None and _spec.loader is not None
-results = importlib.util.module_from_spec(_spec)
-sys.modules["_results"] = results
-_spec.loader.exec_module(results)
+results = load_benchmark("_results")
 
 WHEN = datetime.datetime(2024, 5, 6, 7, 8, tzinfo=datetime.timezone.utc)
 

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
+from _benchmarks import load_benchmark
 
-_spec = importlib.util.spec_from_file_location("moments_overhead", Path(__file__).parents[1] / "benchmarks" / "moments_overhead.py")
-assert _spec is not None and _spec.loader is not None
-overhead = importlib.util.module_from_spec(_spec)
-sys.modules["moments_overhead"] = overhead
-_spec.loader.exec_module(overhead)
+overhead = load_benchmark("moments_overhead")
 
 
 def test_ratio_with_error_by_hand() -> None:

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from _benchmarks import load_benchmark
 
-_spec = importlib.util.spec_from_file_location("moments_zoo", Path(__file__).parents[1] / "benchmarks" / "moments_zoo.py")
-assert _spec is not None and _spec.loader is not None
-zoo = importlib.util.module_from_spec(_spec)
-sys.modules["moments_zoo"] = zoo
-_spec.loader.exec_module(zoo)
+zoo = load_benchmark("moments_zoo")
 
 
 def test_ratio_and_its_error_by_hand() -> None:

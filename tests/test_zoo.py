@@ -7,18 +7,11 @@ a check may refuse with a one-line bnprobe error (a model that genuinely cannot 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _benchmarks import load_benchmark
 
-_spec = importlib.util.spec_from_file_location("model_zoo", Path(__file__).parents[1] / "benchmarks" / "model_zoo.py")
-assert _spec is not None and _spec.loader is not None
-zoo = importlib.util.module_from_spec(_spec)
-sys.modules["model_zoo"] = zoo
-_spec.loader.exec_module(zoo)
+zoo = load_benchmark("model_zoo")
 
 
 def _zoo_selected(config: pytest.Config) -> bool:
