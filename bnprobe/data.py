@@ -2,8 +2,8 @@
 files, and arrays from .npz / .h5 files. Every source yields a :class:`DataBundle`.
 
 Specs: ``synthetic:cifar10``, ``synthetic:mnist``, ``synthetic:linear``, ``synthetic:shapes``, ``synthetic:segmentation``,
-``torchvision:CIFAR10:ROOT`` (any torchvision classification set), ``imagefolder:DIR``, ``npz:FILE``,
-``h5:FILE``.
+``torchvision:CIFAR10:ROOT`` (any torchvision classification set), ``imagefolder:DIR``,
+``segfolder:DIR`` (image/mask pairs), ``npz:FILE``, ``h5:FILE``.
 
 ``synthetic:shapes`` (:mod:`bnprobe.synthetic`) is the built-in task with visual structure: ten
 classes of drawn shapes at random position, scale, rotation and colour over a cluttered
@@ -103,10 +103,11 @@ def load_data(spec: str, seed: int = 0, **options: Any) -> DataBundle:
     """Load the data set named by ``spec``; ``options`` are source-specific (e.g. ``n``, ``x_key``)."""
     kind, _, rest = spec.partition(":")
     loaders = {"synthetic": _synthetic, "torchvision": _torchvision, "imagefolder": _imagefolder, "npz": _arrays, "h5": _arrays}
+    loaders["segfolder"] = _segfolder
     if kind not in loaders or not rest:
         hint = did_you_mean(kind, loaders) if kind not in loaders else ""
         raise DataError(
-            f"unknown data spec {shown(spec)}; use synthetic:cifar10|mnist|linear|shapes|segmentation, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE or h5:FILE{hint}"
+            f"unknown data spec {shown(spec)}; use synthetic:cifar10|mnist|linear|shapes|segmentation, torchvision:NAME:ROOT, imagefolder:DIR, segfolder:DIR, npz:FILE or h5:FILE{hint}"
         )
     return loaders[kind](kind, rest, seed, dict(options))
 
@@ -248,10 +249,7 @@ def _imagefolder(kind: str, root: str, seed: int, options: dict[str, Any]) -> Da
 
     spec = f"{kind}:{root}"
     _reject_unknown(spec, options, ("image_size",))
-    size = options.get("image_size")
-    sizes = size if isinstance(size, list) and len(size) == 2 else [size]
-    if size is not None and not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in sizes):
-        raise DataError(f"data {shown(spec)}: image_size must be an integer from 1 to 4096 or [height, width], got {shown(size)}")
+    _image_size(spec, options)
     if not usable_path(root, DataError).is_dir():
         raise DataError(f"image folder {root} does not exist")
     steps: list[Any] = []
@@ -266,6 +264,32 @@ def _imagefolder(kind: str, root: str, seed: int, options: dict[str, Any]) -> Da
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"image folder {root}: {first_line(e)}") from e
     return _classification_bundle(ds, spec)
+
+
+def _image_size(spec: str, options: dict[str, Any]) -> tuple[int, int] | None:
+    """The ``image_size`` option as (height, width), checked: an integer is a square."""
+    size = options.get("image_size")
+    if size is None:
+        return None
+    sizes = size if isinstance(size, list) and len(size) == 2 else [size]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in sizes):
+        raise DataError(f"data {shown(spec)}: image_size must be an integer from 1 to 4096 or [height, width], got {shown(size)}")
+    return int(sizes[0]), int(sizes[-1])
+
+
+def _segfolder(kind: str, root: str, seed: int, options: dict[str, Any]) -> DataBundle:
+    """Image/mask pairs from ``root/images`` and ``root/masks`` (:mod:`bnprobe.segfolder`; it
+    imports PIL, so only when asked, like torchvision here)."""
+    from .segfolder import mask_pairs
+
+    spec = f"{kind}:{root}"
+    _reject_unknown(spec, options, ("image_size", "num_classes"))
+    size = _image_size(spec, options)
+    _number(spec, options, "num_classes", 1, MAX_CLASSES)
+    if not usable_path(root, DataError).is_dir():
+        raise DataError(f"segmentation folder {root} does not exist")
+    pairs, (height, width), classes = mask_pairs(root, size, options.get("num_classes"))
+    return DataBundle(pairs, (3, height, width), classes, Task.SEGMENTATION, spec)
 
 
 def _samples_once(
