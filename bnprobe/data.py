@@ -2,8 +2,8 @@
 files, and arrays from .npz / .h5 files. Every source yields a :class:`DataBundle`.
 
 Specs: ``synthetic:cifar10``, ``synthetic:mnist``, ``synthetic:linear``, ``synthetic:shapes``, ``synthetic:segmentation``,
-``torchvision:CIFAR10:ROOT`` (any torchvision classification set), ``imagefolder:DIR``, ``npz:FILE``,
-``h5:FILE``.
+``torchvision:CIFAR10:ROOT`` (any torchvision classification set), ``imagefolder:DIR``,
+``segfolder:DIR`` (image/mask pairs), ``npz:FILE``, ``h5:FILE``.
 
 ``synthetic:shapes`` (:mod:`bnprobe.synthetic`) is the built-in task with visual structure: ten
 classes of drawn shapes at random position, scale, rotation and colour over a cluttered
@@ -31,6 +31,7 @@ from .synthetic import shapes
 
 SYNTHETIC_SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28)}
 MAX_SYNTHETIC_VALUES = 2**28  # numbers a built-in set may hold: 1 GiB of float32
+MAX_CLASSES = 2**16  # a num_classes option for data on disk: 16-bit masks' labels
 
 
 class Task(str, enum.Enum):
@@ -102,10 +103,11 @@ def load_data(spec: str, seed: int = 0, **options: Any) -> DataBundle:
     """Load the data set named by ``spec``; ``options`` are source-specific (e.g. ``n``, ``x_key``)."""
     kind, _, rest = spec.partition(":")
     loaders = {"synthetic": _synthetic, "torchvision": _torchvision, "imagefolder": _imagefolder, "npz": _arrays, "h5": _arrays}
+    loaders["segfolder"] = _segfolder
     if kind not in loaders or not rest:
         hint = did_you_mean(kind, loaders) if kind not in loaders else ""
         raise DataError(
-            f"unknown data spec {shown(spec)}; use synthetic:cifar10|mnist|linear|shapes|segmentation, torchvision:NAME:ROOT, imagefolder:DIR, npz:FILE or h5:FILE{hint}"
+            f"unknown data spec {shown(spec)}; use synthetic:cifar10|mnist|linear|shapes|segmentation, torchvision:NAME:ROOT, imagefolder:DIR, segfolder:DIR, npz:FILE or h5:FILE{hint}"
         )
     return loaders[kind](kind, rest, seed, dict(options))
 
@@ -247,10 +249,7 @@ def _imagefolder(kind: str, root: str, seed: int, options: dict[str, Any]) -> Da
 
     spec = f"{kind}:{root}"
     _reject_unknown(spec, options, ("image_size",))
-    size = options.get("image_size")
-    sizes = size if isinstance(size, list) and len(size) == 2 else [size]
-    if size is not None and not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in sizes):
-        raise DataError(f"data {shown(spec)}: image_size must be an integer from 1 to 4096 or [height, width], got {shown(size)}")
+    _image_size(spec, options)
     if not usable_path(root, DataError).is_dir():
         raise DataError(f"image folder {root} does not exist")
     steps: list[Any] = []
@@ -265,6 +264,32 @@ def _imagefolder(kind: str, root: str, seed: int, options: dict[str, Any]) -> Da
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"image folder {root}: {first_line(e)}") from e
     return _classification_bundle(ds, spec)
+
+
+def _image_size(spec: str, options: dict[str, Any]) -> tuple[int, int] | None:
+    """The ``image_size`` option as (height, width), checked: an integer is a square."""
+    size = options.get("image_size")
+    if size is None:
+        return None
+    sizes = size if isinstance(size, list) and len(size) == 2 else [size]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in sizes):
+        raise DataError(f"data {shown(spec)}: image_size must be an integer from 1 to 4096 or [height, width], got {shown(size)}")
+    return int(sizes[0]), int(sizes[-1])
+
+
+def _segfolder(kind: str, root: str, seed: int, options: dict[str, Any]) -> DataBundle:
+    """Image/mask pairs from ``root/images`` and ``root/masks`` (:mod:`bnprobe.segfolder`; it
+    imports PIL, so only when asked, like torchvision here)."""
+    from .segfolder import mask_pairs
+
+    spec = f"{kind}:{root}"
+    _reject_unknown(spec, options, ("image_size", "num_classes"))
+    size = _image_size(spec, options)
+    _number(spec, options, "num_classes", 1, MAX_CLASSES)
+    if not usable_path(root, DataError).is_dir():
+        raise DataError(f"segmentation folder {root} does not exist")
+    pairs, (height, width), classes = mask_pairs(root, size, options.get("num_classes"))
+    return DataBundle(pairs, (3, height, width), classes, Task.SEGMENTATION, spec)
 
 
 def _samples_once(
@@ -313,8 +338,9 @@ def _classification_bundle(ds: Any, spec: str) -> DataBundle:
 
 def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBundle:
     spec = f"{kind}:{path}"
-    _reject_unknown(spec, options, ("x_key", "y_key"))
+    _reject_unknown(spec, options, ("x_key", "y_key", "num_classes"))
     _text(spec, options, "x_key", "y_key")
+    _number(spec, options, "num_classes", 1, MAX_CLASSES)
     x_key, y_key = options.get("x_key", "x"), options.get("y_key", "y")
     if not usable_path(path, DataError).is_file():
         raise DataError(f"data file {path} does not exist")
@@ -331,15 +357,40 @@ def _arrays(kind: str, path: str, seed: int, options: dict[str, Any]) -> DataBun
     x = torch.as_tensor(x_np, dtype=torch.float32)
     if len(x) != len(y_np):
         raise DataError(f"{path}: {x_key!r} has {len(x)} samples but {y_key!r} has {len(y_np)}")
-    if y_np.ndim == 1 and np.issubdtype(y_np.dtype, np.integer):
-        if y_np.min() < 0:
-            raise DataError(f"{path}: class labels in {y_key!r} must be 0, 1, 2, ...; found {int(y_np.min())}")
+    if np.issubdtype(y_np.dtype, np.integer) and (y_np.ndim == 1 or _masks(path, x, y_np, x_key, y_key)):
         y = torch.as_tensor(y_np, dtype=torch.long)
-        return DataBundle(TensorDataset(x, y), tuple(x.shape[1:]), int(y.max()) + 1, Task.CLASSIFICATION, spec)
+        classes = _classes(path, y, y_key, options.get("num_classes"))
+        task = Task.CLASSIFICATION if y.ndim == 1 else Task.SEGMENTATION
+        return DataBundle(TensorDataset(x, y), tuple(x.shape[1:]), classes, task, spec)
+    if "num_classes" in options:
+        raise DataError(f"{path}: num_classes is for integer labels or masks; {y_key!r} holds {y_np.dtype} targets, which mean regression")
     y = torch.as_tensor(y_np, dtype=torch.float32)
     if y.ndim == 1:
         y = y[:, None]
     return DataBundle(TensorDataset(x, y), tuple(x.shape[1:]), int(y.shape[1]), Task.REGRESSION, spec)
+
+
+def _masks(path: str, x: torch.Tensor, y: np.ndarray, x_key: str, y_key: str) -> bool:
+    """Whether integer targets ``y`` are a class per pixel of images ``x`` (N, C, H, W): masks
+    (N, H, W) of the images' height and width. Masks of another size are refused, not taken for
+    regression targets."""
+    if x.ndim != 4 or y.ndim != 3:
+        return False
+    if tuple(y.shape[1:]) != tuple(x.shape[2:]):
+        image, mask = "x".join(map(str, x.shape[2:])), "x".join(map(str, y.shape[1:]))
+        raise DataError(f"{path}: masks in {y_key!r} are {mask} but the images in {x_key!r} are {image} (height x width)")
+    return True
+
+
+def _classes(path: str, labels: torch.Tensor, y_key: str, num_classes: int | None) -> int:
+    """The number of classes: ``num_classes`` when given (a class may be absent from the data),
+    else the largest label + 1; a negative label or one the count leaves out is refused."""
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise DataError(f"{path}: class labels in {y_key!r} must be 0, 1, 2, ...; found {low}")
+    if num_classes is not None and high >= num_classes:
+        raise DataError(f"{path}: {y_key!r} holds label {high}, but num_classes is {num_classes} (labels 0 to {num_classes - 1})")
+    return high + 1 if num_classes is None else num_classes
 
 
 def _named_arrays(kind: str, path: str, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -254,7 +254,7 @@ def _torchvision_model(name: str, num_classes: int, input_shape: tuple[int, ...]
     try:
         model: nn.Module = torchvision.models.get_model(name.lower(), **kwargs)
     except TypeError as e:
-        raise ModelError(f"torchvision:{name}: {e}") from e
+        raise _type_error(f"torchvision:{name}", torchvision.models.get_model_builder(name.lower()), e) from e
     if weights_file:
         load_weights(model, weights_file)
     return model
@@ -346,7 +346,21 @@ def _user_model(spec: str, num_classes: int, input_shape: tuple[int, ...], optio
     try:
         return factory(**kwargs)
     except TypeError as e:
-        raise ModelError(f"{spec}: {e}") from e
+        raise _type_error(spec, factory, e) from e
+
+
+def _type_error(spec: str, builder: Callable[..., object], error: TypeError) -> ModelError:
+    """A builder's TypeError in one line. One that passes ``num_classes`` on through ``**kwargs`` to
+    a model without classes (torchvision's optical-flow RAFT) fails so; what that model is, and the
+    route that takes it, say more than the constructor's complaint."""
+    if "unexpected keyword argument 'num_classes'" not in str(error):
+        return ModelError(f"{spec}: {error}")
+    flow = ".optical_flow." in f"{getattr(builder, '__module__', None)}."
+    what = "is an optical-flow model (no num_classes)" if flow else "builds a model that takes no num_classes"
+    return ModelError(
+        f"{spec} {what}: bnprobe's commands train classifiers, segmentation and video models; "
+        'use the Python API with a module that wraps it and returns a scalar loss (docs/api.md, "Other models")'
+    )
 
 
 def _load_file(path: Path) -> ModuleType:

@@ -40,6 +40,24 @@ def test_torchvision_model_uses_num_classes() -> None:
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
 
 
+@pytest.mark.parametrize("spec", ["torchvision:raft_small", "torchvision.models.optical_flow:raft_large"])
+def test_a_model_without_num_classes_says_what_it_is_and_what_works(spec: str) -> None:
+    with pytest.raises(ModelError) as raised:
+        build_model(spec, 10, (3, 32, 32))
+    assert str(raised.value) == (
+        f"{spec} is an optical-flow model (no num_classes): bnprobe's commands train classifiers, segmentation and video models; "
+        'use the Python API with a module that wraps it and returns a scalar loss (docs/api.md, "Other models")'
+    )
+
+
+def test_a_factory_that_passes_num_classes_on_to_a_model_without_it_is_named(tmp_path: Path) -> None:
+    (tmp_path / "m.py").write_text("import torch.nn as nn\n\ndef make(**kwargs):\n    return nn.ReLU(**kwargs)\n")
+    with pytest.raises(ModelError, match=r"m.py:make builds a model that takes no num_classes: bnprobe's commands train classifiers"):
+        build_model(f"{tmp_path / 'm.py'}:make", 10, (3, 32, 32))
+    with pytest.raises(ModelError, match=r"^torchvision:resnet18: ResNet.__init__\(\) got an unexpected keyword argument 'depth'$"):
+        build_model("torchvision:resnet18", 10, (3, 32, 32), depth=3)  # any other TypeError is said as it was
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [("vgx", "did you mean 'vgg'"), ("torchvision:resnet1", "did you mean 'resnet18'"), ("nope/missing.py:make", "does not exist")],

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from bnprobe.config import load_config_text
-from bnprobe.data import PixelCrossEntropy
-from bnprobe.errors import ModelError
+from bnprobe.data import PixelCrossEntropy, Task, load_data
+from bnprobe.errors import DataError, ModelError
 from bnprobe.experiment import run_experiment
 from bnprobe.probes.heldout import evaluate
 from bnprobe.store import HELDOUT, read_file
@@ -75,3 +75,55 @@ def test_held_out_pixel_accuracy_matches_a_hand_computation() -> None:
         out = model(x)
     assert math.isclose(float(found["loss"]), float(nn.functional.cross_entropy(out, y)), rel_tol=1e-6)
     assert math.isclose(float(found["accuracy"]), float((out.argmax(1) == y).float().mean()), rel_tol=1e-6)
+
+
+def mask_arrays(n: int = 16, size: int = 8, classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 3, size, size)).astype(np.float32), rng.integers(classes, size=(n, size, size))
+
+
+@pytest.mark.parametrize("kind", ["npz", "h5"])
+def test_integer_masks_of_the_images_size_are_segmentation(tmp_path: Path, kind: str) -> None:
+    import h5py
+
+    x, y = mask_arrays()
+    path = tmp_path / f"d.{kind}"
+    if kind == "npz":
+        np.savez(path, x=x, y=y)
+    else:
+        with h5py.File(path, "w") as f:
+            f["x"], f["y"] = x, y
+    data = load_data(f"{kind}:{path}")
+    assert data.task is Task.SEGMENTATION and data.num_outputs == 3 and data.input_shape == (3, 8, 8)
+    assert load_data(f"{kind}:{path}", num_classes=5).num_outputs == 5  # a class the data lacks
+    assert isinstance(data.loss_fn(), PixelCrossEntropy)
+
+
+def test_a_segmentation_model_trains_on_masks_from_a_file(tmp_path: Path) -> None:
+    x, y = mask_arrays()
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    (tmp_path / "seg.py").write_text(MODEL)
+    text = (
+        f"name: seg\nmodel: {tmp_path / 'seg.py'}:make\ndata: npz:{tmp_path / 'd.npz'}\nsteps: 2\nbatch_size: 4\n"
+        f"probes: {{moments: {{every: 1}}}}\noutput: {tmp_path / 'seg'}.h5\n"
+    )
+    run_experiment(load_config_text(text, "t"))
+    (run,) = read_file(tmp_path / "seg.h5").runs.values()
+    assert run.attrs["task"] == "segmentation" and run.attrs["status"] == "finished"
+    loss = run.get("train", "loss")
+    assert loss is not None and abs(loss[0] - math.log(3)) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("y", "options", "message"),
+    [
+        (np.zeros((16, 8, 6), dtype=np.int64), {}, r"masks in 'y' are 8x6 but the images in 'x' are 8x8 \(height x width\)$"),
+        (np.full((16, 8, 8), 3), {"num_classes": 3}, r"'y' holds label 3, but num_classes is 3 \(labels 0 to 2\)$"),
+        (np.full((16, 8, 8), -1), {}, r"class labels in 'y' must be 0, 1, 2, ...; found -1$"),
+        (np.zeros((16, 2), dtype=np.float32), {"num_classes": 3}, r"num_classes is for integer labels or masks; 'y' holds float32 targets"),
+    ],
+)
+def test_masks_that_do_not_fit_are_refused(tmp_path: Path, y: np.ndarray, options: dict[str, int], message: str) -> None:
+    np.savez(tmp_path / "d.npz", x=mask_arrays()[0], y=y)
+    with pytest.raises(DataError, match=message):
+        load_data(f"npz:{tmp_path / 'd.npz'}", **options)
