@@ -94,7 +94,11 @@ ModelOpt = Annotated[
 ]
 DataOpt = Annotated[
     str | None,
-    typer.Option("--data", "-d", help="synthetic:cifar10|mnist|linear, torchvision:NAME:ROOT, imagefolder:DIR, segfolder:DIR, npz:FILE, h5:FILE"),
+    typer.Option(
+        "--data",
+        "-d",
+        help="synthetic:shapes|cifar10|mnist|linear|segmentation, torchvision:NAME:ROOT, imagefolder:DIR, segfolder:DIR, npz:FILE, h5:FILE",
+    ),
 ]
 BnOpt = Annotated[list[str] | None, typer.Option("--bn", help="keep | insert | strip | noisy; repeat for variants.")]
 BnTargetsOpt = Annotated[str | None, typer.Option("--bn-targets", help="auto | conv | linear | all")]
