@@ -292,3 +292,24 @@ def test_reading_needs_no_torch(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_record_one_dataset_holds_beyond_its_section_is_not_read(tmp_path: Path) -> None:
+    """A write the disk refused half-way (or a process killed inside one) can leave one dataset of a
+    section a record longer than its step axis, or the step axis longer than the others: readers
+    see only the records every dataset of the section holds."""
+    path = write_run_file(tmp_path / "x.h5", variants=("keep",), histogram_bins=3)
+    whole = read_file(path).runs["keep"]
+    steps, mean = whole.data["moments/step"], whole.data["moments/mean"]
+    with h5py.File(path, "r+") as h5:
+        torn = h5["runs/keep/moments/histogram"]
+        torn.resize(torn.shape[0] + 1, axis=0)
+        torn[-1] = 99.0  # never whole: no step, no mean
+        step_axis = h5["runs/keep/train/step"]
+        step_axis.resize(step_axis.shape[0] + 1, axis=0)
+    run = read_file(path).runs["keep"]
+    assert run.data["moments/histogram"].shape[0] == len(steps) and not (run.data["moments/histogram"] == 99.0).any()
+    assert np.array_equal(run.last("moments", "histogram"), whole.last("moments", "histogram"))
+    assert run.data.shape("moments/histogram")[0] == len(steps) and run.data.shape("train/step") == whole.data.shape("train/step")
+    assert np.array_equal(run.column("moments", "mean", 1), mean[:, 1])
+    assert np.array_equal(run.data["train/loss"], whole.data["train/loss"])

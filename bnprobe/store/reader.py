@@ -47,6 +47,7 @@ class Datasets(MutableMapping[str, np.ndarray]):
         self._file, self._group = file, group
         self._arrays: dict[str, np.ndarray | None] = dict.fromkeys(on_disk or {})  # None: not read yet
         self._meta = {k: (ds.shape, ds.dtype) for k, ds in (on_disk or {}).items()}
+        self._rows = _committed_rows(self._meta)
 
     def __getitem__(self, key: str) -> np.ndarray:
         value = self._arrays[key]
@@ -73,7 +74,10 @@ class Datasets(MutableMapping[str, np.ndarray]):
 
     def shape(self, key: str) -> tuple[int, ...]:
         value = self._arrays[key]
-        return np.shape(value) if value is not None else self._meta[key][0]
+        if value is not None:
+            return np.shape(value)
+        shape = self._meta[key][0]
+        return (self._rows[key], *shape[1:]) if key in self._rows else shape
 
     def dtype(self, key: str) -> np.dtype[Any]:
         value = self._arrays[key]
@@ -89,11 +93,33 @@ class Datasets(MutableMapping[str, np.ndarray]):
         try:
             with h5py.File(self._file, "r", locking=False) as h5:
                 ds = h5[self._group][key]
+                if key in self._rows:  # only the records every dataset of its section holds
+                    selection = _within(selection, self._rows[key])
                 return np.asarray(ds[()] if selection == slice(None) else ds[selection])
         except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
             if not self._file.is_file():
                 raise StoreError(f"{self._file} was moved or deleted while it was being read") from e
             raise _damaged(self._file, e) from e
+
+
+def _within(selection: slice | tuple[slice | int, ...], rows: int) -> slice | tuple[slice | int, ...]:
+    """``selection`` with its records (first axis) limited to the first ``rows``."""
+    first, rest = (selection[0], selection[1:]) if isinstance(selection, tuple) else (selection, ())
+    assert isinstance(first, slice)  # records are selected by slices
+    limited = slice(*first.indices(rows))
+    return (limited, *rest) if rest else limited
+
+
+def _committed_rows(meta: Mapping[str, tuple[tuple[int, ...], Any]]) -> dict[str, int]:
+    """Rows of each record dataset that every record dataset of its section holds (its ``step``
+    axis included): a write the disk refused half-way, or a process killed inside one, can leave
+    one dataset a record longer than the others, and that record was never whole."""
+    sections: dict[str, list[str]] = {}
+    for key, (shape, _) in meta.items():
+        spec, section = spec_of(key), key.split("/", 1)[0]
+        if spec is not None and spec.is_record and len(shape) >= 1 and f"{section}/{STEP}" in meta:
+            sections.setdefault(section, []).append(key)
+    return {key: min(meta[k][0][0] for k in keys) for keys in sections.values() for key in keys}
 
 
 @dataclass(frozen=True)

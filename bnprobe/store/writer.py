@@ -384,6 +384,8 @@ class RunWriter:
                         del self._group[path]
                     elif path in before:
                         self._group[path].resize(before[path], axis=0)
+                        self._group[path].flush()  # the longer extent may be on disk already; a shorter one needs no new space
+                self._store._h5.flush()
             raise
 
     def _append(self, blocks: Mapping[str, np.ndarray]) -> None:
