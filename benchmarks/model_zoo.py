@@ -1,6 +1,8 @@
-"""Every torchvision classification and segmentation model and a fixed timm sample through bnprobe.
+"""Every torchvision classification and segmentation model, the BatchNorm3d video models and a fixed
+timm sample through bnprobe.
 
-For each model, at the smallest input it accepts (batch 2, 10 classes, random init), the checks:
+For each model, at the smallest input it accepts (batch 2, 10 classes, random init; video models
+clips of VIDEO_FRAMES frames), the checks:
 
     build     the model is built and runs forward in train mode
     keep      apply_bn keep, then a training forward/backward
@@ -56,6 +58,8 @@ FOLD_RTOL = 1e-4
 BATCH = 2
 NUM_CLASSES = 10
 SIZES = (28, 32, 64, 96, 128, 160, 192, 224, 256, 299)
+VIDEO_MODELS = ("r3d_18", "mc3_18", "r2plus1d_18", "s3d")  # torchvision's video models with BatchNorm3d
+VIDEO_FRAMES = 16  # s3d's last pooling needs 16 frames (and 224 pixels)
 
 # A fixed timm sample across families (with and without BN, BN-act layers, BN before conv, attention).
 TIMM_MODELS = (
@@ -161,6 +165,11 @@ class Case:
     source: str  # torchvision | timm
     name: str
     build: Callable[[int], nn.Module] = field(repr=False)
+    frames: int = 0  # a video model's clip length; 0: images
+
+    def sample_shape(self, size: int) -> tuple[int, ...]:
+        """One input sample at ``size`` pixels: (3, size, size), or (3, frames, size, size)."""
+        return (3, self.frames, size, size) if self.frames else (3, size, size)
 
     @property
     def id(self) -> str:
@@ -179,8 +188,10 @@ def timm_available() -> bool:
     return importlib.util.find_spec("timm") is not None
 
 
-def _torchvision_builder(name: str) -> Callable[[int], nn.Module]:
+def _torchvision_builder(name: str, frames: int = 0) -> Callable[[int], nn.Module]:
     def build(size: int) -> nn.Module:
+        if frames:
+            return bnprobe.build_model(f"torchvision:{name}", NUM_CLASSES, (3, frames, size, size))
         options: dict[str, Any] = {}
         if name.startswith("vit_"):  # the patch grid is fixed at construction (size: a multiple of the patch)
             options["image_size"] = size
@@ -208,6 +219,7 @@ def cases(source: str = "all", include: list[str] | None = None, limit: int = 0)
     found: list[Case] = []
     if source in ("all", "torchvision"):
         found += [Case("torchvision", n, _torchvision_builder(n)) for n in torchvision_names()]
+        found += [Case("torchvision", n, _torchvision_builder(n, VIDEO_FRAMES), VIDEO_FRAMES) for n in VIDEO_MODELS]
     if source in ("all", "timm") and timm_available():
         found += [Case("timm", n, _timm_builder(n)) for n in TIMM_MODELS]
     if include:
@@ -230,21 +242,22 @@ def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, y)
 
 
-def batch(size: int, n: int = BATCH, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(shape: tuple[int, ...], n: int = BATCH, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random samples of ``shape`` and their labels."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g), torch.randint(NUM_CLASSES, (n,), generator=g)
+    return torch.randn(n, *shape, generator=g), torch.randint(NUM_CLASSES, (n,), generator=g)
 
 
-def smallest_input(case: Case) -> tuple[nn.Module, int]:
-    """The model built at the smallest size in SIZES whose training forward runs on a batch of 2."""
+def smallest_input(case: Case) -> tuple[nn.Module, tuple[int, ...]]:
+    """The model built at the smallest size in SIZES whose training forward runs on a batch of 2, and its sample shape."""
     errors = []
     for size in SIZES:
         try:
             torch.manual_seed(0)
             model = case.build(size)
             with torch.no_grad():
-                model.train()(batch(size)[0])
-            return model, size
+                model.train()(batch(case.sample_shape(size))[0])
+            return model, case.sample_shape(size)
         except Exception as e:  # noqa: BLE001 - a size the model refuses: try the next
             errors.append(f"{size}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     raise RuntimeError(f"no input size in {SIZES} works; last: {errors[-1]}")
@@ -258,7 +271,7 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         raise AssertionError(f"training loss is {loss.item()}")
 
 
-def trained_looking_bn(model: nn.Module, size: int, seed: int = 1) -> None:
+def trained_looking_bn(model: nn.Module, shape: tuple[int, ...], seed: int = 1) -> None:
     """BN as after training: running statistics of the model's own activations (two batches in
     train mode), and a random affine. Random statistics instead would leave activations
     unnormalised and the untrained model so ill-conditioned that float32 rounding of the folded
@@ -273,7 +286,7 @@ def trained_looking_bn(model: nn.Module, size: int, seed: int = 1) -> None:
                 m.momentum = None  # cumulative average over the calibration batches
         model.train()
         for k in range(4):
-            model(batch(size, n=8, seed=100 + k)[0])
+            model(batch(shape, n=8, seed=100 + k)[0])
         for m in bns:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = momenta[m]
@@ -293,8 +306,8 @@ def _relative(a: Any, b: Any) -> float:
     return max(float((p.double() - q.double()).norm() / q.double().norm().clamp_min(1e-30)) for p, q in zip(ta, tb))
 
 
-def check_surgery(model: nn.Module, size: int, mode: str) -> str:
-    x, y = batch(size)
+def check_surgery(model: nn.Module, shape: tuple[int, ...], mode: str) -> str:
+    x, y = batch(shape)
     changed, plan = bnprobe.apply_bn(model, mode, x)
     _train_step(changed, x, y)
     if mode == "strip":
@@ -309,10 +322,10 @@ def check_surgery(model: nn.Module, size: int, mode: str) -> str:
     return plan.summary().split(";")[0].removeprefix(f"bn {mode}: ")
 
 
-def check_fold(model: nn.Module, size: int) -> str:
-    trained_looking_bn(model, size)
-    example, _ = batch(size)
-    other, _ = batch(size, n=BATCH + 1, seed=7)  # another batch, of another size: fold is exact for every input
+def check_fold(model: nn.Module, shape: tuple[int, ...]) -> str:
+    trained_looking_bn(model, shape)
+    example, _ = batch(shape)
+    other, _ = batch(shape, n=BATCH + 1, seed=7)  # another batch, of another size: fold is exact for every input
     folded, plan = bnprobe.apply_bn(model, "strip", example, fold=True)
     bns = [n for n, m in model.named_modules() if is_batchnorm(m)]
     unfolded = [c for c in plan.changes if c.action == "removed"]
@@ -351,8 +364,8 @@ def _rounding_noise(model: nn.Module, x: torch.Tensor) -> float:
     return _relative(rounded(x), model(x))
 
 
-def check_recorder(model: nn.Module, size: int) -> str:
-    x, y = batch(size)
+def check_recorder(model: nn.Module, shape: tuple[int, ...]) -> str:
+    x, y = batch(shape)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     with tempfile.TemporaryDirectory() as tmp, bnprobe.Recorder(model, Path(tmp) / "run.h5", record_every=1) as rec:
         for _ in range(2):
@@ -365,28 +378,28 @@ def check_recorder(model: nn.Module, size: int) -> str:
     return f"{layers} layers"
 
 
-def check_hessian(model: nn.Module, size: int) -> str:
-    x, y = batch(size)
+def check_hessian(model: nn.Module, shape: tuple[int, ...]) -> str:
+    x, y = batch(shape)
     result = bnprobe.top_hessian_eigenvalue(model.train(), loss_fn, x, y, max_iter=2)
     if not torch.isfinite(torch.tensor(result.eigenvalue)):
         raise AssertionError(f"eigenvalue {result.eigenvalue}")
     return f"{result.eigenvalue:.2g}"
 
 
-def check_ics(model: nn.Module, size: int) -> str:
-    x, y = batch(size)
+def check_ics(model: nn.Module, shape: tuple[int, ...]) -> str:
+    x, y = batch(shape)
     result = bnprobe.gradient_shift(model.train(), loss_fn, x, y, torch.optim.SGD(model.parameters(), lr=1e-3))
     return f"{len(result)} layers"
 
 
-def run_check(check: str, model: nn.Module, size: int) -> Cell:
+def run_check(check: str, model: nn.Module, shape: tuple[int, ...]) -> Cell:
     """One check on a fresh copy of the model (checks that train change it)."""
     fresh = copy.deepcopy(model)
     try:
         if check in ("keep", "insert", "strip", "noisy"):
-            note = check_surgery(fresh, size, check)
+            note = check_surgery(fresh, shape, check)
         else:
-            note = {"fold": check_fold, "recorder": check_recorder, "hessian": check_hessian, "ics": check_ics}[check](fresh, size)
+            note = {"fold": check_fold, "recorder": check_recorder, "hessian": check_hessian, "ics": check_ics}[check](fresh, shape)
         return Cell("ok", note)
     except BnprobeError as e:
         return Cell("refused", str(e))
@@ -399,16 +412,16 @@ def check_model(case: Case, checks: tuple[str, ...] = CHECKS, max_params: float 
     """Every check of ``checks`` on one model; a model that cannot be built fails ``build`` only."""
     row: dict[str, Cell] = {}
     try:
-        model, size = smallest_input(case)
+        model, shape = smallest_input(case)
     except Exception as e:  # noqa: BLE001 - reported in the table
         return {"build": Cell("FAIL", str(e).splitlines()[0])}
     params = sum(p.numel() for p in model.parameters())
-    row["build"] = Cell("ok", f"{size}px, {params / 1e6:.1f}M")
+    row["build"] = Cell("ok", f"{'x'.join(map(str, shape[1:]))}, {params / 1e6:.1f}M")
     too_big = max_params and params > max_params
     for check in checks:
         if check == "build":
             continue
-        row[check] = Cell("skipped", f"> {max_params / 1e6:g}M params") if too_big else run_check(check, model, size)
+        row[check] = Cell("skipped", f"> {max_params / 1e6:g}M params") if too_big else run_check(check, model, shape)
     return row
 
 

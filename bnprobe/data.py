@@ -1,15 +1,18 @@
 """Data sources: built-in synthetic sets (no download), torchvision sets and ImageFolder from local
 files, and arrays from .npz / .h5 files. Every source yields a :class:`DataBundle`.
 
-Specs: ``synthetic:cifar10``, ``synthetic:mnist``, ``synthetic:linear``, ``synthetic:shapes``, ``synthetic:segmentation``,
-``torchvision:CIFAR10:ROOT`` (any torchvision classification set), ``imagefolder:DIR``,
-``segfolder:DIR`` (image/mask pairs), ``npz:FILE``, ``h5:FILE``.
+Specs: ``synthetic:cifar10``, ``synthetic:mnist``, ``synthetic:linear``, ``synthetic:shapes``,
+``synthetic:segmentation``, ``synthetic:clips``, ``torchvision:CIFAR10:ROOT`` (any torchvision
+classification set), ``imagefolder:DIR``, ``segfolder:DIR`` (image/mask pairs), ``npz:FILE``,
+``h5:FILE``.
 
 ``synthetic:shapes`` (:mod:`bnprobe.synthetic`) is the built-in task with visual structure: ten
 classes of drawn shapes at random position, scale, rotation and colour over a cluttered
 background, with a held-out split (``DataBundle.test``); ``synthetic:segmentation`` is the same
-images with a class per pixel (background or shape). ``synthetic:cifar10`` / ``mnist`` are a
-smooth prototype per class plus noise: quick to fit, good for smoke tests and overhead timing.
+images with a class per pixel (background or shape); ``synthetic:clips`` is short videos
+``(channels, frames, height, width)`` of a shape moving, its class the shape and the direction.
+``synthetic:cifar10`` / ``mnist`` are a smooth prototype per class plus noise: quick to fit,
+good for smoke tests and overhead timing.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, TensorDataset
 
 from .errors import DataError, did_you_mean, first_line, shown, usable_path
-from .synthetic import shapes
+from .synthetic import CLIP_CLASSES, clips, shapes
 
 SYNTHETIC_SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28)}
 MAX_SYNTHETIC_VALUES = 2**28  # numbers a built-in set may hold: 1 GiB of float32
@@ -107,7 +110,7 @@ def load_data(spec: str, seed: int = 0, **options: Any) -> DataBundle:
     if kind not in loaders or not rest:
         hint = did_you_mean(kind, loaders) if kind not in loaders else ""
         raise DataError(
-            f"unknown data spec {shown(spec)}; use synthetic:cifar10|mnist|linear|shapes|segmentation, torchvision:NAME:ROOT, imagefolder:DIR, segfolder:DIR, npz:FILE or h5:FILE{hint}"
+            f"unknown data spec {shown(spec)}; use synthetic:cifar10|mnist|linear|shapes|segmentation|clips, torchvision:NAME:ROOT, imagefolder:DIR, segfolder:DIR, npz:FILE or h5:FILE{hint}"
         )
     return loaders[kind](kind, rest, seed, dict(options))
 
@@ -156,8 +159,10 @@ def _synthetic(kind: str, name: str, seed: int, options: dict[str, Any]) -> Data
         return synthetic_linear(seed=seed, **options)
     if name in ("shapes", "segmentation"):
         return _shapes(spec, seed, options, masks=name == "segmentation")
+    if name == "clips":
+        return _clips(spec, seed, options)
     if name not in SYNTHETIC_SHAPES:
-        names = [*SYNTHETIC_SHAPES, "linear", "shapes", "segmentation"]
+        names = [*SYNTHETIC_SHAPES, "linear", "shapes", "segmentation", "clips"]
         raise DataError(f"unknown synthetic set {shown(name)}; choose from {', '.join(names)}")
     _reject_unknown(spec, options, ("n", "num_classes", "noise"))
     _number(spec, options, "n", 2, MAX_SYNTHETIC_VALUES // math.prod(SYNTHETIC_SHAPES[name]))
@@ -182,6 +187,23 @@ def _shapes(spec: str, seed: int, options: dict[str, Any], masks: bool) -> DataB
     test = TensorDataset(xt, yt) if len(yt) else None
     task, classes = (Task.SEGMENTATION, 11) if masks else (Task.CLASSIFICATION, 10)
     return DataBundle(TensorDataset(x, y), (channels, size, size), classes, task, spec, test=test)
+
+
+def _clips(spec: str, seed: int, options: dict[str, Any]) -> DataBundle:
+    """Validate the options (the clip's size first: it bounds how many clips fit), then draw."""
+    _reject_unknown(spec, options, ("n", "test", "noise", "size", "frames", "channels"))
+    _number(spec, options, "size", 8, 512)
+    _number(spec, options, "frames", 2, 256)
+    _number(spec, options, "channels", 1, 16)
+    _number(spec, options, "noise", 0, 10**6, integer=False)
+    shape = (options.get("channels", 3), options.get("frames", 8), options.get("size", 32), options.get("size", 32))
+    options = {"n": 2048, "test": 512, **options}
+    room = MAX_SYNTHETIC_VALUES // math.prod(shape)
+    _number(spec, options, "n", 2, room)
+    _number(spec, options, "test", 0, room - options["n"])
+    (x, y), (xt, yt) = clips(seed=seed, **options)
+    test = TensorDataset(xt, yt) if len(yt) else None
+    return DataBundle(TensorDataset(x, y), shape, len(CLIP_CLASSES), Task.CLASSIFICATION, spec, test=test)
 
 
 def synthetic_images(name: str, seed: int = 0, n: int = 4096, num_classes: int = 10, noise: float = 3.0) -> DataBundle:

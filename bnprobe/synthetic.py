@@ -8,6 +8,9 @@ clutter), a thin distractor stroke behind the object, and pixel noise. A network
 these, which takes it hundreds to thousands of SGD steps; a linear classifier on raw pixels
 stays near chance.
 
+Clips (:func:`clips`) are the same scenes in motion: a disc, square or triangle crosses a still
+background in one of four directions, and the class is the pair, so no single frame tells it.
+
 Shapes are signed distance fields evaluated on the pixel grid, with one pixel of
 anti-aliasing: vectorised torch, no per-pixel Python. Images are rendered in fixed chunks, each
 drawing all its randomness from one ``torch.Generator`` in order, so the data depend only on
@@ -29,6 +32,11 @@ CLUTTER = 0.04  # amplitude of the low-frequency background blotches
 GRADIENT = 0.15  # amplitude of the background's linear ramp, per channel
 STROKES = 1  # distractor strokes per image (each present with probability STROKE_P)
 STROKE_P = 0.7
+CLIP_SHAPES = ("disc", "square", "triangle")  # the shapes a clip may show
+DIRECTIONS = ("right", "down", "left", "up")  # headings 0, 90, 180, 270 degrees (image rows grow downwards)
+CLIP_CLASSES = tuple(f"{shape} {direction}" for shape in CLIP_SHAPES for direction in DIRECTIONS)
+CLIP_SCALE = (0.25, 0.4)  # a clip's object is smaller than an image's: it needs room to move
+TRAVEL = (0.5, 0.8)  # how far it moves over the clip, in half-image widths
 
 Split = tuple[Tensor, Tensor]
 
@@ -47,9 +55,7 @@ def shapes(
     g = torch.Generator().manual_seed(seed)
     x, y = _split(n, size, channels, noise, g, masks)
     xt, yt = _split(test, size, channels, noise, g, masks)
-    mean = x.mean(dim=(0, 2, 3), keepdim=True)
-    std = x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return (x.sub_(mean).div_(std), y), (xt.sub_(mean).div_(std), yt)
+    return _standardised((x, y), (xt, yt))
 
 
 def _split(n: int, size: int, channels: int, noise: float, g: torch.Generator, masks: bool) -> Split:
@@ -75,6 +81,64 @@ def _render(y: Tensor, size: int, channels: int, noise: float, g: torch.Generato
     alpha = _object(y, grid, g)
     image = image * (1 - alpha) + front * alpha
     return image + noise * torch.randn(image.shape, generator=g), alpha
+
+
+def clips(
+    n: int, frames: int = 8, size: int = 32, channels: int = 3, seed: int = 0, noise: float = 0.05, test: int = 0
+) -> tuple[Split, Split]:
+    """``n`` training and ``test`` held-out clips ``(N, channels, frames, size, size)``, each one
+    shape moving in a straight line over a still background, with labels ``4 * shape + direction``
+    (``CLIP_CLASSES``). A single frame, or the frames averaged, shows the shape but not which way
+    it goes: the network has to learn over time as well as space.
+
+    Drawn, split and standardised as :func:`shapes` is (the held-out clips after the training ones).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x, y = _clip_split(n, frames, size, channels, noise, g)
+    xt, yt = _clip_split(test, frames, size, channels, noise, g)
+    return _standardised((x, y), (xt, yt))
+
+
+def _standardised(train: Split, test: Split) -> tuple[Split, Split]:
+    """Both splits scaled with the training set's per-channel (dim 1) mean and standard deviation."""
+    (x, y), (xt, yt) = train, test
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    return (x.sub_(mean).div_(std), y), (xt.sub_(mean).div_(std), yt)
+
+
+def _clip_split(n: int, frames: int, size: int, channels: int, noise: float, g: torch.Generator) -> Split:
+    """Exactly balanced labels in random order, then the clips chunk by chunk (as many frames as
+    ``CHUNK`` images at once)."""
+    y = torch.randperm(n, generator=g) % len(CLIP_CLASSES)
+    x = torch.empty(n, channels, frames, size, size)
+    step = max(1, CHUNK // frames)
+    for start in range(0, n, step):
+        x[start : start + step] = _render_clip(y[start : start + step], frames, size, channels, noise, g)
+    return x, y
+
+
+def _render_clip(y: Tensor, frames: int, size: int, channels: int, noise: float, g: torch.Generator) -> Tensor:
+    """A still background with strokes, then the object frame by frame along its path, then noise.
+
+    The heading is the class's direction give or take 22.5 degrees; the path, ``TRAVEL`` half-image
+    widths long, is centred on a random point that keeps the whole path inside the image."""
+    m = len(y)
+    grid = (torch.arange(size) + 0.5) * (2.0 / size) - 1.0
+    back, front = _colours(m, channels, g)
+    still = _strokes(_background(back, grid, g), grid, g)
+    shape = torch.tensor([CLASSES.index(name) for name in CLIP_SHAPES])[y // len(DIRECTIONS)]
+    heading = (y % len(DIRECTIONS))[:, None, None] * (math.pi / 2) + (math.pi / 4) * (torch.rand(m, 1, 1, generator=g) - 0.5)
+    travel = TRAVEL[0] + (TRAVEL[1] - TRAVEL[0]) * torch.rand(m, 1, 1, generator=g)
+    scale, centre, angle, stretch = _pose(m, CLIP_SCALE, travel[..., None] / 2, g)
+    velocity = torch.stack([torch.cos(heading), torch.sin(heading)], dim=1) * (travel / max(frames - 1, 1))[:, None]
+    clip = torch.empty(m, channels, frames, size, size)
+    for t in range(frames):
+        at = centre + velocity * (t - (frames - 1) / 2)
+        alpha = _coverage(shape, grid, scale, at, angle, stretch)
+        clip[:, :, t] = still * (1 - alpha) + front * alpha
+    return clip + noise * torch.randn(clip.shape, generator=g)
 
 
 def _colours(m: int, channels: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -125,11 +189,25 @@ def _strokes(image: Tensor, grid: Tensor, g: torch.Generator) -> Tensor:
 
 def _object(y: Tensor, grid: Tensor, g: torch.Generator) -> Tensor:
     """Coverage ``(m, 1, size, size)`` of each image's shape, placed, scaled, stretched and rotated."""
-    m, size = len(y), len(grid)
-    scale = SCALE[0] + (SCALE[1] - SCALE[0]) * torch.rand(m, 1, 1, generator=g)
-    centre = (1 - 1.1 * scale[..., None]) * (2 * torch.rand(m, 2, 1, 1, generator=g) - 1)
+    return _coverage(y, grid, *_pose(len(y), SCALE, 0.0, g))
+
+
+Pose = tuple[Tensor, Tensor, Tensor, Tensor]  # scale, centre (x, y), rotation, stretch
+
+
+def _pose(m: int, scale_range: tuple[float, float], margin: Tensor | float, g: torch.Generator) -> Pose:
+    """A random size, a centre that keeps the object (and ``margin`` more) inside the image, a
+    rotation and a mild stretch."""
+    scale = scale_range[0] + (scale_range[1] - scale_range[0]) * torch.rand(m, 1, 1, generator=g)
+    centre = (1 - 1.1 * scale[..., None] - margin) * (2 * torch.rand(m, 2, 1, 1, generator=g) - 1)
     angle = 2 * math.pi * torch.rand(m, 1, 1, generator=g)
     stretch = 0.85 + 0.3 * torch.rand(m, 1, 1, generator=g)
+    return scale, centre, angle, stretch
+
+
+def _coverage(y: Tensor, grid: Tensor, scale: Tensor, centre: Tensor, angle: Tensor, stretch: Tensor) -> Tensor:
+    """Coverage ``(m, 1, size, size)`` of shape ``SDFS[y]`` in the pose given."""
+    m, size = len(y), len(grid)
     dx, dy = grid[None, None, :] - centre[:, 0], grid[None, :, None] - centre[:, 1]
     cos, sin = torch.cos(angle), torch.sin(angle)
     u = (cos * dx + sin * dy) / (scale * stretch)

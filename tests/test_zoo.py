@@ -1,4 +1,5 @@
-"""Every torchvision classification and segmentation model and a fixed timm sample through every bnprobe check.
+"""Every torchvision classification and segmentation model, the BatchNorm3d video models and a fixed timm
+sample through every bnprobe check.
 
 Opt-in, it takes long: ``pytest -m zoo`` (add ``-k resnet`` to narrow). The default run collects one
 skipped placeholder. The checks are those of ``benchmarks/model_zoo.py`` (its docstring lists them);
