@@ -190,3 +190,14 @@ class Noisy(nn.Module):
         s = 1 + 0.25 * torch.randn(x.shape[1], generator=self.generator)
         m = 0.5 * torch.rand(x.shape[1], generator=self.generator)
         return x * s + m
+
+
+def save_arrays(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """Arrays ``x`` and ``y`` as the ``npz:`` or ``h5:`` data loaders read them, by ``path``'s suffix."""
+    if path.suffix == ".npz":
+        np.savez(path, x=x, y=y)
+        return
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f["x"], f["y"] = x, y

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _fixtures import save_arrays
 from torch.utils.data import Dataset, TensorDataset
 
 from bnprobe.data import DataBundle, Task, batches, load_data
@@ -154,14 +155,9 @@ def test_large_h5_arrays_are_mapped_from_the_file(tmp_path: Path, monkeypatch: p
     ],
 )
 def test_non_finite_data_is_refused_at_load(tmp_path: Path, kind: str, x: np.ndarray, y: np.ndarray, message: str) -> None:
-    import h5py
 
     path = tmp_path / f"d.{kind}"
-    if kind == "npz":
-        np.savez(path, x=x, y=y)
-    else:
-        with h5py.File(path, "w") as f:
-            f["x"], f["y"] = x, y
+    save_arrays(path, x, y)
     with pytest.raises(DataError, match=re.escape(message) + "; bnprobe trains on finite numbers only$"):
         load_data(f"{kind}:{path}")
 

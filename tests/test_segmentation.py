@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _fixtures import save_arrays
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -84,15 +85,10 @@ def mask_arrays(n: int = 16, size: int = 8, classes: int = 3) -> tuple[np.ndarra
 
 @pytest.mark.parametrize("kind", ["npz", "h5"])
 def test_integer_masks_of_the_images_size_are_segmentation(tmp_path: Path, kind: str) -> None:
-    import h5py
 
     x, y = mask_arrays()
     path = tmp_path / f"d.{kind}"
-    if kind == "npz":
-        np.savez(path, x=x, y=y)
-    else:
-        with h5py.File(path, "w") as f:
-            f["x"], f["y"] = x, y
+    save_arrays(path, x, y)
     data = load_data(f"{kind}:{path}")
     assert data.task is Task.SEGMENTATION and data.num_outputs == 3 and data.input_shape == (3, 8, 8)
     assert load_data(f"{kind}:{path}", num_classes=5).num_outputs == 5  # a class the data lacks
