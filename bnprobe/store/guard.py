@@ -72,8 +72,8 @@ def partial_path(path: Path) -> Path:
 @contextmanager
 def atomic_output(out: Path) -> Iterator[Path]:
     """All or nothing: the block writes the path it is given (a temporary file beside ``out``), which
-        then replaces ``out``; on any error the temporary file is removed and ``out`` stays as it was.
-        An ``OSError`` becomes a one-line :class:`StoreError`. Another process writing ``out`` (which
+    then replaces ``out``; on any error the temporary file is removed and ``out`` stays as it was.
+    An ``OSError`` becomes a one-line :class:`StoreError`. Another process writing ``out`` (which
     would share the temporary file) is refused before anything is written."""
     tmp = partial_path(out)
     with OutputLock.acquire(out):

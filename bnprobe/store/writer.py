@@ -370,8 +370,9 @@ class RunWriter:
         self.write_seconds += time.perf_counter() - t0
 
     def _append_pending(self) -> None:
-        """Append every buffered block, or none: a write failing half-way is taken back, so that
-        each section keeps as many rows as its step axis."""
+        """Append every buffered block, or none: a write failing half-way is taken back as far as
+        the disk allows (the dataset it failed on may keep a record more, which readers leave out:
+        :class:`~.reader.Datasets` reads only the records every dataset of a section holds)."""
         blocks = {path: np.stack(rows) for path, rows in self._pending.items()}
         make_room(self._store.path, sum(self._room_for(path, block) for path, block in blocks.items()))
         before = {path: self._group[path].shape[0] for path in blocks if path in self._group}
@@ -384,8 +385,6 @@ class RunWriter:
                         del self._group[path]
                     elif path in before:
                         self._group[path].resize(before[path], axis=0)
-                        self._group[path].flush()  # the longer extent may be on disk already; a shorter one needs no new space
-                self._store._h5.flush()
             raise
 
     def _append(self, blocks: Mapping[str, np.ndarray]) -> None:
