@@ -16,7 +16,7 @@ from torch import nn
 
 from bnprobe.layers import LayerInfo
 from bnprobe.probes.moments import STATS
-from bnprobe.store import RunWriter, Store
+from bnprobe.store import RunData, RunWriter, Store, read_file
 
 ALL_SECTIONS = ("train", "moments", "ics", "landscape", "hessian")
 ETAS = np.array([0.05, 0.1, 0.2, 0.4], dtype=np.float64)
@@ -201,3 +201,24 @@ def save_arrays(path: Path, x: np.ndarray, y: np.ndarray) -> None:
 
     with h5py.File(path, "w") as f:
         f["x"], f["y"] = x, y
+
+
+SEGMENTER = (
+    "import torch.nn as nn\n\ndef make(num_classes):\n"
+    "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, num_classes, 1))\n"
+)
+
+
+def train_segmenter(tmp_path: Path, data: str, batch_size: int) -> RunData:
+    """A small per-pixel classifier trained 2 steps on ``data`` (moments every step), as read back."""
+    from bnprobe.config import load_config_text
+    from bnprobe.experiment import run_experiment
+
+    (tmp_path / "seg.py").write_text(SEGMENTER)
+    text = (
+        f"name: seg\nmodel: {tmp_path / 'seg.py'}:make\ndata: {data}\nsteps: 2\nbatch_size: {batch_size}\n"
+        f"probes: {{moments: {{every: 1}}}}\noutput: {tmp_path / 'seg'}.h5\n"
+    )
+    run_experiment(load_config_text(text, "t"))
+    (run,) = read_file(tmp_path / "seg.h5").runs.values()
+    return run

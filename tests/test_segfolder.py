@@ -10,13 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _fixtures import train_segmenter
 from PIL import Image
 
-from bnprobe.config import load_config_text
 from bnprobe.data import Task, batches, load_data
 from bnprobe.errors import DataError
-from bnprobe.experiment import run_experiment
-from bnprobe.store import read_file
 
 PALETTE = [0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255]
 
@@ -69,16 +67,7 @@ def test_image_size_resizes_images_bilinear_and_masks_nearest(tmp_path: Path) ->
 def test_a_segmentation_model_trains_on_a_folder(tmp_path: Path) -> None:
     for stem in "abcd":
         pair(tmp_path / "data", stem)
-    (tmp_path / "seg.py").write_text(
-        "import torch.nn as nn\n\ndef make(num_classes):\n"
-        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, num_classes, 1))\n"
-    )
-    text = (
-        f"name: seg\nmodel: {tmp_path / 'seg.py'}:make\ndata: segfolder:{tmp_path / 'data'}\nsteps: 2\nbatch_size: 2\n"
-        f"probes: {{moments: {{every: 1}}}}\noutput: {tmp_path / 'seg'}.h5\n"
-    )
-    run_experiment(load_config_text(text, "t"))
-    (run,) = read_file(tmp_path / "seg.h5").runs.values()
+    run = train_segmenter(tmp_path, f"segfolder:{tmp_path / 'data'}", batch_size=2)
     assert run.attrs["task"] == "segmentation" and run.attrs["status"] == "finished"
     loss = run.get("train", "loss")
     assert loss is not None and np.isfinite(loss).all()

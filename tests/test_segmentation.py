@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _fixtures import save_arrays
+from _fixtures import save_arrays, train_segmenter
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -98,13 +98,7 @@ def test_integer_masks_of_the_images_size_are_segmentation(tmp_path: Path, kind:
 def test_a_segmentation_model_trains_on_masks_from_a_file(tmp_path: Path) -> None:
     x, y = mask_arrays()
     np.savez(tmp_path / "d.npz", x=x, y=y)
-    (tmp_path / "seg.py").write_text(MODEL)
-    text = (
-        f"name: seg\nmodel: {tmp_path / 'seg.py'}:make\ndata: npz:{tmp_path / 'd.npz'}\nsteps: 2\nbatch_size: 4\n"
-        f"probes: {{moments: {{every: 1}}}}\noutput: {tmp_path / 'seg'}.h5\n"
-    )
-    run_experiment(load_config_text(text, "t"))
-    (run,) = read_file(tmp_path / "seg.h5").runs.values()
+    run = train_segmenter(tmp_path, f"npz:{tmp_path / 'd.npz'}", batch_size=4)
     assert run.attrs["task"] == "segmentation" and run.attrs["status"] == "finished"
     loss = run.get("train", "loss")
     assert loss is not None and abs(loss[0] - math.log(3)) < 1.0
