@@ -5,7 +5,9 @@ path so this table stays free of torch), its config section (a dataclass of
 :mod:`bnprobe.probe_config`) and one :class:`Measurement` entry below: the datasets it writes and
 their axes, what the report and plot call it and how a user records it. The store's layout, the
 probe registry, the report's "not recorded" hints and section titles, and the plot kinds are all
-read from :data:`MEASUREMENTS`; a test checks that every entry is complete.
+read from :data:`MEASUREMENTS`, and so are the report's sections (one module each in
+:mod:`bnprobe.report.sections`, named here by import path too); a test checks that every entry is
+complete.
 
 The order of :data:`MEASUREMENTS` is the order sections are listed in a file, a report and an
 export, and the order probes run at a step (the one that performs the optimizer step runs last).
@@ -73,7 +75,9 @@ class Measurement:
     its entry, so a family's glob comes after its named members). ``probe``: ``"module:function"``
     of the factory that builds its probe from a config; empty where the trainer or the Recorder
     records it. ``config``: its section of ``cfg.probes``, if it has one. ``title``: the report's
-    heading; ``what``: the noun in "no ... recorded"; ``hint``: how to record it. ``plot``: the
+    heading; ``what``: the noun in "no ... recorded"; ``hint``: how to record it. ``report``: the
+    module of its table in ``bnprobe report`` (a ``build`` and a ``draw``, see
+    :mod:`bnprobe.report.sections`), empty where the runs' summary shows it. ``plot``: the
     ``bnprobe plot --kind`` that draws it, if any.
     """
 
@@ -84,6 +88,7 @@ class Measurement:
     layout: tuple[DatasetSpec, ...]
     probe: str = ""
     config: type | None = None
+    report: str = ""
     plot: str = ""
 
 
@@ -133,6 +138,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
             DatasetSpec(f"{MOMENTS}/*", (RECORD, LAYER)),
         ),
         config=MomentsConfig,
+        report="bnprobe.report.sections.moments",
         plot="moments",
     ),
     Measurement(
@@ -143,6 +149,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
         (DatasetSpec(f"{ICS}/layer", (LAYER,), text=True), *_records(ICS, (*ICS_FIELDS, "*"), (LAYER,))),
         probe="bnprobe.probes.ics:probe_from_config",
         config=IcsConfig,
+        report="bnprobe.report.sections.ics",
         plot="ics",
     ),
     Measurement(
@@ -157,6 +164,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
         ),
         probe="bnprobe.probes.landscape:probe_from_config",
         config=LandscapeConfig,
+        report="bnprobe.report.sections.landscape",
         plot="landscape",
     ),
     Measurement(
@@ -174,6 +182,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
         ),
         probe="bnprobe.probes.hessian:probe_from_config",
         config=HessianConfig,
+        report="bnprobe.report.sections.hessian",
     ),
     Measurement(
         SPECTRUM,
@@ -192,6 +201,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
         ),
         probe="bnprobe.probes.spectrum:probe_from_config",
         config=SpectrumConfig,
+        report="bnprobe.report.sections.spectrum",
         plot="hessian",
     ),
 )

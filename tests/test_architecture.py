@@ -13,23 +13,22 @@ import pytest
 import bnprobe
 
 PACKAGE = Path(bnprobe.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+#: the report package (its sections included) and the other views
 VIEWS = (
-    "bnprobe.report",
-    "bnprobe.report.content",
-    "bnprobe.report.render",
-    "bnprobe.report.conclusions",
-    "bnprobe.report.render_conclusions",
+    *sorted(_module_name(p) for p in (PACKAGE / "report").rglob("*.py")),
     "bnprobe.export",
     "bnprobe.plot",
     "bnprobe.findings",
     "bnprobe.health",
     "bnprobe.stats",
 )
-
-
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _imports(path: Path, top_level_only: bool = False) -> set[str]:
@@ -165,4 +164,21 @@ def test_every_measurement_is_complete_and_owns_its_datasets() -> None:
         assert all(spec.section == m.name for spec in m.layout), m.name
         assert (m.config is not None) == bool(m.probe) or m.name == "moments", m.name
     assert {spec.section for spec in LAYOUT} == {"*", *(m.name for m in MEASUREMENTS)}
-    assert set(KINDS) == set(PLOT_KINDS) and {s.key for s in _SECTIONS} <= {m.name for m in MEASUREMENTS}
+    assert set(KINDS) == set(PLOT_KINDS) and [s.key for s in _SECTIONS] == [m.name for m in MEASUREMENTS if m.report]
+
+
+def test_every_report_section_is_a_view_module_with_build_and_draw() -> None:
+    """A measurement's table in the report is one module, named in its entry, that builds the
+    section's content from a run and draws it; it is a view like the rest of the report."""
+    import importlib
+    import inspect
+
+    from bnprobe.measurements import MEASUREMENTS
+
+    named = [m.report for m in MEASUREMENTS if m.report]
+    assert named and len(set(named)) == len(named)
+    for path in named:
+        module = importlib.import_module(path)
+        assert list(inspect.signature(module.build).parameters) == ["run", "patterns", "stat"], path
+        assert list(inspect.signature(module.draw).parameters) == ["page", "report", "having"], path
+        assert path in VIEWS, path

@@ -1,8 +1,9 @@
 """The content of ``bnprobe report``: what a run recorded, as plain JSON-ready data.
 
 :func:`build_report` reads one or more bnprobe files (through :mod:`bnprobe.store` only) and
-summarises every run (variant): the run itself, per-layer activation moments (first vs last
-record and a series for a sparkline), per-layer ICS medians, the landscape and the Hessian.
+summarises every run (variant): the run itself, then each section of
+:mod:`bnprobe.report.sections` (one per measurement with a table in the report) from its own
+``build``.
 
 Every number is a plain ``float`` or ``int`` (non-finite values become ``None``), so
 ``json.dumps(build_report(...))`` is the ``--json`` output. Nothing here knows about rich.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias, TypedDict
+from typing import Any, TypeAlias, TypedDict, cast
 
 import numpy as np
 
@@ -21,28 +22,9 @@ from ..config import layer_patterns
 from ..errors import ConfigError
 from ..findings import bn_label
 from ..measurements import MEASUREMENTS
-from ..store import (
-    BLOCK,
-    HELDOUT,
-    HESSIAN,
-    ICS,
-    LANDSCAPE,
-    MOMENTS,
-    SPECTRUM,
-    STATS,
-    STEP,
-    TRAIN,
-    Column,
-    RunData,
-    hessian_block_labels,
-    ics_layers,
-    layer_kinds,
-    listing,
-    load_columns,
-    matches,
-    moment_layers,
-)
+from ..store import HELDOUT, ICS, STATS, STEP, TRAIN, Column, RunData, ics_layers, listing, load_columns, matches, moment_layers
 from .conclusions import Conclusions, build_conclusions
+from .sections import section_modules
 
 #: statistics ``--stat`` accepts: the recorded ones plus ``std`` (square root of ``var``).
 STAT_CHOICES = (*STATS, "std")
@@ -74,89 +56,12 @@ class Summary(TypedDict):
     error: Plain  # why a failed run stopped
 
 
-class MomentLayer(TypedDict):
-    name: str
-    kind: str
-    first: dict[str, Number]  # mean, std, p15, p50, p85 of the first record
-    last: dict[str, Number]
-    series: list[Number]  # the --stat statistic over the records
-
-
-class Moments(TypedDict):
-    records: int
-    first_step: Number
-    last_step: Number
-    steps: list[Number]
-    stat: str
-    layers: list[MomentLayer]
-    per_channel_layers: list[str]
-    histogram: bool
-
-
-class IcsLayer(TypedDict):
-    name: str
-    kind: str
-    median_l2: Number
-    median_cosine: Number
-
-
-class Ics(TypedDict):
-    records: int
-    first_step: Number
-    last_step: Number
-    layers: list[IcsLayer]
-
-
-class Landscape(TypedDict):
-    records: int
-    first_step: Number
-    last_step: Number
-    etas: int | None
-    eta_min: Number
-    eta_max: Number
-    loss_min: Number
-    loss_max: Number
-    loss_spread_median: Number
-    grad_l2_min: Number
-    grad_l2_max: Number
-    grad_l2_spread_median: Number
-    beta_median: Number
-    beta_max: Number
-
-
-class Hessian(TypedDict):
-    records: int
-    last_step: Number
-    top_eigenvalue: Number | list[Number]
-    iterations: Number | list[Number]
-    residual: Number | list[Number]
-    converged: bool | None
-    bn_mode: Plain
-    samples: Plain
-    blocks: dict[str, Number]
-
-
-class Spectrum(TypedDict):
-    records: int
-    last_step: Number
-    top_k: list[Number]  # largest first
-    iterations: Number
-    converged: bool | None
-    trace: Number
-    trace_stderr: Number
-    bn_mode: Plain
-    samples: Plain
-    blocks: dict[str, tuple[Number, Number]]  # layer -> (top eigenvalue, trace) of its block
-
-
 class RunReport(TypedDict):
+    """A run's label and summary; then, under each report section's name, its content (``None``
+    where the run did not record it), typed in its module of :mod:`bnprobe.report.sections`."""
+
     label: str
     summary: Summary
-    moments: Moments | None
-    ics: Ics | None
-    landscape: Landscape | None
-    hessian: Hessian | None
-    spectrum: Spectrum | None
 
 
 class FileReport(TypedDict):
@@ -175,7 +80,7 @@ class Report(TypedDict):
     files: list[FileReport]
 
 
-# ----------------------------------------------------------------------------- numbers
+# ----------------------------------------------------------------------------- numbers (the section modules build with these too)
 
 
 def num(value: Any) -> Number:
@@ -227,7 +132,7 @@ def _nanreduce(fn: Callable[[np.ndarray], Any], values: np.ndarray, axis: int | 
     return out
 
 
-# ----------------------------------------------------------------------------- sections
+# ----------------------------------------------------------------------------- runs and their sections
 
 
 def _device(attrs: Mapping[str, Any]) -> str:
@@ -265,147 +170,10 @@ def _summary(run: RunData) -> Summary:
     }
 
 
-def _moments(run: RunData, patterns: Sequence[str], stat: str) -> Moments | None:
-    steps = run.get(MOMENTS, STEP)
-    if steps is None or run.get(MOMENTS, "mean") is None:
-        return None
-    recorded = {s: arr for s in STATS if (arr := run.get(MOMENTS, s)) is not None}
-    n = min(len(steps), *(len(arr) for arr in recorded.values()))
-    if n == 0:
-        return None
-
-    def column(s: str, j: int) -> np.ndarray:
-        if s == "std":
-            var = recorded.get("var")
-            return np.sqrt(np.asarray(var[:n, j], dtype=np.float64)) if var is not None else np.full(n, np.nan)
-        arr = recorded.get(s)
-        return np.asarray(arr[:n, j]) if arr is not None else np.full(n, np.nan)
-
-    kinds = layer_kinds(run)
-    layers: list[MomentLayer] = []
-    for j, name in enumerate(moment_layers(run)):
-        if not matches(name, patterns):
-            continue
-        first = {s: num(column(s, j)[0]) for s in ("mean", "std", "p15", "p50", "p85")}
-        last = {s: num(column(s, j)[-1]) for s in ("mean", "std", "p15", "p50", "p85")}
-        layers.append({"name": name, "kind": kinds.get(name, ""), "first": first, "last": last, "series": _nums(column(stat, j))})
-    return {
-        "records": int(n),
-        "first_step": num(steps[0]),
-        "last_step": num(steps[n - 1]),
-        "steps": _nums(steps[:n]),
-        "stat": stat,
-        "layers": layers,
-        "per_channel_layers": run.per_channel_layers(),
-        "histogram": run.holds(MOMENTS, "histogram"),
-    }
-
-
-def _ics(run: RunData, patterns: Sequence[str]) -> Ics | None:
-    steps, l2_records, cos_records = run.get(ICS, STEP), run.get(ICS, "l2"), run.get(ICS, "cosine")
-    if steps is None or l2_records is None or len(steps) == 0:
-        return None
-    names = ics_layers(run)
-    kinds = layer_kinds(run)
-    l2 = _nanreduce(np.median, l2_records, axis=0)
-    cos = _nanreduce(np.median, cos_records, axis=0) if cos_records is not None else np.full(len(names), np.nan)
-    layers: list[IcsLayer] = [
-        {"name": name, "kind": kinds.get(name, ""), "median_l2": num(l2[j]), "median_cosine": num(cos[j])}
-        for j, name in enumerate(names)
-        if matches(name, patterns)
-    ]
-    return {"records": len(steps), "first_step": num(steps[0]), "last_step": num(steps[-1]), "layers": layers}
-
-
-def _landscape(run: RunData) -> Landscape | None:
-    steps = run.get(LANDSCAPE, STEP)
-    if steps is None or len(steps) == 0:
-        return None
-    loss, grad = run.get(LANDSCAPE, "loss"), run.get(LANDSCAPE, "grad_l2")
-    beta, eta = run.get(LANDSCAPE, "beta_smoothness"), run.get(LANDSCAPE, "eta")
-
-    def spread(arr: np.ndarray | None) -> Number:
-        if arr is None or arr.ndim != 2:
-            return None
-        return num(_nanreduce(np.median, _nanreduce(np.max, arr, axis=1) - _nanreduce(np.min, arr, axis=1)))
-
-    def reduced(fn: Callable[[np.ndarray], Any], arr: np.ndarray | None) -> Number:
-        return num(_nanreduce(fn, arr)) if arr is not None else None
-
-    return {
-        "records": len(steps),
-        "first_step": num(steps[0]),
-        "last_step": num(steps[-1]),
-        "etas": len(eta) if eta is not None else None,
-        "eta_min": num(np.min(eta)) if eta is not None and len(eta) else None,
-        "eta_max": num(np.max(eta)) if eta is not None and len(eta) else None,
-        "loss_min": reduced(np.min, loss),
-        "loss_max": reduced(np.max, loss),
-        "loss_spread_median": spread(loss),
-        "grad_l2_min": reduced(np.min, grad),
-        "grad_l2_max": reduced(np.max, grad),
-        "grad_l2_spread_median": spread(grad),
-        "beta_median": reduced(np.median, beta),
-        "beta_max": reduced(np.max, beta),
-    }
-
-
-def _hessian(run: RunData) -> Hessian | None:
-    steps = run.get(HESSIAN, STEP)
-    if steps is None or len(steps) == 0:
-        return None
-    attrs = run.attrs_of(HESSIAN, "top_eigenvalue")
-
-    def last(quantity: str) -> Number | list[Number]:
-        value = run.last(HESSIAN, quantity)
-        return num(value) if value is None or np.ndim(value) == 0 else _nums(value)
-
-    converged, blocks = run.last(HESSIAN, "converged"), run.last(HESSIAN, "block_top_eigenvalue")
-    return {
-        "records": len(steps),
-        "last_step": num(steps[-1]),
-        "top_eigenvalue": last("top_eigenvalue"),
-        "iterations": last("iterations"),
-        "residual": last("residual"),
-        "converged": bool(converged) if converged is not None else None,
-        "bn_mode": _plain(attrs.get("bn_mode")),
-        "samples": _plain(attrs.get("samples")),
-        "blocks": {name: num(v) for name, v in zip(hessian_block_labels(run), blocks)} if blocks is not None else {},
-    }
-
-
-def _spectrum(run: RunData) -> Spectrum | None:
-    steps = run.get(SPECTRUM, STEP)
-    if steps is None or len(steps) == 0:
-        return None
-    attrs = run.attrs_of(SPECTRUM, "top_k")
-    converged, top, trace = run.last(SPECTRUM, "converged"), run.last(SPECTRUM, "block_top_eigenvalue"), run.last(SPECTRUM, "block_trace")
-    names = run.labels(SPECTRUM, BLOCK) if top is not None else []
-    return {
-        "records": len(steps),
-        "last_step": num(steps[-1]),
-        "top_k": _nums(run.last(SPECTRUM, "top_k")),
-        "iterations": num(run.last(SPECTRUM, "iterations")),
-        "converged": bool(converged) if converged is not None else None,
-        "trace": num(run.last(SPECTRUM, "trace")),
-        "trace_stderr": num(run.last(SPECTRUM, "trace_stderr")),
-        "bn_mode": _plain(attrs.get("bn_mode")),
-        "samples": _plain(attrs.get("samples")),
-        "blocks": {n: (num(top[i]), num(trace[i]) if trace is not None else None) for i, n in enumerate(names)},
-    }
-
-
 def _run_report(column: Column, patterns: Sequence[str], stat: str) -> RunReport:
     run = column.run
-    return {
-        "label": column.label,
-        "summary": _summary(run),
-        "moments": _moments(run, patterns, stat),
-        "ics": _ics(run, patterns),
-        "landscape": _landscape(run),
-        "hessian": _hessian(run),
-        "spectrum": _spectrum(run),
-    }
+    sections = {m.name: module.build(run, patterns, stat) for m, module in section_modules()}
+    return cast(RunReport, {"label": column.label, "summary": _summary(run), **sections})
 
 
 def build_report(
