@@ -2,7 +2,7 @@
 
 Runs are grouped into *conditions* (the same settings but the seed); a condition whose model holds
 BN is compared with its partner without BN of the same other settings (lr, optimizer, model, data,
-...), paired by seed. Each quantity is reduced per run to one number over a window of steps: the
+...), paired by seed. Each quantity (declared by its measurement, in :mod:`bnprobe.quantities`) is reduced per run to one number over a window of steps: the
 whole run, and the *learning window*, in which every compared run is learning: it starts once the
 last of them has left its chance plateau (before, an unlearned network's flat landscape is
 compared with a learning one's) and ends where the first health flag of any of them begins (after
@@ -11,15 +11,28 @@ it, records describe a collapsed, dead or fitted network, not BN's effect).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import import_module
 from typing import Any
 
 import numpy as np
 
 from . import health
+from .measurements import MEASUREMENTS
+from .quantities import Quantity, Window
+from .quantities.ics import SANTURKAR_ICS as SANTURKAR_ICS  # these names were defined here before their measurements declared them
+from .quantities.landscape import SANTURKAR_SMOOTH as SANTURKAR_SMOOTH
+from .quantities.landscape import effective_beta as effective_beta
+from .quantities.moments import IOFFE as IOFFE
+from .quantities.moments import percentile_drift as percentile_drift
+from .quantities.spectrum import GHORBANI as GHORBANI
+from .quantities.spectrum import bulk_edge as bulk_edge
+from .quantities.spectrum import hessian_trace as hessian_trace
+from .quantities.spectrum import outlier_gap as outlier_gap
+from .quantities.spectrum import top_eigenvalue as top_eigenvalue
 from .stats import Interval, mean_interval, ratio_interval
-from .store import HESSIAN, ICS, LANDSCAPE, MOMENTS, SPECTRUM, STEP, RunData, ics_layers, layer_kinds, moment_layers
+from .store import RunData
 
 #: settings that make two runs different conditions (the seed makes replicates, not conditions)
 CONDITION_KEYS = (
@@ -28,11 +41,6 @@ CONDITION_KEYS = (
 )  # fmt: skip
 BN_KEYS = ("bn", "bn_targets", "keep_bias")
 NO_BN_LABELS = ("no BN", "BN stripped", "BN folded")
-
-IOFFE = "Ioffe & Szegedy 2015: BN stabilises the distribution of layer inputs"
-SANTURKAR_ICS = "Santurkar et al. 2018: BN does not reduce internal covariate shift"
-SANTURKAR_SMOOTH = "Santurkar et al. 2018: BN makes the loss landscape smoother"
-GHORBANI = "Ghorbani et al. 2019: BN removes isolated outliers from the Hessian spectrum"
 
 
 def bn_label(attrs: dict[str, Any]) -> str:
@@ -92,137 +100,10 @@ def _setting(run: RunData, key: str) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-# ----------------------------------------------------------------------------- per-run numbers
+# ----------------------------------------------------------------------------- quantities
 
-Window = tuple[int, int | None]  # records with first <= step < end (end None: to the last record)
-
-
-def _in(steps: np.ndarray, window: Window) -> np.ndarray:
-    first, end = window
-    return (steps >= first) & (steps < end) if end is not None else steps >= first
-
-
-def _records(run: RunData, section: str, quantity: str, window: Window) -> np.ndarray | None:
-    steps, values = run.get(section, STEP), run.get(section, quantity)
-    if steps is None or values is None or len(steps) == 0:
-        return None
-    picked = values[_in(steps, window)]
-    return picked if len(picked) else None
-
-
-def _mean(values: np.ndarray | None) -> float | None:
-    if values is None or not np.isfinite(values).any():
-        return None
-    return float(np.nanmean(values))
-
-
-def _input_layers(run: RunData) -> list[int]:
-    """Columns of the moments records that are a non-linearity's input: the BN layers where the
-    model has them, else every conv/linear layer but the last (the output)."""
-    names, kinds = moment_layers(run), layer_kinds(run)
-    norms = [j for j, n in enumerate(names) if kinds.get(n) == "norm"]
-    if norms:
-        return norms
-    weighted = [j for j, n in enumerate(names) if kinds.get(n) in ("conv", "linear")]
-    return weighted[:-1] if len(weighted) > 1 else weighted
-
-
-def percentile_drift(run: RunData, window: Window) -> float | None:
-    """Mean absolute change of the 15/50/85th percentiles between consecutive records, over the
-    layers that feed a non-linearity (Ioffe & Szegedy Fig. 1's curves, as one number)."""
-    columns = _input_layers(run)
-    changes = []
-    for stat in ("p15", "p50", "p85"):
-        values = _records(run, MOMENTS, stat, window)
-        if values is None or len(values) < 2 or not columns:
-            return None
-        changes.append(np.abs(np.diff(values[:, columns], axis=0)))
-    return _mean(np.stack(changes))
-
-
-def _ics_mean(quantity: str) -> Callable[[RunData, Window], float | None]:
-    def reduce(run: RunData, window: Window) -> float | None:
-        values = _records(run, ICS, quantity, window)
-        kinds = layer_kinds(run)
-        columns = [j for j, n in enumerate(ics_layers(run)) if kinds.get(n, "conv") in ("conv", "linear")]
-        return _mean(values[:, columns]) if values is not None and columns else None
-
-    return reduce
-
-
-def _spread(quantity: str) -> Callable[[RunData, Window], float | None]:
-    def reduce(run: RunData, window: Window) -> float | None:
-        values = _records(run, LANDSCAPE, quantity, window)
-        return _mean(np.nanmax(values, axis=1) - np.nanmin(values, axis=1)) if values is not None else None
-
-    return reduce
-
-
-def effective_beta(run: RunData, window: Window) -> float | None:
-    return _mean(_records(run, LANDSCAPE, "beta_smoothness", window))
-
-
-def top_eigenvalue(run: RunData, window: Window) -> float | None:
-    top = _records(run, SPECTRUM, "top_k", window)
-    if top is not None:
-        return _mean(top[:, 0])
-    return _mean(_records(run, HESSIAN, "top_eigenvalue", window))
-
-
-def hessian_trace(run: RunData, window: Window) -> float | None:
-    return _mean(_records(run, SPECTRUM, "trace", window))
-
-
-def bulk_edge(nodes: np.ndarray, weights: np.ndarray, mass: float = 0.97) -> float:
-    """The eigenvalue below which ``mass`` of the density's weight lies (its probes pooled; nodes a
-    short Lanczos run left unfilled, NaN, are no part of it)."""
-    flat_nodes, flat_weights = nodes.reshape(-1), weights.reshape(-1)
-    kept = np.isfinite(flat_nodes) & np.isfinite(flat_weights)
-    flat_nodes, flat_weights = flat_nodes[kept], flat_weights[kept]
-    if not len(flat_nodes):
-        return float("nan")
-    order = np.argsort(flat_nodes)
-    cumulative = np.cumsum(flat_weights[order]) / np.sum(flat_weights)
-    return float(flat_nodes[order][min(int(np.searchsorted(cumulative, mass)), len(order) - 1)])
-
-
-def outlier_gap(run: RunData, window: Window) -> float | None:
-    """Top eigenvalue over the density's bulk edge, averaged over records: large when the
-    spectrum has isolated outliers (Ghorbani et al. Fig. 1)."""
-    top = _records(run, SPECTRUM, "top_k", window)
-    nodes = _records(run, SPECTRUM, "density_nodes", window)
-    weights = _records(run, SPECTRUM, "density_weights", window)
-    if top is None or nodes is None or weights is None:
-        return None
-    gaps = [t / edge for t, n, w in zip(top[:, 0], nodes, weights) if (edge := bulk_edge(n, w)) > 0]
-    return _mean(np.asarray(gaps)) if gaps else None
-
-
-@dataclass(frozen=True)
-class Quantity:
-    """One number that bears on a claim: how a run reduces to it, and which way the claim expects BN
-    to move it (``lower``; ``not lower``: any result but a clear decrease agrees)."""
-
-    key: str
-    label: str
-    reduce: Callable[[RunData, Window], float | None]
-    ratio: bool  # compared as BN / no BN (positive quantities); else as the difference BN - no BN
-    expect: str
-    claim: str
-
-
-QUANTITIES = (
-    Quantity("moments.drift", "percentile drift", percentile_drift, True, "lower", IOFFE),
-    Quantity("ics.l2", "ICS (l2 of G - G')", _ics_mean("l2"), True, "not lower", SANTURKAR_ICS),
-    Quantity("ics.rel_diff", "relative ICS (‖G - G'‖ / ‖G‖)", _ics_mean("rel_diff"), True, "not lower", SANTURKAR_ICS),
-    Quantity("ics.cosine", "ICS cosine of G, G'", _ics_mean("cosine"), False, "not higher", SANTURKAR_ICS),
-    Quantity("landscape.loss_variation", "loss variation", _spread("loss"), True, "lower", SANTURKAR_SMOOTH),
-    Quantity("landscape.gradient_predictiveness", "gradient change", _spread("grad_l2"), True, "lower", SANTURKAR_SMOOTH),
-    Quantity("landscape.effective_beta", "effective beta", effective_beta, True, "lower", SANTURKAR_SMOOTH),
-    Quantity("spectrum.outlier_gap", "outlier gap (top / bulk edge)", outlier_gap, True, "lower", GHORBANI),
-    Quantity("spectrum.top_eigenvalue", "top Hessian eigenvalue", top_eigenvalue, True, "lower", GHORBANI),
-    Quantity("spectrum.trace", "Hessian trace", hessian_trace, True, "lower", GHORBANI),
-)
+#: every quantity a finding compares, declared by its measurement (``findings`` in the table), in the table's order
+QUANTITIES: tuple[Quantity, ...] = tuple(q for m in MEASUREMENTS if m.findings for q in import_module(m.findings).QUANTITIES)
 
 
 # ----------------------------------------------------------------------------- effects

@@ -5,9 +5,9 @@ path so this table stays free of torch), its config section (a dataclass of
 :mod:`bnprobe.probe_config`) and one :class:`Measurement` entry below: the datasets it writes and
 their axes, what the report and plot call it and how a user records it. The store's layout, the
 probe registry, the report's "not recorded" hints and section titles, and the plot kinds are all
-read from :data:`MEASUREMENTS`, and so are the report's sections (one module each in
-:mod:`bnprobe.report.sections`, named here by import path too); a test checks that every entry is
-complete.
+read from :data:`MEASUREMENTS`, and so are the report's sections and the quantities findings
+compare (one module each in :mod:`bnprobe.report.sections` and :mod:`bnprobe.quantities`, named here
+by import path too); a test checks that every entry is complete.
 
 The order of :data:`MEASUREMENTS` is the order sections are listed in a file, a report and an
 export, and the order probes run at a step (the one that performs the optimizer step runs last).
@@ -77,8 +77,9 @@ class Measurement:
     records it. ``config``: its section of ``cfg.probes``, if it has one. ``title``: the report's
     heading; ``what``: the noun in "no ... recorded"; ``hint``: how to record it. ``report``: the
     module of its table in ``bnprobe report`` (a ``build`` and a ``draw``, see
-    :mod:`bnprobe.report.sections`), empty where the runs' summary shows it. ``plot``: the
-    ``bnprobe plot --kind`` that draws it, if any.
+    :mod:`bnprobe.report.sections`), empty where the runs' summary shows it. ``findings``: the
+    module of the quantities it contributes to a comparison of runs with and without BN (see
+    :mod:`bnprobe.quantities`), if any. ``plot``: the ``bnprobe plot --kind`` that draws it, if any.
     """
 
     name: str
@@ -89,6 +90,7 @@ class Measurement:
     probe: str = ""
     config: type | None = None
     report: str = ""
+    findings: str = ""
     plot: str = ""
 
 
@@ -139,6 +141,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
         ),
         config=MomentsConfig,
         report="bnprobe.report.sections.moments",
+        findings="bnprobe.quantities.moments",
         plot="moments",
     ),
     Measurement(
@@ -150,6 +153,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
         probe="bnprobe.probes.ics:probe_from_config",
         config=IcsConfig,
         report="bnprobe.report.sections.ics",
+        findings="bnprobe.quantities.ics",
         plot="ics",
     ),
     Measurement(
@@ -165,6 +169,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
         probe="bnprobe.probes.landscape:probe_from_config",
         config=LandscapeConfig,
         report="bnprobe.report.sections.landscape",
+        findings="bnprobe.quantities.landscape",
         plot="landscape",
     ),
     Measurement(
@@ -202,6 +207,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
         probe="bnprobe.probes.spectrum:probe_from_config",
         config=SpectrumConfig,
         report="bnprobe.report.sections.spectrum",
+        findings="bnprobe.quantities.spectrum",
         plot="hessian",
     ),
 )

@@ -20,9 +20,9 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-#: the report package (its sections included) and the other views
+#: the report package (its sections included), the findings' quantities and the other views
 VIEWS = (
-    *sorted(_module_name(p) for p in (PACKAGE / "report").rglob("*.py")),
+    *sorted(_module_name(p) for package in ("report", "quantities") for p in (PACKAGE / package).rglob("*.py")),
     "bnprobe.export",
     "bnprobe.plot",
     "bnprobe.findings",
@@ -182,3 +182,17 @@ def test_every_report_section_is_a_view_module_with_build_and_draw() -> None:
         assert list(inspect.signature(module.build).parameters) == ["run", "patterns", "stat"], path
         assert list(inspect.signature(module.draw).parameters) == ["page", "report", "having"], path
         assert path in VIEWS, path
+
+
+def test_every_quantity_a_finding_compares_is_declared_by_its_measurement() -> None:
+    """The findings compare exactly the quantities the measurements' ``findings`` modules declare,
+    each named after its measurement, in the table's order."""
+    import importlib
+
+    from bnprobe.findings import QUANTITIES
+    from bnprobe.measurements import MEASUREMENTS
+
+    declared = [(m.name, q) for m in MEASUREMENTS if m.findings for q in importlib.import_module(m.findings).QUANTITIES]
+    assert declared and all(q.key.split(".")[0] == name for name, q in declared)
+    assert list(QUANTITIES) == [q for _, q in declared]
+    assert all(m.findings in VIEWS for m in MEASUREMENTS if m.findings)
