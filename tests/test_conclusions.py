@@ -16,7 +16,7 @@ from bnprobe.config import load_config_text
 from bnprobe.errors import ModelError
 from bnprobe.experiment import run_experiment
 from bnprobe.stats import mean_interval, ratio_interval, t975
-from bnprobe.store import RunData
+from bnprobe.store import RunData, scan
 
 
 def test_t975_matches_published_quantiles() -> None:
@@ -81,7 +81,9 @@ def test_fitted_flag_by_accuracy_and_by_loss() -> None:
     assert [(f.kind, f.step) for f in flags] == [(health.FITTED, 29)]
 
 
-def test_dead_layer_needs_a_relu_for_max_below_zero() -> None:
+@pytest.mark.parametrize("numbers", [1, scan.SLICE_NUMBERS])  # a record at a time (a long run's records), or all at once
+def test_dead_layer_needs_a_relu_for_max_below_zero(monkeypatch: pytest.MonkeyPatch, numbers: int) -> None:
+    monkeypatch.setattr(scan, "SLICE_NUMBERS", numbers)
     run = _run("r", np.full(40, 1.0), relu_fed=["a"])
     run.layers = [{"name": n, "kind": "linear", "param_count": 1, "output_shape": "1", "order": i} for i, n in enumerate("abc")]
     run.data["moments/step"] = np.array([0, 10, 20])

@@ -32,8 +32,10 @@ from ..store import (
     STATS,
     STEP,
     TRAIN,
+    Binned,
     Column,
     RunData,
+    binned,
     hessian_block_labels,
     ics_layers,
     layer_kinds,
@@ -41,11 +43,17 @@ from ..store import (
     load_columns,
     matches,
     moment_layers,
+    record_at,
+    record_count,
 )
 from .conclusions import Conclusions, build_conclusions
 
 #: statistics ``--stat`` accepts: the recorded ones plus ``std`` (square root of ``var``).
 STAT_CHOICES = (*STATS, "std")
+#: points of a layer's sparkline series at most: a longer run's records are cut evenly into this
+#: many bins and each bin's mean kept, so that a report's memory does not grow with the run (a
+#: multiple of most sparkline widths, 8 to 24 characters)
+SERIES_POINTS = 240
 
 
 # ----------------------------------------------------------------------------- content types
@@ -79,14 +87,16 @@ class MomentLayer(TypedDict):
     kind: str
     first: dict[str, Number]  # mean, std, p15, p50, p85 of the first record
     last: dict[str, Number]
-    series: list[Number]  # the --stat statistic over the records
+    series: list[Number]  # the --stat statistic of each record, or of each of SERIES_POINTS bins of a longer run
+    low: Number  # the least and greatest --stat value over all records: the sparkline's scale
+    high: Number
 
 
 class Moments(TypedDict):
     records: int
     first_step: Number
     last_step: Number
-    steps: list[Number]
+    steps: list[Number]  # of each point of the series (a bin: its first record)
     stat: str
     layers: list[MomentLayer]
     per_channel_layers: list[str]
@@ -265,35 +275,46 @@ def _summary(run: RunData) -> Summary:
     }
 
 
+def _moment_record(run: RunData, index: int, width: int) -> dict[str, np.ndarray]:
+    """Record ``index`` of mean, std, p15, p50 and p85, a value per layer (NaN: not recorded)."""
+    rows = {
+        s: record_at(run, MOMENTS, s, index) if run.holds(MOMENTS, s) else np.full(width, np.nan)
+        for s in ("mean", "var", "p15", "p50", "p85")
+    }
+    return {"std" if s == "var" else s: np.sqrt(np.asarray(v, dtype=np.float64)) if s == "var" else v for s, v in rows.items()}
+
+
 def _moments(run: RunData, patterns: Sequence[str], stat: str) -> Moments | None:
-    steps = run.get(MOMENTS, STEP)
-    if steps is None or run.get(MOMENTS, "mean") is None:
+    if not run.holds(MOMENTS, STEP) or not run.holds(MOMENTS, "mean"):
         return None
-    recorded = {s: arr for s in STATS if (arr := run.get(MOMENTS, s)) is not None}
-    n = min(len(steps), *(len(arr) for arr in recorded.values()))
+    n = min(record_count(run, MOMENTS, q) for q in (STEP, *STATS) if run.holds(MOMENTS, q))
     if n == 0:
         return None
-
-    def column(s: str, j: int) -> np.ndarray:
-        if s == "std":
-            var = recorded.get("var")
-            return np.sqrt(np.asarray(var[:n, j], dtype=np.float64)) if var is not None else np.full(n, np.nan)
-        arr = recorded.get(s)
-        return np.asarray(arr[:n, j]) if arr is not None else np.full(n, np.nan)
-
-    kinds = layer_kinds(run)
-    layers: list[MomentLayer] = []
-    for j, name in enumerate(moment_layers(run)):
-        if not matches(name, patterns):
-            continue
-        first = {s: num(column(s, j)[0]) for s in ("mean", "std", "p15", "p50", "p85")}
-        last = {s: num(column(s, j)[-1]) for s in ("mean", "std", "p15", "p50", "p85")}
-        layers.append({"name": name, "kind": kinds.get(name, ""), "first": first, "last": last, "series": _nums(column(stat, j))})
+    stored, width, points = "var" if stat == "std" else stat, run.data.shape(f"{MOMENTS}/mean")[1], min(n, SERIES_POINTS)
+    if run.holds(MOMENTS, stored):
+        series = binned(run, MOMENTS, stored, SERIES_POINTS, n, np.sqrt if stat == "std" else None)
+    else:  # a statistic this run did not record: a blank sparkline
+        series = Binned(np.full((points, width), np.nan), np.arange(points), *np.full((2, width), np.nan))
+    first, last, kinds = _moment_record(run, 0, width), _moment_record(run, n - 1, width), layer_kinds(run)
+    layers: list[MomentLayer] = [
+        {
+            "name": name,
+            "kind": kinds.get(name, ""),
+            "first": {s: num(v[j]) for s, v in first.items()},
+            "last": {s: num(v[j]) for s, v in last.items()},
+            "series": _nums(series.means[:, j]),
+            "low": num(series.low[j]),
+            "high": num(series.high[j]),
+        }
+        for j, name in enumerate(moment_layers(run))
+        if matches(name, patterns)
+    ]
+    steps = run.data[f"{MOMENTS}/{STEP}"]
     return {
         "records": int(n),
         "first_step": num(steps[0]),
         "last_step": num(steps[n - 1]),
-        "steps": _nums(steps[:n]),
+        "steps": _nums(steps[series.starts]),
         "stat": stat,
         "layers": layers,
         "per_channel_layers": run.per_channel_layers(),
