@@ -49,7 +49,9 @@ def _run(report: dict, name: str, index: int = 0) -> dict:
 # ----------------------------------------------------------------------------- numbers
 
 
-def test_every_number_equals_the_file(full_file: Path) -> None:
+@pytest.mark.parametrize("numbers", [1, scan.SLICE_NUMBERS])  # read a record (a column) at a time, or all at once
+def test_every_number_equals_the_file(full_file: Path, monkeypatch: pytest.MonkeyPatch, numbers: int) -> None:
+    monkeypatch.setattr(scan, "SLICE_NUMBERS", numbers)
     report = build_report([full_file])
     json.dumps(report, allow_nan=False)  # plain JSON, no NaN
     with h5py.File(full_file, "r") as h5:

@@ -36,6 +36,8 @@ from ..store import (
     Column,
     RunData,
     binned,
+    column_medians,
+    extremes,
     hessian_block_labels,
     ics_layers,
     layer_kinds,
@@ -45,14 +47,14 @@ from ..store import (
     moment_layers,
     record_at,
     record_count,
+    record_ranges,
 )
 from .conclusions import Conclusions, build_conclusions
 
 #: statistics ``--stat`` accepts: the recorded ones plus ``std`` (square root of ``var``).
 STAT_CHOICES = (*STATS, "std")
-#: points of a layer's sparkline series at most: a longer run's records are cut evenly into this
-#: many bins and each bin's mean kept, so that a report's memory does not grow with the run (a
-#: multiple of most sparkline widths, 8 to 24 characters)
+#: points of a sparkline series at most: a longer run's records are cut evenly into this many bins,
+#: each bin's mean kept, so that memory does not grow with the run (most sparkline widths divide it)
 SERIES_POINTS = 240
 
 
@@ -222,19 +224,11 @@ def _plain(value: Any) -> Plain:
     return str(value)
 
 
-def _nanreduce(fn: Callable[[np.ndarray], Any], values: np.ndarray, axis: int | None = None) -> Any:
-    """``np.nanmedian`` & co. without the all-NaN warning (the result is NaN then)."""
+def _nanreduce(fn: Callable[[np.ndarray], Any], values: np.ndarray) -> Any:
+    """``np.nanmedian`` & co. without the all-NaN warning (the result is NaN then); infinities are left out too."""
     values = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(values)
-    if axis is None:
-        return fn(values[finite]) if finite.any() else np.nan
-    out = np.full(values.shape[1 - axis], np.nan)
-    for j in range(values.shape[1 - axis]):
-        col = values[:, j] if axis == 0 else values[j]
-        ok = np.isfinite(col)
-        if ok.any():
-            out[j] = fn(col[ok])
-    return out
+    return fn(values[finite]) if finite.any() else np.nan
 
 
 # ----------------------------------------------------------------------------- sections
@@ -323,13 +317,12 @@ def _moments(run: RunData, patterns: Sequence[str], stat: str) -> Moments | None
 
 
 def _ics(run: RunData, patterns: Sequence[str]) -> Ics | None:
-    steps, l2_records, cos_records = run.get(ICS, STEP), run.get(ICS, "l2"), run.get(ICS, "cosine")
-    if steps is None or l2_records is None or len(steps) == 0:
+    steps = run.get(ICS, STEP)
+    if steps is None or not run.holds(ICS, "l2") or len(steps) == 0:
         return None
-    names = ics_layers(run)
-    kinds = layer_kinds(run)
-    l2 = _nanreduce(np.median, l2_records, axis=0)
-    cos = _nanreduce(np.median, cos_records, axis=0) if cos_records is not None else np.full(len(names), np.nan)
+    names, kinds = ics_layers(run), layer_kinds(run)
+    l2 = column_medians(run, ICS, "l2")
+    cos = column_medians(run, ICS, "cosine") if run.holds(ICS, "cosine") else np.full(len(names), np.nan)
     layers: list[IcsLayer] = [
         {"name": name, "kind": kinds.get(name, ""), "median_l2": num(l2[j]), "median_cosine": num(cos[j])}
         for j, name in enumerate(names)
@@ -342,17 +335,14 @@ def _landscape(run: RunData) -> Landscape | None:
     steps = run.get(LANDSCAPE, STEP)
     if steps is None or len(steps) == 0:
         return None
-    loss, grad = run.get(LANDSCAPE, "loss"), run.get(LANDSCAPE, "grad_l2")
     beta, eta = run.get(LANDSCAPE, "beta_smoothness"), run.get(LANDSCAPE, "eta")
 
-    def spread(arr: np.ndarray | None) -> Number:
-        if arr is None or arr.ndim != 2:
+    def spread(quantity: str) -> Number:
+        if not run.holds(LANDSCAPE, quantity) or len(run.data.shape(f"{LANDSCAPE}/{quantity}")) != 2:
             return None
-        return num(_nanreduce(np.median, _nanreduce(np.max, arr, axis=1) - _nanreduce(np.min, arr, axis=1)))
+        return num(_nanreduce(np.median, record_ranges(run, LANDSCAPE, quantity)))
 
-    def reduced(fn: Callable[[np.ndarray], Any], arr: np.ndarray | None) -> Number:
-        return num(_nanreduce(fn, arr)) if arr is not None else None
-
+    loss, grad = (extremes(run, LANDSCAPE, q) if run.holds(LANDSCAPE, q) else (np.nan, np.nan) for q in ("loss", "grad_l2"))
     return {
         "records": len(steps),
         "first_step": num(steps[0]),
@@ -360,14 +350,14 @@ def _landscape(run: RunData) -> Landscape | None:
         "etas": len(eta) if eta is not None else None,
         "eta_min": num(np.min(eta)) if eta is not None and len(eta) else None,
         "eta_max": num(np.max(eta)) if eta is not None and len(eta) else None,
-        "loss_min": reduced(np.min, loss),
-        "loss_max": reduced(np.max, loss),
-        "loss_spread_median": spread(loss),
-        "grad_l2_min": reduced(np.min, grad),
-        "grad_l2_max": reduced(np.max, grad),
-        "grad_l2_spread_median": spread(grad),
-        "beta_median": reduced(np.median, beta),
-        "beta_max": reduced(np.max, beta),
+        "loss_min": num(loss[0]),
+        "loss_max": num(loss[1]),
+        "loss_spread_median": spread("loss"),
+        "grad_l2_min": num(grad[0]),
+        "grad_l2_max": num(grad[1]),
+        "grad_l2_spread_median": spread("grad_l2"),
+        "beta_median": num(_nanreduce(np.median, beta)) if beta is not None else None,
+        "beta_max": num(_nanreduce(np.max, beta)) if beta is not None else None,
     }
 
 

@@ -37,7 +37,7 @@ from .columns import Column, hessian_block_labels, ics_layers, layer_kinds, list
 from .guard import OutputLock, atomic_output, check_output_path, partial_path, signals_deferred
 from .layout import AXES_ATTR, FORMAT_VERSION, LAYOUT, LayerLike, LayerRow, Status, axes_for, spec_of
 from .reader import FileData, Recorded, RunData, load_checkpoint, read_arrays, read_file, saved_checkpoint, strings
-from .scan import SLICE_NUMBERS, Binned, binned, record_at, record_count, record_slices
+from .scan import SLICE_NUMBERS, Binned, binned, column_medians, extremes, record_at, record_count, record_ranges, record_slices
 from .writer import RunWriter, Store
 
 #: the old name of :func:`hessian_block_labels`, kept for callers
@@ -86,6 +86,8 @@ __all__ = [
     "axes_for",
     "binned",
     "check_output_path",
+    "column_medians",
+    "extremes",
     "hessian_block_labels",
     "hessian_blocks",
     "ics_layers",
@@ -100,6 +102,7 @@ __all__ = [
     "read_file",
     "record_at",
     "record_count",
+    "record_ranges",
     "record_slices",
     "saved_checkpoint",
     "signals_deferred",

@@ -82,3 +82,41 @@ def binned(
     low[none], high[none] = np.nan, np.nan
     with np.errstate(invalid="ignore"):
         return Binned(sums / counts, np.cumsum(sizes) - sizes, low, high)
+
+
+def _finite_median(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else np.nan
+
+
+def column_medians(run: RunData, section: str, quantity: str) -> np.ndarray:
+    """The median of each column of the 2-D ``<section>/<quantity>`` over its records, of the
+    finite values (NaN where there is none). A median needs every record of its column: the
+    columns are read a few at a time, about :data:`SLICE_NUMBERS` numbers."""
+    path = f"{section}/{quantity}"
+    records, width = run.data.shape(path)
+    per = max(1, SLICE_NUMBERS // max(1, records))
+    medians = np.full(width, np.nan)
+    for first in range(0, width, per):
+        block = np.asarray(run.data.read(path, (slice(None), slice(first, first + per))), dtype=np.float64)
+        medians[first : first + block.shape[1]] = [_finite_median(column) for column in block.T]
+    return medians
+
+
+def record_ranges(run: RunData, section: str, quantity: str) -> np.ndarray:
+    """Of each record of ``<section>/<quantity>``, its greatest minus its least finite value (NaN
+    where there is none), a slice of records at a time."""
+    ranges = []
+    for _, block in record_slices(run, section, quantity):
+        values = np.asarray(block, dtype=np.float64).reshape(len(block), -1)
+        finite = np.isfinite(values)
+        spread = np.where(finite, values, -np.inf).max(axis=1) - np.where(finite, values, np.inf).min(axis=1)
+        ranges.append(np.where(finite.any(axis=1), spread, np.nan))
+    return np.concatenate(ranges) if ranges else np.zeros(0)
+
+
+def extremes(run: RunData, section: str, quantity: str) -> tuple[float, float]:
+    """The least and greatest finite value of ``<section>/<quantity>`` (NaN when there is none),
+    a slice of records at a time."""
+    found = binned(run, section, quantity, 1, record_count(run, section, quantity))
+    return float(np.fmin.reduce(found.low)), float(np.fmax.reduce(found.high))
