@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .store import MOMENTS, STEP, TRAIN, RunData, moment_layers, record_count, record_slices
+from .store import MOMENTS, STEP, TRAIN, RunData, aligned_slices, moment_layers, record_count
 
 WINDOW = 20  # steps in the trailing mean of the training loss and accuracy
 START = 10  # steps whose mean loss is the starting loss L0
@@ -133,7 +133,7 @@ def _dead_layers(run: RunData) -> list[Flag]:
     relu_fed = run.attrs.get("relu_fed", "")
     feeds_relu = np.array([name in (relu_fed if isinstance(relu_fed, list) else [relu_fed]) for name in names])
     found: dict[int, tuple[int, str]] = {}  # layer -> (first dead record, why)
-    for (first, top), (_, var) in zip(record_slices(run, MOMENTS, "max"), record_slices(run, MOMENTS, "var")):
+    for first, (top, var) in aligned_slices(run, MOMENTS, ("max", "var")):
         dead = ((top <= 0) & feeds_relu) | (var == 0)
         for j in np.flatnonzero(dead.any(axis=0)).tolist():
             if j not in found:

@@ -270,9 +270,11 @@ def _recorded_run(**data: np.ndarray) -> RunData:
     return run
 
 
-def test_percentile_drift_by_hand() -> None:
+@pytest.mark.parametrize("numbers", [1, scan.SLICE_NUMBERS])  # a record at a time (a long run's records), or all at once
+def test_percentile_drift_by_hand(monkeypatch: pytest.MonkeyPatch, numbers: int) -> None:
     """Three records of two layers (the second feeds no non-linearity: the output): the mean
     absolute change of p15/p50/p85 of the first layer between consecutive records."""
+    monkeypatch.setattr(scan, "SLICE_NUMBERS", numbers)
     run = _recorded_run(**{"moments/step": np.array([0, 10, 20])})
     run.layers = [{"name": n, "kind": "linear", "param_count": 1, "output_shape": "1", "order": i} for i, n in enumerate(["h", "out"])]
     run.data["moments/p15"] = np.array([[0.0, 9.0], [1.0, 9.0], [3.0, 0.0]])
@@ -292,7 +294,9 @@ def test_percentile_drift_by_hand() -> None:
     assert findings.percentile_drift(run, (0, None)) == pytest.approx((0.5 + 0 + 0.5 + 0 + 0.5 + 0) / 6)
 
 
-def test_landscape_spreads_and_ics_means_by_hand() -> None:
+@pytest.mark.parametrize("numbers", [1, scan.SLICE_NUMBERS])  # a record at a time (a long run's records), or all at once
+def test_landscape_spreads_and_ics_means_by_hand(monkeypatch: pytest.MonkeyPatch, numbers: int) -> None:
+    monkeypatch.setattr(scan, "SLICE_NUMBERS", numbers)
     run = _recorded_run(**{
         "landscape/step": np.array([0, 10]),
         "landscape/loss": np.array([[1.0, 3.0, 2.0], [1.0, 1.5, 1.0]]),

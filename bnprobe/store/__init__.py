@@ -37,7 +37,18 @@ from .columns import Column, hessian_block_labels, ics_layers, layer_kinds, list
 from .guard import OutputLock, atomic_output, check_output_path, partial_path, signals_deferred
 from .layout import AXES_ATTR, FORMAT_VERSION, LAYOUT, LayerLike, LayerRow, Status, axes_for, spec_of
 from .reader import FileData, Recorded, RunData, load_checkpoint, read_arrays, read_file, saved_checkpoint, strings
-from .scan import SLICE_NUMBERS, Binned, binned, column_medians, extremes, record_at, record_count, record_ranges, record_slices
+from .scan import (
+    SLICE_NUMBERS,
+    Binned,
+    aligned_slices,
+    binned,
+    column_medians,
+    extremes,
+    record_at,
+    record_count,
+    record_ranges,
+    record_slices,
+)
 from .writer import RunWriter, Store
 
 #: the old name of :func:`hessian_block_labels`, kept for callers
@@ -82,6 +93,7 @@ __all__ = [
     "RunWriter",
     "Status",
     "Store",
+    "aligned_slices",
     "atomic_output",
     "axes_for",
     "binned",

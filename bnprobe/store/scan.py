@@ -6,7 +6,7 @@ holds) is read in memory bounded by a slice, however many records a long run hol
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,15 +29,24 @@ def record_at(run: RunData, section: str, quantity: str, index: int) -> np.ndarr
 
 
 def record_slices(run: RunData, section: str, quantity: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """Records ``[start, stop)`` of ``<section>/<quantity>`` in consecutive slices of about
-    :data:`SLICE_NUMBERS` numbers (one record at least), each with the index of its first record;
-    none is kept, so a reduction over them holds one slice."""
-    path = f"{section}/{quantity}"
-    shape = run.data.shape(path)
-    stop = shape[0] if stop is None else min(stop, shape[0])
-    per = max(1, SLICE_NUMBERS // max(1, math.prod(shape[1:])))
+    """Records ``[start, stop)`` of ``<section>/<quantity>`` in consecutive slices (see
+    :func:`aligned_slices`), each with the index of its first record."""
+    for first, (block,) in aligned_slices(run, section, (quantity,), start, stop):
+        yield first, block
+
+
+def aligned_slices(
+    run: RunData, section: str, quantities: Sequence[str], start: int = 0, stop: int | None = None
+) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """Records ``[start, stop)`` of datasets of one section, cut at the same records into slices
+    of about :data:`SLICE_NUMBERS` numbers in all (one record at least), each with the index of its
+    first record; none is kept, so a reduction over them holds one slice."""
+    paths = [f"{section}/{q}" for q in quantities]
+    shapes = [run.data.shape(p) for p in paths]
+    stop = min(shape[0] for shape in shapes) if stop is None else min(stop, *(shape[0] for shape in shapes))
+    per = max(1, SLICE_NUMBERS // max(1, sum(math.prod(shape[1:]) for shape in shapes)))
     for first in range(start, stop, per):
-        yield first, run.data.read(path, slice(first, min(first + per, stop)))
+        yield first, [run.data.read(p, slice(first, min(first + per, stop))) for p in paths]
 
 
 @dataclass(frozen=True)
