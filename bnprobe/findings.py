@@ -131,12 +131,15 @@ def _mean(values: np.ndarray | None) -> float | None:
 
 def _sliced_mean(blocks: Iterable[np.ndarray]) -> float | None:
     """:func:`_mean` of ``blocks`` put together, a block at a time: of one block, exactly its
-    :func:`_mean`; of several, the float64 sum of their values but NaN over their count."""
-    first, total, count, finite, seen = None, 0.0, 0, False, 0
+    :func:`_mean`; of several, the float64 sum of their non-NaN values over their count."""
+    first: np.ndarray | None = None
+    total, count, finite, seen = 0.0, 0, False, 0
     for block in blocks:
-        first, seen = block if seen == 0 else first, seen + 1
+        first = block if first is None else first
+        seen += 1
         kept = ~np.isnan(block)
-        total, count = total + float(np.sum(block[kept], dtype=np.float64)), count + int(kept.sum())
+        total += float(np.sum(block[kept], dtype=np.float64))
+        count += int(kept.sum())
         finite = finite or bool(np.isfinite(block).any())
     if seen <= 1:
         return _mean(first)

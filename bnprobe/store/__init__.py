@@ -38,7 +38,6 @@ from .guard import OutputLock, atomic_output, check_output_path, partial_path, s
 from .layout import AXES_ATTR, FORMAT_VERSION, LAYOUT, LayerLike, LayerRow, Status, axes_for, spec_of
 from .reader import FileData, Recorded, RunData, load_checkpoint, read_arrays, read_file, saved_checkpoint, strings
 from .scan import (
-    SLICE_NUMBERS,
     Binned,
     aligned_slices,
     binned,
@@ -47,7 +46,6 @@ from .scan import (
     record_at,
     record_count,
     record_ranges,
-    record_slices,
 )
 from .writer import RunWriter, Store
 
@@ -75,7 +73,6 @@ __all__ = [
     "RANK",
     "RECORD",
     "SECTIONS",
-    "SLICE_NUMBERS",
     "SPECTRUM",
     "STATS",
     "STEP",
@@ -115,7 +112,6 @@ __all__ = [
     "record_at",
     "record_count",
     "record_ranges",
-    "record_slices",
     "saved_checkpoint",
     "signals_deferred",
     "spec_of",

@@ -127,5 +127,8 @@ def record_ranges(run: RunData, section: str, quantity: str) -> np.ndarray:
 def extremes(run: RunData, section: str, quantity: str) -> tuple[float, float]:
     """The least and greatest finite value of ``<section>/<quantity>`` (NaN when there is none),
     a slice of records at a time."""
-    found = binned(run, section, quantity, 1, record_count(run, section, quantity))
+    records = record_count(run, section, quantity)
+    if records == 0:
+        return math.nan, math.nan
+    found = binned(run, section, quantity, 1, records)
     return float(np.fmin.reduce(found.low)), float(np.fmax.reduce(found.high))
