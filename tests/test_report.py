@@ -135,6 +135,18 @@ def test_a_long_run_s_sparkline_holds_bin_means_and_its_scale_every_record(tmp_p
         assert (layer["first"]["mean"], layer["last"]["mean"]) == (float(mean[0, j]), float(mean[-1, j]))
 
 
+@pytest.mark.parametrize("records", [8, 2 * SERIES_POINTS + 1])
+def test_a_statistic_the_run_did_not_record_is_a_blank_sparkline(tmp_path: Path, records: int) -> None:
+    path = load_benchmark("export_large").build(tmp_path / "f.h5", 3, records)
+    with h5py.File(path, "r+") as h5:
+        del h5["runs/long/moments/zero_fraction"]
+        steps = h5["runs/long/moments/step"][()]
+    m = _run(build_report([path], stat="zero_fraction"), "long")["moments"]
+    bins = np.array_split(np.arange(records), min(records, SERIES_POINTS))
+    assert m["steps"] == [int(steps[b[0]]) for b in bins]
+    assert all(lay["series"] == [None] * len(bins) and lay["low"] is lay["high"] is None for lay in m["layers"])
+
+
 def test_layers_glob_and_variant_filter(full_file: Path) -> None:
     report = build_report([full_file], layers="fc*,out", variant="keep,ins*")
     runs = report["files"][0]["runs"]

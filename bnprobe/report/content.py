@@ -284,11 +284,11 @@ def _moments(run: RunData, patterns: Sequence[str], stat: str) -> Moments | None
     n = min(record_count(run, MOMENTS, q) for q in (STEP, *STATS) if run.holds(MOMENTS, q))
     if n == 0:
         return None
-    stored, width, points = "var" if stat == "std" else stat, run.data.shape(f"{MOMENTS}/mean")[1], min(n, SERIES_POINTS)
+    stored, width = "var" if stat == "std" else stat, run.data.shape(f"{MOMENTS}/mean")[1]
     if run.holds(MOMENTS, stored):
         series = binned(run, MOMENTS, stored, SERIES_POINTS, n, np.sqrt if stat == "std" else None)
     else:  # a statistic this run did not record: a blank sparkline
-        series = Binned(np.full((points, width), np.nan), np.arange(points), *np.full((2, width), np.nan))
+        series = Binned.unrecorded(SERIES_POINTS, n, width)
     first, last, kinds = _moment_record(run, 0, width), _moment_record(run, n - 1, width), layer_kinds(run)
     layers: list[MomentLayer] = [
         {

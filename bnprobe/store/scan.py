@@ -62,15 +62,28 @@ class Binned:
     low: np.ndarray  # [column]
     high: np.ndarray  # [column]
 
+    @classmethod
+    def unrecorded(cls, bins: int, stop: int, width: int) -> Binned:
+        """The bins of ``stop`` records of ``width`` columns none of which was recorded: NaN throughout."""
+        sizes, nothing = _bin_sizes(bins, stop), np.full(width, np.nan)
+        return cls(np.full((len(sizes), width), np.nan), np.cumsum(sizes) - sizes, nothing, nothing)
+
+
+def _bin_sizes(bins: int, stop: int) -> np.ndarray:
+    """Records per bin, ``stop`` records cut evenly into at most ``bins`` bins (as ``np.array_split`` cuts)."""
+    count = min(bins, stop)
+    sizes = np.full(count, stop // count, dtype=np.int64)
+    sizes[: stop % count] += 1
+    return sizes
+
 
 def binned(
     run: RunData, section: str, quantity: str, bins: int, stop: int, transform: Callable[[np.ndarray], np.ndarray] | None = None
 ) -> Binned:
     """Records ``[0, stop)`` of ``<section>/<quantity>`` (as float64, through ``transform`` if
     given; ``stop`` at least 1) reduced to at most ``bins`` bins, a slice at a time (see :class:`Binned`)."""
-    count = min(bins, stop)
-    sizes = np.full(count, stop // count, dtype=np.int64)
-    sizes[: stop % count] += 1
+    sizes = _bin_sizes(bins, stop)
+    count = len(sizes)
     bin_of = np.repeat(np.arange(count), sizes)
     width = math.prod(run.data.shape(f"{section}/{quantity}")[1:])
     sums, counts = np.zeros((count, width)), np.zeros((count, width), dtype=np.int64)
