@@ -11,7 +11,7 @@ it, records describe a collapsed, dead or fitted network, not BN's effect).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from . import health
 from .stats import Interval, mean_interval, ratio_interval
-from .store import HESSIAN, ICS, LANDSCAPE, MOMENTS, SPECTRUM, STEP, RunData, ics_layers, layer_kinds, moment_layers
+from .store import HESSIAN, ICS, LANDSCAPE, MOMENTS, SPECTRUM, STEP, RunData, aligned_slices, ics_layers, layer_kinds, moment_layers
 
 #: settings that make two runs different conditions (the seed makes replicates, not conditions)
 CONDITION_KEYS = (
@@ -110,10 +110,40 @@ def _records(run: RunData, section: str, quantity: str, window: Window) -> np.nd
     return picked if len(picked) else None
 
 
+def _picked(run: RunData, section: str, quantities: Sequence[str], window: Window) -> Iterator[list[np.ndarray]]:
+    """The records of ``<section>/<quantity>`` (each of ``quantities``) whose steps are in
+    ``window``, a slice of records at a time (a long run's moments or ICS need not fit in memory)."""
+    steps = run.get(section, STEP)
+    if steps is None or not all(run.holds(section, q) for q in quantities):
+        return
+    inside = _in(steps, window)
+    for first, blocks in aligned_slices(run, section, quantities):
+        chosen = inside[first : first + len(blocks[0])]
+        if chosen.any():
+            yield [block[chosen] for block in blocks]
+
+
 def _mean(values: np.ndarray | None) -> float | None:
     if values is None or not np.isfinite(values).any():
         return None
     return float(np.nanmean(values))
+
+
+def _sliced_mean(blocks: Iterable[np.ndarray]) -> float | None:
+    """:func:`_mean` of ``blocks`` put together, a block at a time: of one block, exactly its
+    :func:`_mean`; of several, the float64 sum of their non-NaN values over their count."""
+    first: np.ndarray | None = None
+    total, count, finite, seen = 0.0, 0, False, 0
+    for block in blocks:
+        first = block if first is None else first
+        seen += 1
+        kept = ~np.isnan(block)
+        total += float(np.sum(block[kept], dtype=np.float64))
+        count += int(kept.sum())
+        finite = finite or bool(np.isfinite(block).any())
+    if seen <= 1:
+        return _mean(first)
+    return total / count if finite else None
 
 
 def _input_layers(run: RunData) -> list[int]:
@@ -130,30 +160,35 @@ def _input_layers(run: RunData) -> list[int]:
 def percentile_drift(run: RunData, window: Window) -> float | None:
     """Mean absolute change of the 15/50/85th percentiles between consecutive records, over the
     layers that feed a non-linearity (Ioffe & Szegedy Fig. 1's curves, as one number)."""
-    columns = _input_layers(run)
-    changes = []
-    for stat in ("p15", "p50", "p85"):
-        values = _records(run, MOMENTS, stat, window)
-        if values is None or len(values) < 2 or not columns:
-            return None
-        changes.append(np.abs(np.diff(values[:, columns], axis=0)))
-    return _mean(np.stack(changes))
+    columns, steps = _input_layers(run), run.get(MOMENTS, STEP)
+    if not columns or steps is None or np.count_nonzero(_in(steps, window)) < 2:
+        return None
+
+    def changes() -> Iterator[np.ndarray]:
+        before: list[np.ndarray] | None = None  # the last record of the slice before: its change to this slice's first
+        for blocks in _picked(run, MOMENTS, ("p15", "p50", "p85"), window):
+            rows = [block[:, columns] for block in blocks]
+            if before is not None:
+                rows = [np.concatenate([b, r]) for b, r in zip(before, rows)]
+            yield np.stack([np.abs(np.diff(r, axis=0)) for r in rows])
+            before = [r[-1:] for r in rows]
+
+    return _sliced_mean(changes())
 
 
 def _ics_mean(quantity: str) -> Callable[[RunData, Window], float | None]:
     def reduce(run: RunData, window: Window) -> float | None:
-        values = _records(run, ICS, quantity, window)
         kinds = layer_kinds(run)
         columns = [j for j, n in enumerate(ics_layers(run)) if kinds.get(n, "conv") in ("conv", "linear")]
-        return _mean(values[:, columns]) if values is not None and columns else None
+        return _sliced_mean(block[:, columns] for (block,) in _picked(run, ICS, (quantity,), window)) if columns else None
 
     return reduce
 
 
 def _spread(quantity: str) -> Callable[[RunData, Window], float | None]:
     def reduce(run: RunData, window: Window) -> float | None:
-        values = _records(run, LANDSCAPE, quantity, window)
-        return _mean(np.nanmax(values, axis=1) - np.nanmin(values, axis=1)) if values is not None else None
+        blocks = _picked(run, LANDSCAPE, (quantity,), window)
+        return _sliced_mean(np.nanmax(block, axis=1) - np.nanmin(block, axis=1) for (block,) in blocks)
 
     return reduce
 
@@ -189,13 +224,11 @@ def bulk_edge(nodes: np.ndarray, weights: np.ndarray, mass: float = 0.97) -> flo
 def outlier_gap(run: RunData, window: Window) -> float | None:
     """Top eigenvalue over the density's bulk edge, averaged over records: large when the
     spectrum has isolated outliers (Ghorbani et al. Fig. 1)."""
-    top = _records(run, SPECTRUM, "top_k", window)
-    nodes = _records(run, SPECTRUM, "density_nodes", window)
-    weights = _records(run, SPECTRUM, "density_weights", window)
-    if top is None or nodes is None or weights is None:
-        return None
-    gaps = [t / edge for t, n, w in zip(top[:, 0], nodes, weights) if (edge := bulk_edge(n, w)) > 0]
-    return _mean(np.asarray(gaps)) if gaps else None
+    gaps = (
+        np.asarray([t / edge for t, n, w in zip(top[:, 0], nodes, weights) if (edge := bulk_edge(n, w)) > 0])
+        for top, nodes, weights in _picked(run, SPECTRUM, ("top_k", "density_nodes", "density_weights"), window)
+    )
+    return _sliced_mean(g for g in gaps if len(g))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .content import (
     RECORD_HINTS,
+    SERIES_POINTS,
     STAT_CHOICES,
     FileReport,
     Hessian,
@@ -31,6 +32,7 @@ from .render import SPARK_BLOCKS, fmt, render_report, sparkline
 
 __all__ = [
     "RECORD_HINTS",
+    "SERIES_POINTS",
     "SPARK_BLOCKS",
     "STAT_CHOICES",
     "FileReport",

@@ -32,8 +32,12 @@ from ..store import (
     STATS,
     STEP,
     TRAIN,
+    Binned,
     Column,
     RunData,
+    binned,
+    column_medians,
+    extremes,
     hessian_block_labels,
     ics_layers,
     layer_kinds,
@@ -41,11 +45,17 @@ from ..store import (
     load_columns,
     matches,
     moment_layers,
+    record_at,
+    record_count,
+    record_ranges,
 )
 from .conclusions import Conclusions, build_conclusions
 
 #: statistics ``--stat`` accepts: the recorded ones plus ``std`` (square root of ``var``).
 STAT_CHOICES = (*STATS, "std")
+#: points of a sparkline series at most: a longer run's records are cut evenly into this many bins,
+#: each bin's mean kept, so that memory does not grow with the run (most sparkline widths divide it)
+SERIES_POINTS = 240
 
 
 # ----------------------------------------------------------------------------- content types
@@ -79,14 +89,16 @@ class MomentLayer(TypedDict):
     kind: str
     first: dict[str, Number]  # mean, std, p15, p50, p85 of the first record
     last: dict[str, Number]
-    series: list[Number]  # the --stat statistic over the records
+    series: list[Number]  # the --stat statistic of each record, or of each of SERIES_POINTS bins of a longer run
+    low: Number  # the least and greatest --stat value over all records: the sparkline's scale
+    high: Number
 
 
 class Moments(TypedDict):
     records: int
     first_step: Number
     last_step: Number
-    steps: list[Number]
+    steps: list[Number]  # of each point of the series (a bin: its first record)
     stat: str
     layers: list[MomentLayer]
     per_channel_layers: list[str]
@@ -212,19 +224,11 @@ def _plain(value: Any) -> Plain:
     return str(value)
 
 
-def _nanreduce(fn: Callable[[np.ndarray], Any], values: np.ndarray, axis: int | None = None) -> Any:
-    """``np.nanmedian`` & co. without the all-NaN warning (the result is NaN then)."""
+def _nanreduce(fn: Callable[[np.ndarray], Any], values: np.ndarray) -> Any:
+    """``np.nanmedian`` & co. without the all-NaN warning (the result is NaN then); infinities are left out too."""
     values = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(values)
-    if axis is None:
-        return fn(values[finite]) if finite.any() else np.nan
-    out = np.full(values.shape[1 - axis], np.nan)
-    for j in range(values.shape[1 - axis]):
-        col = values[:, j] if axis == 0 else values[j]
-        ok = np.isfinite(col)
-        if ok.any():
-            out[j] = fn(col[ok])
-    return out
+    return fn(values[finite]) if finite.any() else np.nan
 
 
 # ----------------------------------------------------------------------------- sections
@@ -265,35 +269,46 @@ def _summary(run: RunData) -> Summary:
     }
 
 
+def _moment_record(run: RunData, index: int, width: int) -> dict[str, np.ndarray]:
+    """Record ``index`` of mean, std, p15, p50 and p85, a value per layer (NaN: not recorded)."""
+    rows = {
+        s: record_at(run, MOMENTS, s, index) if run.holds(MOMENTS, s) else np.full(width, np.nan)
+        for s in ("mean", "var", "p15", "p50", "p85")
+    }
+    return {"std" if s == "var" else s: np.sqrt(np.asarray(v, dtype=np.float64)) if s == "var" else v for s, v in rows.items()}
+
+
 def _moments(run: RunData, patterns: Sequence[str], stat: str) -> Moments | None:
-    steps = run.get(MOMENTS, STEP)
-    if steps is None or run.get(MOMENTS, "mean") is None:
+    if not run.holds(MOMENTS, STEP) or not run.holds(MOMENTS, "mean"):
         return None
-    recorded = {s: arr for s in STATS if (arr := run.get(MOMENTS, s)) is not None}
-    n = min(len(steps), *(len(arr) for arr in recorded.values()))
+    n = min(record_count(run, MOMENTS, q) for q in (STEP, *STATS) if run.holds(MOMENTS, q))
     if n == 0:
         return None
-
-    def column(s: str, j: int) -> np.ndarray:
-        if s == "std":
-            var = recorded.get("var")
-            return np.sqrt(np.asarray(var[:n, j], dtype=np.float64)) if var is not None else np.full(n, np.nan)
-        arr = recorded.get(s)
-        return np.asarray(arr[:n, j]) if arr is not None else np.full(n, np.nan)
-
-    kinds = layer_kinds(run)
-    layers: list[MomentLayer] = []
-    for j, name in enumerate(moment_layers(run)):
-        if not matches(name, patterns):
-            continue
-        first = {s: num(column(s, j)[0]) for s in ("mean", "std", "p15", "p50", "p85")}
-        last = {s: num(column(s, j)[-1]) for s in ("mean", "std", "p15", "p50", "p85")}
-        layers.append({"name": name, "kind": kinds.get(name, ""), "first": first, "last": last, "series": _nums(column(stat, j))})
+    stored, width = "var" if stat == "std" else stat, run.data.shape(f"{MOMENTS}/mean")[1]
+    if run.holds(MOMENTS, stored):
+        series = binned(run, MOMENTS, stored, SERIES_POINTS, n, np.sqrt if stat == "std" else None)
+    else:  # a statistic this run did not record: a blank sparkline
+        series = Binned.unrecorded(SERIES_POINTS, n, width)
+    first, last, kinds = _moment_record(run, 0, width), _moment_record(run, n - 1, width), layer_kinds(run)
+    layers: list[MomentLayer] = [
+        {
+            "name": name,
+            "kind": kinds.get(name, ""),
+            "first": {s: num(v[j]) for s, v in first.items()},
+            "last": {s: num(v[j]) for s, v in last.items()},
+            "series": _nums(series.means[:, j]),
+            "low": num(series.low[j]),
+            "high": num(series.high[j]),
+        }
+        for j, name in enumerate(moment_layers(run))
+        if matches(name, patterns)
+    ]
+    steps = run.data[f"{MOMENTS}/{STEP}"]
     return {
         "records": int(n),
         "first_step": num(steps[0]),
         "last_step": num(steps[n - 1]),
-        "steps": _nums(steps[:n]),
+        "steps": _nums(steps[series.starts]),
         "stat": stat,
         "layers": layers,
         "per_channel_layers": run.per_channel_layers(),
@@ -302,13 +317,12 @@ def _moments(run: RunData, patterns: Sequence[str], stat: str) -> Moments | None
 
 
 def _ics(run: RunData, patterns: Sequence[str]) -> Ics | None:
-    steps, l2_records, cos_records = run.get(ICS, STEP), run.get(ICS, "l2"), run.get(ICS, "cosine")
-    if steps is None or l2_records is None or len(steps) == 0:
+    steps = run.get(ICS, STEP)
+    if steps is None or not run.holds(ICS, "l2") or len(steps) == 0:
         return None
-    names = ics_layers(run)
-    kinds = layer_kinds(run)
-    l2 = _nanreduce(np.median, l2_records, axis=0)
-    cos = _nanreduce(np.median, cos_records, axis=0) if cos_records is not None else np.full(len(names), np.nan)
+    names, kinds = ics_layers(run), layer_kinds(run)
+    l2 = column_medians(run, ICS, "l2")
+    cos = column_medians(run, ICS, "cosine") if run.holds(ICS, "cosine") else np.full(len(names), np.nan)
     layers: list[IcsLayer] = [
         {"name": name, "kind": kinds.get(name, ""), "median_l2": num(l2[j]), "median_cosine": num(cos[j])}
         for j, name in enumerate(names)
@@ -321,17 +335,14 @@ def _landscape(run: RunData) -> Landscape | None:
     steps = run.get(LANDSCAPE, STEP)
     if steps is None or len(steps) == 0:
         return None
-    loss, grad = run.get(LANDSCAPE, "loss"), run.get(LANDSCAPE, "grad_l2")
     beta, eta = run.get(LANDSCAPE, "beta_smoothness"), run.get(LANDSCAPE, "eta")
 
-    def spread(arr: np.ndarray | None) -> Number:
-        if arr is None or arr.ndim != 2:
+    def spread(quantity: str) -> Number:
+        if not run.holds(LANDSCAPE, quantity) or len(run.data.shape(f"{LANDSCAPE}/{quantity}")) != 2:
             return None
-        return num(_nanreduce(np.median, _nanreduce(np.max, arr, axis=1) - _nanreduce(np.min, arr, axis=1)))
+        return num(_nanreduce(np.median, record_ranges(run, LANDSCAPE, quantity)))
 
-    def reduced(fn: Callable[[np.ndarray], Any], arr: np.ndarray | None) -> Number:
-        return num(_nanreduce(fn, arr)) if arr is not None else None
-
+    loss, grad = (extremes(run, LANDSCAPE, q) if run.holds(LANDSCAPE, q) else (np.nan, np.nan) for q in ("loss", "grad_l2"))
     return {
         "records": len(steps),
         "first_step": num(steps[0]),
@@ -339,14 +350,14 @@ def _landscape(run: RunData) -> Landscape | None:
         "etas": len(eta) if eta is not None else None,
         "eta_min": num(np.min(eta)) if eta is not None and len(eta) else None,
         "eta_max": num(np.max(eta)) if eta is not None and len(eta) else None,
-        "loss_min": reduced(np.min, loss),
-        "loss_max": reduced(np.max, loss),
-        "loss_spread_median": spread(loss),
-        "grad_l2_min": reduced(np.min, grad),
-        "grad_l2_max": reduced(np.max, grad),
-        "grad_l2_spread_median": spread(grad),
-        "beta_median": reduced(np.median, beta),
-        "beta_max": reduced(np.max, beta),
+        "loss_min": num(loss[0]),
+        "loss_max": num(loss[1]),
+        "loss_spread_median": spread("loss"),
+        "grad_l2_min": num(grad[0]),
+        "grad_l2_max": num(grad[1]),
+        "grad_l2_spread_median": spread("grad_l2"),
+        "beta_median": num(_nanreduce(np.median, beta)) if beta is not None else None,
+        "beta_max": num(_nanreduce(np.max, beta)) if beta is not None else None,
     }
 
 

@@ -223,8 +223,8 @@ def _moment_cell(layer: MomentLayer, show_kind: bool, spark_w: int, lo: float | 
 def _moment_row(name: str, present: list[MomentLayer | None], spark_w: int) -> tuple[Text, list[Text]]:
     """The row of one layer: its name (and kind, when the variants agree on it) and a cell per column."""
     layers = [lay for lay in present if lay is not None]
-    finite = [v for lay in layers for v in lay["series"] if v is not None]
-    lo, hi = (min(finite), max(finite)) if finite else (None, None)
+    lows, highs = [lay["low"] for lay in layers if lay["low"] is not None], [lay["high"] for lay in layers if lay["high"] is not None]
+    lo, hi = (min(lows), max(highs)) if lows else (None, None)  # over every record, not only the sparkline's points
     kinds = {lay["kind"] for lay in layers}
     cells = [_missing() if lay is None else _moment_cell(lay, len(kinds) > 1, spark_w, lo, hi) for lay in present]
     kind = next(iter(kinds)) if len(kinds) == 1 else ""
