@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .store import MOMENTS, STEP, TRAIN, RunData, moment_layers
+from .store import MOMENTS, STEP, TRAIN, RunData, aligned_slices, moment_layers, record_count
 
 WINDOW = 20  # steps in the trailing mean of the training loss and accuracy
 START = 10  # steps whose mean loss is the starting loss L0
@@ -125,22 +125,22 @@ def _fitted(run: RunData, steps: np.ndarray, smooth: np.ndarray, start: float, f
 
 
 def _dead_layers(run: RunData) -> list[Flag]:
-    """Recorded layers whose output has variance 0, or max <= 0 where it feeds a ReLU (every unit off)."""
-    steps, top, var = run.get(MOMENTS, STEP), run.get(MOMENTS, "max"), run.get(MOMENTS, "var")
-    if steps is None or top is None or var is None or len(steps) == 0:
+    """Recorded layers whose output has variance 0, or max <= 0 where it feeds a ReLU (every unit
+    off), at the first record where they are; the records are read a slice at a time."""
+    if not all(run.holds(MOMENTS, q) for q in (STEP, "max", "var")) or record_count(run, MOMENTS, STEP) == 0:
         return []
-    flags = []
     names = moment_layers(run)
     relu_fed = run.attrs.get("relu_fed", "")
     feeds_relu = np.array([name in (relu_fed if isinstance(relu_fed, list) else [relu_fed]) for name in names])
-    dead = ((top <= 0) & feeds_relu) | (var == 0)
-    for j, name in enumerate(names):
-        records = np.flatnonzero(dead[:, j])
-        if len(records):
-            i = records[0]
-            why = "max <= 0" if top[i, j] <= 0 else "variance 0"
-            flags.append(Flag(DEAD, int(steps[i]), f"{name}: {why}"))
-    return flags
+    found: dict[int, tuple[int, str]] = {}  # layer -> (first dead record, why)
+    for first, (top, var) in aligned_slices(run, MOMENTS, ("max", "var")):
+        dead = ((top <= 0) & feeds_relu) | (var == 0)
+        for j in np.flatnonzero(dead.any(axis=0)).tolist():
+            if j not in found:
+                i = int(np.flatnonzero(dead[:, j])[0])
+                found[j] = (first + i, "max <= 0" if top[i, j] <= 0 else "variance 0")
+    steps = run.data[f"{MOMENTS}/{STEP}"]
+    return [Flag(DEAD, int(steps[i]), f"{names[j]}: {why}") for j, (i, why) in sorted(found.items())]
 
 
 PLATEAU = 0.9  # a classification run has left its chance plateau once its 20-step mean loss is below 0.9 ln K

@@ -57,6 +57,8 @@ from .store import (
 
 KINDS = tuple(PLOT_KINDS)  # a kind draws one measurement's records
 FORMATS = ("png", "svg", "pdf")
+#: points of a line over steps at most, about one per pixel of a figure's width (see _thinned)
+PLOT_POINTS = 1000
 
 
 def _pyplot() -> Any:
@@ -113,11 +115,24 @@ def _recorded(c: Column, section: str, quantity: str, column: int | None = None)
     return records if quantity == STEP else _finite(records)
 
 
+def _thinned(steps: np.ndarray, *series: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``steps`` and ``series`` (as many records each) as they are, or, longer than
+    :data:`PLOT_POINTS`, the means of that many even runs of consecutive records: drawing a long
+    run then takes the memory of a short one (the renderer's grows with a line's segments)."""
+    if len(steps) <= PLOT_POINTS:
+        return (steps, *series)
+    sizes = np.full(PLOT_POINTS, len(steps) // PLOT_POINTS)
+    sizes[: len(steps) % PLOT_POINTS] += 1
+    return tuple(np.add.reduceat(np.asarray(a, dtype=np.float64), np.cumsum(sizes) - sizes) / sizes for a in (steps, *series))
+
+
 def _points(steps: np.ndarray, size: float = 3) -> dict[str, Any]:
     """Line style of a series over steps: a marker on each record when records are steps apart
-    (a bare line between two records reads as data between them) or when there is only one."""
+    (a bare line between two records reads as data between them) or when there is only one; none
+    on a line of :data:`PLOT_POINTS` points (a long run's, whose points are means of records)."""
     gaps = np.diff(np.asarray(steps, dtype=np.float64))
-    return {"marker": "o", "markersize": size} if gaps.size == 0 or bool((gaps > 1).any()) else {}
+    markers = gaps.size == 0 or bool((gaps > 1).any())
+    return {"marker": "o", "markersize": size} if markers and len(steps) < PLOT_POINTS else {}
 
 
 def _maybe_log(ax: Any, arrays: Sequence[np.ndarray]) -> None:
@@ -205,8 +220,7 @@ def _moments(plt: Any, columns: list[Column], layer: str | None) -> Any:
         kind = layer_kinds(c.run).get(name, "")
         steps, *records = (_recorded(c, MOMENTS, q, None if q == STEP else j) for q in (STEP, "p15", "p50", "p85"))
         n = min(len(steps), *map(len, records))
-        p15, p50, p85 = (p[:n] for p in records)
-        steps = steps[:n]
+        steps, p15, p50, p85 = _thinned(steps[:n], *(p[:n] for p in records))
         ax.fill_between(steps, p15, p85, color=color, alpha=0.15, linewidth=0)
         label = f"{_name(c)}, layer {name}" + (f" ({kind})" if kind else "") + ": 50th"
         ax.plot(steps, p50, color=color, linewidth=2, **_points(steps), label=label)
@@ -263,12 +277,12 @@ def _ics(plt: Any, columns: list[Column], layer: str | None) -> Any:
             j = names.index(rename[name])
             steps = _recorded(c, ICS, STEP)
             for col, quantity in enumerate(("l2", "cosine")):
-                records = c.run.get(ICS, quantity)
+                records = c.run.column(ICS, quantity, j)  # the layer's alone
                 if records is None:
                     continue
                 n = min(len(steps), len(records))
-                y = _finite(records[:n, j])
-                axes[r][col].plot(steps[:n], y, color=color, linestyle="-", linewidth=1.5, **_points(steps[:n]), label=_name(c))
+                x, y = _thinned(steps[:n], _finite(records[:n]))
+                axes[r][col].plot(x, y, color=color, linestyle="-", linewidth=1.5, **_points(x), label=_name(c))
                 if col == 0:
                     l2s.append(y)
         axes[r][0].set_ylabel(f"layer {name}\n‖G − G′‖₂")
@@ -369,7 +383,8 @@ def _train_series(group: _Group, quantity: str) -> list[Series]:
         steps, records = _recorded(c, TRAIN, STEP), c.run.get(TRAIN, quantity)
         if records is not None:
             values = _finite(records)[: len(steps)]
-            found.append((steps[: len(values)], values))
+            x, y = _thinned(steps[: len(values)], values)
+            found.append((x, y))
     return found
 
 

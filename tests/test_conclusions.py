@@ -16,7 +16,7 @@ from bnprobe.config import load_config_text
 from bnprobe.errors import ModelError
 from bnprobe.experiment import run_experiment
 from bnprobe.stats import mean_interval, ratio_interval, t975
-from bnprobe.store import RunData
+from bnprobe.store import RunData, scan
 
 
 def test_t975_matches_published_quantiles() -> None:
@@ -81,7 +81,9 @@ def test_fitted_flag_by_accuracy_and_by_loss() -> None:
     assert [(f.kind, f.step) for f in flags] == [(health.FITTED, 29)]
 
 
-def test_dead_layer_needs_a_relu_for_max_below_zero() -> None:
+@pytest.mark.parametrize("numbers", [1, scan.SLICE_NUMBERS])  # a record at a time (a long run's records), or all at once
+def test_dead_layer_needs_a_relu_for_max_below_zero(monkeypatch: pytest.MonkeyPatch, numbers: int) -> None:
+    monkeypatch.setattr(scan, "SLICE_NUMBERS", numbers)
     run = _run("r", np.full(40, 1.0), relu_fed=["a"])
     run.layers = [{"name": n, "kind": "linear", "param_count": 1, "output_shape": "1", "order": i} for i, n in enumerate("abc")]
     run.data["moments/step"] = np.array([0, 10, 20])
@@ -268,9 +270,11 @@ def _recorded_run(**data: np.ndarray) -> RunData:
     return run
 
 
-def test_percentile_drift_by_hand() -> None:
+@pytest.mark.parametrize("numbers", [1, scan.SLICE_NUMBERS])  # a record at a time (a long run's records), or all at once
+def test_percentile_drift_by_hand(monkeypatch: pytest.MonkeyPatch, numbers: int) -> None:
     """Three records of two layers (the second feeds no non-linearity: the output): the mean
     absolute change of p15/p50/p85 of the first layer between consecutive records."""
+    monkeypatch.setattr(scan, "SLICE_NUMBERS", numbers)
     run = _recorded_run(**{"moments/step": np.array([0, 10, 20])})
     run.layers = [{"name": n, "kind": "linear", "param_count": 1, "output_shape": "1", "order": i} for i, n in enumerate(["h", "out"])]
     run.data["moments/p15"] = np.array([[0.0, 9.0], [1.0, 9.0], [3.0, 0.0]])
@@ -290,7 +294,9 @@ def test_percentile_drift_by_hand() -> None:
     assert findings.percentile_drift(run, (0, None)) == pytest.approx((0.5 + 0 + 0.5 + 0 + 0.5 + 0) / 6)
 
 
-def test_landscape_spreads_and_ics_means_by_hand() -> None:
+@pytest.mark.parametrize("numbers", [1, scan.SLICE_NUMBERS])  # a record at a time (a long run's records), or all at once
+def test_landscape_spreads_and_ics_means_by_hand(monkeypatch: pytest.MonkeyPatch, numbers: int) -> None:
+    monkeypatch.setattr(scan, "SLICE_NUMBERS", numbers)
     run = _recorded_run(**{
         "landscape/step": np.array([0, 10]),
         "landscape/loss": np.array([[1.0, 3.0, 2.0], [1.0, 1.5, 1.0]]),

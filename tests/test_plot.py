@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from _fixtures import write_run_file
 
+from bnprobe import plot as plot_module
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
 from bnprobe.plot import KINDS, plot
 from bnprobe.store import Column, RunData, read_file
@@ -285,6 +286,26 @@ def test_records_steps_apart_are_marked_and_every_step_is_a_plain_line(full_file
     assert lines
     marked = {line.get_marker() not in ("None", "", " ", None) for line in lines}
     assert marked == ({False} if kind == "training" else {True})  # the fixture logs every step, records every 5th
+
+
+@pytest.mark.parametrize(("kind", "quantity"), [("moments", "p50"), ("training", "loss")])
+def test_a_long_run_is_drawn_as_means_of_even_runs_of_records(
+    tmp_path: Path, drawn: list, monkeypatch: pytest.MonkeyPatch, kind: str, quantity: str
+) -> None:
+    """More records than a line's points (here 7): each point is the mean of an even run of
+    records, steps and values alike, and bears no marker; a long run then draws in the memory of a
+    short one."""
+    monkeypatch.setattr(plot_module, "PLOT_POINTS", 7)
+    path = write_run_file(tmp_path / "f.h5", variants=("keep",))  # 40 steps, moments every 5th: 8 records
+    plot([path], tmp_path / "p.png", kind=kind)
+    d = _stored(path)["keep"]
+    section = "train" if kind == "training" else "moments"
+    steps, values = d[f"{section}/step"], d[f"{section}/{quantity}"]
+    values = values if values.ndim == 1 else values[:, d["layer_names"].index(d["layer_names"][-2])]
+    bins = np.array_split(np.arange(len(steps)), 7)
+    line = next(line for line in drawn[0].axes[0].get_lines() if line.get_linewidth() >= 1.2)  # the loss, or the median
+    assert _same_xy(line, np.array([steps[b].mean() for b in bins]), np.array([values[b].mean() for b in bins]))
+    assert line.get_marker() in ("None", "", " ", None)
 
 
 def _seed_column(seed: int, bn: bool, loss: list[float]) -> Column:

@@ -4,19 +4,23 @@ records the report shows only the last one is read."""
 
 from __future__ import annotations
 
+import shutil
+import tracemalloc
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 import pytest
+from _benchmarks import load_benchmark
 from _fixtures import write_run_file
 
 from bnprobe.errors import StoreError
 from bnprobe.plot import KINDS, plot
 from bnprobe.report import build_report
-from bnprobe.store import read_file
+from bnprobe.store import RunData, read_file, scan
 
 UNDRAWN = ("per_channel", "histogram")
 
@@ -45,9 +49,68 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 def test_the_report_reads_what_it_shows(run_file: Path, reads: Counter[str]) -> None:
     build_report([run_file])
     assert not [p for p in reads if any(u in p for u in UNDRAWN) or "density" in p]
-    assert reads["moments/mean"] == 8 * (4 + 7)  # records x layers of both runs: the sparklines
+    assert reads["moments/mean"] == (8 + 2) * (4 + 7)  # (records: the sparklines, and the first and last) x layers of both runs
     assert reads["hessian/block_top_eigenvalue"] == 2 * 4  # runs x blocks: the last record only
     assert reads["spectrum/top_k"] == 2 * 3
+
+
+@pytest.fixture(scope="module")
+def long_runs(tmp_path_factory: pytest.TempPathFactory) -> list[list[Path]]:
+    """A run with BN of 50 layers and its partner without (the same file, relabelled), 300 and
+    3,000 records long (moments and a training loss each step): longer than a sparkline's points,
+    and a finding to compute."""
+    folder = tmp_path_factory.mktemp("long")
+    pairs = []
+    for n in (300, 3000):
+        with_bn = load_benchmark("export_large").build(folder / f"bn{n}.h5", 50, n)
+        without = folder / f"plain{n}.h5"
+        shutil.copy(with_bn, without)
+        with h5py.File(without, "r+") as h5:
+            h5["runs/long"].attrs.update({"bn": "keep", "bn_layers": 0})
+            h5["runs"].move("long", "plain")
+        pairs.append([with_bn, without])
+    return pairs
+
+
+def _peak(call: Callable[[], object]) -> int:
+    """The most memory ``call`` held at once (what Python and numpy allocate)."""
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_report_of_a_ten_times_longer_run_takes_the_same_memory(long_runs: list[list[Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moments are reduced a slice of records at a time (here 10,000 numbers, a fraction of the
+    shorter run) for the tables, the health flags and the findings, and a sparkline keeps a bounded
+    number of points: neither the largest read nor the memory grows."""
+    monkeypatch.setattr(scan, "SLICE_NUMBERS", 10_000)
+    largest = Counter[str]()
+    getitem = h5py.Dataset.__getitem__
+
+    def counting(self: h5py.Dataset, selection: Any) -> Any:
+        out = getitem(self, selection)
+        largest[self.name] = max(largest[self.name], np.size(out))
+        return out
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    short, long = (_peak(lambda p=p: build_report(p)) for p in long_runs)
+    assert long < 1.2 * short, (short, long)
+    assert build_report(long_runs[1])["conclusions"]["findings"]
+    assert max(n for name, n in largest.items() if "/moments/" in name and not name.endswith("/step")) <= 10_000
+
+
+def test_bins_leave_non_finite_values_out() -> None:
+    """A bin or column without a finite value is NaN; inf and NaN count nowhere."""
+    run = RunData("r", {}, [])
+    run.data["moments/step"] = np.arange(4)
+    run.data["moments/mean"] = np.array([[1.0, np.nan], [np.inf, np.nan], [3.0, np.nan], [np.nan, -np.inf]])
+    found = scan.binned(run, "moments", "mean", 2, 4)
+    np.testing.assert_array_equal(found.means, [[1.0, np.nan], [3.0, np.nan]])
+    np.testing.assert_array_equal(found.starts, [0, 2])
+    np.testing.assert_array_equal(np.c_[found.low, found.high], [[1.0, 3.0], [np.nan, np.nan]])
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -14,12 +14,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from _benchmarks import load_benchmark
 from _fixtures import write_run_file
 from rich.console import Console
 
 from bnprobe.errors import BnprobeError, ConfigError, StoreError
-from bnprobe.report import _SECTIONS, SPARK_BLOCKS, STAT_CHOICES, align_layers, build_report, fmt, render_report, sparkline
-from bnprobe.store import HELDOUT, SECTIONS, STATS, TRAIN, Store, load_columns, read_file, strings
+from bnprobe.report import _SECTIONS, SERIES_POINTS, SPARK_BLOCKS, STAT_CHOICES, align_layers, build_report, fmt, render_report, sparkline
+from bnprobe.store import HELDOUT, SECTIONS, STATS, TRAIN, Store, load_columns, read_file, scan, strings
 
 GOLDEN = Path(__file__).parent / "golden" / "report_80.txt"
 
@@ -48,7 +49,9 @@ def _run(report: dict, name: str, index: int = 0) -> dict:
 # ----------------------------------------------------------------------------- numbers
 
 
-def test_every_number_equals_the_file(full_file: Path) -> None:
+@pytest.mark.parametrize("numbers", [1, scan.SLICE_NUMBERS])  # read a record (a column) at a time, or all at once
+def test_every_number_equals_the_file(full_file: Path, monkeypatch: pytest.MonkeyPatch, numbers: int) -> None:
+    monkeypatch.setattr(scan, "SLICE_NUMBERS", numbers)
     report = build_report([full_file])
     json.dumps(report, allow_nan=False)  # plain JSON, no NaN
     with h5py.File(full_file, "r") as h5:
@@ -113,6 +116,35 @@ def test_stat_picks_the_sparkline_series(full_file: Path, stat: str) -> None:
         stored = h5["runs/keep/moments/var"][:, 1] if stat == "std" else h5[f"runs/keep/moments/{stat}"][:, 1]
         expected = [math.sqrt(float(v)) for v in stored] if stat == "std" else [float(v) for v in stored]
     assert layer["series"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_long_run_s_sparkline_holds_bin_means_and_its_scale_every_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More records than a sparkline keeps: each point is the mean of an even run of records (bins
+    straddling the slices the records are read in), the scale is over every record, and the first
+    and last record are read as they are."""
+    monkeypatch.setattr(scan, "SLICE_NUMBERS", 64)
+    path = load_benchmark("export_large").build(tmp_path / "long.h5", 5, 1000)
+    m = _run(build_report([path]), "long")["moments"]
+    with h5py.File(path, "r") as h5:
+        mean, steps = h5["runs/long/moments/mean"][()], h5["runs/long/moments/step"][()]
+    bins = np.array_split(np.arange(1000), SERIES_POINTS)
+    assert m["records"] == 1000 and m["steps"] == [int(steps[b[0]]) for b in bins]
+    for j, layer in enumerate(m["layers"]):
+        assert layer["series"] == pytest.approx([mean[b, j].astype(np.float64).mean() for b in bins], rel=1e-12)
+        assert (layer["low"], layer["high"]) == (float(mean[:, j].min()), float(mean[:, j].max()))
+        assert (layer["first"]["mean"], layer["last"]["mean"]) == (float(mean[0, j]), float(mean[-1, j]))
+
+
+@pytest.mark.parametrize("records", [8, 2 * SERIES_POINTS + 1])
+def test_a_statistic_the_run_did_not_record_is_a_blank_sparkline(tmp_path: Path, records: int) -> None:
+    path = load_benchmark("export_large").build(tmp_path / "f.h5", 3, records)
+    with h5py.File(path, "r+") as h5:
+        del h5["runs/long/moments/zero_fraction"]
+        steps = h5["runs/long/moments/step"][()]
+    m = _run(build_report([path], stat="zero_fraction"), "long")["moments"]
+    bins = np.array_split(np.arange(records), min(records, SERIES_POINTS))
+    assert m["steps"] == [int(steps[b[0]]) for b in bins]
+    assert all(lay["series"] == [None] * len(bins) and lay["low"] is lay["high"] is None for lay in m["layers"])
 
 
 def test_layers_glob_and_variant_filter(full_file: Path) -> None:

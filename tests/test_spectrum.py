@@ -145,23 +145,72 @@ def test_top_eigenvalues_start_from_the_gradient() -> None:
     assert cold.converged and float(cold.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(full_hessian(model, x, y))[-1]), rel=1e-6)
 
 
+def _settled(k: int, tol: float, values: torch.Tensor, residuals: torch.Tensor) -> bool:
+    """The stopping rule at a step whose Ritz values did not move since the step before."""
+    done = top_converged(k, tol)
+    done(values, residuals)
+    return done(values, residuals)
+
+
 def test_the_stopping_bound_counts_a_neighbours_residual_in_the_gap() -> None:
     """r**2 / gap with gap = distance to the nearest other Ritz value less that value's residual."""
     values = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     tol = 1e-3  # the top value may be off by 3e-3
     # r = 0.05: r**2 / 1 = 2.5e-3 passes when the neighbour at 2 is converged...
-    assert top_converged(1, tol)(values, torch.tensor([0.0, 0.0, 0.05], dtype=torch.float64))
-    # ...not when its residual 0.5 says the eigenvalue it stands for may be at 2.5: 2.5e-3 / 0.5 = 5e-3
-    assert not top_converged(1, tol)(values, torch.tensor([0.0, 0.5, 0.05], dtype=torch.float64))
+    assert _settled(1, tol, values, torch.tensor([0.0, 0.0, 0.05], dtype=torch.float64))
+    # ...not when the neighbour has not converged (residual 0.4 > a quarter of the gap 0.6)
+    assert not _settled(1, tol, values, torch.tensor([0.0, 0.4, 0.05], dtype=torch.float64))
     # a neighbour whose residual reaches theta leaves r alone: 0.05 > 3e-3
-    assert not top_converged(1, tol)(values, torch.tensor([0.0, 1.5, 0.05], dtype=torch.float64))
-    assert top_converged(1, tol)(values, torch.tensor([0.0, 1.5, 0.002], dtype=torch.float64))
-    assert top_converged(1, tol)(values[2:], torch.tensor([0.002], dtype=torch.float64))  # one value: r alone
-    assert not top_converged(1, tol)(values[2:], torch.tensor([0.05], dtype=torch.float64))
+    assert not _settled(1, tol, values, torch.tensor([0.0, 1.5, 0.05], dtype=torch.float64))
+    assert _settled(1, tol, values, torch.tensor([0.0, 1.5, 0.002], dtype=torch.float64))
+    assert _settled(1, tol, values[2:], torch.tensor([0.002], dtype=torch.float64))  # one value: r alone
+    assert not _settled(1, tol, values[2:], torch.tensor([0.05], dtype=torch.float64))
     # k = 2: the second value's nearest is the first (gap 1 - 0.05) and the third (1 - 0.0)
-    assert top_converged(2, tol)(values, torch.tensor([0.05, 0.04, 0.05], dtype=torch.float64))
-    assert not top_converged(2, tol)(values, torch.tensor([0.9, 0.04, 0.05], dtype=torch.float64))
-    assert top_converged(1, tol)(torch.tensor([3.0, 3.0], dtype=torch.float64), torch.tensor([0.0, 0.0], dtype=torch.float64))
+    assert _settled(2, tol, values, torch.tensor([0.05, 0.04, 0.05], dtype=torch.float64))
+    assert not _settled(2, tol, values, torch.tensor([0.9, 0.04, 0.05], dtype=torch.float64))
+    assert _settled(1, tol, torch.tensor([3.0, 3.0], dtype=torch.float64), torch.tensor([0.0, 0.0], dtype=torch.float64))
+
+
+def test_a_gap_to_a_ritz_value_that_has_not_converged_is_not_trusted() -> None:
+    """A neighbour 7 below with residual 2 says little of the eigenvalues near theta: r decides."""
+    values = torch.tensor([1.2, 8.2], dtype=torch.float64)
+    residuals = torch.tensor([2.0, 1.5], dtype=torch.float64)  # r**2 / (7 - 2) = 0.45 <= 0.1 * 8.2, but 2 > 5 / 4
+    assert not _settled(1, 0.1, values, residuals)
+    assert _settled(1, 0.1, values, torch.tensor([0.2, 1.5], dtype=torch.float64))  # converged: 0.33
+
+
+def test_a_top_value_that_still_moves_by_more_than_tol_is_not_done() -> None:
+    done = top_converged(1, 1e-3)
+    values, residuals = torch.tensor([1.0, 3.0], dtype=torch.float64), torch.tensor([0.0, 0.05], dtype=torch.float64)
+    assert not done(values, residuals)  # r**2 / gap = 2.5e-3 <= 3e-3, but the first step: nothing to compare with
+    assert not done(values + torch.tensor([0.0, 0.01]), residuals)  # moved 0.01 > 3e-3
+    assert done(values + torch.tensor([0.0, 0.011]), residuals)  # moved 0.001
+    assert top_converged(1, 1e-3)(values, torch.tensor([0.0, 0.002]))  # r alone bounds it: no need to wait
+
+
+def _spectrum_matrix(top: tuple[float, ...], n: int = 300, seed: int = 3) -> torch.Tensor:
+    """A symmetric matrix with eigenvalues ``top`` above a bulk of n - len(top) in [-0.3, 3]."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    bulk = torch.randn(n - len(top), generator=g, dtype=torch.float64).abs().clamp_max(3.3) - 0.3
+    return q @ torch.diag(torch.cat([torch.tensor(top, dtype=torch.float64), bulk])) @ q.T
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-3])
+def test_the_bound_holds_on_close_top_eigenvalues(tol: float) -> None:
+    """Three top eigenvalues within 10%, random starts: the value is within tol of an eigenvalue
+    every time, and at the default tol of the largest (the rule that trusted any gap missed both)."""
+    a = _spectrum_matrix((10.0, 9.5, 9.0, 5.0))
+    eigenvalues = torch.linalg.eigvalsh(a)
+    off_any, off_largest = [], []
+    for seed in range(20):
+        start = torch.randn(len(a), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        value = float(top_k(lambda v: a @ v, a, len(a), 1, tol, 200, start, seed).values[0])
+        off_any.append(float((eigenvalues - value).abs().min()) / value)
+        off_largest.append(abs(float(eigenvalues[-1]) - value) / value)
+    assert max(off_any) <= tol
+    if tol == 1e-3:
+        assert max(off_largest) <= tol
 
 
 def test_a_warm_start_at_an_eigenvector_no_longer_on_top_still_finds_the_top() -> None:

@@ -9,7 +9,8 @@ nothing changed: parameters, buffers, ``.grad`` and RNG streams are as before):
   finds the same ones by power iteration with deflation, which would return a large negative
   eigenvalue instead). It stops when every one of the k Ritz values has an error bound
   ``min(r, r**2 / gap) <= tol * |theta|`` (r = ||H y - theta y|| from the recurrence, gap = distance
-  to the nearest other Ritz value less its residual), or after ``max_iter`` products. It starts
+  to the nearest other Ritz value less its residual; :func:`bnprobe.probes.lanczos.top_converged`
+  says when that sharper bound is trusted), or after ``max_iter`` products. It starts
   from the unit gradient plus ``init`` (the previous call's ``vectors``, summed: a warm start) or
   a random vector (:func:`lanczos_start`). Like any Krylov method it can stop before it has seen
   an eigenvalue its start vector holds little of; the bound is then about another eigenvalue.

@@ -8,12 +8,12 @@ one number. :mod:`bnprobe.findings` gathers them from the table and pairs the ru
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..store import STEP, RunData
+from ..store import STEP, RunData, aligned_slices
 
 Window = tuple[int, int | None]  # records with first <= step < end (end None: to the last record)
 
@@ -46,8 +46,38 @@ def records(run: RunData, section: str, quantity: str, window: Window) -> np.nda
     return picked if len(picked) else None
 
 
+def picked(run: RunData, section: str, quantities: Sequence[str], window: Window) -> Iterator[list[np.ndarray]]:
+    """The records of ``<section>/<quantity>`` (each of ``quantities``) whose steps are in
+    ``window``, a slice of records at a time (a long run's moments or ICS need not fit in memory)."""
+    steps = run.get(section, STEP)
+    if steps is None or not all(run.holds(section, q) for q in quantities):
+        return
+    inside = in_window(steps, window)
+    for first, blocks in aligned_slices(run, section, quantities):
+        chosen = inside[first : first + len(blocks[0])]
+        if chosen.any():
+            yield [block[chosen] for block in blocks]
+
+
 def mean(values: np.ndarray | None) -> float | None:
     """The mean of the finite values; None when there are none."""
     if values is None or not np.isfinite(values).any():
         return None
     return float(np.nanmean(values))
+
+
+def sliced_mean(blocks: Iterable[np.ndarray]) -> float | None:
+    """:func:`mean` of ``blocks`` put together, a block at a time: of one block, exactly its
+    :func:`mean`; of several, the float64 sum of their non-NaN values over their count."""
+    first: np.ndarray | None = None
+    total, count, finite, seen = 0.0, 0, False, 0
+    for block in blocks:
+        first = block if first is None else first
+        seen += 1
+        kept = ~np.isnan(block)
+        total += float(np.sum(block[kept], dtype=np.float64))
+        count += int(kept.sum())
+        finite = finite or bool(np.isfinite(block).any())
+    if seen <= 1:
+        return mean(first)
+    return total / count if finite else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..store import ICS, RunData, ics_layers, layer_kinds
-from . import Quantity, Window, mean, records
+from . import Quantity, Window, picked, sliced_mean
 
 SANTURKAR_ICS = "Santurkar et al. 2018: BN does not reduce internal covariate shift"
 
@@ -14,10 +14,9 @@ def _ics_mean(quantity: str) -> Callable[[RunData, Window], float | None]:
     """The mean of ``ics/<quantity>`` over records and conv/linear layers (a norm layer's own shift is left out)."""
 
     def reduce(run: RunData, window: Window) -> float | None:
-        values = records(run, ICS, quantity, window)
         kinds = layer_kinds(run)
         columns = [j for j, n in enumerate(ics_layers(run)) if kinds.get(n, "conv") in ("conv", "linear")]
-        return mean(values[:, columns]) if values is not None and columns else None
+        return sliced_mean(block[:, columns] for (block,) in picked(run, ICS, (quantity,), window)) if columns else None
 
     return reduce
 

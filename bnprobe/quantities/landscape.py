@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..store import LANDSCAPE, RunData
-from . import Quantity, Window, mean, records
+from . import Quantity, Window, mean, picked, records, sliced_mean
 
 SANTURKAR_SMOOTH = "Santurkar et al. 2018: BN makes the loss landscape smoother"
 
@@ -16,8 +16,8 @@ def _spread(quantity: str) -> Callable[[RunData, Window], float | None]:
     """The mean over records of ``landscape/<quantity>``'s range over the step sizes η."""
 
     def reduce(run: RunData, window: Window) -> float | None:
-        values = records(run, LANDSCAPE, quantity, window)
-        return mean(np.nanmax(values, axis=1) - np.nanmin(values, axis=1)) if values is not None else None
+        blocks = picked(run, LANDSCAPE, (quantity,), window)
+        return sliced_mean(np.nanmax(block, axis=1) - np.nanmin(block, axis=1) for (block,) in blocks)
 
     return reduce
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
-from ..store import MOMENTS, RunData, layer_kinds, moment_layers
-from . import Quantity, Window, mean, records
+from ..store import MOMENTS, STEP, RunData, layer_kinds, moment_layers
+from . import Quantity, Window, in_window, picked, sliced_mean
 
 IOFFE = "Ioffe & Szegedy 2015: BN stabilises the distribution of layer inputs"
 
@@ -24,14 +26,20 @@ def _input_layers(run: RunData) -> list[int]:
 def percentile_drift(run: RunData, window: Window) -> float | None:
     """Mean absolute change of the 15/50/85th percentiles between consecutive records, over the
     layers that feed a non-linearity (Ioffe & Szegedy Fig. 1's curves, as one number)."""
-    columns = _input_layers(run)
-    changes = []
-    for stat in ("p15", "p50", "p85"):
-        values = records(run, MOMENTS, stat, window)
-        if values is None or len(values) < 2 or not columns:
-            return None
-        changes.append(np.abs(np.diff(values[:, columns], axis=0)))
-    return mean(np.stack(changes))
+    columns, steps = _input_layers(run), run.get(MOMENTS, STEP)
+    if not columns or steps is None or np.count_nonzero(in_window(steps, window)) < 2:
+        return None
+
+    def changes() -> Iterator[np.ndarray]:
+        before: list[np.ndarray] | None = None  # the last record of the slice before: its change to this slice's first
+        for blocks in picked(run, MOMENTS, ("p15", "p50", "p85"), window):
+            rows = [block[:, columns] for block in blocks]
+            if before is not None:
+                rows = [np.concatenate([b, r]) for b, r in zip(before, rows)]
+            yield np.stack([np.abs(np.diff(r, axis=0)) for r in rows])
+            before = [r[-1:] for r in rows]
+
+    return sliced_mean(changes())
 
 
 QUANTITIES = (Quantity("moments.drift", "percentile drift", percentile_drift, True, "lower", IOFFE),)

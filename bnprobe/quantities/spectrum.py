@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..store import HESSIAN, SPECTRUM, RunData
-from . import Quantity, Window, mean, records
+from . import Quantity, Window, mean, picked, records, sliced_mean
 
 GHORBANI = "Ghorbani et al. 2019: BN removes isolated outliers from the Hessian spectrum"
 
@@ -38,13 +38,11 @@ def bulk_edge(nodes: np.ndarray, weights: np.ndarray, mass: float = 0.97) -> flo
 def outlier_gap(run: RunData, window: Window) -> float | None:
     """Top eigenvalue over the density's bulk edge, averaged over records: large when the
     spectrum has isolated outliers (Ghorbani et al. Fig. 1)."""
-    top = records(run, SPECTRUM, "top_k", window)
-    nodes = records(run, SPECTRUM, "density_nodes", window)
-    weights = records(run, SPECTRUM, "density_weights", window)
-    if top is None or nodes is None or weights is None:
-        return None
-    gaps = [t / edge for t, n, w in zip(top[:, 0], nodes, weights) if (edge := bulk_edge(n, w)) > 0]
-    return mean(np.asarray(gaps)) if gaps else None
+    gaps = (
+        np.asarray([t / edge for t, n, w in zip(top[:, 0], nodes, weights) if (edge := bulk_edge(n, w)) > 0])
+        for top, nodes, weights in picked(run, SPECTRUM, ("top_k", "density_nodes", "density_weights"), window)
+    )
+    return sliced_mean(g for g in gaps if len(g))
 
 
 QUANTITIES = (

@@ -14,11 +14,12 @@ from .render import render_report
 from .sections.hessian import Hessian
 from .sections.ics import Ics, IcsLayer
 from .sections.landscape import Landscape
-from .sections.moments import MomentLayer, Moments
+from .sections.moments import SERIES_POINTS, MomentLayer, Moments
 from .sections.spectrum import Spectrum
 
 __all__ = [
     "RECORD_HINTS",
+    "SERIES_POINTS",
     "SPARK_BLOCKS",
     "STAT_CHOICES",
     "FileReport",

@@ -98,18 +98,19 @@ def num(value: Any) -> Number:
     return f if math.isfinite(f) else None
 
 
-def _nums(values: Any) -> list[Number]:
+def nums(values: Any) -> list[Number]:
+    """Every value of ``values`` (any shape), flattened, as :func:`num`."""
     return [num(v) for v in np.asarray(values).reshape(-1).tolist()]
 
 
-def _plain(value: Any) -> Plain:
+def plain(value: Any) -> Plain:
     """Attributes as JSON-ready values (numpy scalars and arrays included)."""
     if value is None:
         return None
     if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
+        return [plain(v) for v in value.tolist()]
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, (str, bytes)):
         return value.decode() if isinstance(value, bytes) else value
     if isinstance(value, (int, float, np.generic)):
@@ -117,19 +118,11 @@ def _plain(value: Any) -> Plain:
     return str(value)
 
 
-def _nanreduce(fn: Callable[[np.ndarray], Any], values: np.ndarray, axis: int | None = None) -> Any:
-    """``np.nanmedian`` & co. without the all-NaN warning (the result is NaN then)."""
+def nanreduce(fn: Callable[[np.ndarray], Any], values: np.ndarray) -> Any:
+    """``np.nanmedian`` & co. without the all-NaN warning (the result is NaN then); infinities are left out too."""
     values = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(values)
-    if axis is None:
-        return fn(values[finite]) if finite.any() else np.nan
-    out = np.full(values.shape[1 - axis], np.nan)
-    for j in range(values.shape[1 - axis]):
-        col = values[:, j] if axis == 0 else values[j]
-        ok = np.isfinite(col)
-        if ok.any():
-            out[j] = fn(col[ok])
-    return out
+    return fn(values[finite]) if finite.any() else np.nan
 
 
 # ----------------------------------------------------------------------------- runs and their sections
@@ -150,13 +143,13 @@ def _summary(run: RunData) -> Summary:
     if seconds is None or num(seconds) is None:
         seconds = run.last(TRAIN, "seconds")
     return {
-        "model": _plain(a.get("model", "")),
-        "bn": _plain(a.get("bn", "")),
+        "model": plain(a.get("model", "")),
+        "bn": plain(a.get("bn", "")),
         "bn_label": bn_label(a),
-        "data": _plain(a.get("data", "")),
-        "seed": _plain(a.get("seed")),
+        "data": plain(a.get("data", "")),
+        "seed": plain(a.get("seed")),
         "device": _device(a),
-        "status": _plain(a.get("status", "unknown")),
+        "status": plain(a.get("status", "unknown")),
         "steps": num(steps_attr) if steps_attr is not None else (int(last_step) + 1 if last_step is not None else None),
         "records": len(steps) if steps is not None else 0,
         "last_step": num(last_step),
@@ -166,7 +159,7 @@ def _summary(run: RunData) -> Summary:
         "heldout_accuracy": num(run.last(HELDOUT, "accuracy")),
         "seconds": num(seconds),
         "diverged_step": num(a.get("diverged_step")),
-        "error": _plain(a.get("error")),
+        "error": plain(a.get("error")),
     }
 
 
@@ -203,8 +196,8 @@ def build_report(
         report["files"].append(
             {
                 "path": str(f.path),
-                "bnprobe_version": _plain(f.attrs.get("bnprobe_version")),
-                "created": _plain(f.attrs.get("created")),
+                "bnprobe_version": plain(f.attrs.get("bnprobe_version")),
+                "created": plain(f.attrs.get("created")),
                 "variants": list(f.runs),
                 "runs": {c.run.name: _run_report(c, patterns, stat) for c in columns if c.path == f.path},
             }

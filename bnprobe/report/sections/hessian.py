@@ -8,7 +8,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from ...store import HESSIAN, STEP, RunData, hessian_block_labels
-from ..content import Number, Plain, Report, _nums, _plain, num
+from ..content import Number, Plain, Report, num, nums, plain
 from ..page import Page, fmt, missing
 
 
@@ -32,7 +32,7 @@ def build(run: RunData, patterns: Sequence[str], stat: str) -> Hessian | None:
 
     def last(quantity: str) -> Number | list[Number]:
         value = run.last(HESSIAN, quantity)
-        return num(value) if value is None or np.ndim(value) == 0 else _nums(value)
+        return num(value) if value is None or np.ndim(value) == 0 else nums(value)
 
     converged, blocks = run.last(HESSIAN, "converged"), run.last(HESSIAN, "block_top_eigenvalue")
     return {
@@ -42,8 +42,8 @@ def build(run: RunData, patterns: Sequence[str], stat: str) -> Hessian | None:
         "iterations": last("iterations"),
         "residual": last("residual"),
         "converged": bool(converged) if converged is not None else None,
-        "bn_mode": _plain(attrs.get("bn_mode")),
-        "samples": _plain(attrs.get("samples")),
+        "bn_mode": plain(attrs.get("bn_mode")),
+        "samples": plain(attrs.get("samples")),
         "blocks": {name: num(v) for name, v in zip(hessian_block_labels(run), blocks)} if blocks is not None else {},
     }
 

@@ -8,8 +8,8 @@ from typing import TypedDict
 import numpy as np
 from rich.text import Text
 
-from ...store import ICS, STEP, RunData, ics_layers, layer_kinds, matches
-from ..content import Number, Report, _nanreduce, num
+from ...store import ICS, STEP, RunData, column_medians, ics_layers, layer_kinds, matches
+from ..content import Number, Report, num
 from ..page import Page, aligned, fmt, groups, missing
 
 
@@ -28,13 +28,12 @@ class Ics(TypedDict):
 
 
 def build(run: RunData, patterns: Sequence[str], stat: str) -> Ics | None:
-    steps, l2_records, cos_records = run.get(ICS, STEP), run.get(ICS, "l2"), run.get(ICS, "cosine")
-    if steps is None or l2_records is None or len(steps) == 0:
+    steps = run.get(ICS, STEP)
+    if steps is None or not run.holds(ICS, "l2") or len(steps) == 0:
         return None
-    names = ics_layers(run)
-    kinds = layer_kinds(run)
-    l2 = _nanreduce(np.median, l2_records, axis=0)
-    cos = _nanreduce(np.median, cos_records, axis=0) if cos_records is not None else np.full(len(names), np.nan)
+    names, kinds = ics_layers(run), layer_kinds(run)
+    l2 = column_medians(run, ICS, "l2")
+    cos = column_medians(run, ICS, "cosine") if run.holds(ICS, "cosine") else np.full(len(names), np.nan)
     layers: list[IcsLayer] = [
         {"name": name, "kind": kinds.get(name, ""), "median_l2": num(l2[j]), "median_cosine": num(cos[j])}
         for j, name in enumerate(names)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import numpy as np
 
-from ...store import LANDSCAPE, STEP, RunData
-from ..content import Number, Report, _nanreduce, num
+from ...store import LANDSCAPE, STEP, RunData, extremes, record_ranges
+from ..content import Number, Report, nanreduce, num
 from ..page import Page, fmt
 
 
@@ -33,17 +33,14 @@ def build(run: RunData, patterns: Sequence[str], stat: str) -> Landscape | None:
     steps = run.get(LANDSCAPE, STEP)
     if steps is None or len(steps) == 0:
         return None
-    loss, grad = run.get(LANDSCAPE, "loss"), run.get(LANDSCAPE, "grad_l2")
     beta, eta = run.get(LANDSCAPE, "beta_smoothness"), run.get(LANDSCAPE, "eta")
 
-    def spread(arr: np.ndarray | None) -> Number:
-        if arr is None or arr.ndim != 2:
+    def spread(quantity: str) -> Number:
+        if not run.holds(LANDSCAPE, quantity) or len(run.data.shape(f"{LANDSCAPE}/{quantity}")) != 2:
             return None
-        return num(_nanreduce(np.median, _nanreduce(np.max, arr, axis=1) - _nanreduce(np.min, arr, axis=1)))
+        return num(nanreduce(np.median, record_ranges(run, LANDSCAPE, quantity)))
 
-    def reduced(fn: Callable[[np.ndarray], Any], arr: np.ndarray | None) -> Number:
-        return num(_nanreduce(fn, arr)) if arr is not None else None
-
+    loss, grad = (extremes(run, LANDSCAPE, q) if run.holds(LANDSCAPE, q) else (np.nan, np.nan) for q in ("loss", "grad_l2"))
     return {
         "records": len(steps),
         "first_step": num(steps[0]),
@@ -51,14 +48,14 @@ def build(run: RunData, patterns: Sequence[str], stat: str) -> Landscape | None:
         "etas": len(eta) if eta is not None else None,
         "eta_min": num(np.min(eta)) if eta is not None and len(eta) else None,
         "eta_max": num(np.max(eta)) if eta is not None and len(eta) else None,
-        "loss_min": reduced(np.min, loss),
-        "loss_max": reduced(np.max, loss),
-        "loss_spread_median": spread(loss),
-        "grad_l2_min": reduced(np.min, grad),
-        "grad_l2_max": reduced(np.max, grad),
-        "grad_l2_spread_median": spread(grad),
-        "beta_median": reduced(np.median, beta),
-        "beta_max": reduced(np.max, beta),
+        "loss_min": num(loss[0]),
+        "loss_max": num(loss[1]),
+        "loss_spread_median": spread("loss"),
+        "grad_l2_min": num(grad[0]),
+        "grad_l2_max": num(grad[1]),
+        "grad_l2_spread_median": spread("grad_l2"),
+        "beta_median": num(nanreduce(np.median, beta)) if beta is not None else None,
+        "beta_max": num(nanreduce(np.max, beta)) if beta is not None else None,
     }
 
 

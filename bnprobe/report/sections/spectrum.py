@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypedDict
 
 from ...store import BLOCK, SPECTRUM, STEP, RunData
-from ..content import Number, Plain, Report, _nums, _plain, num
+from ..content import Number, Plain, Report, num, nums, plain
 from ..page import Page, fmt, missing
 
 
@@ -33,13 +33,13 @@ def build(run: RunData, patterns: Sequence[str], stat: str) -> Spectrum | None:
     return {
         "records": len(steps),
         "last_step": num(steps[-1]),
-        "top_k": _nums(run.last(SPECTRUM, "top_k")),
+        "top_k": nums(run.last(SPECTRUM, "top_k")),
         "iterations": num(run.last(SPECTRUM, "iterations")),
         "converged": bool(converged) if converged is not None else None,
         "trace": num(run.last(SPECTRUM, "trace")),
         "trace_stderr": num(run.last(SPECTRUM, "trace_stderr")),
-        "bn_mode": _plain(attrs.get("bn_mode")),
-        "samples": _plain(attrs.get("samples")),
+        "bn_mode": plain(attrs.get("bn_mode")),
+        "samples": plain(attrs.get("samples")),
         "blocks": {n: (num(top[i]), num(trace[i]) if trace is not None else None) for i, n in enumerate(names)},
     }
 
