@@ -252,6 +252,26 @@ def test_signed_values_with_exact_zeros(per_channel: bool) -> None:
             assert value.item() == pytest.approx(ref[name], rel=1e-4, abs=1e-5), (name, c)
 
 
+@pytest.mark.parametrize(("block", "exact_ones"), [(7, 1 << 24), (1 << 18, 1 << 24), (1 << 18, 4)])
+def test_zero_fraction_counts_exact_zeros_only(monkeypatch: pytest.MonkeyPatch, block: int, exact_ones: int) -> None:
+    """Zeros are counted as float ones: those equal to 0 (-0.0 too, NaN not), exactly, in blocks of
+    any size, in rows too long for float32 counts, and in the small layers' table."""
+    monkeypatch.setattr(moments, "_CPU_BLOCK", block)
+    monkeypatch.setattr(moments, "_EXACT_ONES", exact_ones)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4, 9, generator=g)
+    x[x.abs() < 0.4] = 0.0
+    x[0, 0, 0] = -0.0
+    x[1, 2, :2] = float("nan")
+    zero = STATS.index("zero_fraction")
+    want = (x == 0).double().mean().float()
+    per_channel = (x == 0).transpose(0, 1).reshape(4, -1).double().mean(1).float()
+    assert torch.equal(moment_stats(x, samples=10, workspace=Workspace())[zero], want)
+    assert torch.equal(moment_stats(x, True, 10, workspace=Workspace())[zero], per_channel)
+    (together,) = partials_together([Deferred(x.reshape(-1).clone(), x.reshape(-1)[:10].clone())])
+    assert torch.equal(together.raw[6], want)
+
+
 def test_training_records_the_steps_it_took(in_tmp: Path) -> None:
     """bnprobe train's numbers against the same training written out by hand: per step the batch
     loss, accuracy and lr, and every probes.moments.every steps the moments of each layer's output."""

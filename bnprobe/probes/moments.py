@@ -154,6 +154,7 @@ def _fused_moments(flat: torch.Tensor) -> torch.Tensor:
     return torch.cat([moments, torch.stack([lo, hi, zeros])])
 
 
+_EXACT_ONES = 1 << 24  # float32 adds ones exactly up to this count
 _CPU_BLOCK = 1 << 18  # elements per block of the eager path on CPU: 1 MB of float32 per temporary
 
 
@@ -204,9 +205,16 @@ def _eager_moments(flat: torch.Tensor, workspace: Workspace | None) -> torch.Ten
         product = _scratch(workspace, 2, part)
         cubes, fourths = torch.mul(sq, centred, out=product).sum(1), torch.mul(sq, sq, out=product).sum(1)
         sums[:4, r0:r1] += torch.stack([centred.sum(1), sq.sum(1), cubes, fourths])
-        is_zero = torch.logical_not(part, out=_scratch(workspace, 2, part, torch.bool))  # twice as fast as eq(part, 0)
-        sums[4, r0:r1] += torch.count_nonzero(is_zero, dim=1)  # exact: integer counts
+        sums[4, r0:r1] += _zeros(part, _scratch(workspace, 2, part))
     return _moments_from_sums(shift, scale, sums / n, lo, hi).to(flat.dtype)
+
+
+def _zeros(part: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Per row of ``part``, its exact zeros (-0.0 too, not NaN), counted as ones of its own dtype
+    in ``scratch``: on CPU a third of the time or less of a boolean mask and ``count_nonzero``. Longer
+    rows than float32 counts exactly (a GPU's single block) are added as sums are."""
+    ones = torch.eq(part, 0, out=scratch)
+    return ones.sum(1) if part.shape[1] <= _EXACT_ONES else ones.sum(1, dtype=_accumulator(part))
 
 
 def _moments_from_sums(shift: torch.Tensor, scale: torch.Tensor, means: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -340,7 +348,7 @@ def _raw_together(datas: Sequence[torch.Tensor]) -> torch.Tensor:
     if x.device.type != "cpu" or bool((scale != 1).any()):  # as in _eager_moments: no pass where no layer needs it
         centred.mul_((1 / scale).to(x.dtype).index_select(0, owner)[:, None])
     sq = centred * centred
-    is_zero = torch.count_nonzero(torch.logical_not(x), dim=1).to(x.dtype)
+    is_zero = _zeros(x, torch.empty_like(x))
     sums = per_layer(torch.stack([centred.sum(1), sq.sum(1), (sq * centred).sum(1), (sq * sq).sum(1), is_zero], dim=1))
     sums[4] -= pads
     return _moments_from_sums(shift, scale, sums / n, lo, hi).to(x.dtype)
