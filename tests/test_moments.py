@@ -200,10 +200,11 @@ def test_a_large_or_empty_layer_gets_its_statistics_at_once() -> None:
 
 def test_quantiles_together_are_torch_quantiles_bits() -> None:
     """One sort for rows of several lengths, padded: torch.quantile of each row, to the bit, with
-    infinities and NaN in them."""
+    infinities and NaN in them, and rows that are strided views (a per-channel subsample's)."""
     g = torch.Generator().manual_seed(10)
     rows = [torch.randn(k % 23 + 1, generator=g) * (k + 1) + k for k in range(40)]
     rows += [
+        *torch.randn(6, 4, generator=g).t(),
         torch.tensor([1.0, float("inf"), -float("inf"), 2.0]),
         torch.tensor([1.0, float("nan"), 3.0]),
         torch.randn(500, generator=g).double(),

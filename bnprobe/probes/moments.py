@@ -388,7 +388,7 @@ def _quantiles(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     the bit, from one sort of the rows padded with +inf (which sorts after every value but NaN):
     the same ranks, neighbours and interpolation on each row's own length, and a row with a NaN
     gets the last place, a NaN, as torch.quantile gives it."""
-    table = _sorted_rows(_padded(rows, max(r.numel() for r in rows), float("inf")))
+    table = _sorted_rows(rows)
     last = torch.tensor([r.numel() - 1 for r in rows], dtype=torch.float64).to(_accumulator(table)).to(table.device, non_blocking=True)
     ranks = (_levels(table).to(last.dtype)[None, :] * last[:, None]).masked_fill_(
         table[:, -1:].isnan(), table.shape[1] - 1
@@ -398,13 +398,20 @@ def _quantiles(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return table.gather(1, below).lerp_(table.gather(1, ranks.ceil().long()), weights).t()
 
 
-def _sorted_rows(table: torch.Tensor) -> torch.Tensor:
-    """Each row of ``table`` sorted, NaN last. On CPU by numpy, whose vectorised sort took a tenth
-    of torch's time on rows of a few hundred values and a third on rows of 16,384 (the values are
-    the same: sorting is exact)."""
-    if table.device.type == "cpu" and table.dtype in (torch.float32, torch.float64):
-        return torch.from_numpy(np.sort(table.numpy(), axis=1))
-    return table.sort(dim=1).values
+def _sorted_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``rows`` (1-D) padded with +inf to the longest, each sorted, NaN last. On CPU by numpy, in
+    place in one table the rows are copied into: its vectorised sort took a tenth of torch's time
+    on rows of a few hundred values and a third on rows of 16,384, and the copies a tenth of
+    :func:`_padded`'s gather (the values are the same: sorting is exact)."""
+    width = max(r.numel() for r in rows)
+    if rows[0].device.type != "cpu" or rows[0].dtype not in (torch.float32, torch.float64):
+        return _padded(rows, width, float("inf")).sort(dim=1).values
+    table = np.empty((len(rows), width), dtype=np.float32 if rows[0].dtype == torch.float32 else np.float64)
+    for place, row in zip(table, rows):
+        place[: row.numel()] = row.numpy()
+        place[row.numel() :] = np.inf
+    table.sort(axis=1)
+    return torch.from_numpy(table)
 
 
 def finish_all(parts: Sequence[Partial]) -> list[torch.Tensor]:
