@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from bnprobe.probes import moments
+from bnprobe.probes import moments, ragged
 from bnprobe.probes.moments import (
     STATS,
     Deferred,
+    Partial,
+    Summed,
     Workspace,
     deferred_or_partial,
     finish,
@@ -193,9 +195,31 @@ def test_small_layers_reduced_together_give_each_ones_statistics() -> None:
     assert partials_together(waiting[2:3])[0].raw[1:4].tolist() == [0.0, 0.0, 0.0]  # a constant has no spread
 
 
+def test_large_layers_sums_made_into_moments_together_give_each_ones_bits() -> None:
+    """Large layers leave their sums, and the moments of all of them are made at once: each
+    layer's must be the bits it gets alone, whatever its neighbours (another dtype, data far from
+    zero, a constant, values whose fourth powers float32 cannot hold, exact zeros)."""
+    g = torch.Generator().manual_seed(11)
+    size = moments.SMALL + 7
+    tensors = [torch.randn(size, generator=g) * 3 + 1, torch.relu(torch.randn(4, size, generator=g)), torch.full((size,), 2.5)]
+    tensors += [torch.randn(size, generator=g) * 1e-3 + 100, torch.randn(size, generator=g).double(), torch.randn(size, generator=g).half()]
+    tensors += [torch.randn(size, generator=g).exp() * scale for scale in (1e9, 1e-20)]
+    items = [deferred_or_partial(x, 100, torch.Generator().manual_seed(i), Workspace()) for i, x in enumerate(tensors)]
+    assert all(isinstance(item, Summed) for item in items)
+    for i, (x, got) in enumerate(zip(tensors, partials_together(items))):
+        alone = partial_moments(x, False, 100, torch.Generator().manual_seed(i))
+        assert got.n == alone.n and torch.equal(got.sample, alone.sample)
+        assert torch.equal(got.raw, alone.raw), i
+
+
 def test_a_large_or_empty_layer_gets_its_statistics_at_once() -> None:
     for x in (torch.randn(moments.SMALL + 1), torch.empty(0, 4)):
         assert not isinstance(deferred_or_partial(x, 100, None), Deferred)
+    assert isinstance(deferred_or_partial(torch.empty(0, 4), 100, None), Partial)
+    compiled = Workspace(compiled=True)
+    compiled.compiled = True
+    compiled._kernel = moments._fused_moments  # the compiled kernel's formulas, without compiling them
+    assert isinstance(deferred_or_partial(torch.randn(moments.SMALL + 1), 100, None, compiled), Partial)
 
 
 def test_quantiles_together_are_torch_quantiles_bits() -> None:
@@ -210,8 +234,8 @@ def test_quantiles_together_are_torch_quantiles_bits() -> None:
         torch.randn(500, generator=g).double(),
     ]
     for group in (rows[:-1], rows[-1:]):
-        got = moments._quantiles(group)
-        want = torch.stack([torch.quantile(r, torch.tensor(moments.QUANTILES, dtype=r.dtype)) for r in group], dim=1)
+        got = ragged.quantiles(group)
+        want = torch.stack([torch.quantile(r, torch.tensor(ragged.QUANTILES, dtype=r.dtype)) for r in group], dim=1)
         assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
 
 
