@@ -121,6 +121,19 @@ def test_any_finite_activation_has_finite_skewness_and_kurtosis(per_channel: boo
             torch.testing.assert_close(got[i].double(), ref[i], rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_rows_scale_is_the_many_rows_one(dtype: torch.dtype) -> None:
+    """A single row's scale comes from Python's doubles, several rows' from tensor operations:
+    the same power of two for spreads near 1, far above and below it, none, and NaN or infinite ones."""
+    inf, nan = float("inf"), float("nan")
+    cases = [(-1.0, 3.0, 0.5), (-1e9, 3e9, 1e8), (1e-30, 3e-30, 2e-30), (2.5, 2.5, 2.5), (-inf, 1.0, 0.0), (0.0, inf, inf)]
+    cases += [(nan, nan, nan), (0.0, 1.0, nan), (-1e-44, 1e-44, 0.0), (-3e38, 3e38, 0.0)]
+    for lo, hi, shift in cases:
+        one = [torch.tensor([v], dtype=dtype) for v in (lo, hi, shift)]
+        many = moments._scale(*(t.repeat(2) for t in one))
+        assert torch.equal(moments._scale(*one), many[:1]), (lo, hi, shift)
+
+
 def test_a_constant_channel_has_no_spread() -> None:
     """A dead ReLU's channel after a conv bias is one value that float32 cannot hold exactly as a
     sum: variance, skewness and kurtosis exactly 0 (rounding gave 2e-16, -1 and -2), mean the value."""
