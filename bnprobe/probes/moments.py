@@ -224,8 +224,7 @@ def _eager_sums(flat: torch.Tensor, workspace: Workspace | None) -> Sums:
         sq = torch.mul(centred, centred, out=_scratch(workspace, 1, part))
         product = _scratch(workspace, 2, part)
         cubes, fourths = torch.mul(sq, centred, out=product).sum(1), torch.mul(sq, sq, out=product).sum(1)
-        sums[:4, r0:r1] += torch.stack([centred.sum(1), sq.sum(1), cubes, fourths])
-        sums[4, r0:r1] += _zeros(part, _scratch(workspace, 2, part))
+        sums[:, r0:r1] += torch.stack([centred.sum(1), sq.sum(1), cubes, fourths, _zeros(part, _scratch(workspace, 2, part))])
     return Sums(shift, scale, sums / n, lo, hi)
 
 
