@@ -218,8 +218,9 @@ def test_large_layers_sums_made_into_moments_together_give_each_ones_bits() -> N
     tensors += [torch.randn(size, generator=g) * 1e-3 + 100, torch.randn(size, generator=g).double(), torch.randn(size, generator=g).half()]
     tensors += [torch.randn(size, generator=g).exp() * scale for scale in (1e9, 1e-20)]
     items = [deferred_or_partial(x, 100, torch.Generator().manual_seed(i), Workspace()) for i, x in enumerate(tensors)]
-    assert all(isinstance(item, Summed) for item in items)
-    for i, (x, got) in enumerate(zip(tensors, partials_together(items))):
+    summed = [item for item in items if isinstance(item, Summed)]
+    assert len(summed) == len(items)
+    for i, (x, got) in enumerate(zip(tensors, partials_together(summed))):
         alone = partial_moments(x, False, 100, torch.Generator().manual_seed(i))
         assert got.n == alone.n and torch.equal(got.sample, alone.sample)
         assert torch.equal(got.raw, alone.raw), i
