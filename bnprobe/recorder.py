@@ -29,6 +29,7 @@ from .probes.moments import (
     DEFAULT_SAMPLES,
     Deferred,
     Partial,
+    Summed,
     Workspace,
     deferred_or_partial,
     finish_all,
@@ -119,7 +120,7 @@ class Recorder:
         self._seed = seed
         self._workspace = Workspace(compiled_moments)  # the statistics' temporaries, reused across layers and steps
         self._order: list[tuple[str, nn.Module]] = []  # forward-execution order, fixed after the first record step
-        self._current: dict[str, Partial | Deferred] = {}  # this step's statistics (or what they come from), by layer name
+        self._current: dict[str, Partial | Deferred | Summed] = {}  # this step's statistics (or what they come from), by layer name
         self._current_channel: dict[str, Partial] = {}
         self._current_hist: dict[str, torch.Tensor] = {}
         self._pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]] = []
@@ -260,8 +261,8 @@ class Recorder:
             self.flush()
 
     def _partials(self) -> dict[str, Partial]:
-        """This step's statistics by layer, the small layers' reduced together now."""
-        waiting = [(n, p) for n, p in self._current.items() if isinstance(p, Deferred)]
+        """This step's statistics by layer, those left waiting (small layers, large layers' sums) made together now."""
+        waiting = [(n, p) for n, p in self._current.items() if not isinstance(p, Partial)]
         done = dict(zip((n for n, _ in waiting), partials_together([p for _, p in waiting])))
         return {n: p if isinstance(p, Partial) else done[n] for n, p in self._current.items()}
 

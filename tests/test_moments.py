@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from bnprobe.probes import moments
+from bnprobe.probes import moments, ragged
 from bnprobe.probes.moments import (
     STATS,
     Deferred,
+    Partial,
+    Summed,
     Workspace,
     deferred_or_partial,
     finish,
@@ -119,6 +121,19 @@ def test_any_finite_activation_has_finite_skewness_and_kurtosis(per_channel: boo
             torch.testing.assert_close(got[i].double(), ref[i], rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_rows_scale_is_the_many_rows_one(dtype: torch.dtype) -> None:
+    """A single row's scale comes from Python's doubles, several rows' from tensor operations:
+    the same power of two for spreads near 1, far above and below it, none, and NaN or infinite ones."""
+    inf, nan = float("inf"), float("nan")
+    cases = [(-1.0, 3.0, 0.5), (-1e9, 3e9, 1e8), (1e-30, 3e-30, 2e-30), (2.5, 2.5, 2.5), (-inf, 1.0, 0.0), (0.0, inf, inf)]
+    cases += [(nan, nan, nan), (0.0, 1.0, nan), (-1e-44, 1e-44, 0.0), (-3e38, 3e38, 0.0)]
+    for lo, hi, shift in cases:
+        one = [torch.tensor([v], dtype=dtype) for v in (lo, hi, shift)]
+        many = moments._scale(*(t.repeat(2) for t in one))
+        assert torch.equal(moments._scale(*one), many[:1]), (lo, hi, shift)
+
+
 def test_a_constant_channel_has_no_spread() -> None:
     """A dead ReLU's channel after a conv bias is one value that float32 cannot hold exactly as a
     sum: variance, skewness and kurtosis exactly 0 (rounding gave 2e-16, -1 and -2), mean the value."""
@@ -193,24 +208,48 @@ def test_small_layers_reduced_together_give_each_ones_statistics() -> None:
     assert partials_together(waiting[2:3])[0].raw[1:4].tolist() == [0.0, 0.0, 0.0]  # a constant has no spread
 
 
+def test_large_layers_sums_made_into_moments_together_give_each_ones_bits() -> None:
+    """Large layers leave their sums, and the moments of all of them are made at once: each
+    layer's must be the bits it gets alone, whatever its neighbours (another dtype, data far from
+    zero, a constant, values whose fourth powers float32 cannot hold, exact zeros)."""
+    g = torch.Generator().manual_seed(11)
+    size = moments.SMALL + 7
+    tensors = [torch.randn(size, generator=g) * 3 + 1, torch.relu(torch.randn(4, size, generator=g)), torch.full((size,), 2.5)]
+    tensors += [torch.randn(size, generator=g) * 1e-3 + 100, torch.randn(size, generator=g).double(), torch.randn(size, generator=g).half()]
+    tensors += [torch.randn(size, generator=g).exp() * scale for scale in (1e9, 1e-20)]
+    items = [deferred_or_partial(x, 100, torch.Generator().manual_seed(i), Workspace()) for i, x in enumerate(tensors)]
+    summed = [item for item in items if isinstance(item, Summed)]
+    assert len(summed) == len(items)
+    for i, (x, got) in enumerate(zip(tensors, partials_together(summed))):
+        alone = partial_moments(x, False, 100, torch.Generator().manual_seed(i))
+        assert got.n == alone.n and torch.equal(got.sample, alone.sample)
+        assert torch.equal(got.raw, alone.raw), i
+
+
 def test_a_large_or_empty_layer_gets_its_statistics_at_once() -> None:
     for x in (torch.randn(moments.SMALL + 1), torch.empty(0, 4)):
         assert not isinstance(deferred_or_partial(x, 100, None), Deferred)
+    assert isinstance(deferred_or_partial(torch.empty(0, 4), 100, None), Partial)
+    compiled = Workspace(compiled=True)
+    compiled.compiled = True
+    compiled._kernel = moments._fused_moments  # the compiled kernel's formulas, without compiling them
+    assert isinstance(deferred_or_partial(torch.randn(moments.SMALL + 1), 100, None, compiled), Partial)
 
 
 def test_quantiles_together_are_torch_quantiles_bits() -> None:
     """One sort for rows of several lengths, padded: torch.quantile of each row, to the bit, with
-    infinities and NaN in them."""
+    infinities and NaN in them, and rows that are strided views (a per-channel subsample's)."""
     g = torch.Generator().manual_seed(10)
     rows = [torch.randn(k % 23 + 1, generator=g) * (k + 1) + k for k in range(40)]
     rows += [
+        *torch.randn(6, 4, generator=g).t(),
         torch.tensor([1.0, float("inf"), -float("inf"), 2.0]),
         torch.tensor([1.0, float("nan"), 3.0]),
         torch.randn(500, generator=g).double(),
     ]
     for group in (rows[:-1], rows[-1:]):
-        got = moments._quantiles(group)
-        want = torch.stack([torch.quantile(r, torch.tensor(moments.QUANTILES, dtype=r.dtype)) for r in group], dim=1)
+        got = ragged.quantiles(group)
+        want = torch.stack([torch.quantile(r, torch.tensor(ragged.QUANTILES, dtype=r.dtype)) for r in group], dim=1)
         assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
 
 
@@ -250,6 +289,26 @@ def test_signed_values_with_exact_zeros(per_channel: bool) -> None:
         for i, name in enumerate(STATS):
             value = got[i, c] if per_channel else got[i]
             assert value.item() == pytest.approx(ref[name], rel=1e-4, abs=1e-5), (name, c)
+
+
+@pytest.mark.parametrize(("block", "exact_ones"), [(7, 1 << 24), (1 << 18, 1 << 24), (1 << 18, 4)])
+def test_zero_fraction_counts_exact_zeros_only(monkeypatch: pytest.MonkeyPatch, block: int, exact_ones: int) -> None:
+    """Zeros are counted as float ones: those equal to 0 (-0.0 too, NaN not), exactly, in blocks of
+    any size, in rows too long for float32 counts, and in the small layers' table."""
+    monkeypatch.setattr(moments, "_CPU_BLOCK", block)
+    monkeypatch.setattr(moments, "_EXACT_ONES", exact_ones)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4, 9, generator=g)
+    x[x.abs() < 0.4] = 0.0
+    x[0, 0, 0] = -0.0
+    x[1, 2, :2] = float("nan")
+    zero = STATS.index("zero_fraction")
+    want = (x == 0).double().mean().float()
+    per_channel = (x == 0).transpose(0, 1).reshape(4, -1).double().mean(1).float()
+    assert torch.equal(moment_stats(x, samples=10, workspace=Workspace())[zero], want)
+    assert torch.equal(moment_stats(x, True, 10, workspace=Workspace())[zero], per_channel)
+    (together,) = partials_together([Deferred(x.reshape(-1).clone(), x.reshape(-1)[:10].clone())])
+    assert torch.equal(together.raw[6], want)
 
 
 def test_training_records_the_steps_it_took(in_tmp: Path) -> None:

@@ -14,19 +14,17 @@ Conventions (the tests check them against numpy):
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
-import numpy as np
 import torch
 
 from .. import distributed
 from ..store import STATS
+from .ragged import levels, padded, quantiles
 
-QUANTILES = (0.15, 0.50, 0.85)
 DEFAULT_SAMPLES = 16384
 
 
@@ -112,10 +110,15 @@ def _scale(lo: torch.Tensor, hi: torch.Tensor, shift: torch.Tensor) -> torch.Ten
     taken, so that fourth powers neither overflow nor underflow (an activation at 1e9 had kurtosis
     inf): 1 where :func:`_reach` is within 2^-16..2^16 (no need), else the power of two just above
     it (never so small that its inverse overflows ``lo``'s dtype). Dividing by a power of two
-    rounds nothing."""
+    rounds nothing. One row on CPU (a whole layer's) in Python's doubles: the same values, for a
+    tenth of what a dozen operations on single values cost."""
+    smallest = math.frexp(torch.finfo(lo.dtype).tiny)[1] + 1
+    if lo.device.type == "cpu" and lo.numel() == 1:
+        up, down = hi.item() - shift.item(), shift.item() - lo.item()
+        power = math.frexp(up if up >= down or math.isnan(up) else down)[1]  # NaN wins, as in torch.maximum
+        return torch.tensor([1.0 if abs(power) <= 16 else math.ldexp(1.0, max(power, smallest))], dtype=torch.float64)
     reach = _reach(lo, hi, shift)
     exponent = torch.frexp(reach).exponent
-    smallest = math.frexp(torch.finfo(lo.dtype).tiny)[1] + 1
     return torch.ldexp(torch.ones_like(reach), torch.where(exponent.abs() <= 16, 0, exponent.clamp(min=smallest)))
 
 
@@ -154,6 +157,7 @@ def _fused_moments(flat: torch.Tensor) -> torch.Tensor:
     return torch.cat([moments, torch.stack([lo, hi, zeros])])
 
 
+_EXACT_ONES = 1 << 24  # float32 adds ones exactly up to this count
 _CPU_BLOCK = 1 << 18  # elements per block of the eager path on CPU: 1 MB of float32 per temporary
 
 
@@ -170,8 +174,25 @@ def _blocks(rows: int, n: int, block: int) -> Iterator[tuple[int, int, int, int]
             yield r, min(r + together, rows), 0, n
 
 
+class Sums(NamedTuple):
+    """Per row, what :func:`_moments_from_sums` makes the moments from: a few dozen operations on
+    values this small cost a layer more than its data's passes, so large layers' wait for theirs
+    to be done for all of them at once (:func:`partials_together`)."""
+
+    shift: torch.Tensor  # [rows], the data's dtype
+    scale: torch.Tensor
+    means: torch.Tensor  # [5, rows]: of c, c^2, c^3, c^4 and zeros
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+
 def _eager_moments(flat: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
-    """What :func:`_fused_moments` gives, eagerly: after the means and extremes, one pass in blocks
+    """What :func:`_fused_moments` gives, eagerly (:func:`_eager_sums`, then the moments)."""
+    return _moments_from_sums(*_eager_sums(flat, workspace)).to(flat.dtype)
+
+
+def _eager_sums(flat: torch.Tensor, workspace: Workspace | None) -> Sums:
+    """The :class:`Sums` of each row of ``flat``: after the means and extremes, one pass in blocks
     that stay in the CPU's cache (one block elsewhere), with values centred on the mean as
     ``flat``'s dtype rounds it and scaled by :func:`_scale`. Each block's sums of c, c^2, c^3 and
     c^4 (c the centred values, squares and products in reused memory) are added in float64, and the
@@ -192,21 +213,27 @@ def _eager_moments(flat: torch.Tensor, workspace: Workspace | None) -> torch.Ten
     else:
         lo, hi = flat.amin(dim=1), flat.amax(dim=1)
     scale = _scale(lo, hi, shift)
-    inverse = (1 / scale).to(flat.dtype)[:, None]
     rescale = flat.device.type != "cpu" or bool((scale != 1).any())  # on CPU asking costs nothing, a pass does
+    inverse = (1 / scale).to(flat.dtype)[:, None] if rescale else None
     sums = torch.zeros(5, rows, dtype=_accumulator(flat), device=flat.device)  # of c, c^2, c^3, c^4 and zeros
     for r0, r1, c0, c1 in _blocks(rows, n, block):
         part = flat[r0:r1, c0:c1]
         centred = torch.sub(part, shift[r0:r1, None], out=_scratch(workspace, 0, part))
-        if rescale:
+        if inverse is not None:
             centred.mul_(inverse[r0:r1])
         sq = torch.mul(centred, centred, out=_scratch(workspace, 1, part))
         product = _scratch(workspace, 2, part)
         cubes, fourths = torch.mul(sq, centred, out=product).sum(1), torch.mul(sq, sq, out=product).sum(1)
-        sums[:4, r0:r1] += torch.stack([centred.sum(1), sq.sum(1), cubes, fourths])
-        is_zero = torch.logical_not(part, out=_scratch(workspace, 2, part, torch.bool))  # twice as fast as eq(part, 0)
-        sums[4, r0:r1] += torch.count_nonzero(is_zero, dim=1)  # exact: integer counts
-    return _moments_from_sums(shift, scale, sums / n, lo, hi).to(flat.dtype)
+        sums[:, r0:r1] += torch.stack([centred.sum(1), sq.sum(1), cubes, fourths, _zeros(part, _scratch(workspace, 2, part))])
+    return Sums(shift, scale, sums / n, lo, hi)
+
+
+def _zeros(part: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Per row of ``part``, its exact zeros (-0.0 too, not NaN), counted as ones of its own dtype
+    in ``scratch``: on CPU a third of the time or less of a boolean mask and ``count_nonzero``. Longer
+    rows than float32 counts exactly (a GPU's single block) are added as sums are."""
+    ones = torch.eq(part, 0, out=scratch)
+    return ones.sum(1) if part.shape[1] <= _EXACT_ONES else ones.sum(1, dtype=_accumulator(part))
 
 
 def _moments_from_sums(shift: torch.Tensor, scale: torch.Tensor, means: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -236,14 +263,7 @@ def partial_moments(
     workspace: Workspace | None = None,
 ) -> Partial:
     """The mergeable statistics of ``x`` (see :func:`moment_stats` for the arguments)."""
-    x = x.detach()
-    x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
-    if per_channel and x.dim() > 2:
-        flat = _channels_first(x, workspace)
-    elif per_channel and x.dim() == 2:
-        flat = x.transpose(0, 1)  # a strided view, as reshape gives
-    else:
-        flat = x.reshape(1, -1)
+    flat = _rows(x, per_channel, workspace)
     rows = per_channel and x.dim() >= 2
     n = flat.shape[1]
     if n == 0:  # an empty activation (a zero-size feature map) has no statistics: NaN, not a crash
@@ -251,10 +271,26 @@ def partial_moments(
         return Partial(raw if rows else raw[:, 0], flat if rows else flat[0], 0)
     fused = workspace.fused(flat) if workspace is not None else None
     raw = fused if fused is not None else _eager_moments(flat, workspace)
-    sample = _subsample(flat, samples, generator)
-    if sample.data_ptr() == flat.data_ptr():  # all of a small layer: a copy, as scratch memory is reused
-        sample = sample.clone()
+    sample = _owned_subsample(flat, samples, generator)
     return Partial(raw if rows else raw[:, 0], sample if rows else sample[0], n)
+
+
+def _rows(x: torch.Tensor, per_channel: bool, workspace: Workspace | None) -> torch.Tensor:
+    """``x`` as ``[rows, n]`` in float32 or wider: one row, or one per channel (dim 1)."""
+    x = x.detach()
+    x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
+    if per_channel and x.dim() > 2:
+        return _channels_first(x, workspace)
+    if per_channel and x.dim() == 2:
+        return x.transpose(0, 1)  # a strided view, as reshape gives
+    return x.reshape(1, -1)
+
+
+def _owned_subsample(flat: torch.Tensor, samples: int, generator: torch.Generator | None) -> torch.Tensor:
+    """:func:`_subsample`, a copy where it is all of ``flat`` (scratch memory is reused, and the
+    forward may change its output in place after the hook)."""
+    sample = _subsample(flat, samples, generator)
+    return sample.clone() if sample.data_ptr() == flat.data_ptr() else sample
 
 
 SMALL = 1 << 16  # elements: up to this, a layer's own reductions cost less than their fixed cost, so it waits for partials_together
@@ -270,31 +306,29 @@ class Deferred(NamedTuple):
     sample: torch.Tensor
 
 
+class Summed(NamedTuple):
+    """A large activation's :class:`Sums` (one row), its subsample, and its size, kept for
+    :func:`partials_together` to make the moments of all such layers with one set of formulas."""
+
+    sums: Sums
+    sample: torch.Tensor
+    n: int
+
+
 def deferred_or_partial(
     x: torch.Tensor, samples: int, generator: torch.Generator | None, workspace: Workspace | None = None
-) -> Partial | Deferred:
+) -> Partial | Deferred | Summed:
     """Whole-tensor statistics of ``x``: a copy (one operation) to reduce later with the other
-    small layers', or, for a larger or empty ``x``, :func:`partial_moments` now."""
+    small layers', for a larger ``x`` its sums (the moments made later, with the others'), or for
+    an empty one (or one that the compiled kernel takes) :func:`partial_moments` now."""
     x = x.detach()
+    if x.numel() > SMALL and not (workspace is not None and workspace.compiled):
+        flat = _rows(x, False, workspace)
+        return Summed(_eager_sums(flat, workspace), _owned_subsample(flat, samples, generator)[0], flat.shape[1])
     if not 0 < x.numel() <= SMALL:
         return partial_moments(x, False, samples, generator, workspace)
     data = x.reshape(-1).to(x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32, copy=True)
     return Deferred(data, _subsample(data, samples, generator))
-
-
-@functools.lru_cache(maxsize=16)
-def _padding_source(lengths: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
-    """For rows of ``lengths`` each padded to a multiple of ``width``: where each place takes its
-    value from in the rows concatenated with one fill value after them."""
-    total, starts = sum(lengths), itertools.accumulate(lengths, initial=0)
-    return torch.cat([torch.cat([torch.arange(s, s + n), torch.full((-n % width,), total)]) for s, n in zip(starts, lengths)]).to(device)
-
-
-def _padded(rows: Sequence[torch.Tensor], width: int, fill: float) -> torch.Tensor:
-    """``rows`` (1-D) each padded with ``fill`` to a multiple of ``width``, as ``[-1, width]``, by
-    two operations whatever their count (the padding's places are cached by the rows' lengths)."""
-    source = _padding_source(tuple(r.numel() for r in rows), width, rows[0].device)
-    return torch.cat([*rows, rows[0].new_full((1,), fill)]).index_select(0, source).view(-1, width)
 
 
 @functools.lru_cache(maxsize=8)
@@ -324,7 +358,7 @@ def _raw_together(datas: Sequence[torch.Tensor]) -> torch.Tensor:
     layers; the padding is zeros, kept out of the sums, counts and extremes."""
     lengths = tuple(d.numel() for d in datas)
     owner, keep, away, pads, n = _table_layout(lengths, datas[0].dtype, datas[0].device)
-    x = _padded(datas, _ROW, 0.0)
+    x = padded(datas, _ROW, 0.0)
     acc = _accumulator(x)
 
     def per_layer(rows: torch.Tensor) -> torch.Tensor:  # [rows, k] -> [k, layers]
@@ -340,22 +374,29 @@ def _raw_together(datas: Sequence[torch.Tensor]) -> torch.Tensor:
     if x.device.type != "cpu" or bool((scale != 1).any()):  # as in _eager_moments: no pass where no layer needs it
         centred.mul_((1 / scale).to(x.dtype).index_select(0, owner)[:, None])
     sq = centred * centred
-    is_zero = torch.count_nonzero(torch.logical_not(x), dim=1).to(x.dtype)
+    is_zero = _zeros(x, torch.empty_like(x))
     sums = per_layer(torch.stack([centred.sum(1), sq.sum(1), (sq * centred).sum(1), (sq * sq).sum(1), is_zero], dim=1))
     sums[4] -= pads
     return _moments_from_sums(shift, scale, sums / n, lo, hi).to(x.dtype)
 
 
-def partials_together(items: Sequence[Deferred]) -> list[Partial]:
-    """The :class:`Partial` of each of ``items``, those of one dtype and device reduced together."""
-    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+def partials_together(items: Sequence[Deferred | Summed]) -> list[Partial]:
+    """The :class:`Partial` of each of ``items``, those of one kind, dtype and device together."""
+    groups: dict[tuple[object, ...], list[int]] = {}
     for i, item in enumerate(items):
-        groups.setdefault((item.data.dtype, item.data.device), []).append(i)
+        like = item.data if isinstance(item, Deferred) else item.sums.shift
+        groups.setdefault((type(item), like.dtype, like.device), []).append(i)
     out: dict[int, Partial] = {}
     for members in groups.values():
-        raw = _raw_together([items[i].data for i in members])
+        first = items[members[0]]
+        if isinstance(first, Deferred):
+            raw = _raw_together([cast(Deferred, items[i]).data for i in members])
+        else:
+            columns = zip(*(cast(Summed, items[i]).sums for i in members))  # each field of every layer, one row each
+            raw = _moments_from_sums(*(torch.cat(field, dim=-1) for field in columns)).to(first.sums.shift.dtype)
         for i, column in zip(members, raw.unbind(1)):
-            out[i] = Partial(column, items[i].sample, items[i].data.numel())
+            item = items[i]
+            out[i] = Partial(column, item.sample, item.data.numel() if isinstance(item, Deferred) else item.n)
     return [out[i] for i in range(len(items))]
 
 
@@ -363,40 +404,12 @@ def finish(part: Partial) -> torch.Tensor:
     """``STATS`` from a :class:`Partial`: its moments, and percentiles of the subsample."""
     if part.n == 0:
         return torch.full((len(STATS), *part.raw.shape[1:]), float("nan"), dtype=part.raw.dtype, device=part.raw.device)
-    return _finished(part.raw, torch.quantile(part.sample, _levels(part.sample), dim=-1))
-
-
-def _levels(sample: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(QUANTILES, dtype=sample.dtype).to(sample.device, non_blocking=True)
+    return _finished(part.raw, torch.quantile(part.sample, levels(part.sample), dim=-1))
 
 
 def _finished(raw: torch.Tensor, pct: torch.Tensor) -> torch.Tensor:
     mean, var, skew, kurt, lo, hi, zeros = raw
     return torch.stack([mean, var, skew, kurt, lo, hi, zeros, pct[0], pct[1], pct[2]])
-
-
-def _quantiles(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[len(QUANTILES), len(rows)]``: ``torch.quantile`` of each row (1-D, of any lengths), to
-    the bit, from one sort of the rows padded with +inf (which sorts after every value but NaN):
-    the same ranks, neighbours and interpolation on each row's own length, and a row with a NaN
-    gets the last place, a NaN, as torch.quantile gives it."""
-    table = _sorted_rows(_padded(rows, max(r.numel() for r in rows), float("inf")))
-    last = torch.tensor([r.numel() - 1 for r in rows], dtype=torch.float64).to(_accumulator(table)).to(table.device, non_blocking=True)
-    ranks = (_levels(table).to(last.dtype)[None, :] * last[:, None]).masked_fill_(
-        table[:, -1:].isnan(), table.shape[1] - 1
-    )  # NaN sorts last
-    below = ranks.long()
-    weights = (ranks - below).to(table.dtype)  # ranks in float64, as torch.quantile takes them
-    return table.gather(1, below).lerp_(table.gather(1, ranks.ceil().long()), weights).t()
-
-
-def _sorted_rows(table: torch.Tensor) -> torch.Tensor:
-    """Each row of ``table`` sorted, NaN last. On CPU by numpy, whose vectorised sort took a tenth
-    of torch's time on rows of a few hundred values and a third on rows of 16,384 (the values are
-    the same: sorting is exact)."""
-    if table.device.type == "cpu" and table.dtype in (torch.float32, torch.float64):
-        return torch.from_numpy(np.sort(table.numpy(), axis=1))
-    return table.sort(dim=1).values
 
 
 def finish_all(parts: Sequence[Partial]) -> list[torch.Tensor]:
@@ -413,7 +426,7 @@ def finish_all(parts: Sequence[Partial]) -> list[torch.Tensor]:
     for members in groups.values():  # a whole tensor's part is one column, a per-channel one a column per channel
         rows = [row for i in members for row in ([parts[i].sample] if parts[i].raw.dim() == 1 else parts[i].sample.unbind())]
         raws = [parts[i].raw for i in members]
-        stats = _finished(torch.stack(raws, 1) if all(r.dim() == 1 for r in raws) else torch.column_stack(raws), _quantiles(rows))
+        stats = _finished(torch.stack(raws, 1) if all(r.dim() == 1 for r in raws) else torch.column_stack(raws), quantiles(rows))
         columns, start = stats.unbind(1), 0  # one operation for all, not one per part
         for i in members:
             width = math.prod(parts[i].raw.shape[1:])
