@@ -6,9 +6,8 @@ Conventions (the tests check them against numpy):
   is the *excess* kurtosis m4 / m2^2 - 3, from central moments m_k; 0 when the variance is 0.
 - ``zero_fraction`` counts exact zeros (dead ReLUs, pruned units).
 - ``p15``, ``p50``, ``p85`` are linear-interpolation quantiles of a uniform random subsample of
-  ``samples`` elements drawn with replacement (all elements when there are fewer): the 15/50/85th
-  percentiles Ioffe & Szegedy plot. With 16,384 samples the standard error of a percentile is
-  about 0.004 in probability (sqrt(p(1-p)/n)), well below what their plots resolve.
+  ``samples`` elements drawn with replacement (all elements when there are fewer), Ioffe &
+  Szegedy's percentiles; 16,384 samples put a percentile within ~0.004 (sqrt(p(1-p)/n)) in probability.
 """
 
 from __future__ import annotations
