@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import LAYER_KINDS as KINDS
 from .errors import ConfigError
@@ -55,9 +56,21 @@ def layer_kind(module: nn.Module) -> str:
     return "other"
 
 
+def own_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """A module's parameters, not its children's, with those its parametrized tensors are computed
+    from (``weight_norm``'s ``original0`` and ``original1`` live in a child ``parametrizations``,
+    but they are the module's weight: an ICS that counted them as a layer run before it would
+    update the module's own weight in its G')."""
+    found = list(module.parameters(recurse=False))
+    if parametrize.is_parametrized(module):
+        found += list(module.get_submodule("parametrizations").parameters())
+    return found
+
+
 def has_own_parameters(module: nn.Module) -> bool:
-    """A probed layer holds parameters itself, not only through its children."""
-    return any(True for _ in module.parameters(recurse=False))
+    """A probed layer holds parameters itself, not only through its children; a parametrization's
+    are its module's, so the parametrization is no layer."""
+    return not isinstance(module, parametrize.ParametrizationList) and bool(own_parameters(module))
 
 
 @dataclass(frozen=True)
@@ -145,7 +158,7 @@ def probed_layers(
             info = LayerInfo(
                 name=name,
                 kind=layer_kind(module),
-                param_count=sum(p.numel() for p in module.parameters(recurse=False)),
+                param_count=sum(p.numel() for p in own_parameters(module)),
                 output_shape=shape,
                 order=len(result),
             )

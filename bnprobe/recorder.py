@@ -23,7 +23,7 @@ from torch import nn
 
 from . import distributed
 from .config import layer_patterns
-from .layers import LayerInfo, layer_kind, parameter_holders, select
+from .layers import LayerInfo, layer_kind, own_parameters, parameter_holders, select
 from .passes import measuring, refuse_scripted
 from .probes.moments import (
     DEFAULT_SAMPLES,
@@ -204,7 +204,7 @@ class Recorder:
         names = [n for n in self._current if n in by_name]
         self._order = [(n, by_name[n]) for n in names]
         self.layers = [
-            LayerInfo(n, layer_kind(m), sum(p.numel() for p in m.parameters(recurse=False)), self._global_shape(n), i)
+            LayerInfo(n, layer_kind(m), sum(p.numel() for p in own_parameters(m)), self._global_shape(n), i)
             for i, (n, m) in enumerate(self._order)
         ]
         self.writer.set_layers(self.layers)

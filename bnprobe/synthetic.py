@@ -35,8 +35,8 @@ STROKE_P = 0.7
 CLIP_SHAPES = ("disc", "square", "triangle")  # the shapes a clip may show
 DIRECTIONS = ("right", "down", "left", "up")  # headings 0, 90, 180, 270 degrees (image rows grow downwards)
 CLIP_CLASSES = tuple(f"{shape} {direction}" for shape in CLIP_SHAPES for direction in DIRECTIONS)
-CLIP_SCALE = (0.25, 0.4)  # a clip's object is smaller than an image's: it needs room to move
-TRAVEL = (0.5, 0.8)  # how far it moves over the clip, in half-image widths
+CLIP_SCALE = (0.35, 0.5)  # a clip's object is smaller than an image's: it needs room to move
+TRAVEL = (0.7, 0.9)  # how far it moves over the clip, in half-image widths (the largest object still fits)
 
 Split = tuple[Tensor, Tensor]
 

@@ -148,6 +148,12 @@ def spectral_mlp() -> nn.Module:
     return nn.Sequential(sn(nn.Linear(6, 16)), nn.Tanh(), sn(nn.Linear(16, 16)), nn.Tanh(), nn.Linear(16, 3))
 
 
+def weight_norm_mlp() -> nn.Module:
+    """Weight norm computes each weight from two parameters held by a child ``parametrizations``."""
+    wn = torch.nn.utils.parametrizations.weight_norm
+    return nn.Sequential(wn(nn.Linear(6, 12)), nn.ReLU(), wn(nn.Linear(12, 12)), nn.ReLU(), nn.Linear(12, 3))
+
+
 def noisy_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 12), Noisy(1), nn.ReLU(), nn.Linear(12, 12), Noisy(2), nn.Tanh(), nn.Linear(12, 3))
 
@@ -307,7 +313,9 @@ def test_every_field_by_hand(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["fast", "naive"])
-@pytest.mark.parametrize("case", ["mlp_bn", "branchy", "noisy", "dropout", "spectral", "functional", "attention", "eval_instance_norm"])
+@pytest.mark.parametrize(
+    "case", ["mlp_bn", "branchy", "noisy", "dropout", "spectral", "weight_norm", "functional", "attention", "eval_instance_norm"]
+)
 def test_matches_literal_definition(case: str, method: str) -> None:
     torch.manual_seed(0)
     model, shape, classes = {
@@ -315,6 +323,7 @@ def test_matches_literal_definition(case: str, method: str) -> None:
         "eval_instance_norm": (eval_instance_norm(), (2, 6), 3),
         "functional": (FunctionalUse(), (6,), 3),
         "spectral": (spectral_mlp(), (6,), 3),
+        "weight_norm": (weight_norm_mlp(), (6,), 3),
         "mlp_bn": (mlp_bn(), (12,), 4),
         "branchy": (Branchy(), (6,), 3),
         "noisy": (noisy_mlp(), (6,), 3),
@@ -341,6 +350,21 @@ def test_matches_literal_definition_with_optimizer_state(opt_name: str, method: 
     # and it differs from what a fresh optimizer's step would give
     fresh = measure(model, CE, x, y, method, make_opt=lambda m: torch.optim.SGD(m.parameters(), lr=1e-2), warmup=2)
     assert any(abs(got[n].l2 - fresh[n].l2) > 1e-3 * got[n].grad_norm for n in got)
+
+
+@pytest.mark.parametrize("method", ["fast", "naive"])
+def test_parametrized_weights_belong_to_their_layer(method: str) -> None:
+    """weight_norm's original0/original1 are the Linear's weight: its own in G', not a layer run
+    before it (which would leave the first layer with a shift where nothing runs before it)."""
+    torch.manual_seed(0)
+    model, (x, y) = weight_norm_mlp(), batch((6,), 16, 3)
+    got = measure(model, CE, x, y, method)
+    assert list(got) == ["0", "2", "4"]
+    assert got["0"].l2 == 0.0 and got["2"].l2 > 0
+    m, _opt = warmed_up(model, CE, sgd, 0, x, y)
+    CE(m(x), y).backward()
+    own = torch.cat([p.grad.reshape(-1) for p in m[0].parameters()])  # original0, original1 and the bias
+    assert got["0"].grad_norm == pytest.approx(float(own.norm()), rel=1e-5)
 
 
 def test_attention_out_proj_belongs_to_its_caller() -> None:

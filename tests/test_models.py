@@ -14,7 +14,7 @@ from bnprobe.models import build_model, list_models
 
 @pytest.mark.parametrize("name", list_models())
 def test_builtins_adapt_to_input_and_classes(name: str) -> None:
-    shape = (10,) if name in ("dln",) else (3, 32, 32)
+    shape = {"dln": (10,), "video_cnn": (3, 4, 16, 16)}.get(name, (3, 32, 32))
     model = build_model(name, 7, shape)
     assert model(torch.randn(2, *shape)).shape == (2, 7)
 

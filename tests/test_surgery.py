@@ -921,6 +921,16 @@ def test_a_bn_is_recognised_by_what_it_holds_not_its_class() -> None:
     assert {(c.action, c.related) for c in plan.changes} == {(Action.KEPT, "0"), (Action.KEPT, "2")}
 
 
+def test_noise_on_a_bn_that_runs_its_activation_itself_is_refused_in_one_line_that_says_why() -> None:
+    """timm's FrozenBatchNormAct2d applies its activation in its own forward and has no plain BN class
+    to run instead: noisy BN, whose noise goes before the activation, cannot split it."""
+    with pytest.raises(SurgeryError) as refused:
+        apply_bn(frozen_bn_net(), "noisy", IMAGES)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("cannot add noise to 1: FrozenBatchNormAct2d")
+    assert "between the normalisation and the activation" in message and "strip" in message
+
+
 class ReadsItsBn(nn.Module):
     """A parent that normalises with its child BN's tensors itself (``F.batch_norm``): the BN's own forward never runs."""
 

@@ -110,3 +110,19 @@ def test_5d_npz_arrays_train_and_insert_puts_batchnorm3d_after_conv3d(tmp_path: 
     assert run.attrs["status"] == "finished" and np.isfinite(_series(tmp_path / "video.h5", "insert", "train", "loss")).all()
     norm = next(layer for layer in run.layers if layer["name"] == "0_bn")
     assert norm["kind"] == "norm" and norm["output_shape"] == "4x4x4x8x8"  # a BatchNorm3d after the Conv3d, on 5-D activations
+
+
+@pytest.mark.slow
+def test_the_builtin_video_model_learns_clips_in_a_brief_run_with_and_without_batchnorm(tmp_path: Path) -> None:
+    """Held-out accuracy near chance (1/12) at first, and well above it after 200 SGD steps, with
+    BatchNorm3d inserted and without: a built-in set no short run learns compares nothing. (Before
+    the max-pooled video_cnn, a small 3-D conv net that averaged over the clip stayed at chance.)"""
+    text = (
+        "name: learn\nmodel: video_cnn\ndata: synthetic:clips\ndata_options: {n: 1024, test: 256}\nsteps: 201\nbatch_size: 32\n"
+        "lr: 0.02\nmomentum: 0.9\nvariants: {bn: [keep, insert]}\nprobes: {moments: {every: 100}, heldout: {every: 50}}\n"
+        f"output: {tmp_path / 'learn.h5'}\n"
+    )
+    run_experiment(load_config_text(text, "t"))
+    for variant in ("keep", "insert"):
+        accuracy = _series(tmp_path / "learn.h5", variant, HELDOUT, "accuracy")
+        assert accuracy[:2].max() < 0.2 and accuracy[-1] > 0.25, (variant, accuracy.round(3).tolist())

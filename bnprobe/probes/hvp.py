@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .. import distributed
 from ..config import layer_patterns
 from ..errors import ConfigError
-from ..layers import first_calls, layer_kind, no_layer_matches, select
+from ..layers import first_calls, layer_kind, no_layer_matches, own_parameters, select
 from ..passes import BN_MODES, gradients, leave_no_trace
 from .double_backward import TwiceDifferentiable
 from .lanczos import MatVec, start_vector
@@ -102,7 +102,7 @@ def layer_blocks(
     into ``ps`` of its own parameters (layers without one left out); ``layers`` / ``kinds`` select as for ICS."""
     index = {id(p): k for k, p in enumerate(ps)}
     names = {id(m): n for n, m in model.named_modules()}
-    blocks = [(names[id(m)], [index[id(p)] for p in m.parameters(recurse=False) if id(p) in index]) for m in order]
+    blocks = [(names[id(m)], [index[id(p)] for p in own_parameters(m) if id(p) in index]) for m in order]
     blocks = [(n, list(dict.fromkeys(ks))) for n, ks in blocks if ks]
     patterns = layer_patterns(layers)
     kinds_of = {names[id(m)]: layer_kind(m) for m in order}

@@ -73,7 +73,7 @@ from torch.utils._pytree import tree_map
 from .. import distributed
 from ..config import Config, IcsMethod, layer_patterns
 from ..errors import ConfigError
-from ..layers import first_calls, layer_kind, no_layer_matches, select
+from ..layers import first_calls, layer_kind, no_layer_matches, own_parameters, select
 from ..passes import Buffers, Trace, gradients, leave_no_trace, refusing_recomputation
 from ..rng import Streams
 from ..store import ICS_FIELDS as FIELDS
@@ -136,7 +136,7 @@ class _Layers:
         self.param_layer: dict[str, int] = {}
         self.own: list[list[str]] = []
         for i, m in enumerate(called):
-            own = [canonical[id(p)] for p in m.parameters(recurse=False) if p.requires_grad and id(p) in canonical]
+            own = [canonical[id(p)] for p in own_parameters(m) if p.requires_grad and id(p) in canonical]
             own = list(dict.fromkeys(own))
             self.own.append(own)
             for n in own:

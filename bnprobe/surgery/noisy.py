@@ -189,7 +189,9 @@ def _make_noisy(bn: nn.Module, name: str, after: list[str], seed: int, config: N
         base = next((c for c in cls.__mro__ if c in NOISY_BN), None)
         if base is None:
             raise SurgeryError(
-                f"cannot add noise to {name}: {cls.__name__} runs children ({', '.join(after)}) and derives from no plain BatchNorm class"
+                f"cannot add noise to {name}: {cls.__name__} normalises and runs its children ({', '.join(after)}) in one forward, "
+                "with no plain BatchNorm class to split it at, so the noise cannot go between the normalisation and the activation; "
+                "--bn keep, insert and strip take it"
             )
         cls = base
     try:
