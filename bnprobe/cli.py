@@ -97,7 +97,7 @@ DataOpt = Annotated[
     typer.Option(
         "--data",
         "-d",
-        help="synthetic:shapes|cifar10|mnist|linear|segmentation, torchvision:NAME:ROOT, imagefolder:DIR, segfolder:DIR, npz:FILE, h5:FILE",
+        help="synthetic:shapes|cifar10|mnist|linear|segmentation|clips, torchvision:NAME:ROOT, imagefolder:DIR, segfolder:DIR, npz:FILE, h5:FILE",
     ),
 ]
 BnOpt = Annotated[list[str] | None, typer.Option("--bn", help="keep | insert | strip | noisy; repeat for variants.")]
