@@ -950,7 +950,7 @@ def test_a_bn_read_by_other_code_is_kept_with_the_reason_and_its_statistics_stay
     before = model.bn.running_mean.clone()
     stripped, plan = apply_bn(model, "strip", IMAGES)
     assert [(c.action, c.module, c.detail) for c in plan.changes] == [
-        (Action.KEPT, "bn", "not stripped: code outside its forward reads its tensors (batch_norm)")
+        (Action.KEPT, "bn", "not stripped: code other than its own forward reads its tensors: batch_norm")
     ]
     stripped(IMAGES)
     _, plan = apply_bn(model, "insert", IMAGES)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import SurgeryError
 from ..layers import is_batchnorm
@@ -37,7 +38,7 @@ class _Flow:
     users: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # what each module's output goes to
     outputs: set[str] = field(default_factory=set)  # modules whose output is a model output
     mutated: set[str] = field(default_factory=set)  # modules whose output is changed in place afterwards (an in-place ReLU after a BN)
-    read_outside: dict[str, str] = field(default_factory=dict)  # BN -> an outside op reading its tensors (F.batch_norm)
+    read_outside: dict[str, str] = field(default_factory=dict)  # BN -> what else reads its tensors (F.batch_norm, a fused conv's forward)
 
     def ordered(self, names: list[str]) -> list[str]:
         """Called modules first, in forward order, then the others as given."""
@@ -126,17 +127,21 @@ class _OpTape(TorchFunctionMode):
         super().__init__()
         self.producer, self.users, self.alive, self.held = producer, users, alive, held
         self.mutated: set[str] = set()  # modules/ops whose output something changed in place later
-        self.read_outside: dict[str, str] = {}  # BN -> the first op outside any module that read its tensors
-        self.depth = 0  # > 0 inside an atomic module, whose own ops are the module's
+        self.read_outside: dict[str, str] = {}  # BN -> the first reader of its tensors other than its own forward
+        self.running: list[str] = []  # the atomic modules whose forward is running, innermost last: their ops are theirs
+        self.in_bn: Counter[str] = Counter()  # the BNs whose own forward is running
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         name = "op:" + getattr(func, "__name__", str(func))
         outs = list(_tensors(args[:1] if name == "op:__setitem__" else out))  # setitem writes into its first argument
-        if self.depth == 0 and outs:  # an op that returns no tensor (x.shape, x.size()) reads no values
-            inputs = {id(t) for t in _tensors((args, kwargs))}
-            for i in inputs & self.held.keys():
-                self.read_outside.setdefault(self.held[i], name)
+        if not outs:  # an op that returns no tensor (x.shape, x.size()) reads no values
+            return out
+        inputs = {id(t) for t in _tensors((args, kwargs))}
+        for i in inputs & self.held.keys():
+            if not self.in_bn[self.held[i]]:  # a fused module's forward reads them (a QAT ConvBn2d), or a functional call
+                self.read_outside.setdefault(self.held[i], self._reader(name))
+        if not self.running:
             for i in inputs & self.producer.keys():
                 self.users[self.producer[i]].add(name)
             self.mutated |= {self.producer[id(t)] for t in outs if id(t) in inputs and id(t) in self.producer}
@@ -144,6 +149,27 @@ class _OpTape(TorchFunctionMode):
                 self.producer[id(t)] = name
             self.alive.extend(outs)
         return out
+
+    def watch(self, atomic: dict[nn.Module, str], bns: dict[nn.Module, str]) -> list[RemovableHandle]:
+        """Hooks that keep ``running`` (the atomic modules' entries; the recorders pop them) and ``in_bn``."""
+
+        def enter(m: nn.Module, _args: object) -> None:
+            self.running.append(f"{atomic[m]}'s forward ({type(m).__name__})")
+
+        def bn_in(m: nn.Module, _args: object) -> None:
+            self.in_bn[bns[m]] += 1
+
+        def bn_out(m: nn.Module, _args: object, _out: object) -> None:
+            self.in_bn[bns[m]] -= 1
+
+        handles = [m.register_forward_pre_hook(enter) for m in atomic]
+        return handles + [h for m in bns for h in (m.register_forward_pre_hook(bn_in), m.register_forward_hook(bn_out))]
+
+    def _reader(self, op: str) -> str:
+        """Who runs ``op``: the innermost atomic module whose forward is running, else the op itself."""
+        if not self.running:
+            return op.removeprefix("op:")
+        return self.running[-1]
 
 
 def _dataflow(model: nn.Module, example_input: object) -> _Flow:
@@ -168,13 +194,10 @@ def _hooked_forward(model: nn.Module, example_input: object) -> _Flow:
     flow = _Flow()
     producer = {id(t): "input" for t in _tensors(example_input)}
     alive: list[torch.Tensor] = []  # keeps every tensor seen alive, so no id is reused during the pass
-    held = {id(t): n for m, n in atomic.items() if is_batchnorm(m) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+    bns = {m: n for n, m in model.named_modules() if is_batchnorm(m)}
+    held = {id(t): n for m, n in bns.items() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
     tape = _OpTape(producer, flow.users, alive, held)
-
-    def enter(_m: nn.Module, _args: tuple[object, ...]) -> None:
-        tape.depth += 1
-
-    handles = [m.register_forward_pre_hook(enter) for m in atomic]
+    handles = tape.watch(atomic, bns)
     handles += [m.register_forward_hook(_recorder(flow, tape, n, True)) for m, n in atomic.items()]
     handles += [m.register_forward_hook(_recorder(flow, tape, n, False)) for m, n in inside.items()]
     try:
@@ -200,7 +223,7 @@ def _recorder(flow: _Flow, tape: _OpTape, name: str, is_atomic: bool) -> Callabl
         flow.index.setdefault(name, len(flow.index))
         if not is_atomic:
             return
-        tape.depth -= 1
+        tape.running.pop()
         flow.calls[name] += 1
         first = next(_tensors(args), None)
         source = tape.producer.get(id(first), "op:?") if first is not None else "op:constant"
@@ -233,6 +256,9 @@ def _feeder(model: nn.Module, flow: _Flow, name: str, bn: nn.Module) -> tuple[st
     if name not in flow.index:
         return None, "not called in the forward pass"
     sources = flow.sources.get(name, set())
+    if not sources:  # run by the forward of a module the dataflow keeps whole
+        owner = next((p for p in _prefixes(name) if p in flow.calls), "its parent")
+        return None, f"it runs inside {owner}'s forward, whose dataflow is not traced"
     if len(sources) != 1:
         return None, f"fed by several inputs ({', '.join(sorted(_describe(s) for s in sources))})"
     (source,) = sources
@@ -245,6 +271,12 @@ def _feeder(model: nn.Module, flow: _Flow, name: str, bn: nn.Module) -> tuple[st
     if channels != _num_features(bn):
         return None, f"its input comes from {source} with {channels} channels, but it normalises {_num_features(bn)}"
     return source, ""
+
+
+def _prefixes(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a.b", "a"]``: the names of the modules that hold module ``name``, innermost first."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
 def _feeder_layer(model: nn.Module, name: str) -> _Feeder:

@@ -37,6 +37,10 @@ def _insert(model: nn.Module, flow: _Flow, targets: BnTargets, keep_bias: bool, 
         if followers:
             changes.append(Change(Action.KEPT, followers[0], name, "already followed by a BatchNorm"))
             continue
+        own = [f"{name}.{n}" for n, m in layer.named_modules() if n and is_batchnorm(m) and f"{name}.{n}" in flow.index]
+        if own:  # a fused conv-BN (a QAT ConvBn2d): a second BN would normalise twice
+            changes.append(Change(Action.KEPT, own[0], name, f"already runs a BatchNorm in its own forward ({own[0]})"))
+            continue
         bn = _new_bn(layer, name, flow, seeds).train(layer.training)
         detail = f"{type(bn).__name__}({_num_features(bn)})"
         if seeds is not None:
@@ -87,8 +91,9 @@ def _strip(model: nn.Module, flow: _Flow, fold: bool, example_input: object) -> 
     for name in flow.ordered(list(bns)):
         bn = bns[name]
         if name in flow.read_outside:  # that code would find its stand-in, not the BN's tensors
-            reader = flow.read_outside[name].removeprefix("op:")
-            changes.append(Change(Action.KEPT, name, "", f"not stripped: code outside its forward reads its tensors ({reader})"))
+            not_done = "not folded or stripped" if fold else "not stripped"
+            reader = flow.read_outside[name]
+            changes.append(Change(Action.KEPT, name, "", f"{not_done}: code other than its own forward reads its tensors: {reader}"))
             continue
         feeder, why = _feeder(model, flow, name, bn)
         replacement, becomes = _stand_in(flow, name, bn, feeder)
