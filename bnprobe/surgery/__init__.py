@@ -25,7 +25,9 @@ and noisy variants of one experiment line up:
 The leaf modules in forward order are exactly those of the reference layout (torchvision ``vgg11`` +
 insert runs the same module types, in the same order, as ``vgg11_bn``).
 
-A target whose output already goes straight into a BN is left alone by insert ("kept"). DenseNet
+A target whose output already goes straight into a BN, or that runs one in its own forward (a QAT
+``ConvBn2d``), is left alone by insert ("kept"); strip and fold keep a BN whose tensors code other
+than its own forward reads (``F.batch_norm`` in a parent, a QAT ``ConvBn2d``), with the reason. DenseNet
 (BN before conv): insert adds a BN right after every conv whose output does not already feed a BN
 (each dense layer's second conv, before ``torch.cat``, and each transition conv, before pooling), on
 top of DenseNet's own pre-activation BNs. Strip removes every BN; one whose input is not the direct

@@ -17,7 +17,7 @@ class Action(str, enum.Enum):
     REBIASED = "rebiased"  # a stripped BN's feeder got a zero bias
     FOLDED = "folded"  # a BN's eval-mode affine folded into its feeder
     NOISE = "noise"  # a BN made noisy
-    KEPT = "kept"  # nothing to do: already followed by a BN, or already noisy
+    KEPT = "kept"  # nothing to do (already followed by or running a BN, already noisy), or a BN other code reads
 
     def __str__(self) -> str:
         return self.value
