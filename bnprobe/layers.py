@@ -4,19 +4,25 @@ Registration order (``named_modules()``) is not execution order in real models, 
 comes from forward hooks on one real batch. A module called twice appears once, at its first call.
 :func:`first_calls` is the one place that order is taken: :func:`execution_order` runs a forward for
 it, ICS and the Hessian probes record it during a forward they run anyway.
+
+Where parameter holders nest, the end of a call is not the data flow: a QAT-fused conv uses its own
+weight and then runs its child BN inside its forward, so the BN's call ends first. There a holder is
+placed where its own code first uses one of its own parameters (:class:`_FirstUses`).
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .config import LAYER_KINDS as KINDS
 from .errors import ConfigError
@@ -92,29 +98,94 @@ def parameter_holders(model: nn.Module) -> list[tuple[str, nn.Module]]:
 FirstCall = tuple[str, nn.Module, tuple[int, ...]]  # name, module, output shape (() when not a tensor)
 
 
+class _FirstUses(TorchFunctionMode):
+    """Places each module at the first op (one with a tensor result: reading ``.shape`` is no use)
+    that consumes a parameter of its own while it is the innermost running parameter holder, else at
+    the end of its first call. A parent's code reading a child's parameter is not the child running
+    (a QAT conv-BN scales its weight by its BN's before the BN runs); a parametrization's parameters
+    count for the module they parametrize, whose code their computation runs in."""
+
+    def __init__(self, holders: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.own = {id(m): {id(p) for p in own_parameters(m)} for m in holders}
+        self.running: list[int] = []
+        self.tick = 0
+        self.at: dict[int, int] = {}  # id(module) -> its place
+        self.handles = [m.register_forward_pre_hook(self._enter) for m in holders]
+        self.handles += [m.register_forward_hook(self._leave, always_call=True) for m in holders]
+
+    def _enter(self, module: nn.Module, _args: Any) -> None:
+        self.running.append(id(module))
+
+    def _leave(self, _module: nn.Module, _args: Any, _out: Any) -> None:
+        self.running.pop()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.tick += 1
+        if self.running and (top := self.running[-1]) not in self.at and _has_tensor(out) and self._uses(top, (args, kwargs)):
+            self.at[top] = self.tick
+        return out
+
+    def _uses(self, module: int, args: Any) -> bool:
+        return any(id(t) in self.own[module] for t in tree_leaves(args) if isinstance(t, torch.Tensor))
+
+    def ended(self, module: nn.Module) -> None:
+        """The end of ``module``'s first call: its place if no use of its own came before."""
+        self.tick += 1
+        self.at.setdefault(id(module), self.tick)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _has_tensor(out: Any) -> bool:
+    return isinstance(out, torch.Tensor) or any(isinstance(t, torch.Tensor) for t in tree_leaves(out))
+
+
+def _nested_holders(model: nn.Module) -> list[nn.Module]:
+    """The parameter holders when one holds another (their calls nest), else none: for holders that
+    are leaves, the end of a call already is the data flow, and no op need be watched."""
+    holders = [m for _, m in parameter_holders(model)]
+    ids = {id(m) for m in holders}
+    nested = any(id(c) in ids for m in holders for c in m.modules() if c is not m)
+    return holders if nested else []
+
+
 @contextmanager
 def first_calls(model: nn.Module, modules: Iterable[tuple[str, nn.Module]] | None = None) -> Iterator[list[FirstCall]]:
     """Records ``modules`` (default: :func:`parameter_holders`) in the order their first call ends,
-    during whatever forward passes run inside the block; each appears once."""
+    during whatever forward passes run inside the block; each appears once. Where parameter holders
+    nest, the list is put in data-flow order (:class:`_FirstUses`) when the block ends."""
     refuse_scripted(model)
     candidates = list(modules if modules is not None else parameter_holders(model))
     order: list[FirstCall] = []
     seen: set[int] = set()
+    nested = _nested_holders(model)
+    flow = _FirstUses(nested) if nested else None
 
     def make_hook(name: str) -> Any:
         def hook(module: nn.Module, _inp: Any, out: Any) -> None:
             if id(module) not in seen:
                 seen.add(id(module))
                 order.append((name, module, tuple(out.shape) if isinstance(out, torch.Tensor) else ()))
+                if flow is not None:
+                    flow.ended(module)
 
         return hook
 
     handles = [m.register_forward_hook(make_hook(n)) for n, m in candidates]
     try:
-        yield order
+        with flow if flow is not None else nullcontext():
+            yield order
+        if flow is not None:
+            order.sort(key=lambda call: flow.at[id(call[1])])
     finally:
         for h in handles:
             h.remove()
+        if flow is not None:
+            flow.remove()
 
 
 def execution_order(model: nn.Module, example_input: Any, modules: Iterable[tuple[str, nn.Module]] | None = None) -> list[FirstCall]:

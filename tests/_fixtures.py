@@ -222,3 +222,27 @@ def train_segmenter(tmp_path: Path, data: str, batch_size: int) -> RunData:
     run_experiment(load_config_text(text, "t"))
     (run,) = read_file(tmp_path / "seg.h5").runs.values()
     return run
+
+
+class ConvBnReluNet(nn.Module):
+    """conv, bn, relu and a linear head: ``qat_conv_bn()`` fuses the first three."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.fc(self.relu(self.bn(self.conv(x))).mean((2, 3)))
+        return y
+
+
+def qat_conv_bn() -> nn.Module:
+    """``conv`` as torch.ao's QAT ``ConvBnReLU2d``: a Conv2d holding ``conv.bn``, whose forward scales
+    its own weight by ``bn.weight / sqrt(bn.running_var + eps)`` and then calls ``bn`` on the result."""
+    import torch.ao.quantization as quant
+
+    torch.manual_seed(0)
+    model = ConvBnReluNet().train()
+    model.qconfig = quant.get_default_qat_qconfig("x86")
+    prepared: nn.Module = quant.prepare_qat(quant.fuse_modules_qat(model, [["conv", "bn", "relu"]]))
+    return prepared

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _fixtures import Noisy
+from _fixtures import Noisy, qat_conv_bn
 from torch import nn
 
 from bnprobe.errors import ConfigError
@@ -379,6 +379,28 @@ def test_attention_out_proj_belongs_to_its_caller() -> None:
     assert got["attn"].grad_norm == pytest.approx(float(attn_grad.norm()), rel=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("method", ["fast", "naive"])
+def test_a_bn_run_inside_a_qat_conv_sees_the_conv_step(method: str) -> None:
+    """The fused conv applies its weight before it runs its child ``conv.bn``: before the BN in the
+    data flow, though the BN's call ends first. G' of the BN: the conv's weights stepped, nothing else."""
+    model, (x, y) = qat_conv_bn(), batch((3, 6, 6), 8, 3)
+    got = measure(model, CE, x, y, method)
+    assert list(got) == ["conv", "conv.bn", "fc"]
+    stepped, _opt = warmed_up(model, CE, sgd, 1, x, y)
+    plain, shifted = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(shifted.conv.named_parameters(recurse=False), stepped.conv.named_parameters(recurse=False)):
+            p.copy_(q)
+    for m in (plain, shifted):
+        CE(m(x), y).backward()
+    g, gs = (torch.cat([p.grad.reshape(-1) for p in m.conv.bn.parameters()]) for m in (plain, shifted))
+    assert got["conv.bn"].l2 > 0
+    assert got["conv.bn"].l2 == pytest.approx(float((g - gs).norm()), rel=1e-4)
+    assert got["conv.bn"].grad_norm == pytest.approx(float(g.norm()), rel=1e-5)
+    assert got["conv.bn"].grad_norm_shifted == pytest.approx(float(gs.norm()), rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "case",
     ["vgg", "vgg_bn", "dln", "mlp_bn", "branchy", "root_param", "tied", "attention"],
@@ -545,7 +567,7 @@ def test_layer_subsets() -> None:
     full = measure(model, CE, x, y, "fast")
     names = list(full)
     assert names[0] == "stem" and "scaled" in names and "scaled.lin" in names
-    assert names.index("scaled.lin") < names.index("scaled")  # ordered by the end of the first call
+    assert names.index("scaled") < names.index("scaled.lin")  # its own scale is applied before its child runs
     for layers in (["a.*"], ["shared", "head"], "b", [names[-1]]):
         sub = measure(model, CE, x, y, "fast", layers=layers)
         assert set(sub) < set(full) and list(sub) == [n for n in names if n in sub]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _fixtures import qat_conv_bn
 from torch import nn
 
 from bnprobe.errors import ConfigError
@@ -102,3 +103,46 @@ def test_discovery_with_dropout_leaves_rng_and_bn_statistics_alone() -> None:
     model(x)
     assert not torch.equal(torch.get_rng_state(), rng) and not torch.equal(model.generator.get_state(), gen)
     assert int(model.bn.num_batches_tracked) == 1 and not torch.equal(model.bn.running_mean, bn["running_mean"])
+
+
+# torch.ao.quantization says it moves to torchao; its QAT modules are what these tests need
+_QAT_DEPRECATED = "ignore:torch.ao.quantization is deprecated:DeprecationWarning"
+
+
+@pytest.mark.filterwarnings(_QAT_DEPRECATED)
+def test_a_qat_conv_comes_before_the_bn_it_runs() -> None:
+    """The fused conv uses its weight, then calls its child ``conv.bn``, whose call ends first."""
+    names = [info.name for info, _ in probed_layers(qat_conv_bn(), torch.randn(2, 3, 6, 6))]
+    assert names == ["conv", "conv.bn", "fc"]
+
+
+class Scaled(nn.Module):
+    """Applies its own parameter after its child has run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.inner(x)
+
+
+class WeightNormedFirst(nn.Module):
+    """A weight_norm'd weight of its own applied before its child BN runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3))
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.bn(nn.functional.linear(x, self.weight))
+        return out
+
+
+def test_nested_holders_come_in_the_order_their_parameters_are_used() -> None:
+    scaled = nn.Sequential(Scaled(), nn.Linear(4, 2))
+    assert [i.name for i, _ in probed_layers(scaled, torch.randn(5, 3))] == ["0.inner", "0", "1"]
+    normed = nn.utils.parametrizations.weight_norm(WeightNormedFirst())
+    assert [i.name for i, _ in probed_layers(normed, torch.randn(5, 3))] == ["", "bn"]  # original0/1 are its use

@@ -41,7 +41,7 @@ def first_order(
     model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: Any, y: Any, ps: list[torch.Tensor], bn_mode: str
 ) -> tuple[list[torch.Tensor | None], list[nn.Module]]:
     """grad L wrt ``ps`` with its graph kept (for double backward; None where L does not depend on
-    p), and the modules with own parameters in the order their first call ended."""
+    p), and the modules with own parameters in forward order (:func:`first_calls`)."""
     _check_bn_mode(bn_mode)
     # attention on the math backend: the fused CPU kernels have no double backward
     with (
@@ -142,7 +142,7 @@ class FirstOrderPass:
 
     ps: list[torch.Tensor]
     grads: list[torch.Tensor | None]
-    order: list[nn.Module]  # modules with own parameters, in the order their first call ended
+    order: list[nn.Module]  # modules with own parameters, in forward order (first_calls)
     bn_mode: str = "train"
 
     @classmethod

@@ -7,9 +7,9 @@ own trainable parameters, weight and bias, flattened and concatenated):
 - ``G'_i`` = grad of L wrt W_i at (W_1^{t+1}, ..., W_{i-1}^{t+1}, W_i^t, ..., W_k^t), where
   W^{t+1} is what the real ``optimizer.step()`` produced (momentum, weight decay, Adam... included).
 
-Layers are ordered as :func:`bnprobe.layers.probed_layers` orders them: by the end of their first
-call in the forward pass (for leaf modules, the usual case, that is simply the order they run in).
-"Before i" means earlier in that order. A module called twice is placed at its first call, and its
+Layers are ordered as :func:`bnprobe.layers.probed_layers` orders them: by the data flow of their
+own parameters (for leaf modules, the usual case, that is simply the order they run in; a QAT conv
+that calls its BN child comes before it). "Before i" means earlier in that order. A module called twice is placed at its first call, and its
 weights are "updated" in both calls for every later layer. With tied parameters (one tensor held by
 two modules) a parameter counts as updated when its first holder is before i, except that layer i's
 own parameters are always at W^t (they are the variable being differentiated).
@@ -125,7 +125,7 @@ class ICSResult(Mapping[str, ICS]):
 
 
 class _Layers:
-    """Every module with trainable own parameters, in the order of the end of its first call."""
+    """Every module with trainable own parameters, in the order :func:`first_calls` gives them."""
 
     def __init__(self, model: nn.Module, called: list[nn.Module]) -> None:
         names = {id(m): n for n, m in model.named_modules()}
@@ -155,12 +155,15 @@ class _Layers:
             if owner is not None:
                 self.own[owner].append(pname)
                 self.param_layer[pname] = owner
-        # a module's "reach": the latest layer whose parameters it holds (tied weights)
+        # a module's "reach": the latest layer whose parameters it holds (tied weights), its
+        # submodules' included: a QAT conv-BN reads its BN child's weight before the BN runs
         holders: dict[str, list[int]] = {}
         for i, own in enumerate(self.own):
             for n in own:
                 holders.setdefault(n, []).append(i)
-        self.reach = {id(m): max([i] + [j for n in self.own[i] for j in holders[n]]) if self.own[i] else -1 for i, m in enumerate(called)}
+        self.reach = {
+            id(m): max((j for p in m.parameters() for j in holders.get(canonical.get(id(p), ""), ())), default=-1) for m in called
+        }
 
 
 def _measured(layers: _Layers, patterns: Sequence[str] | str | None, kinds: Sequence[str] | None) -> list[int]:
