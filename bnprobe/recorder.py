@@ -6,7 +6,8 @@
             rec.step(loss=loss)
 
 Moments flow in through forward hooks while the model is in train mode; ``rec.step()`` closes the
-step. Layer order is the order of first calls in the first recorded forward pass.
+step. Layer order is forward order (:func:`bnprobe.layers.first_calls`) in the first recorded
+forward pass.
 Device tensors are kept until a flush, so the probes never synchronise per layer per step.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from torch import nn
 
 from . import distributed
 from .config import layer_patterns
-from .layers import LayerInfo, layer_kind, own_parameters, parameter_holders, select
+from .layers import FirstCall, LayerInfo, first_calls, layer_kind, own_parameters, parameter_holders, select
 from .passes import measuring, refuse_scripted
 from .probes.moments import (
     DEFAULT_SAMPLES,
@@ -126,6 +128,8 @@ class Recorder:
         self._pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]] = []
         self._train_rows: list[tuple[int, Any, Any, Any, float]] = []
         self._handles: list[Any] = []
+        self._flow = ExitStack()  # first_calls around the first recorded forward of the model
+        self._flow_order: list[FirstCall] = []
         self._t0 = time.perf_counter() - start_seconds  # a resumed run's clock goes on from its checkpoint
         self.layers: list[LayerInfo] = []
 
@@ -185,6 +189,9 @@ class Recorder:
             self._handles = [m.register_forward_hook(hook) for m, hook in self._hooks]
             if self.processes > 1:
                 self._handles.append(self.model.register_forward_pre_hook(self._see_batch))
+            if not self._order_fixed:
+                self._handles.append(self.model.register_forward_pre_hook(self._watch_order))
+                self._handles.append(self.model.register_forward_hook(self._order_seen, always_call=True))
         elif not record:
             self._disarm()
 
@@ -192,6 +199,16 @@ class Recorder:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._flow.close()
+
+    def _watch_order(self, _module: nn.Module, _args: Any) -> None:
+        """The forward order of the first recorded forward of the whole model: the order in which the
+        layers' hooks fire is that of the ends of their calls, not the data flow of nested layers."""
+        if not self._order_fixed and not self._flow_order and not measuring():
+            self._flow_order = self._flow.enter_context(first_calls(self.model, self._candidates))
+
+    def _order_seen(self, _module: nn.Module, _args: Any, _out: Any) -> None:
+        self._flow.close()  # first_calls puts the list it gave in order
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         self.close(Status.FINISHED if exc_type is None else Status.INTERRUPTED)  # an exception stopped the user's loop early
@@ -201,7 +218,8 @@ class Recorder:
     def _fix_order(self) -> None:
         """The layers table, in the order of first calls in the first recorded forward pass."""
         by_name = dict(self._candidates)
-        names = [n for n in self._current if n in by_name]
+        flow = {name: i for i, (name, _, _) in enumerate(self._flow_order)}
+        names = sorted((n for n in self._current if n in by_name), key=lambda n: flow.get(n, len(flow)))
         self._order = [(n, by_name[n]) for n in names]
         self.layers = [
             LayerInfo(n, layer_kind(m), sum(p.numel() for p in own_parameters(m)), self._global_shape(n), i)

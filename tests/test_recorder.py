@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _fixtures import qat_conv_bn
 from torch import nn
 
 from bnprobe import Recorder
@@ -164,3 +165,16 @@ def test_steps_between_records_leave_the_model_without_hooks(tmp_path: Path) -> 
     assert hooked == [True, False, False, True, False, False, True]
     assert not any(m._forward_hooks for m in model)
     assert list(read_file(tmp_path / "r.h5").runs["run"].data["moments/step"]) == [0, 3, 6]
+
+
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
+def test_layers_table_follows_the_data_flow_of_nested_layers(tmp_path: Path) -> None:
+    """A QAT conv runs its BN inside its forward, after using its own weight: conv first, though the
+    BN's hook fires first; and after the first record, the model keeps no hook of the Recorder's."""
+    model = qat_conv_bn()
+    with Recorder(model, tmp_path / "r.h5", record_every=2) as rec:
+        for _ in range(2):
+            model(torch.randn(4, 3, 6, 6))
+            rec.step()
+        assert not model._forward_hooks and not model._forward_pre_hooks
+    assert read_file(tmp_path / "r.h5").runs["run"].layer_names == ["conv", "conv.bn", "fc"]
