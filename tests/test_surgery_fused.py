@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.ao.quantization as quant
+from _fixtures import qat_conv_bn as qat_net
 from torch import nn
 
 from bnprobe.surgery import Action, NoisyBatchNorm2d, apply_bn
@@ -13,26 +13,6 @@ from bnprobe.surgery import Action, NoisyBatchNorm2d, apply_bn
 pytestmark = pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
 
 IMAGES = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-
-
-class ConvBnNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.bn, self.relu, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Linear(4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y: torch.Tensor = self.fc(self.relu(self.bn(self.conv(x))).mean((2, 3)))
-        return y
-
-
-def qat_net() -> nn.Module:
-    """``conv`` becomes a QAT ``ConvBnReLU2d``: a Conv2d whose forward scales its weight by ``bn.weight /
-    sqrt(bn.running_var + eps)`` itself, then calls ``bn``."""
-    torch.manual_seed(0)
-    model = ConvBnNet().train()
-    model.qconfig = quant.get_default_qat_qconfig("x86")
-    prepared: nn.Module = quant.prepare_qat(quant.fuse_modules_qat(model, [["conv", "bn", "relu"]]))
-    return prepared
 
 
 class ConvThenBn(nn.Conv2d):
