@@ -339,16 +339,20 @@ def test_force_never_replaces_what_is_not_a_regular_file(in_tmp: Path, tiny_conf
 
 
 def test_signals_wait_for_the_end_of_a_write() -> None:
-    with pytest.raises(KeyboardInterrupt), signals_deferred():
-        # to this thread: os.kill's process-wide signal may land on one of torch's threads and reach
-        # the handler only after a busy machine's delay
-        signal.raise_signal(signal.SIGINT)
-        time.sleep(0.05)  # the handler would run here, were it not deferred
-        reached_the_end = True
-    assert reached_the_end
-    with signals_deferred(), signals_deferred():
-        pass  # nothing received: nothing raised
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, whatever this process inherited (a shell's background job starts
+    # with SIGINT ignored, and an ignored signal raises nothing)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(0.05)  # the handler would run here, were it not deferred
+            reached_the_end = True
+        assert reached_the_end
+        with signals_deferred(), signals_deferred():
+            pass  # nothing received: nothing raised
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_second_ctrl_c_during_the_cleanup_leaves_a_consistent_file(
