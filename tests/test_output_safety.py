@@ -4,6 +4,7 @@ itself, and no output replacing something that is not a regular file."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -261,14 +262,16 @@ def test_a_disk_full_before_the_start_leaves_nothing(in_tmp: Path, tiny_config: 
 
 
 def _fill(disk: Path) -> None:
-    """Write zeros to ``disk`` until it is full, as another program might."""
-    with open(disk / "filler", "wb") as fh:
-        try:
+    """Write zeros to ``disk`` until it is full, as another program might (the run may have filled
+    it already: then even creating the file fails)."""
+    try:
+        with open(disk / "filler", "wb") as fh:
             while True:
                 fh.write(bytes(1 << 16))
                 fh.flush()
-        except OSError:
-            pass
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
 
 
 def _steps_in(path: Path) -> int:
