@@ -48,6 +48,7 @@ from .store import (
     Column,
     Status,
     atomic_output,
+    bin_sizes,
     check_output_path,
     ics_layers,
     layer_kinds,
@@ -121,8 +122,7 @@ def _thinned(steps: np.ndarray, *series: np.ndarray) -> tuple[np.ndarray, ...]:
     run then takes the memory of a short one (the renderer's grows with a line's segments)."""
     if len(steps) <= PLOT_POINTS:
         return (steps, *series)
-    sizes = np.full(PLOT_POINTS, len(steps) // PLOT_POINTS)
-    sizes[: len(steps) % PLOT_POINTS] += 1
+    sizes = bin_sizes(PLOT_POINTS, len(steps))
     return tuple(np.add.reduceat(np.asarray(a, dtype=np.float64), np.cumsum(sizes) - sizes) / sizes for a in (steps, *series))
 
 

@@ -40,6 +40,7 @@ from .reader import FileData, Recorded, RunData, load_checkpoint, read_arrays, r
 from .scan import (
     Binned,
     aligned_slices,
+    bin_sizes,
     binned,
     column_medians,
     extremes,
@@ -93,6 +94,7 @@ __all__ = [
     "aligned_slices",
     "atomic_output",
     "axes_for",
+    "bin_sizes",
     "binned",
     "check_output_path",
     "column_medians",

@@ -65,11 +65,11 @@ class Binned:
     @classmethod
     def unrecorded(cls, bins: int, stop: int, width: int) -> Binned:
         """The bins of ``stop`` records of ``width`` columns none of which was recorded: NaN throughout."""
-        sizes, nothing = _bin_sizes(bins, stop), np.full(width, np.nan)
+        sizes, nothing = bin_sizes(bins, stop), np.full(width, np.nan)
         return cls(np.full((len(sizes), width), np.nan), np.cumsum(sizes) - sizes, nothing, nothing)
 
 
-def _bin_sizes(bins: int, stop: int) -> np.ndarray:
+def bin_sizes(bins: int, stop: int) -> np.ndarray:
     """Records per bin, ``stop`` records cut evenly into at most ``bins`` bins (as ``np.array_split`` cuts)."""
     count = min(bins, stop)
     sizes = np.full(count, stop // count, dtype=np.int64)
@@ -82,7 +82,7 @@ def binned(
 ) -> Binned:
     """Records ``[0, stop)`` of ``<section>/<quantity>`` (as float64, through ``transform`` if
     given; ``stop`` at least 1) reduced to at most ``bins`` bins, a slice at a time (see :class:`Binned`)."""
-    sizes = _bin_sizes(bins, stop)
+    sizes = bin_sizes(bins, stop)
     count = len(sizes)
     bin_of = np.repeat(np.arange(count), sizes)
     width = math.prod(run.data.shape(f"{section}/{quantity}")[1:])
