@@ -27,10 +27,9 @@ from .quantities.landscape import effective_beta as effective_beta
 from .quantities.moments import IOFFE as IOFFE
 from .quantities.moments import percentile_drift as percentile_drift
 from .quantities.spectrum import GHORBANI as GHORBANI
-from .quantities.spectrum import bulk_edge as bulk_edge
 from .quantities.spectrum import hessian_trace as hessian_trace
-from .quantities.spectrum import outlier_gap as outlier_gap
 from .quantities.spectrum import top_eigenvalue as top_eigenvalue
+from .quantities.spectrum import top_share as top_share
 from .stats import Interval, mean_interval, ratio_interval
 from .store import RunData
 

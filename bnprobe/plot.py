@@ -37,6 +37,7 @@ from .errors import BnprobeError, ConfigError
 from .findings import conditions
 from .measurements import PLOT_KINDS
 from .quadrature import density as slq_density
+from .quantities.spectrum import top_shares
 from .report.content import RECORD_HINTS, align_layers
 from .store import (
     ICS,
@@ -389,27 +390,44 @@ def _train_series(group: _Group, quantity: str) -> list[Series]:
 
 
 def _hessian(plt: Any, columns: list[Column]) -> Any:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), constrained_layout=True)
     lasts = [(_recorded(c, SPECTRUM, "density_nodes")[-1], _recorded(c, SPECTRUM, "density_weights")[-1]) for c in columns]
     used = [n[w > 0] for n, w in lasts]
     lo, hi = min(float(u.min()) for u in used), max(float(u.max()) for u in used)
     sigma = math.sqrt(1e-5 * max(1.0, hi - lo))  # PyHessian's broadening; the grid spares 5 sigma so no node's mass is cut off
     grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, 10_000)
-    for c, (nodes, weights), color in zip(columns, lasts, _colors(len(columns))):
-        _, density = slq_density(nodes, weights, grid, sigma)
-        steps, top = _recorded(c, SPECTRUM, STEP), _recorded(c, SPECTRUM, "top_k")
-        axes[0].semilogy(grid, np.maximum(density, 1e-12), color=color, linewidth=1.2, label=f"{_name(c)} (step {int(steps[-1])})")
-        n = min(len(steps), len(top))
-        axes[1].plot(steps[:n], top[:n, 0], color=color, linewidth=1.5, **_points(steps[:n]), label=f"{_name(c)} λ1")
-        for j in range(1, top.shape[1]):
-            axes[1].plot(steps[:n], top[:n, j], color=color, linewidth=0.8, alpha=0.5, **_points(steps[:n], 2))
+    last_of = {id(c): last for c, last in zip(columns, lasts)}
+    others = False  # lambda_2.. drawn (a single run per condition)
+    for group in _groups(columns):
+        tops, shares = [], []
+        for i, c in enumerate(group.columns):
+            _, density = slq_density(*last_of[id(c)], grid, sigma)
+            steps, top = _recorded(c, SPECTRUM, STEP), _recorded(c, SPECTRUM, "top_k")
+            label = f"{group.label} (step {int(steps[-1])})" if i == 0 else None
+            axes[0].semilogy(
+                grid, np.maximum(density, 1e-12), color=group.color, linewidth=1.2 if len(group.columns) == 1 else 0.8, label=label
+            )
+            n = min(len(steps), len(top))
+            tops.append((steps[:n], top[:n, 0]))
+            trace, stderr = c.run.get(SPECTRUM, "trace"), c.run.get(SPECTRUM, "trace_stderr")
+            if trace is not None and stderr is not None:  # a spectrum recorded without its trace: no share
+                m = min(n, len(trace), len(stderr))
+                share = top_shares(top[:m, 0], _finite(trace[:m]), _finite(stderr[:m]))
+                shares.append((steps[:m][np.isfinite(share)], share[np.isfinite(share)]))
+            for j in range(1, top.shape[1] if len(group.columns) == 1 else 1):
+                others = True
+                axes[1].plot(steps[:n], top[:n, j], color=group.color, linewidth=0.8, alpha=0.5, **_points(steps[:n], 2))
+        _replicates(axes[1], group, tops, 1.5)
+        _replicates(axes[2], group, shares, 1.5)
     axes[0].set_title("Eigenvalue density (last record)")
     axes[0].set_xlabel("eigenvalue")
     axes[0].set_ylabel("density (log scale)")
     axes[0].grid(alpha=0.3)
     axes[0].legend(fontsize="small", loc="best")
-    axes[1].set_title("Top eigenvalues over training (λ1 bold, the others faint)")
+    axes[1].set_title("Top eigenvalue over training" + (" (λ1 bold, the others faint)" if others else ""))
     axes[1].set_ylabel("eigenvalue")
+    axes[2].set_title("Top eigenvalue's share of the trace")
+    axes[2].set_ylabel("λ1 / tr(H)")
     _over_steps(axes[1:])
     fig.suptitle("Hessian spectrum: stochastic Lanczos quadrature and Lanczos top-k", fontsize="medium")
     return fig

@@ -314,14 +314,12 @@ def test_landscape_spreads_and_ics_means_by_hand(monkeypatch: pytest.MonkeyPatch
     assert ics_l2.reduce(run, (0, None)) == pytest.approx(2.0)  # the norm layer's own ICS is left out
 
 
-def test_outlier_gap_by_hand() -> None:
-    """One record, two probes of three nodes: the weights sorted by node reach 97% at node 2.0
-    (0.6 + 0.37 of 1.0); the top eigenvalue 10 is five times that edge. Unfilled nodes are NaN."""
-    nodes = np.array([[[1.0, 2.0, np.nan], [0.5, 10.0, np.nan]]])
-    weights = np.array([[[0.3, 0.37, np.nan], [0.3, 0.03, np.nan]]])
-    assert findings.bulk_edge(nodes[0], weights[0]) == 2.0
+def test_top_share_by_hand() -> None:
+    """Three records: a trace of 10 +- 1 with top eigenvalue 5 (share 0.5); a trace of 1 +- 1,
+    within two standard errors of zero, and a negative one, both left out; the window picks."""
     run = _recorded_run(**{
-        "spectrum/step": np.array([0]), "spectrum/top_k": np.array([[10.0]]),
-        "spectrum/density_nodes": nodes, "spectrum/density_weights": weights,
+        "spectrum/step": np.array([0, 10, 20]), "spectrum/top_k": np.array([[5.0], [0.9], [2.0]]),
+        "spectrum/trace": np.array([10.0, 1.0, -5.0]), "spectrum/trace_stderr": np.array([1.0, 1.0, 1.0]),
     })  # fmt: skip
-    assert findings.outlier_gap(run, (0, None)) == pytest.approx(5.0)
+    assert findings.top_share(run, (0, None)) == pytest.approx(0.5)
+    assert findings.top_share(run, (10, None)) is None

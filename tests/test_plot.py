@@ -268,6 +268,10 @@ def test_hessian_draws_the_last_density_and_the_top_eigenvalues_of_the_file(tmp_
     steps, top = data["spectrum/step"], data["spectrum/top_k"]
     assert any(_same_xy(line, steps, top[:, 0]) for line in top_ax.get_lines())  # λ1 of insert over steps
     assert any(_same_xy(line, steps, top[:, 2]) for line in top_ax.get_lines())
+    trace, stderr = data["spectrum/trace"], data["spectrum/trace_stderr"]
+    kept = trace > 2 * stderr
+    (share,) = _labelled(fig.axes[2], "insert")  # λ1 / tr(H) over the records whose trace is clear of zero
+    assert _same_xy(share, steps[kept], top[kept, 0] / trace[kept])
     assert density_ax.get_yscale() == "log" and len(density_ax.get_lines()) == 2
     grid, density = density_ax.get_lines()[1].get_data()
     nodes, weights = data["spectrum/density_nodes"][-1], data["spectrum/density_weights"][-1]

@@ -652,6 +652,23 @@ def test_fold_into_a_conv_subclass_with_its_own_forward_that_still_scales() -> N
         assert relative_error(model.eval()(IMAGES), base.eval()(IMAGES)) < 1e-6
 
 
+def test_fold_check_runs_on_a_twin_that_shares_no_tensor_with_the_model() -> None:
+    """The check folds its twin in place: a twin tensor shared with the model would fold the model twice."""
+    from bnprobe.surgery.fold import _twin
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 3))
+    model[2].weight = model[0].weight  # tied
+    for source, dtype in ((model, torch.float64), (model, None), (copy.deepcopy(model).double(), torch.float64)):
+        twin = _twin(source, dtype)
+        assert isinstance(twin, nn.Sequential) and all(a is not b for a, b in zip(twin.modules(), source.modules()))
+        theirs = [*source.parameters(), *source.buffers()]
+        tensors = [*twin.parameters(), *twin.buffers()]
+        assert not {t.untyped_storage().data_ptr() for t in tensors} & {t.untyped_storage().data_ptr() for t in theirs}
+        assert twin[2].weight is twin[0].weight and isinstance(twin[0].weight, nn.Parameter)
+        assert twin[0].weight.dtype == (dtype or torch.float32) and twin[1].num_batches_tracked.dtype == torch.long
+        torch.testing.assert_close(twin[1].running_var.float(), source[1].running_var.float())
+
+
 class _Blocks(nn.Sequential):
     """``n`` conv-BN-ReLU blocks: a model whose traversals the test below counts."""
 

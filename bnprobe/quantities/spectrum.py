@@ -1,4 +1,5 @@
-"""What the Hessian spectrum contributes to a finding: its outliers, top eigenvalue and trace."""
+"""What the Hessian spectrum contributes to a finding: its top eigenvalue, its trace and the share of
+the one in the other (how much an outlier dominates)."""
 
 from __future__ import annotations
 
@@ -22,31 +23,23 @@ def hessian_trace(run: RunData, window: Window) -> float | None:
     return mean(records(run, SPECTRUM, "trace", window))
 
 
-def bulk_edge(nodes: np.ndarray, weights: np.ndarray, mass: float = 0.97) -> float:
-    """The eigenvalue below which ``mass`` of the density's weight lies (its probes pooled; nodes a
-    short Lanczos run left unfilled, NaN, are no part of it)."""
-    flat_nodes, flat_weights = nodes.reshape(-1), weights.reshape(-1)
-    kept = np.isfinite(flat_nodes) & np.isfinite(flat_weights)
-    flat_nodes, flat_weights = flat_nodes[kept], flat_weights[kept]
-    if not len(flat_nodes):
-        return float("nan")
-    order = np.argsort(flat_nodes)
-    cumulative = np.cumsum(flat_weights[order]) / np.sum(flat_weights)
-    return float(flat_nodes[order][min(int(np.searchsorted(cumulative, mass)), len(order) - 1)])
+def top_shares(top: np.ndarray, trace: np.ndarray, stderr: np.ndarray) -> np.ndarray:
+    """Per record, the top eigenvalue's share of the trace, lambda_1 / tr(H): near 1 when one outlier
+    carries the curvature, small when it is spread over a bulk. NaN where the trace is within two
+    standard errors of zero or below it (at initialisation, with BN): a share of noise."""
+    return np.where(trace > 2 * stderr, top / np.where(trace > 0, trace, np.nan), np.nan)
 
 
-def outlier_gap(run: RunData, window: Window) -> float | None:
-    """Top eigenvalue over the density's bulk edge, averaged over records: large when the
-    spectrum has isolated outliers (Ghorbani et al. Fig. 1)."""
-    gaps = (
-        np.asarray([t / edge for t, n, w in zip(top[:, 0], nodes, weights) if (edge := bulk_edge(n, w)) > 0])
-        for top, nodes, weights in picked(run, SPECTRUM, ("top_k", "density_nodes", "density_weights"), window)
+def top_share(run: RunData, window: Window) -> float | None:
+    """:func:`top_shares` averaged over records (Ghorbani et al.: without BN a few isolated
+    eigenvalues dominate the spectrum)."""
+    return sliced_mean(
+        top_shares(top[:, 0], trace, stderr) for top, trace, stderr in picked(run, SPECTRUM, ("top_k", "trace", "trace_stderr"), window)
     )
-    return sliced_mean(g for g in gaps if len(g))
 
 
 QUANTITIES = (
-    Quantity("spectrum.outlier_gap", "outlier gap (top / bulk edge)", outlier_gap, True, "lower", GHORBANI),
+    Quantity("spectrum.top_share", "top eigenvalue's share of the trace", top_share, True, "lower", GHORBANI),
     Quantity("spectrum.top_eigenvalue", "top Hessian eigenvalue", top_eigenvalue, True, "lower", GHORBANI),
     Quantity("spectrum.trace", "Hessian trace", hessian_trace, True, "lower", GHORBANI),
 )

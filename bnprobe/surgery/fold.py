@@ -146,8 +146,34 @@ def _as_double(obj: object) -> object:
     return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, obj)
 
 
+def _twin(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """A copy of ``model`` for the check to fold and run: new module objects, parameters and buffers
+    (floating ones in ``dtype``, or cloned), tied tensors still tied; every other attribute is
+    shared, as a shallow copy shares it. ``copy.deepcopy`` also copies every attribute of every
+    module, and took most of the check's time on a model with thousands of modules; an eval forward
+    that rebinds an attribute (a cache) rebinds the twin's own."""
+    tensors: dict[int, torch.Tensor] = {}
+    modules: dict[int, nn.Module] = {}
+
+    def tensor(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in tensors:
+            data = t.detach().to(dtype, copy=True) if dtype is not None and t.is_floating_point() else t.detach().clone()
+            tensors[id(t)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
+        return tensors[id(t)]
+
+    def module(m: nn.Module) -> nn.Module:
+        if id(m) not in modules:
+            twin = modules[id(m)] = copy.copy(m)
+            twin._parameters = {k: None if p is None else tensor(p) for k, p in m._parameters.items()}  # type: ignore[misc]
+            twin._buffers = {k: None if b is None else tensor(b) for k, b in m._buffers.items()}
+            twin._modules = {k: None if c is None else module(c) for k, c in m._modules.items()}
+        return modules[id(m)]
+
+    return module(model)
+
+
 def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], example_input: object) -> None:
-    """The safety net behind :func:`_fold_blocker`: the folds, done on a float64 copy, must leave its
+    """The safety net behind :func:`_fold_blocker`: the folds, done on a float64 twin, must leave its
     eval output on ``example_input`` unchanged (to 1e-4, relative); a difference is a use of a folded
     layer's output the dataflow pass did not see (a data-dependent branch). float64, because a deep
     model (untrained, or with statistics from a few small batches) can amplify float32 rounding of the
@@ -157,18 +183,17 @@ def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], exam
     x = _as_double(example_input)
     dtype: torch.dtype | None = torch.float64
     try:
-        twin = copy.deepcopy(model).double()
+        twin = _twin(model, dtype)
         reference = _eval_output(twin, x)
     except Exception:  # noqa: BLE001 - a forward that cannot run in float64: check in the model's dtype
         x, dtype = example_input, None
-        twin = copy.deepcopy(model)
+        twin = _twin(model, dtype)
         reference = _eval_output(twin, x)
     stand_ins: dict[nn.Module, nn.Module] = {}
     for name, feeder, replacement in folds:
         bn = twin.get_submodule(name)
         _scale_into(_feeder_layer(twin, feeder), *_bn_affine(bn))
-        stand_in = copy.deepcopy(replacement)
-        stand_ins[bn] = stand_in.to(dtype) if dtype is not None else stand_in
+        stand_ins[bn] = _twin(replacement, dtype)
     twin = _replace(twin, stand_ins)
     worst = _relative_change(_eval_output(twin, x), reference)
     if worst > _FOLD_RTOL and worst > 10 * _rounding_noise(model, x, dtype, reference):
@@ -185,8 +210,7 @@ def _rounding_noise(model: nn.Module, x: object, dtype: torch.dtype | None, refe
     """How far the eval output moves when every weight moves by one rounding step (relative): no
     check can tell a fold from rounding below that. A chaotic model (an untrained EfficientNetV2 on
     small images, even in float64) would otherwise be refused for an exact fold."""
-    twin = copy.deepcopy(model)
-    twin = twin.to(dtype) if dtype is not None else twin
+    twin = _twin(model, dtype)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in twin.parameters():
