@@ -3,7 +3,8 @@ on ghostnetv3_050, 326 BNs in 2,269 modules), against strip without fold.
 
 Fold must grow with the model, not with BNs x modules: swapping each BN and checking each feeder's
 parameters for sharing used to walk every module once per BN. The extra time of fold over strip is
-its safety check (a float64 copy of the model and two eval forwards), linear in the model.
+its safety check (a twin of the model with its own tensors and two eval forwards, in float64 only
+when the model's own dtype shows a difference), linear in the model.
 
     python benchmarks/fold_cost.py                                   # the models below, 64 px
     python benchmarks/fold_cost.py --models timm:ghostnetv3_050 --no-record   # a quick check

@@ -151,7 +151,8 @@ def _twin(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     (floating ones in ``dtype``, or cloned), tied tensors still tied; every other attribute is
     shared, as a shallow copy shares it. ``copy.deepcopy`` also copies every attribute of every
     module, and took most of the check's time on a model with thousands of modules; an eval forward
-    that rebinds an attribute (a cache) rebinds the twin's own."""
+    that rebinds an attribute (a cache) rebinds the twin's own. A parametrized module refuses a
+    shallow copy and is deep-copied whole."""
     tensors: dict[int, torch.Tensor] = {}
     modules: dict[int, nn.Module] = {}
 
@@ -162,6 +163,8 @@ def _twin(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
         return tensors[id(t)]
 
     def module(m: nn.Module) -> nn.Module:
+        if id(m) not in modules and parametrize.is_parametrized(m):  # copy.copy refuses it; a deep copy is exact
+            modules[id(m)] = copy.deepcopy(m).to(dtype) if dtype is not None else copy.deepcopy(m)
         if id(m) not in modules:
             twin = modules[id(m)] = copy.copy(m)
             twin._parameters = {k: None if p is None else tensor(p) for k, p in m._parameters.items()}  # type: ignore[misc]
@@ -173,33 +176,41 @@ def _twin(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 
 
 def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], example_input: object) -> None:
-    """The safety net behind :func:`_fold_blocker`: the folds, done on a float64 twin, must leave its
-    eval output on ``example_input`` unchanged (to 1e-4, relative); a difference is a use of a folded
-    layer's output the dataflow pass did not see (a data-dependent branch). float64, because a deep
-    model (untrained, or with statistics from a few small batches) can amplify float32 rounding of the
-    folded weights beyond that tolerance; a model that does not run in float64 is checked in its own
-    dtype. A model whose own rounding noise is larger still passes when the difference is within 10x
-    that noise (:func:`_rounding_noise`)."""
+    """The safety net behind :func:`_fold_blocker`: the folds, done on a twin, must leave its eval
+    output on ``example_input`` unchanged (to 1e-4, relative); a difference is a use of a folded
+    layer's output the dataflow pass did not see (a data-dependent branch). The check runs in the
+    model's own dtype first, where nearly every model passes, and only on a difference again in
+    float64: a deep model (untrained, or with statistics from a few small batches) can amplify
+    float32 rounding of the folded weights beyond the tolerance. A model that does not run in float64
+    is judged in its own dtype. A model whose own rounding noise is larger still passes when the
+    difference is within 10x that noise (:func:`_rounding_noise`)."""
+    worst, reference = _fold_change(model, folds, example_input, None)
+    if worst <= _FOLD_RTOL:
+        return
     x = _as_double(example_input)
     dtype: torch.dtype | None = torch.float64
     try:
-        twin = _twin(model, dtype)
-        reference = _eval_output(twin, x)
-    except Exception:  # noqa: BLE001 - a forward that cannot run in float64: check in the model's dtype
+        worst, reference = _fold_change(model, folds, x, dtype)
+    except Exception:  # noqa: BLE001 - a forward that cannot run in float64: judged in the model's dtype
         x, dtype = example_input, None
-        twin = _twin(model, dtype)
-        reference = _eval_output(twin, x)
+    if worst > _FOLD_RTOL and worst > 10 * _rounding_noise(model, x, dtype, reference):
+        raise SurgeryError(
+            f"folding BN changed {type(model).__name__}'s eval output by {worst:.1e} (relative): a folded layer's output is used in a way the dataflow pass did not see; strip without --fold"
+        )
+
+
+def _fold_change(
+    model: nn.Module, folds: list[tuple[str, str, nn.Module]], x: object, dtype: torch.dtype | None
+) -> tuple[float, list[torch.Tensor]]:
+    """How far the folds move a twin's eval output on ``x`` (relative), and the output before them."""
+    twin = _twin(model, dtype)
+    reference = _eval_output(twin, x)
     stand_ins: dict[nn.Module, nn.Module] = {}
     for name, feeder, replacement in folds:
         bn = twin.get_submodule(name)
         _scale_into(_feeder_layer(twin, feeder), *_bn_affine(bn))
         stand_ins[bn] = _twin(replacement, dtype)
-    twin = _replace(twin, stand_ins)
-    worst = _relative_change(_eval_output(twin, x), reference)
-    if worst > _FOLD_RTOL and worst > 10 * _rounding_noise(model, x, dtype, reference):
-        raise SurgeryError(
-            f"folding BN changed {type(model).__name__}'s eval output by {worst:.1e} (relative): a folded layer's output is used in a way the dataflow pass did not see; strip without --fold"
-        )
+    return _relative_change(_eval_output(_replace(twin, stand_ins), x), reference), reference
 
 
 def _relative_change(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
