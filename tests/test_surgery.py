@@ -972,6 +972,10 @@ def test_a_bn_read_by_other_code_is_kept_with_the_reason_and_its_statistics_stay
     stripped(IMAGES)
     _, plan = apply_bn(model, "insert", IMAGES)
     assert [(c.action, c.related) for c in plan.changes] == [(Action.KEPT, "conv")]
+    _, plan = apply_bn(model, "noisy", IMAGES)  # its forward, where the noise goes, never runs: a row says so
+    assert [(c.action, c.module, c.detail) for c in plan.changes] == [
+        (Action.KEPT, "bn", "not made noisy: its own forward never runs; code other than it reads its tensors: batch_norm")
+    ]
     probed_layers(model, IMAGES)
     assert torch.equal(model.bn.running_mean, before)
 

@@ -138,7 +138,7 @@ def apply_bn(
     seeds = _Seeds(seed, noise or NoiseConfig()) if bn_mode is BnMode.NOISY else None
     if bn_mode is BnMode.STRIP:
         model, changes = _strip(model, flow, fold, example_input)
-    elif seeds is not None and any(is_batchnorm(m) for n, m in model.named_modules() if n in flow.index):
+    elif seeds is not None and any(is_batchnorm(m) for n, m in model.named_modules() if n in flow.index or n in flow.read_outside):
         changes = _add_noise(model, flow, seeds)
     else:
         changes = _insert(model, flow, bn_targets, keep_bias, seeds)

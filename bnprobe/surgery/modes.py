@@ -57,8 +57,14 @@ def _add_noise(model: nn.Module, flow: _Flow, seeds: _Seeds) -> list[Change]:
     """Each BN the forward runs becomes its noisy subclass at its own name; a BN holding an activation gets the noise before it."""
     bns = {n: m for n, m in model.named_modules() if is_batchnorm(m)}
     changes = []
-    for name in flow.ordered([n for n in bns if n in flow.index]):
+    for name in flow.ordered([n for n in bns if n in flow.index or n in flow.read_outside]):
         bn = bns[name]
+        if name not in flow.index:  # its forward, where the noise goes, never runs
+            reader = flow.read_outside[name]
+            changes.append(
+                Change(Action.KEPT, name, "", f"not made noisy: its own forward never runs; code other than it reads its tensors: {reader}")
+            )
+            continue
         feeder, _ = _feeder(model, flow, name, bn)
         if isinstance(bn, NoisyNorm):
             changes.append(Change(Action.KEPT, name, feeder or "", f"already a {type(bn).__name__}"))
