@@ -279,11 +279,18 @@ def _imagefolder(kind: str, root: str, seed: int, options: dict[str, Any]) -> Da
     if options.get("image_size"):
         steps += [transforms.Resize(options["image_size"]), transforms.CenterCrop(options["image_size"])]
 
+    from .segfolder import reading
+
     class ImageFolder(datasets.ImageFolder):  # type: ignore[misc]  # torchvision ships no types: its classes are Any
         make_dataset = staticmethod(_samples_once)
 
+    def load(path: str) -> Any:
+        """An image, or one line naming a file that cannot be read (found when training reaches it)."""
+        with reading(path):
+            return datasets.folder.default_loader(path)
+
     try:
-        ds = ImageFolder(root, transform=transforms.Compose([*steps, transforms.ToTensor()]))
+        ds = ImageFolder(root, transform=transforms.Compose([*steps, transforms.ToTensor()]), loader=load)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"image folder {root}: {first_line(e)}") from e
     return _classification_bundle(ds, spec)

@@ -3,7 +3,8 @@
 
 Every pair is checked when the data is loaded (each mask is read once, to count the classes and
 check its size against its image's), so a missing or mismatched file is a one-line error then
-rather than a crash mid-run. Images are read again as training uses them, not held in memory.
+rather than a crash mid-run. Images are read again as training uses them, not held in memory; one
+that cannot be read then (cut short, replaced) is a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .errors import DataError, first_line, usable_path
@@ -37,9 +38,9 @@ class MaskPairs(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
-        with Image.open(image_path) as opened:
+        with reading(image_path), Image.open(image_path) as opened:  # read again, maybe changed since the check
             image = opened.convert("RGB")
-        with Image.open(mask_path) as opened:
+        with reading(mask_path), Image.open(mask_path) as opened:
             mask = opened.copy()
         if self.size is not None:
             image = image.resize(self.size[::-1], Image.Resampling.BILINEAR)
@@ -97,9 +98,9 @@ def _files(root: str, folder: str, suffixes: tuple[str, ...]) -> dict[str, Path]
 def _check_pair(image_path: Path, mask_path: Path) -> tuple[int, Size]:
     """The largest label of the mask, once it is known to be class indices of its image's size,
     and that size (height, width)."""
-    with _reading(image_path), Image.open(image_path) as image:
+    with reading(image_path), Image.open(image_path) as image:
         width, height = image.size
-    with _reading(mask_path), Image.open(mask_path) as mask:
+    with reading(mask_path), Image.open(mask_path) as mask:
         mode, labels = mask.mode, np.asarray(mask)
     if labels.ndim != 2 or labels.dtype.kind not in "biu":
         raise DataError(f"mask {mask_path} is a {mode} image; save class indices as a palette or grayscale PNG")
@@ -112,9 +113,11 @@ def _check_pair(image_path: Path, mask_path: Path) -> tuple[int, Size]:
 
 
 @contextlib.contextmanager
-def _reading(path: Path) -> Iterator[None]:
+def reading(path: Path | str) -> Iterator[None]:
     """A file PIL cannot open or decode (not an image, truncated) as one line naming it."""
     try:
         yield
+    except UnidentifiedImageError as e:  # its message repeats the path inside a file object's repr
+        raise DataError(f"cannot read {path}: not an image file PIL can identify") from e
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read {path}: {first_line(e)}") from e

@@ -441,7 +441,7 @@ def _failure(model: nn.Module, e: Exception, step: int) -> str | None:
     tb = e.__traceback__
     while tb is not None:  # outermost frame first, so the last module found is the innermost
         if tb.tb_frame.f_code is batches.__code__:
-            return f"reading the data for step {step} failed: {described(e)}"
+            return f"reading the data for step {step} failed: {first_line(e) if isinstance(e, BnprobeError) else described(e)}"
         owner = tb.tb_frame.f_locals.get("self")
         if isinstance(owner, nn.Module) and id(owner) in names:
             found = (names[id(owner)], owner)

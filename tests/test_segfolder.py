@@ -138,3 +138,14 @@ def test_pairs_that_do_not_fit_are_refused_in_one_line(
     with pytest.raises(DataError, match=re.escape(message)) as raised:
         load_data(f"segfolder:{root}", **options)
     assert "\n" not in str(raised.value)
+
+
+def test_an_image_that_turns_unreadable_after_the_check_is_one_line_naming_it(tmp_path: Path) -> None:
+    """The load reads each image's header; a file cut short (or replaced) later fails when training reads it."""
+    pair(tmp_path, "a")
+    pair(tmp_path, "b")
+    data = load_data(f"segfolder:{tmp_path}")
+    image = tmp_path / "images" / "b.png"
+    image.write_bytes(image.read_bytes()[:40])  # the header survives, the pixels do not
+    with pytest.raises(DataError, match=r"^cannot read .*images/b\.png: "):
+        data.train[1]
