@@ -428,7 +428,12 @@ def _hessian(plt: Any, columns: list[Column]) -> Any:
     axes[1].set_ylabel("eigenvalue")
     axes[2].set_title("Top eigenvalue's share of the trace")
     axes[2].set_ylabel("λ1 / tr(H)")
-    _over_steps(axes[1:])
+    over_steps = list(axes[1:])
+    if not axes[2].get_lines():  # no trace recorded, or none clear of zero: say so, not an empty legend
+        axes[2].text(0.5, 0.5, "no trace clear of zero recorded", ha="center", va="center", transform=axes[2].transAxes)
+        axes[2].set_xlabel("training step")
+        over_steps.pop()
+    _over_steps(over_steps)
     fig.suptitle("Hessian spectrum: stochastic Lanczos quadrature and Lanczos top-k", fontsize="medium")
     return fig
 

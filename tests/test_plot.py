@@ -261,6 +261,8 @@ def test_a_failed_write_leaves_the_old_file(full_file: Path, tmp_path: Path, mon
 
 def test_hessian_draws_the_last_density_and_the_top_eigenvalues_of_the_file(tmp_path: Path, drawn: list) -> None:
     path = write_run_file(tmp_path / "s.h5", variants=("keep", "insert"), spectrum=True)
+    with h5py.File(path, "r+") as f:  # the second record's trace within two standard errors of zero: no share
+        f["runs/insert/spectrum/trace"][1] = f["runs/insert/spectrum/trace_stderr"][1]
     plot([path], tmp_path / "h.png", kind="hessian")
     (fig,) = drawn
     density_ax, top_ax = fig.axes[:2]
@@ -270,6 +272,7 @@ def test_hessian_draws_the_last_density_and_the_top_eigenvalues_of_the_file(tmp_
     assert any(_same_xy(line, steps, top[:, 2]) for line in top_ax.get_lines())
     trace, stderr = data["spectrum/trace"], data["spectrum/trace_stderr"]
     kept = trace > 2 * stderr
+    assert not kept[1] and kept.sum() >= 2
     (share,) = _labelled(fig.axes[2], "insert")  # λ1 / tr(H) over the records whose trace is clear of zero
     assert _same_xy(share, steps[kept], top[kept, 0] / trace[kept])
     assert density_ax.get_yscale() == "log" and len(density_ax.get_lines()) == 2
@@ -279,6 +282,16 @@ def test_hessian_draws_the_last_density_and_the_top_eigenvalues_of_the_file(tmp_
     assert density.sum() * step == pytest.approx(1.0, rel=1e-6)  # a density on its grid (PyHessian's normalisation)
     mean = (grid * density).sum() * step
     assert mean == pytest.approx(float((weights * nodes).sum(axis=1).mean()), rel=1e-3, abs=1e-3)  # the quadrature's mean
+
+
+def test_hessian_without_a_trace_says_so_in_the_share_panel(tmp_path: Path, drawn: list) -> None:
+    path = write_run_file(tmp_path / "s.h5", variants=("keep",), spectrum=True)
+    with h5py.File(path, "r+") as f:
+        del f["runs/keep/spectrum/trace"]
+    plot([path], tmp_path / "h.png", kind="hessian")
+    share_ax = drawn[0].axes[2]
+    assert not share_ax.get_lines() and share_ax.get_legend() is None
+    assert [t.get_text() for t in share_ax.texts] == ["no trace clear of zero recorded"]
 
 
 @pytest.mark.parametrize("kind", ["moments", "ics", "landscape", "hessian", "training"])

@@ -639,6 +639,90 @@ def test_fold_safety_net_refuses_a_use_the_dataflow_cannot_see() -> None:
         apply_bn(base, "strip", IMAGES, fold=True)
 
 
+class UsesTheCopyThroughAList(UsesTheCopy):
+    """The same hidden use, its forward reaching the layers through a plain list (not registered children)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = [self.conv, self.bn]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.layers
+        return bn(conv(x)) + conv.copy
+
+
+class WalksAList(nn.Module):
+    """Its forward walks a plain list of its layers, which strip (swapping registered children) cannot update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.seen = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), []
+        self.layers = [self.conv, self.bn]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        self.seen.append(x.shape)
+        return x
+
+
+def test_fold_safety_net_sees_layers_a_forward_reaches_outside_the_registered_children() -> None:
+    """A check on a copy of only the registered children ran the model's own layers through the
+    list: it compared the unfolded model with itself and accepted a wrong fold (output 21% off)."""
+    for base in (UsesTheCopyThroughAList(), WalksAList()):
+        randomise_bn(base)
+        with pytest.raises(SurgeryError, match=r"folding BN changed .* the dataflow pass did not see"):
+            apply_bn(base, "strip", IMAGES, fold=True)
+
+
+class NotesShapes(ConvBn):
+    """Keeps its layers as registered children; its forward appends to a list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Size] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        self.seen.append(y.shape)
+        return y
+
+
+def test_planning_leaves_no_attribute_on_the_model_it_returns() -> None:
+    """The planning passes ran the forward (and torch.fx a traced one): the returned model kept a
+    list entry per pass and a cached output, under torch.fx a Proxy, which no deep copy survives."""
+    for mode in ("insert", "strip", "noisy"):
+        model, _ = apply_bn(NotesShapes(), mode, IMAGES)
+        assert model.seen == [], mode
+        model, _ = apply_bn(UsesTheCopy(), mode, IMAGES)
+        assert not hasattr(model.conv, "copy"), mode
+        copy.deepcopy(model)(IMAGES)
+
+
+def test_fold_check_leaves_the_model_it_checks_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check runs a twin: the model's BN statistics (train mode, reached through a list) and
+    the list its forward appends to stay as they were. A model whose layers are all registered
+    children gets a structural twin (no deep copy), with its own lists."""
+    from bnprobe.surgery import fold
+
+    model = WalksAList().train()
+    randomise_bn(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SurgeryError):
+        fold._check_folds(model, [("bn", "conv", nn.Identity())], IMAGES)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model.seen == []
+    registered = NotesShapes()
+    randomise_bn(registered)
+    registered.register_forward_hook(lambda m, i, o: None)  # a plain function: shared, no reason to copy deeply
+
+    def no_deep_copy(*args: object) -> None:
+        raise AssertionError("deep-copied")
+
+    monkeypatch.setattr(fold.copy, "deepcopy", no_deep_copy)
+    fold._check_folds(registered, [("bn", "conv", nn.Identity())], IMAGES)
+    assert registered.seen == []
+
+
 def test_fold_into_a_conv_subclass_with_its_own_forward_that_still_scales() -> None:
     class PaddedConv(nn.Conv2d):  # as timm's Conv2dSame: pads its input, then convolves
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -960,6 +1044,18 @@ class ReadsItsBn(nn.Module):
         return self.head(x.relu().mean((2, 3)))
 
 
+class AlsoRunsABn(ReadsItsBn):
+    """:class:`ReadsItsBn` with a second BN that runs its own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.batch_norm(self.conv(x), self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias, self.training)
+        return self.head(self.extra(x).relu().mean((2, 3)))
+
+
 def test_a_bn_read_by_other_code_is_kept_with_the_reason_and_its_statistics_stay() -> None:
     """Strip put an Identity there ('Identity' object has no attribute 'running_mean'); insert added a BN
     after the conv; the planning pass moved the running statistics."""
@@ -972,10 +1068,11 @@ def test_a_bn_read_by_other_code_is_kept_with_the_reason_and_its_statistics_stay
     stripped(IMAGES)
     _, plan = apply_bn(model, "insert", IMAGES)
     assert [(c.action, c.related) for c in plan.changes] == [(Action.KEPT, "conv")]
-    _, plan = apply_bn(model, "noisy", IMAGES)  # its forward, where the noise goes, never runs: a row says so
-    assert [(c.action, c.module, c.detail) for c in plan.changes] == [
-        (Action.KEPT, "bn", "not made noisy: its own forward never runs; code other than it reads its tensors: batch_norm")
-    ]
+    with pytest.raises(SurgeryError, match=r"^cannot add noise to bn: only code other than its own forward uses it \(batch_norm\)"):
+        apply_bn(model, "noisy", IMAGES)  # its forward, where the noise goes, never runs: the variant would equal keep
+    _, plan = apply_bn(AlsoRunsABn(), "noisy", IMAGES)  # noise where it can go, and a row for the BN it cannot reach
+    assert [(c.action, c.module) for c in plan.changes] == [(Action.NOISE, "extra"), (Action.KEPT, "bn")]
+    assert plan.changes[1].detail == "not made noisy: its own forward never runs; code other than it reads its tensors: batch_norm"
     probed_layers(model, IMAGES)
     assert torch.equal(model.bn.running_mean, before)
 

@@ -8,9 +8,11 @@ ranks and input shapes.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,13 +176,42 @@ class _OpTape(TorchFunctionMode):
 
 def _dataflow(model: nn.Module, example_input: object) -> _Flow:
     """One hooked, side-effect-free forward; edges from torch.fx where the model traces."""
-    flow = _hooked_forward(model, example_input)
-    try:
-        flow.sources, flow.users, flow.outputs = _fx_edges(model)
-        flow.pairing = "torch.fx"
-    except Exception as e:  # noqa: BLE001 - any tracing failure means: use the hooks' edges
-        flow.pairing = f"forward hooks (torch.fx: {type(e).__name__})"
+    with _attributes_kept(model):
+        flow = _hooked_forward(model, example_input)
+        try:
+            flow.sources, flow.users, flow.outputs = _fx_edges(model)
+            flow.pairing = "torch.fx"
+        except Exception as e:  # noqa: BLE001 - any tracing failure means: use the hooks' edges
+            flow.pairing = f"forward hooks (torch.fx: {type(e).__name__})"
     return flow
+
+
+_REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+@contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's attributes as they were after the block: a forward that caches its output in
+    an attribute or appends to a list, run by the planning passes, left a tensor (or, under torch.fx,
+    a Proxy that no deep copy survives) in the model surgery returns. Containers are restored in
+    place, so whatever else refers to them sees them restored too."""
+    saved = [(vars(m), dict(vars(m))) for m in model.modules()]
+    contents = {
+        id(v): (v, copy.copy(v)) for _, attrs in saved for k, v in attrs.items() if k not in _REGISTRIES and type(v) in (list, dict, set)
+    }
+    try:
+        yield
+    finally:
+        for attrs, before in saved:
+            kept = {k: v for k, v in attrs.items() if k in _REGISTRIES}
+            attrs.clear()
+            attrs.update(before | kept)
+        for value, before in contents.values():
+            value.clear()
+            if isinstance(value, list):
+                value.extend(before)
+            else:
+                value.update(before)
 
 
 def _hooked_forward(model: nn.Module, example_input: object) -> _Flow:

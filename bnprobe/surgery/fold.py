@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import enum
+import functools
+import types
 from collections import defaultdict
 from typing import TypeAlias
 
@@ -146,15 +149,44 @@ def _as_double(obj: object) -> object:
     return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, obj)
 
 
+_REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, type, enum.Enum, types.FunctionType, types.BuiltinFunctionType)
+_PLAIN_TORCH = (torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _plain(value: object) -> bool:
+    """Whether ``value`` holds no module, tensor or object bnprobe cannot see into: a twin may share it."""
+    if isinstance(value, (*_PLAIN, *_PLAIN_TORCH)):
+        return True
+    if isinstance(value, (tuple, frozenset, list, set)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(_plain(v) for v in value.values())
+    if isinstance(value, functools.partial):
+        return _plain(value.func) and _plain(value.args) and _plain(value.keywords)
+    return False
+
+
 def _twin(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """A copy of ``model`` for the check to fold and run: new module objects, parameters and buffers
-    (floating ones in ``dtype``, or cloned), tied tensors still tied; every other attribute is
-    shared, as a shallow copy shares it. ``copy.deepcopy`` also copies every attribute of every
-    module, and took most of the check's time on a model with thousands of modules; an eval forward
-    that rebinds an attribute (a cache) rebinds the twin's own. A parametrized module refuses a
-    shallow copy and is deep-copied whole."""
+    """A copy of ``model`` for the check to fold and run, its floating tensors in ``dtype`` (or
+    cloned), tied tensors still tied. When every module keeps its state in its registries
+    (parameters, buffers, children) and plain values elsewhere, the copy is structural: new module
+    objects and tensors, other attributes shallow-copied (containers one level deep, so a forward
+    that appends to a list appends to the twin's). ``copy.deepcopy`` also copies every attribute of
+    every module, and took most of the check's time on a model with thousands of modules. A model
+    that holds a module or tensor anywhere else (a list of its layers that its forward walks), or is
+    parametrized, is deep-copied: a shallow copy would run or change the model's own modules."""
+    originals = list(model.modules())
+    if any(parametrize.is_parametrized(m) or not all(_plain(v) for k, v in vars(m).items() if k not in _REGISTRIES) for m in originals):
+        deep = copy.deepcopy(model)
+        return deep.to(dtype) if dtype is not None else deep
     tensors: dict[int, torch.Tensor] = {}
-    modules: dict[int, nn.Module] = {}
+    twins: dict[int, nn.Module] = {}
+    for m in originals:
+        twin = twins[id(m)] = copy.copy(m)
+        for key, value in vars(m).items():
+            if isinstance(value, (list, set, dict)) and key not in _REGISTRIES:
+                vars(twin)[key] = copy.copy(value)
 
     def tensor(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in tensors:
@@ -162,17 +194,12 @@ def _twin(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
             tensors[id(t)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
         return tensors[id(t)]
 
-    def module(m: nn.Module) -> nn.Module:
-        if id(m) not in modules and parametrize.is_parametrized(m):  # copy.copy refuses it; a deep copy is exact
-            modules[id(m)] = copy.deepcopy(m).to(dtype) if dtype is not None else copy.deepcopy(m)
-        if id(m) not in modules:
-            twin = modules[id(m)] = copy.copy(m)
-            twin._parameters = {k: None if p is None else tensor(p) for k, p in m._parameters.items()}  # type: ignore[misc]
-            twin._buffers = {k: None if b is None else tensor(b) for k, b in m._buffers.items()}
-            twin._modules = {k: None if c is None else module(c) for k, c in m._modules.items()}
-        return modules[id(m)]
-
-    return module(model)
+    for m in originals:
+        twin = twins[id(m)]
+        twin._parameters = {k: None if p is None else tensor(p) for k, p in m._parameters.items()}  # type: ignore[misc]
+        twin._buffers = {k: None if b is None else tensor(b) for k, b in m._buffers.items()}
+        twin._modules = {k: None if c is None else twins[id(c)] for k, c in m._modules.items()}
+    return twins[id(model)]
 
 
 def _check_folds(model: nn.Module, folds: list[tuple[str, str, nn.Module]], example_input: object) -> None:

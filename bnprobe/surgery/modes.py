@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import BnTargets
+from ..errors import SurgeryError
 from ..layers import is_batchnorm
 from .dataflow import _feeder, _feeder_layer, _Flow
 from .edits import _new_bn, _norm_tail, _place_after, _replace, _slots, _stand_in
@@ -75,6 +76,11 @@ def _add_noise(model: nn.Module, flow: _Flow, seeds: _Seeds) -> list[Change]:
         _make_noisy(bn, name, after, seed, seeds.config)
         where = f", before its {', '.join(after)}" if after else ""
         changes.append(Change(Action.NOISE, name, feeder or "", f"{before} -> {type(bn).__name__}, noise seed {seed}{where}"))
+    if all(c.action is Action.KEPT and c.module in flow.read_outside for c in changes):
+        raise SurgeryError(  # else a noisy variant would silently equal keep
+            f"cannot add noise to {', '.join(c.module for c in changes)}: only code other than its own forward uses it "
+            f"({flow.read_outside[changes[0].module]}), and the noise goes in a BN's forward"
+        )
     return changes
 
 
