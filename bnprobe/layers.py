@@ -117,8 +117,9 @@ class _FirstUses(TorchFunctionMode):
     def _enter(self, module: nn.Module, _args: Any) -> None:
         self.running.append(id(module))
 
-    def _leave(self, _module: nn.Module, _args: Any, _out: Any) -> None:
-        self.running.pop()
+    def _leave(self, module: nn.Module, _args: Any, _out: Any) -> None:
+        if self.running and self.running[-1] == id(module):  # not a call already running when watching began
+            self.running.pop()
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))

@@ -178,3 +178,28 @@ def test_layers_table_follows_the_data_flow_of_nested_layers(tmp_path: Path) -> 
             rec.step()
         assert not model._forward_hooks and not model._forward_pre_hooks
     assert read_file(tmp_path / "r.h5").runs["run"].layer_names == ["conv", "conv.bn", "fc"]
+
+
+class TokenAndBlock(nn.Module):
+    """A root with a parameter of its own (a ViT's class token) around a holder that holds another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(4))
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.block.register_parameter("scale", nn.Parameter(torch.ones(4)))  # a holder holding a holder
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x + self.token) * self.block.scale)
+
+
+def test_a_root_with_parameters_of_its_own_records_in_data_flow_order(tmp_path: Path) -> None:
+    """The order is watched from the root's own call on, which had begun: the end of that call
+    emptied the watcher's stack of running layers (pop from an empty list on every timm ViT)."""
+    model = TokenAndBlock()
+    with Recorder(model, tmp_path / "r.h5", record_every=1) as rec:
+        for _ in range(2):
+            model(torch.randn(3, 4)).sum().backward()
+            rec.step()
+    assert read_file(tmp_path / "r.h5").runs["run"].layer_names == ["block.0", "block", "head", ""]
