@@ -1101,3 +1101,23 @@ def test_a_conv_with_a_parametrized_weight_is_one_layer_for_the_dataflow() -> No
     torch.testing.assert_close(folded.eval()(IMAGES), model.eval()(IMAGES))
     _, plan = apply_bn(net(spectral_norm, True), "strip", IMAGES, fold=True)
     assert "not folded: 0's weight or bias is computed by _SpectralNorm" in plan.changes[0].detail
+
+
+def test_surgery_leaves_the_garbage_collector_as_it_found_it() -> None:
+    """Surgery pauses the cyclic collector while it copies (it walked every copied object again and
+    again); it is back on afterwards, after a refusal too, and stays off for a caller who had it off."""
+    import gc
+
+    apply_bn(UsesTheCopy(), "strip", IMAGES)
+    assert gc.isenabled()
+    refused = UsesTheCopy()
+    randomise_bn(refused)
+    with pytest.raises(SurgeryError):
+        apply_bn(refused, "strip", IMAGES, fold=True)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        apply_bn(UsesTheCopy(), "strip", IMAGES)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -49,6 +49,9 @@ from __future__ import annotations
 
 import copy
 import enum
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from torch import nn
@@ -130,7 +133,35 @@ def apply_bn(
     bn_mode = _as_enum(BnMode, mode, "BN mode")
     bn_targets = _as_enum(BnTargets, targets, "BN targets")
     materialise(model, example_input)
-    model = copy.deepcopy(model)
+    with _no_cycle_collection():
+        return _apply(copy.deepcopy(model), bn_mode, bn_targets, example_input, keep_bias, fold, noise, seed)
+
+
+@contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Surgery copies a model (a fold check may copy it again): on a model of thousands of modules,
+    tens of thousands of objects, none of them garbage, which the cyclic collector, triggered by
+    the allocations, walked again and again (a quarter of the time of a strip of 2,269 modules)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _apply(
+    model: nn.Module,
+    bn_mode: BnMode,
+    bn_targets: BnTargets,
+    example_input: object,
+    keep_bias: bool,
+    fold: bool,
+    noise: NoiseConfig | None,
+    seed: int,
+) -> tuple[nn.Module, BnPlan]:
+    """:func:`apply_bn` on ``model``, its own copy."""
     before = _param_count(model)
     if bn_mode is BnMode.KEEP:
         return model, BnPlan(bn_mode.value, "none", (), before, before)

@@ -171,8 +171,8 @@ def _twin(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """A copy of ``model`` for the check to fold and run, its floating tensors in ``dtype`` (or
     cloned), tied tensors still tied. When every module keeps its state in its registries
     (parameters, buffers, children) and plain values elsewhere, the copy is structural: new module
-    objects and tensors, other attributes shallow-copied (containers one level deep, so a forward
-    that appends to a list appends to the twin's). ``copy.deepcopy`` also copies every attribute of
+    objects and tensors, other attributes shallow-copied (lists, sets and dicts one level deep, so a
+    forward that appends to a list appends to the twin's). ``copy.deepcopy`` also copies every attribute of
     every module, and took most of the check's time on a model with thousands of modules. A model
     that holds a module or tensor anywhere else (a list of its layers that its forward walks), or is
     parametrized, is deep-copied: a shallow copy would run or change the model's own modules."""
@@ -185,7 +185,7 @@ def _twin(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     for m in originals:
         twin = twins[id(m)] = copy.copy(m)
         for key, value in vars(m).items():
-            if isinstance(value, (list, set, dict)) and key not in _REGISTRIES:
+            if type(value) in (list, set, dict):  # a user's container (torch's hook registries are OrderedDicts)
                 vars(twin)[key] = copy.copy(value)
 
     def tensor(t: torch.Tensor) -> torch.Tensor:
