@@ -231,27 +231,18 @@ def test_imagefolder(tmp_path: Path) -> None:
     assert x.shape == (4, 3, 8, 8)
 
 
-def test_an_image_that_cannot_be_read_is_one_line_naming_it_when_training_reaches_it(in_tmp: Path) -> None:
+def test_an_image_that_cannot_be_read_is_one_line_naming_it_when_training_reaches_it(tmp_path: Path) -> None:
     """ImageFolder lists files by their extension and reads them as training draws them: a file that
-    is no image was a PIL traceback mid-run."""
+    is no image was PIL's error, its message a file object's repr (the run's line: test_hostile)."""
     from PIL import Image
-    from typer.testing import CliRunner
-
-    from bnprobe.cli import app
 
     for cls in ("cat", "dog"):
-        (in_tmp / "data" / cls).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(np.full((8, 8, 3), i * 40, dtype=np.uint8)).save(in_tmp / "data" / cls / f"{i}.png")
-    (in_tmp / "data" / "dog" / "2.png").write_text("not an image")
-    data = load_data(f"imagefolder:{in_tmp / 'data'}")
-    with pytest.raises(DataError, match=r"^cannot read .*dog/2\.png: not an image file PIL can identify$"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / cls / "0.png")
+    (tmp_path / "dog" / "1.png").write_text("not an image")
+    data = load_data(f"imagefolder:{tmp_path}")
+    with pytest.raises(DataError, match=r"^cannot read .*dog/1\.png: not an image file PIL can identify$"):
         data.train[len(data) - 1]
-    args = ["train", "--model", "mlp", "--data", f"imagefolder:{in_tmp / 'data'}", "--steps", "3", "--batch-size", "5"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code != 0 and result.stderr.count("\n") == 1, result.output
-    assert result.stderr.startswith("bnprobe: error: variant ") and "reading the data for step 0 failed: cannot read " in result.stderr
-    assert result.stderr.endswith("dog/2.png: not an image file PIL can identify\n")
 
 
 def test_imagefolder_counts_each_image_once_through_symbolic_links(tmp_path: Path) -> None:
