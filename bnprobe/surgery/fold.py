@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import SurgeryError
 from ..layers import is_batchnorm
-from .dataflow import _describe, _feeder_layer, _Flow, _tensors
+from .dataflow import _REGISTRIES, _describe, _feeder_layer, _Flow, _tensors
 from .edits import _replace
 from .kinds import _TARGETS, _channels, _Feeder, _tensor
 
@@ -149,7 +149,6 @@ def _as_double(obj: object) -> object:
     return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, obj)
 
 
-_REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, type, enum.Enum, types.FunctionType, types.BuiltinFunctionType)
 _PLAIN_TORCH = (torch.dtype, torch.device, torch.layout, torch.memory_format)
 
@@ -185,7 +184,7 @@ def _twin(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     for m in originals:
         twin = twins[id(m)] = copy.copy(m)
         for key, value in vars(m).items():
-            if type(value) in (list, set, dict):  # a user's container (torch's hook registries are OrderedDicts)
+            if type(value) in (list, set, dict) and key not in _REGISTRIES:  # a user's (torch's hook registries are OrderedDicts)
                 vars(twin)[key] = copy.copy(value)
 
     def tensor(t: torch.Tensor) -> torch.Tensor:
