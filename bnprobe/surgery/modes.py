@@ -57,7 +57,7 @@ def _insert(model: nn.Module, flow: _Flow, targets: BnTargets, keep_bias: bool, 
 def _add_noise(model: nn.Module, flow: _Flow, seeds: _Seeds) -> list[Change]:
     """Each BN the forward runs becomes its noisy subclass at its own name; a BN holding an activation gets the noise before it."""
     bns = {n: m for n, m in model.named_modules() if is_batchnorm(m)}
-    changes = []
+    changes, unreachable = [], []
     for name in flow.ordered([n for n in bns if n in flow.index or n in flow.read_outside]):
         bn = bns[name]
         if name not in flow.index:  # its forward, where the noise goes, never runs
@@ -65,6 +65,7 @@ def _add_noise(model: nn.Module, flow: _Flow, seeds: _Seeds) -> list[Change]:
             changes.append(
                 Change(Action.KEPT, name, "", f"not made noisy: its own forward never runs; code other than it reads its tensors: {reader}")
             )
+            unreachable.append(name)
             continue
         feeder, _ = _feeder(model, flow, name, bn)
         if isinstance(bn, NoisyNorm):
@@ -76,10 +77,10 @@ def _add_noise(model: nn.Module, flow: _Flow, seeds: _Seeds) -> list[Change]:
         _make_noisy(bn, name, after, seed, seeds.config)
         where = f", before its {', '.join(after)}" if after else ""
         changes.append(Change(Action.NOISE, name, feeder or "", f"{before} -> {type(bn).__name__}, noise seed {seed}{where}"))
-    if all(c.action is Action.KEPT and c.module in flow.read_outside for c in changes):
-        raise SurgeryError(  # else a noisy variant would silently equal keep
-            f"cannot add noise to {', '.join(c.module for c in changes)}: only code other than its own forward uses it "
-            f"({flow.read_outside[changes[0].module]}), and the noise goes in a BN's forward"
+    if unreachable and len(unreachable) == len(changes):  # else a noisy variant would silently equal keep
+        raise SurgeryError(
+            f"cannot add noise to {', '.join(unreachable)}: only code other than its own forward uses it "
+            f"({flow.read_outside[unreachable[0]]}), and the noise goes in a BN's forward"
         )
     return changes
 
