@@ -189,6 +189,12 @@ def _dataflow(model: nn.Module, example_input: object) -> _Flow:
 _REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})
 
 
+def _containers(attrs: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """A module's own lists, dicts and sets (``vars(module)``'s, less its registries; torch's hook
+    registries are OrderedDicts): what a forward may change in place."""
+    return ((k, v) for k, v in attrs.items() if k not in _REGISTRIES and type(v) in (list, dict, set))
+
+
 @contextmanager
 def _attributes_kept(model: nn.Module) -> Iterator[None]:
     """Every module's attributes as they were after the block: a forward that caches its output in
@@ -196,9 +202,7 @@ def _attributes_kept(model: nn.Module) -> Iterator[None]:
     a Proxy that no deep copy survives) in the model surgery returns. Containers are restored in
     place, so whatever else refers to them sees them restored too."""
     saved = [(vars(m), dict(vars(m))) for m in model.modules()]
-    contents = {
-        id(v): (v, copy.copy(v)) for _, attrs in saved for k, v in attrs.items() if k not in _REGISTRIES and type(v) in (list, dict, set)
-    }
+    contents = {id(v): (v, copy.copy(v)) for _, attrs in saved for _, v in _containers(attrs)}
     try:
         yield
     finally:

@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import SurgeryError
 from ..layers import is_batchnorm
-from .dataflow import _REGISTRIES, _describe, _feeder_layer, _Flow, _tensors
+from .dataflow import _REGISTRIES, _containers, _describe, _feeder_layer, _Flow, _tensors
 from .edits import _replace
 from .kinds import _TARGETS, _channels, _Feeder, _tensor
 
@@ -183,9 +183,8 @@ def _twin(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     twins: dict[int, nn.Module] = {}
     for m in originals:
         twin = twins[id(m)] = copy.copy(m)
-        for key, value in vars(m).items():
-            if type(value) in (list, set, dict) and key not in _REGISTRIES:  # a user's (torch's hook registries are OrderedDicts)
-                vars(twin)[key] = copy.copy(value)
+        for key, value in _containers(vars(m)):
+            vars(twin)[key] = copy.copy(value)
 
     def tensor(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in tensors:
