@@ -281,7 +281,7 @@ class Recorder:
     def _partials(self) -> dict[str, Partial]:
         """This step's statistics by layer, those left waiting (small layers, large layers' sums) made together now."""
         waiting = [(n, p) for n, p in self._current.items() if not isinstance(p, Partial)]
-        done = dict(zip((n for n, _ in waiting), partials_together([p for _, p in waiting])))
+        done = dict(zip((n for n, _ in waiting), partials_together([p for _, p in waiting], self._workspace)))
         return {n: p if isinstance(p, Partial) else done[n] for n, p in self._current.items()}
 
     def _layout(self, recorded: dict[str, Partial]) -> object:

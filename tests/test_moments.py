@@ -206,6 +206,9 @@ def test_small_layers_reduced_together_give_each_ones_statistics() -> None:
         torch.testing.assert_close(finish(got), finish(alone), rtol=1e-5, atol=1e-6)
         assert torch.isfinite(finish(got)[:4]).all(), i
     assert partials_together(waiting[2:3])[0].raw[1:4].tolist() == [0.0, 0.0, 0.0]  # a constant has no spread
+    workspace, fresh = Workspace(), partials_together(waiting)
+    for reused in (partials_together(waiting, workspace), partials_together(waiting[::-1], workspace)[::-1]):  # its memory used twice
+        assert all(torch.equal(a.raw, b.raw) for a, b in zip(fresh, reused))
 
 
 def test_large_layers_sums_made_into_moments_together_give_each_ones_bits() -> None:

@@ -350,15 +350,24 @@ def _table_layout(
     return owner.to(device), keep, away, pads.to(acc).to(device), sizes.to(acc).to(device)
 
 
-def _raw_together(datas: Sequence[torch.Tensor]) -> torch.Tensor:
+def _raw_together(datas: Sequence[torch.Tensor], workspace: Workspace | None = None) -> torch.Tensor:
     """``[7, layers]``: :func:`_eager_moments` of each of ``datas`` (1-D, one dtype and device),
     for all at once: the layers in one table of rows, one reduction per row and statistic, the
     rows' sums added into their layers' in float64. A few dozen operations, whatever the count of
-    layers; the padding is zeros, kept out of the sums, counts and extremes."""
+    layers; the padding is zeros, kept out of the sums, counts and extremes. The table and its
+    temporaries are the workspace's memory: fresh ones cost more in page faults than the passes."""
     lengths = tuple(d.numel() for d in datas)
     owner, keep, away, pads, n = _table_layout(lengths, datas[0].dtype, datas[0].device)
-    x = padded(datas, _ROW, 0.0)
+    like = datas[0]
+
+    def temporary(slot: int, numel: int) -> torch.Tensor:
+        if workspace is None:
+            return like.new_empty(numel)
+        return workspace.take(slot, (numel,), like.dtype, like.device)
+
+    x = padded(datas, _ROW, 0.0, out=(temporary(0, sum(lengths) + 1), temporary(4, keep.numel())))
     acc = _accumulator(x)
+    first, second, third = (temporary(slot, x.numel()).view_as(x) for slot in (0, 1, 2))
 
     def per_layer(rows: torch.Tensor) -> torch.Tensor:  # [rows, k] -> [k, layers]
         return torch.zeros(len(lengths), rows.shape[1], dtype=acc, device=x.device).index_add_(0, owner, rows.to(acc)).t()
@@ -366,21 +375,23 @@ def _raw_together(datas: Sequence[torch.Tensor]) -> torch.Tensor:
     shift = (per_layer(x.sum(1)[:, None])[0] / n).to(x.dtype)
     lo, hi = (
         torch.empty(len(lengths), dtype=x.dtype, device=x.device).scatter_reduce_(0, owner, extreme, how, include_self=False)
-        for extreme, how in (((x + away).amin(1), "amin"), ((x - away).amax(1), "amax"))
+        for extreme, how in ((torch.add(x, away, out=first).amin(1), "amin"), (torch.sub(x, away, out=first).amax(1), "amax"))
     )
     scale = _scale(lo, hi, shift)
-    centred = torch.sub(x, shift.index_select(0, owner)[:, None]).mul_(keep)
+    centred = torch.sub(x, shift.index_select(0, owner)[:, None], out=first).mul_(keep)
     if x.device.type != "cpu" or bool((scale != 1).any()):  # as in _eager_moments: no pass where no layer needs it
         centred.mul_((1 / scale).to(x.dtype).index_select(0, owner)[:, None])
-    sq = centred * centred
-    is_zero = _zeros(x, torch.empty_like(x))
-    sums = per_layer(torch.stack([centred.sum(1), sq.sum(1), (sq * centred).sum(1), (sq * sq).sum(1), is_zero], dim=1))
+    sq = torch.mul(centred, centred, out=second)
+    cubes, fourths = torch.mul(sq, centred, out=third).sum(1), torch.mul(sq, sq, out=third).sum(1)
+    is_zero = _zeros(x, third)
+    sums = per_layer(torch.stack([centred.sum(1), sq.sum(1), cubes, fourths, is_zero], dim=1))
     sums[4] -= pads
     return _moments_from_sums(shift, scale, sums / n, lo, hi).to(x.dtype)
 
 
-def partials_together(items: Sequence[Deferred | Summed]) -> list[Partial]:
-    """The :class:`Partial` of each of ``items``, those of one kind, dtype and device together."""
+def partials_together(items: Sequence[Deferred | Summed], workspace: Workspace | None = None) -> list[Partial]:
+    """The :class:`Partial` of each of ``items``, those of one kind, dtype and device together
+    (the small layers' table in ``workspace``'s memory)."""
     groups: dict[tuple[object, ...], list[int]] = {}
     for i, item in enumerate(items):
         like = item.data if isinstance(item, Deferred) else item.sums.shift
@@ -389,7 +400,7 @@ def partials_together(items: Sequence[Deferred | Summed]) -> list[Partial]:
     for members in groups.values():
         first = items[members[0]]
         if isinstance(first, Deferred):
-            raw = _raw_together([cast(Deferred, items[i]).data for i in members])
+            raw = _raw_together([cast(Deferred, items[i]).data for i in members], workspace)
         else:
             columns = zip(*(cast(Summed, items[i]).sums for i in members))  # each field of every layer, one row each
             raw = _moments_from_sums(*(torch.cat(field, dim=-1) for field in columns)).to(first.sums.shift.dtype)

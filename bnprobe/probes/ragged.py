@@ -22,11 +22,14 @@ def _padding_source(lengths: tuple[int, ...], width: int, device: torch.device) 
     return torch.cat([torch.cat([torch.arange(s, s + n), torch.full((-n % width,), total)]) for s, n in zip(starts, lengths)]).to(device)
 
 
-def padded(rows: Sequence[torch.Tensor], width: int, fill: float) -> torch.Tensor:
+def padded(rows: Sequence[torch.Tensor], width: int, fill: float, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``rows`` (1-D) each padded with ``fill`` to a multiple of ``width``, as ``[-1, width]``, by
-    two operations whatever their count (the padding's places are cached by the rows' lengths)."""
+    two operations whatever their count (the padding's places are cached by the rows' lengths);
+    ``out``: 1-D memory for the rows joined (one more than their values) and for the result."""
     source = _padding_source(tuple(r.numel() for r in rows), width, rows[0].device)
-    return torch.cat([*rows, rows[0].new_full((1,), fill)]).index_select(0, source).view(-1, width)
+    joined, table = out if out is not None else (None, None)
+    everything = torch.cat([*rows, rows[0].new_full((1,), fill)], out=joined)
+    return torch.index_select(everything, 0, source, out=table).view(-1, width)
 
 
 def levels(sample: torch.Tensor) -> torch.Tensor:
