@@ -10,7 +10,8 @@ Each model runs ``--blocks`` rounds; a round times ``--steps`` steps of each set
 step, every 10th) in a new order, each probed setting with a fresh Recorder whose first, untimed
 steps fix the layer order. A setting's time is its fastest round's mean (the least disturbed by
 the other processes of a shared machine), its ratio that over plain's fastest, with a standard
-error from those rounds' step times. Each step is timed by two clocks: the process's CPU time,
+error from those rounds' step times; "every 10th" is the mean of its record steps and of the
+steps between, each weighted by its share, with the error of those two means. Each step is timed by two clocks: the process's CPU time,
 which a busy machine's other processes leave nearly alone (one thread: it is the work the loop
 did), and the wall clock, which they do not. It runs one thread unless ``--threads`` says otherwise: on a
 shared machine a multi-threaded loop of small operations waits for whichever thread is descheduled
@@ -18,7 +19,7 @@ shared machine a multi-threaded loop of small operations waits for whichever thr
 (every step - plain) / layers: on the deep linear nets, whose layers hold 640 values each, it is
 the fixed cost a layer brings whatever its size.
 
-    python benchmarks/moments_zoo.py [--steps 20] [--blocks 3] [--models resnet18 dln200 ...]
+    python benchmarks/moments_zoo.py [--steps 30] [--blocks 3] [--models resnet18 dln200 ...]
         [--vgg-batch 128] [--threads 1] [--no-record]
 
 A quick check that it runs (figures meaningless): ``--steps 10 --blocks 1 --models dln25 --no-record``.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import random
 import statistics
 import tempfile
@@ -93,7 +95,9 @@ def time_setting(
     if record_every is not None:
         recorder = Recorder(model, tmp / f"{time.perf_counter_ns()}.h5", layers="*", record_every=record_every).__enter__()
     times: dict[str, list[float]] = {k: [] for k in CLOCKS}
+    times["recorded"] = []  # 1.0 for a record step, 0.0 for one between records (or without a Recorder)
     for i in range(WARMUP + steps):
+        recording = recorder is not None and recorder.step_index % recorder.record_every == 0
         start = {k: clock() for k, clock in CLOCKS.items()}
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
@@ -104,6 +108,7 @@ def time_setting(
         if i >= WARMUP:
             for k, clock in CLOCKS.items():
                 times[k].append(clock() - start[k])
+            times["recorded"].append(float(recording))
     if recorder is not None:
         recorder.close()
     return times
@@ -121,12 +126,22 @@ def measure(case: Case, steps: int, blocks: int, tmp: Path) -> dict[str, Any]:
             rounds[label].append(time_setting(model, x, y, SETTINGS[label], steps, tmp))
     out: dict[str, Any] = {"layers": len(parameter_holders(model))}
     for clock in CLOCKS:
-        best = {k: min((r[clock] for r in v), key=statistics.fmean) for k, v in rounds.items()}
-        out[clock] = {
-            "mean": {k: statistics.fmean(v) for k, v in best.items()},
-            "se": {k: statistics.stdev(v) / len(v) ** 0.5 for k, v in best.items()},
-        }
+        best = {k: min((per_step(r[clock], r["recorded"]) for r in v), key=lambda m: m[0]) for k, v in rounds.items()}
+        out[clock] = {"mean": {k: m for k, (m, _) in best.items()}, "se": {k: se for k, (_, se) in best.items()}}
     return out
+
+
+def per_step(times: list[float], recorded: list[float]) -> tuple[float, float]:
+    """Mean seconds per step and its standard error. Where record steps and the steps between
+    them mix, each kind's mean is weighted by its share of the steps, and the error is that of
+    the two kinds' means (a stratified mean): the spread between the two kinds is the cost being
+    measured, not noise, and taken as noise it had put the error of "every 10th" near its excess."""
+    kinds = [[t for t, r in zip(times, recorded) if r == kind] for kind in (0.0, 1.0)]
+    kinds = [k for k in kinds if k]
+    shares = [len(k) / len(times) for k in kinds]
+    mean = sum(w * statistics.fmean(k) for w, k in zip(shares, kinds))
+    variance = sum(w * w * (statistics.variance(k) if len(k) > 1 else math.nan) / len(k) for w, k in zip(shares, kinds))
+    return mean, variance**0.5
 
 
 def ratio(result: dict[str, Any], label: str) -> tuple[float, float]:
@@ -187,7 +202,7 @@ def main() -> None:
     from _results import add_record_flag, finish
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round and setting (a multiple of 10)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per round and setting (a multiple of 10)")
     parser.add_argument("--blocks", type=int, default=3, help="rounds per model")
     parser.add_argument("--vgg-batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
