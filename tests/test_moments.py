@@ -240,8 +240,9 @@ def test_a_large_or_empty_layer_gets_its_statistics_at_once() -> None:
 
 
 def test_quantiles_together_are_torch_quantiles_bits() -> None:
-    """One sort for rows of several lengths, padded: torch.quantile of each row, to the bit, with
-    infinities and NaN in them, and rows that are strided views (a per-channel subsample's)."""
+    """Rows of several lengths together, by selection and by one sort of them padded: torch.quantile
+    of each row, to the bit, with infinities, ties and NaN in them, and rows that are strided views
+    (a per-channel subsample's)."""
     g = torch.Generator().manual_seed(10)
     rows = [torch.randn(k % 23 + 1, generator=g) * (k + 1) + k for k in range(40)]
     rows += [
@@ -250,10 +251,12 @@ def test_quantiles_together_are_torch_quantiles_bits() -> None:
         torch.tensor([1.0, float("nan"), 3.0]),
         torch.randn(500, generator=g).double(),
     ]
+    rows[-1:-1] = [torch.randint(0, 3, (50,), generator=g).float() for _ in range(4)]  # ties, several rows of one length
+    rows[-1:-1] = [torch.tensor([float("nan"), 1.0, 2.0, 0.5] * 20), torch.randn(16384, generator=g), torch.randn(16384, generator=g)]
     for group in (rows[:-1], rows[-1:]):
-        got = ragged.quantiles(group)
         want = torch.stack([torch.quantile(r, torch.tensor(ragged.QUANTILES, dtype=r.dtype)) for r in group], dim=1)
-        assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
+        for got in (ragged.quantiles(group), ragged._sorted_quantiles(group)):  # selection on CPU; the sort elsewhere
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
 
 
 def test_constant_tensor_has_zero_skew_and_kurtosis() -> None:

@@ -217,14 +217,23 @@ def _eager_sums(flat: torch.Tensor, workspace: Workspace | None) -> Sums:
     sums = torch.zeros(5, rows, dtype=_accumulator(flat), device=flat.device)  # of c, c^2, c^3, c^4 and zeros
     for r0, r1, c0, c1 in _blocks(rows, n, block):
         part = flat[r0:r1, c0:c1]
-        centred = torch.sub(part, shift[r0:r1, None], out=_scratch(workspace, 0, part))
+        powers = _powers(workspace, part)  # c, c^2, c^3, c^4 and zeros, reduced by one call
+        centred = torch.sub(part, shift[r0:r1, None], out=powers[0])
         if inverse is not None:
             centred.mul_(inverse[r0:r1])
-        sq = torch.mul(centred, centred, out=_scratch(workspace, 1, part))
-        product = _scratch(workspace, 2, part)
-        cubes, fourths = torch.mul(sq, centred, out=product).sum(1), torch.mul(sq, sq, out=product).sum(1)
-        sums[:, r0:r1] += torch.stack([centred.sum(1), sq.sum(1), cubes, fourths, _zeros(part, _scratch(workspace, 2, part))])
+        sq = torch.mul(centred, centred, out=powers[1])
+        torch.mul(sq, centred, out=powers[2])
+        torch.mul(sq, sq, out=powers[3])
+        torch.eq(part, 0, out=powers[4])
+        sums[:, r0:r1] += powers.sum(-1) if part.shape[1] <= _EXACT_ONES else powers.sum(-1, dtype=sums.dtype)
     return Sums(shift, scale, sums / n, lo, hi)
+
+
+def _powers(workspace: Workspace | None, part: torch.Tensor) -> torch.Tensor:
+    """``[5, *part.shape]`` of ``part``'s dtype, in reused memory where there is a workspace."""
+    if workspace is None:
+        return part.new_empty((5, *part.shape))
+    return workspace.take(0, (5, *part.shape), part.dtype, part.device)
 
 
 def _zeros(part: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
