@@ -6,23 +6,27 @@ MLPs) show two other costs: a fixed cost per layer on each record step, and what
 between records pay. This runs ``Recorder(model, path, layers="*")`` in a plain SGD loop with
 momentum on each model, recording every step and every 10th, beside the loop without it.
 
-Each model runs ``--blocks`` rounds; a round times ``--steps`` steps of each setting (plain, every
-step, every 10th) in a new order, each probed setting with a fresh Recorder whose first, untimed
-steps fix the layer order. A setting's time is its fastest round's mean (the least disturbed by
-the other processes of a shared machine), its ratio that over plain's fastest, with a standard
-error from those rounds' step times; "every 10th" is the mean of its record steps and of the
-steps between, each weighted by its share, with the error of those two means. Each step is timed by two clocks: the process's CPU time,
-which a busy machine's other processes leave nearly alone (one thread: it is the work the loop
-did), and the wall clock, which they do not. It runs one thread unless ``--threads`` says otherwise: on a
-shared machine a multi-threaded loop of small operations waits for whichever thread is descheduled
-(a 200-layer deep linear net's step took 0.3-3 s on 2 threads beside other work, 25 ms on 1). "per layer" is what a record step adds per probed layer,
-(every step - plain) / layers: on the deep linear nets, whose layers hold 640 values each, it is
-the fixed cost a layer brings whatever its size.
+Each model runs ``--blocks`` blocks; a block times a round of ``--steps`` steps of each setting
+(plain, every step, every 10th) in a new order, each probed setting with a fresh Recorder whose
+first, untimed steps fix the layer order. A setting's ratio is the mean over blocks of its round's
+mean step over that block's plain round's, with the standard error of that mean: pairing each
+round with the plain one beside it cancels the drift of a shared machine's speed over minutes
+(a VGG step's time wandered by 5-10% between rounds, more than the costs measured), which
+comparing each setting's fastest round did not. A round of the every-10th setting holds whole
+periods of ten steps (one record step each); "between records" is its other steps alone, the
+Recorder's cost where it does not record. Each step is timed by two clocks: the process's CPU
+time, which a busy machine's other processes leave nearly alone (one thread: it is the work the
+loop did), and the wall clock, which they do not. It runs one thread unless ``--threads`` says
+otherwise: on a shared machine a multi-threaded loop of small operations waits for whichever
+thread is descheduled (a 200-layer deep linear net's step took 0.3-3 s on 2 threads beside other
+work, 25 ms on 1). "per layer" is what a record step adds per probed layer, (every step -
+plain) / layers: on the deep linear nets, whose layers hold 640 values each, it is the fixed
+cost a layer brings whatever its size.
 
-    python benchmarks/moments_zoo.py [--steps 30] [--blocks 3] [--models resnet18 dln200 ...]
+    python benchmarks/moments_zoo.py [--steps 10] [--blocks 8] [--models resnet18 dln200 ...]
         [--vgg-batch 128] [--threads 1] [--no-record]
 
-A quick check that it runs (figures meaningless): ``--steps 10 --blocks 1 --models dln25 --no-record``.
+A quick check that it runs (figures meaningless): ``--steps 10 --blocks 2 --models dln25 --no-record``.
 """
 
 from __future__ import annotations
@@ -115,7 +119,7 @@ def time_setting(
 
 
 def measure(case: Case, steps: int, blocks: int, tmp: Path) -> dict[str, Any]:
-    """By clock, each setting's fastest round (mean and standard error per step); the layer count."""
+    """By clock, :func:`paired` over ``blocks`` blocks of one round per setting; the layer count."""
     torch.manual_seed(0)
     model = case.build()
     x = torch.randn(case.batch, *case.input_shape)
@@ -124,31 +128,31 @@ def measure(case: Case, steps: int, blocks: int, tmp: Path) -> dict[str, Any]:
     for b in range(blocks):
         for label in random.Random(b).sample(list(SETTINGS), len(SETTINGS)):
             rounds[label].append(time_setting(model, x, y, SETTINGS[label], steps, tmp))
-    out: dict[str, Any] = {"layers": len(parameter_holders(model))}
-    for clock in CLOCKS:
-        best = {k: min((per_step(r[clock], r["recorded"]) for r in v), key=lambda m: m[0]) for k, v in rounds.items()}
-        out[clock] = {"mean": {k: m for k, (m, _) in best.items()}, "se": {k: se for k, (_, se) in best.items()}}
-    return out
+    return {"layers": len(parameter_holders(model)), **{clock: paired(rounds, clock) for clock in CLOCKS}}
 
 
-def per_step(times: list[float], recorded: list[float]) -> tuple[float, float]:
-    """Mean seconds per step and its standard error. Where record steps and the steps between
-    them mix, each kind's mean is weighted by its share of the steps, and the error is that of
-    the two kinds' means (a stratified mean): the spread between the two kinds is the cost being
-    measured, not noise, and taken as noise it had put the error of "every 10th" near its excess."""
-    kinds = [[t for t, r in zip(times, recorded) if r == kind] for kind in (0.0, 1.0)]
-    kinds = [k for k in kinds if k]
-    shares = [len(k) / len(times) for k in kinds]
-    mean = sum(w * statistics.fmean(k) for w, k in zip(shares, kinds))
-    variance = sum(w * w * (statistics.variance(k) if len(k) > 1 else math.nan) / len(k) for w, k in zip(shares, kinds))
-    return mean, variance**0.5
+def paired(rounds: dict[str, list[dict[str, list[float]]]], clock: str) -> dict[str, Any]:
+    """Per block: plain's mean step, each setting's mean over it (and the every-10th rounds' steps
+    between records over it), and the time every step adds over it."""
+    plain = [statistics.fmean(r[clock]) for r in rounds["plain"]]
+    means = {label: [statistics.fmean(r[clock]) for r in rounds[label]] for label in ("every step", "every 10th")}
+    means["between records"] = [statistics.fmean(between_records(r)[clock]) for r in rounds["every 10th"]]
+    return {
+        "plain": plain,
+        "ratios": {label: [m / p for m, p in zip(v, plain)] for label, v in means.items()},
+        "added": [m - p for m, p in zip(means["every step"], plain)],
+    }
 
 
-def ratio(result: dict[str, Any], label: str) -> tuple[float, float]:
-    """Fastest-round mean over plain's, with the standard error of a ratio of independent means."""
-    a, b = result["mean"][label], result["mean"]["plain"]
-    r = a / b
-    return r, r * ((result["se"][label] / a) ** 2 + (result["se"]["plain"] / b) ** 2) ** 0.5
+def between_records(times: dict[str, list[float]]) -> dict[str, list[float]]:
+    """The steps of a round that did not record, alone: what a Recorder costs between records."""
+    kept = [i for i, r in enumerate(times["recorded"]) if not r]
+    return {k: [v[i] for i in kept] for k, v in times.items()}
+
+
+def summary(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (NaN from one value)."""
+    return statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else math.nan
 
 
 def table(results: dict[str, dict[str, Any]], clock: str, steps: int, blocks: int) -> Any:
@@ -157,25 +161,39 @@ def table(results: dict[str, dict[str, Any]], clock: str, steps: int, blocks: in
     rows: list[Sequence[str]] = []
     for label, result in results.items():
         r = result[clock]
-        every, tenth = ratio(r, "every step"), ratio(r, "every 10th")
-        per_layer = (r["mean"]["every step"] - r["mean"]["plain"]) / result["layers"]
+        every, tenth, between = (summary(r["ratios"][k]) for k in ("every step", "every 10th", "between records"))
+        per_layer = statistics.fmean(r["added"]) / result["layers"]
         rows.append(
             [
                 label,
                 str(result["layers"]),
-                f"{r['mean']['plain'] * 1000:.1f}",
+                f"{statistics.median(r['plain']) * 1000:.1f}",
                 f"{every[0]:.3f}x",
                 f"{every[1]:.3f}",
                 f"{tenth[0]:.3f}x",
                 f"{tenth[1]:.3f}",
+                f"{between[0]:.3f}x",
+                f"{between[1]:.3f}",
                 f"{per_layer * 1e6:.0f}",
             ]
         )
     title = (
-        f"{clock} time, {torch.get_num_threads()} threads, {steps} steps per round, fastest of {blocks} rounds; "
-        "ratio to the same loop without the Recorder, +- standard error; per layer: µs a record step adds per probed layer"
+        f"{clock} time, {torch.get_num_threads()} threads, {blocks} blocks of one {steps}-step round per setting; "
+        "ratio to the plain round of the same block, mean over blocks +- standard error; "
+        "between records: the every-10th rounds' steps that did not record; per layer: µs a record step adds per probed layer"
     )
-    header = ["model", "layers", "plain ms/step", "every step", "+- s.e.", "every 10th", "+- s.e.", "per layer µs"]
+    header = [
+        "model",
+        "layers",
+        "plain ms/step",
+        "every step",
+        "+- s.e.",
+        "every 10th",
+        "+- s.e.",
+        "between records",
+        "+- s.e.",
+        "per layer µs",
+    ]
     return Table(title, header, rows, notes=marginal(results, clock))
 
 
@@ -189,7 +207,7 @@ def marginal(results: dict[str, dict[str, Any]], clock: str) -> list[str]:
     low, high = min(nets, key=lambda r: r["layers"]), max(nets, key=lambda r: r["layers"])
 
     def added(r: dict[str, Any]) -> float:
-        return float(r[clock]["mean"]["every step"] - r[clock]["mean"]["plain"])
+        return statistics.fmean(r[clock]["added"])
 
     per_layer = (added(high) - added(low)) / (high["layers"] - low["layers"])
     return [
@@ -202,8 +220,8 @@ def main() -> None:
     from _results import add_record_flag, finish
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per round and setting (a multiple of 10)")
-    parser.add_argument("--blocks", type=int, default=3, help="rounds per model")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round (a multiple of 10)")
+    parser.add_argument("--blocks", type=int, default=8, help="blocks (one round of each setting) per model")
     parser.add_argument("--vgg-batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     names = list(cases(128))
