@@ -228,6 +228,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=names, default=names)
     add_record_flag(parser)
     args = parser.parse_args()
+    if args.steps % 10:
+        parser.error("--steps must be a multiple of 10: a round of the every-10th setting holds whole periods")
     torch.set_num_threads(args.threads)
 
     zoo = cases(args.vgg_batch)

@@ -76,14 +76,6 @@ class Workspace:
         return buffer[:numel].view(shape)
 
 
-def _scratch(workspace: Workspace | None, slot: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A tensor laid out as ``like``: a reduction's result depends on the order it adds in, so a
-    strided ``like`` (per-channel stats of a 2-D activation) gets a fresh strided tensor."""
-    if workspace is None or not like.is_contiguous():
-        return torch.empty_like(like, dtype=dtype)
-    return workspace.take(slot, tuple(like.shape), like.dtype if dtype is None else dtype, like.device)
-
-
 def _channels_first(x: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
     """``[channels, everything else]``: the contiguous copy ``x.transpose(0, 1).reshape(C, -1)``
     makes, made into reused memory."""
@@ -156,8 +148,8 @@ def _fused_moments(flat: torch.Tensor) -> torch.Tensor:
     return torch.cat([moments, torch.stack([lo, hi, zeros])])
 
 
-_EXACT_ONES = 1 << 24  # float32 adds ones exactly up to this count
 _CPU_BLOCK = 1 << 18  # elements per block of the eager path on CPU: 1 MB of float32 per temporary
+_DEVICE_BLOCK = 1 << 24  # elsewhere: float32 adds ones (zeros counted) exactly up to this, and a block's five powers take 320 MB at most
 
 
 def _blocks(rows: int, n: int, block: int) -> Iterator[tuple[int, int, int, int]]:
@@ -192,7 +184,7 @@ def _eager_moments(flat: torch.Tensor, workspace: Workspace | None) -> torch.Ten
 
 def _eager_sums(flat: torch.Tensor, workspace: Workspace | None) -> Sums:
     """The :class:`Sums` of each row of ``flat``: after the means and extremes, one pass in blocks
-    that stay in the CPU's cache (one block elsewhere), with values centred on the mean as
+    that stay in the CPU's cache (of ``_DEVICE_BLOCK`` elsewhere), with values centred on the mean as
     ``flat``'s dtype rounds it and scaled by :func:`_scale`. Each block's sums of c, c^2, c^3 and
     c^4 (c the centred values, squares and products in reused memory) are added in float64, and the
     mean's rounding d = sum(c) / n is taken out there (:func:`_standardised`). Without that, data far from zero with a small spread had a visibly
@@ -205,7 +197,7 @@ def _eager_sums(flat: torch.Tensor, workspace: Workspace | None) -> Sums:
     step costs about what the old, inaccurate passes over whole activations did, and per-channel
     statistics less."""
     rows, n = flat.shape
-    block = _CPU_BLOCK if flat.device.type == "cpu" else flat.numel()
+    block = _CPU_BLOCK if flat.device.type == "cpu" else _DEVICE_BLOCK
     shift = flat.sum(dim=1) / n
     if rows == 1:  # a whole-tensor reduction is several times faster than a dim=1 one on CPU
         lo, hi = (extreme.reshape(1) for extreme in torch.aminmax(flat))
@@ -225,7 +217,7 @@ def _eager_sums(flat: torch.Tensor, workspace: Workspace | None) -> Sums:
         torch.mul(sq, centred, out=powers[2])
         torch.mul(sq, sq, out=powers[3])
         torch.eq(part, 0, out=powers[4])
-        sums[:, r0:r1] += powers.sum(-1) if part.shape[1] <= _EXACT_ONES else powers.sum(-1, dtype=sums.dtype)
+        sums[:, r0:r1] += powers.sum(-1)
     return Sums(shift, scale, sums / n, lo, hi)
 
 
@@ -238,10 +230,9 @@ def _powers(workspace: Workspace | None, part: torch.Tensor) -> torch.Tensor:
 
 def _zeros(part: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """Per row of ``part``, its exact zeros (-0.0 too, not NaN), counted as ones of its own dtype
-    in ``scratch``: on CPU a third of the time or less of a boolean mask and ``count_nonzero``. Longer
-    rows than float32 counts exactly (a GPU's single block) are added as sums are."""
-    ones = torch.eq(part, 0, out=scratch)
-    return ones.sum(1) if part.shape[1] <= _EXACT_ONES else ones.sum(1, dtype=_accumulator(part))
+    in ``scratch``: on CPU a third of the time or less of a boolean mask and ``count_nonzero``
+    (exact for rows of up to 2^24 values, as every block is)."""
+    return torch.eq(part, 0, out=scratch).sum(1)
 
 
 def _moments_from_sums(shift: torch.Tensor, scale: torch.Tensor, means: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -433,7 +424,7 @@ def _finished(raw: torch.Tensor, pct: torch.Tensor) -> torch.Tensor:
 
 def finish_all(parts: Sequence[Partial]) -> list[torch.Tensor]:
     """:func:`finish` of each of ``parts``, to the bit, those of one dtype and device together: one
-    quantile (one sort) and one set of formulas for all of them instead of one per layer (the
+    quantile call and one set of formulas for all of them instead of one per layer (the
     deeper the model, the more it saves)."""
     out: dict[int, torch.Tensor] = {}
     groups: dict[tuple[object, ...], list[int]] = {}

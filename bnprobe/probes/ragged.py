@@ -38,7 +38,7 @@ def levels(sample: torch.Tensor) -> torch.Tensor:
 
 def quantiles(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[len(QUANTILES), len(rows)]``: ``torch.quantile`` of each row (1-D, of any lengths), to
-    the bit: the same ranks, neighbours and interpolation on each row's own length, and NaN for a
+    the bit but for a zero's sign (-0.0 and 0.0 tie, so either may come first): the same ranks, neighbours and interpolation on each row's own length, and NaN for a
     row with a NaN, as torch.quantile gives it. On CPU by selection (:func:`_selected_quantiles`),
     elsewhere by one sort (:func:`_sorted_quantiles`)."""
     if rows[0].device.type == "cpu" and rows[0].dtype in (torch.float32, torch.float64):
