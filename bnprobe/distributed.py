@@ -11,7 +11,7 @@ the loss is a mean over the batch, so the global loss is the mean of the shards'
 - gradients, Hessian-vector products and loss values are averaged (:func:`average_`), so ICS's G
   and G', the landscape and the Hessian are those of the global batch;
 - activation moments are merged exactly from each shard's count, mean and central moments
-  (:func:`bnprobe.probes.moments.merged_across_processes`), min/max by their extremes, histogram counts summed, and
+  (:func:`bnprobe.probes.shards.merged_across_processes`), min/max by their extremes, histogram counts summed, and
   percentiles from the shards' subsamples put together;
 - BN layers normalise with their own shard's statistics unless ``sync_bn`` makes them
   ``SyncBatchNorm`` (then with the global batch's, as in one process).

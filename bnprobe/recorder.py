@@ -36,10 +36,10 @@ from .probes.moments import (
     deferred_or_partial,
     finish_all,
     histogram,
-    merged_across_processes,
     partial_moments,
     partials_together,
 )
+from .probes.shards import merged_across_processes
 from .store import STATS, RunWriter, Status, Store
 
 

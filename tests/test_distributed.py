@@ -45,17 +45,17 @@ def test_one_message_carries_every_layer_between_processes(monkeypatch: pytest.M
     gather, and come out merged by Chan's formulas: process 0 and a fake process 1 hold different
     shards (other means, so every cross term counts), and each layer's statistics are those of the
     two shards put together."""
-    import bnprobe.probes.moments as moments
+    import bnprobe.probes.shards as shards
 
     def parts(seed: int) -> list[Partial]:
         return [partial_moments(t, per_channel, samples=10**6) for t in _layers(seed) for per_channel in (False, True)]
 
-    monkeypatch.setattr(moments.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(shards.distributed, "world_size", lambda: 2)
     sent: list[torch.Tensor] = []
-    monkeypatch.setattr(moments.distributed, "gather", lambda message: sent.append(message) or [message, message])
-    moments.merged_across_processes(parts(2))  # what process 1 sends
-    monkeypatch.setattr(moments.distributed, "gather", lambda message: [message, sent[0]])
-    merged = moments.merged_across_processes(parts(0))
+    monkeypatch.setattr(shards.distributed, "gather", lambda message: sent.append(message) or [message, message])
+    shards.merged_across_processes(parts(2))  # what process 1 sends
+    monkeypatch.setattr(shards.distributed, "gather", lambda message: [message, sent[0]])
+    merged = shards.merged_across_processes(parts(0))
     wanted = [
         moment_stats(torch.cat([a, b]), per_channel, samples=10**6) for a, b in zip(_layers(0), _layers(2)) for per_channel in (False, True)
     ]

@@ -20,7 +20,6 @@ from typing import NamedTuple, cast
 
 import torch
 
-from .. import distributed
 from ..store import STATS
 from .ragged import levels, padded, quantiles
 
@@ -113,7 +112,7 @@ def _scale(lo: torch.Tensor, hi: torch.Tensor, shift: torch.Tensor) -> torch.Ten
     return torch.ldexp(torch.ones_like(reach), torch.where(exponent.abs() <= 16, 0, exponent.clamp(min=smallest)))
 
 
-def _standardised(d: torch.Tensor, s2: torch.Tensor, s3: torch.Tensor, s4: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def standardised(d: torch.Tensor, s2: torch.Tensor, s3: torch.Tensor, s4: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Variance (of the scaled values), skewness and excess kurtosis from the means s_k of c^k, c
     the scaled values less a shift that is d off their mean: m2 = s2 - d^2, m3 = s3 - 3 d s2 + 2 d^3,
     m4 = s4 - 4 d s3 + 6 d^2 s2 - 3 d^4. Skewness and kurtosis are 0 where the variance is."""
@@ -143,7 +142,7 @@ def _fused_moments(flat: torch.Tensor) -> torch.Tensor:
     centred = (wide - mean[:, None]) / scale[:, None]
     sq = centred * centred
     zeros = (flat == 0).sum(dim=1).to(flat.dtype) / n
-    m2, skew, kurt = _standardised(torch.zeros_like(mean), sq.sum(dim=1) / n, (sq * centred).sum(dim=1) / n, (sq * sq).sum(dim=1) / n)
+    m2, skew, kurt = standardised(torch.zeros_like(mean), sq.sum(dim=1) / n, (sq * centred).sum(dim=1) / n, (sq * sq).sum(dim=1) / n)
     moments = torch.stack([mean, m2 * scale * scale, skew, kurt]).to(flat.dtype)
     return torch.cat([moments, torch.stack([lo, hi, zeros])])
 
@@ -187,7 +186,7 @@ def _eager_sums(flat: torch.Tensor, workspace: Workspace | None) -> Sums:
     that stay in the CPU's cache (of ``_DEVICE_BLOCK`` elsewhere), with values centred on the mean as
     ``flat``'s dtype rounds it and scaled by :func:`_scale`. Each block's sums of c, c^2, c^3 and
     c^4 (c the centred values, squares and products in reused memory) are added in float64, and the
-    mean's rounding d = sum(c) / n is taken out there (:func:`_standardised`). Without that, data far from zero with a small spread had a visibly
+    mean's rounding d = sum(c) / n is taken out there (:func:`standardised`). Without that, data far from zero with a small spread had a visibly
     wrong skewness, and a constant channel a tiny nonzero variance with skewness and kurtosis
     far from 0; with it, the constant's offset c is a few units in its last place, whose powers
     float32 holds exactly: moments of 0.
@@ -238,10 +237,10 @@ def _zeros(part: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
 def _moments_from_sums(shift: torch.Tensor, scale: torch.Tensor, means: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """``[mean, var, skewness, excess kurtosis, min, max, zero fraction]`` from the means of c, c^2,
     c^3, c^4 and zeros (c the values less ``shift``, divided by ``scale``), the mean's rounding
-    d = mean(c) taken out as :func:`_standardised` says."""
+    d = mean(c) taken out as :func:`standardised` says."""
     d, s2, s3, s4, zeros = means
     wide = scale.to(d.dtype)
-    m2, skew, kurt = _standardised(d, s2, s3, s4)
+    m2, skew, kurt = standardised(d, s2, s3, s4)
     return torch.stack([shift.to(d.dtype) + d * wide, m2 * wide * wide, skew, kurt, lo.to(d.dtype), hi.to(d.dtype), zeros])
 
 
@@ -443,51 +442,6 @@ def finish_all(parts: Sequence[Partial]) -> list[torch.Tensor]:
             out[i] = columns[start] if parts[i].raw.dim() == 1 else stats[:, start : start + width]
             start += width
     return [out[i] for i in range(len(parts))]
-
-
-def _merged_raw(raw: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """``raw`` [shards, 7, K] of shards with ``n`` [shards, K] elements each, as one [7, K]: with
-    means mu_r and central moments M_k,r = n_r m_k,r about them (from variance, skewness and
-    kurtosis), around the global mean mu
-    (d = mu_r - mu): M2 = sum M2_r + n_r d^2, M3 = sum M3_r + 3 d M2_r + n_r d^3,
-    M4 = sum M4_r + 4 d M3_r + 6 d^2 M2_r + n_r d^4 (Chan et al. 1979, Pebay 2008), in float64.
-    Min and max are the extremes, zero fractions count-weighted."""
-    total = n.sum(0)
-    var_r = raw[:, 1]
-    mean_r, m2_r, m3_r, m4_r = raw[:, 0], n * var_r, n * raw[:, 2] * var_r**1.5, n * (raw[:, 3] + 3) * var_r**2
-    mean = (n * mean_r).sum(0) / total
-    d = mean_r - mean
-    m2 = (m2_r + n * d**2).sum(0)
-    m3 = (m3_r + 3 * d * m2_r + n * d**3).sum(0)
-    m4 = (m4_r + 4 * d * m3_r + 6 * d**2 * m2_r + n * d**4).sum(0)
-    zeros = (n * raw[:, 6]).sum(0) / total
-    m2, skew, kurt = _standardised(torch.zeros_like(total), m2 / total, m3 / total, m4 / total)
-    return torch.stack([mean, m2, skew, kurt, raw[:, 4].amin(0), raw[:, 5].amax(0), zeros])
-
-
-def merged_across_processes(parts: Sequence[Partial]) -> list[Partial]:
-    """Each of ``parts`` merged with the same layer's part in every other process (under torchrun;
-    ``parts`` itself in one process): one gather and one merge for all layers together, and no
-    host synchronisation. Every process's shard has the same shape, hence the same counts."""
-    processes = distributed.world_size()
-    if processes == 1 or not parts:
-        return list(parts)
-    widths = [p.raw.reshape(7, -1).shape[1] for p in parts]
-    flat = torch.cat([p.raw.reshape(7, -1) for p in parts], dim=1).double()  # [7, all rows of all layers]
-    dtype = parts[0].sample.dtype if len({p.sample.dtype for p in parts}) == 1 else torch.float64
-    # One message: the float64 statistics' bits reinterpreted in the samples' dtype (exact), then the samples.
-    stats_bits = flat.reshape(-1).view(dtype)
-    message = torch.cat([stats_bits, *(p.sample.to(dtype).reshape(-1) for p in parts)])
-    received = [m.split([stats_bits.numel(), message.numel() - stats_bits.numel()]) for m in distributed.gather(message)]
-    raws = torch.stack([bits.view(torch.float64).view(flat.shape) for bits, _ in received])
-    counts = torch.tensor([float(p.n) for p, w in zip(parts, widths) for _ in range(w)], dtype=torch.float64)
-    merged = _merged_raw(raws, counts.to(flat.device, non_blocking=True).expand(processes, -1))
-    samples = [rest.split([p.sample.numel() for p in parts]) for _, rest in received]
-    out = []
-    for i, (p, m) in enumerate(zip(parts, merged.split(widths, dim=1))):
-        sample = torch.cat([shard[i].view_as(p.sample) for shard in samples], dim=-1).to(p.sample.dtype)
-        out.append(Partial(m.reshape(p.raw.shape).to(p.raw.dtype), sample, p.n * processes))
-    return out
 
 
 def moment_stats(
