@@ -11,7 +11,7 @@ Each model runs ``--blocks`` blocks; a block times a round of ``--steps`` steps 
 first, untimed steps fix the layer order. A setting's ratio is the mean over blocks of its round's
 mean step over that block's plain round's, with the standard error of that mean: pairing each
 round with the plain one beside it cancels the drift of a shared machine's speed over minutes
-(a VGG step's time wandered by 5-10% between rounds, more than the costs measured), which
+(a VGG step's time wandered between rounds by more than the costs measured), which
 comparing each setting's fastest round did not. A round of the every-10th setting holds whole
 periods of ten steps (one record step each); "between records" is its other steps alone, the
 Recorder's cost where it does not record. Each step is timed by two clocks: the process's CPU
