@@ -208,30 +208,37 @@ def _eager_sums(flat: torch.Tensor, workspace: Workspace | None) -> Sums:
     sums = torch.zeros(5, rows, dtype=_accumulator(flat), device=flat.device)  # of c, c^2, c^3, c^4 and zeros
     for r0, r1, c0, c1 in _blocks(rows, n, block):
         part = flat[r0:r1, c0:c1]
-        powers = _powers(workspace, part)  # c, c^2, c^3, c^4 and zeros, reduced by one call
-        centred = torch.sub(part, shift[r0:r1, None], out=powers[0])
-        if inverse is not None:
-            centred.mul_(inverse[r0:r1])
-        sq = torch.mul(centred, centred, out=powers[1])
-        torch.mul(sq, centred, out=powers[2])
-        torch.mul(sq, sq, out=powers[3])
-        torch.eq(part, 0, out=powers[4])
-        sums[:, r0:r1] += powers.sum(-1)
+        powers = _reused(workspace, 0, (5, *part.shape), part)
+        sums[:, r0:r1] += _power_sums(part, shift[r0:r1, None], None if inverse is None else inverse[r0:r1], powers)
     return Sums(shift, scale, sums / n, lo, hi)
 
 
-def _powers(workspace: Workspace | None, part: torch.Tensor) -> torch.Tensor:
-    """``[5, *part.shape]`` of ``part``'s dtype, in reused memory where there is a workspace."""
+def _reused(workspace: Workspace | None, slot: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Memory of ``shape`` in ``like``'s dtype and device: the workspace's ``slot``, or fresh without one."""
     if workspace is None:
-        return part.new_empty((5, *part.shape))
-    return workspace.take(0, (5, *part.shape), part.dtype, part.device)
+        return like.new_empty(shape)
+    return workspace.take(slot, shape, like.dtype, like.device)
 
 
-def _zeros(part: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """Per row of ``part``, its exact zeros (-0.0 too, not NaN), counted as ones of its own dtype
-    in ``scratch``: on CPU a third of the time or less of a boolean mask and ``count_nonzero``
-    (exact for rows of up to 2^24 values, as every block is)."""
-    return torch.eq(part, 0, out=scratch).sum(1)
+def _power_sums(
+    part: torch.Tensor, shift: torch.Tensor, inverse: torch.Tensor | None, powers: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[5, rows]``: per row of ``part``, the sums of c, c^2, c^3 and c^4, c = (part - shift),
+    times ``keep`` (1 at values, 0 at padding) and ``inverse`` where given, and of the exact zeros
+    of ``part`` (-0.0 too, not NaN). All five are written into ``powers`` (``[5, *part.shape]``) and
+    reduced by one call; zeros are counted as ones of the data's dtype, on CPU a third of the time
+    or less of a boolean mask and ``count_nonzero``, exactly for rows of up to 2^24 values, as
+    every block is."""
+    centred = torch.sub(part, shift, out=powers[0])
+    if keep is not None:
+        centred.mul_(keep)
+    if inverse is not None:
+        centred.mul_(inverse)
+    sq = torch.mul(centred, centred, out=powers[1])
+    torch.mul(sq, centred, out=powers[2])
+    torch.mul(sq, sq, out=powers[3])
+    torch.eq(part, 0, out=powers[4])
+    return powers.sum(-1)
 
 
 def _moments_from_sums(shift: torch.Tensor, scale: torch.Tensor, means: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -357,16 +364,10 @@ def _raw_together(datas: Sequence[torch.Tensor], workspace: Workspace | None = N
     temporaries are the workspace's memory: fresh ones cost more in page faults than the passes."""
     lengths = tuple(d.numel() for d in datas)
     owner, keep, away, pads, n = _table_layout(lengths, datas[0].dtype, datas[0].device)
-    like = datas[0]
-
-    def temporary(slot: int, numel: int) -> torch.Tensor:
-        if workspace is None:
-            return like.new_empty(numel)
-        return workspace.take(slot, (numel,), like.dtype, like.device)
-
-    x = padded(datas, _ROW, 0.0, out=(temporary(0, sum(lengths) + 1), temporary(4, keep.numel())))
+    joined = _reused(workspace, 0, (sum(lengths) + 1,), datas[0])
+    x = padded(datas, _ROW, 0.0, out=(joined, _reused(workspace, 4, (keep.numel(),), datas[0])))
     acc = _accumulator(x)
-    first, second, third = (temporary(slot, x.numel()).view_as(x) for slot in (0, 1, 2))
+    powers = _reused(workspace, 0, (5, *x.shape), x)  # after joined is read: the same memory
 
     def per_layer(rows: torch.Tensor) -> torch.Tensor:  # [rows, k] -> [k, layers]
         return torch.zeros(len(lengths), rows.shape[1], dtype=acc, device=x.device).index_add_(0, owner, rows.to(acc)).t()
@@ -374,16 +375,12 @@ def _raw_together(datas: Sequence[torch.Tensor], workspace: Workspace | None = N
     shift = (per_layer(x.sum(1)[:, None])[0] / n).to(x.dtype)
     lo, hi = (
         torch.empty(len(lengths), dtype=x.dtype, device=x.device).scatter_reduce_(0, owner, extreme, how, include_self=False)
-        for extreme, how in ((torch.add(x, away, out=first).amin(1), "amin"), (torch.sub(x, away, out=first).amax(1), "amax"))
+        for extreme, how in ((torch.add(x, away, out=powers[0]).amin(1), "amin"), (torch.sub(x, away, out=powers[0]).amax(1), "amax"))
     )
     scale = _scale(lo, hi, shift)
-    centred = torch.sub(x, shift.index_select(0, owner)[:, None], out=first).mul_(keep)
-    if x.device.type != "cpu" or bool((scale != 1).any()):  # as in _eager_moments: no pass where no layer needs it
-        centred.mul_((1 / scale).to(x.dtype).index_select(0, owner)[:, None])
-    sq = torch.mul(centred, centred, out=second)
-    cubes, fourths = torch.mul(sq, centred, out=third).sum(1), torch.mul(sq, sq, out=third).sum(1)
-    is_zero = _zeros(x, third)
-    sums = per_layer(torch.stack([centred.sum(1), sq.sum(1), cubes, fourths, is_zero], dim=1))
+    rescale = x.device.type != "cpu" or bool((scale != 1).any())  # as in _eager_moments: no pass where no layer needs it
+    inverse = (1 / scale).to(x.dtype).index_select(0, owner)[:, None] if rescale else None
+    sums = per_layer(_power_sums(x, shift.index_select(0, owner)[:, None], inverse, powers, keep).t())
     sums[4] -= pads
     return _moments_from_sums(shift, scale, sums / n, lo, hi).to(x.dtype)
 
