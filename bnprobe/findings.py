@@ -128,7 +128,10 @@ class Effect:
         return "higher" if self.interval.mean > self.no_effect else "lower"
 
     def agrees(self, expect: str) -> bool | None:
-        """Whether the effect agrees with the claim's expectation; None when it cannot tell."""
+        """Whether the effect agrees with the claim's expectation; None when it cannot tell, as with
+        one seed: without an interval even "not lower" has nothing to stand on."""
+        if self.interval.n < 2:
+            return None
         direction = self.direction
         if expect == "lower":
             return None if direction == "no clear difference" else direction == "lower"

@@ -15,7 +15,7 @@ from bnprobe import findings, health
 from bnprobe.config import load_config_text
 from bnprobe.errors import ModelError
 from bnprobe.experiment import run_experiment
-from bnprobe.stats import mean_interval, ratio_interval, t975
+from bnprobe.stats import Interval, mean_interval, ratio_interval, t975
 from bnprobe.store import RunData, scan
 
 
@@ -173,6 +173,21 @@ def test_one_seed_says_it_has_no_interval() -> None:
     [found] = findings.findings(runs)
     assert found.verdict == "BN lowered effective beta 2x over the whole run, 1 seed: no interval"
     assert found.agrees is None
+
+
+#: (ratio, expectation) -> agrees, for three seeds whose interval is ratio x [0.9, 1.1]
+THREE_SEEDS = {
+    (0.5, "lower"): True, (0.5, "not lower"): False, (0.5, "not higher"): True,
+    (1.0, "lower"): None, (1.0, "not lower"): True, (1.0, "not higher"): True,
+    (2.0, "lower"): False, (2.0, "not lower"): True, (2.0, "not higher"): False,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("ratio", "expect"), list(THREE_SEEDS))
+def test_one_seed_cannot_tell_whatever_the_claim_expects(ratio: float, expect: str) -> None:
+    assert findings.Effect(Interval(ratio, None, None, 1), True, (0, None)).agrees(expect) is None
+    three = findings.Effect(Interval(ratio, ratio * 0.9, ratio * 1.1, 3), True, (0, None))
+    assert three.agrees(expect) is THREE_SEEDS[ratio, expect]
 
 
 def test_no_clear_difference_when_the_interval_includes_one() -> None:
