@@ -66,7 +66,7 @@ def read_protocol(name: str, directory: Path) -> Outcome:
 
 
 def _holds(f: Finding) -> str:
-    return {True: "yes", False: "NO (inverted)", None: "no clear difference"}[f.agrees]
+    return {True: "yes", False: "NO (inverted)", None: "cannot tell"}[f.agrees]
 
 
 def findings_table(outcomes: list[Outcome]) -> str:

@@ -21,7 +21,8 @@ Window = tuple[int, int | None]  # records with first <= step < end (end None: t
 @dataclass(frozen=True)
 class Quantity:
     """One number that bears on a claim: how a run reduces to it, and which way the claim expects BN
-    to move it (``lower``; ``not lower``: any result but a clear decrease agrees)."""
+    to move it (``lower``; ``not lower``: any result but a clear decrease agrees; with one seed
+    nothing is clear, and no expectation can tell)."""
 
     key: str  # "<measurement>.<name>"
     label: str
