@@ -13,8 +13,9 @@ Kinds:
   steps, and the effective beta-smoothness (Santurkar et al., Fig. 4 style).
 - ``training``: loss and accuracy over steps.
 
-Runs that differ only in their seed are replicates of one condition: in ``training`` and ``landscape``
-each is drawn faint and their mean (over the steps they share) bold, one colour per condition.
+Runs that differ only in their seed are replicates of one condition: in ``training``, ``ics`` and
+``landscape`` each is drawn faint and their mean (over the steps they share) bold, one colour per
+condition.
 - ``hessian``: the Hessian eigenvalue density of each variant's last spectrum record (stochastic
   Lanczos quadrature, Gaussian-broadened, log scale, as PyHessian and Ghorbani et al. 2019 draw
   it) and the top eigenvalues over steps.
@@ -265,27 +266,32 @@ def _ics_rows(columns: list[Column], layer: str | None) -> tuple[list[str], list
     return [common[i] for i in sorted({0, len(common) // 2, len(common) - 1})], inverse
 
 
+def _ics_series(c: Column, rename: dict[str, str], row: str, quantity: str) -> Series | None:
+    """One run's ``ics/<quantity>`` of the layer drawn in ``row`` (None where the run has none)."""
+    if row not in rename:
+        return None
+    records = c.run.column(ICS, quantity, ics_layers(c.run).index(rename[row]))  # the layer's alone
+    if records is None:
+        return None
+    steps = _recorded(c, ICS, STEP)
+    n = min(len(steps), len(records))
+    x, y = _thinned(steps[:n], _finite(records[:n]))
+    return x, y
+
+
 def _ics(plt: Any, columns: list[Column], layer: str | None) -> Any:
     rows, inverse = _ics_rows(columns, layer)
+    renames = {id(c): rename for c, rename in zip(columns, inverse)}
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.6 * len(rows) + 0.8), squeeze=False, sharex=True, constrained_layout=True)
-    colors = _colors(len(columns))
+    groups = _groups(columns)
     l2s: list[np.ndarray] = []
     for r, name in enumerate(rows):
-        for c, color, rename in zip(columns, colors, inverse):
-            names = ics_layers(c.run)
-            if name not in rename:
-                continue
-            j = names.index(rename[name])
-            steps = _recorded(c, ICS, STEP)
+        for group in groups:
             for col, quantity in enumerate(("l2", "cosine")):
-                records = c.run.column(ICS, quantity, j)  # the layer's alone
-                if records is None:
-                    continue
-                n = min(len(steps), len(records))
-                x, y = _thinned(steps[:n], _finite(records[:n]))
-                axes[r][col].plot(x, y, color=color, linestyle="-", linewidth=1.5, **_points(x), label=_name(c))
+                series = [s for c in group.columns if (s := _ics_series(c, renames[id(c)], name, quantity)) is not None]
+                _replicates(axes[r][col], group, series, 1.5)
                 if col == 0:
-                    l2s.append(y)
+                    l2s += [values for _, values in series]
         axes[r][0].set_ylabel(f"layer {name}\n‖G − G′‖₂")
         axes[r][1].set_ylabel("cos(G, G′)")
         axes[r][1].axhline(1.0, color="grey", linewidth=0.8, linestyle=":")

@@ -205,6 +205,27 @@ def test_ics_draws_l2_and_cosine_of_the_file(full_file: Path, tmp_path: Path, dr
     assert not np.array_equal(stored["keep"]["ics/l2"][:, 1], stored["keep"]["ics/cosine"][:, 1])
 
 
+def test_ics_draws_a_conditions_seeds_faint_and_their_mean_bold(full_file: Path, tmp_path: Path, drawn: list) -> None:
+    """keep at seed 0 (one file) and seed 2 (another) are one condition: two faint lines per panel
+    and their mean bold over the steps both have; BN, with one seed, is one line."""
+    other = write_run_file(tmp_path / "other.h5", variants=("keep",), steps=20, seed=2)
+    plot([full_file, other], tmp_path / "i.png", kind="ics")
+    (fig,) = drawn
+    axes = np.array(fig.axes).reshape(-1, 2)
+    first, second = _stored(full_file)["keep"], _stored(other)["keep"]
+    shared = np.intersect1d(first["ics/step"], second["ics/step"])
+    assert 0 < len(shared) < len(first["ics/step"])  # the mean covers only the steps both have
+    for r, ax_row in enumerate(axes):
+        name = ax_row[0].get_ylabel().splitlines()[0].removeprefix("layer ")
+        for ax, quantity in zip(ax_row, ("l2", "cosine")):
+            (mean,) = _labelled(ax, "keep (2 seeds)")
+            at = [d[f"ics/{quantity}"][np.searchsorted(d["ics/step"], shared), d["ics_names"].index(name)] for d in (first, second)]
+            assert _same_xy(mean, shared, (at[0] + at[1]) / 2), (r, quantity)
+            faint = [line for line in _by_color(ax)[tuple(np.round(to_rgba(mean.get_color())[:3], 6))] if line is not mean]
+            assert len(faint) == 2 and all(line.get_alpha() == 0.3 for line in faint)
+            assert len(_labelled(ax, "BN (1 seed)")) == 1
+
+
 def test_landscape_draws_the_range_over_eta_and_beta(full_file: Path, tmp_path: Path, drawn: list) -> None:
     plot([full_file], tmp_path / "l.png", kind="landscape")
     (fig,) = drawn
