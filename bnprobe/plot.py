@@ -15,7 +15,7 @@ Kinds:
 
 Runs that differ only in their seed are replicates of one condition: in ``training``, ``ics`` and
 ``landscape`` each is drawn faint and their mean (over the steps they share) bold, one colour per
-condition.
+condition; in ``moments`` each seed's median is faint and the percentiles drawn are the seeds' means.
 - ``hessian``: the Hessian eigenvalue density of each variant's last spectrum record (stochastic
   Lanczos quadrature, Gaussian-broadened, log scale, as PyHessian and Ghorbani et al. 2019 draw
   it) and the top eigenvalues over steps.
@@ -189,12 +189,17 @@ def _replicates(ax: Any, group: _Group, series: Sequence[Series], width: float =
         return series[0]
     for steps, values in series:
         ax.plot(steps, values, color=group.color, linewidth=0.7, alpha=0.3)
+    shared, mean = _shared_mean(series)
+    ax.plot(shared, mean, color=group.color, linewidth=width + 0.8, **_points(shared), label=name)
+    return shared, mean
+
+
+def _shared_mean(series: Sequence[Series]) -> Series:
+    """The mean of ``series`` over the steps all of them have."""
     shared = series[0][0]
     for steps, _ in series[1:]:
         shared = np.intersect1d(shared, steps)
-    mean = np.mean([v[np.searchsorted(s, shared)] for s, v in series], axis=0)
-    ax.plot(shared, mean, color=group.color, linewidth=width + 0.8, **_points(shared), label=name)
-    return shared, mean
+    return shared, np.mean([v[np.searchsorted(s, shared)] for s, v in series], axis=0)
 
 
 # ----------------------------------------------------------------------------- kinds
@@ -209,25 +214,40 @@ def _pick_moment_layer(c: Column, layer: str | None) -> str | None:
     return next((n for n in names if fnmatch.fnmatchcase(n, layer)), None)
 
 
+def _percentiles(c: Column, name: str) -> list[Series]:
+    """One run's 15th, 50th and 85th percentiles of layer ``name`` over its records."""
+    j = moment_layers(c.run).index(name)
+    steps, *records = (_recorded(c, MOMENTS, q, None if q == STEP else j) for q in (STEP, "p15", "p50", "p85"))
+    n = min(len(steps), *map(len, records))
+    steps, *thinned = _thinned(steps[:n], *(p[:n] for p in records))
+    return [(steps, p) for p in thinned]
+
+
 def _moments(plt: Any, columns: list[Column], layer: str | None) -> Any:
     picks = [(c, _pick_moment_layer(c, layer)) for c in columns]
     if layer is not None and not any(name for _, name in picks):
         names = list(dict.fromkeys(n for c in columns for n in moment_layers(c.run)))
         raise ConfigError(f"--layer {layer!r} matches no recorded layer; layers: {', '.join(names)}")
+    picked = {id(c): name for c, name in picks}
     fig, ax = plt.subplots(figsize=(9, 5.4), constrained_layout=True)
-    for (c, name), color in zip(picks, _colors(len(picks))):
-        if name is None:
+    drawn = 0
+    for group in _groups(columns):
+        runs = [(c, name) for c in group.columns if (name := picked[id(c)]) is not None]
+        if not runs:
             continue
-        j = moment_layers(c.run).index(name)
+        drawn += 1
+        per_run = [_percentiles(c, name) for c, name in runs]
+        if len(per_run) > 1:  # each seed's median faint; the percentiles drawn below are the seeds' means
+            for _, (steps, p50), _ in per_run:
+                ax.plot(steps, p50, color=group.color, linewidth=0.7, alpha=0.3)
+        (steps, p15), (_, p50), (_, p85) = (_shared_mean([run[k] for run in per_run]) for k in range(3))
+        c, name = runs[0]
         kind = layer_kinds(c.run).get(name, "")
-        steps, *records = (_recorded(c, MOMENTS, q, None if q == STEP else j) for q in (STEP, "p15", "p50", "p85"))
-        n = min(len(steps), *map(len, records))
-        steps, p15, p50, p85 = _thinned(steps[:n], *(p[:n] for p in records))
-        ax.fill_between(steps, p15, p85, color=color, alpha=0.15, linewidth=0)
-        label = f"{_name(c)}, layer {name}" + (f" ({kind})" if kind else "") + ": 50th"
-        ax.plot(steps, p50, color=color, linewidth=2, **_points(steps), label=label)
-        ax.plot(steps, p15, color=color, linewidth=1, linestyle="--", **_points(steps, 2), label=f"{_name(c)}: 15th and 85th")
-        ax.plot(steps, p85, color=color, linewidth=1, linestyle="--", **_points(steps, 2))
+        ax.fill_between(steps, p15, p85, color=group.color, alpha=0.15, linewidth=0)
+        label = f"{group.label}, layer {name}" + (f" ({kind})" if kind else "") + ": 50th"
+        ax.plot(steps, p50, color=group.color, linewidth=2, **_points(steps), label=label)
+        ax.plot(steps, p15, color=group.color, linewidth=1, linestyle="--", **_points(steps, 2), label=f"{group.label}: 15th and 85th")
+        ax.plot(steps, p85, color=group.color, linewidth=1, linestyle="--", **_points(steps, 2))
     drawn_names = list(dict.fromkeys(name for _, name in picks if name is not None))
     if layer is None:
         where = "the last hidden layer (the layer before the output layer)"
@@ -237,7 +257,6 @@ def _moments(plt: Any, columns: list[Column], layer: str | None) -> Any:
     ax.set_xlabel("training step")
     ax.set_ylabel("activation value (layer output, before the non-linearity)", fontsize="small")
     ax.grid(alpha=0.3)
-    drawn = sum(1 for _, name in picks if name is not None)
     # below the axes, one column per variant (median above its 15th/85th entry): never over the data
     fig.legend(loc="outside lower center", ncols=max(1, min(drawn, 3)), fontsize="small")
     return fig

@@ -188,6 +188,34 @@ def test_moments_draws_the_three_percentiles_of_the_file(full_file: Path, tmp_pa
         assert {(float(s), float(v)) for s, v in zip(steps, p85)} <= vertices
 
 
+def test_moments_of_several_seeds_draw_their_mean_percentiles(full_file: Path, tmp_path: Path, drawn: list) -> None:
+    """keep at seeds 0 and 2: each seed's median faint, and the seeds' mean 15th, 50th and 85th
+    percentiles (over the steps both have) drawn as one run's would be."""
+    other = write_run_file(tmp_path / "other.h5", variants=("keep",), steps=20, seed=2)
+    plot([full_file, other], tmp_path / "m.png", kind="moments", layer="fc2")
+    (fig,) = drawn
+    (ax,) = fig.axes
+    first, second = _stored(full_file)["keep"], _stored(other)["keep"]
+    shared = np.intersect1d(first["moments/step"], second["moments/step"])
+    assert 0 < len(shared) < len(first["moments/step"])
+
+    def mean(p: str) -> np.ndarray:
+        return (
+            sum(d[f"moments/{p}"][np.searchsorted(d["moments/step"], shared), d["layer_names"].index("fc2")] for d in (first, second)) / 2
+        )
+
+    (median,) = [line for line in ax.get_lines() if line.get_label().startswith("keep (2 seeds), layer fc2")]
+    assert _same_xy(median, shared, mean("p50"))
+    group = _by_color(ax)[tuple(np.round(to_rgba(median.get_color())[:3], 6))]
+    dashed = [line for line in group if line.get_linestyle() == "--"]
+    assert sorted(_same_xy(line, shared, mean("p15")) for line in dashed) == [False, True]
+    assert sorted(_same_xy(line, shared, mean("p85")) for line in dashed) == [False, True]
+    faint = [line for line in group if line.get_alpha() == 0.3]
+    assert len(faint) == 2 and any(
+        _same_xy(line, first["moments/step"], first["moments/p50"][:, first["layer_names"].index("fc2")]) for line in faint
+    )
+
+
 def test_ics_draws_l2_and_cosine_of_the_file(full_file: Path, tmp_path: Path, drawn: list) -> None:
     plot([full_file], tmp_path / "i.png", kind="ics")
     (fig,) = drawn
