@@ -263,6 +263,63 @@ def test_quantiles_together_are_torch_quantiles_bits() -> None:
             assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
 
 
+def _long_rows(dtype: torch.dtype, n: int = 3000) -> torch.Tensor:
+    """Rows long enough for the radix pass, of data a layer gives and data that is hard for it."""
+    g = torch.Generator().manual_seed(11)
+    rows = [
+        torch.randn(n, generator=g, dtype=dtype),
+        torch.rand(n, generator=g, dtype=dtype) * 100 - 30,
+        torch.randn(n, generator=g, dtype=dtype) * 1e-3 + 5,  # every value in one or two top digits
+        torch.randn(n, generator=g, dtype=dtype).exp() * 1e20,
+        torch.relu(torch.randn(n, generator=g, dtype=dtype)),  # half exact zeros
+        torch.where(torch.rand(n, generator=g) < 0.5, -0.0, 0.0).to(dtype)
+        + torch.randn(n, generator=g, dtype=dtype) * (torch.arange(n) % 3 == 0),
+        torch.randint(-2, 3, (n,), generator=g).to(dtype),  # ties everywhere
+        torch.cat(
+            [torch.full((n // 3,), -float("inf")), torch.randn(n - 2 * (n // 3), generator=g), torch.full((n // 3,), float("inf"))]
+        ).to(dtype),
+        torch.randn(n, generator=g, dtype=dtype) * torch.finfo(dtype).tiny,  # subnormal
+    ]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_radix_ranks_are_a_sorts_values_and_leave_the_table_when_they_give_up(dtype: torch.dtype) -> None:
+    """Each rank's value as numpy's sort gives it (a zero's sign aside), the first and last ranks
+    too, for each row alone and for all rows together; where most values share a rank's top digits
+    the radix pass gives up and leaves the table as it found it, bit for bit."""
+    table = _long_rows(dtype).numpy()
+    n = table.shape[1]
+    ranks = [0, 1, 449, 450, 1499, 1500, 2548, 2549, n - 1]
+    want = np.sort(table, axis=1)[:, ranks]
+    answered = 0
+    for rows in [table, *table[:, None, :]]:
+        before = rows.copy()
+        got = ragged._radix_ranks(rows.copy(), ranks)
+        if got is None:
+            scratch = before.copy()
+            assert ragged._radix_ranks(scratch, ranks) is None and scratch.tobytes() == before.tobytes()
+            continue
+        answered += 1
+        assert got.dtype == table.dtype
+        np.testing.assert_array_equal(got, np.sort(before, axis=1)[:, ranks])
+    assert answered >= 4  # the radix pass answered for the rows of spread values: the test exercised it
+    assert ragged._radix_ranks(np.full((3, n), 2.5, dtype=table.dtype), ranks) is None
+    np.testing.assert_array_equal(want[:, 0], table.min(axis=1))
+
+
+def test_quantiles_of_long_rows_are_torch_quantiles_bits() -> None:
+    """The percentiles of rows that take the radix pass, alone and together, with a NaN in one."""
+    for dtype in (torch.float32, torch.float64):
+        rows = list(_long_rows(dtype, 4100))
+        rows[2] = rows[2].clone()
+        rows[2][7] = float("nan")
+        for group in (rows, rows[:1], [rows[0], rows[1][:2500], rows[3][:2500]]):
+            want = torch.stack([torch.quantile(r, torch.tensor(ragged.QUANTILES, dtype=r.dtype)) for r in group], dim=1)
+            got = ragged.quantiles(group)
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
+
+
 def test_constant_tensor_has_zero_skew_and_kurtosis() -> None:
     got = moment_stats(torch.full((4, 3), 2.0))
     assert got[STATS.index("var")] == 0
