@@ -1,5 +1,6 @@
 """Every moment against an independent numpy reference on small tensors."""
 
+import itertools
 import warnings
 from pathlib import Path
 
@@ -149,14 +150,16 @@ def test_a_constant_channel_has_no_spread() -> None:
 @pytest.mark.parametrize("shape", [(5, 3, 4), (2, 7), (40,), (9, 2, 3, 1)])
 def test_blocks_of_any_size_give_the_whole_statistics(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...]) -> None:
     """The eager path sums in blocks of _CPU_BLOCK elements: blocks of 7 cut rows into pieces,
-    group short rows, and leave remainders of both, and every statistic stays that of the whole."""
+    group short rows, and leave remainders of both, and every statistic stays that of the whole,
+    the extremes found block by block too, for values that need a scale (summed again) and not."""
     monkeypatch.setattr(moments, "_CPU_BLOCK", 7)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(shape, generator=g)
     x[x < -0.5] = 0.0
-    for per_channel in (False, True):
-        got = moment_stats(x, per_channel, 10**6, workspace=Workspace())
-        ref = [numpy_stats(x[:, c].numpy()) for c in range(x.shape[1])] if per_channel and x.dim() > 1 else [numpy_stats(x.numpy())]
+    for per_channel, size in itertools.product((False, True), (1.0, 1e9)):
+        y = x * size
+        got = moment_stats(y, per_channel, 10**6, workspace=Workspace())
+        ref = [numpy_stats(y[:, c].numpy()) for c in range(y.shape[1])] if per_channel and y.dim() > 1 else [numpy_stats(y.numpy())]
         for c, want in enumerate(ref):
             for i, name in enumerate(STATS):
                 value = got[i, c] if got.dim() > 1 else got[i]
