@@ -112,10 +112,10 @@ def _partitioned_ranks(table: np.ndarray, placed: list[int], wanted: list[int]) 
     return np.stack(columns, axis=1)
 
 
-_RADIX_VALUES, _RADIX_ROW = (
-    1 << 14,
-    1 << 11,
-)  # fewer values in all, or in a row, are partitioned: the radix pass's fixed cost pays from about here
+# Groups of rows with fewer values in all, or in a row, are partitioned: the radix pass's fixed
+# cost (a count over 2^12 digits per row) pays from about here.
+_RADIX_VALUES = 1 << 14
+_RADIX_ROW = 1 << 11
 _DIGIT_BITS = {4: 12, 8: 15}  # by bytes per value, a radix pass's digit: the sign, the exponent and 3 bits of the mantissa
 
 
