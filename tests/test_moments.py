@@ -115,11 +115,33 @@ def test_any_finite_activation_has_finite_skewness_and_kurtosis(per_channel: boo
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(11)).exp() * size  # skewed
     ref = moment_stats(x.double(), per_channel)
     flat = x.transpose(0, 1).reshape(3, -1) if per_channel else x.reshape(1, -1)
-    fused = moments._fused_moments(flat)  # what the compiled kernel computes, run eagerly
+    fused = moments._fused_moments(flat, moments._mean(flat[:, ::7], torch.float64))  # what the compiled kernel computes, run eagerly
     for got in (moment_stats(x, per_channel), moment_stats(x, per_channel, workspace=Workspace()), fused if per_channel else fused[:, 0]):
         for name in ("skewness", "kurtosis"):
             i = STATS.index(name)
             torch.testing.assert_close(got[i].double(), ref[i], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [1.0, 1e15, 1e-15])
+def test_fused_formulas_match_numpy_whatever_the_shift(dtype: torch.dtype, size: float) -> None:
+    """The compiled kernel's formulas, run eagerly: every statistic of each row as numpy gives it,
+    whether the shift is the row's mean, a subsample's, or three spreads away from it (what the
+    formulas take out), in one pass for float32 and scaled for float64 values."""
+    g = torch.Generator().manual_seed(12)
+    x = (torch.randn(3, 2000, generator=g).exp() * size).to(dtype)
+    x[1, ::5] = 0.0
+    mean = x.double().mean(dim=1)
+    unit = {"mean": size, "var": size * size, "min": size, "max": size}  # what a statistic is measured in
+    for shift in (mean, moments._mean(x[:, ::9], torch.float64), mean + 3 * x.double().std(dim=1)):
+        got = moments._fused_moments(x, shift)
+        for row in range(3):
+            want = numpy_stats(x[row].numpy())
+            for i, name in enumerate(STATS[:7]):
+                assert got[i, row].item() == pytest.approx(want[name], rel=1e-5, abs=1e-6 * unit.get(name, 1.0)), (name, row)
+    if dtype == torch.float64:  # fourth powers beyond float64's range: the scale keeps skewness and kurtosis those of x
+        huge = moments._fused_moments(x * 1e100, mean * 1e100)
+        torch.testing.assert_close(huge[2:4], moments._fused_moments(x, mean)[2:4])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

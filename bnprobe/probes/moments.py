@@ -49,16 +49,16 @@ class Workspace:
     def __init__(self, compiled: bool = False) -> None:
         self._buffers: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}
         self.compiled = compiled
-        self._kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
-    def fused(self, flat: torch.Tensor) -> torch.Tensor | None:
+    def fused(self, flat: torch.Tensor, shift: torch.Tensor) -> torch.Tensor | None:
         """:func:`_fused_moments` of ``flat`` by the compiled kernel; None when not compiled (or it failed)."""
         if not self.compiled:
             return None
         if self._kernel is None:
             self._kernel = torch.compile(_fused_moments, dynamic=True)
         try:
-            return self._kernel(flat)
+            return self._kernel(flat, shift)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: the eager path, which gives the same statistics
             warnings.warn(f"bnprobe: compiled moments unavailable ({type(e).__name__}); computing them eagerly", stacklevel=2)
             self.compiled = False
@@ -126,24 +126,32 @@ def standardised(d: torch.Tensor, s2: torch.Tensor, s3: torch.Tensor, s4: torch.
     return m2, skew, kurt
 
 
-def _fused_moments(flat: torch.Tensor) -> torch.Tensor:
+def _fused_moments(flat: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``[mean, var, skewness, excess kurtosis, min, max, zero fraction]`` per row of ``flat`` as
-    plain formulas: ``torch.compile`` fuses them into a few passes over the data and no temporary.
+    plain formulas: ``torch.compile`` fuses them into passes over the data and no temporary.
     The compiled reductions add in one accumulator per vector lane, so they sum in float64: in
     float32 the kurtosis of a large activation came out visibly off, for a modest extra cost.
-    Values are divided by :func:`_reach` before their powers are taken (inductor cannot compile
-    ``frexp``; in float64 the division's rounding is far below float32's)."""
+
+    Values are taken less ``shift`` (per row, in float64: near the mean, from the percentile
+    subsample, so nothing waits for a pass over the data) and the shift's offset from the mean,
+    d = mean(c), is taken out by :func:`standardised`. Float32 values' fourth powers fit float64's
+    range, so every reduction is of the data as it is: one pass. Data as wide as the accumulator
+    (float64, or float32 on MPS) is divided by :func:`_reach` first (inductor cannot compile
+    ``frexp``; the division's rounding is far below the data's), a pass for the extremes first."""
     n = flat.shape[1]
     wide = flat.to(_accumulator(flat))
     lo, hi = flat.amin(1), flat.amax(1)
-    mean = wide.sum(dim=1) / n
-    reach = _reach(lo, hi, mean)
-    scale = torch.where(reach > 0, reach, torch.ones_like(reach))
-    centred = (wide - mean[:, None]) / scale[:, None]
+    centred = wide - shift[:, None]
+    scale = torch.ones_like(shift)
+    if wide.dtype == flat.dtype:
+        reach = _reach(lo, hi, shift)
+        scale = torch.where(reach > 0, reach, scale)
+        centred = centred / scale[:, None]
     sq = centred * centred
     zeros = (flat == 0).sum(dim=1).to(flat.dtype) / n
-    m2, skew, kurt = standardised(torch.zeros_like(mean), sq.sum(dim=1) / n, (sq * centred).sum(dim=1) / n, (sq * sq).sum(dim=1) / n)
-    moments = torch.stack([mean, m2 * scale * scale, skew, kurt]).to(flat.dtype)
+    d = centred.sum(dim=1) / n
+    m2, skew, kurt = standardised(d, sq.sum(dim=1) / n, (sq * centred).sum(dim=1) / n, (sq * sq).sum(dim=1) / n)
+    moments = torch.stack([shift + d * scale, m2 * scale * scale, skew, kurt]).to(flat.dtype)
     return torch.cat([moments, torch.stack([lo, hi, zeros])])
 
 
@@ -274,10 +282,15 @@ def partial_moments(
     if n == 0:  # an empty activation (a zero-size feature map) has no statistics: NaN, not a crash
         raw = torch.full((7, flat.shape[0]), float("nan"), dtype=flat.dtype, device=flat.device)
         return Partial(raw if rows else raw[:, 0], flat if rows else flat[0], 0)
-    fused = workspace.fused(flat) if workspace is not None else None
-    raw = fused if fused is not None else _eager_moments(flat, workspace)
     sample = _owned_subsample(flat, samples, generator)
+    fused = workspace.fused(flat, _mean(sample, _accumulator(flat))) if workspace is not None and workspace.compiled else None
+    raw = fused if fused is not None else _eager_moments(flat, workspace)
     return Partial(raw if rows else raw[:, 0], sample if rows else sample[0], n)
+
+
+def _mean(sample: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per row of ``sample`` (``[rows, s]``), its mean in ``dtype``."""
+    return sample.sum(dim=-1, dtype=dtype) / sample.shape[-1]
 
 
 def _rows(x: torch.Tensor, per_channel: bool, workspace: Workspace | None) -> torch.Tensor:
