@@ -1,6 +1,7 @@
 """Every moment against an independent numpy reference on small tensors."""
 
 import itertools
+import math
 import warnings
 from pathlib import Path
 
@@ -139,6 +140,13 @@ def test_fused_formulas_match_numpy_whatever_the_shift(dtype: torch.dtype, size:
             want = numpy_stats(x[row].numpy())
             for i, name in enumerate(STATS[:7]):
                 assert got[i, row].item() == pytest.approx(want[name], rel=1e-5, abs=1e-6 * unit.get(name, 1.0)), (name, row)
+    inf, nan = float("inf"), float("nan")
+    for held, mean_is in (([inf], inf), ([-inf], -inf), ([inf, -inf], nan), ([nan], nan)):  # whether or not the shift's sample saw them
+        y = x.clone()
+        y[0, : len(held)] = torch.tensor(held, dtype=dtype)
+        for shift in (moments._mean(y[:, 1::9], torch.float64), moments._mean(y, torch.float64)):
+            got = moments._fused_moments(y, shift)[STATS.index("mean"), 0]
+            assert torch.equal(got.nan_to_num(), torch.tensor(mean_is, dtype=dtype).nan_to_num()) and got.isnan() == math.isnan(mean_is)
     if dtype == torch.float64:  # fourth powers beyond float64's range: the scale keeps skewness and kurtosis those of x
         huge = moments._fused_moments(x * 1e100, mean * 1e100)
         torch.testing.assert_close(huge[2:4], moments._fused_moments(x, mean)[2:4])
@@ -308,41 +316,62 @@ def _long_rows(dtype: torch.dtype, n: int = 3000) -> torch.Tensor:
     return torch.stack(rows)
 
 
+SPREAD = [0, 1, 3, 8]  # the rows of _long_rows whose values do not crowd the percentiles' digits
+
+
+def _counting_partitions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The row count of each table that ragged partitions from now on."""
+    tables: list[int] = []
+    partition = ragged._partitioned_ranks
+
+    def counted(table: np.ndarray, placed: list[int], wanted: list[int]) -> np.ndarray:
+        tables.append(len(table))
+        return partition(table, placed, wanted)
+
+    monkeypatch.setattr(ragged, "_partitioned_ranks", counted)
+    return tables
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_radix_ranks_are_a_sorts_values_and_leave_the_table_when_they_give_up(dtype: torch.dtype) -> None:
+def test_radix_ranks_are_a_sorts_values(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each rank's value as numpy's sort gives it (a zero's sign aside), the first and last ranks
-    too, for each row alone and for all rows together; where most values share a rank's top digits
-    the radix pass gives up and leaves the table as it found it, bit for bit."""
+    too: rows of spread values together and alone by the radix pass, and among them rows that
+    crowd the ranks' digits, which are partitioned instead (and no others)."""
     table = _long_rows(dtype).numpy()
     n = table.shape[1]
     ranks = [0, 1, 449, 450, 1499, 1500, 2548, 2549, n - 1]
-    want = np.sort(table, axis=1)[:, ranks]
-    answered = 0
-    for rows in [table, *table[:, None, :]]:
-        before = rows.copy()
-        got = ragged._radix_ranks(rows.copy(), ranks)
-        if got is None:
-            scratch = before.copy()
-            assert ragged._radix_ranks(scratch, ranks) is None and scratch.tobytes() == before.tobytes()
-            continue
-        answered += 1
+    placed = ranks[::2]  # each other rank is one after a placed one
+    partitioned = _counting_partitions(monkeypatch)
+    for rows, crowded in [(table, [len(table) - len(SPREAD)]), (table[SPREAD], []), *((table[i : i + 1], []) for i in SPREAD)]:
+        partitioned.clear()
+        got = ragged._radix_ranks(rows.copy(), placed, ranks)
         assert got.dtype == table.dtype
-        np.testing.assert_array_equal(got, np.sort(before, axis=1)[:, ranks])
-    assert answered >= 4  # the radix pass answered for the rows of spread values: the test exercised it
-    assert ragged._radix_ranks(np.full((3, n), 2.5, dtype=table.dtype), ranks) is None
-    np.testing.assert_array_equal(want[:, 0], table.min(axis=1))
+        np.testing.assert_array_equal(got, np.sort(rows, axis=1)[:, ranks])
+        assert partitioned == crowded
+    partitioned.clear()
+    np.testing.assert_array_equal(
+        ragged._radix_ranks(np.full((3, n), 2.5, dtype=table.dtype), placed, ranks), np.full((3, len(ranks)), 2.5)
+    )
+    assert partitioned == [3]
 
 
-def test_quantiles_of_long_rows_are_torch_quantiles_bits() -> None:
-    """The percentiles of rows that take the radix pass, alone and together, with a NaN in one."""
-    for dtype in (torch.float32, torch.float64):
-        rows = list(_long_rows(dtype, 4100))
+def test_quantiles_of_long_rows_are_torch_quantiles_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The percentiles of groups of rows that take the radix pass, with a NaN in one, and of a row
+    too short for it alone: torch.quantile's bits."""
+    radix = ragged._radix_ranks
+    took: list[int] = []
+    monkeypatch.setattr(ragged, "_radix_ranks", lambda table, placed, ranks: took.append(len(table)) or radix(table, placed, ranks))
+    for dtype, n in ((torch.float32, 4100), (torch.float64, 16400)):  # rows at least half the count of digits
+        rows = list(_long_rows(dtype, n))
         rows[2] = rows[2].clone()
         rows[2][7] = float("nan")
-        for group in (rows, rows[:1], [rows[0], rows[1][:2500], rows[3][:2500]]):
+        took.clear()
+        for group in (rows, [rows[i] for i in SPREAD], rows[:1]):
             want = torch.stack([torch.quantile(r, torch.tensor(ragged.QUANTILES, dtype=r.dtype)) for r in group], dim=1)
             got = ragged.quantiles(group)
             assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
+        alone = [1] if n >= ragged._RADIX_VALUES else []  # a row alone takes the radix pass where it holds enough values
+        assert took == [len(rows), len(SPREAD), *alone]
 
 
 def test_constant_tensor_has_zero_skew_and_kurtosis() -> None:

@@ -132,9 +132,9 @@ def _fused_moments(flat: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     The compiled reductions add in one accumulator per vector lane, so they sum in float64: in
     float32 the kurtosis of a large activation came out visibly off, for a modest extra cost.
 
-    Values are taken less ``shift`` (per row, in float64: near the mean, from the percentile
-    subsample, so nothing waits for a pass over the data) and the shift's offset from the mean,
-    d = mean(c), is taken out by :func:`standardised`. Float32 values' fourth powers fit float64's
+    Values are taken less ``shift`` (per row, in float64: near the mean, the percentile
+    subsample's, so no pass over the data for the mean comes first) and the shift's offset from
+    the mean, d = mean(c), is taken out by :func:`standardised`. Float32 values' fourth powers fit float64's
     range, so every reduction is of the data as it is: one pass. Data as wide as the accumulator
     (float64, or float32 on MPS) is divided by :func:`_reach` first (inductor cannot compile
     ``frexp``; the division's rounding is far below the data's), a pass for the extremes first."""
@@ -151,7 +151,9 @@ def _fused_moments(flat: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     zeros = (flat == 0).sum(dim=1).to(flat.dtype) / n
     d = centred.sum(dim=1) / n
     m2, skew, kurt = standardised(d, sq.sum(dim=1) / n, (sq * centred).sum(dim=1) / n, (sq * sq).sum(dim=1) / n)
-    moments = torch.stack([shift + d * scale, m2 * scale * scale, skew, kurt]).to(flat.dtype)
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    mean = torch.where(finite, shift + d * scale, wide.sum(dim=1) / n)  # inf or NaN as the data says, whatever the sample held
+    moments = torch.stack([mean, m2 * scale * scale, skew, kurt]).to(flat.dtype)
     return torch.cat([moments, torch.stack([lo, hi, zeros])])
 
 

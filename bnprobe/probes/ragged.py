@@ -68,8 +68,7 @@ def _sorted_quantiles(rows: Sequence[torch.Tensor]) -> torch.Tensor:
 def _selected_quantiles(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """:func:`quantiles` of CPU rows by selection, rows of one length together: the three
     percentiles need a few places of a row's order, not all of it. Long rows' places come from
-    :func:`_radix_ranks`; short rows (or rows that defeat it) are partitioned by numpy
-    (:func:`_partitioned_ranks`). Both are cheaper than numpy's sort (itself cheaper than torch's)
+    :func:`_radix_ranks`; short rows are partitioned by numpy (:func:`_partitioned_ranks`). Both are cheaper than numpy's sort (itself cheaper than torch's)
     on rows of thousands of values, the largest part of a record step on models of many layers."""
     dtype = np.float32 if rows[0].dtype == torch.float32 else np.float64
     ranks = _ranks(rows, torch.float64, rows[0].device)
@@ -79,14 +78,12 @@ def _selected_quantiles(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     by_length: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
         by_length.setdefault(row.numel(), []).append(i)
-    for n, members in by_length.items():
+    for members in by_length.values():
         table = torch.stack([rows[i] for i in members]).numpy()  # a copy: the selection reorders it
         has_nan[members] = np.isnan(table.max(axis=1))  # NaN propagates through max
         floors, nexts = below[members[0]].tolist(), above[members[0]].tolist()
         wanted = sorted(set(floors + nexts))
-        values = _radix_ranks(table, wanted) if table.size >= _RADIX_VALUES and n >= _RADIX_ROW else None
-        if values is None:
-            values = _partitioned_ranks(table, floors, wanted)
+        values = _radix_ranks(table, floors, wanted) if _radix_pays(table) else _partitioned_ranks(table, floors, wanted)
         lower[members] = values[:, [wanted.index(k) for k in floors]]
         upper[members] = values[:, [wanted.index(k) for k in nexts]]
     weights = (ranks - below).to(rows[0].dtype)
@@ -112,23 +109,28 @@ def _partitioned_ranks(table: np.ndarray, placed: list[int], wanted: list[int]) 
     return np.stack(columns, axis=1)
 
 
-# Groups of rows with fewer values in all, or in a row, are partitioned: the radix pass's fixed
-# cost (a count over 2^12 digits per row) pays from about here.
-_RADIX_VALUES = 1 << 14
-_RADIX_ROW = 1 << 11
+_RADIX_VALUES = 1 << 14  # values of a group of rows below which its partition costs less than a radix pass's fixed cost
 _DIGIT_BITS = {4: 12, 8: 15}  # by bytes per value, a radix pass's digit: the sign, the exponent and 3 bits of the mantissa
 
 
-def _radix_ranks(table: np.ndarray, ranks: list[int]) -> np.ndarray | None:
+def _radix_pays(table: np.ndarray) -> bool:
+    """Whether :func:`_radix_ranks` beats a partition on ``table``: enough values in all, rows at
+    least half as long as the count of digits made for each, and digits that fit an int32."""
+    rows, n = table.shape
+    bits = _DIGIT_BITS[table.itemsize]
+    return table.size >= _RADIX_VALUES and n >= 1 << (bits - 1) and rows << bits < 1 << 31
+
+
+def _radix_ranks(table: np.ndarray, placed: list[int], ranks: list[int]) -> np.ndarray:
     """``[rows, len(ranks)]``: the values of ``ranks`` (sorted) in each row's order by one radix
-    pass, or None where the rows' values are too alike for it (partition them instead).
+    pass; rows whose values crowd the ranks' digits are partitioned instead (``placed`` as in
+    :func:`_partitioned_ranks`).
 
     Each value's bits are made an integer key that sorts as the value does (negative values'
     magnitude bits flipped); one count of every row's keys by their top bits (``_DIGIT_BITS``) tells
     the digit holding each rank and how many keys come before it; only the keys of those digits
-    (a few hundredths of a row for the data of a layer) are sorted. Overwrites ``table`` with the
-    keys (restores it when it returns None). NaN, a rank on a tie, a zero's sign: as a sort of the keys
-    orders them (-0.0 before 0.0; callers mark rows holding a NaN themselves)."""
+    are sorted. Overwrites ``table`` with the keys. NaN, a rank on a tie, a zero's sign: as a sort
+    of the keys orders them (-0.0 before 0.0; callers mark rows holding a NaN themselves)."""
     rows, n = table.shape
     ints = np.int32 if table.dtype == np.float32 else np.int64
     width, bits = 8 * table.itemsize, _DIGIT_BITS[table.itemsize]
@@ -150,17 +152,25 @@ def _radix_ranks(table: np.ndarray, ranks: list[int]) -> np.ndarray | None:
     for column in np.flatnonzero(fresh.any(axis=0)):
         kept |= digits == chosen[:, column, None]
     per_row = np.count_nonzero(kept, axis=1)
-    if per_row.sum() * 4 > table.size:  # most keys share the rank's digits: a sort of them costs more than a partition
-        keys ^= (keys >> ints(width - 1)) & magnitude  # the values again, for the partition
-        return None
+    out = np.empty((rows, len(ranks)), dtype=table.dtype)
+    crowded = per_row * 4 > n  # sorting most of a row costs more than partitioning it
+    if crowded.any():
+        kept[crowded] = False
+        restored = keys[crowded] ^ ((keys[crowded] >> ints(width - 1)) & magnitude)
+        out[crowded] = _partitioned_ranks(restored.view(table.dtype), placed, ranks)
+        if crowded.all():
+            return out
+    spread = np.flatnonzero(~crowded)
+    taken = np.where(crowded, 0, per_row)
     picked = keys[kept]  # row by row, each row's digits in its order
-    sorted_keys = np.full((rows, int(per_row.max())), magnitude, dtype=ints)
-    sorted_keys[np.repeat(np.arange(rows), per_row), np.arange(picked.size) - np.repeat(np.cumsum(per_row) - per_row, per_row)] = picked
+    sorted_keys = np.full((rows, int(taken.max())), magnitude, dtype=ints)
+    sorted_keys[np.repeat(np.arange(rows), taken), np.arange(picked.size) - np.repeat(np.cumsum(taken) - taken, taken)] = picked
     sorted_keys.sort(axis=1)
     first = np.cumsum(np.where(fresh, counts[chosen], 0), axis=1) - counts[chosen]  # keys of the row's earlier chosen digits
-    found = np.take_along_axis(sorted_keys, first + inside, axis=1)
+    found = np.take_along_axis(sorted_keys[spread], (first + inside)[spread], axis=1)
     found ^= (found >> ints(width - 1)) & magnitude
-    return found.view(table.dtype)
+    out[spread] = found.view(table.dtype)
+    return out
 
 
 def _place(table: np.ndarray, start: int, end: int, places: list[int]) -> None:
