@@ -25,7 +25,13 @@ operations running slower after the probe's (in a cache it filled), comes on rec
 so every step's ratio less its own measures it, and "(implied)" gives every 10th's ratio as its
 own plus a tenth of that (see ``implied_every_10th``), to a tenth of every step's standard error.
 
-    python benchmarks/moments_overhead.py [--batch 128] [--width 1.0] [--steps 60]
+It runs one thread unless ``--threads`` says otherwise: on the 2-core machine it was written on,
+the probe's element-wise operations on 2 threads ran several times slower in some processes than
+in others, alternating from one process to the next, while the convolutions kept their speed; on
+one thread every process ran them alike. A 2-thread ratio said more about the process than about
+the probe.
+
+    python benchmarks/moments_overhead.py [--batch 128] [--width 1.0] [--steps 60] [--threads 1]
         [--only eager1 eager10 compiled1 compiled10] [--json] [--no-record]
 
 A quick check that it runs (figures meaningless): ``--width 0.125 --batch 16 --steps 10 --only eager1 --no-record``.
@@ -136,6 +142,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per setting (a multiple of 10)")
     parser.add_argument("--only", nargs="+", choices=list(PROBED), default=list(PROBED), help="probed settings to run (default: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     parser.add_argument("--json", action="store_true")
     add_record_flag(parser)
     return parser.parse_args()
@@ -215,6 +222,7 @@ def main() -> None:
     from _results import finish
 
     args = _arguments()
+    torch.set_num_threads(args.threads)
     data = synthetic_images("cifar10", n=args.batch)
     x, y = data.train[:]  # the whole TensorDataset: one fixed batch
     torch.manual_seed(0)
