@@ -134,10 +134,12 @@ def _fused_moments(flat: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
     Values are taken less ``shift`` (per row, in float64: near the mean, the percentile
     subsample's, so no pass over the data for the mean comes first) and the shift's offset from
-    the mean, d = mean(c), is taken out by :func:`standardised`. Float32 values' fourth powers fit float64's
-    range, so every reduction is of the data as it is: one pass. Data as wide as the accumulator
-    (float64, or float32 on MPS) is divided by :func:`_reach` first (inductor cannot compile
-    ``frexp``; the division's rounding is far below the data's), a pass for the extremes first."""
+    the mean, d = mean(c), is taken out by :func:`standardised`. Float32 values' fourth powers
+    fit float64's range, so every reduction is of the data as it is: one pass. Data as wide as
+    the accumulator (float64, or float32 on MPS) is divided by :func:`_reach` first (inductor
+    cannot compile ``frexp``; the division's rounding is far below the data's), a pass for the
+    extremes first. A row holding an infinity gets the mean its sum gives (inf or NaN) whatever
+    the subsample held."""
     n = flat.shape[1]
     wide = flat.to(_accumulator(flat))
     lo, hi = flat.amin(1), flat.amax(1)
