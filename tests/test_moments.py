@@ -1,7 +1,6 @@
 """Every moment against an independent numpy reference on small tensors."""
 
 import itertools
-import math
 import warnings
 from pathlib import Path
 
@@ -128,7 +127,8 @@ def test_any_finite_activation_has_finite_skewness_and_kurtosis(per_channel: boo
 def test_fused_formulas_match_numpy_whatever_the_shift(dtype: torch.dtype, size: float) -> None:
     """The compiled kernel's formulas, run eagerly: every statistic of each row as numpy gives it,
     whether the shift is the row's mean, a subsample's, or three spreads away from it (what the
-    formulas take out), in one pass for float32 and scaled for float64 values."""
+    formulas take out), in one pass for float32 and scaled for float64 values; and the mean of a
+    row holding an infinity or NaN, whether or not the shift's sample held it."""
     g = torch.Generator().manual_seed(12)
     x = (torch.randn(3, 2000, generator=g).exp() * size).to(dtype)
     x[1, ::5] = 0.0
@@ -146,7 +146,7 @@ def test_fused_formulas_match_numpy_whatever_the_shift(dtype: torch.dtype, size:
         y[0, : len(held)] = torch.tensor(held, dtype=dtype)
         for shift in (moments._mean(y[:, 1::9], torch.float64), moments._mean(y, torch.float64)):
             got = moments._fused_moments(y, shift)[STATS.index("mean"), 0]
-            assert torch.equal(got.nan_to_num(), torch.tensor(mean_is, dtype=dtype).nan_to_num()) and got.isnan() == math.isnan(mean_is)
+            torch.testing.assert_close(got, torch.tensor(mean_is, dtype=dtype), equal_nan=True)
     if dtype == torch.float64:  # fourth powers beyond float64's range: the scale keeps skewness and kurtosis those of x
         huge = moments._fused_moments(x * 1e100, mean * 1e100)
         torch.testing.assert_close(huge[2:4], moments._fused_moments(x, mean)[2:4])
@@ -336,13 +336,14 @@ def _counting_partitions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_radix_ranks_are_a_sorts_values(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each rank's value as numpy's sort gives it (a zero's sign aside), the first and last ranks
     too: rows of spread values together and alone by the radix pass, and among them rows that
-    crowd the ranks' digits, which are partitioned instead (and no others)."""
+    crowd the ranks' digits, which are partitioned instead (and no others), alone as in a group."""
     table = _long_rows(dtype).numpy()
     n = table.shape[1]
     ranks = [0, 1, 449, 450, 1499, 1500, 2548, 2549, n - 1]
     placed = ranks[::2]  # each other rank is one after a placed one
     partitioned = _counting_partitions(monkeypatch)
-    for rows, crowded in [(table, [len(table) - len(SPREAD)]), (table[SPREAD], []), *((table[i : i + 1], []) for i in SPREAD)]:
+    alone = [(table[i : i + 1], []) for i in SPREAD]
+    for rows, crowded in [(table, [len(table) - len(SPREAD)]), (table[SPREAD], []), *alone, (table[2:3], [1])]:
         partitioned.clear()
         got = ragged._radix_ranks(rows.copy(), placed, ranks)
         assert got.dtype == table.dtype
@@ -356,15 +357,21 @@ def test_radix_ranks_are_a_sorts_values(dtype: torch.dtype, monkeypatch: pytest.
 
 
 def test_quantiles_of_long_rows_are_torch_quantiles_bits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The percentiles of groups of rows that take the radix pass, with a NaN in one, and of a row
-    too short for it alone: torch.quantile's bits."""
+    """The percentiles of groups of rows that take the radix pass, with a NaN in a spread row, and
+    of the first row alone: torch.quantile's bits. Alone, a float64 row of 16400 values takes the
+    radix pass; a float32 row of 4100 is partitioned, too few values for the pass to pay."""
     radix = ragged._radix_ranks
     took: list[int] = []
-    monkeypatch.setattr(ragged, "_radix_ranks", lambda table, placed, ranks: took.append(len(table)) or radix(table, placed, ranks))
+
+    def counted(table: np.ndarray, placed: list[int], ranks: list[int]) -> np.ndarray:
+        took.append(len(table))
+        return radix(table, placed, ranks)
+
+    monkeypatch.setattr(ragged, "_radix_ranks", counted)
     for dtype, n in ((torch.float32, 4100), (torch.float64, 16400)):  # rows at least half the count of digits
         rows = list(_long_rows(dtype, n))
-        rows[2] = rows[2].clone()
-        rows[2][7] = float("nan")
+        rows[1] = rows[1].clone()
+        rows[1][7] = float("nan")
         took.clear()
         for group in (rows, [rows[i] for i in SPREAD], rows[:1]):
             want = torch.stack([torch.quantile(r, torch.tensor(ragged.QUANTILES, dtype=r.dtype)) for r in group], dim=1)

@@ -67,9 +67,11 @@ def _sorted_quantiles(rows: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _selected_quantiles(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """:func:`quantiles` of CPU rows by selection, rows of one length together: the three
-    percentiles need a few places of a row's order, not all of it. Long rows' places come from
-    :func:`_radix_ranks`; short rows are partitioned by numpy (:func:`_partitioned_ranks`). Both are cheaper than numpy's sort (itself cheaper than torch's)
-    on rows of thousands of values, the largest part of a record step on models of many layers."""
+    percentiles need a few places of a row's order, not all of it. Groups of long rows take
+    :func:`_radix_ranks` (where :func:`_radix_pays`), whose crowded rows and every other group are
+    partitioned by numpy (:func:`_partitioned_ranks`). Both are cheaper than numpy's sort (itself
+    cheaper than torch's) on rows of thousands of values, the largest part of a record step on
+    models of many layers."""
     dtype = np.float32 if rows[0].dtype == torch.float32 else np.float64
     ranks = _ranks(rows, torch.float64, rows[0].device)
     below, above = ranks.long(), ranks.ceil().long()
@@ -153,7 +155,7 @@ def _radix_ranks(table: np.ndarray, placed: list[int], ranks: list[int]) -> np.n
         kept |= digits == chosen[:, column, None]
     per_row = np.count_nonzero(kept, axis=1)
     out = np.empty((rows, len(ranks)), dtype=table.dtype)
-    crowded = per_row * 4 > n  # sorting most of a row costs more than partitioning it
+    crowded = per_row * 4 > n  # sorting more than a quarter of a row costs more than partitioning it
     if crowded.any():
         kept[crowded] = False
         restored = keys[crowded] ^ ((keys[crowded] >> ints(width - 1)) & magnitude)
@@ -161,13 +163,14 @@ def _radix_ranks(table: np.ndarray, placed: list[int], ranks: list[int]) -> np.n
         if crowded.all():
             return out
     spread = np.flatnonzero(~crowded)
-    taken = np.where(crowded, 0, per_row)
-    picked = keys[kept]  # row by row, each row's digits in its order
-    sorted_keys = np.full((rows, int(taken.max())), magnitude, dtype=ints)
-    sorted_keys[np.repeat(np.arange(rows), taken), np.arange(picked.size) - np.repeat(np.cumsum(taken) - taken, taken)] = picked
+    taken = per_row[spread]
+    picked = keys[kept]  # row by row, each spread row's digits in its order
+    sorted_keys = np.full((len(spread), int(taken.max())), magnitude, dtype=ints)
+    starts = np.repeat(np.cumsum(taken) - taken, taken)
+    sorted_keys[np.repeat(np.arange(len(spread)), taken), np.arange(picked.size) - starts] = picked
     sorted_keys.sort(axis=1)
     first = np.cumsum(np.where(fresh, counts[chosen], 0), axis=1) - counts[chosen]  # keys of the row's earlier chosen digits
-    found = np.take_along_axis(sorted_keys[spread], (first + inside)[spread], axis=1)
+    found = np.take_along_axis(sorted_keys, (first + inside)[spread], axis=1)
     found ^= (found >> ints(width - 1)) & magnitude
     out[spread] = found.view(table.dtype)
     return out
