@@ -171,7 +171,7 @@ def learning_window(*conds: Condition) -> LearningWindow:
     stuck = [run.name for run, s in zip(runs, starts) if s is None]
     if stuck:
         return LearningWindow(
-            None, f"{', '.join(stuck)} never left {'its' if len(stuck) == 1 else 'their'} chance level: train longer or raise lr"
+            None, f"{', '.join(stuck)} never left {'its' if len(stuck) == 1 else 'their'} chance level: train longer or try another lr"
         )
     first = max((s for s in starts if s is not None), default=0)
     ends = [health.first_flag_step(health.run_flags(run)) for run in runs]

@@ -267,7 +267,7 @@ def test_learning_window_starts_when_every_run_has_left_chance() -> None:
     runs[0].data["train/loss"] = np.full(100, chance)
     [found] = findings.findings(runs)
     assert found.learning is None and found.agrees is None
-    assert f"no learning window ({runs[0].name} never left its chance level: train longer or raise lr)" in found.verdict
+    assert f"no learning window ({runs[0].name} never left its chance level: train longer or try another lr)" in found.verdict
     assert "see Health" not in found.verdict  # no health flag explains it
 
 
