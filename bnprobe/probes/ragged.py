@@ -158,8 +158,7 @@ def _radix_ranks(table: np.ndarray, placed: list[int], ranks: list[int]) -> np.n
     crowded = per_row * 4 > n  # sorting more than a quarter of a row costs more than partitioning it
     if crowded.any():
         kept[crowded] = False
-        restored = keys[crowded] ^ ((keys[crowded] >> ints(width - 1)) & magnitude)
-        out[crowded] = _partitioned_ranks(restored.view(table.dtype), placed, ranks)
+        out[crowded] = _partitioned_ranks(_flipped_back(keys[crowded]).view(table.dtype), placed, ranks)
         if crowded.all():
             return out
     spread = np.flatnonzero(~crowded)
@@ -171,9 +170,15 @@ def _radix_ranks(table: np.ndarray, placed: list[int], ranks: list[int]) -> np.n
     sorted_keys.sort(axis=1)
     first = np.cumsum(np.where(fresh, counts[chosen], 0), axis=1) - counts[chosen]  # keys of the row's earlier chosen digits
     found = np.take_along_axis(sorted_keys, (first + inside)[spread], axis=1)
-    found ^= (found >> ints(width - 1)) & magnitude
-    out[spread] = found.view(table.dtype)
+    out[spread] = _flipped_back(found).view(table.dtype)
     return out
+
+
+def _flipped_back(keys: np.ndarray) -> np.ndarray:
+    """``keys`` (a copy it may overwrite) as the float bits they were made from: negative keys'
+    magnitude bits flipped again, as :func:`_radix_ranks` flipped them."""
+    keys ^= (keys >> keys.dtype.type(8 * keys.itemsize - 1)) & np.iinfo(keys.dtype).max
+    return keys
 
 
 def _place(table: np.ndarray, start: int, end: int, places: list[int]) -> None:
