@@ -319,16 +319,17 @@ def _long_rows(dtype: torch.dtype, n: int = 3000) -> torch.Tensor:
 SPREAD = [0, 1, 3, 8]  # the rows of _long_rows whose values do not crowd the percentiles' digits
 
 
-def _counting_partitions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The row count of each table that ragged partitions from now on."""
+def _counting_tables(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """The row count of each table that ragged's ``name`` (``_partitioned_ranks`` or
+    ``_radix_ranks``) is given from now on."""
     tables: list[int] = []
-    partition = ragged._partitioned_ranks
+    ranks_of = getattr(ragged, name)
 
     def counted(table: np.ndarray, placed: list[int], wanted: list[int]) -> np.ndarray:
         tables.append(len(table))
-        return partition(table, placed, wanted)
+        return ranks_of(table, placed, wanted)
 
-    monkeypatch.setattr(ragged, "_partitioned_ranks", counted)
+    monkeypatch.setattr(ragged, name, counted)
     return tables
 
 
@@ -341,7 +342,7 @@ def test_radix_ranks_are_a_sorts_values(dtype: torch.dtype, monkeypatch: pytest.
     n = table.shape[1]
     ranks = [0, 1, 449, 450, 1499, 1500, 2548, 2549, n - 1]
     placed = ranks[::2]  # each other rank is one after a placed one
-    partitioned = _counting_partitions(monkeypatch)
+    partitioned = _counting_tables(monkeypatch, "_partitioned_ranks")
     alone = [(table[i : i + 1], []) for i in SPREAD]
     for rows, crowded in [(table, [len(table) - len(SPREAD)]), (table[SPREAD], []), *alone, (table[2:3], [1])]:
         partitioned.clear()
@@ -360,14 +361,7 @@ def test_quantiles_of_long_rows_are_torch_quantiles_bits(monkeypatch: pytest.Mon
     """The percentiles of groups of rows that take the radix pass, with a NaN in a spread row, and
     of the first row alone: torch.quantile's bits. Alone, a float64 row of 16400 values takes the
     radix pass; a float32 row of 4100 is partitioned, too few values for the pass to pay."""
-    radix = ragged._radix_ranks
-    took: list[int] = []
-
-    def counted(table: np.ndarray, placed: list[int], ranks: list[int]) -> np.ndarray:
-        took.append(len(table))
-        return radix(table, placed, ranks)
-
-    monkeypatch.setattr(ragged, "_radix_ranks", counted)
+    took = _counting_tables(monkeypatch, "_radix_ranks")
     for dtype, n in ((torch.float32, 4100), (torch.float64, 16400)):  # rows at least half the count of digits
         rows = list(_long_rows(dtype, n))
         rows[1] = rows[1].clone()
